@@ -1,0 +1,1 @@
+"""Prefect flows: they wire DVC stages together; logic lives in stages/."""

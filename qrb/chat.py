@@ -1,0 +1,167 @@
+"""What train and evaluate must agree on: the chat format, model loading, and how eval cross-entropy is counted.
+
+Kept in one module so that the adapter is evaluated (and later served) with exactly the conversation layout it was
+trained on: system prompt + user question -> assistant answer, rendered by the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def prompt_messages(system_prompt: str, question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+
+
+def completion_messages(answer: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": answer}]
+
+
+def set_hf_offline(offline: bool) -> None:
+    """With base.hf_offline the hub is never contacted (must run before transformers is imported)."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def require_hardware(model: str, precision: str, stage: str) -> str:
+    """Return the torch device; fail in one line when the recipe's hardware is missing."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if precision in ("bf16", "fp16", "nf4"):
+        raise SystemExit(
+            f"{stage}: precision {precision!r} for {model} needs a CUDA GPU and none is visible; "
+            "run the offline CPU profile (`make demo`) or use a GPU machine")
+    return "cpu"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "nf4": torch.bfloat16}[precision]
+
+
+def load_tokenizer(path: str, stage: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise SystemExit(f"{stage}: cannot load tokenizer {path!r}: {_first_line(e)}") from None
+
+
+def load_causal_lm(path: str, stage: str, dtype=None, **kwargs: Any):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:
+        hint = "" if Path(path).exists() else " (a hub id: log in with `hf auth login` and check network access)"
+        raise SystemExit(f"{stage}: cannot load model {path!r}: {_first_line(e)}{hint}") from None
+
+
+def resize_for_tokenizer(model, tokenizer) -> int:
+    """Grow the embeddings for added tokens (the pad token), deterministically.
+
+    New input and output rows are set to the mean of the existing rows, so train, evaluate and serve rebuild the
+    very same base model and the adapter need not carry a copy of lm_head. Returns the number of rows added.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    added = len(tokenizer) - old
+    if added <= 0:
+        return 0
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if emb is not None and emb.weight.shape[0] == len(tokenizer):
+                emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    return added
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def encode_pair(tokenizer, system_prompt: str, question: str, answer: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of the full conversation and the length of its prompt part (loss is on the rest)."""
+    prompt = tokenizer.apply_chat_template(prompt_messages(system_prompt, question), tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_messages(system_prompt, question) + completion_messages(answer),
+                                         tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the generation prompt is not a prefix of the full conversation")
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    return f_ids[:max_length], min(len(p_ids), max_length)
+
+
+def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *,
+                      batch_size: int, max_length: int, desc: str = "eval CE") -> dict[str, float]:
+    """Cross-entropy per answer token over all rows (not a mean of per-batch means), at a fixed batch size.
+
+    This is the number methods are compared by; Trainer's eval_loss averages batch means and so depends on how
+    rows fall into batches.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    encoded = [encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length) for r in rows]
+    for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=len(encoded) <= batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (ids, plen) in enumerate(chunk):  # right padding, as in training
+            input_ids[j, :len(ids)] = torch.tensor(ids)
+            attn[j, :len(ids)] = 1
+            labels[j, plen:len(ids)] = torch.tensor(ids[plen:])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shift_labels != -100).sum())
+    ce = total_nll / max(total_tokens, 1)
+    return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": total_tokens}
+
+
+def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: str, *, batch_size: int,
+                     max_new_tokens: int, greedy: bool = True, desc: str = "generate") -> list[str]:
+    """Batched generation with left padding (right padding would put pads between prompt and answer)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=len(questions) <= batch_size):
+            prompts = [tokenizer.apply_chat_template(prompt_messages(system_prompt, q), tokenize=False,
+                                                     add_generation_prompt=True) for q in questions[i:i + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers

@@ -1,0 +1,35 @@
+"""`qrb`: the project's command line. Thin: each sub-command hands over to the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("flows.demo", "run the whole pipeline offline (tiny profile) through Prefect"),
+    "run": ("flows.pipeline", "run the DVC pipeline of a workspace through Prefect"),
+    "workspace": ("qrb.workspace_cli", "create/refresh a scratch DVC workspace for a profile"),
+    "tiny-model": ("qrb.tiny_model", "build the tiny offline Llama from the paper snapshot"),
+    "mirror": ("qrb.mirror", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
+    "smoke-endpoint": ("qrb.smoke_endpoint", "serve the smoke-test OpenAI-compatible endpoint on 127.0.0.1"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: qrb <command> [options]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<{width}}  {help_}")
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"\nqrb: unknown command {argv[0]!r}")
+        return
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    sys.argv = [f"qrb {argv[0]}", *argv[1:]]
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Typed access to `params.yaml`.
+
+Each stage declares a frozen dataclass for its own section (nested dataclasses for sub-sections) and the
+`base:` keys it uses; `load_stage_params` builds them, rejecting unknown or misspelled keys and values of the
+wrong type with a `ValueError` that names the key and the expected form (in the spirit of trl's TrlParser).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The shared `base:` section: what more than one stage must agree on."""
+
+    seed: int
+    model: str  # hub id or local path of the base chat model
+    system_prompt: str
+    hf_offline: bool  # never contact the Hugging Face hub (set for the offline profile)
+
+
+def read_yaml(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run stages from the repository (or workspace) root")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        inner = get_args(tp)[0] if get_args(tp) else Any
+        return f"a list of {_describe(inner)}"
+    if origin is dict:
+        k, v = get_args(tp) or (Any, Any)
+        return f"a mapping of {_describe(k)} to {_describe(v)}"
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        desc = " or ".join(_describe(a) for a in args)
+        return desc + (" or null" if type(None) in get_args(tp) else "")
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Any: "any value",
+            _dt.date: "a date YYYY-MM-DD"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    def bad() -> ValueError:
+        return ValueError(f"params: `{key}` must be {_describe(tp)}, got {value!r}")
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise bad()
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise bad()
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        inner = get_args(tp)[0] if get_args(tp) else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = get_args(tp) or (Any, Any)
+        return types.MappingProxyType(
+            {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()})
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if tp is _dt.date:
+        if isinstance(value, _dt.date):
+            return value
+        if isinstance(value, str):
+            try:
+                return _dt.date.fromisoformat(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    raise TypeError(f"unsupported params type {tp!r} for `{key}`")
+
+
+def build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    """Build dataclass `cls` from `data`; `prefix` is the dotted path used in error messages."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean `{prefix}.{close[0]}`?)" if close else ""
+            raise ValueError(f"params: unknown key `{prefix}.{key}`{hint}; "
+                             f"`{prefix}` accepts: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ValueError(f"params: missing key `{prefix}.{name}` ({_describe(hints[name])})")
+        kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+    return obj
+
+
+def leaf_keys(cls: type, prefix: str) -> list[str]:
+    """Dotted keys of every leaf field (what dvc.yaml should list for this section)."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += leaf_keys(tp, f"{prefix}.{f.name}")
+        else:
+            keys.append(f"{prefix}.{f.name}")
+    return keys
+
+
+def load_stage_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
+                      path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
+    """Load `base:` (only `base_keys`, validated against `Base`) and the stage's own `section`."""
+    data = read_yaml(path)
+    if section not in data:
+        raise ValueError(f"params: missing section `{section}` in {path}")
+    base_raw = data.get("base") or {}
+    full_base = build(Base, base_raw, "base")  # validates every base key, whoever reads it
+    base = {k: getattr(full_base, k) for k in base_keys}
+    return base, build(cls, data[section] or {}, section)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Overlay a profile onto params; a key the base lacks is a typo, not an addition."""
+    out = dict(base)
+    for key, value in overlay.items():
+        where = f"{prefix}{key}"
+        if key not in base:
+            raise ValueError(f"profile: unknown key `{where}` (not in params.yaml)")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            out[key] = deep_merge(base[key], value, where + ".")
+        else:
+            out[key] = value
+    return out

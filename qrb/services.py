@@ -1,0 +1,54 @@
+"""Start the offline stand-in services (journal mirror, smoke-test OpenAI endpoint) as child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def host_port(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    if u.hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"offline services run on 127.0.0.1 only, not {url}")
+    return u.hostname, u.port or 80
+
+
+@contextlib.contextmanager
+def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float = 30.0) -> Iterator[None]:
+    """Run `python <args>` serving `url` for the duration of the block."""
+    host, port = host_port(url)
+    if port_open(host, port):
+        raise SystemExit(f"{name}: port {port} on {host} is already in use (another demo running?)")
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + startup_s
+        while not port_open(host, port):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited at start (exit {proc.returncode}): {proc.stderr.read()[-1000:]}")
+            if time.time() > deadline:
+                raise SystemExit(f"{name} did not listen on {host}:{port} within {startup_s:.0f} s")
+            time.sleep(0.1)
+        log.info("%s serving %s", name, url)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

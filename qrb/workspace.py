@@ -1,0 +1,111 @@
+"""Scratch DVC workspaces for profiles (the offline `tiny` demo, tests, sweeps).
+
+A workspace is its own git + DVC repository holding copies of the pipeline code (dvc.yaml, stages/, qrb/,
+prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So the same dvc.yaml
+runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
+params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC remote (no network needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qrb.params import deep_merge, read_yaml
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore")
+WORKSPACE_GITIGNORE = "/cache/\n/models/tiny-llama\n__pycache__/\n.prefect/\n"
+
+
+def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    params = read_yaml(repo / "params.yaml")
+    if profile:
+        path = Path(profile)
+        if not path.suffix:
+            path = repo / "profiles" / f"{profile}.yaml"
+        if not path.exists():
+            raise SystemExit(f"profile {profile!r} not found ({path})")
+        params = deep_merge(params, read_yaml(path))
+    if overrides:
+        params = deep_merge(params, overrides)
+    return params
+
+
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for child processes: this interpreter's bin dir first, so dvc.yaml's `python` is ours."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("GX_ANALYTICS_ENABLED", "False")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    log.debug("$ %s  (in %s)", " ".join(cmd), cwd)
+    proc = subprocess.run(cmd, cwd=cwd, env=env or venv_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return proc
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def sync_code(ws: Path, repo: Path = REPO_ROOT) -> None:
+    for name in CODE:
+        src, dst = repo / name, ws / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, dst)
+
+
+def write_params(ws: Path, params: dict[str, Any]) -> None:
+    text = ("# Written by qrb.workspace from the repo's params.yaml + a profile; edit for experiments here.\n"
+            + yaml.safe_dump(params, sort_keys=False, allow_unicode=True, width=120))
+    (ws / "params.yaml").write_text(text)
+
+
+def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT,
+            overrides: dict[str, Any] | None = None) -> Path:
+    """Create or refresh a workspace; idempotent (an unchanged workspace stays unchanged for DVC)."""
+    ws = Path(ws).resolve()
+    ws.mkdir(parents=True, exist_ok=True)
+    fresh = not (ws / ".dvc").exists()
+    sync_code(ws, repo)
+    write_params(ws, profile_params(profile, repo, overrides))
+    if fresh:
+        run(["git", "init", "-q", "-b", "main"], ws)
+        run(["git", "config", "user.email", "demo@quantum-research-bot.local"], ws)
+        run(["git", "config", "user.name", "qrb demo"], ws)
+        (ws / ".gitignore").write_text(WORKSPACE_GITIGNORE)
+        run(dvc("init", "-q"), ws)
+        run(dvc("config", "core.autostage", "true"), ws)
+        run(dvc("config", "core.analytics", "false"), ws)
+    # the repo's own remote (dvcstore/ inside the repo): data/ materialises offline
+    run(dvc("remote", "add", "-f", "-d", "offline", str(repo / "dvcstore")), ws)
+    run(dvc("pull", "-q", "data.dvc"), ws)
+    commit(ws, "workspace: pipeline code and params" if fresh else "workspace: refresh code and params")
+    return ws
+
+
+def commit(ws: Path, message: str) -> None:
+    run(["git", "add", "-A"], ws)
+    if run(["git", "diff", "--cached", "--quiet"], ws, check=False).returncode != 0:
+        run(["git", "commit", "-q", "-m", message], ws)
