@@ -1,0 +1,196 @@
+"""The scrape stage's I/O: params -> scrapy settings -> one in-process crawl -> outputs (see `stages.scrape`).
+
+`assemble` is the pure core (cached records + crawl results -> papers, errors, new cache); `crawl` runs the spider
+(once per process: Twisted's reactor cannot be restarted, so tests that crawl twice run `python -m stages.scrape`
+as a subprocess); `main` ties them to the files `dvc.yaml` declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from qrb.io import read_jsonl, setup_logging, write_json, write_jsonl
+from qrb.params import load_stage_params
+
+from . import BASE_KEYS, PARAMS_CLASS, SECTION, ScrapeParams
+from .items import PAPER_KEYS
+
+log = logging.getLogger(__name__)
+
+PAPERS_OUT = Path("artifacts/scrape/papers.jsonl")
+ERRORS_OUT = Path("artifacts/scrape/errors.jsonl")
+METRICS_OUT = Path("metrics/scrape.json")
+CACHE_DIR = Path("cache/scrape")
+CACHE_RECORDS = CACHE_DIR / "records.jsonl"
+CACHE_VERSION = 1
+
+
+def scrapy_settings(p: ScrapeParams, log_level: str = "INFO") -> dict[str, Any]:
+    """Scrapy settings from the stage params: the politeness rules live here."""
+    return {
+        "BOT_NAME": "quantum-research-bot",
+        "USER_AGENT": p.user_agent,
+        "ROBOTSTXT_OBEY": p.obey_robots,
+        "CONCURRENT_REQUESTS": max(8, p.concurrent_requests_per_domain),
+        "CONCURRENT_REQUESTS_PER_DOMAIN": p.concurrent_requests_per_domain,
+        "DOWNLOAD_DELAY": p.download_delay_s,
+        "DOWNLOAD_DELAY_JITTER": 0.5,  # delay x U(0.5, 1.5)
+        "AUTOTHROTTLE_ENABLED": p.autothrottle,
+        "AUTOTHROTTLE_START_DELAY": p.autothrottle_start_delay_s,
+        "AUTOTHROTTLE_MAX_DELAY": p.autothrottle_max_delay_s,
+        "AUTOTHROTTLE_TARGET_CONCURRENCY": float(p.concurrent_requests_per_domain),
+        "RETRY_ENABLED": p.retry_times > 0,
+        "RETRY_TIMES": p.retry_times,  # RETRY_HTTP_CODES default: 500 502 503 504 522 524 408 429; + time-outs
+        "QRB_RETRY_BACKOFF_BASE_S": max(0.5, p.download_delay_s),
+        "QRB_RETRY_BACKOFF_MAX_S": max(1.0, p.autothrottle_max_delay_s),
+        "DOWNLOAD_TIMEOUT": p.timeout_s,
+        "DNS_TIMEOUT": p.timeout_s,
+        "CLOSESPIDER_PAGECOUNT": p.max_pages,
+        "REDIRECT_MAX_TIMES": 5,
+        "COOKIES_ENABLED": False,
+        "TELNETCONSOLE_ENABLED": False,
+        "HTTPCACHE_ENABLED": False,  # the seen-set replaces it: listing pages must be fresh, papers are skipped
+        "LOG_LEVEL": log_level,
+        "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
+        "ITEM_PIPELINES": {"stages.scrape.pipelines.CleanPipeline": 100,
+                           "stages.scrape.pipelines.CollectPipeline": 900},
+        "QRB_MAX_PAGES": p.max_pages,
+        "DOWNLOADER_MIDDLEWARES": {"stages.scrape.middlewares.PageCapMiddleware": 50,
+                                   "stages.scrape.middlewares.RetryBackoffMiddleware": 560,
+                                   "stages.scrape.middlewares.OffsiteRedirectMiddleware": 650},
+    }
+
+
+@dataclasses.dataclass
+class CrawlResult:
+    papers: list[dict[str, Any]]  # records fetched by this crawl
+    errors: list[dict[str, Any]]
+    stats: dict[str, Any]  # the spider's counters + scrapy's stats that the metrics use
+
+
+def crawl(p: ScrapeParams, seen: set[str]) -> CrawlResult:
+    """Run the spider once, in this process."""
+    from scrapy.crawler import AsyncCrawlerProcess
+
+    from .spider import QuantumSpider
+
+    process = AsyncCrawlerProcess(scrapy_settings(p))
+    for name in ("scrapy", "twisted", "protego", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    crawler = process.create_crawler(QuantumSpider)
+    process.crawl(crawler, params=p, seen=seen, full_text_url=p.full_text_url)
+    process.start()
+    spider = crawler.spider
+    st = crawler.stats.get_stats() if crawler.stats else {}
+    stats = dict(spider.stats_local)
+    stats.update({
+        "pages_fetched": int(st.get("response_received_count", 0)),
+        "requests": int(st.get("downloader/request_count", 0)),
+        "retries": int(st.get("retry/count", 0)),
+        "offsite_filtered": int(st.get("offsite/filtered", 0)) + int(st.get("offsite/redirect_refused", 0)),
+        "robots_forbidden": int(st.get("robotstxt/forbidden", 0)),
+        "finish_reason": str(st.get("finish_reason", "")),
+        "page_cap_refused": int(st.get("qrb/page_cap_refused", 0)),
+        "spider_exceptions": int(sum(v for k, v in st.items() if k.startswith("spider_exceptions/"))),
+    })
+    c = spider.collector
+    return CrawlResult(papers=[it.record(with_full_text=p.full_text) for it in c.papers.values()],
+                       errors=[e.record() for e in c.errors], stats=stats)
+
+
+def load_cache(path: Path = CACHE_RECORDS) -> dict[str, dict[str, Any]]:
+    """The seen-set: DOI -> full record of every paper fetched so far."""
+    if not path.exists():
+        return {}
+    try:
+        return {r["doi"]: r for r in read_jsonl(path)}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"scrape: cache {path} is unreadable ({exc}); delete it to re-crawl from scratch") from None
+
+
+def seen_dois(cache: dict[str, dict[str, Any]], full_text: bool) -> set[str]:
+    """DOIs not to fetch again; with `full_text` on, a record cached without that key is fetched again."""
+    return {d for d, r in cache.items() if not full_text or "full_text" in r}
+
+
+def assemble(cache: dict[str, dict[str, Any]], new: list[dict[str, Any]], errors: list[dict[str, Any]],
+             date_from: _dt.date, date_to: _dt.date, full_text: bool
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Pure core: (papers sorted by DOI within the window, errors sorted and deduplicated, the new cache).
+
+    A newly fetched record replaces a cached one with the same DOI. The output holds exactly `PAPER_KEYS` (plus
+    `full_text` when on), so the same site gives byte-identical output whether a record came from the cache or
+    from the crawl."""
+    merged = dict(cache)
+    for rec in new:
+        merged[rec["doi"]] = rec
+    lo, hi = date_from.isoformat(), date_to.isoformat()
+    keys = PAPER_KEYS + (("full_text",) if full_text else ())
+    papers = [{k: rec.get(k) for k in keys} for doi, rec in sorted(merged.items())
+              if lo <= (rec.get("published") or "") <= hi]
+    errs = {(e["url"], e["reason"]): e for e in errors}
+    errs_sorted = [errs[k] for k in sorted(errs)]
+    return papers, errs_sorted, dict(sorted(merged.items()))
+
+
+def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict[str, Any]],
+            n_cached: int, p: ScrapeParams) -> dict[str, Any]:
+    s = result.stats
+    return {
+        "pages_fetched": s.get("pages_fetched", 0),
+        "requests": s.get("requests", 0),
+        "retries": s.get("retries", 0),
+        "listing_pages_fetched": s.get("listing_pages_fetched", 0),
+        "sitemaps_fetched": s.get("sitemaps_fetched", 0),
+        "paper_pages_fetched": s.get("paper_pages_fetched", 0),
+        "full_text_fetched": s.get("full_text_fetched", 0),
+        "papers_kept": len(papers),
+        "papers_new": len(result.papers),
+        "papers_from_cache": len({r["doi"] for r in papers} - {r["doi"] for r in result.papers}),
+        "papers_in_cache": n_cached,
+        "skipped_by_date": s.get("skipped_by_date", 0),
+        "skipped_seen": s.get("skipped_seen", 0),
+        "errors": len(errors),
+        "errors_by_reason": dict(sorted(Counter(e["reason"] for e in errors).items())),
+        "offsite_filtered": s.get("offsite_filtered", 0),
+        "robots_forbidden": s.get("robots_forbidden", 0),
+        "finish_reason": s.get("finish_reason", ""),
+        "page_cap_hit": s.get("finish_reason") == "closespider_pagecount" or s.get("page_cap_refused", 0) > 0,
+        "date_from": p.date_from.isoformat(),
+        "date_to": p.date_to.isoformat(),
+    }
+
+
+def main() -> None:
+    setup_logging()
+    try:
+        _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"scrape: {exc}") from None
+    cache = load_cache()
+    seen = seen_dois(cache, p.full_text)
+    log.info("scrape: %s, window %s..%s, %d papers already in the cache", ", ".join(p.start_urls), p.date_from,
+             p.date_to, len(cache))
+    result = crawl(p, seen)
+    if result.stats.get("listing_pages_fetched", 0) == 0 and result.stats.get("sitemaps_fetched", 0) == 0:
+        why = "; ".join(f"{e['url']}: {e['reason']}" for e in result.errors[:5]) or "no response"
+        raise SystemExit(f"scrape: could not fetch any start URL or sitemap ({why}); outputs and cache unchanged")
+    papers, errors, new_cache = assemble(cache, result.papers, result.errors, p.date_from, p.date_to, p.full_text)
+    m = metrics(result, papers, errors, len(new_cache), p)
+    write_jsonl(CACHE_RECORDS, new_cache.values())
+    write_json(CACHE_DIR / "state.json", {"version": CACHE_VERSION, "records": len(new_cache)})
+    write_jsonl(PAPERS_OUT, papers)
+    write_jsonl(ERRORS_OUT, errors)
+    write_json(METRICS_OUT, m)
+    if m["page_cap_hit"]:
+        log.warning("scrape: stopped at the page cap (scrape.max_pages=%d): the output may miss papers",
+                    p.max_pages)
+    log.info("scrape: %d papers (%d new, %d from cache), %d skipped by date, %d errors %s -> %s",
+             m["papers_kept"], m["papers_new"], m["papers_from_cache"], m["skipped_by_date"], m["errors"],
+             json.dumps(m["errors_by_reason"]), PAPERS_OUT)
