@@ -20,6 +20,7 @@ import yaml
 T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
+KNOWN_SECTIONS = ("scrape", "generate", "validate", "train", "evaluate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,16 +169,31 @@ def leaf_keys(cls: type, prefix: str) -> list[str]:
     return keys
 
 
-def load_stage_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
-                      path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
-    """Load `base:` (only `base_keys`, validated against `Base`) and the stage's own `section`."""
+def load_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
+                path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
+    """Load `base:` (only `base_keys`, validated against `Base`) and the stage's own `section`.
+
+    Raises ValueError (naming the key and the expected form) for unknown, missing or mistyped keys.
+    """
     data = read_yaml(path)
     if section not in data:
         raise ValueError(f"params: missing section `{section}` in {path}")
-    base_raw = data.get("base") or {}
-    full_base = build(Base, base_raw, "base")  # validates every base key, whoever reads it
+    unknown = sorted(set(data) - {"base", *KNOWN_SECTIONS})
+    if unknown:
+        raise ValueError(f"params: unknown section `{unknown[0]}` in {path}; sections: base, "
+                         + ", ".join(KNOWN_SECTIONS))
+    full_base = build(Base, data.get("base") or {}, "base")  # validates every base key, whoever reads it
     base = {k: getattr(full_base, k) for k in base_keys}
     return base, build(cls, data[section] or {}, section)
+
+
+def load_stage_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
+                      path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
+    """`load_params` for a stage's main(): a bad params.yaml stops the stage with one line, no traceback."""
+    try:
+        return load_params(section, cls, base_keys, path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{section}: {e}") from None
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,39 @@
+# Two commands: `make demo` (the whole pipeline offline on a CPU) and `make test`.
+# Both set up .venv first: torch==2.13.0 is installed before the project, so pip never pulls a CUDA build
+# through an unpinned dependency.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qrb-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast install data bench clean-demo
+
+demo: $(STAMP)
+	$(BIN)/qrb demo
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) data
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# data/ (golden questions, paper snapshot) from the DVC remote inside the repo (dvcstore/): no network
+data: $(STAMP)
+	$(BIN)/dvc pull -q data.dvc
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_demo.py
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,59 @@
+"""Shared test setup: everything offline, Prefect isolated, a tiny Llama built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_prefect(tmp_path_factory):
+    """Prefect state in a temp PREFECT_HOME, never the user's ~/.prefect or a configured server."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    path = REPO / "data" / "corpus"
+    if not path.exists():
+        pytest.fail("data/ is not materialised: run `dvc pull` (make test does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
+    from qrb import tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.build(corpus_dir, out, seed=0, pretrain_steps=150)
+    return out
+
+
+@pytest.fixture()
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,191 @@
+"""Train stage on the tiny Llama: the card's recipe is what gets built, adapters learn, bases stay put."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrb.params import load_params
+from stages import train as train_stage
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM = "You answer questions about quantum research."
+
+
+def recipe(**overrides) -> train_stage.TrainParams:
+    _, p = load_params("train", train_stage.TrainParams, (), REPO / "params.yaml")
+    return dataclasses.replace(p, **overrides)
+
+
+def cpu_recipe(**overrides) -> train_stage.TrainParams:
+    """The card's recipe with only what a CPU needs changed: fp32, a short max_length."""
+    return recipe(**{"precision": "fp32", "learning_rate": 3e-4, "max_length": 192, "logging_steps": 2,
+                     **overrides})
+
+
+def qa_rows(corpus_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(corpus_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
+            for i, s in enumerate(sentences[:4]):
+                rows.append({"question": f"What is point {i + 1} of the abstract of '{rec['title']}'?",
+                             "answer": s, "doi": rec["doi"] or rec["title"]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus_dir):
+    from datasets import Dataset, DatasetDict
+
+    rows = qa_rows(corpus_dir)
+    held_out = sorted({r["doi"] for r in rows})[:5]
+    return DatasetDict(train=Dataset.from_list([r for r in rows if r["doi"] not in held_out]),
+                       eval=Dataset.from_list([r for r in rows if r["doi"] in held_out]))
+
+
+def base_of(tiny_model_dir) -> dict:
+    return {"seed": 7, "model": str(tiny_model_dir), "system_prompt": SYSTEM, "hf_offline": True}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, dataset):
+    p = cpu_recipe(epochs=2.0)
+    model, tokenizer, metrics, history = train_stage.train(base_of(tiny_model_dir), p, dataset, "cpu")
+    return model, tokenizer, metrics, history
+
+
+def test_recipe_builds_kaiming_a_zero_b_and_a_real_pad_token(tiny_model_dir):
+    from qrb.chat import load_tokenizer
+
+    p = cpu_recipe()
+    tokenizer, added = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir), "test"), p)
+    assert added == 1 and tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token != tokenizer.eos_token
+    assert tokenizer.padding_side == "right"
+    model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    a = [t for n, t in model.named_parameters() if "lora_A" in n]
+    b = [t for n, t in model.named_parameters() if "lora_B" in n]
+    assert a and len(a) == len(b) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert all(torch.count_nonzero(t) == 0 for t in b), "B must start at zero"
+    for t in a:  # Kaiming-uniform(a=sqrt(5)) on fan_in: bound = 1/sqrt(fan_in)
+        bound = 1 / t.shape[1] ** 0.5
+        assert t.abs().max() <= bound + 1e-6 and t.std() > bound / 4
+    trainable = {n for n, t in model.named_parameters() if t.requires_grad}
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    assert not any("lora" not in n and "modules_to_save" not in n for n in trainable)
+
+
+def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_dir):
+    from qrb.chat import load_tokenizer
+
+    p = cpu_recipe(learning_rate=1e-4)
+    tokenizer, _ = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir), "test"), p)
+    model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    opt = train_stage.build_optimizer(model, p)
+    assert isinstance(opt, torch.optim.AdamW)
+    names = {id(t): n for n, t in model.named_parameters()}
+    lr_of = {}
+    for g in opt.param_groups:
+        for t in g["params"]:
+            lr_of[names[id(t)]] = (g["lr"], g["weight_decay"])
+    b = {(round(lr, 10), wd) for n, (lr, wd) in lr_of.items() if "lora_B" in n}
+    a = {(round(lr, 10), wd) for n, (lr, wd) in lr_of.items() if "lora_A" in n}
+    assert b == {(8e-4, 0.01)} and a == {(1e-4, 0.01)}
+    assert train_stage.build_optimizer(model, cpu_recipe(method="lora")) is None  # Trainer's AdamW
+
+
+def test_card_recipe_on_llama_3_1_8b_shape_trains_546m_params():
+    """On the meta device (no weights): ~21M LoRA + 525M embedding, as the card says (~550M)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(cfg), train_stage.lora_config(recipe()))
+    lora = sum(t.numel() for n, t in model.named_parameters() if t.requires_grad and "lora_" in n)
+    total = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    assert lora == 20_971_520
+    assert total - lora == 128256 * 4096
+    assert 540e6 < total < 552e6
+
+
+def test_adapter_moves_and_base_weights_do_not(trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, metrics, _ = trained
+    original = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).state_dict()
+    vocab = original["model.embed_tokens.weight"].shape[0]
+    params = dict(model.named_parameters())
+    for name, t in params.items():
+        if "lora_B" in name:
+            assert torch.count_nonzero(t) > 0, f"{name} never moved from zero"
+    checked = 0
+    for name, before in original.items():
+        if name == "model.embed_tokens.weight":
+            key = "base_model.model.model.embed_tokens.original_module.weight"
+            after = params[key][:vocab]
+            trained_copy = params["base_model.model.model.embed_tokens.modules_to_save.default.weight"][:vocab]
+            assert not torch.allclose(trained_copy, before), "the embedding copy must train"
+        elif name == "lm_head.weight":
+            after = params["base_model.model.lm_head.weight"][:vocab]
+        else:
+            parts = name.rsplit(".", 1)
+            key = f"base_model.model.{parts[0]}.base_layer.{parts[1]}"
+            after = params.get(key, params.get(f"base_model.model.{name}"))
+        assert torch.equal(after.detach(), before), f"base weight {name} changed"
+        checked += 1
+    assert checked == len(original)
+    assert metrics["trainable_params"] < metrics["total_params"] and metrics["steps"] > 0
+
+
+def test_fine_tuning_lowers_eval_cross_entropy(trained, dataset):
+    from qrb.chat import token_weighted_ce
+
+    model, tokenizer, metrics, history = trained
+    rows = list(dataset["eval"])
+    with model.disable_adapter():
+        base_ce = token_weighted_ce(model, tokenizer, rows, SYSTEM, batch_size=8, max_length=192)
+    tuned_ce = token_weighted_ce(model, tokenizer, rows, SYSTEM, batch_size=8, max_length=192)
+    assert tuned_ce["cross_entropy"] < base_ce["cross_entropy"] - 0.05
+    assert tuned_ce["tokens"] == base_ce["tokens"] > 0
+    assert metrics["eval_ce"] == pytest.approx(tuned_ce["cross_entropy"], rel=1e-5)
+    assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+
+
+def test_token_weighted_ce_does_not_depend_on_batch_size(trained, dataset):
+    from qrb.chat import token_weighted_ce
+
+    model, tokenizer, _, _ = trained
+    rows = list(dataset["eval"])
+    one = token_weighted_ce(model, tokenizer, rows, SYSTEM, batch_size=1, max_length=192)
+    eight = token_weighted_ce(model, tokenizer, rows, SYSTEM, batch_size=8, max_length=192)
+    assert one["tokens"] == eight["tokens"]
+    assert one["cross_entropy"] == pytest.approx(eight["cross_entropy"], rel=1e-4)
+
+
+def test_training_is_deterministic(tiny_model_dir, dataset, trained):
+    small = {k: dataset[k].select(range(16)) for k in ("train", "eval")}
+    p = cpu_recipe(epochs=1.0)
+    first = train_stage.train(base_of(tiny_model_dir), p, small, "cpu")[0]
+    second = train_stage.train(base_of(tiny_model_dir), p, small, "cpu")[0]
+    a = {n: t for n, t in first.named_parameters() if t.requires_grad}
+    b = {n: t for n, t in second.named_parameters() if t.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_qlora_on_cpu_is_a_clear_error():
+    from qrb.chat import require_hardware
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="precision 'nf4' for m needs a CUDA GPU"):
+        require_hardware("m", "nf4", "train")
