@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def demo(workspace: str = "demo", profile: str = "tiny") -> dict:
 
 def summary(run: dict) -> str:
     ws = Path(run["workspace"])
-    rel = os.path.relpath(ws)
+    rel = os.path.relpath(ws) if ws.is_relative_to(Path.cwd()) else str(ws)
+    activate = Path(sys.executable).parent / "activate"
     lines = ["", (ws / "reports" / "eval_table.md").read_text(), "Stages (wall seconds; dvc skips unchanged ones):"]
     lines += [f"  {r['stage']:<9} {r['wall_s']:>7.1f}  {'ran' if r['ran'] else 'up to date'}" for r in run["stages"]]
     lines += [f"Total {run['wall_s']:.0f} s.", "", f"Outputs in {rel}/ (a git + DVC workspace):",
@@ -85,7 +87,7 @@ def summary(run: dict) -> str:
               f"  {rel}/metrics/     stage metrics (dvc metrics show)",
               f"  {rel}/reports/     eval_table.md, data_docs/index.html (great-expectations)",
               f"  {rel}/plots/       loss curves and scores (dvc plots show)",
-              f"Try: cd {rel} && source ../.venv/bin/activate && dvc exp run -S train.lora.r=4 && dvc metrics diff"]
+              f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff"]
     return "\n".join(lines)
 
 

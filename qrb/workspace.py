@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore")
-WORKSPACE_GITIGNORE = "/cache/\n/models/tiny-llama\n__pycache__/\n.prefect/\n"
+# data/ is DVC's (data.dvc); cache/ holds persisted, uncached outs (crawl seen-set, API response cache)
+WORKSPACE_GITIGNORE = ("/data", "/cache/", "/models/", "__pycache__/", ".prefect/")
 
 
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
@@ -94,15 +95,25 @@ def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT
         run(["git", "init", "-q", "-b", "main"], ws)
         run(["git", "config", "user.email", "demo@quantum-research-bot.local"], ws)
         run(["git", "config", "user.name", "qrb demo"], ws)
-        (ws / ".gitignore").write_text(WORKSPACE_GITIGNORE)
         run(dvc("init", "-q"), ws)
         run(dvc("config", "core.autostage", "true"), ws)
         run(dvc("config", "core.analytics", "false"), ws)
+    ensure_gitignore(ws)
     # the repo's own remote (dvcstore/ inside the repo): data/ materialises offline
     run(dvc("remote", "add", "-f", "-d", "offline", str(repo / "dvcstore")), ws)
     run(dvc("pull", "-q", "data.dvc"), ws)
     commit(ws, "workspace: pipeline code and params" if fresh else "workspace: refresh code and params")
     return ws
+
+
+def ensure_gitignore(ws: Path) -> None:
+    path = ws / ".gitignore"
+    lines = path.read_text().splitlines() if path.exists() else []
+    missing = [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]
+    if missing:
+        path.write_text("\n".join(lines + missing) + "\n")
+    if run(["git", "ls-files", "--error-unmatch", "data"], ws, check=False).returncode == 0:
+        run(["git", "rm", "-r", "-q", "--cached", "data"], ws)  # an older workspace committed it
 
 
 def commit(ws: Path, message: str) -> None:

@@ -153,6 +153,17 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer,
     return metrics, predictions
 
 
+def rounded(obj: Any, digits: int = 6) -> Any:
+    """Metrics to 6 decimals: float noise below that is not a change worth showing in `dvc metrics diff`."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def markdown_table(metrics: dict[str, Any], base_model: str) -> str:
     names = {"fine_tuned": f"fine-tuned ({base_model} + adapter)", "base": f"base ({base_model})"}
     lines = []
@@ -210,7 +221,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_adapter_model(base, device)
     metrics, predictions = evaluate(base, p, model, tokenizer, sets)
-    write_json(METRICS, metrics)
+    write_json(METRICS, rounded(metrics))
     write_jsonl(PREDICTIONS, predictions)
     atomic_write_text(TABLE, markdown_table(metrics, base["model"]))
     atomic_write_text(SCORES_PLOT, scores_csv(metrics))

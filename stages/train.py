@@ -279,7 +279,8 @@ def main() -> None:
         raise SystemExit(f"train: {DATASET_DIR} not found: run the validate stage first (dvc repro validate)")
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(DATASET_DIR))
+    # in memory: .map() would otherwise write cache files into validate's output folder and DVC would see it changed
+    dataset = load_from_disk(str(DATASET_DIR), keep_in_memory=True)
     if len(dataset["train"]) == 0:
         raise SystemExit("train: the validated training split is empty")
     model, tokenizer, metrics, history = train(base, p, dataset, device)
