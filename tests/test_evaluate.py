@@ -1,0 +1,324 @@
+"""Evaluate stage: metrics equal their reference libraries, intervals, freshness, rivals, RAG, the whole stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from qrb.params import load_params
+from qrb.rivals import Rival, ask_rival
+from stages import evaluate as ev
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM = "You answer questions about quantum research."
+
+PREDS = ["The qubit decoheres within microseconds under thermal noise.",
+         "Surface codes reach a threshold near one percent.",
+         "TensorKrowch is built on PyTorch.",
+         "We propose a variational algorithm for ground states.",
+         "No idea.",
+         "Entanglement witnesses detect bound entanglement in four qubits."]
+REFS = ["Thermal noise makes the qubit decohere within a few microseconds.",
+        "The surface code threshold is about one percent.",
+        "TensorKrowch is built on top of the PyTorch framework.",
+        "The paper proposes a variational quantum algorithm to find ground states.",
+        "The error rate was reduced by 67% using two copies.",
+        "Bound entanglement in four-qubit states is detected with entanglement witnesses."]
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ev.Scorer(ev.OFFLINE_BERTSCORE, 6)
+
+
+def params(**overrides) -> ev.EvaluateParams:
+    _, p = load_params("evaluate", ev.EvaluateParams, (), REPO / "params.yaml")
+    return dataclasses.replace(p, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics = the reference libraries' own output
+
+def test_each_metric_equals_its_reference_library(scorer):
+    import bert_score
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    rows = scorer.rows(PREDS, REFS)
+    m = ev.aggregate(rows, seed=1, samples=300)
+    ref_rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = [ref_rouge.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS)]
+        assert [row[key] for row in rows] == pytest.approx(expected, abs=1e-12)
+        assert m[key] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score, abs=1e-9)
+    assert m["bleu"] != pytest.approx(sum(sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(PREDS, REFS)) / 6)
+    P, R, F = bert_score.score(PREDS, REFS, model_type=ev.bertscore_model_path(ev.OFFLINE_BERTSCORE), num_layers=6)
+    for key, t in (("bertscore_p", P), ("bertscore_r", R), ("bertscore_f1", F)):
+        assert [row[key] for row in rows] == pytest.approx(t.tolist(), abs=1e-5)
+        assert m[key] == pytest.approx(t.mean().item(), abs=1e-5)
+    assert m["answer_words"] == pytest.approx(sum(len(p.split()) for p in PREDS) / 6)
+    assert m["n"] == 6
+
+
+def test_every_metric_has_a_95_interval_and_bleu_resamples_are_sacrebleus(scorer):
+    import sacrebleu
+
+    rows = scorer.rows(PREDS, REFS)
+    for r, nll in zip(rows, [3.0, 1.0, 2.0, 5.0, 9.0, 4.0]):
+        r.update(nll=nll, answer_tokens=2 + int(nll))
+    m = ev.aggregate(rows, seed=3, samples=400)
+    for key in (*ev.MEAN_METRICS, "bleu", "cross_entropy"):
+        lo, hi = m[f"{key}_ci95"]
+        assert lo <= m[key] <= hi and lo < hi, key
+    assert m["cross_entropy"] == pytest.approx(24.0 / 36.0)
+    # a resample's BLEU from summed statistics is sacrebleu's corpus BLEU of the resampled texts
+    from sacrebleu.metrics import BLEU
+
+    idx = ev.bootstrap_indices(6, 5, seed=3)
+    for sample in idx:
+        stats = [sum(rows[i]["bleu_stats"][k] for i in sample) for k in range(len(rows[0]["bleu_stats"]))]
+        expected = sacrebleu.corpus_bleu([PREDS[i] for i in sample], [[REFS[i] for i in sample]]).score
+        assert BLEU()._compute_score_from_stats(stats).score == pytest.approx(expected, abs=1e-9)
+    # same seed and n: the same resamples (paired across models), deterministic intervals
+    assert ev.aggregate(rows, seed=3, samples=400) == m
+    assert (ev.bootstrap_indices(6, 5, seed=3) == idx).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Freshness
+
+def test_paper_dates_and_freshness_split():
+    papers = [{"doi": "10.22331/q-2024-01-05-1", "arxiv": "2305.00001v2", "published": "2024-01-05"}]
+    rows = [{"published": "2024-09-02"},                               # eval pairs carry `published`
+            {"paper_doi": "10.22331/q-2023-06-11-1364"},              # golden: the DOI's date
+            {"paper_arxiv": "2305.00001"},                             # matched to papers.jsonl by arXiv id
+            {"paper_arxiv": "2312.01234"},                             # arXiv month: Dec 2023, not after
+            {"paper_arxiv": "2401.01234"},
+            {"paper_doi": None, "paper_arxiv": None}]                  # undated: in neither split
+    subsets, dates = ev.freshness_subsets(rows, dt.date(2023, 12, 31), papers)
+    assert dates == [dt.date(2024, 9, 2), dt.date(2023, 6, 11), dt.date(2024, 1, 5), dt.date(2023, 12, 1),
+                     dt.date(2024, 1, 1), None]
+    assert subsets == {"after_cutoff": [0, 2, 4], "before_cutoff": [1, 3]}
+
+
+def test_params_reject_bad_rivals_and_small_bootstrap():
+    with pytest.raises(ValueError, match="bootstrap_samples"):
+        params(bootstrap_samples=10).check()
+    r = Rival("gemini.1", "https://x/v1", "m", "K")
+    with pytest.raises(ValueError, match="distinct"):
+        params(rivals=(r, Rival("gemini_1", "https://y/v1", "m", "K"))).check()
+    with pytest.raises(ValueError, match="base_url"):
+        params(rivals=(Rival("a", "ftp://x", "m", "K"),)).check()
+    assert params().rivals[0].key == "rival_gemini-1_5-pro" and params().knowledge_cutoff == dt.date(2023, 12, 31)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rivals against a fake OpenAI-compatible server
+
+class FakeOpenAI:
+    """A minimal OpenAI-compatible chat-completions server on 127.0.0.1 (modes per model id)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"auth": self.headers.get("Authorization"), **body})
+                if body["model"] == "broken":
+                    return self._send(500, {"error": {"message": "upstream exploded", "type": "server_error"}},
+                                      {"retry-after-ms": "10"})
+                if self.headers.get("Authorization") != "Bearer good-key":
+                    return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+                q = body["messages"][-1]["content"]
+                answer = REFS[PREDS.index(q)] if q in PREDS else f"An answer to: {q}"
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": answer}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def _send(self, status, obj, headers=None) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake_openai():
+    fake = FakeOpenAI()
+    yield fake
+    fake.close()
+
+
+def test_rival_answers_same_questions_with_same_system_prompt(fake_openai):
+    kw = dict(max_tokens=32, temperature=0.0, timeout_s=5, max_retries=1, concurrency=3)
+    good = Rival("good", fake_openai.base_url, "m1", "FAKE_KEY")
+    res = ask_rival(good, PREDS, SYSTEM, env={"FAKE_KEY": "good-key"}, **kw)
+    assert res.skipped is None and res.answers == REFS  # in question order despite concurrency
+    assert len(fake_openai.requests) == 6
+    assert all(r["messages"][0] == {"role": "system", "content": SYSTEM} and r["max_tokens"] == 32
+               and r["temperature"] == 0.0 and r["auth"] == "Bearer good-key" for r in fake_openai.requests)
+
+    missing = ask_rival(good, PREDS, SYSTEM, env={}, **kw)
+    assert missing.answers is None and missing.skipped == "API key variable FAKE_KEY is not set"
+    bad_key = ask_rival(good, PREDS, SYSTEM, env={"FAKE_KEY": "wrong"}, **kw)
+    assert "rejected the API key (401)" in bad_key.skipped
+    n = len(fake_openai.requests)
+    broken = ask_rival(Rival("b", fake_openai.base_url, "broken", "FAKE_KEY"), PREDS[:2], SYSTEM,
+                       env={"FAKE_KEY": "good-key"}, **{**kw, "concurrency": 1})
+    assert broken.skipped.startswith("HTTP 500 after the SDK's retries: upstream exploded")
+    assert len(fake_openai.requests) - n == 2  # 1 try + 1 retry, then the second question is not even sent
+    down = ask_rival(Rival("d", "http://127.0.0.1:9/v1", "m", "FAKE_KEY"), PREDS[:1], SYSTEM,
+                     env={"FAKE_KEY": "k"}, **{**kw, "max_retries": 0})
+    assert down.skipped.startswith("cannot connect")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local models: CE counted as qrb.chat counts it; the whole core and the stage on the tiny Llama
+
+@pytest.fixture(scope="module")
+def peft_tiny(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir), "test")
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    base = load_causal_lm(str(tiny_model_dir), "test")
+    resize_for_tokenizer(base, tok)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    return model, tok
+
+
+def test_per_row_nll_sums_to_token_weighted_ce(peft_tiny):
+    from qrb.chat import token_weighted_ce
+
+    model, tok = peft_tiny
+    rows = [{"question": q, "answer": a} for q, a in zip(PREDS, REFS)]
+    per_row = ev.token_nll_rows(model, tok, rows, SYSTEM, batch_size=4)
+    ce = token_weighted_ce(model, tok, rows, SYSTEM, batch_size=4, max_length=4096)
+    assert sum(t for _, t in per_row) == ce["tokens"]
+    assert sum(n for n, _ in per_row) / ce["tokens"] == pytest.approx(ce["cross_entropy"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tiny_model_dir, corpus_dir, fake_openai,
+                                                                  tmp_path, monkeypatch):
+    """The stage end to end in a scratch directory: fine-tuned, base, RAG, a rival via the fake server, a rival
+    without a key and one that keeps failing (skipped, the rest still scored), freshness splits, all outputs."""
+    model, tok = peft_tiny
+    papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:12]
+    (tmp_path / "artifacts/train/adapter").mkdir(parents=True)
+    model.save_pretrained(tmp_path / "artifacts/train/adapter")
+    tok.save_pretrained(tmp_path / "artifacts/train/adapter")
+    (tmp_path / "artifacts/scrape").mkdir(parents=True)
+    (tmp_path / "artifacts/scrape/papers.jsonl").write_text("".join(json.dumps(p) + "\n" for p in papers))
+    (tmp_path / "artifacts/validate").mkdir(parents=True)
+    evals = [{"question": f"What does the paper \"{p['title']}\" study?", "answer": p["abstract"][:160],
+              "doi": p["doi"], "published": p["published"]} for p in papers[:4]]
+    evals[0]["published"] = "2023-05-01"  # one before the cutoff
+    (tmp_path / "artifacts/validate/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    golden = (REPO / "data/golden/questions.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "golden.jsonl").write_text("\n".join(golden) + "\n")
+    rivals = [{"name": "fake.rival", "base_url": fake_openai.base_url, "model": "m1", "api_key_env": "QRB_T_KEY"},
+              {"name": "keyless", "base_url": fake_openai.base_url, "model": "m1", "api_key_env": "QRB_T_NONE"},
+              {"name": "flaky", "base_url": fake_openai.base_url, "model": "broken", "api_key_env": "QRB_T_KEY"}]
+    import yaml
+
+    cfg = {"base": {"seed": 5, "model": str(tiny_model_dir),
+                    "system_prompt": SYSTEM, "hf_offline": True},
+           "evaluate": {"golden": "golden.jsonl", "bertscore_model": ev.OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
+                        "max_new_tokens": 12, "batch_size": 8, "greedy": True, "bootstrap_samples": 200,
+                        "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rivals": rivals,
+                        "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QRB_T_KEY", "good-key")
+    monkeypatch.delenv("QRB_T_NONE", raising=False)
+    ev.main()
+
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "eval", "eval_after_cutoff",
+                            "eval_before_cutoff"}
+    models = {"fine_tuned", "base", "rag", "rival_fake_rival"}
+    assert all(set(by_model) == models for by_model in metrics.values())
+    assert metrics["eval"]["base"]["n"] == 4 and metrics["eval_after_cutoff"]["rag"]["n"] == 3
+    # golden card-1: DOI q-2024-06-11 (after); card-2: undated; card-3: arXiv 2307.05200 (before)
+    assert metrics["golden_after_cutoff"]["base"]["n"] == 1 and metrics["golden_before_cutoff"]["base"]["n"] == 1
+    for m in metrics["eval"].values():
+        assert {"bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "bleu_ci95", "bertscore_f1_ci95"} <= set(m)
+    assert "cross_entropy_ci95" in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
+    assert 0.0 <= metrics["eval"]["rag"]["retrieval_hit_rate"] <= 1.0
+    # the base row really is the adapter disabled: different CE from the fine-tuned row
+    assert metrics["eval"]["base"]["cross_entropy"] != metrics["eval"]["fine_tuned"]["cross_entropy"]
+
+    preds = [json.loads(x) for x in Path("artifacts/evaluate/predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 * (3 + 4)  # 3 golden + 4 eval questions, 4 scored models
+    rag = [r for r in preds if r["model"] == "rag" and r["set"] == "eval"]
+    assert all(len(r["retrieved"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
+    table = Path("reports/eval_table.md").read_text()
+    assert "| RAG: base + top-2 abstracts (MiniLM retrieval) |" in table
+    assert "fake.rival (m1, endpoint)" in table
+    assert "keyless (m1, endpoint): skipped** (API key variable QRB_T_NONE is not set)" in table
+    assert "flaky (broken, endpoint): skipped** (HTTP 500" in table
+    assert "### eval questions on papers published after the knowledge cutoff (2023-12-31) (n=3)" in table
+    csv = Path("plots/evaluate/scores.csv").read_text().splitlines()
+    assert csv[0] == "label,set,model,metric,score,lo,hi" and len(csv) == 1 + 6 * 4 * 5
+
+
+@pytest.mark.slow
+def test_dvc_metrics_diff_shows_per_model_per_metric_deltas(tmp_path):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "t@t")
+    run("git", "config", "user.name", "t")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    (tmp_path / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
+    (tmp_path / "metrics").mkdir()
+    old = {"eval": {"base": {"bleu": 10.0, "rouge1": 0.3}, "fine_tuned": {"bleu": 12.0, "rouge1": 0.35}}}
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(old))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "exp 1")
+    new = {"eval": {"base": {"bleu": 10.0, "rouge1": 0.3}, "fine_tuned": {"bleu": 15.5, "rouge1": 0.4}}}
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(new))
+    diff = json.loads(run(sys.executable, "-m", "dvc", "metrics", "diff", "--json"))["metrics/evaluate.json"]
+    assert diff["eval.fine_tuned.bleu"] == {"old": 12.0, "new": 15.5, "diff": 3.5}
+    assert diff["eval.fine_tuned.rouge1"]["diff"] == pytest.approx(0.05)
+    assert "eval.base.bleu" not in diff  # unchanged (--all shows them)
