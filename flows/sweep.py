@@ -1,0 +1,416 @@
+"""Prefect flow: the card's technique x hyper-parameter sweep as DVC experiments, narrowed by Optuna.
+
+    python -m flows.sweep [--workspace DIR] [--config flows/sweep.yaml] [--trials N] [-S key=value ...]
+    python -m flows.sweep --workspace /tmp/sweep-ws --profile tiny      # offline, on a CPU (tiny Llama, stand-ins)
+
+The grid and the search space come from a flow-level YAML (flows/sweep.yaml: `grid`, `search`, `fixed`, `target`,
+`metric`), not from params.yaml, whose sections belong to stages. Steps:
+
+1. the pipeline flow brings the stages before `target` (scrape, generate, validate) up to date, so every experiment
+   shares them (with `--profile` it first prepares a scratch workspace, builds the tiny model and starts the offline
+   stand-ins, as `qrb demo` does);
+2. phase 1, the grid (methods x rank x learning rate): one `dvc exp run -n <name> -S ... <target>` per point, in the
+   workspace one after the other (`mode: sequential`, the default: the experiment sees the workspace's local model
+   folder and runs nothing twice), or queued (`mode: queue`: `dvc exp run --queue`, `dvc queue start -j <jobs>`;
+   queued experiments run in temporary copies that hold only what git and DVC track, so `base.model` must then be a
+   hub id or an absolute path);
+3. phase 2, Bayesian search: per technique an Optuna TPE study over `search.space`, seeded with that technique's grid
+   results, proposes `search.trials` more experiments (round-robin over techniques) in the promising region;
+4. the card's table "best eval cross-entropy per technique" (printed, and a Prefect markdown artifact `qrb-sweep`).
+   Every run stays a DVC experiment: `dvc exp show`, `dvc exp apply <name>`; with `--apply-best` the workspace ends
+   on the best one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.pipeline import StageFailed, parse_set, pipeline, stage_order, stream
+from qrb import workspace as wsp
+from qrb.workspace import dvc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"
+TECHNIQUE_KEY = "train.method"
+EXPERIMENT_TIMEOUT_S = 12 * 3600
+
+
+@dataclass
+class SweepConfig:
+    grid: dict[str, list[Any]]
+    target: str = "train"
+    metric_file: str = "metrics/train.json"
+    metric_key: str = "eval_ce"
+    mode: str = "sequential"
+    jobs: int = 1
+    fixed: dict[str, Any] = field(default_factory=dict)
+    trials: int = 0
+    seed: int = 0
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.grid[TECHNIQUE_KEY])
+
+
+def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
+    """Read and check a sweep YAML; a mistake is a ValueError naming the key."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {"target", "metric", "mode", "jobs", "fixed", "grid", "search"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown key `{sorted(unknown)[0]}`; keys: {', '.join(sorted(known))}")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or not grid.get(TECHNIQUE_KEY):
+        raise ValueError(f"{path}: `grid` must list the techniques under `{TECHNIQUE_KEY}`")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}: `grid.{key}` must be a non-empty list")
+    metric = data.get("metric") or {}
+    search = data.get("search") or {}
+    mode = data.get("mode", "sequential")
+    if mode not in ("sequential", "queue"):
+        raise ValueError(f"{path}: `mode` must be sequential or queue, got {mode!r}")
+    space = search.get("space") or {}
+    for key, spec in space.items():
+        if key == TECHNIQUE_KEY:
+            raise ValueError(f"{path}: `search.space.{key}`: the techniques come from `grid.{TECHNIQUE_KEY}`")
+        if spec.get("type", "float") not in ("int", "float") or not spec.get("low") or not spec.get("high") \
+                or float(spec["low"]) >= float(spec["high"]):
+            raise ValueError(f"{path}: `search.space.{key}` needs type int|float and 0 < low < high")
+    cfg = SweepConfig(grid=grid, target=data.get("target", "train"),
+                      metric_file=metric.get("file", "metrics/train.json"), metric_key=metric.get("key", "eval_ce"),
+                      mode=mode, jobs=int(data.get("jobs", 1)), fixed=dict(data.get("fixed") or {}),
+                      trials=int(search.get("trials", 0) if trials is None else trials), seed=int(search.get("seed", 0)),
+                      space=space)
+    if cfg.trials and not space:
+        raise ValueError(f"{path}: `search.trials` needs `search.space`")
+    return cfg
+
+
+def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
+    keys = list(cfg.grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def set_args(overrides: dict[str, Any]) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+
+
+def read_metric(workspace: Path, cfg: SweepConfig) -> float:
+    data = json.loads((workspace / cfg.metric_file).read_text())
+    value = data
+    for part in cfg.metric_key.split("."):
+        value = value[part]
+    return float(value)
+
+
+# --- experiments ---------------------------------------------------------------------------------------------------
+
+@task(task_run_name="{name}")
+def run_experiment(name: str, overrides: dict[str, Any], workspace: str, target: str, metric_file: str,
+                   metric_key: str, timeout_s: float = EXPERIMENT_TIMEOUT_S) -> dict[str, Any]:
+    """`dvc exp run -n <name> -S ... <target>` in the workspace; returns the run with its metric."""
+    logger = get_run_logger()
+    args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), target]
+    logger.info("$ dvc %s", " ".join(args))
+    t0 = time.time()
+    rc, tail = stream(dvc(*args), workspace, timeout_s, logger)
+    if rc != 0:
+        raise StageFailed(f"experiment {name} failed (exit {rc}):\n" + "\n".join(tail[-15:]))
+    cfg = SweepConfig(grid={}, metric_file=metric_file, metric_key=metric_key)
+    return {"name": name, "params": overrides, "metric": read_metric(Path(workspace), cfg),
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def _find_revs(node: Any, names: set[str], out: dict[str, dict]) -> None:
+    """Walk `dvc exp show --json` (its nesting changes between releases) for experiments named in `names`."""
+    if isinstance(node, dict):
+        if node.get("name") in names and isinstance(node.get("data"), dict):
+            out[node["name"]] = node["data"]
+        for value in node.values():
+            _find_revs(value, names, out)
+    elif isinstance(node, list):
+        for value in node:
+            _find_revs(value, names, out)
+
+
+@task(name="queued-experiments")
+def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: SweepConfig,
+               timeout_s: float = EXPERIMENT_TIMEOUT_S) -> list[dict[str, Any]]:
+    """`dvc exp run --queue` each point, `dvc queue start -j N`, wait, collect metrics from `dvc exp show --json`."""
+    logger = get_run_logger()
+    ws = Path(workspace)
+    for name, overrides in points:
+        wsp.run(dvc("exp", "run", "--queue", "-n", name, *set_args(overrides), cfg.target), ws)
+    wsp.run(dvc("queue", "start", "-j", str(cfg.jobs)), ws)
+    t0, names = time.time(), {name for name, _ in points}
+    while True:
+        status = wsp.run(dvc("queue", "status"), ws).stdout
+        # rows: Task (rev) | Name | Created | Status
+        pending = [line for line in status.splitlines()
+                   if names & set(line.split()) and ("Queued" in line or "Running" in line)]
+        if not pending:
+            break
+        if time.time() - t0 > timeout_s * len(points):
+            raise StageFailed(f"queued experiments still pending after {timeout_s * len(points):.0f} s")
+        time.sleep(5)
+    logger.info(status)
+    shown = json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
+    found: dict[str, dict] = {}
+    _find_revs(shown, names, found)
+    runs = []
+    for name, overrides in points:
+        metrics = (((found.get(name) or {}).get("metrics") or {}).get(cfg.metric_file) or {}).get("data") or {}
+        value = metrics
+        for part in cfg.metric_key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        runs.append({"name": name, "params": overrides, "metric": float(value) if value is not None else None,
+                     "error": None if value is not None else f"no {cfg.metric_key} (see `dvc queue logs {name}`)"})
+    return runs
+
+
+# --- Bayesian narrowing --------------------------------------------------------------------------------------------
+
+def distributions(cfg: SweepConfig) -> dict[str, Any]:
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    out = {}
+    for key, spec in cfg.space.items():
+        if spec.get("type", "float") == "int":
+            out[key] = IntDistribution(int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)))
+        else:
+            out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)))
+    return out
+
+
+def make_studies(cfg: SweepConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One TPE study per technique, seeded with that technique's finished runs that fall inside the space."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = distributions(cfg)
+    studies = {}
+    for i, method in enumerate(cfg.methods):
+        study = optuna.create_study(direction="minimize", study_name=f"sweep-{method}",
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed + i, n_startup_trials=2))
+        for run in runs:
+            if run["params"].get(TECHNIQUE_KEY) != method or run.get("metric") is None:
+                continue
+            params = {k: run["params"].get(k) for k in dists}
+            if any(v is None or not dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in params.items()):
+                continue
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=run["metric"]))
+        studies[method] = study
+    return studies
+
+
+def suggest(study: Any, cfg: SweepConfig) -> tuple[Any, dict[str, Any]]:
+    trial = study.ask(distributions(cfg))
+    params = {}
+    for key, value in trial.params.items():
+        params[key] = float(f"{value:.3g}") if isinstance(value, float) else value  # readable -S values
+    return trial, params
+
+
+# --- the table -----------------------------------------------------------------------------------------------------
+
+def best_per_technique(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["params"].get(TECHNIQUE_KEY) == method]
+        ok = [r for r in mine if r.get("metric") is not None and math.isfinite(r["metric"])]
+        best = min(ok, key=lambda r: r["metric"]) if ok else None
+        rows.append({"technique": method, "best": best, "runs": len(mine), "failed": len(mine) - len(ok)})
+    return sorted(rows, key=lambda row: (row["best"] is None, row["best"]["metric"] if row["best"] else 0))
+
+
+def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
+    keys = [k for k in [*cfg.grid, *cfg.space] if k != TECHNIQUE_KEY]
+    keys = list(dict.fromkeys(keys))
+    head = ["technique", f"best eval cross-entropy ({cfg.metric_key})", *keys, "experiment", "runs"]
+    lines = ["Best eval cross-entropy per technique (lower is better)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        best = row["best"]
+        cells = [row["technique"]]
+        if best:
+            cells += [f"{best['metric']:.4f}", *(_fmt(best["params"].get(k, "")) for k in keys), best["name"]]
+        else:
+            cells += ["failed", *([""] * len(keys)), ""]
+        cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the flow ------------------------------------------------------------------------------------------------------
+
+def _port_overrides(params: dict[str, Any], ports: list[int]) -> dict[str, Any]:
+    """The tiny profile's stand-in URLs moved to other ports (so a sweep can run beside `qrb demo`)."""
+    from urllib.parse import urlparse
+
+    def move(url: str, port: int) -> str:
+        u = urlparse(url)
+        return u._replace(netloc=f"{u.hostname}:{port}").geturl()
+
+    mirror, endpoint = ports
+    scrape, gen = params["scrape"], params["generate"]
+    return {"scrape": {"start_urls": [move(u, mirror) for u in scrape["start_urls"]],
+                       "full_text_url": move(scrape["full_text_url"], mirror)},
+            "generate": {"base_url": move(gen["base_url"], endpoint)}}
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lora.r": 4} -> {"train": {"lora": {"r": 4}}}"""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+@task
+def prepare_workspace(workspace: str, profile: str, ports: list[int] | None, params: dict[str, Any] | None) -> str:
+    """A scratch workspace for the profile, with the stand-ins' ports and the baseline params written in."""
+    from qrb.params import deep_merge
+
+    overrides = _port_overrides(wsp.profile_params(profile), ports) if ports else {}
+    if params:
+        overrides = deep_merge(wsp.profile_params(profile, overrides=overrides), nested(params))
+    return str(wsp.prepare(workspace, profile, overrides=overrides or None))
+
+
+@flow(name="qrb-sweep", log_prints=True)
+def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str | None = None,
+          params: dict[str, Any] | None = None, trials: int | None = None, ports: list[int] | None = None,
+          apply_best: bool = False) -> dict[str, Any]:
+    """Grid + Optuna search as DVC experiments; returns {"runs": [...], "table": markdown}.
+
+    profile: prepare `workspace` as a scratch workspace for this profile first (tiny: offline stand-ins on
+    127.0.0.1, on `ports` [mirror, endpoint] if given). params: overrides written before the sweep (baseline).
+    trials: Optuna trials after the grid (default: the config's `search.trials`).
+    """
+    from flows.demo import build_tiny_model, offline_services
+
+    cfg = load_config(config, trials)
+    logger = get_run_logger()
+    with contextlib.ExitStack() as stack:
+        if profile:
+            baseline_params = {**cfg.fixed, **(params or {})}
+            workspace = prepare_workspace(workspace, profile, ports, baseline_params)
+            build_tiny_model(workspace)
+            url = wsp.read_yaml(Path(workspace) / "params.yaml")["scrape"]["start_urls"][0]
+            if "//127.0.0.1" in url or "//localhost" in url:
+                stack.enter_context(offline_services(Path(workspace)))
+        ws = Path(workspace).resolve()
+        order = stage_order(ws)
+        if cfg.target not in order:
+            raise ValueError(f"sweep target {cfg.target!r} is not a stage of {ws / 'dvc.yaml'}")
+        upstream = order[:order.index(cfg.target)]
+        baseline = {} if profile else {**cfg.fixed, **(params or {})}  # a profile's workspace has them already
+        if upstream or baseline:
+            pipeline(str(ws), params=baseline or None, until=upstream[-1] if upstream else None)
+        if profile:  # a scratch workspace: the baseline commit every experiment starts from
+            wsp.commit(ws, "sweep: baseline")
+
+    sweep_id = "s" + time.strftime("%m%d%H%M%S")
+    runs: list[dict[str, Any]] = []
+
+    def attempt(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        try:
+            run = run_experiment(name, overrides, str(ws), cfg.target, cfg.metric_file, cfg.metric_key)
+        except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
+            logger.warning("experiment %s failed: %s", name, str(e).splitlines()[0])
+            run = {"name": name, "params": overrides, "metric": None, "error": str(e).splitlines()[0]}
+        runs.append(run)
+        return run
+
+    points = [(f"{sweep_id}-g{i:02d}-{p[TECHNIQUE_KEY]}", p) for i, p in enumerate(grid_points(cfg))]
+    logger.info("phase 1: %d grid experiments (%s)", len(points), cfg.mode)
+    if cfg.mode == "queue":
+        runs += run_queued(points, str(ws), cfg)
+    else:
+        for name, overrides in points:
+            attempt(name, overrides)
+
+    if cfg.trials:
+        logger.info("phase 2: %d Optuna trials over %s", cfg.trials, ", ".join(cfg.space))
+        studies = make_studies(cfg, runs)
+        seen = {json.dumps(r["params"], sort_keys=True): r for r in runs}
+        for i in range(cfg.trials):
+            method = cfg.methods[i % len(cfg.methods)]
+            trial, suggested = suggest(studies[method], cfg)
+            overrides = {**{k: v for k, v in grid_points(cfg)[0].items() if k not in suggested},
+                         TECHNIQUE_KEY: method, **suggested}
+            key = json.dumps(overrides, sort_keys=True)
+            run = seen.get(key) or attempt(f"{sweep_id}-t{i:02d}-{method}", overrides)
+            seen[key] = run
+            if run.get("metric") is None:
+                studies[method].tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
+            else:
+                studies[method].tell(trial, run["metric"])
+
+    rows = best_per_technique(runs, cfg.methods)
+    table = table_markdown(rows, cfg)
+    logger.info("sweep %s: %d experiments\n%s", sweep_id, len(runs), table)
+    create_markdown_artifact(key="qrb-sweep", markdown=table,
+                             description=f"Sweep {sweep_id} in {ws}: {len(runs)} experiments (dvc exp show)")
+    create_table_artifact(key="qrb-sweep-runs", table=[
+        {"experiment": r["name"], **{k: _fmt(v) for k, v in r["params"].items()},
+         cfg.metric_key: r.get("metric"), "error": r.get("error") or ""} for r in runs])
+    ok = [r for r in runs if r.get("metric") is not None]
+    if not ok:
+        raise StageFailed(f"every experiment of sweep {sweep_id} failed: {runs[0].get('error') if runs else ''}")
+    best = min(ok, key=lambda r: r["metric"])
+    if apply_best and cfg.mode == "sequential":
+        wsp.run(dvc("exp", "apply", best["name"]), ws)
+        logger.info("workspace now holds the best experiment, %s", best["name"])
+    return {"workspace": str(ws), "sweep": sweep_id, "runs": runs, "best": best["name"], "table": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qrb.io import setup_logging
+
+    setup_logging()
+    ap = argparse.ArgumentParser(description="Technique x hyper-parameter sweep as DVC experiments (+ Optuna)")
+    ap.add_argument("--workspace", default=".")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--profile", help="prepare --workspace as a scratch workspace for this profile (tiny: offline)")
+    ap.add_argument("--ports", help="tiny profile: mirror,endpoint ports (default: the profile's)")
+    ap.add_argument("--trials", type=int, help="Optuna trials after the grid (default: the config's)")
+    ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="baseline param override for every experiment (repeatable)")
+    ap.add_argument("--apply-best", action="store_true", help="end with `dvc exp apply <best>` in the workspace")
+    args = ap.parse_args(argv)
+    try:
+        overrides = parse_set(args.set_param)
+        ports = [int(p) for p in args.ports.split(",")] if args.ports else None
+        load_config(args.config, args.trials)
+    except ValueError as e:
+        raise SystemExit(f"sweep: {e}") from None
+    result = sweep(args.workspace, args.config, args.profile, overrides or None, args.trials, ports, args.apply_best)
+    print(result["table"])
+
+
+if __name__ == "__main__":
+    main()

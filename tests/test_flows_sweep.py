@@ -1,0 +1,123 @@
+"""The sweep flow: its config, the Optuna narrowing and the per-technique table (fast, no DVC), and a real tiny
+sweep on CPU (slow: the tiny profile's scrape/generate/validate once, then three train experiments)."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+
+import pytest
+
+from flows import sweep as sw
+
+CONFIG = """
+target: train
+fixed: {train.epochs: 0.5, train.max_length: 128}
+grid:
+  train.method: [lora, dora]
+  train.lora.r: [4]
+  train.learning_rate: [1.0e-3]
+search:
+  trials: 1
+  seed: 0
+  space:
+    train.lora.r: {type: int, low: 2, high: 8, log: true}
+    train.learning_rate: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_repo_config_grid_is_methods_x_rank_x_lr():
+    cfg = sw.load_config(sw.DEFAULT_CONFIG)
+    points = sw.grid_points(cfg)
+    assert len(points) == len(cfg.methods) * len(cfg.grid["train.lora.r"]) * len(cfg.grid["train.learning_rate"])
+    assert {"lora", "lora_plus", "dora"} <= set(cfg.methods)
+    assert cfg.trials > 0 and set(cfg.space) == {"train.lora.r", "train.learning_rate"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {train.lora.r: [4]}", "techniques"),
+    ("grid: {train.method: [lora], train.lora.r: []}", "non-empty"),
+    ("grid: {train.method: [lora]}\nmode: parallel", "sequential or queue"),
+    ("grid: {train.method: [lora]}\nsearch: {trials: 2}", "search.space"),
+    ("grid: {train.method: [lora]}\nsearch: {space: {train.method: {low: 1, high: 2}}}", "techniques come from"),
+    ("grid: {train.method: [lora]}\ngird: {}", "unknown key `gird`"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        sw.load_config(write(tmp_path, text))
+
+
+def test_optuna_studies_are_seeded_with_grid_results_and_stay_in_space(tmp_path):
+    cfg = sw.load_config(write(tmp_path, CONFIG.replace("trials: 1", "trials: 4")))
+    runs = [{"name": "a", "params": {"train.method": "lora", "train.lora.r": 4, "train.learning_rate": 1e-3},
+             "metric": 2.5},
+            {"name": "b", "params": {"train.method": "dora", "train.lora.r": 4, "train.learning_rate": 1e-3},
+             "metric": 2.4},
+            {"name": "c", "params": {"train.method": "dora", "train.lora.r": 64, "train.learning_rate": 1e-3},
+             "metric": 2.0}]  # outside the space (r <= 8): not a seed
+    studies = sw.make_studies(cfg, runs)
+    assert [len(studies[m].trials) for m in ("lora", "dora")] == [1, 1]
+    assert studies["dora"].best_value == 2.4
+    trial, params = sw.suggest(studies["lora"], cfg)
+    assert 2 <= params["train.lora.r"] <= 8 and 1e-4 <= params["train.learning_rate"] <= 3e-3
+    assert params["train.learning_rate"] == float(f"{params['train.learning_rate']:.3g}")
+
+
+def test_table_best_eval_ce_per_technique(tmp_path):
+    cfg = sw.load_config(write(tmp_path, CONFIG))
+    runs = [{"name": "g0", "params": {"train.method": "lora", "train.lora.r": 4, "train.learning_rate": 1e-3},
+             "metric": 2.5},
+            {"name": "t0", "params": {"train.method": "lora", "train.lora.r": 8, "train.learning_rate": 5e-4},
+             "metric": 2.3},
+            {"name": "g1", "params": {"train.method": "dora", "train.lora.r": 4, "train.learning_rate": 1e-3},
+             "metric": None, "error": "boom"}]
+    rows = sw.best_per_technique(runs, cfg.methods)
+    assert [(r["technique"], r["best"] and r["best"]["name"]) for r in rows] == [("lora", "t0"), ("dora", None)]
+    table = sw.table_markdown(rows, cfg)
+    assert "| lora | 2.3000 | 8 | 0.0005 | t0 | 2 |" in table
+    assert "| dora | failed |" in table and "1 failed" in table
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path, tiny_model_dir):
+    """Tiny profile, offline: 2 grid experiments (lora, dora) + 1 Optuna trial, each a DVC experiment."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from qrb.workspace import dvc, run
+
+    from prefect.client.orchestration import get_client
+
+    with prefect_test_harness(server_startup_timeout=60):
+        state = sw.sweep(str(tmp_path / "ws"), str(write(tmp_path, CONFIG)), profile="tiny",
+                         params={"base.model": str(tiny_model_dir)}, ports=free_ports(2), return_state=True)
+        assert state.is_completed(), state.message
+        with get_client(sync_client=True) as client:
+            published = client.read_artifacts()
+    result = state.result()
+    runs = result["runs"]
+    assert len(runs) == 3 and all(r["metric"] is not None and r["metric"] > 0 for r in runs)
+    assert [r["params"]["train.method"] for r in runs] == ["lora", "dora", "lora"]
+    table = result["table"]
+    assert table == next(a.data for a in published if a.key == "qrb-sweep")
+    assert "Best eval cross-entropy per technique" in table
+    for method in ("lora", "dora"):
+        best = min(r["metric"] for r in runs if r["params"]["train.method"] == method)
+        assert f"| {method} | {best:.4f} |" in table
+    shown = run(dvc("exp", "show", "--no-pager", "--md"), tmp_path / "ws").stdout
+    assert all(r["name"] in shown for r in runs)  # every point is a DVC experiment
