@@ -1,0 +1,360 @@
+"""Talk to the fine-tuned model from a terminal: `qrb ask "…"` (one question) and `qrb chat` (interactive).
+
+    qrb ask "What is a surface code?"            # from a workspace (or repo) root, after the train stage
+    qrb chat                                      # streaming; /reset clears the history, /exit (or Ctrl-D) quits
+    qrb ask --model artifacts/export/merged "…"   # an exported merged (or int8) model instead of base + adapter
+
+Loads the base model named by `base.model` in ./params.yaml plus the adapter (artifacts/train/adapter by default)
+exactly as evaluate does: the adapter folder's tokenizer (with the added pad token), embeddings resized the same
+way, the same chat template and the same system prompt (`base.system_prompt`). Limits and defaults come from the
+`serve:` section (max_input_tokens, max_new_tokens, temperature), shared with `qrb serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qrb.params import Base, build, load_params, read_yaml
+
+log = logging.getLogger(__name__)
+
+SECTION = "serve"
+DEFAULT_ADAPTER = Path("artifacts/train/adapter")
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    """The `serve:` section: how `qrb ask`, `qrb chat` and `qrb serve` run the model."""
+
+    host: str  # 127.0.0.1: local only
+    port: int
+    model_id: str  # the name /v1/models reports and clients pass as `model`
+    max_input_tokens: int  # longer prompts are refused (serve) or lose their oldest turns (chat)
+    max_new_tokens: int  # the default and the cap for a reply's length
+    max_request_bytes: int  # serve: larger request bodies are refused with 413
+    temperature: float  # default; 0 = greedy (as evaluate)
+
+    def check(self) -> None:
+        for key in ("max_input_tokens", "max_new_tokens", "max_request_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"params: `serve.{key}` must be a positive integer")
+        if not 0 <= self.port < 65536:
+            raise ValueError("params: `serve.port` must be in 0..65535")
+        if self.temperature < 0:
+            raise ValueError("params: `serve.temperature` must be >= 0")
+
+
+class InputTooLong(ValueError):
+    """The rendered prompt has more tokens than `serve.max_input_tokens`."""
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "length" when max_new_tokens cut it short
+
+
+class _Stop:
+    """A StoppingCriteria that ends generation when its event is set (a client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Bot:
+    """A loaded model + tokenizer + the training system prompt; generation is serialised by a lock."""
+
+    model: Any
+    tokenizer: Any
+    system_prompt: str
+    limits: ServeParams
+    source: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ---- prompt -------------------------------------------------------------------------------------------
+    def messages(self, conversation: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        """The training layout: the system prompt first (a conversation's own system message replaces it)."""
+        conv = [{"role": m["role"], "content": m["content"]} for m in conversation]
+        if not conv or conv[0]["role"] != "system":
+            conv = [{"role": "system", "content": self.system_prompt}, *conv]
+        return conv
+
+    def prompt_ids(self, conversation: Sequence[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(self.messages(conversation), tokenize=False,
+                                                  add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.limits.max_input_tokens:
+            raise InputTooLong(f"the prompt has {len(ids)} tokens; the limit (serve.max_input_tokens) is "
+                               f"{self.limits.max_input_tokens}")
+        return ids
+
+    def fit_history(self, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Drop the oldest question/answer turns until the prompt fits (the last question always stays)."""
+        history = list(history)
+        while True:
+            try:
+                self.prompt_ids(history)
+                return history
+            except InputTooLong:
+                if len(history) <= 1:
+                    raise
+                history = history[2:] if len(history) > 2 else history[-1:]
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def _gen_kwargs(self, max_new_tokens: int | None, temperature: float | None, top_p: float | None,
+                    seed: int | None) -> dict[str, Any]:
+        n = self.limits.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= n <= self.limits.max_new_tokens:
+            raise ValueError(f"max_tokens must be between 1 and {self.limits.max_new_tokens} "
+                             "(serve.max_new_tokens)")
+        t = self.limits.temperature if temperature is None else temperature
+        kw: dict[str, Any] = {"max_new_tokens": n, "pad_token_id": self.tokenizer.pad_token_id}
+        if t > 0:
+            kw.update(do_sample=True, temperature=t, top_p=1.0 if top_p is None else top_p)
+            if seed is not None:
+                import torch
+
+                torch.manual_seed(seed)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def _finish(self, reply: Reply, new_ids: list[int], max_new: int) -> None:
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        reply.completion_tokens = len(new_ids)
+        reply.finish_reason = "length" if len(new_ids) >= max_new and (not new_ids or new_ids[-1] not in eos) \
+            else "stop"
+
+    def generate(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Reply:
+        import torch
+
+        ids = self.prompt_ids(conversation)
+        kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
+        device = next(self.model.parameters()).device
+        with self.lock, torch.no_grad():
+            out = self.model.generate(input_ids=torch.tensor([ids], device=device),
+                                      attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device), **kw)
+        new = out[0, len(ids):].tolist()
+        reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt_tokens=len(ids))
+        self._finish(reply, new, kw["max_new_tokens"])
+        return reply
+
+    def stream(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None,
+               seed: int | None = None) -> tuple[Reply, Iterator[str]]:
+        """Validate now (errors raise before any output), then yield text pieces as they are generated.
+
+        The returned Reply is complete once the iterator is exhausted. Closing the iterator early stops generation.
+        """
+        ids = self.prompt_ids(conversation)
+        kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
+        reply = Reply(prompt_tokens=len(ids))
+        return reply, self._stream(ids, kw, reply)
+
+    def _stream(self, ids: list[int], kw: dict[str, Any], reply: Reply) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        stop = threading.Event()
+        device = next(self.model.parameters()).device
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    result["out"] = self.model.generate(
+                        input_ids=torch.tensor([ids], device=device),
+                        attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop(stop)]), **kw)
+            except BaseException as e:  # surfaced to the consumer below
+                result["error"] = e
+                streamer.end()
+
+        self.lock.acquire()
+        thread = threading.Thread(target=work, name="qrb-generate", daemon=True)
+        try:
+            thread.start()
+            first = True
+            for piece in streamer:
+                if first:  # the answer is stripped like generate()'s
+                    piece = piece.lstrip()
+                    first = not piece
+                if piece:
+                    reply.text += piece
+                    yield piece
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            new = result["out"][0, len(ids):].tolist()
+            reply.text = reply.text.rstrip()
+            self._finish(reply, new, kw["max_new_tokens"])
+        finally:
+            stop.set()
+            thread.join(timeout=600)
+            self.lock.release()
+
+
+def load_serve_params(path: str | Path = "params.yaml") -> tuple[Base, ServeParams]:
+    data = read_yaml(path)
+    base = build(Base, data.get("base") or {}, "base")
+    _, p = load_params(SECTION, ServeParams, (), path)
+    return base, p
+
+
+def load_bot(model_path: str | Path | None = None, params_path: str | Path = "params.yaml",
+             device: str | None = None, **overrides: Any) -> Bot:
+    """Base + adapter (the default), a folder holding an adapter, or an exported (merged / int8) model folder.
+
+    `overrides` replace `serve:` values (e.g. max_new_tokens=16). Exits with one line when something is missing.
+    """
+    try:
+        base, limits = load_serve_params(params_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"qrb: {e}") from None
+    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        limits.check()
+    except ValueError as e:
+        raise SystemExit(f"qrb: {e}") from None
+    from qrb.chat import set_hf_offline
+
+    set_hf_offline(base.hf_offline)
+    import torch
+
+    from qrb.chat import adapter_kind, load_with_adapter
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    path = Path(model_path) if model_path else DEFAULT_ADAPTER
+    if adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
+        model, tokenizer = load_with_adapter(base.model, path, "qrb", dtype=dtype)
+    elif (path / "config.json").exists():
+        from stages.export import load_exported
+
+        model, tokenizer = load_exported(path, dtype=dtype)
+    elif model_path is None:
+        raise SystemExit(f"qrb: no adapter in {path}: run the pipeline first (dvc repro train), from the "
+                         "workspace root, or pass --model")
+    else:
+        raise SystemExit(f"qrb: {path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+    model = model.to(device)
+    model.eval()
+    return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=str(path))
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help=f"adapter or exported model folder (default {DEFAULT_ADAPTER})")
+    ap.add_argument("--params", default="params.yaml", help="params file (base.model, base.system_prompt, serve:)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="reply length cap (default serve.max_new_tokens)")
+    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default serve.temperature)")
+
+
+def quiet_libraries() -> None:
+    """A terminal chat shows the answer, not loading bars and library deprecation notes."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _bot_from_args(args: argparse.Namespace) -> Bot:
+    quiet_libraries()
+    return load_bot(args.model, args.params, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def ask_main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="qrb ask", description="Ask the fine-tuned model one question (streams)")
+    ap.add_argument("question", nargs="+")
+    add_model_args(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    bot = _bot_from_args(args)
+    try:
+        _, pieces = bot.stream([{"role": "user", "content": " ".join(args.question)}])
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except InputTooLong as e:
+        raise SystemExit(f"qrb ask: {e}") from None
+    sys.stdout.write("\n")
+
+
+def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, str]]:
+    """Interactive loop; returns the history. `read` raises EOFError to end (Ctrl-D)."""
+    history: list[dict[str, str]] = []
+    write(f"Quantum Research Bot ({bot.source}). /reset clears the conversation, /exit quits.\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return history
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return history
+        if line == "/reset":
+            history = []
+            write("(conversation cleared)\n")
+            continue
+        try:
+            history = bot.fit_history([*history, {"role": "user", "content": line}])
+        except InputTooLong as e:
+            write(f"(too long: {e})\n")
+            history = []
+            continue
+        write("bot> ")
+        reply, pieces = bot.stream(history)
+        try:
+            for piece in pieces:
+                write(piece)
+                if hasattr(sys.stdout, "flush"):
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            write(" (interrupted)")
+        write("\n")
+        history.append({"role": "assistant", "content": reply.text})
+
+
+def chat_main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="qrb chat", description="Chat with the fine-tuned model (streams)")
+    add_model_args(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    chat_loop(_bot_from_args(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`qrb ask` / `qrb chat` (qrb.cli sets argv[0] to the command) and `python -m qrb.ask [chat] …`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if sys.argv[0].endswith("chat") or argv[:1] == ["chat"] and sys.argv[0] != "qrb ask":
+        chat_main(argv[1:] if argv[:1] == ["chat"] else argv)
+    else:
+        ask_main(argv)
+
+
+if __name__ == "__main__":
+    main()

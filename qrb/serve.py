@@ -1,0 +1,322 @@
+"""`qrb serve`: the fine-tuned model behind an OpenAI-compatible API, plus a web chat page.
+
+    qrb serve                       # from a workspace (or repo) root; http://127.0.0.1:<serve.port>/
+    qrb serve --port 0 --model artifacts/export/merged
+
+Endpoints (FastAPI + uvicorn):
+    GET  /                       a small chat page (static HTML + fetch to the API below, streaming)
+    GET  /v1/models              the one model, named `serve.model_id`
+    POST /v1/chat/completions    OpenAI chat completions, `stream: true` (server-sent events) or not
+    GET  /health
+
+The model is loaded as `qrb ask` loads it (base + adapter, the training chat template and system prompt; a client's
+own system message replaces the default one). Bound to 127.0.0.1 unless `--host`/`serve.host` says otherwise; when
+the environment variable QRB_SERVE_API_KEY is set, requests must carry it as a Bearer token. Limits (from `serve:`):
+request bodies over `max_request_bytes` get 413; prompts over `max_input_tokens` and `max_tokens` over
+`max_new_tokens` get 400 in OpenAI's error format. Generation is one request at a time (one model, one lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from qrb.ask import Bot, InputTooLong, add_model_args, load_bot
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "QRB_SERVE_API_KEY"
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.type != "text":
+                raise ValueError(f"content parts of type {p.type!r} are not supported (text only)")
+            parts.append(p.text or "")
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def conversation(req: ChatRequest) -> list[dict[str, str]]:
+    conv = []
+    for i, m in enumerate(req.messages):
+        try:
+            text = m.text()
+        except ValueError as e:
+            raise ApiError(400, str(e), f"messages[{i}].content") from None
+        role = "system" if m.role == "developer" else m.role
+        if role == "system" and i > 0:
+            raise ApiError(400, "a system message is only accepted first", f"messages[{i}].role")
+        conv.append({"role": role, "content": text})
+    if conv[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's", "messages")
+    return conv
+
+
+def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="Quantum Research Bot", docs_url=None, redoc_url=None, openapi_url=None)
+    limits = bot.limits
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if api_key is not None:
+                given = request.headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                    return JSONResponse(ApiError(401, "invalid or missing API key", code="invalid_api_key",
+                                                 type_="authentication_error").body(), status_code=401)
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
+                return JSONResponse(ApiError(413, f"request body over {limits.max_request_bytes} bytes "
+                                                  "(serve.max_request_bytes)", code="request_too_large").body(),
+                                    status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model": limits.model_id}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": limits.model_id, "object": "model", "created": created,
+                                            "owned_by": "quantum-research-bot"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.replace("__MODEL__", limits.model_id).replace("__MAX_TOKENS__", str(limits.max_new_tokens))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await request.body()  # chunked uploads carry no content-length: measure what arrived
+        if len(body) > limits.max_request_bytes:
+            raise ApiError(413, f"request body over {limits.max_request_bytes} bytes (serve.max_request_bytes)",
+                           code="request_too_large")
+        try:
+            req = ChatRequest.model_validate(json.loads(body))
+        except json.JSONDecodeError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ApiError(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
+                           ".".join(map(str, err["loc"]))) from None
+        if req.model not in (None, limits.model_id):
+            raise ApiError(404, f"model {req.model!r} not found; this server has {limits.model_id!r}", "model",
+                           "model_not_found")
+        if req.n != 1:
+            raise ApiError(400, "only n=1 is supported", "n")
+        if req.stop:
+            raise ApiError(400, "stop sequences are not supported", "stop")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is not None and not 1 <= max_tokens <= limits.max_new_tokens:
+            raise ApiError(400, f"max_tokens must be between 1 and {limits.max_new_tokens} (serve.max_new_tokens)",
+                           "max_tokens")
+        conv = conversation(req)
+        kw = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        try:
+            if not req.stream:
+                reply = await run_in_threadpool(bot.generate, conv, **kw)
+                return {"id": cid, "object": "chat.completion", "created": now, "model": limits.model_id,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                                     "finish_reason": reply.finish_reason, "logprobs": None}],
+                        "usage": usage(reply)}
+            reply, pieces = bot.stream(conv, **kw)
+        except InputTooLong as e:
+            raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse(cid, now, limits.model_id, reply, pieces, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def usage(reply) -> dict[str, int]:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], include_usage: bool) -> Iterator[str]:
+    """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, [usage chunk], [DONE]."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        if include_usage and "usage" not in extra:
+            obj["usage"] = None
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in pieces:
+            yield chunk({"content": piece})
+        yield chunk({}, reply.finish_reason)
+        if include_usage:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                   "usage": usage(reply)}
+            yield f"data: {json.dumps(obj)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # headers are sent: report in-band, as OpenAI does
+        log.exception("generation failed")
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+    finally:
+        close = getattr(pieces, "close", None)
+        if close:
+            close()  # a client that went away stops generation
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Quantum Research Bot</title>
+<style>
+ body{font-family:system-ui,sans-serif;max-width:48rem;margin:0 auto;padding:1rem;background:#fafafa;color:#222}
+ h1{font-size:1.3rem} #log{display:flex;flex-direction:column;gap:.6rem;margin-bottom:1rem}
+ .msg{padding:.6rem .8rem;border-radius:.5rem;white-space:pre-wrap;line-height:1.4}
+ .user{background:#dbeafe;align-self:flex-end;max-width:85%} .assistant{background:#fff;border:1px solid #ddd}
+ .error{background:#fee2e2} form{display:flex;gap:.5rem} textarea{flex:1;font:inherit;padding:.5rem;min-height:3rem}
+ button{font:inherit;padding:.5rem 1rem} small{color:#666}
+</style></head>
+<body>
+<h1>Quantum Research Bot</h1>
+<p><small>Answers questions about recent papers in <i>Quantum</i> (model <code>__MODEL__</code>, replies up to
+__MAX_TOKENS__ tokens). Generated text can be wrong: check the papers. Enter sends, Shift+Enter adds a line.</small></p>
+<div id="log" aria-live="polite"></div>
+<form id="form"><textarea id="input" placeholder="Ask about a paper..." required></textarea>
+<button id="send" type="submit">Send</button> <button id="reset" type="button">New chat</button></form>
+<script>
+const log = document.getElementById('log'), input = document.getElementById('input');
+const send = document.getElementById('send');
+let history = [];
+function bubble(role, text) {
+  const d = document.createElement('div'); d.className = 'msg ' + role; d.textContent = text;
+  log.appendChild(d); d.scrollIntoView(); return d;
+}
+async function ask(question) {
+  history.push({role: 'user', content: question});
+  bubble('user', question);
+  const out = bubble('assistant', ''); out.dataset.done = 'false'; send.disabled = true;
+  try {
+    const r = await fetch('v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},
+      body: JSON.stringify({model: '__MODEL__', messages: history, stream: true})});
+    if (!r.ok) { const e = await r.json().catch(() => ({})); throw new Error((e.error && e.error.message) || r.statusText); }
+    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = '';
+    for (;;) {
+      const {value, done} = await reader.read(); if (done) break;
+      buf += dec.decode(value, {stream: true}); let i;
+      while ((i = buf.indexOf('\\n\\n')) >= 0) {
+        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
+        if (!line.startsWith('data:')) continue;
+        const data = line.slice(5).trim(); if (data === '[DONE]') continue;
+        const obj = JSON.parse(data);
+        if (obj.error) throw new Error(obj.error.message);
+        const c = obj.choices && obj.choices[0] && obj.choices[0].delta.content; if (c) out.textContent += c;
+      }
+    }
+    history.push({role: 'assistant', content: out.textContent});
+  } catch (e) {
+    history.pop(); out.className = 'msg error'; out.textContent = 'Error: ' + e.message;
+  } finally { out.dataset.done = 'true'; send.disabled = false; input.focus(); }
+}
+document.getElementById('form').addEventListener('submit', ev => {
+  ev.preventDefault(); const q = input.value.trim(); if (!q || send.disabled) return; input.value = ''; ask(q);
+});
+input.addEventListener('keydown', ev => {
+  if (ev.key === 'Enter' && !ev.shiftKey) { ev.preventDefault(); document.getElementById('form').requestSubmit(); }
+});
+document.getElementById('reset').addEventListener('click', () => { history = []; log.innerHTML = ''; });
+</script>
+</body></html>
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="qrb serve", description="OpenAI-compatible API + web chat for the adapter")
+    add_model_args(ap)
+    ap.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help="port (default serve.port; 0 = any free port)")
+    args = ap.parse_args(argv)
+    from qrb.io import setup_logging
+
+    setup_logging()
+    bot = load_bot(args.model, args.params, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    host = args.host or bot.limits.host
+    port = bot.limits.port if args.port is None else args.port
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (set %s)", host,
+                    API_KEY_ENV)
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(bot, api_key), host=host, port=port, log_level="info"))
+    log.info("model %s from %s; web chat at http://%s:%s/ (port 0: see uvicorn's line below)",
+             bot.limits.model_id, bot.source, host, port)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`qrb ask` / `qrb chat`: base + adapter with the training chat template and system prompt, streaming, limits.
+
+`adapter_workspace` (also used by test_serve.py and test_export.py) trains a tiny adapter once per session with
+the train stage's core and lays it out as a pipeline workspace would: params.yaml, artifacts/train/adapter,
+artifacts/validate/eval.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM = "You are Quantum Research Bot. Answer questions about papers in the journal Quantum."
+
+
+def _qa_rows(corpus_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(corpus_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
+            for s in sentences[:2]:
+                rows.append({"question": f"What does the paper '{rec['title']}' say?", "answer": s,
+                             "doi": rec.get("doi") or rec["title"]})
+    return rows
+
+
+def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) -> Path:
+    """A trained tiny adapter in a workspace layout (deterministic; ~10 s on 2 CPU cores)."""
+    from datasets import Dataset, DatasetDict
+
+    from qrb.params import load_params
+    from qrb.workspace import profile_params
+    from stages import train as train_stage
+
+    params = profile_params("tiny", REPO, overrides={"base": {"model": str(tiny_model_dir), "system_prompt": SYSTEM}})
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    base, p = load_params("train", train_stage.TrainParams, train_stage.BASE_KEYS, ws / "params.yaml")
+    extra = {"checkpoint_steps": 0} if "checkpoint_steps" in {f.name for f in dataclasses.fields(p)} else {}
+    p = dataclasses.replace(p, epochs=2.0, learning_rate=3e-3, max_length=160, logging_steps=2, **extra)
+    rows = _qa_rows(corpus_dir)
+    held_out = sorted({r["doi"] for r in rows})[:3]
+    train_rows = [r for r in rows if r["doi"] not in held_out][:64]
+    eval_rows = [r for r in rows if r["doi"] in held_out]
+    ds = DatasetDict(train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows))
+    model, tokenizer, metrics, history = train_stage.train(base, p, ds, "cpu")
+    out = ws / "artifacts" / "train" / "adapter"
+    if hasattr(train_stage, "save_adapter"):
+        train_stage.save_adapter(model, tokenizer, p, out)
+    else:
+        model.save_pretrained(out, save_embedding_layers=False)
+        tokenizer.save_pretrained(out)
+    (ws / "artifacts" / "validate").mkdir(parents=True, exist_ok=True)
+    (ws / "artifacts" / "validate" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    (ws / "history.json").write_text(json.dumps(history, default=str))
+    return ws
+
+
+@pytest.fixture(scope="session")
+def adapter_ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
+    ws = tmp_path_factory.getbasetemp() / "qrb-adapter-ws"
+    if not (ws / "artifacts" / "train" / "adapter" / "adapter_config.json").exists():
+        build_adapter_workspace(ws, tiny_model_dir, corpus_dir)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def bot(adapter_ws):
+    from qrb.ask import load_bot
+
+    cwd = os.getcwd()
+    os.chdir(adapter_ws)  # the workspace's params.yaml and artifacts/ are read from cwd, as the CLI does
+    try:
+        return load_bot()
+    finally:
+        os.chdir(cwd)
+
+
+def test_bot_uses_the_training_template_and_system_prompt(bot):
+    from qrb.chat import prompt_messages
+
+    q = "What is a surface code?"
+    expected = bot.tokenizer.apply_chat_template(prompt_messages(SYSTEM, q), tokenize=False, add_generation_prompt=True)
+    ids = bot.prompt_ids([{"role": "user", "content": q}])
+    assert bot.tokenizer.decode(ids) == expected
+    assert SYSTEM in expected and bot.system_prompt == SYSTEM
+    # the adapter is loaded (not the bare base), with the tokenizer that carries the added pad token
+    assert type(bot.model).__name__ == "PeftModelForCausalLM"
+    assert bot.tokenizer.pad_token == "<|pad|>"
+    assert bot.limits.max_new_tokens == 64  # profiles/tiny.yaml's serve.max_new_tokens
+
+
+def test_generate_equals_evaluate_generation_and_stream_equals_generate(bot):
+    from qrb.chat import generate_answers
+
+    q = "What does the paper 'Quantum error correction' say?"
+    reply = bot.generate([{"role": "user", "content": q}], max_new_tokens=24)
+    ref = generate_answers(bot.model, bot.tokenizer, [q], SYSTEM, batch_size=1, max_new_tokens=24)[0]
+    assert reply.text == ref and reply.text  # same answer as the evaluate stage's generation, and not empty
+    assert reply.completion_tokens >= 1 and reply.prompt_tokens > 10
+    assert reply.finish_reason in ("stop", "length")
+    streamed, pieces = bot.stream([{"role": "user", "content": q}], max_new_tokens=24)
+    chunks = list(pieces)
+    assert len(chunks) > 1, "the answer must arrive in pieces"
+    assert "".join(chunks).strip() == reply.text == streamed.text
+    assert streamed.completion_tokens == reply.completion_tokens and streamed.finish_reason == reply.finish_reason
+
+
+def test_limits_are_enforced(bot):
+    from qrb.ask import InputTooLong
+
+    with pytest.raises(InputTooLong, match="limit"):
+        bot.prompt_ids([{"role": "user", "content": "qubit " * 2000}])
+    with pytest.raises(ValueError, match="max_tokens must be between 1 and 64"):
+        bot.generate([{"role": "user", "content": "hi"}], max_new_tokens=65)
+    r = bot.generate([{"role": "user", "content": "What is entanglement?"}], max_new_tokens=1)
+    assert r.completion_tokens == 1
+    # chat drops the oldest turns, never the new question
+    long_turn = [{"role": "user", "content": "noise " * 150}, {"role": "assistant", "content": "ok"}]
+    history = bot.fit_history(long_turn * 3 + [{"role": "user", "content": "And now?"}])
+    assert history[-1]["content"] == "And now?" and len(history) < 7 and len(history) % 2 == 1
+
+
+def test_closing_a_stream_early_releases_the_model(bot):
+    _, pieces = bot.stream([{"role": "user", "content": "Tell me about qubits."}], max_new_tokens=40)
+    next(pieces)
+    pieces.close()  # a client went away
+    assert bot.lock.acquire(timeout=30), "the generation lock must be released"
+    bot.lock.release()
+
+
+def test_chat_loop_keeps_history_and_resets(bot):
+    inputs = iter(["What is a qubit?", "And a qutrit?", "/reset", "Hello?", "/exit"])
+    out: list[str] = []
+    history = __import__("qrb.ask", fromlist=["chat_loop"]).chat_loop(bot, read=lambda _: next(inputs),
+                                                                        write=out.append)
+    text = "".join(out)
+    assert "(conversation cleared)" in text and text.count("bot> ") == 3
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Hello?"
+
+
+@pytest.mark.slow
+def test_qrb_ask_cli_offline(adapter_ws):
+    """`qrb ask` in a workspace, as a user runs it (a fresh process, no network)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "ask", "--max-new-tokens", "12",
+                           "What is a qubit?"], cwd=adapter_ws, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "chat", "--max-new-tokens", "8"], cwd=adapter_ws,
+                          input="What is a qubit?\n/exit\n", capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bot> " in proc.stdout and proc.stdout.split("bot> ")[1].strip()
+
+
+def test_missing_adapter_is_one_clear_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "ask", "hi"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no adapter in artifacts/train/adapter" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_serve_section_loads_in_both_profiles(tmp_path):
+    from qrb.ask import load_serve_params
+    from qrb.workspace import profile_params
+
+    for profile, max_new in ((None, 512), ("tiny", 64)):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(profile_params(profile, REPO)))
+        base, p = load_serve_params(tmp_path / "params.yaml")
+        assert p.host == "127.0.0.1" and p.max_new_tokens == max_new and base.system_prompt

@@ -1,0 +1,112 @@
+"""Export: the merge is exact (same eval CE and logits as base + adapter), the int8 variant is smaller and its
+metric drop is reported; no 4-bit merge, no LoReFT merge, no push without a token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_ask import adapter_ws  # noqa: F401  (session fixture: one trained adapter for all files)
+
+
+@pytest.fixture(scope="module")
+def exported(adapter_ws, tmp_path_factory):  # noqa: F811
+    from qrb.io import read_jsonl
+    from qrb.params import load_params
+    from stages import export as ex
+
+    base, p = load_params(ex.SECTION, ex.PARAMS_CLASS, ex.BASE_KEYS, adapter_ws / "params.yaml")
+    rows = list(read_jsonl(adapter_ws / "artifacts" / "validate" / "eval.jsonl"))[:8]
+    card = tmp_path_factory.mktemp("card")
+    (card / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# card\n")
+    out = tmp_path_factory.mktemp("export")
+    metrics = ex.export(base, p, rows, "cpu", adapter_dir=adapter_ws / "artifacts" / "train" / "adapter",
+                        card_dir=card, out=out)
+    return base, p, rows, out, metrics
+
+
+def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):  # noqa: F811
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer
+
+    base, p, rows, out, m = exported
+    assert p.merge_precision == "fp32"  # profiles/tiny.yaml: CPU
+    assert abs(m["merge_ce_delta"]) < 1e-4 and m["eval_ce"]["merged"] > 0 and m["eval_tokens"] > 0
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    adapter = adapter_ws / "artifacts" / "train" / "adapter"
+    tok = load_tokenizer(str(adapter), "test")
+    ref = load_causal_lm(base["model"], "test")
+    resize_for_tokenizer(ref, tok)
+    ref = PeftModel.from_pretrained(ref, str(adapter)).eval()
+    ids = tok("What is a qubit?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-4)
+        with ref.disable_adapter():  # the adapter did change the model: the comparison means something
+            assert not torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-3)
+    assert (out / "adapter" / "README.md").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_int8_is_smaller_int8_on_disk_and_its_drop_is_reported(exported):
+    from safetensors import safe_open
+
+    from stages import export as ex
+
+    _, _, _, out, m = exported
+    sizes = m["size_bytes"]
+    assert sizes["int8"] < 0.5 * sizes["merged"] and m["int8_size_ratio"] == sizes["int8"] / sizes["merged"]
+    assert m["int8_ce_drop"] == pytest.approx(m["eval_ce"]["int8"] - m["eval_ce"]["merged"])
+    assert abs(m["int8_ce_drop"]) < 0.05, "per-channel int8 should barely move eval CE"
+    with safe_open(str(out / "int8" / "model.safetensors"), "pt") as f:
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    int8 = [k for k, d in dtypes.items() if d == "I8"]
+    assert len(int8) == m["int8_modules"] and any("lm_head" in k for k in int8)
+    assert any("embed_tokens" in k for k in int8) and any("q_proj" in k for k in int8)
+    meta = json.loads((out / "int8" / ex.QUANT_FILE).read_text())
+    assert meta["method"] == ex.QUANT_METHOD and len(meta["modules"]) == m["int8_modules"]
+
+
+def test_quantize_rows_error_is_bounded():
+    import torch
+
+    from stages.export import _quantize_rows
+
+    w = torch.randn(16, 64) * torch.linspace(0.01, 3, 16)[:, None]  # rows of very different scales
+    q, s = _quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (16,)
+    err = (q.float() * s[:, None] - w).abs()
+    assert torch.all(err <= s[:, None] / 2 + 1e-6)  # at most half a step, per row
+
+
+def test_int8_export_serves_through_ask(exported, adapter_ws, monkeypatch):  # noqa: F811
+    from qrb.ask import load_bot
+
+    _, _, _, out, _ = exported
+    monkeypatch.chdir(adapter_ws)
+    bot = load_bot(out / "int8", max_new_tokens=8)
+    assert type(bot.model.lm_head).__name__ == "Int8Linear"
+    reply = bot.generate([{"role": "user", "content": "What is a qubit?"}])
+    assert reply.completion_tokens >= 1
+
+
+def test_no_4bit_merge_no_loreft_merge_no_push_without_token(tmp_path, monkeypatch):
+    from qrb.params import build
+    from stages import export as ex
+
+    base = {"model": "m", "system_prompt": "s", "hf_offline": False}
+    good = {"merge_precision": "bf16", "quantize": "int8", "eval_batch_size": 8, "max_length": 64,
+            "hub_repo_id": "someone/qrb", "hub_token_env": "QRB_TEST_NO_SUCH_TOKEN", "hub_private": True}
+    with pytest.raises(ValueError, match=r"`export.merge_precision` must be one of 'bf16', 'fp16', 'fp32'"):
+        build(ex.ExportParams, {**good, "merge_precision": "nf4"}, "export")
+    p = build(ex.ExportParams, good, "export")
+    monkeypatch.delenv("QRB_TEST_NO_SUCH_TOKEN", raising=False)
+    assert ex.push_to_hub(base, p, tmp_path) is None  # no token: nothing is pushed (and nothing is contacted)
+    monkeypatch.setenv("QRB_TEST_NO_SUCH_TOKEN", "hf_x")
+    assert ex.push_to_hub({**base, "hf_offline": True}, p, tmp_path) is None  # offline profile: never
+    (tmp_path / "loreft_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="cannot be merged"):
+        ex.load_base_and_adapter(base, p, tmp_path, "cpu")
