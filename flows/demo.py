@@ -29,8 +29,8 @@ SMOKE_KEY_ENV_VALUE = "offline-smoke-test-key"  # not a secret: the local smoke 
 
 
 @task
-def prepare_workspace(workspace: str, profile: str) -> str:
-    return str(wsp.prepare(workspace, profile))
+def prepare_workspace(workspace: str, profile: str, overrides: dict | None = None) -> str:
+    return str(wsp.prepare(workspace, profile, overrides=overrides))
 
 
 @task
@@ -66,9 +66,10 @@ def offline_services(ws: Path) -> contextlib.ExitStack:
 
 
 @flow(name="qrb-demo", log_prints=True)
-def demo(workspace: str = "demo", profile: str = "tiny") -> dict:
+def demo(workspace: str = "demo", profile: str = "tiny", overrides: dict | None = None) -> dict:
+    """`overrides` (nested params, e.g. other service ports) are applied on top of the profile."""
     t0 = time.time()
-    ws = prepare_workspace(workspace, profile)
+    ws = prepare_workspace(workspace, profile, overrides)
     build_tiny_model(ws)
     with offline_services(Path(ws)):
         results = pipeline(ws)

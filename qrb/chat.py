@@ -89,6 +89,39 @@ def resize_for_tokenizer(model, tokenizer) -> int:
     return added
 
 
+def adapter_kind(adapter_dir: str | Path) -> str | None:
+    """"peft" (a standard PEFT folder), "loreft" (qrb.loreft interventions) or None (no adapter there)."""
+    path = Path(adapter_dir)
+    if (path / "adapter_config.json").exists():
+        return "peft"
+    if (path / "loreft_config.json").exists():
+        return "loreft"
+    return None
+
+
+def load_with_adapter(base_model: str, adapter_dir: str | Path, stage: str, dtype=None):
+    """Base model + the trained adapter, rebuilt exactly as train saw it: the adapter's tokenizer (with the added
+    pad token), deterministically resized embeddings, then the PEFT adapter or LoReFT interventions.
+
+    `model.disable_adapter()` gives the base model back in both cases.
+    """
+    kind = adapter_kind(adapter_dir)
+    if kind is None:
+        raise SystemExit(f"{stage}: no adapter in {adapter_dir}: run the train stage first (dvc repro train)")
+    tokenizer = load_tokenizer(str(adapter_dir), stage)
+    model = load_causal_lm(base_model, stage, dtype=dtype)
+    resize_for_tokenizer(model, tokenizer)
+    if kind == "peft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    else:
+        from qrb import loreft
+
+        model = loreft.load(model, adapter_dir)
+    return model, tokenizer
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 

@@ -20,7 +20,7 @@ import yaml
 T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
-KNOWN_SECTIONS = ("scrape", "generate", "validate", "train", "evaluate")
+KNOWN_SECTIONS = ("scrape", "generate", "validate", "train", "evaluate", "model_card", "export", "serve")
 
 
 @dataclasses.dataclass(frozen=True)

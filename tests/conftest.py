@@ -33,6 +33,16 @@ def _isolated_prefect(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prefect_server(_isolated_prefect):
+    """One real local Prefect server (API + database in the session's temporary PREFECT_HOME), shared by the tests
+    that run flows; stopped by the fixture (not at interpreter exit, when pytest has closed the log streams)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 

@@ -1,0 +1,98 @@
+"""End to end: the main job (the demo flow) on the tiny profile, then DVC's promises in its workspace."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    from qrb.workspace import venv_env
+
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=venv_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, prefect_server):
+    from flows.demo import demo
+
+    ws = tmp_path_factory.mktemp("e2e") / "demo"
+    mirror, endpoint = free_port(), free_port()
+    overrides = {"scrape": {"start_urls": [f"http://127.0.0.1:{mirror}/papers/"],
+                            "full_text_url": f"http://127.0.0.1:{mirror}/arxiv/html/{{arxiv_id}}"},
+                 "generate": {"base_url": f"http://127.0.0.1:{endpoint}/v1"}}
+    run = demo(str(ws), "tiny", overrides)
+    return ws, run, overrides
+
+
+def test_demo_runs_all_five_stages_for_real(demo_run):
+    ws, run, _ = demo_run
+    assert [r["stage"] for r in run["stages"]] == ["scrape", "generate", "validate", "train", "evaluate",
+                                                   "model_card", "export"]
+    assert all(r["ran"] for r in run["stages"])
+    papers = [json.loads(line) for line in (ws / "artifacts/scrape/papers.jsonl").read_text().splitlines()]
+    assert len(papers) >= 30 and all(p["doi"].startswith("10.22331/q-2024-") for p in papers)
+    gen = json.loads((ws / "metrics/generate.json").read_text())
+    assert gen["train_pairs"] > 100 and gen["eval_pairs"] > 10
+    val = json.loads((ws / "metrics/validate.json").read_text())
+    assert val["gate_passed"] is True
+    assert (ws / "reports/data_docs/index.html").exists()
+    adapter = ws / "artifacts/train/adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "lineage.json").exists()
+    assert (ws / "plots/train/train_loss.csv").read_text().count("\n") > 3
+
+
+def test_fine_tuned_beats_base_on_held_out_pairs(demo_run):
+    ws, _, _ = demo_run
+    m = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert m["eval"]["fine_tuned"]["cross_entropy"] < m["eval"]["base"]["cross_entropy"] - 0.05
+    for set_name in ("golden", "eval"):
+        for model in ("fine_tuned", "base"):
+            for key in ("rouge1", "rouge2", "rougeL", "bleu", "bertscore_f1", "cross_entropy"):
+                assert isinstance(m[set_name][model][key], float)
+    assert "| fine-tuned" in (ws / "reports/eval_table.md").read_text()
+
+
+def test_repro_again_runs_nothing(demo_run):
+    ws, _, _ = demo_run
+    proc = dvc(ws, "repro")
+    assert proc.returncode == 0, proc.stderr
+    assert "Running stage" not in proc.stdout
+    assert "up to date" in dvc(ws, "status").stdout
+
+
+def test_demo_again_is_a_no_op_and_keeps_the_workspace(demo_run, prefect_server):
+    from flows.demo import demo
+
+    ws, _, overrides = demo_run
+    run = demo(str(ws), "tiny", overrides)
+    assert not any(r["ran"] for r in run["stages"]), run["stages"]
+
+
+def test_exp_run_reruns_only_train_and_downstream_and_metrics_diff_shows_it(demo_run):
+    ws, _, _ = demo_run
+    proc = dvc(ws, "exp", "run", "-S", "train.lora.r=4")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate", "model_card", "export"}, proc.stdout[-3000:]  # all downstream of train
+    diff = dvc(ws, "metrics", "diff", "--json")
+    assert diff.returncode == 0, diff.stderr
+    changes = json.loads(diff.stdout)
+    train = changes["metrics/train.json"]
+    assert train["trainable_params"]["new"] < train["trainable_params"]["old"]
+    assert any(k.startswith("eval.fine_tuned.") for k in changes["metrics/evaluate.json"])
+    assert not any(k.startswith("eval.base.") for k in changes["metrics/evaluate.json"])  # the base didn't move
