@@ -221,8 +221,7 @@ def load_base_and_adapter(base: dict[str, Any], p: ExportParams, adapter_dir: Pa
     from qrb.chat import adapter_kind, load_with_adapter, torch_dtype
 
     if adapter_kind(adapter_dir) == "loreft":
-        raise SystemExit("export: a LoReFT adapter is an intervention on hidden states, not a weight delta: it "
-                         "cannot be merged into the base (serve it with `qrb serve`)")
+        raise SystemExit(f"export: {LOREFT_NOT_MERGEABLE}")
     model, tokenizer = load_with_adapter(base["model"], adapter_dir, SECTION, dtype=torch_dtype(p.merge_precision))
     if getattr(model.config, "quantization_config", None) or getattr(model, "is_loaded_in_4bit", False):
         raise SystemExit(f"export: {base['model']} loads quantized; the adapter is merged into a full-precision "
@@ -241,6 +240,10 @@ def merge(peft_model, tokenizer):
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+LOREFT_NOT_MERGEABLE = ("a LoReFT adapter is an intervention on hidden states, not a weight delta: it cannot be "
+                        "merged into the base (serve it with `qrb serve`)")
 
 
 def weight_bytes(path: Path) -> int:
@@ -267,6 +270,15 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
         if (card_dir / name).exists():
             shutil.copy2(card_dir / name, adapter_out / name)
 
+    from qrb.chat import adapter_kind
+
+    if adapter_kind(adapter_dir) == "loreft":  # a method comparison must not fail here: say why, export the rest
+        for d in (merged_out, int8_out):
+            d.mkdir(parents=True)
+            (d / "NOT_EXPORTED.md").write_text(f"Not exported: {LOREFT_NOT_MERGEABLE}.\n")
+        log.warning("export: %s; only the adapter folder is exported", LOREFT_NOT_MERGEABLE)
+        return {"merge_precision": p.merge_precision, "eval_rows": len(rows), "skipped": LOREFT_NOT_MERGEABLE,
+                "size_bytes": {"adapter": weight_bytes(adapter_dir)}}
     peft_model, tokenizer = load_base_and_adapter(base, p, adapter_dir, device)
     ce_adapter = ce(peft_model, "adapter") if rows else None
     model = merge(peft_model, tokenizer)
@@ -355,6 +367,8 @@ def main() -> None:
     metrics = export(base, p, rows, device)
     metrics["pushed_to"] = push_to_hub(base, p, ADAPTER_OUT)
     write_json(METRICS, rounded(metrics))
+    if "skipped" in metrics:
+        return
     log.info("export: merged %.1f MB, int8 %s; eval CE merged %s, int8 %s (drop %s)",
              metrics["size_bytes"]["merged"] / 1e6,
              f"{metrics['size_bytes']['int8'] / 1e6:.1f} MB" if "int8" in metrics["size_bytes"] else "skipped",

@@ -110,3 +110,25 @@ def test_no_4bit_merge_no_loreft_merge_no_push_without_token(tmp_path, monkeypat
     (tmp_path / "loreft_config.json").write_text("{}")
     with pytest.raises(SystemExit, match="cannot be merged"):
         ex.load_base_and_adapter(base, p, tmp_path, "cpu")
+
+
+def test_loreft_adapter_is_exported_as_is_with_the_reason_and_no_merge(tmp_path):
+    """A LoReFT experiment must not fail the pipeline at export: the adapter is exported, merge/int8 say why not."""
+    from qrb.params import build
+    from stages import export as ex
+
+    adapter, card, out = tmp_path / "adapter", tmp_path / "card", tmp_path / "export"
+    adapter.mkdir()
+    card.mkdir()
+    (adapter / "loreft_config.json").write_text("{}")
+    (adapter / "loreft_weights.safetensors").write_bytes(b"x" * 100)
+    (card / "README.md").write_text("# card\n")
+    p = build(ex.ExportParams, {"merge_precision": "fp32", "quantize": "int8", "eval_batch_size": 8,
+                                "max_length": 64, "hub_repo_id": None, "hub_token_env": "HF_TOKEN",
+                                "hub_private": True}, "export")
+    metrics = ex.export({"model": "m", "system_prompt": "s", "hf_offline": True}, p, [], "cpu",
+                        adapter_dir=adapter, card_dir=card, out=out)
+    assert metrics["skipped"] == ex.LOREFT_NOT_MERGEABLE and metrics["size_bytes"] == {"adapter": 100}
+    assert (out / "adapter" / "loreft_config.json").exists() and (out / "adapter" / "README.md").exists()
+    for d in ("merged", "int8"):
+        assert "cannot be merged" in (out / d / "NOT_EXPORTED.md").read_text()
