@@ -43,6 +43,8 @@ def build_tiny_model(workspace: str) -> str:
     target = ws / model
     if model.startswith("models/") and not (target / "config.json").exists():
         tiny_model.build(ws / "data" / "corpus", target)
+        # tracked by DVC: queued experiments (temporary copies of the workspace) check it out like data/
+        wsp.run(wsp.dvc("add", "-q", model), ws)
     return model
 
 
@@ -87,6 +89,7 @@ def summary(run: dict) -> str:
               f"  {rel}/artifacts/   papers, QA pairs, validated dataset, adapter, predictions",
               f"  {rel}/metrics/     stage metrics (dvc metrics show)",
               f"  {rel}/reports/     eval_table.md, data_docs/index.html (great-expectations)",
+              f"  {rel}/artifacts/model_card/README.md   the model card; {rel}/artifacts/export/  merged + int8",
               f"  {rel}/plots/       loss curves and scores (dvc plots show)",
               f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff"]
     return "\n".join(lines)

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore")
-# data/ is DVC's (data.dvc); cache/ holds persisted, uncached outs (crawl seen-set, API response cache)
-WORKSPACE_GITIGNORE = ("/data", "/cache/", "/models/", "__pycache__/", ".prefect/")
+# data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc
+WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/")
 
 
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
