@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -96,6 +97,7 @@ class TrainParams:
     logging_steps: int
     group_by_length: bool
     checkpoint_steps: int
+    emissions_country: str | None
 
     def check(self) -> None:
         if self.lora.r < 1:
@@ -322,6 +324,33 @@ def _trainer_cls():
     return CountingSFTTrainer
 
 
+@contextlib.contextmanager
+def emissions_meter(country: str | None) -> Iterator[dict[str, Any]]:
+    """Energy (kWh) and CO2-eq (kg) of the block, from codecarbon's offline tracker (no network: the grid's carbon
+    intensity comes from `country`, an ISO 3166 alpha-3 code). Filled in on exit; {} when metering is off."""
+    out: dict[str, Any] = {}
+    if not country:
+        yield out
+        return
+    try:
+        from codecarbon import OfflineEmissionsTracker
+
+        tracker = OfflineEmissionsTracker(country_iso_code=country, save_to_file=False, log_level="error",
+                                          tracking_mode="process", measure_power_secs=15)
+        tracker.start()
+    except Exception as e:  # the meter must never cost a training run; the card then says "not measured"
+        log.warning("train: energy not metered (codecarbon: %s)", e)
+        yield out
+        return
+    try:
+        yield out
+    finally:
+        kg = tracker.stop()
+        data = tracker.final_emissions_data
+        out.update(energy_kwh=float(data.energy_consumed), co2_kg=float(kg or 0.0), country=country,
+                   cpu=getattr(data, "cpu_model", None), gpu=getattr(data, "gpu_model", None) or None)
+
+
 def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint_root: Path | None = None,
           callbacks: tuple = ()) -> tuple[Any, Any, dict[str, Any], list[dict]]:
     """Core: returns (model, tokenizer, metrics, trainer log history).
@@ -361,7 +390,8 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
-            result = trainer.train(resume_from_checkpoint=resume)
+            with emissions_meter(p.emissions_country) as emissions:
+                result = trainer.train(resume_from_checkpoint=resume)
         finally:
             if handle is not None:
                 handle.remove()
@@ -383,6 +413,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
         "world_size": trainer.accelerator.num_processes,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else None,
         "checkpoint_key": key, "data_sha256": data_sha, **_peak_memory(device),
+        "emissions": emissions or None,
     }
     if "eval" in dataset and is_main:
         ce = token_weighted_ce(model, tokenizer, list(dataset["eval"]), base["system_prompt"],
@@ -438,7 +469,7 @@ def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> di
                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "wall_s": metrics.get("wall_s"), "tokens_seen": metrics.get("tokens_seen"), "steps": metrics.get("steps"),
         "resumed_from_step": metrics.get("resumed_from_step"), "checkpoint_key": metrics.get("checkpoint_key"),
-        "eval_ce": metrics.get("eval_ce"),
+        "eval_ce": metrics.get("eval_ce"), "emissions": metrics.get("emissions"),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -188,3 +188,22 @@ def test_missing_metrics_is_one_clear_line(tmp_path):
                           timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "run the pipeline up to evaluate first" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_measured_energy_is_reported_from_lineage(tmp_path):
+    """When train metered the run (codecarbon, lineage.json `emissions`), the card shows those numbers."""
+    import json
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    write_pipeline_outputs(ws)
+    lineage_path = ws / "artifacts/train/adapter/lineage.json"
+    lineage = json.loads(lineage_path.read_text())
+    lineage["emissions"] = {"energy_kwh": 0.0123, "co2_kg": 0.0045, "country": "DEU"}
+    lineage_path.write_text(json.dumps(lineage))
+    proc = subprocess.run([sys.executable, "-m", "stages.model_card"], cwd=ws, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = card_text(ws)
+    assert "0.0123 kWh, 0.0045 kg CO2-eq (measured by codecarbon, DEU)" in text
+    assert "not measured" not in text.split("Energy and emissions:")[1].splitlines()[0]

@@ -189,3 +189,12 @@ def test_qlora_on_cpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="precision 'nf4' for m needs a CUDA GPU"):
         require_hardware("m", "nf4", "train")
+
+
+def test_training_energy_is_metered_offline_for_the_card(trained):
+    """codecarbon's offline tracker (no network) meters the run; lineage.json and the card carry it."""
+    _, _, metrics, _ = trained
+    em = metrics["emissions"]
+    assert em["country"] == "USA" and em["energy_kwh"] > 0 and em["co2_kg"] > 0
+    lineage = train_stage.lineage(base_of(Path("unused")), cpu_recipe(), metrics)
+    assert lineage["emissions"] == em

@@ -209,5 +209,6 @@ def test_repo_params_and_profile_parse(repo):
 
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["train"]
     persisted = [o for o in dvc["outs"] if isinstance(o, dict) and "cache/train" in o]
-    assert persisted == [{"cache/train": {"persist": True, "cache": False}}]
+    # persisted (a killed run resumes) and DVC-cached (queued experiments, temporary copies, see it too)
+    assert persisted == [{"cache/train": {"persist": True}}]
     assert Path(repo / "configs/accelerate").is_dir()
