@@ -116,7 +116,7 @@ def run_method(method: str, args) -> dict:
            "mfu": round(tps * flops_per_token / (args.peak_tflops * 1e12), 4),
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "trainable_params": trainable,
            "build_s": round(build_s, 1), "last_loss": round(loss, 3)}
-    del model, opt
+    model = opt = None  # free the GPU memory before the next method (step() closes over both)
     gc.collect()
     torch.cuda.empty_cache()
     return out

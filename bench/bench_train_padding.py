@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.bootstrap:
         rng = random.Random(0)
         sets[f"bootstrapped (n={args.bootstrap})"] = [rng.choice(lengths) for _ in range(args.bootstrap)]
-    print(f"\n| data | naive right padding | length-grouped | ratio |\n|---|---|---|---|")
+    print("\n| data | naive right padding | length-grouped | ratio |\n|---|---|---|---|")
     results = {}
     for name, ls in sets.items():
         w: dict[str, list[float]] = {}

@@ -139,19 +139,16 @@ def encode_pair(tokenizer, system_prompt: str, question: str, answer: str, max_l
     return f_ids[:max_length], min(len(p_ids), max_length)
 
 
-def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *,
-                      batch_size: int, max_length: int, desc: str = "eval CE") -> dict[str, float]:
-    """Cross-entropy per answer token over all rows (not a mean of per-batch means), at a fixed batch size.
-
-    This is the number methods are compared by; Trainer's eval_loss averages batch means and so depends on how
-    rows fall into batches.
-    """
+def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *, batch_size: int,
+                   max_length: int, desc: str = "eval CE") -> list[tuple[float, int]]:
+    """(summed NLL of the answer tokens, answer tokens) per row: right padding and loss on the answer only, as in
+    training. Per row, so that evaluation can bootstrap an interval over questions."""
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
+    out: list[tuple[float, int]] = []
     model.eval()
     encoded = [encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length) for r in rows]
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=len(encoded) <= batch_size):
@@ -167,10 +164,24 @@ def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_p
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((shift_labels != -100).sum())
+        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                                reduction="none").sum(dim=1)
+        counts = (shift_labels != -100).sum(dim=1)
+        out += [(float(a), int(b)) for a, b in zip(nll.tolist(), counts.tolist(), strict=True)]
+    return out
+
+
+def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *,
+                      batch_size: int, max_length: int, desc: str = "eval CE") -> dict[str, float]:
+    """Cross-entropy per answer token over all rows (not a mean of per-batch means), at a fixed batch size.
+
+    This is the number methods are compared by; Trainer's eval_loss averages batch means and so depends on how
+    rows fall into batches.
+    """
+    per_row = token_nll_rows(model, tokenizer, rows, system_prompt, batch_size=batch_size, max_length=max_length,
+                             desc=desc)
+    total_nll = sum(n for n, _ in per_row)
+    total_tokens = sum(c for _, c in per_row)
     ce = total_nll / max(total_tokens, 1)
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": total_tokens}
 

@@ -205,35 +205,11 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int) -> dic
 
 def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *, batch_size: int,
                    max_length: int = 4096) -> list[tuple[float, int]]:
-    """(summed NLL, answer tokens) per row, counted as `qrb.chat.token_weighted_ce` counts them (right padding,
-    loss on the answer only): their sums' ratio is that function's cross-entropy."""
-    import torch
+    """(summed NLL, answer tokens) per row; their sums' ratio is `qrb.chat.token_weighted_ce`."""
+    from qrb.chat import token_nll_rows as nll_rows
 
-    from qrb.chat import encode_pair
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length) for r in rows]
-    out: list[tuple[float, int]] = []
-    model.eval()
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (ids, plen) in enumerate(chunk):
-            input_ids[j, :len(ids)] = torch.tensor(ids)
-            attn[j, :len(ids)] = 1
-            labels[j, plen:len(ids)] = torch.tensor(ids[plen:])
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                                                reduction="none").sum(dim=1)
-        counts = (shift_labels != -100).sum(dim=1)
-        out += [(float(a), int(b)) for a, b in zip(nll.tolist(), counts.tolist(), strict=True)]
-    return out
+    return nll_rows(model, tokenizer, rows, system_prompt, batch_size=batch_size, max_length=max_length,
+                    desc="per-question CE")
 
 
 # ---------------------------------------------------------------------------------------------------------------
