@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from qrb.params import parse_set
 from qrb.workspace import dvc, venv_env
 
 NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries; deterministic stages are never retried
@@ -149,19 +149,6 @@ def stage_task(stage: str, retries: dict[str, int] | None = None, backoff_s: flo
 
 
 # --- param overrides (`dvc exp run -S` semantics) ------------------------------------------------------------------
-
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`["train.lora.r=4", "train.method=dora"]` -> {"train.lora.r": 4, "train.method": "dora"} (YAML values)."""
-    from ruamel.yaml import YAML
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"params override {item!r}: expected key=value, e.g. train.lora.r=4")
-        out[key.strip()] = YAML(typ="safe").load(value) if value.strip() else ""
-    return out
-
 
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Write dotted-key overrides into params.yaml, keeping its comments; returns {key: (old, new)} of changes.

@@ -37,8 +37,9 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.pipeline import StageFailed, parse_set, pipeline, stage_order, stream
+from flows.pipeline import StageFailed, pipeline, stage_order, stream
 from qrb import workspace as wsp
+from qrb.params import nested, parse_set
 from qrb.workspace import dvc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -275,18 +276,6 @@ def _port_overrides(params: dict[str, Any], ports: list[int]) -> dict[str, Any]:
     return {"scrape": {"start_urls": [move(u, mirror) for u in scrape["start_urls"]],
                        "full_text_url": move(scrape["full_text_url"], mirror)},
             "generate": {"base_url": move(gen["base_url"], endpoint)}}
-
-
-def nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    """{"train.lora.r": 4} -> {"train": {"lora": {"r": 4}}}"""
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 @task

@@ -208,3 +208,29 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") 
         else:
             out[key] = value
     return out
+
+
+def parse_set(items: typing.Iterable[str]) -> dict[str, Any]:
+    """`dvc exp run -S` semantics: `["train.lora.r=4"]` -> {"train.lora.r": 4}; values read as YAML 1.2 (so `1e-4` is a
+    number, as DVC reads it)."""
+    from ruamel.yaml import YAML
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"params override {item!r}: expected key=value, e.g. train.lora.r=4")
+        out[key.strip()] = YAML(typ="safe").load(value) if value.strip() else ""
+    return out
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lora.r": 4} -> {"train": {"lora": {"r": 4}}}"""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
