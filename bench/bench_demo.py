@@ -11,7 +11,6 @@ table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,13 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qrb.workspace import venv_env  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qrb.services import free_ports, port_overrides  # noqa: E402
+from qrb.workspace import profile_params, venv_env  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, repeats: int) -> float:
@@ -47,10 +41,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="qrb-bench-") as tmp:
         ws = Path(tmp) / "demo"
-        mirror, endpoint = free_port(), free_port()
-        overrides = {"scrape": {"start_urls": [f"http://127.0.0.1:{mirror}/papers/"],
-                                "full_text_url": f"http://127.0.0.1:{mirror}/arxiv/html/{{arxiv_id}}"},
-                     "generate": {"base_url": f"http://127.0.0.1:{endpoint}/v1"}}
+        overrides = port_overrides(profile_params("tiny"), *free_ports(2))
         t0 = time.perf_counter()
         run = demo(str(ws), "tiny", overrides)
         total = time.perf_counter() - t0

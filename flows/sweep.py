@@ -40,6 +40,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.pipeline import StageFailed, pipeline, stage_order, stream
 from qrb import workspace as wsp
 from qrb.params import nested, parse_set
+from qrb.services import port_overrides
 from qrb.workspace import dvc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -263,27 +264,12 @@ def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
 
 # --- the flow ------------------------------------------------------------------------------------------------------
 
-def _port_overrides(params: dict[str, Any], ports: list[int]) -> dict[str, Any]:
-    """The tiny profile's stand-in URLs moved to other ports (so a sweep can run beside `qrb demo`)."""
-    from urllib.parse import urlparse
-
-    def move(url: str, port: int) -> str:
-        u = urlparse(url)
-        return u._replace(netloc=f"{u.hostname}:{port}").geturl()
-
-    mirror, endpoint = ports
-    scrape, gen = params["scrape"], params["generate"]
-    return {"scrape": {"start_urls": [move(u, mirror) for u in scrape["start_urls"]],
-                       "full_text_url": move(scrape["full_text_url"], mirror)},
-            "generate": {"base_url": move(gen["base_url"], endpoint)}}
-
-
 @task
 def prepare_workspace(workspace: str, profile: str, ports: list[int] | None, params: dict[str, Any] | None) -> str:
     """A scratch workspace for the profile, with the stand-ins' ports and the baseline params written in."""
     from qrb.params import deep_merge
 
-    overrides = _port_overrides(wsp.profile_params(profile), ports) if ports else {}
+    overrides = port_overrides(wsp.profile_params(profile), *ports) if ports else {}
     if params:
         overrides = deep_merge(wsp.profile_params(profile, overrides=overrides), nested(params))
     return str(wsp.prepare(workspace, profile, overrides=overrides or None))

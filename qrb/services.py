@@ -21,6 +21,32 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports on 127.0.0.1 that nothing listens on now (tests and benchmarks beside `qrb demo`)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all bound at once, so the kernel cannot hand out the same port twice
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_overrides(params: dict, mirror_port: int, endpoint_port: int) -> dict:
+    """Params overrides that move the offline stand-ins (journal mirror, smoke endpoint) to other ports."""
+    from urllib.parse import urlparse
+
+    def move(url: str, port: int) -> str:
+        u = urlparse(url)
+        return u._replace(netloc=f"{u.hostname}:{port}").geturl()
+
+    scrape, gen = params["scrape"], params["generate"]
+    return {"scrape": {"start_urls": [move(u, mirror_port) for u in scrape["start_urls"]],
+                       "full_text_url": move(scrape["full_text_url"], mirror_port)},
+            "generate": {"base_url": move(gen["base_url"], endpoint_port)}}
+
+
 def host_port(url: str) -> tuple[str, int]:
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost"):

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from qrb.services import free_ports, port_overrides
+from qrb.workspace import profile_params
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
@@ -31,10 +27,7 @@ def demo_run(tmp_path_factory, prefect_server):
     from flows.demo import demo
 
     ws = tmp_path_factory.mktemp("e2e") / "demo"
-    mirror, endpoint = free_port(), free_port()
-    overrides = {"scrape": {"start_urls": [f"http://127.0.0.1:{mirror}/papers/"],
-                            "full_text_url": f"http://127.0.0.1:{mirror}/arxiv/html/{{arxiv_id}}"},
-                 "generate": {"base_url": f"http://127.0.0.1:{endpoint}/v1"}}
+    overrides = port_overrides(profile_params("tiny"), *free_ports(2))
     run = demo(str(ws), "tiny", overrides)
     return ws, run, overrides
 

@@ -3,12 +3,12 @@ sweep on CPU (slow: the tiny profile's scrape/generate/validate once, then three
 
 from __future__ import annotations
 
-import socket
 import textwrap
 
 import pytest
 
 from flows import sweep as sw
+from qrb.services import free_ports
 
 CONFIG = """
 target: train
@@ -84,24 +84,15 @@ def test_table_best_eval_ce_per_technique(tmp_path):
     assert "| dora | failed |" in table and "1 failed" in table
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, tiny_model_dir):
     """Tiny profile, offline: 2 grid experiments (lora, dora) + 1 Optuna trial, each a DVC experiment."""
+    from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
     from qrb.workspace import dvc, run
-
-    from prefect.client.orchestration import get_client
 
     with prefect_test_harness(server_startup_timeout=60):
         state = sw.sweep(str(tmp_path / "ws"), str(write(tmp_path, CONFIG)), profile="tiny",
