@@ -255,10 +255,8 @@ def metrics_diff_markdown(workspace: Path) -> str:
 
 
 def model_card(workspace: Path) -> Path | None:
-    """The model card if a stage wrote one: an out of dvc.yaml named *card*, or README.md in the adapter folder."""
-    candidates = [p for p in declared(workspace, "outs") if "card" in p.lower()]
-    candidates += ["artifacts/train/adapter/README.md", "reports/model_card.md"]
-    for rel in candidates:
+    """The model card if a stage wrote one: an out of dvc.yaml named *card* (peft's own adapter README is not one)."""
+    for rel in [p for p in declared(workspace, "outs") if "card" in p.lower()]:
         path = workspace / rel
         if path.is_dir():
             path = path / "README.md"

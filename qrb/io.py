@@ -30,6 +30,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def rounded(obj: Any, digits: int = 6) -> Any:
+    """Metrics to 6 decimals: float noise below that is not a change worth showing in `dvc metrics diff`."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 

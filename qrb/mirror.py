@@ -50,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from qrb.io import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-page", type=int, default=5)
     ap.add_argument("--faults", action="store_true", help="inject one of each bad case (see FAULT_KINDS)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

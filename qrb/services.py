@@ -7,6 +7,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,13 +61,19 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
     host, port = host_port(url)
     if port_open(host, port):
         raise SystemExit(f"{name}: port {port} on {host} is already in use (another demo running?)")
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # its log goes to a file, not a pipe: an unread pipe fills up (~64 KiB) and blocks a chatty service
+    log_file = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+
+    def log_tail() -> str:
+        log_file.seek(0)
+        return log_file.read()[-1000:]
+
     try:
         deadline = time.time() + startup_s
         while not port_open(host, port):
             if proc.poll() is not None:
-                raise SystemExit(f"{name} exited at start (exit {proc.returncode}): {proc.stderr.read()[-1000:]}")
+                raise SystemExit(f"{name} exited at start (exit {proc.returncode}): {log_tail()}")
             if time.time() > deadline:
                 raise SystemExit(f"{name} did not listen on {host}:{port} within {startup_s:.0f} s")
             time.sleep(0.1)
@@ -78,3 +85,4 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()

@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from qrb.io import setup_logging
+
 log = logging.getLogger(__name__)
 
 MODEL_ID = "qrb-smoke-extractive"
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="don't log each request")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.quiet:
         log.setLevel(logging.WARNING)
         logging.getLogger(__name__).warning(BANNER, MODEL_ID)

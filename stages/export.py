@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qrb.io import read_jsonl, setup_logging, write_json
+from qrb.chat import adapter_kind
+from qrb.io import read_jsonl, rounded, setup_logging, write_json
 from qrb.params import load_stage_params
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ ADAPTER_DIR = Path("artifacts/train/adapter")
 CARD_DIR = Path("artifacts/model_card")
 EVAL_PAIRS = Path("artifacts/validate/eval.jsonl")
 OUT = Path("artifacts/export")
-ADAPTER_OUT, MERGED_OUT, INT8_OUT = OUT / "adapter", OUT / "merged", OUT / "int8"
+ADAPTER_OUT = OUT / "adapter"
 METRICS = Path("metrics/export.json")
 QUANT_FILE = "qrb_quantization.json"
 QUANT_METHOD = "int8-weight-only-per-channel"
@@ -218,7 +219,7 @@ def load_exported(path: str | Path, dtype=None):
 # ---- merge --------------------------------------------------------------------------------------------------------
 
 def load_base_and_adapter(base: dict[str, Any], p: ExportParams, adapter_dir: Path, device: str):
-    from qrb.chat import adapter_kind, load_with_adapter, torch_dtype
+    from qrb.chat import load_with_adapter, torch_dtype
 
     if adapter_kind(adapter_dir) == "loreft":
         raise SystemExit(f"export: {LOREFT_NOT_MERGEABLE}")
@@ -236,10 +237,6 @@ def merge(peft_model, tokenizer):
     merged = peft_model.merge_and_unload()
     merged.config.pad_token_id = tokenizer.pad_token_id
     return merged
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 LOREFT_NOT_MERGEABLE = ("a LoReFT adapter is an intervention on hidden states, not a weight delta: it cannot be "
@@ -269,8 +266,6 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
     for name in ("README.md", "loss.png"):
         if (card_dir / name).exists():
             shutil.copy2(card_dir / name, adapter_out / name)
-
-    from qrb.chat import adapter_kind
 
     if adapter_kind(adapter_dir) == "loreft":  # a method comparison must not fail here: say why, export the rest
         for d in (merged_out, int8_out):
@@ -338,14 +333,6 @@ def push_to_hub(base: dict[str, Any], p: ExportParams, folder: Path) -> str | No
         raise SystemExit(f"export: pushing to the Hub ({p.hub_repo_id}) failed: "
                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return p.hub_repo_id
-
-
-def rounded(obj: Any, digits: int = 6) -> Any:
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: rounded(v, digits) for k, v in obj.items()}
-    return obj
 
 
 def main() -> None:

@@ -293,10 +293,6 @@ class ResponseCache:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
     def keys(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM responses")}
 
@@ -307,10 +303,6 @@ class ResponseCache:
     def _row(unit: Unit, value: dict[str, Any]) -> tuple:
         return (unit.key, time.time(), unit.doi, unit.prompt_id, unit.chunk,
                 json.dumps(value, ensure_ascii=False, sort_keys=True))
-
-    def put(self, unit: Unit, value: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", self._row(unit, value))
-        self.db.commit()
 
     def _writer(self) -> None:
         while True:
@@ -658,10 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     for noisy in ("httpx", "httpcore", "openai", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"generate: {e}") from None
+    base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
     seed = base["seed"]
     papers = load_papers()
     system, templates = load_templates(p.prompts)

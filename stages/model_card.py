@@ -102,8 +102,9 @@ def read_inputs() -> CardInputs:
     if DVC_LOCK.exists():
         import yaml
 
+        lock = (yaml.safe_load(DVC_LOCK.read_text()) or {}).get("stages") or {}
         for stage in ("scrape", "generate", "validate", "train"):
-            entry = ((yaml.safe_load(DVC_LOCK.read_text()) or {}).get("stages") or {}).get(stage) or {}
+            entry = lock.get(stage) or {}
             for out in entry.get("outs", []):
                 if not out["path"].startswith(NOT_DATA):
                     hashes[out["path"]] = out.get("md5") or out.get("hash")

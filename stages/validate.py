@@ -926,10 +926,7 @@ def main() -> None:
     setup_logging()
     for name in ("great_expectations", "datasets", "sentence_transformers", "transformers", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"validate: {e}") from None
+    _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
     papers = _read_pairs(PAPERS_IN, "scrape")
     train = _read_pairs(TRAIN_IN, "generate")
     eval_ = _read_pairs(EVAL_IN, "generate")

@@ -223,14 +223,24 @@ def peft_tiny(tiny_model_dir):
     return model, tok
 
 
-def test_per_row_nll_sums_to_token_weighted_ce(peft_tiny):
-    from qrb.chat import token_weighted_ce
+def test_per_row_nll_matches_the_models_own_loss(peft_tiny):
+    """Each row's summed NLL equals transformers' own causal-LM loss with answer-only labels (an independent
+    computation), times the answer tokens; their ratio of sums is token_weighted_ce."""
+    import torch
+
+    from qrb.chat import encode_pair, token_nll_rows, token_weighted_ce
 
     model, tok = peft_tiny
     rows = [{"question": q, "answer": a} for q, a in zip(PREDS, REFS)]
-    per_row = ev.token_nll_rows(model, tok, rows, SYSTEM, batch_size=4)
+    per_row = token_nll_rows(model, tok, rows, SYSTEM, batch_size=4, max_length=4096)
+    for row, (nll, count) in zip(rows, per_row):
+        ids, plen = encode_pair(tok, SYSTEM, row["question"], row["answer"], 4096)
+        labels = torch.tensor([[-100] * plen + ids[plen:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        assert count == len(ids) - plen
+        assert nll == pytest.approx(loss * count, rel=1e-4)
     ce = token_weighted_ce(model, tok, rows, SYSTEM, batch_size=4, max_length=4096)
-    assert sum(t for _, t in per_row) == ce["tokens"]
     assert sum(n for n, _ in per_row) / ce["tokens"] == pytest.approx(ce["cross_entropy"], rel=1e-5)
 
 

@@ -76,8 +76,3 @@ class ScrapeParams:
 
 PARAMS_CLASS = ScrapeParams
 
-
-def main() -> None:
-    from .run import main as _main
-
-    _main()

@@ -169,10 +169,7 @@ def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict
 
 def main() -> None:
     setup_logging()
-    try:
-        _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"scrape: {exc}") from None
+    _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
     cache = load_cache()
     seen = seen_dois(cache, p.full_text)
     log.info("scrape: %s, window %s..%s, %d papers already in the cache", ", ".join(p.start_urls), p.date_from,
