@@ -47,16 +47,16 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qrb import tiny_model
     from qrb.chat import generate_answers, load_causal_lm, load_tokenizer, resize_for_tokenizer
+    from qrb.offline import tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else tiny_model.build(ROOT / "data/corpus", Path(tmp) / "tiny")
-        tok = load_tokenizer(str(model_dir), "bench")
+        tok = load_tokenizer(str(model_dir))
         tok.add_special_tokens({"pad_token": "<|pad|>"})
-        base = load_causal_lm(str(model_dir), "bench")
+        base = load_causal_lm(str(model_dir))
         resize_for_tokenizer(base, tok)
         torch.manual_seed(0)
         model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

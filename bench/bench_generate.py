@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stages.generate as g  # noqa: E402
-from qrb.smoke_endpoint import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
+from qrb.offline.smoke_endpoint import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
 
 
 def papers(n: int) -> list[dict]:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = read_yaml(ws / "params.yaml") if (ws / "params.yaml").exists() else read_yaml(REPO / "params.yaml")
     system = params["base"]["system_prompt"]
-    tok = load_tokenizer(str(tok_dir), "bench")
+    tok = load_tokenizer(str(tok_dir))
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     t0 = time.time()
     lengths = [len(encode_pair(tok, system, r["question"], r["answer"], args.max_length)[0]) for r in rows]

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from prefect import flow, task
 
+from flows import workspace as wsp
 from flows.pipeline import pipeline
-from qrb import workspace as wsp
+from qrb.offline.services import background, host_port
 from qrb.params import read_yaml
-from qrb.services import background, host_port
 
 SMOKE_KEY_ENV_VALUE = "offline-smoke-test-key"  # not a secret: the local smoke endpoint accepts any key
 
@@ -36,7 +36,7 @@ def prepare_workspace(workspace: str, profile: str, overrides: dict | None = Non
 @task
 def build_tiny_model(workspace: str) -> str:
     """The profile's base model, if it is a local folder the workspace lacks (deterministic, ~10 s)."""
-    from qrb import tiny_model
+    from qrb.offline import tiny_model
 
     ws = Path(workspace)
     model = read_yaml(ws / "params.yaml")["base"]["model"]
@@ -58,11 +58,11 @@ def offline_services(ws: Path) -> contextlib.ExitStack:
     params = read_yaml(ws / "params.yaml")
     stack = contextlib.ExitStack()
     start = params["scrape"]["start_urls"][0]
-    stack.enter_context(background("journal mirror", ["-m", "qrb.mirror", "--corpus", "data/corpus",
+    stack.enter_context(background("journal mirror", ["-m", "qrb.offline.mirror", "--corpus", "data/corpus",
                                                       "--port", str(host_port(start)[1])], start, ws))
     gen = params["generate"]
     os.environ.setdefault(gen["api_key_env"], SMOKE_KEY_ENV_VALUE)
-    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.smoke_endpoint", "--port",
+    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke_endpoint", "--port",
                                                            str(host_port(gen["base_url"])[1])], gen["base_url"], ws))
     return stack
 

@@ -40,8 +40,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from flows.workspace import dvc, venv_env
 from qrb.params import parse_set
-from qrb.workspace import dvc, venv_env
 
 NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries; deterministic stages are never retried
 RETRY_BACKOFF_S = 10.0  # first retry after ~10 s, then 20 s, 40 s (± jitter)

@@ -37,11 +37,11 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, stage_order, stream
-from qrb import workspace as wsp
+from flows.workspace import dvc
+from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
-from qrb.services import port_overrides
-from qrb.workspace import dvc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"

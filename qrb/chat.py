@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from qrb.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +25,15 @@ def completion_messages(answer: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": answer}]
 
 
-def set_hf_offline(offline: bool) -> None:
-    """With base.hf_offline the hub is never contacted (must run before transformers is imported)."""
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
-def require_hardware(model: str, precision: str, stage: str) -> str:
-    """Return the torch device; fail in one line when the recipe's hardware is missing."""
+def require_hardware(model: str, precision: str) -> str:
+    """Return the torch device; a ConfigError when the recipe's hardware is missing."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda"
     if precision in ("bf16", "fp16", "nf4"):
-        raise SystemExit(
-            f"{stage}: precision {precision!r} for {model} needs a CUDA GPU and none is visible; "
+        raise ConfigError(
+            f"precision {precision!r} for {model} needs a CUDA GPU and none is visible; "
             "run the offline CPU profile (`make demo`) or use a GPU machine")
     return "cpu"
 
@@ -50,23 +44,23 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "nf4": torch.bfloat16}[precision]
 
 
-def load_tokenizer(path: str, stage: str):
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise SystemExit(f"{stage}: cannot load tokenizer {path!r}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
 
 
-def load_causal_lm(path: str, stage: str, dtype=None, **kwargs: Any):
+def load_causal_lm(path: str, dtype=None, **kwargs: Any):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as e:
         hint = "" if Path(path).exists() else " (a hub id: log in with `hf auth login` and check network access)"
-        raise SystemExit(f"{stage}: cannot load model {path!r}: {_first_line(e)}{hint}") from None
+        raise ConfigError(f"cannot load model {path!r}: {_first_line(e)}{hint}") from None
 
 
 def resize_for_tokenizer(model, tokenizer) -> int:
@@ -99,7 +93,7 @@ def adapter_kind(adapter_dir: str | Path) -> str | None:
     return None
 
 
-def load_with_adapter(base_model: str, adapter_dir: str | Path, stage: str, dtype=None):
+def load_with_adapter(base_model: str, adapter_dir: str | Path, dtype=None):
     """Base model + the trained adapter, rebuilt exactly as train saw it: the adapter's tokenizer (with the added
     pad token), deterministically resized embeddings, then the PEFT adapter or LoReFT interventions.
 
@@ -107,9 +101,9 @@ def load_with_adapter(base_model: str, adapter_dir: str | Path, stage: str, dtyp
     """
     kind = adapter_kind(adapter_dir)
     if kind is None:
-        raise SystemExit(f"{stage}: no adapter in {adapter_dir}: run the train stage first (dvc repro train)")
-    tokenizer = load_tokenizer(str(adapter_dir), stage)
-    model = load_causal_lm(base_model, stage, dtype=dtype)
+        raise ConfigError(f"no adapter in {adapter_dir}: run the train stage first (dvc repro train)")
+    tokenizer = load_tokenizer(str(adapter_dir))
+    model = load_causal_lm(base_model, dtype=dtype)
     resize_for_tokenizer(model, tokenizer)
     if kind == "peft":
         from peft import PeftModel

@@ -1,7 +1,7 @@
 """Typed access to `params.yaml`.
 
 Each stage declares a frozen dataclass for its own section (nested dataclasses for sub-sections) and the
-`base:` keys it uses; `load_stage_params` builds them, rejecting unknown or misspelled keys and values of the
+`base:` keys it uses; `load_params` builds them, rejecting unknown or misspelled keys and values of the
 wrong type with a `ValueError` that names the key and the expected form (in the spirit of trl's TrlParser).
 """
 
@@ -185,15 +185,6 @@ def load_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = ()
     full_base = build(Base, data.get("base") or {}, "base")  # validates every base key, whoever reads it
     base = {k: getattr(full_base, k) for k in base_keys}
     return base, build(cls, data[section] or {}, section)
-
-
-def load_stage_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
-                      path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
-    """`load_params` for a stage's main(): a bad params.yaml stops the stage with one line, no traceback."""
-    try:
-        return load_params(section, cls, base_keys, path)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{section}: {e}") from None
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from qrb.chat import token_nll_rows
-from qrb.io import atomic_write_text, read_jsonl, rounded, setup_logging, write_json, write_jsonl
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError, DataError
+from qrb.io import atomic_write_text, read_jsonl, rounded, write_json, write_jsonl
 from qrb.rivals import Rival
+from qrb.schema import question_record
+from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +231,8 @@ def paper_date(row: dict[str, Any], papers: Sequence[dict[str, Any]] = ()) -> dt
     """When the question's paper was published (see the module docstring for the order of sources)."""
     if d := _iso(row.get("published")):
         return d
-    doi = row.get("doi") or row.get("paper_doi")
-    arxiv = _arxiv_base(row.get("paper_arxiv") or row.get("arxiv"))
+    doi = row.get("doi")
+    arxiv = _arxiv_base(row.get("arxiv"))
     for p in papers:
         if (doi and p.get("doi") == doi) or (arxiv and _arxiv_base(p.get("arxiv")) == arxiv):
             if d := _iso(p.get("published")):
@@ -248,16 +250,13 @@ def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
     sets = {}
     for name, path in (("golden", Path(golden_path)), ("eval", EVAL_PAIRS)):
         if not path.exists():
-            raise SystemExit(f"evaluate: question set {name!r} not found at {path}")
-        try:
-            rows = list(read_jsonl(path))
-        except ValueError as e:
-            raise SystemExit(f"evaluate: {e}") from None
+            raise ConfigError(f"question set {name!r} not found at {path}")
+        rows = [question_record(r) for r in read_jsonl(path)]
         for i, r in enumerate(rows):
             if not r.get("question") or not r.get("answer"):
-                raise SystemExit(f"evaluate: {path}:{i + 1}: each row needs a non-empty question and answer")
+                raise DataError(f"{path}:{i + 1}: each row needs a non-empty question and answer")
         if not rows:
-            raise SystemExit(f"evaluate: question set {name!r} at {path} is empty")
+            raise DataError(f"question set {name!r} at {path} is empty")
         sets[name] = rows
     return sets
 
@@ -322,7 +321,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
                 hits = retriever.top_k(questions, p.rag_top_k)
                 local("rag", [rag_prompt(q, h, p.rag_max_chars) for q, h in zip(questions, hits)])
                 for ex, r, h in zip(extras["rag"], rows, hits, strict=True):
-                    doi = r.get("doi") or r.get("paper_doi")
+                    doi = r.get("doi")
                     ex["retrieval_hit"] = (doi in {ps.doi for ps, _ in h}) if doi else None
                     ex["retrieved"] = [ps.doi for ps, _ in h]
         for rival in p.rivals:
@@ -347,7 +346,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
             per_row[name] = scored
             for i, (r, pred, s) in enumerate(zip(rows, preds, scored, strict=True)):
                 predictions.append({
-                    "set": set_name, "model": name, "id": r.get("id"), "doi": r.get("doi") or r.get("paper_doi"),
+                    "set": set_name, "model": name, "id": r.get("id"), "doi": r.get("doi"),
                     "paper_date": dates[i].isoformat() if dates[i] else None,
                     "after_cutoff": None if dates[i] is None else dates[i] > p.knowledge_cutoff,
                     "question": r["question"], "reference": r["answer"], "prediction": pred,
@@ -432,7 +431,7 @@ def scores_csv(metrics: dict[str, Any]) -> str:
 def load_adapter_model(base: dict[str, Any], device: str):
     from qrb.chat import load_with_adapter
 
-    model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR, SECTION,
+    model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR,
                                          dtype=None if device == "cpu" else "auto")
     model = model.to(device)
     model.eval()
@@ -442,21 +441,13 @@ def load_adapter_model(base: dict[str, Any], device: str):
 def load_papers(needed: bool) -> list[dict[str, Any]]:
     if not PAPERS.exists():
         if needed:
-            raise SystemExit(f"evaluate: {PAPERS} not found (the RAG baseline retrieves from it): run "
+            raise ConfigError(f"{PAPERS} not found (the RAG baseline retrieves from it): run "
                              "`dvc repro scrape` or set evaluate.rag_top_k: 0")
         return []
-    try:
-        return list(read_jsonl(PAPERS))
-    except ValueError as e:
-        raise SystemExit(f"evaluate: {e}") from None
+    return list(read_jsonl(PAPERS))
 
 
-def main() -> None:
-    setup_logging()
-    base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
-    from qrb.chat import set_hf_offline
-
-    set_hf_offline(base["hf_offline"])
+def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     import torch
     from transformers import set_seed
 
@@ -469,7 +460,7 @@ def main() -> None:
 
         passages = passages_from_papers(papers)
         if not passages:
-            raise SystemExit(f"evaluate: no paper in {PAPERS} has an abstract to retrieve (set rag_top_k: 0)")
+            raise DataError(f"no paper in {PAPERS} has an abstract to retrieve (set rag_top_k: 0)")
         retriever = Retriever(passages)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_adapter_model(base, device)
@@ -479,6 +470,11 @@ def main() -> None:
     atomic_write_text(TABLE, markdown_table(metrics, model_labels(base["model"], p), p.knowledge_cutoff, skipped))
     atomic_write_text(SCORES_PLOT, scores_csv(metrics))
     print(TABLE.read_text())
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import queue
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import sqlite3
@@ -47,8 +47,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from qrb.io import read_jsonl, setup_logging, write_json, write_jsonl
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError, DataError
+from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class GenerateParams:
 PARAMS_CLASS = GenerateParams
 
 
-class FatalError(Exception):
+class FatalError(ConfigError):
     """An error no retry can fix (bad key, unknown model): the run stops, outputs untouched."""
 
 
@@ -619,13 +620,10 @@ def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str
 
 def load_papers(path: Path = PAPERS) -> list[dict[str, Any]]:
     if not path.exists():
-        raise SystemExit(f"generate: {path} not found: run the scrape stage first (dvc repro scrape)")
-    try:
-        papers = [r for r in read_jsonl(path)]
-    except ValueError as e:
-        raise SystemExit(f"generate: {e}") from None
+        raise ConfigError(f"{path} not found: run the scrape stage first (dvc repro scrape)")
+    papers = list(read_jsonl(path))
     if not all(isinstance(r, dict) for r in papers):
-        raise SystemExit(f"generate: {path}: every line must be a JSON object")
+        raise DataError(f"{path}: every line must be a JSON object")
     return sorted(papers, key=lambda r: (r.get("doi") or "", r.get("url") or ""))
 
 
@@ -633,24 +631,23 @@ def load_templates(prompt_ids: tuple[str, ...], folder: Path = PROMPTS_DIR) -> t
     def read(pid: str) -> str:
         path = folder / f"{pid}.txt"
         if not path.exists():
-            raise SystemExit(f"generate: prompt template {path} not found (listed in generate.prompts)")
+            raise ConfigError(f"prompt template {path} not found (listed in generate.prompts)")
         return path.read_text(encoding="utf-8").strip()
 
     templates = {pid: read(pid) for pid in prompt_ids}
     for pid, text in templates.items():
         if "{{paper}}" not in text:
-            raise SystemExit(f"generate: {folder / (pid + '.txt')} has no {{{{paper}}}} placeholder")
+            raise ConfigError(f"{folder / (pid + '.txt')} has no {{{{paper}}}} placeholder")
     return read(SYSTEM_PROMPT), templates
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the cost estimate; call nothing, write nothing")
-    args = ap.parse_args(argv)
-    setup_logging()
+
+
+def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> None:
     for noisy in ("httpx", "httpcore", "openai", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
     seed = base["seed"]
     papers = load_papers()
     system, templates = load_templates(p.prompts)
@@ -672,12 +669,12 @@ def main(argv: list[str] | None = None) -> None:
     log.info(summary)
     if est["est_cost_usd"] > p.max_cost_usd:
         cache.close()
-        raise SystemExit(f"generate: estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
+        raise ConfigError(f"estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
                          f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts")
     secret = os.environ.get(p.api_key_env) or None
     if est["requests_to_send"] and not secret:
         cache.close()
-        raise SystemExit(f"generate: environment variable {p.api_key_env} is not set "
+        raise ConfigError(f"environment variable {p.api_key_env} is not set "
                          f"(generate.api_key_env names the variable holding the API key for {p.base_url})")
 
     from openai import AsyncOpenAI
@@ -703,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         responses, failures, stats = asyncio.run(run_requests(units, p, seed, client, cache, secret, progress))
     except FatalError as e:
-        raise SystemExit(f"generate: {e} (outputs left as they were; answered requests are cached)") from None
+        raise FatalError(f"{e} (outputs left as they were; answered requests are cached)") from None
     finally:
         bar.close()
         cache.close()
@@ -744,6 +741,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("generate: %d pairs (%d train / %d eval) from %d of %d papers; %d duplicates removed; %d failed "
              "requests; %d tokens, $%.4f", len(kept), len(train), len(evals), len(with_pairs), len(papers),
              n_exact + n_near, len(units) - len(used), pt + ct, metrics["cost_usd"])
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv, add_arguments)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrb.io import atomic_write_text, read_jsonl, setup_logging
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError, DataError
+from qrb.io import atomic_write_text, read_jsonl
+from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,14 @@ def read_loss(path: Path) -> list[tuple[float, float]]:
 def read_inputs() -> CardInputs:
     missing = [str(p) for p in (*METRICS.values(), LINEAGE, PAPERS) if not p.exists()]
     if missing:
-        raise SystemExit(f"model_card: missing {', '.join(missing)}: run the pipeline up to evaluate first "
+        raise ConfigError(f"missing {', '.join(missing)}: run the pipeline up to evaluate first "
                          "(dvc repro evaluate)")
     metrics = {}
     for name, path in METRICS.items():
         try:
             metrics[name] = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise SystemExit(f"model_card: {path} is not valid JSON ({e.msg})") from None
+            raise DataError(f"{path} is not valid JSON ({e.msg})") from None
     pairs = [r for path in PAIRS if path.exists() for r in read_jsonl(path)]
     used = {r.get("doi") for r in pairs} - {None}
     papers = [p for p in read_jsonl(PAPERS) if not used or p.get("doi") in used]
@@ -382,9 +383,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(L)))
 
 
-def main() -> None:
-    setup_logging()
-    base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
+def run(base: dict[str, Any], p: ModelCardParams, args) -> None:
     inputs = read_inputs()
     has_png = loss_png(inputs.loss, LOSS_PNG)
     if not has_png:
@@ -393,6 +392,11 @@ def main() -> None:
     atomic_write_text(CARD, text)
     log.info("model card written to %s (%d papers attributed%s)", CARD, len(inputs.papers),
              ", loss curve in " + str(LOSS_PNG) if has_png else "")
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
 
 
 if __name__ == "__main__":

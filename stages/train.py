@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qrb.io import atomic_write_text, setup_logging, write_json
-from qrb.params import load_stage_params, read_yaml
+from qrb.errors import ConfigError, DataError
+from qrb.io import atomic_write_text, write_json
+from qrb.params import read_yaml
+from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +176,13 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise SystemExit("train: method qlora needs bitsandbytes (pip install bitsandbytes) on a CUDA GPU") from None
+            raise ConfigError("method qlora needs bitsandbytes (pip install bitsandbytes) on a CUDA GPU") from None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(p.precision))
-    model = load_causal_lm(base["model"], "train", dtype=torch_dtype(p.precision), **kwargs)
+    model = load_causal_lm(base["model"], dtype=torch_dtype(p.precision), **kwargs)
     resize_for_tokenizer(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if p.method == "qlora":
@@ -362,7 +364,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
 
     from qrb.chat import load_tokenizer, token_weighted_ce
 
-    tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"], "train"), p)
+    tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"]), p)
     model = build_model(base, p, tokenizer, device)
     counts = count_params(model)
     log.info("%s: %d trainable of %d params (%.2f%%); %d token(s) added", p.method, counts["trainable_params"],
@@ -498,25 +500,22 @@ def save_adapter(model, tokenizer, p: TrainParams, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def main() -> None:
-    setup_logging()
-    base, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)
-    from qrb.chat import require_hardware, set_hf_offline
+def run(base: dict[str, Any], p: TrainParams, args) -> None:
+    from qrb.chat import require_hardware
 
-    set_hf_offline(base["hf_offline"])
-    device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision, SECTION)
+    device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision)
     if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun-style ranks without a GPU: accelerate forms a gloo (MULTI_CPU) group only when told "cpu";
         # `accelerate launch --cpu` itself starts a single process in accelerate 1.15 (no mpirun hostfile)
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if not DATASET_DIR.exists():
-        raise SystemExit(f"train: {DATASET_DIR} not found: run the validate stage first (dvc repro validate)")
+        raise ConfigError(f"{DATASET_DIR} not found: run the validate stage first (dvc repro validate)")
     from datasets import load_from_disk
 
     # in memory: .map() would otherwise write cache files into validate's output folder and DVC would see it changed
     dataset = load_from_disk(str(DATASET_DIR), keep_in_memory=True)
     if len(dataset["train"]) == 0:
-        raise SystemExit("train: the validated training split is empty")
+        raise DataError("the validated training split is empty")
     CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)  # a DVC out (persist: true): must exist after the stage
     model, tokenizer, metrics, history = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT)
     if not metrics.pop("is_main_process"):
@@ -527,6 +526,10 @@ def main() -> None:
     write_loss_plots(history)
     log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),
              metrics["tokens_per_s"] or 0, 100 * (metrics["padding_fraction"] or 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
 
 
 if __name__ == "__main__":

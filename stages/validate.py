@@ -28,7 +28,7 @@ Writes
   metrics/validate.json                rows in/out, failures per expectation, dataset checks (DVC metrics)
 
 Gate: when a dataset-level expectation fails (the failure rate above `max_fail_rate` is one of them) the stage
-prints a short summary (counts per reason, a few examples) to stderr and exits 1 without writing the clean
+prints a short summary (counts per reason, a few examples) to stderr and exits 65 (a data error) without writing the clean
 dataset, so `dvc repro` stops before train. Quarantine, metrics and Data Docs are written either way.
 """
 
@@ -48,8 +48,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qrb.io import read_jsonl, setup_logging, write_json, write_jsonl
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError, DataError
+from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, pair_field_ok
+from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +117,6 @@ PARAMS_CLASS = ValidateParams
 # ---------------------------------------------------------------------------------------------------------------
 # The pair schema
 
-PAIR_FIELDS = ("question", "answer", "doi", "title", "published", "prompt_id", "model", "response_id", "chunk")
-PROVENANCE_FIELDS = ("prompt_id", "model", "response_id", "chunk")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-DOI_REGEX = r"^10\.\d{4,9}/[-._;()/:A-Za-z0-9<>]+$"
-
-
-def _type_ok(field: str, value: Any) -> bool:
-    if field == "chunk":
-        return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
-    if field == "published":  # a paper may have no date; when it has one it is YYYY-MM-DD
-        return value is None or (isinstance(value, str) and bool(_DATE.match(value)))
-    return isinstance(value, str)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,7 +361,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "doi": doi,
             "qa_text": f"{q}\n{a}",
             "has_required_fields": all(k in obj for k in PAIR_FIELDS),
-            "types_ok": all(_type_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
+            "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
             "is_question": is_question(q),
             "first_exact": exact_first,
             "first_normalised": norm_first,
@@ -877,11 +867,8 @@ def _question_of(outcome: Outcome, row_id: str) -> str:
 
 def _read_pairs(path: Path, stage: str) -> list[Any]:
     if not path.exists():
-        raise SystemExit(f"validate: {path} not found (run the {stage} stage first)")
-    try:
-        return list(read_jsonl(path))
-    except ValueError as e:
-        raise SystemExit(f"validate: {e}") from None
+        raise ConfigError(f"{path} not found (run the {stage} stage first)")
+    return list(read_jsonl(path))
 
 
 def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: Path) -> None:
@@ -922,11 +909,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def main() -> None:
-    setup_logging()
+def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     for name in ("great_expectations", "datasets", "sentence_transformers", "transformers", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
     papers = _read_pairs(PAPERS_IN, "scrape")
     train = _read_pairs(TRAIN_IN, "generate")
     eval_ = _read_pairs(EVAL_IN, "generate")
@@ -950,7 +935,14 @@ def main() -> None:
         write_jsonl(EVAL_OUT, outcome.eval)
     print(summary(outcome), file=sys.stderr)
     if not outcome.gate_passed:
-        raise SystemExit(1)
+        failed = [c.reason for c in outcome.dataset_results if not c.success]
+        raise DataError(f"the gate failed ({', '.join(failed)}): the clean dataset was not written; "
+                        f"see {QUARANTINE_OUT} and {DOCS_OUT}/index.html")
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def corpus_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
-    from qrb import tiny_model
+    from qrb.offline import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tiny_model.build(corpus_dir, out, seed=0, pretrain_steps=150)
@@ -67,3 +67,25 @@ def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
 @pytest.fixture()
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def adapter_ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
+    ws = tmp_path_factory.getbasetemp() / "qrb-adapter-ws"
+    if not (ws / "artifacts" / "train" / "adapter" / "adapter_config.json").exists():
+        from helpers import build_adapter_workspace
+
+        build_adapter_workspace(ws, tiny_model_dir, corpus_dir)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def bot(adapter_ws):
+    from qrb.app.bot import load_bot
+
+    cwd = os.getcwd()
+    os.chdir(adapter_ws)  # the workspace's params.yaml and artifacts/ are read from cwd, as the CLI does
+    try:
+        return load_bot()
+    finally:
+        os.chdir(cwd)

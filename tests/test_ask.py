@@ -1,89 +1,18 @@
 """`qrb ask` / `qrb chat`: base + adapter with the training chat template and system prompt, streaming, limits.
 
-`adapter_workspace` (also used by test_serve.py and test_export.py) trains a tiny adapter once per session with
-the train stage's core and lays it out as a pipeline workspace would: params.yaml, artifacts/train/adapter,
-artifacts/validate/eval.jsonl.
-"""
+The `adapter_ws` and `bot` fixtures (conftest.py) train a tiny adapter once per session."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-SYSTEM = "You are Quantum Research Bot. Answer questions about papers in the journal Quantum."
-
-
-def _qa_rows(corpus_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(corpus_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
-            for s in sentences[:2]:
-                rows.append({"question": f"What does the paper '{rec['title']}' say?", "answer": s,
-                             "doi": rec.get("doi") or rec["title"]})
-    return rows
-
-
-def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) -> Path:
-    """A trained tiny adapter in a workspace layout (deterministic; ~10 s on 2 CPU cores)."""
-    from datasets import Dataset, DatasetDict
-
-    from qrb.params import load_params
-    from qrb.workspace import profile_params
-    from stages import train as train_stage
-
-    params = profile_params("tiny", REPO, overrides={"base": {"model": str(tiny_model_dir), "system_prompt": SYSTEM}})
-    ws.mkdir(parents=True, exist_ok=True)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    base, p = load_params("train", train_stage.TrainParams, train_stage.BASE_KEYS, ws / "params.yaml")
-    extra = {"checkpoint_steps": 0} if "checkpoint_steps" in {f.name for f in dataclasses.fields(p)} else {}
-    p = dataclasses.replace(p, epochs=2.0, learning_rate=3e-3, max_length=160, logging_steps=2, **extra)
-    rows = _qa_rows(corpus_dir)
-    held_out = sorted({r["doi"] for r in rows})[:3]
-    train_rows = [r for r in rows if r["doi"] not in held_out][:64]
-    eval_rows = [r for r in rows if r["doi"] in held_out]
-    ds = DatasetDict(train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows))
-    model, tokenizer, metrics, history = train_stage.train(base, p, ds, "cpu")
-    out = ws / "artifacts" / "train" / "adapter"
-    if hasattr(train_stage, "save_adapter"):
-        train_stage.save_adapter(model, tokenizer, p, out)
-    else:
-        model.save_pretrained(out, save_embedding_layers=False)
-        tokenizer.save_pretrained(out)
-    (ws / "artifacts" / "validate").mkdir(parents=True, exist_ok=True)
-    (ws / "artifacts" / "validate" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
-    (ws / "history.json").write_text(json.dumps(history, default=str))
-    return ws
-
-
-@pytest.fixture(scope="session")
-def adapter_ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
-    ws = tmp_path_factory.getbasetemp() / "qrb-adapter-ws"
-    if not (ws / "artifacts" / "train" / "adapter" / "adapter_config.json").exists():
-        build_adapter_workspace(ws, tiny_model_dir, corpus_dir)
-    return ws
-
-
-@pytest.fixture(scope="session")
-def bot(adapter_ws):
-    from qrb.ask import load_bot
-
-    cwd = os.getcwd()
-    os.chdir(adapter_ws)  # the workspace's params.yaml and artifacts/ are read from cwd, as the CLI does
-    try:
-        return load_bot()
-    finally:
-        os.chdir(cwd)
+from helpers import ADAPTER_SYSTEM as SYSTEM
+from helpers import REPO
 
 
 def test_bot_uses_the_training_template_and_system_prompt(bot):
@@ -117,7 +46,7 @@ def test_generate_equals_evaluate_generation_and_stream_equals_generate(bot):
 
 
 def test_limits_are_enforced(bot):
-    from qrb.ask import InputTooLong
+    from qrb.app.bot import InputTooLong
 
     with pytest.raises(InputTooLong, match="limit"):
         bot.prompt_ids([{"role": "user", "content": "qubit " * 2000}])
@@ -142,7 +71,7 @@ def test_closing_a_stream_early_releases_the_model(bot):
 def test_chat_loop_keeps_history_and_resets(bot):
     inputs = iter(["What is a qubit?", "And a qutrit?", "/reset", "Hello?", "/exit"])
     out: list[str] = []
-    history = __import__("qrb.ask", fromlist=["chat_loop"]).chat_loop(bot, read=lambda _: next(inputs),
+    history = __import__("qrb.app.chat", fromlist=["chat_loop"]).chat_loop(bot, read=lambda _: next(inputs),
                                                                         write=out.append)
     text = "".join(out)
     assert "(conversation cleared)" in text and text.count("bot> ") == 3
@@ -172,8 +101,8 @@ def test_missing_adapter_is_one_clear_line(tmp_path):
 
 
 def test_serve_section_loads_in_both_profiles(tmp_path):
-    from qrb.ask import load_serve_params
-    from qrb.workspace import profile_params
+    from flows.workspace import profile_params
+    from qrb.app.bot import load_serve_params
 
     for profile, max_new in ((None, 512), ("tiny", 64)):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(profile_params(profile, REPO)))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from qrb.services import free_ports, port_overrides
-from qrb.workspace import profile_params
+from flows.workspace import profile_params
+from qrb.offline.services import free_ports, port_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
-    from qrb.workspace import venv_env
+    from flows.workspace import venv_env
 
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=venv_env(), capture_output=True,
                           text=True, timeout=600)

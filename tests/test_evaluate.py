@@ -16,6 +16,7 @@ import pytest
 
 from qrb.params import load_params
 from qrb.rivals import Rival, ask_rival
+from qrb.schema import question_record
 from stages import evaluate as ev
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +106,7 @@ def test_paper_dates_and_freshness_split():
             {"paper_arxiv": "2312.01234"},                             # arXiv month: Dec 2023, not after
             {"paper_arxiv": "2401.01234"},
             {"paper_doi": None, "paper_arxiv": None}]                  # undated: in neither split
+    rows = [question_record(r) for r in rows]  # as evaluate reads them: golden's paper_* are doi/arxiv
     subsets, dates = ev.freshness_subsets(rows, dt.date(2023, 12, 31), papers)
     assert dates == [dt.date(2024, 9, 2), dt.date(2023, 6, 11), dt.date(2024, 1, 5), dt.date(2023, 12, 1),
                      dt.date(2024, 1, 1), None]
@@ -213,9 +215,9 @@ def peft_tiny(tiny_model_dir):
 
     from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer
 
-    tok = load_tokenizer(str(tiny_model_dir), "test")
+    tok = load_tokenizer(str(tiny_model_dir))
     tok.add_special_tokens({"pad_token": "<|pad|>"})
-    base = load_causal_lm(str(tiny_model_dir), "test")
+    base = load_causal_lm(str(tiny_model_dir))
     resize_for_tokenizer(base, tok)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from test_ask import adapter_ws  # noqa: F401  (session fixture: one trained adapter for all files)
+from qrb.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def exported(adapter_ws, tmp_path_factory):  # noqa: F811
+def exported(adapter_ws, tmp_path_factory):
     from qrb.io import read_jsonl
     from qrb.params import load_params
     from stages import export as ex
@@ -26,7 +26,7 @@ def exported(adapter_ws, tmp_path_factory):  # noqa: F811
     return base, p, rows, out, metrics
 
 
-def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):  # noqa: F811
+def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -39,8 +39,8 @@ def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):  # noqa: F
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     adapter = adapter_ws / "artifacts" / "train" / "adapter"
-    tok = load_tokenizer(str(adapter), "test")
-    ref = load_causal_lm(base["model"], "test")
+    tok = load_tokenizer(str(adapter))
+    ref = load_causal_lm(base["model"])
     resize_for_tokenizer(ref, tok)
     ref = PeftModel.from_pretrained(ref, str(adapter)).eval()
     ids = tok("What is a qubit?", return_tensors="pt")["input_ids"]
@@ -54,7 +54,7 @@ def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):  # noqa: F
 def test_int8_is_smaller_int8_on_disk_and_its_drop_is_reported(exported):
     from safetensors import safe_open
 
-    from stages import export as ex
+    from qrb.int8 import QUANT_FILE, QUANT_METHOD
 
     _, _, _, out, m = exported
     sizes = m["size_bytes"]
@@ -66,14 +66,14 @@ def test_int8_is_smaller_int8_on_disk_and_its_drop_is_reported(exported):
     int8 = [k for k, d in dtypes.items() if d == "I8"]
     assert len(int8) == m["int8_modules"] and any("lm_head" in k for k in int8)
     assert any("embed_tokens" in k for k in int8) and any("q_proj" in k for k in int8)
-    meta = json.loads((out / "int8" / ex.QUANT_FILE).read_text())
-    assert meta["method"] == ex.QUANT_METHOD and len(meta["modules"]) == m["int8_modules"]
+    meta = json.loads((out / "int8" / QUANT_FILE).read_text())
+    assert meta["method"] == QUANT_METHOD and len(meta["modules"]) == m["int8_modules"]
 
 
 def test_quantize_rows_error_is_bounded():
     import torch
 
-    from stages.export import _quantize_rows
+    from qrb.int8 import _quantize_rows
 
     w = torch.randn(16, 64) * torch.linspace(0.01, 3, 16)[:, None]  # rows of very different scales
     q, s = _quantize_rows(w)
@@ -82,8 +82,8 @@ def test_quantize_rows_error_is_bounded():
     assert torch.all(err <= s[:, None] / 2 + 1e-6)  # at most half a step, per row
 
 
-def test_int8_export_serves_through_ask(exported, adapter_ws, monkeypatch):  # noqa: F811
-    from qrb.ask import load_bot
+def test_int8_export_serves_through_ask(exported, adapter_ws, monkeypatch):
+    from qrb.app.bot import load_bot
 
     _, _, _, out, _ = exported
     monkeypatch.chdir(adapter_ws)
@@ -108,7 +108,7 @@ def test_no_4bit_merge_no_loreft_merge_no_push_without_token(tmp_path, monkeypat
     monkeypatch.setenv("QRB_TEST_NO_SUCH_TOKEN", "hf_x")
     assert ex.push_to_hub({**base, "hf_offline": True}, p, tmp_path) is None  # offline profile: never
     (tmp_path / "loreft_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="cannot be merged"):
+    with pytest.raises(ConfigError, match="cannot be merged"):
         ex.load_base_and_adapter(base, p, tmp_path, "cpu")
 
 

@@ -15,13 +15,21 @@ import pytest
 import yaml
 
 from flows import pipeline as pl
-from qrb.workspace import dvc, run
+from flows.workspace import dvc, run
 
 TOY = '''
 import json, sys
 from dataclasses import dataclass
 from pathlib import Path
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError
+from qrb.stage import load_section
+
+
+def load_stage_params(section, cls):
+    try:
+        return load_section(section, cls)
+    except ConfigError as e:
+        raise SystemExit(f"{section}: {e}")
 
 @dataclass(frozen=True)
 class Scrape:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from flows import sweep as sw
-from qrb.services import free_ports
+from qrb.offline.services import free_ports
 
 CONFIG = """
 target: train
@@ -92,7 +92,7 @@ def test_tiny_sweep_end_to_end(tmp_path, tiny_model_dir):
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from qrb.workspace import dvc, run
+    from flows.workspace import dvc, run
 
     with prefect_test_harness(server_startup_timeout=60):
         state = sw.sweep(str(tmp_path / "ws"), str(write(tmp_path, CONFIG)), profile="tiny",

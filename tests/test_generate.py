@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 import stages.generate as g
+from qrb.errors import EXIT_CONFIG
+from qrb.offline.smoke_endpoint import MODEL_ID, Faults, serve_smoke_endpoint
 from qrb.params import build, deep_merge
-from qrb.smoke_endpoint import MODEL_ID, Faults, serve_smoke_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "sk-MARKER-7c1d9e0f-never-write-me"
@@ -221,14 +222,15 @@ def test_rerun_sends_nothing_and_reproduces_the_outputs(tmp_path, monkeypatch):
         assert metrics["this_run"]["api_requests"] == 0 and metrics["this_run"]["requests_from_cache"] == n
 
 
-def test_missing_key_is_a_one_line_error_and_writes_nothing(tmp_path, monkeypatch):
+def test_missing_key_is_a_one_line_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url)
         monkeypatch.chdir(ws)
         monkeypatch.delenv(KEY_ENV, raising=False)
         with pytest.raises(SystemExit) as e:
             g.main([])
-        assert KEY_ENV in str(e.value) and "\n" not in str(e.value)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == EXIT_CONFIG and KEY_ENV in err and err.startswith("generate: ") and "\n" not in err
         assert ep.request_count == 0 and not (ws / "artifacts/generate").exists()
 
 
@@ -240,8 +242,9 @@ def test_dry_run_and_budget_refusal(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out
         assert f"{len(TOPICS) * 5} requests" in out and "estimated" in out and "max_cost_usd" in out
         assert not (ws / "artifacts/generate").exists() and not (ws / "cache").exists()
-        with pytest.raises(SystemExit, match="exceeds generate.max_cost_usd"):
+        with pytest.raises(SystemExit) as e:
             run_main(ws, monkeypatch)
+        assert e.value.code == EXIT_CONFIG and "exceeds generate.max_cost_usd" in capsys.readouterr().err
         assert ep.request_count == 0 and not (ws / "artifacts/generate").exists()
 
 
@@ -254,12 +257,13 @@ def test_zero_prices_and_zero_budget_are_allowed(tmp_path, monkeypatch):
         assert read(ws / "artifacts/generate/train.jsonl")
 
 
-def test_bad_model_stops_the_run_with_one_line(tmp_path, monkeypatch):
+def test_bad_model_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url, model="gpt-4-turbo")
-        with pytest.raises(SystemExit, match="404") as e:
+        with pytest.raises(SystemExit) as e:
             run_main(ws, monkeypatch)
-        assert "\n" not in str(e.value) and not (ws / "artifacts/generate").exists()
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # the one line, after the progress bar
+        assert e.value.code == EXIT_CONFIG and err.startswith("generate: HTTP 404") and not (ws / "artifacts/generate").exists()
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ PAPERS = [
 
 def write_pipeline_outputs(ws: Path) -> None:
     """A workspace as the pipeline leaves it after evaluate (values chosen to be recognisable)."""
-    from qrb.workspace import profile_params
+    from flows.workspace import profile_params
 
     def put(rel: str, obj) -> None:
         path = ws / rel

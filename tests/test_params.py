@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.workspace import profile_params
 from qrb.params import Base, build, deep_merge, leaf_keys, load_params, read_yaml
-from qrb.workspace import profile_params
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("scrape", "generate", "validate", "train", "evaluate", "model_card", "export")

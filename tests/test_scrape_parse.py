@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from qrb.mirror import load_corpus, page_record, render_malformed, render_paper
+from qrb.offline.mirror import load_corpus, page_record, render_malformed, render_paper
+from qrb.schema import PAPER_KEYS, ErrorItem, PaperItem
 from stages.scrape import ScrapeParams
-from stages.scrape.items import PAPER_KEYS, ErrorItem, PaperItem
 from stages.scrape.parse import norm, paper_id_from_url, parse_paper_html
 from stages.scrape.run import assemble, seen_dois
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from qrb.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
+from qrb.offline.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
 from qrb.params import leaf_keys
+from qrb.schema import PAPER_KEYS
 from stages.scrape import PARAMS_CLASS, SECTION
-from stages.scrape.items import PAPER_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from test_ask import REPO, adapter_ws, bot  # noqa: F401  (session fixtures: one trained adapter for all files)
+from helpers import REPO
 
 CHROMIUM_APT = "apt-get update && apt-get install -y chromium chromium-driver"
 QUESTION = "What does the paper 'Quantum error correction' say?"
@@ -40,8 +40,8 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def url(bot):  # noqa: F811
-    from qrb.serve import create_app
+def url(bot):
+    from qrb.app.serve import create_app
 
     with running(create_app(bot)) as u:
         yield u
@@ -54,7 +54,7 @@ def client(url):
     return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_openai_client_lists_the_model_and_gets_the_adapters_answer(client, bot):  # noqa: F811
+def test_openai_client_lists_the_model_and_gets_the_adapters_answer(client, bot):
     assert [m.id for m in client.models.list().data] == ["quantum-research-bot"]
     r = client.chat.completions.create(model="quantum-research-bot", max_tokens=24,
                                        messages=[{"role": "user", "content": QUESTION}])
@@ -82,7 +82,7 @@ def test_openai_client_streams(client):
     assert deltas.strip() == whole
 
 
-def test_limits_and_errors_in_openai_format(client, url, bot):  # noqa: F811
+def test_limits_and_errors_in_openai_format(client, url, bot):
     import httpx
     import openai
 
@@ -106,10 +106,10 @@ def test_limits_and_errors_in_openai_format(client, url, bot):  # noqa: F811
     assert client.chat.completions.create(model="quantum-research-bot", messages=user, max_tokens=2).choices
 
 
-def test_api_key_when_set(bot):  # noqa: F811
+def test_api_key_when_set(bot):
     import openai
 
-    from qrb.serve import create_app
+    from qrb.app.serve import create_app
 
     with running(create_app(bot, api_key="s3cret")) as u:
         with pytest.raises(openai.AuthenticationError):
@@ -125,7 +125,7 @@ def _chromium() -> tuple[str, str] | None:
 
 
 @pytest.mark.slow
-def test_web_page_answers_a_question_in_headless_chromium(url, bot):  # noqa: F811
+def test_web_page_answers_a_question_in_headless_chromium(url, bot):
     found = _chromium()
     if found is None:
         pytest.skip(f"chromium/chromedriver not installed: add `{CHROMIUM_APT}` to .ci/run")
@@ -159,7 +159,7 @@ def test_web_page_answers_a_question_in_headless_chromium(url, bot):  # noqa: F8
 
 
 @pytest.mark.slow
-def test_qrb_serve_cli_binds_loopback_and_answers(adapter_ws):  # noqa: F811
+def test_qrb_serve_cli_binds_loopback_and_answers(adapter_ws):
     import openai
 
     proc = subprocess.Popen([sys.executable, "-m", "qrb.cli", "serve", "--port", "0"], cwd=adapter_ws,

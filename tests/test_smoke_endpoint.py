@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from qrb.smoke_endpoint import (FINGERPRINT, MODEL_ID, Faults, completion, extractive_pairs, serve_smoke_endpoint,
-                                split_sentences)
+from qrb.offline.smoke_endpoint import (
+    FINGERPRINT,
+    MODEL_ID,
+    Faults,
+    completion,
+    extractive_pairs,
+    serve_smoke_endpoint,
+    split_sentences,
+)
 from stages.generate import PAIR_SCHEMA, parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +178,7 @@ def test_cli_serves_until_killed():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qrb.smoke_endpoint", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qrb.offline.smoke_endpoint", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "QRB_SMOKE_API_KEY": "anything"})
     try:

@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from qrb.params import load_params
+from helpers import SYSTEM, base_of, cpu_recipe, qa_rows, recipe
+from qrb.errors import ConfigError
 from stages import train as train_stage
-
-REPO = Path(__file__).resolve().parent.parent
-SYSTEM = "You answer questions about quantum research."
-
-
-def recipe(**overrides) -> train_stage.TrainParams:
-    _, p = load_params("train", train_stage.TrainParams, (), REPO / "params.yaml")
-    return dataclasses.replace(p, **overrides)
-
-
-def cpu_recipe(**overrides) -> train_stage.TrainParams:
-    """The card's recipe with only what a CPU needs changed: fp32, a short max_length."""
-    return recipe(**{"precision": "fp32", "learning_rate": 3e-4, "max_length": 192, "logging_steps": 2,
-                     **overrides})
-
-
-def qa_rows(corpus_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(corpus_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
-            for i, s in enumerate(sentences[:4]):
-                rows.append({"question": f"What is point {i + 1} of the abstract of '{rec['title']}'?",
-                             "answer": s, "doi": rec["doi"] or rec["title"]})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +20,6 @@ def dataset(corpus_dir):
     held_out = sorted({r["doi"] for r in rows})[:5]
     return DatasetDict(train=Dataset.from_list([r for r in rows if r["doi"] not in held_out]),
                        eval=Dataset.from_list([r for r in rows if r["doi"] in held_out]))
-
-
-def base_of(tiny_model_dir) -> dict:
-    return {"seed": 7, "model": str(tiny_model_dir), "system_prompt": SYSTEM, "hf_offline": True}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,7 @@ def test_recipe_builds_kaiming_a_zero_b_and_a_real_pad_token(tiny_model_dir):
     from qrb.chat import load_tokenizer
 
     p = cpu_recipe()
-    tokenizer, added = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir), "test"), p)
+    tokenizer, added = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
     assert added == 1 and tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token != tokenizer.eos_token
     assert tokenizer.padding_side == "right"
     model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
@@ -87,7 +55,7 @@ def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_d
     from qrb.chat import load_tokenizer
 
     p = cpu_recipe(learning_rate=1e-4)
-    tokenizer, _ = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir), "test"), p)
+    tokenizer, _ = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
     model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
     opt = train_stage.build_optimizer(model, p)
     assert isinstance(opt, torch.optim.AdamW)
@@ -187,8 +155,8 @@ def test_qlora_on_cpu_is_a_clear_error():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(SystemExit, match="precision 'nf4' for m needs a CUDA GPU"):
-        require_hardware("m", "nf4", "train")
+    with pytest.raises(ConfigError, match="precision 'nf4' for m needs a CUDA GPU"):
+        require_hardware("m", "nf4")
 
 
 def test_training_energy_is_metered_offline_for_the_card(trained):

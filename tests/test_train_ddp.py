@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qrb.workspace import profile_params
+from flows.workspace import profile_params
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from helpers import SYSTEM, base_of, cpu_recipe, qa_rows
 from qrb import loreft
 from stages import train as train_stage
-from tests.test_train import SYSTEM, base_of, cpu_recipe, qa_rows
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small,
 
     train_stage.save_adapter(model, tokenizer, p, tmp_path / "adapter")
     assert loreft.is_loreft_adapter(tmp_path / "adapter")
-    fresh_tok = load_tokenizer(str(tmp_path / "adapter"), "test")
-    fresh = load_causal_lm(str(tiny_model_dir), "test")
+    fresh_tok = load_tokenizer(str(tmp_path / "adapter"))
+    fresh = load_causal_lm(str(tiny_model_dir))
     resize_for_tokenizer(fresh, fresh_tok)
     pristine = {k: v.clone() for k, v in fresh.state_dict().items()}
     loreft.load(fresh, tmp_path / "adapter")

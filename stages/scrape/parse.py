@@ -14,7 +14,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from .items import ErrorItem, PaperItem
+from qrb.schema import ErrorItem, PaperItem
 
 PAPER_PATH_RE = re.compile(r"/papers/(q-(\d{4})-(\d{2})-(\d{2})-(\d+))/?$")
 DOI_RE = re.compile(r"10\.\d{4,9}/[^\s\"'<>]+")

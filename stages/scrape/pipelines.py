@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .items import ErrorItem, PaperItem
+from qrb.schema import ErrorItem, PaperItem
+
 from .parse import norm
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qrb.io import read_jsonl, setup_logging, write_json, write_jsonl
-from qrb.params import load_stage_params
+from qrb.errors import ConfigError, TransientError
+from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.schema import PAPER_KEYS
+from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, ScrapeParams
-from .items import PAPER_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def load_cache(path: Path = CACHE_RECORDS) -> dict[str, dict[str, Any]]:
     try:
         return {r["doi"]: r for r in read_jsonl(path)}
     except (ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"scrape: cache {path} is unreadable ({exc}); delete it to re-crawl from scratch") from None
+        raise ConfigError(f"cache {path} is unreadable ({exc}); delete it to re-crawl from scratch") from None
 
 
 def seen_dois(cache: dict[str, dict[str, Any]], full_text: bool) -> set[str]:
@@ -167,9 +168,7 @@ def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict
     }
 
 
-def main() -> None:
-    setup_logging()
-    _, p = load_stage_params(SECTION, PARAMS_CLASS, BASE_KEYS)  # exits with one line on bad params
+def run(base: dict[str, Any], p: ScrapeParams, args) -> None:
     cache = load_cache()
     seen = seen_dois(cache, p.full_text)
     log.info("scrape: %s, window %s..%s, %d papers already in the cache", ", ".join(p.start_urls), p.date_from,
@@ -177,7 +176,7 @@ def main() -> None:
     result = crawl(p, seen)
     if result.stats.get("listing_pages_fetched", 0) == 0 and result.stats.get("sitemaps_fetched", 0) == 0:
         why = "; ".join(f"{e['url']}: {e['reason']}" for e in result.errors[:5]) or "no response"
-        raise SystemExit(f"scrape: could not fetch any start URL or sitemap ({why}); outputs and cache unchanged")
+        raise TransientError(f"could not fetch any start URL or sitemap ({why}); outputs and cache unchanged")
     papers, errors, new_cache = assemble(cache, result.papers, result.errors, p.date_from, p.date_to, p.full_text)
     m = metrics(result, papers, errors, len(new_cache), p)
     write_jsonl(CACHE_RECORDS, new_cache.values())
@@ -191,3 +190,9 @@ def main() -> None:
     log.info("scrape: %d papers (%d new, %d from cache), %d skipped by date, %d errors %s -> %s",
              m["papers_kept"], m["papers_new"], m["papers_from_cache"], m["skipped_by_date"], m["errors"],
              json.dumps(m["errors_by_reason"]), PAPERS_OUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import stages.scrape
+
+    run_stage(stages.scrape.__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)

@@ -18,14 +18,15 @@ from scrapy.linkextractors import LinkExtractor
 from scrapy.spidermiddlewares.httperror import HttpError
 from scrapy.spiders import CrawlSpider, Rule
 from scrapy.utils.sitemap import Sitemap
-from twisted.internet.error import (ConnectionRefusedError, DNSLookupError, TCPTimedOutError,
-                                    TimeoutError as TxTimeoutError)
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError
+from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.python.failure import Failure
 
+from qrb.schema import ErrorItem, PaperItem
+
 from . import ScrapeParams
-from .items import ErrorItem, PaperItem
-from .pipelines import Collector
 from .parse import PAPER_PATH_RE, paper_id_from_url, parse_full_text_html, parse_paper_html
+from .pipelines import Collector
 
 log = logging.getLogger(__name__)
 

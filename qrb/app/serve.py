@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from qrb.ask import Bot, InputTooLong, add_model_args, load_bot
+from qrb.app.bot import Bot, InputTooLong, add_model_args, load_bot
 
 log = logging.getLogger(__name__)
 

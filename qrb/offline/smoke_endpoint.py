@@ -1,6 +1,6 @@
 """Smoke-test stand-in for an OpenAI-compatible chat-completions endpoint (NOT a language model).
 
-Run it:  `python -m qrb.smoke_endpoint --port 8732`  (serves on 127.0.0.1 until killed; the offline profile
+Run it:  `python -m qrb.offline.smoke_endpoint --port 8732`  (serves on 127.0.0.1 until killed; the offline profile
 `profiles/tiny.yaml` points `generate.base_url` at http://127.0.0.1:8732/v1, any API key is accepted).
 In tests:
 
@@ -440,7 +440,7 @@ def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qrb.smoke_endpoint", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qrb.offline.smoke_endpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8732)
     ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")

@@ -1,5 +1,7 @@
 """Scratch DVC workspaces for profiles (the offline `tiny` demo, tests, sweeps).
 
+    qrb workspace DIR [--profile tiny] [-S key=value ...]     create or refresh one
+
 A workspace is its own git + DVC repository holding copies of the pipeline code (dvc.yaml, stages/, qrb/,
 prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So the same dvc.yaml
 runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
@@ -18,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from qrb.params import deep_merge, read_yaml
+from qrb.params import deep_merge, nested, parse_set, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def sync_code(ws: Path, repo: Path = REPO_ROOT) -> None:
 
 
 def write_params(ws: Path, params: dict[str, Any]) -> None:
-    text = ("# Written by qrb.workspace from the repo's params.yaml + a profile; edit for experiments here.\n"
+    text = ("# Written by flows.workspace from the repo's params.yaml + a profile; edit for experiments here.\n"
             + yaml.safe_dump(params, sort_keys=False, allow_unicode=True, width=120))
     (ws / "params.yaml").write_text(text)
 
@@ -120,3 +122,25 @@ def commit(ws: Path, message: str) -> None:
     run(["git", "add", "-A"], ws)
     if run(["git", "diff", "--cached", "--quiet"], ws, check=False).returncode != 0:
         run(["git", "commit", "-q", "-m", message], ws)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from qrb.io import setup_logging
+
+    setup_logging()
+    ap = argparse.ArgumentParser(prog="qrb workspace", description="Create or refresh a scratch DVC workspace")
+    ap.add_argument("dir", help="the workspace folder (created if missing)")
+    ap.add_argument("--profile", default="tiny", help="profile name in profiles/ or a YAML path; '' for none")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override")
+    args = ap.parse_args(argv)
+    try:
+        overrides = nested(parse_set(args.set))
+    except ValueError as e:
+        raise SystemExit(f"qrb workspace: {e}") from None
+    print(prepare(args.dir, args.profile or None, overrides=overrides or None))
+
+
+if __name__ == "__main__":
+    main()

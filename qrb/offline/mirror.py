@@ -20,7 +20,7 @@ counts there, so a test can prove that a crawler of `127.0.0.1` never followed i
 
 Python:
 
-    from qrb.mirror import serve_mirror, DEFAULT_FAULTS
+    from qrb.offline.mirror import serve_mirror, DEFAULT_FAULTS
     with serve_mirror("data/corpus", port=0, faults=DEFAULT_FAULTS) as m:
         m.url            # "http://127.0.0.1:<port>"
         m.start_url      # m.url + "/papers/"
@@ -29,7 +29,7 @@ Python:
 
 CLI (serves until killed; the demo flow uses port 8731, see profiles/tiny.yaml):
 
-    python -m qrb.mirror --corpus data/corpus --port 8731 [--faults]
+    python -m qrb.offline.mirror --corpus data/corpus --port 8731 [--faults]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
 from qrb.io import setup_logging
 
 log = logging.getLogger(__name__)
@@ -430,7 +431,7 @@ def serve_mirror(corpus_dir: str | Path, port: int = 0, faults: Iterable[Fault] 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qrb.mirror", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qrb.offline.mirror", description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="data/corpus", help="folder with the corpus snapshot (default data/corpus)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8731)
@@ -443,15 +444,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with serve_mirror(args.corpus, port=args.port, host=args.host, per_page=args.per_page,
                           faults=DEFAULT_FAULTS if args.faults else None) as m:
-            print(f"qrb.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
+            print(f"qrb.offline.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
             for kind, path in sorted(m.fault_paths().items()):
-                print(f"qrb.mirror: fault {kind}: {m.url}{path}", flush=True)
+                print(f"qrb.offline.mirror: fault {kind}: {m.url}{path}", flush=True)
             while not stop.wait(0.5):
                 pass
     except KeyboardInterrupt:
         pass
     except (OSError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"qrb.mirror: {exc}") from None
+        raise SystemExit(f"qrb.offline.mirror: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
-"""Talk to the fine-tuned model from a terminal: `qrb ask "…"` (one question) and `qrb chat` (interactive).
-
-    qrb ask "What is a surface code?"            # from a workspace (or repo) root, after the train stage
-    qrb chat                                      # streaming; /reset clears the history, /exit (or Ctrl-D) quits
-    qrb ask --model artifacts/export/merged "…"   # an exported merged (or int8) model instead of base + adapter
+"""The model behind `qrb ask`, `qrb chat` and `qrb serve`: base + adapter (or an exported model) with the training
+chat template and system prompt, and the `serve:` params (limits, defaults) the three apps share.
 
 Loads the base model named by `base.model` in ./params.yaml plus the adapter (artifacts/train/adapter by default)
 exactly as evaluate does: the adapter folder's tokenizer (with the added pad token), embeddings resized the same
 way, the same chat template and the same system prompt (`base.system_prompt`). Limits and defaults come from the
-`serve:` section (max_input_tokens, max_new_tokens, temperature), shared with `qrb serve`.
+`serve:` section (max_input_tokens, max_new_tokens, temperature).
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -235,7 +231,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
         limits.check()
     except ValueError as e:
         raise SystemExit(f"qrb: {e}") from None
-    from qrb.chat import set_hf_offline
+    from qrb.stage import set_hf_offline
 
     set_hf_offline(base.hf_offline)
     import torch
@@ -246,9 +242,9 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = Path(model_path) if model_path else DEFAULT_ADAPTER
     if adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
-        model, tokenizer = load_with_adapter(base.model, path, "qrb", dtype=dtype)
+        model, tokenizer = load_with_adapter(base.model, path, dtype=dtype)
     elif (path / "config.json").exists():
-        from stages.export import load_exported
+        from qrb.int8 import load_exported
 
         model, tokenizer = load_exported(path, dtype=dtype)
     elif model_path is None:
@@ -279,82 +275,6 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _bot_from_args(args: argparse.Namespace) -> Bot:
+def bot_from_args(args: argparse.Namespace) -> Bot:
     quiet_libraries()
     return load_bot(args.model, args.params, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-
-
-def ask_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="qrb ask", description="Ask the fine-tuned model one question (streams)")
-    ap.add_argument("question", nargs="+")
-    add_model_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    bot = _bot_from_args(args)
-    try:
-        _, pieces = bot.stream([{"role": "user", "content": " ".join(args.question)}])
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    except InputTooLong as e:
-        raise SystemExit(f"qrb ask: {e}") from None
-    sys.stdout.write("\n")
-
-
-def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, str]]:
-    """Interactive loop; returns the history. `read` raises EOFError to end (Ctrl-D)."""
-    history: list[dict[str, str]] = []
-    write(f"Quantum Research Bot ({bot.source}). /reset clears the conversation, /exit quits.\n")
-    while True:
-        try:
-            line = read("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            write("\n")
-            return history
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            return history
-        if line == "/reset":
-            history = []
-            write("(conversation cleared)\n")
-            continue
-        try:
-            history = bot.fit_history([*history, {"role": "user", "content": line}])
-        except InputTooLong as e:
-            write(f"(too long: {e})\n")
-            history = []
-            continue
-        write("bot> ")
-        reply, pieces = bot.stream(history)
-        try:
-            for piece in pieces:
-                write(piece)
-                if hasattr(sys.stdout, "flush"):
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            pieces.close()
-            write(" (interrupted)")
-        write("\n")
-        history.append({"role": "assistant", "content": reply.text})
-
-
-def chat_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="qrb chat", description="Chat with the fine-tuned model (streams)")
-    add_model_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    chat_loop(_bot_from_args(args))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`qrb ask` / `qrb chat` (qrb.cli sets argv[0] to the command) and `python -m qrb.ask [chat] …`."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if sys.argv[0].endswith("chat") or argv[:1] == ["chat"] and sys.argv[0] != "qrb ask":
-        chat_main(argv[1:] if argv[:1] == ["chat"] else argv)
-    else:
-        ask_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,101 @@
+"""The records the stages pass to each other, typed once: papers (scrape -> generate, validate, evaluate), crawl
+errors, question/answer pairs (generate -> validate -> train, evaluate) and the questions evaluate scores.
+
+A paper is keyed by its DOI everywhere (`doi`); so is a pair's paper. Question sets read from elsewhere (the golden
+questions name theirs `paper_doi` / `paper_arxiv`) are normalised once, by `question_record`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+# The keys of every papers.jsonl record, in schema order (`full_text` is added when scrape.full_text is on).
+PAPER_KEYS = ("doi", "url", "title", "authors", "affiliations", "published", "volume", "page", "arxiv",
+              "citation", "abstract", "license")
+
+
+@dataclasses.dataclass
+class PaperItem:
+    """One paper page (a scrapy item: scrapy handles dataclasses through itemadapter)."""
+
+    doi: str
+    url: str
+    title: str
+    abstract: str
+    published: str  # YYYY-MM-DD
+    authors: list[str] = dataclasses.field(default_factory=list)
+    affiliations: list[str] = dataclasses.field(default_factory=list)
+    volume: str | None = None
+    page: str | None = None
+    arxiv: str | None = None  # as shown, e.g. "arXiv:2002.07868v2"
+    citation: str | None = None  # as shown, e.g. "Quantum 5, 574 (2021)."
+    license: str | None = None  # SPDX-like id, e.g. "CC-BY-4.0"
+    full_text: str | None = None  # only with the `full_text` param
+
+    def record(self, with_full_text: bool = False) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        out = {k: d[k] for k in PAPER_KEYS}
+        if with_full_text:
+            out["full_text"] = d["full_text"]
+        return out
+
+
+@dataclasses.dataclass
+class ErrorItem:
+    """A page the crawler could not turn into a paper (errors.jsonl)."""
+
+    url: str
+    reason: str  # machine key: http_404, timeout, missing_abstract, malformed_html, robots_disallowed, ...
+    detail: str = ""
+    kind: str = "paper"  # paper | listing | sitemap
+
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class QAPair:
+    """One generated question/answer pair with its provenance (train.jsonl / eval.jsonl rows)."""
+
+    question: str
+    answer: str
+    doi: str
+    title: str
+    published: str | None  # YYYY-MM-DD, or None when the paper has no date
+    prompt_id: str
+    model: str
+    response_id: str
+    chunk: int  # 0 = the abstract, n = the n-th chunk of the full text
+
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair))
+PROVENANCE_FIELDS = ("prompt_id", "model", "response_id", "chunk")
+DOI_REGEX = r"^10\.\d{4,9}/[-._;()/:A-Za-z0-9<>]+$"
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def pair_field_ok(field: str, value: Any) -> bool:
+    """Whether `value` has the type the schema gives `field` (a JSON file may hold anything)."""
+    if field == "chunk":
+        return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
+    if field == "published":  # a paper may have no date; when it has one it is YYYY-MM-DD
+        return value is None or (isinstance(value, str) and bool(_DATE.match(value)))
+    return isinstance(value, str)
+
+
+def question_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A question evaluate scores, whatever file it came from: `doi` and `arxiv` name its paper (the golden
+    questions' `paper_doi` / `paper_arxiv` are the same fields)."""
+    out = dict(row)
+    for old, new in (("paper_doi", "doi"), ("paper_arxiv", "arxiv")):
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+            if out[new] is None:
+                out[new] = value
+    return out

@@ -1,0 +1,90 @@
+"""The opening and closing every stage's `main()` shares: arguments, logging, params, the offline switch, and the
+one error path (a `QrbError` or `ValueError` becomes one line on stderr and an exit code; see `qrb.errors`).
+
+    def main(argv=None):
+        run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, body, argv)
+
+`--help` prints the stage's docstring and exits 0; an unknown argument exits 2 (argparse). When the environment names
+a status file (`QRB_STATUS_FILE`, set by the Prefect flow), the outcome is also written there as JSON
+`{stage, exit_code, kind, message}`, so an orchestrator decides retries by the kind, not by matching message text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from qrb.errors import EXIT_FAILED, ConfigError, QrbError, kind_of_exit
+from qrb.io import setup_logging
+from qrb.params import load_params
+
+log = logging.getLogger(__name__)
+
+STATUS_ENV = "QRB_STATUS_FILE"
+
+
+def parser(doc: str | None, section: str) -> argparse.ArgumentParser:
+    doc = (doc or "").strip()
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(prog=f"python -m stages.{section}", description=head, epilog=rest or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def write_status(section: str, exit_code: int, message: str = "") -> None:
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"stage": section, "exit_code": exit_code, "kind": kind_of_exit(exit_code)
+                                          if exit_code else "ok", "message": message}) + "\n")
+    except OSError as e:  # the report must never change the stage's own outcome
+        log.warning("%s: could not write the status file %s: %s", section, path, e)
+
+
+def fail(section: str, e: BaseException) -> None:
+    """One line, once: `<stage>: <message>` on stderr, then exit with the error's code."""
+    code = e.exit_code if isinstance(e, QrbError) else EXIT_FAILED
+    message = " ".join(str(e).split()) or type(e).__name__
+    write_status(section, code, message)
+    print(f"{section}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def set_hf_offline(offline: bool) -> None:
+    """With base.hf_offline the hub is never contacted (before transformers is imported)."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def load_section(section: str, params_cls: type, base_keys: Iterable[str] = (),
+                 path: str | Path = "params.yaml") -> tuple[dict[str, Any], Any]:
+    """`qrb.params.load_params`, a bad params.yaml as a ConfigError."""
+    try:
+        return load_params(section, params_cls, base_keys, path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_stage(doc: str | None, section: str, params_cls: type, base_keys: Iterable[str],
+              body: Callable[[dict[str, Any], Any, argparse.Namespace], None], argv: list[str] | None = None,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    ap = parser(doc, section)
+    if add_arguments is not None:
+        add_arguments(ap)
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        base, p = load_section(section, params_cls, base_keys)
+        if "hf_offline" in base:
+            set_hf_offline(base["hf_offline"])
+        body(base, p, args)
+    except (QrbError, ValueError) as e:
+        fail(section, e)
+    write_status(section, 0)
