@@ -73,19 +73,20 @@ def run_method(method: str, args) -> dict:
     from peft import get_peft_model
 
     from qrb.params import load_params
-    from stages import train as train_stage
+    from stages.train import TrainParams
+    from stages.train.model import build_optimizer, lora_config
 
-    _, p = load_params("train", train_stage.TrainParams, (), REPO / "params.yaml")
+    _, p = load_params("train", TrainParams, (), REPO / "params.yaml")
     p = dataclasses.replace(p, method=method, precision="bf16")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model = build_model(method)
     torch.manual_seed(0)
-    model = get_peft_model(model, train_stage.lora_config(p))
+    model = get_peft_model(model, lora_config(p))
     build_s = time.time() - t0
     trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    opt = train_stage.build_optimizer(model, p) or torch.optim.AdamW(
+    opt = build_optimizer(model, p) or torch.optim.AdamW(
         [t for t in model.parameters() if t.requires_grad], lr=p.learning_rate, weight_decay=p.weight_decay)
     model.train()
     gen = torch.Generator(device="cuda").manual_seed(0)

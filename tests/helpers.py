@@ -17,9 +17,9 @@ ADAPTER_SYSTEM = "You are Quantum Research Bot. Answer questions about papers in
 def recipe(**overrides):
     """The card's recipe from params.yaml, with `overrides`."""
     from qrb.params import load_params
-    from stages import train as train_stage
+    from stages.train import TrainParams
 
-    _, p = load_params("train", train_stage.TrainParams, (), REPO / "params.yaml")
+    _, p = load_params("train", TrainParams, (), REPO / "params.yaml")
     return dataclasses.replace(p, **overrides)
 
 
@@ -63,12 +63,14 @@ def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) ->
 
     from flows.workspace import profile_params
     from qrb.params import load_params
-    from stages import train as train_stage
+    from stages.train import BASE_KEYS, TrainParams
+    from stages.train.run import save_adapter
+    from stages.train.trainer import train
 
     params = profile_params("tiny", REPO, overrides={"base": {"model": str(tiny_model_dir), "system_prompt": ADAPTER_SYSTEM}})
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    base, p = load_params("train", train_stage.TrainParams, train_stage.BASE_KEYS, ws / "params.yaml")
+    base, p = load_params("train", TrainParams, BASE_KEYS, ws / "params.yaml")
     extra = {"checkpoint_steps": 0} if "checkpoint_steps" in {f.name for f in dataclasses.fields(p)} else {}
     p = dataclasses.replace(p, epochs=2.0, learning_rate=3e-3, max_length=160, logging_steps=2, **extra)
     rows = adapter_qa_rows(corpus_dir)
@@ -76,13 +78,8 @@ def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) ->
     train_rows = [r for r in rows if r["doi"] not in held_out][:64]
     eval_rows = [r for r in rows if r["doi"] in held_out]
     ds = DatasetDict(train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows))
-    model, tokenizer, metrics, history = train_stage.train(base, p, ds, "cpu")
-    out = ws / "artifacts" / "train" / "adapter"
-    if hasattr(train_stage, "save_adapter"):
-        train_stage.save_adapter(model, tokenizer, p, out)
-    else:
-        model.save_pretrained(out, save_embedding_layers=False)
-        tokenizer.save_pretrained(out)
+    model, tokenizer, metrics, history = train(base, p, ds, "cpu")
+    save_adapter(model, tokenizer, p, ws / "artifacts" / "train" / "adapter")
     (ws / "artifacts" / "validate").mkdir(parents=True, exist_ok=True)
     (ws / "artifacts" / "validate" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
     (ws / "history.json").write_text(json.dumps(history, default=str))

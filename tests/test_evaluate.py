@@ -17,7 +17,17 @@ import pytest
 from qrb.params import load_params
 from qrb.rivals import Rival, ask_rival
 from qrb.schema import question_record
-from stages import evaluate as ev
+from stages.evaluate import EvaluateParams
+from stages.evaluate.metrics import (
+    MEAN_METRICS,
+    OFFLINE_BERTSCORE,
+    Scorer,
+    aggregate,
+    bertscore_model_path,
+    bootstrap_indices,
+)
+from stages.evaluate.questions import freshness_subsets
+from stages.evaluate.run import main as run_evaluate_stage
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = "You answer questions about quantum research."
@@ -38,11 +48,11 @@ REFS = ["Thermal noise makes the qubit decohere within a few microseconds.",
 
 @pytest.fixture(scope="module")
 def scorer():
-    return ev.Scorer(ev.OFFLINE_BERTSCORE, 6)
+    return Scorer(OFFLINE_BERTSCORE, 6)
 
 
-def params(**overrides) -> ev.EvaluateParams:
-    _, p = load_params("evaluate", ev.EvaluateParams, (), REPO / "params.yaml")
+def params(**overrides) -> EvaluateParams:
+    _, p = load_params("evaluate", EvaluateParams, (), REPO / "params.yaml")
     return dataclasses.replace(p, **overrides)
 
 
@@ -55,7 +65,7 @@ def test_each_metric_equals_its_reference_library(scorer):
     from rouge_score import rouge_scorer
 
     rows = scorer.rows(PREDS, REFS)
-    m = ev.aggregate(rows, seed=1, samples=300)
+    m = aggregate(rows, seed=1, samples=300)
     ref_rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     for key in ("rouge1", "rouge2", "rougeL"):
         expected = [ref_rouge.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS)]
@@ -63,7 +73,7 @@ def test_each_metric_equals_its_reference_library(scorer):
         assert m[key] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
     assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score, abs=1e-9)
     assert m["bleu"] != pytest.approx(sum(sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(PREDS, REFS)) / 6)
-    P, R, F = bert_score.score(PREDS, REFS, model_type=ev.bertscore_model_path(ev.OFFLINE_BERTSCORE), num_layers=6)
+    P, R, F = bert_score.score(PREDS, REFS, model_type=bertscore_model_path(OFFLINE_BERTSCORE), num_layers=6)
     for key, t in (("bertscore_p", P), ("bertscore_r", R), ("bertscore_f1", F)):
         assert [row[key] for row in rows] == pytest.approx(t.tolist(), abs=1e-5)
         assert m[key] == pytest.approx(t.mean().item(), abs=1e-5)
@@ -77,22 +87,22 @@ def test_every_metric_has_a_95_interval_and_bleu_resamples_are_sacrebleus(scorer
     rows = scorer.rows(PREDS, REFS)
     for r, nll in zip(rows, [3.0, 1.0, 2.0, 5.0, 9.0, 4.0]):
         r.update(nll=nll, answer_tokens=2 + int(nll))
-    m = ev.aggregate(rows, seed=3, samples=400)
-    for key in (*ev.MEAN_METRICS, "bleu", "cross_entropy"):
+    m = aggregate(rows, seed=3, samples=400)
+    for key in (*MEAN_METRICS, "bleu", "cross_entropy"):
         lo, hi = m[f"{key}_ci95"]
         assert lo <= m[key] <= hi and lo < hi, key
     assert m["cross_entropy"] == pytest.approx(24.0 / 36.0)
     # a resample's BLEU from summed statistics is sacrebleu's corpus BLEU of the resampled texts
     from sacrebleu.metrics import BLEU
 
-    idx = ev.bootstrap_indices(6, 5, seed=3)
+    idx = bootstrap_indices(6, 5, seed=3)
     for sample in idx:
         stats = [sum(rows[i]["bleu_stats"][k] for i in sample) for k in range(len(rows[0]["bleu_stats"]))]
         expected = sacrebleu.corpus_bleu([PREDS[i] for i in sample], [[REFS[i] for i in sample]]).score
         assert BLEU()._compute_score_from_stats(stats).score == pytest.approx(expected, abs=1e-9)
     # same seed and n: the same resamples (paired across models), deterministic intervals
-    assert ev.aggregate(rows, seed=3, samples=400) == m
-    assert (ev.bootstrap_indices(6, 5, seed=3) == idx).all()
+    assert aggregate(rows, seed=3, samples=400) == m
+    assert (bootstrap_indices(6, 5, seed=3) == idx).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,7 +117,7 @@ def test_paper_dates_and_freshness_split():
             {"paper_arxiv": "2401.01234"},
             {"paper_doi": None, "paper_arxiv": None}]                  # undated: in neither split
     rows = [question_record(r) for r in rows]  # as evaluate reads them: golden's paper_* are doi/arxiv
-    subsets, dates = ev.freshness_subsets(rows, dt.date(2023, 12, 31), papers)
+    subsets, dates = freshness_subsets(rows, dt.date(2023, 12, 31), papers)
     assert dates == [dt.date(2024, 9, 2), dt.date(2023, 6, 11), dt.date(2024, 1, 5), dt.date(2023, 12, 1),
                      dt.date(2024, 1, 1), None]
     assert subsets == {"after_cutoff": [0, 2, 4], "before_cutoff": [1, 3]}
@@ -272,7 +282,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
 
     cfg = {"base": {"seed": 5, "model": str(tiny_model_dir),
                     "system_prompt": SYSTEM, "hf_offline": True},
-           "evaluate": {"golden": "golden.jsonl", "bertscore_model": ev.OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
+           "evaluate": {"golden": "golden.jsonl", "bertscore_model": OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
                         "max_new_tokens": 12, "batch_size": 8, "greedy": True, "bootstrap_samples": 200,
                         "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rivals": rivals,
                         "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2}}
@@ -280,7 +290,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QRB_T_KEY", "good-key")
     monkeypatch.delenv("QRB_T_NONE", raising=False)
-    ev.main()
+    run_evaluate_stage([])  # not pytest's own argv
 
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "eval", "eval_after_cutoff",

@@ -9,7 +9,9 @@ import torch
 
 from helpers import SYSTEM, base_of, cpu_recipe, qa_rows, recipe
 from qrb.errors import ConfigError
-from stages import train as train_stage
+from stages.train.lineage import lineage
+from stages.train.model import build_model, build_optimizer, lora_config, prepare_tokenizer
+from stages.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def dataset(corpus_dir):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, dataset):
     p = cpu_recipe(epochs=2.0)
-    model, tokenizer, metrics, history = train_stage.train(base_of(tiny_model_dir), p, dataset, "cpu")
+    model, tokenizer, metrics, history = train(base_of(tiny_model_dir), p, dataset, "cpu")
     return model, tokenizer, metrics, history
 
 
@@ -33,10 +35,10 @@ def test_recipe_builds_kaiming_a_zero_b_and_a_real_pad_token(tiny_model_dir):
     from qrb.chat import load_tokenizer
 
     p = cpu_recipe()
-    tokenizer, added = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    tokenizer, added = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
     assert added == 1 and tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token != tokenizer.eos_token
     assert tokenizer.padding_side == "right"
-    model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    model = build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
     a = [t for n, t in model.named_parameters() if "lora_A" in n]
     b = [t for n, t in model.named_parameters() if "lora_B" in n]
@@ -55,9 +57,9 @@ def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_d
     from qrb.chat import load_tokenizer
 
     p = cpu_recipe(learning_rate=1e-4)
-    tokenizer, _ = train_stage.prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
-    model = train_stage.build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
-    opt = train_stage.build_optimizer(model, p)
+    tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    model = build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    opt = build_optimizer(model, p)
     assert isinstance(opt, torch.optim.AdamW)
     names = {id(t): n for n, t in model.named_parameters()}
     lr_of = {}
@@ -67,7 +69,7 @@ def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_d
     b = {(round(lr, 10), wd) for n, (lr, wd) in lr_of.items() if "lora_B" in n}
     a = {(round(lr, 10), wd) for n, (lr, wd) in lr_of.items() if "lora_A" in n}
     assert b == {(8e-4, 0.01)} and a == {(1e-4, 0.01)}
-    assert train_stage.build_optimizer(model, cpu_recipe(method="lora")) is None  # Trainer's AdamW
+    assert build_optimizer(model, cpu_recipe(method="lora")) is None  # Trainer's AdamW
 
 
 def test_card_recipe_on_llama_3_1_8b_shape_trains_546m_params():
@@ -78,7 +80,7 @@ def test_card_recipe_on_llama_3_1_8b_shape_trains_546m_params():
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
     with torch.device("meta"):
-        model = get_peft_model(AutoModelForCausalLM.from_config(cfg), train_stage.lora_config(recipe()))
+        model = get_peft_model(AutoModelForCausalLM.from_config(cfg), lora_config(recipe()))
     lora = sum(t.numel() for n, t in model.named_parameters() if t.requires_grad and "lora_" in n)
     total = sum(t.numel() for t in model.parameters() if t.requires_grad)
     assert lora == 20_971_520
@@ -143,8 +145,8 @@ def test_token_weighted_ce_does_not_depend_on_batch_size(trained, dataset):
 def test_training_is_deterministic(tiny_model_dir, dataset, trained):
     small = {k: dataset[k].select(range(16)) for k in ("train", "eval")}
     p = cpu_recipe(epochs=1.0)
-    first = train_stage.train(base_of(tiny_model_dir), p, small, "cpu")[0]
-    second = train_stage.train(base_of(tiny_model_dir), p, small, "cpu")[0]
+    first = train(base_of(tiny_model_dir), p, small, "cpu")[0]
+    second = train(base_of(tiny_model_dir), p, small, "cpu")[0]
     a = {n: t for n, t in first.named_parameters() if t.requires_grad}
     b = {n: t for n, t in second.named_parameters() if t.requires_grad}
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
@@ -164,5 +166,5 @@ def test_training_energy_is_metered_offline_for_the_card(trained):
     _, _, metrics, _ = trained
     em = metrics["emissions"]
     assert em["country"] == "USA" and em["energy_kwh"] > 0 and em["co2_kg"] > 0
-    lineage = train_stage.lineage(base_of(Path("unused")), cpu_recipe(), metrics)
-    assert lineage["emissions"] == em
+    lin = lineage(base_of(Path("unused")), cpu_recipe(), metrics)
+    assert lin["emissions"] == em

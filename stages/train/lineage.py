@@ -1,0 +1,131 @@
+"""What an adapter was made from, and what making it cost: fingerprints of the data and the base model, the
+checkpoint key built from them, codecarbon's offline energy meter, and the record written as lineage.json."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qrb.params import read_yaml
+
+from . import BASE_KEYS, SECTION, TrainParams
+
+log = logging.getLogger(__name__)
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 of the train/eval rows (what a checkpoint was trained on)."""
+    h = hashlib.sha256()
+    for split in sorted(dataset.keys()):
+        h.update(split.encode())
+        for row in dataset[split]:
+            h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+    """The base model's identity: its config and weight files' names and sizes (a hub id stands for itself)."""
+    d = Path(path)
+    if not d.is_dir():
+        return path
+    h = hashlib.sha256()
+    for f in sorted(d.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def checkpoint_key(base: dict[str, Any], p: TrainParams, data_sha: str) -> str:
+    """Checkpoints are only resumed by a run with the very same params, data and base model."""
+    blob = json.dumps({"base": {k: base[k] for k in BASE_KEYS}, "train": dataclasses.asdict(p), "data": data_sha,
+                       "model": model_fingerprint(base["model"])}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def emissions_meter(country: str | None) -> Iterator[dict[str, Any]]:
+    """Energy (kWh) and CO2-eq (kg) of the block, from codecarbon's offline tracker (no network: the grid's carbon
+    intensity comes from `country`, an ISO 3166 alpha-3 code). Filled in on exit; {} when metering is off."""
+    out: dict[str, Any] = {}
+    if not country:
+        yield out
+        return
+    try:
+        from codecarbon import OfflineEmissionsTracker
+
+        tracker = OfflineEmissionsTracker(country_iso_code=country, save_to_file=False, log_level="error",
+                                          tracking_mode="process", measure_power_secs=15)
+        tracker.start()
+    except Exception as e:  # the meter must never cost a training run; the card then says "not measured"
+        log.warning("train: energy not metered (codecarbon: %s)", e)
+        yield out
+        return
+    try:
+        yield out
+    finally:
+        kg = tracker.stop()
+        data = tracker.final_emissions_data
+        out.update(energy_kwh=float(data.energy_consumed), co2_kg=float(kg or 0.0), country=country,
+                   cpu=getattr(data, "cpu_model", None), gpu=getattr(data, "gpu_model", None) or None)
+
+
+def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to trust that this adapter is what its params say."""
+    from importlib import metadata
+
+    import torch
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    inputs: dict[str, Any] = {}
+    lock = Path("dvc.lock")
+    if lock.exists():  # dvc writes each stage's lock entry as it finishes: validate's outs are train's inputs
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("validate", {}).get("outs", []):
+            inputs[out["path"]] = out.get("md5") or out.get("hash")
+    status = git("status", "--porcelain")
+    cuda = torch.cuda.is_available()
+    return {
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+        "inputs": inputs, "data_sha256": metrics.get("data_sha256"),
+        "base_model": base["model"], "base_model_fingerprint": model_fingerprint(base["model"]),
+        "method": p.method, "seed": base["seed"],
+        "params": {"base": {k: base[k] for k in BASE_KEYS}, SECTION: dataclasses.asdict(p)},
+        "params_file": read_yaml().get(SECTION),
+        "versions": {**{d: version(d) for d in ("torch", "transformers", "peft", "trl", "datasets", "accelerate",
+                                                "dvc", "bitsandbytes")},
+                     "python": platform.python_version()},
+        "hardware": {"device": "cuda" if cuda else "cpu",
+                     "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                     "gpu_count": torch.cuda.device_count() if cuda else 0,
+                     "world_size": metrics.get("world_size"),
+                     "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "wall_s": metrics.get("wall_s"), "tokens_seen": metrics.get("tokens_seen"), "steps": metrics.get("steps"),
+        "resumed_from_step": metrics.get("resumed_from_step"), "checkpoint_key": metrics.get("checkpoint_key"),
+        "eval_ce": metrics.get("eval_ce"), "emissions": metrics.get("emissions"),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,86 @@
+"""The train stage's I/O (see `stages.train`): the validated dataset in; the adapter, lineage.json, metrics and
+loss plots out, only from rank 0 when several processes train. `main` ties `run` to `qrb.stage.run_stage`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qrb.errors import ConfigError, DataError
+from qrb.io import atomic_write_text, write_json
+from qrb.stage import run_stage
+
+from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams
+from .lineage import lineage
+from .trainer import train
+
+log = logging.getLogger(__name__)
+
+DATASET_DIR = Path("artifacts/validate/dataset")
+ADAPTER_DIR = Path("artifacts/train/adapter")
+METRICS = Path("metrics/train.json")
+TRAIN_LOSS_PLOT = Path("plots/train/train_loss.csv")
+EVAL_LOSS_PLOT = Path("plots/train/eval_loss.csv")
+CHECKPOINT_ROOT = Path("cache/train")
+
+
+def write_loss_plots(history: list[dict]) -> None:
+    rows = {"loss": [], "eval_loss": []}
+    for h in history:
+        for key in rows:
+            if key in h:
+                rows[key].append((h["step"], h[key]))
+    for path, key in ((TRAIN_LOSS_PLOT, "loss"), (EVAL_LOSS_PLOT, "eval_loss")):
+        lines = ["step,loss"] + [f"{s},{v:.6f}" for s, v in rows[key]]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def save_adapter(model, tokenizer, p: TrainParams, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if p.method == "loreft":
+        from qrb import loreft
+
+        loreft.save(model, out)
+    else:  # lm_head is not trained and the pad rows are rebuilt deterministically: don't ship a copy of them
+        model.save_pretrained(out, save_embedding_layers=False)
+    tokenizer.save_pretrained(out)
+
+
+def run(base: dict[str, Any], p: TrainParams, args) -> None:
+    from qrb.chat import require_hardware
+
+    device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision)
+    if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun-style ranks without a GPU: accelerate forms a gloo (MULTI_CPU) group only when told "cpu";
+        # `accelerate launch --cpu` itself starts a single process in accelerate 1.15 (no mpirun hostfile)
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    if not DATASET_DIR.exists():
+        raise ConfigError(f"{DATASET_DIR} not found: run the validate stage first (dvc repro validate)")
+    from datasets import load_from_disk
+
+    # in memory: .map() would otherwise write cache files into validate's output folder and DVC would see it changed
+    dataset = load_from_disk(str(DATASET_DIR), keep_in_memory=True)
+    if len(dataset["train"]) == 0:
+        raise DataError("the validated training split is empty")
+    CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)  # a DVC out (persist: true): must exist after the stage
+    model, tokenizer, metrics, history = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT)
+    if not metrics.pop("is_main_process"):
+        return  # multi-process: only rank 0 writes
+    save_adapter(model, tokenizer, p, ADAPTER_DIR)
+    atomic_write_text(ADAPTER_DIR / "lineage.json", json.dumps(lineage(base, p, metrics), indent=2, default=str) + "\n")
+    write_json(METRICS, metrics)
+    write_loss_plots(history)
+    log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),
+             metrics["tokens_per_s"] or 0, 100 * (metrics["padding_fraction"] or 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import stages.train
+
+    run_stage(stages.train.__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)

@@ -1,0 +1,179 @@
+"""The training core: QA rows in trl's prompt/completion format, the SFTConfig of the recipe, an SFTTrainer that
+counts real and padded tokens, the per-length NEFTune hook, and `train()`, which ties them to the model of
+`stages.train.model` and returns the trained model with its metrics (no files written but checkpoints)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import TrainParams
+from .lineage import checkpoint_key, data_fingerprint, emissions_meter
+from .model import build_model, build_optimizer, count_params, prepare_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def to_prompt_completion(rows, system_prompt: str):
+    """trl's conversational prompt/completion format: loss on the completion (the answer) only."""
+    from qrb.chat import completion_messages, prompt_messages
+
+    return rows.map(lambda r: {"prompt": prompt_messages(system_prompt, r["question"]),
+                               "completion": completion_messages(r["answer"])},
+                    remove_columns=rows.column_names)
+
+
+def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: bool):
+    from trl import SFTConfig
+
+    ckpt = p.checkpoint_steps > 0
+    return SFTConfig(
+        output_dir=output_dir, seed=base["seed"], data_seed=base["seed"],
+        per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.eval_batch_size,
+        gradient_accumulation_steps=p.grad_accum, num_train_epochs=p.epochs,
+        learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
+        weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm, optim="adamw_torch",
+        neftune_noise_alpha=None,  # ours, per real sequence length: see neftune_per_length
+        bf16=p.precision == "bf16", fp16=p.precision == "fp16",
+        max_length=p.max_length, completion_only_loss=p.completion_only_loss, packing=False,
+        pad_token=None, label_names=["labels"], logging_steps=p.logging_steps,
+        train_sampling_strategy="group_by_length" if p.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="steps" if ckpt else "no", save_steps=p.checkpoint_steps if ckpt else 500,
+        save_total_limit=2 if ckpt else None, report_to="none",
+        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
+
+
+def neftune_per_length(alpha: float, pad_id: int):
+    """NEFTune forward hook with noise alpha/sqrt(L_i * d) per sequence, L_i its real (unpadded) length.
+
+    transformers' hook uses the padded length of the whole batch, so padding (and length grouping) would change
+    the noise each sequence gets; pad positions get none.
+    """
+    import torch
+
+    def hook(module, args, output):
+        if not module.training or not args:
+            return output
+        real = (args[0] != pad_id)
+        lengths = real.sum(dim=1).clamp(min=1).to(torch.float32)
+        mag = (alpha / torch.sqrt(lengths * output.size(-1))).to(output.dtype)
+        noise = torch.zeros_like(output).uniform_(-1, 1) * mag[:, None, None] * real.unsqueeze(-1).to(output.dtype)
+        return output + noise
+
+    return hook
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def _peak_memory(device: str) -> dict[str, Any]:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_mem_kind": "cuda_allocated"}
+    import resource
+
+    return {"peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_mem_kind": "cpu_max_rss"}
+
+
+def _trainer_cls():
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that counts real and padded tokens of the training batches it steps on."""
+
+        real_tokens = 0
+        padded_tokens = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                mask = inputs["input_ids"] != self.processing_class.pad_token_id
+            self.real_tokens += int(mask.sum())
+            self.padded_tokens += int(mask.numel())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return CountingSFTTrainer
+
+
+def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint_root: Path | None = None,
+          callbacks: tuple = ()) -> tuple[Any, Any, dict[str, Any], list[dict]]:
+    """Core: returns (model, tokenizer, metrics, trainer log history).
+
+    With `checkpoint_root`, checkpoints go to checkpoint_root/<key> every `checkpoint_steps` and a run with the same
+    key resumes from the last one (the run dir is removed after success); without it, a temp dir (no resume).
+    """
+    import torch
+
+    from qrb.chat import load_tokenizer, token_weighted_ce
+
+    tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"]), p)
+    model = build_model(base, p, tokenizer, device)
+    counts = count_params(model)
+    log.info("%s: %d trainable of %d params (%.2f%%); %d token(s) added", p.method, counts["trainable_params"],
+             counts["total_params"], 100 * counts["trainable_params"] / counts["total_params"], added)
+    train_ds = to_prompt_completion(dataset["train"], base["system_prompt"])
+    eval_ds = to_prompt_completion(dataset["eval"], base["system_prompt"]) if "eval" in dataset else None
+    data_sha = data_fingerprint(dataset)
+    key = checkpoint_key(base, p, data_sha)
+    with contextlib.ExitStack() as stack:
+        if checkpoint_root is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qrb-train-")))
+        else:
+            run_dir = Path(checkpoint_root) / key
+        resume = last_checkpoint(run_dir) if p.checkpoint_steps > 0 else None
+        if resume:
+            log.info("resuming from %s (same params, data and base model: key %s)", resume, key)
+        trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
+                                 train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                                 optimizers=(build_optimizer(model, p), None), callbacks=list(callbacks) or None)
+        handle = None
+        if p.neftune_noise_alpha:
+            emb = trainer.accelerator.unwrap_model(model).get_input_embeddings()
+            handle = emb.register_forward_hook(neftune_per_length(p.neftune_noise_alpha, tokenizer.pad_token_id))
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        try:
+            with emissions_meter(p.emissions_country) as emissions:
+                result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if handle is not None:
+                handle.remove()
+        wall = time.time() - t0
+        is_main = trainer.accelerator.is_main_process
+        reduce = trainer.accelerator.reduce
+        real = int(reduce(torch.tensor(trainer.real_tokens, device=trainer.accelerator.device), "sum"))
+        padded = int(reduce(torch.tensor(trainer.padded_tokens, device=trainer.accelerator.device), "sum"))
+        trainer.accelerator.wait_for_everyone()
+        if checkpoint_root is not None and is_main and run_dir.exists():
+            shutil.rmtree(run_dir)  # done: a rerun starts fresh (dvc repro only reruns when something changed)
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+    metrics: dict[str, Any] = {
+        "method": p.method, **counts, "added_tokens": added,
+        "train_loss": float(result.training_loss), "wall_s": round(wall, 2),
+        "steps": int(trainer.state.global_step), "tokens_seen": tokens_seen,
+        "tokens_per_s": round(real / wall, 1) if wall > 0 else None,  # real tokens stepped on in this process
+        "padding_fraction": round(1 - real / padded, 4) if padded else None,
+        "world_size": trainer.accelerator.num_processes,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else None,
+        "checkpoint_key": key, "data_sha256": data_sha, **_peak_memory(device),
+        "emissions": emissions or None,
+    }
+    if "eval" in dataset and is_main:
+        ce = token_weighted_ce(model, tokenizer, list(dataset["eval"]), base["system_prompt"],
+                               batch_size=p.eval_batch_size, max_length=p.max_length)
+        metrics.update(eval_ce=ce["cross_entropy"], eval_tokens=ce["tokens"])
+    metrics["is_main_process"] = is_main
+    return model, tokenizer, metrics, trainer.state.log_history
