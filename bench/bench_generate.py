@@ -2,7 +2,8 @@
 
 Run: `python bench/bench_generate.py [--requests 64] [--latency 0.2]`. Prints the wall time of each run and the
 ratio (the issue's bar: concurrency 16 >= 12x faster than concurrency 1). Both runs go through the stage's own
-request loop (`stages.generate.run_requests`: semaphore, rate limiter, retries, SQLite cache) with an empty cache.
+request loop (`stages.generate.client.Requester`: semaphore, rate limiter, retries, SQLite cache) with an empty
+cache.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import stages.generate as g  # noqa: E402
-from qrb.offline.smoke_endpoint import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
+from qrb.offline.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
+from stages.generate import GenerateParams  # noqa: E402
+from stages.generate.cache import ResponseCache  # noqa: E402
+from stages.generate.client import run_requests  # noqa: E402
+from stages.generate.run import load_templates  # noqa: E402
+from stages.generate.units import build_units  # noqa: E402
 
 
 def papers(n: int) -> list[dict]:
@@ -29,21 +34,21 @@ def papers(n: int) -> list[dict]:
 
 
 def run(concurrency: int, n_requests: int, base_url: str) -> float:
-    p = g.GenerateParams(base_url=base_url, model=MODEL_ID, api_key_env="X", prompts=("factual",),
-                         pairs_per_prompt=3, temperature=0.0, max_tokens=600, concurrency=concurrency,
-                         requests_per_minute=0, tokens_per_minute=0, timeout_s=10.0, max_retries=2,
-                         backoff_base_s=0.1, backoff_max_s=1.0, near_duplicate_jaccard=0.8, eval_size=0,
-                         price_input_per_1m=0.0, price_output_per_1m=0.0, max_cost_usd=0.0)
-    system, templates = g.load_templates(p.prompts, ROOT / "prompts")
-    units, _ = g.build_units(papers(n_requests), templates, system, p, seed=concurrency)
+    p = GenerateParams(base_url=base_url, model=MODEL_ID, api_key_env="X", prompts=("factual",),
+                       pairs_per_prompt=3, temperature=0.0, max_tokens=600, concurrency=concurrency,
+                       requests_per_minute=0, tokens_per_minute=0, timeout_s=10.0, max_retries=2,
+                       backoff_base_s=0.1, backoff_max_s=1.0, near_duplicate_jaccard=0.8, eval_size=0,
+                       price_input_per_1m=0.0, price_output_per_1m=0.0, max_cost_usd=0.0)
+    system, templates = load_templates(p.prompts, ROOT / "prompts")
+    units, _ = build_units(papers(n_requests), templates, system, p, seed=concurrency)
     from openai import AsyncOpenAI
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = g.ResponseCache(Path(tmp) / "responses.sqlite")
+        cache = ResponseCache(Path(tmp) / "responses.sqlite")
 
         async def go() -> None:
             client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=p.timeout_s)
-            responses, failures, _ = await g.run_requests(units, p, 0, client, cache)
+            responses, failures, _ = await run_requests(units, p, 0, client, cache)
             assert len(responses) == n_requests and not failures
             await client.close()
 

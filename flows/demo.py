@@ -62,7 +62,7 @@ def offline_services(ws: Path) -> contextlib.ExitStack:
                                                       "--port", str(host_port(start)[1])], start, ws))
     gen = params["generate"]
     os.environ.setdefault(gen["api_key_env"], SMOKE_KEY_ENV_VALUE)
-    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke_endpoint", "--port",
+    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke", "--port",
                                                            str(host_port(gen["base_url"])[1])], gen["base_url"], ws))
     return stack
 

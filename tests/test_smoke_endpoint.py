@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.smoke_endpoint import (
+from qrb.offline.smoke import (
     FINGERPRINT,
     MODEL_ID,
     Faults,
@@ -23,7 +23,7 @@ from qrb.offline.smoke_endpoint import (
     serve_smoke_endpoint,
     split_sentences,
 )
-from stages.generate import PAIR_SCHEMA, parse_pairs
+from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["factual", "results", "methods", "novelty", "definitions"]
@@ -178,7 +178,7 @@ def test_cli_serves_until_killed():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qrb.offline.smoke_endpoint", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qrb.offline.smoke", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "QRB_SMOKE_API_KEY": "anything"})
     try:

@@ -19,15 +19,19 @@ import pytest
 import yaml
 
 from qrb.io import write_jsonl
-from stages import validate as v
+from qrb.schema import PAIR_FIELDS
+from stages.validate import ValidateParams
+from stages.validate.core import validate
+from stages.validate.report import summary
+from stages.validate.suite import ROW_SUITE, row_checks
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = (REPO / "data" / "corpus" / "quantum-papers.jsonl", REPO / "data" / "corpus" / "quantum-papers-arxiv.jsonl")
 FIXTURES = REPO / "tests" / "fixtures" / "validate"
 
-P = v.ValidateParams(min_question_chars=15, max_question_chars=400, min_answer_chars=10, max_answer_chars=2000,
-                     min_rows=50, max_fail_rate=0.2, max_paper_share=0.2, min_grounding=0.5, min_similarity=0.0,
-                     min_eval_rows=10, max_eval_fraction=0.3)
+P = ValidateParams(min_question_chars=15, max_question_chars=400, min_answer_chars=10, max_answer_chars=2000,
+                   min_rows=50, max_fail_rate=0.2, max_paper_share=0.2, min_grounding=0.5, min_similarity=0.0,
+                   min_eval_rows=10, max_eval_fraction=0.3)
 
 PDE = "10.22331/q-2021-11-10-574"            # High-precision quantum algorithms for partial differential equations
 TENSORKROWCH = "10.22331/q-2024-06-11-1364"
@@ -231,7 +235,7 @@ def catalogue(splits, papers):
     bad = [build(train, papers) for _, build, *_ in BAD_ROWS]
     ok = [build(train, papers) for _, build in NEAR_MISSES]
     train_in = train + bad + ok
-    outcome = v.validate(train_in, eval_, papers, P)
+    outcome = validate(train_in, eval_, papers, P)
     first_bad = len(train) + 1
     rows = {case[0]: f"train:{first_bad + i}" for i, case in enumerate(BAD_ROWS)}
     rows.update({case[0]: f"train:{first_bad + len(bad) + i}" for i, case in enumerate(NEAR_MISSES)})
@@ -274,13 +278,13 @@ def test_under_the_threshold_the_gate_passes_and_only_bad_rows_are_quarantined(c
     assert m["rows_out"]["total"] == m["rows_in"]["total"] - len(BAD_ROWS)
     for reason, n in m["row_failures"].items():                             # metrics agree with the quarantine
         assert n == sum(reason in q["reasons"] for q in outcome.quarantine), reason
-    assert set(m["row_failures"]) == {c.reason for c in v.row_checks(P)}
+    assert set(m["row_failures"]) == {c.reason for c in row_checks(P)}
 
 
 def test_clean_dataset_passes_untouched(splits, papers):
     train, eval_ = splits
     snapshot = copy.deepcopy((train, eval_))
-    outcome = v.validate(train, eval_, papers, P)
+    outcome = validate(train, eval_, papers, P)
     assert outcome.gate_passed and outcome.quarantine == []
     assert outcome.train == snapshot[0] and outcome.eval == snapshot[1]       # same rows, same order
     assert (train, eval_) == snapshot                                        # inputs not modified
@@ -290,25 +294,25 @@ def test_clean_dataset_passes_untouched(splits, papers):
 
 def test_smoke_endpoint_pairs_from_the_whole_corpus_pass(papers):
     """What the offline demo feeds the stage: every pair the extractive smoke endpoint writes must pass."""
-    from qrb.offline.smoke_endpoint import extractive_pairs
+    from qrb.offline.smoke import extractive_pairs
 
     pairs = []
     for p in papers:
         for prompt in ("factual", "results", "methods", "novelty", "definitions"):
-            for i, qa in enumerate(extractive_pairs(p["title"], p["abstract"], prompt, 3)):
+            for qa in extractive_pairs(p["title"], p["abstract"], prompt, 3):
                 pairs.append({**qa, "doi": p["doi"], "title": " ".join(p["title"].split()),
                               "published": p["published"], "prompt_id": prompt, "model": "qrb-smoke-extractive",
                               "response_id": f"chatcmpl-smoke-{p['doi']}-{prompt}", "chunk": 0})
     eval_dois = {p["doi"] for p in papers[-4:]}
-    outcome = v.validate([r for r in pairs if r["doi"] not in eval_dois], [r for r in pairs if r["doi"] in eval_dois],
-                         papers, P)
-    assert outcome.quarantine == [], v.summary(outcome)
+    outcome = validate([r for r in pairs if r["doi"] not in eval_dois], [r for r in pairs if r["doi"] in eval_dois],
+                       papers, P)
+    assert outcome.quarantine == [], summary(outcome)
     assert outcome.gate_passed
 
 
 def test_hand_paraphrased_pairs_pass_by_token_overlap(papers):
     rows = [json.loads(line) for line in (FIXTURES / "paraphrased_pairs.jsonl").read_text().splitlines()]
-    outcome = v.validate(rows, [], papers, dataclasses.replace(P, min_rows=1, min_eval_rows=0))
+    outcome = validate(rows, [], papers, dataclasses.replace(P, min_rows=1, min_eval_rows=0))
     assert outcome.quarantine == [], outcome.quarantine
 
 
@@ -326,9 +330,9 @@ def test_fail_rate_above_threshold_closes_the_gate(splits, papers):
         row["question"] = f"Question number {i} about nothing in particular?"
         row["answer"] = "I'm sorry, but I cannot answer that question."
         bad.append(row)
-    outcome = v.validate(train + bad, eval_, papers, P)
+    outcome = validate(train + bad, eval_, papers, P)
     assert not outcome.gate_passed and failed_checks(outcome) == {"max_fail_rate"}
-    text = v.summary(outcome)
+    text = summary(outcome)
     assert "gate FAILED" in text and "max_fail_rate" in text
     assert re.search(rf"refusal_or_boilerplate\s+{len(bad)}\b", text)
     assert "I'm sorry" in text                                               # an example row is shown
@@ -336,11 +340,11 @@ def test_fail_rate_above_threshold_closes_the_gate(splits, papers):
 
 def test_min_rows_and_eval_size(splits, papers):
     train, eval_ = splits
-    o = v.validate(train, eval_, papers, dataclasses.replace(P, min_rows=len(train) + 1))
+    o = validate(train, eval_, papers, dataclasses.replace(P, min_rows=len(train) + 1))
     assert failed_checks(o) == {"min_rows"}
-    o = v.validate(train, eval_, papers, dataclasses.replace(P, min_eval_rows=len(eval_) + 1))
+    o = validate(train, eval_, papers, dataclasses.replace(P, min_eval_rows=len(eval_) + 1))
     assert failed_checks(o) == {"min_eval_rows"}
-    o = v.validate(train, eval_, papers, dataclasses.replace(P, max_eval_fraction=0.01))
+    o = validate(train, eval_, papers, dataclasses.replace(P, max_eval_fraction=0.01))
     assert failed_checks(o) == {"max_eval_fraction"}
     assert o.metrics["dataset_checks"]["max_eval_fraction"]["observed"] == pytest.approx(
         len(eval_) / (len(train) + len(eval_)), abs=1e-6)
@@ -353,22 +357,22 @@ def test_one_paper_dominating_train_closes_the_gate(splits, papers):
         row = by_doi(train, PDE, i % 5)
         row["question"] = f'What does the paper "{row["title"]}" state in variant {i} of its claims?'
         extra.append(row)
-    outcome = v.validate(train + extra, eval_, papers, P)
+    outcome = validate(train + extra, eval_, papers, P)
     assert failed_checks(outcome) == {"max_paper_share"}
-    assert PDE in v.summary(outcome)
+    assert PDE in summary(outcome)
 
 
 def test_a_paper_in_both_splits_closes_the_gate(splits, papers):
     train, eval_ = splits
     leaked = by_doi(train, OPTIONS, 0)
     leaked["question"] = f'Which result of "{leaked["title"]}" concerns the Heston model?'
-    outcome = v.validate(train, eval_ + [leaked], papers, P)
+    outcome = validate(train, eval_ + [leaked], papers, P)
     assert failed_checks(outcome) == {"split_disjoint"}
-    assert OPTIONS in v.summary(outcome)
+    assert OPTIONS in summary(outcome)
 
 
 def test_no_rows_at_all_fails_cleanly(papers):
-    outcome = v.validate([], [], papers, P)
+    outcome = validate([], [], papers, P)
     assert not outcome.gate_passed and {"min_rows", "min_eval_rows"} <= failed_checks(outcome)
     assert outcome.metrics["rows_in"]["total"] == 0
 
@@ -427,7 +431,7 @@ def test_stage_under_threshold_passes_quarantines_and_writes_every_output(tmp_pa
 
     dd = datasets.load_from_disk(str(out / "dataset"))
     assert set(dd) == {"train", "eval"} and dd["train"].num_rows == len(train) and dd["eval"].num_rows == len(eval_)
-    assert dd["train"].column_names == list(v.PAIR_FIELDS)
+    assert dd["train"].column_names == list(PAIR_FIELDS)
     assert dd["train"][0] == train[0] and dd["eval"][len(eval_) - 1] == eval_[-1]
 
     m = json.loads((ws / "metrics/validate.json").read_text())
@@ -443,7 +447,7 @@ def test_stage_under_threshold_passes_quarantines_and_writes_every_output(tmp_pa
     assert "<code>not_english</code>" not in failed
     gx_pages = list((ws / "reports/data_docs/validations").rglob("*.html"))
     assert len(gx_pages) == 2 and (ws / "reports/data_docs/gx_index.html").exists()
-    row_page = next(pg for pg in gx_pages if v.ROW_SUITE in str(pg)).read_text()
+    row_page = next(pg for pg in gx_pages if ROW_SUITE in str(pg)).read_text()
     assert "no prompt, template or chat-format fragments" in row_page and "train:43" in row_page
     assert not list(ws.glob("reports/.*")) and not list(out.glob(".*"))     # no temp folders left
 
@@ -510,6 +514,6 @@ def test_minilm_similarity_passes_paraphrases_and_flags_off_topic_answers(papers
                answer="The stock market tends to rise in December according to historical data.",
                response_id="off-topic")
     p = dataclasses.replace(P, min_similarity=0.3, min_rows=1, min_eval_rows=0)
-    outcome = v.validate(rows + [off], [], papers, p)
+    outcome = validate(rows + [off], [], papers, p)
     assert outcome.reasons == {f"train:{len(rows) + 1}": ["ungrounded", "off_topic"]}
     assert outcome.metrics["row_failures"]["off_topic"] == 1

@@ -1,0 +1,243 @@
+"""The smoke endpoint's HTTP server: routes (`POST /v1/chat/completions`, `GET /v1/models`), the API-key check,
+injectable faults, `SmokeEndpoint` / `serve_smoke_endpoint` for tests and `main` for the command line.
+
+Faults and latency are injectable (`Faults`): rates of 429 (with Retry-After), 500, stalls (the reply comes after
+`stall_s`, past a client's timeout), invalid JSON content and truncated replies (`finish_reason: "length"`). The
+draw for each request is seeded and depends only on the request body and how many times that same body was seen,
+so a run's faults do not depend on thread scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from qrb.io import setup_logging
+
+from .completions import MODEL_ID, completion
+
+log = logging.getLogger(__name__)
+
+BANNER = ("qrb smoke endpoint: an OpenAI-compatible SMOKE-TEST stand-in. It is NOT a language model: it copies "
+          "sentences of the paper's abstract into question/answer pairs (model id %s).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Injectable latency and faults; each rate is a probability per request (they are exclusive, summed <= 1)."""
+
+    latency_s: float = 0.0          # added to every request
+    rate_429: float = 0.0
+    retry_after_s: float = 0.05     # sent as `retry-after-ms` and (rounded up) `Retry-After`
+    rate_500: float = 0.0
+    rate_stall: float = 0.0
+    stall_s: float = 5.0            # a stalled reply comes after this long
+    rate_invalid_json: float = 0.0
+    rate_truncated: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        total = self.rate_429 + self.rate_500 + self.rate_stall + self.rate_invalid_json + self.rate_truncated
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"smoke endpoint: fault rates sum to {total:.2f} > 1")
+
+    def draw(self, body: bytes, occurrence: int) -> str | None:
+        """The fault for the `occurrence`-th request with this body (deterministic), or None."""
+        h = hashlib.sha256(f"{self.seed}:{occurrence}:".encode() + body).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64
+        for name, rate in (("429", self.rate_429), ("500", self.rate_500), ("stall", self.rate_stall),
+                           ("invalid_json", self.rate_invalid_json), ("truncated", self.rate_truncated)):
+            if u < rate:
+                return name
+            u -= rate
+        return None
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default listen backlog (5) drops bursts of connects: 1 s SYN retries
+    daemon_threads = True
+
+
+class SmokeEndpoint:
+    """A running smoke endpoint: `.base_url` (ends in /v1), `.requests` (one dict per request seen)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
+                 api_key: str | None = None) -> None:
+        self.faults = faults or Faults()
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
+            server_version = "qrb-smoke-endpoint"
+
+            def log_message(self, fmt: str, *args: Any) -> None:  # no stderr noise, never headers
+                log.debug("%s %s", self.address_string(), fmt % args)
+
+            def do_GET(self) -> None:  # noqa: N802
+                endpoint._handle(self, "GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                endpoint._handle(self, "POST")
+
+        self._server = _Server((host, port), Handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="smoke-endpoint", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def completions_count(self) -> int:
+        with self._lock:
+            return sum(r["path"].endswith("/chat/completions") for r in self.requests)
+
+    def start(self) -> SmokeEndpoint:
+        log.info(BANNER, MODEL_ID)
+        log.info("qrb smoke endpoint: serving %s (faults: %s)", self.base_url, self.faults)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -- request handling ---------------------------------------------------------------------------------------
+    def _send(self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (e.g. after a stall)
+
+    @staticmethod
+    def _error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+        return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = h.path.split("?", 1)[0].rstrip("/")
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        auth = h.headers.get("Authorization", "")
+        with self._lock:
+            n = len(self.requests) + 1
+            occurrence = self._seen.get(hashlib.sha256(raw).hexdigest(), 0)
+            self._seen[hashlib.sha256(raw).hexdigest()] = occurrence + 1
+            fault = self.faults.draw(raw, occurrence) if path.endswith("/chat/completions") else None
+            record = {"n": n, "method": method, "path": path, "fault": fault, "time": time.time()}
+            self.requests.append(record)
+        log.info("smoke endpoint: request #%d %s %s%s", n, method, path, f" [fault: {fault}]" if fault else "")
+        if self.faults.latency_s:
+            self._stop.wait(self.faults.latency_s)
+        if not auth.startswith("Bearer ") or (self.api_key is not None and auth != f"Bearer {self.api_key}"):
+            return self._send(h, 401, self._error("Missing or invalid API key.", "invalid_request_error",
+                                                  "invalid_api_key"))
+        if method == "GET" and path in ("/v1/models", "/models"):
+            return self._send(h, 200, {"object": "list", "data": [
+                {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "qrb-smoke-endpoint"}]})
+        if method == "GET" and path in (f"/v1/models/{MODEL_ID}", f"/models/{MODEL_ID}"):
+            return self._send(h, 200, {"id": MODEL_ID, "object": "model", "created": 0,
+                                       "owned_by": "qrb-smoke-endpoint"})
+        if not (method == "POST" and path.endswith("/chat/completions")):
+            return self._send(h, 404, self._error(f"Unknown route {method} {path}", "invalid_request_error"))
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                raise ValueError("`messages` must be a list")
+        except ValueError as e:
+            return self._send(h, 400, self._error(f"Invalid request body: {e}", "invalid_request_error"))
+        if body.get("model") != MODEL_ID:
+            return self._send(h, 404, self._error(
+                f"The model `{body.get('model')}` does not exist; this smoke endpoint serves `{MODEL_ID}`.",
+                "invalid_request_error", "model_not_found"))
+        if fault == "429":
+            ra = self.faults.retry_after_s
+            return self._send(h, 429, self._error("Rate limit reached (injected by the smoke endpoint).",
+                                                  "rate_limit_error", "rate_limit_exceeded"),
+                              {"Retry-After": str(math.ceil(ra)), "retry-after-ms": str(int(ra * 1000))})
+        if fault == "500":
+            return self._send(h, 500, self._error("Internal server error (injected by the smoke endpoint).",
+                                                  "server_error"))
+        if fault == "stall":
+            if self._stop.wait(self.faults.stall_s):
+                return
+        return self._send(h, 200, completion(body, fault))
+
+
+@contextlib.contextmanager
+def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str = "127.0.0.1",
+                         api_key: str | None = None) -> Iterator[SmokeEndpoint]:
+    """Serve the smoke endpoint in a background thread for the duration of the `with` block."""
+    ep = SmokeEndpoint(host=host, port=port, faults=faults, api_key=api_key).start()
+    try:
+        yield ep
+    finally:
+        ep.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import qrb.offline.smoke
+
+    ap = argparse.ArgumentParser(prog="python -m qrb.offline.smoke",
+                                 description=qrb.offline.smoke.__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8732)
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    for name in ("429", "500", "stall", "invalid_json", "truncated"):
+        ap.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
+    ap.add_argument("--stall-s", type=float, default=5.0)
+    ap.add_argument("--retry-after-s", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true", help="don't log each request")
+    args = ap.parse_args(argv)
+    setup_logging()
+    if args.quiet:
+        log.setLevel(logging.WARNING)
+        logging.getLogger(__name__).warning(BANNER, MODEL_ID)
+    faults = Faults(latency_s=args.latency, rate_429=args.rate_429, rate_500=args.rate_500,
+                    rate_stall=args.rate_stall, stall_s=args.stall_s, rate_invalid_json=args.rate_invalid_json,
+                    rate_truncated=args.rate_truncated, retry_after_s=args.retry_after_s, seed=args.seed)
+    try:
+        ep = SmokeEndpoint(host=args.host, port=args.port, faults=faults).start()
+    except OSError as e:
+        raise SystemExit(f"smoke endpoint: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ep.stop()
+        log.info("smoke endpoint: stopped after %d requests", len(ep.requests))
+
+
+if __name__ == "__main__":
+    main()

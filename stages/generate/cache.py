@@ -1,0 +1,93 @@
+"""The response cache: SQLite, one durable commit per response, so a rerun or a resume after `kill -9` repeats no
+request that had been answered (the key is `Unit.key`: endpoint, model, template, paper content, sampling)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .units import Unit
+
+
+class ResponseCache:
+    """SQLite (WAL, synchronous=FULL). During a run, one writer thread owns the writes and commits them in groups
+    (all replies that arrived during the previous fsync), so fsyncs neither stall the event loop nor serialise the
+    requests; a reply counts as done only once its commit has returned."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, created REAL NOT NULL, "
+                        "doi TEXT, prompt_id TEXT, chunk INTEGER, value TEXT NOT NULL)")
+        self.db.commit()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def keys(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT key FROM responses")}
+
+    def get_many(self, keys: set[str]) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM responses") if k in keys}
+
+    @staticmethod
+    def _row(unit: Unit, value: dict[str, Any]) -> tuple:
+        return (unit.key, time.time(), unit.doi, unit.prompt_id, unit.chunk,
+                json.dumps(value, ensure_ascii=False, sort_keys=True))
+
+    def _writer(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            items = [b for b in batch if b is not None]
+            error: BaseException | None = None
+            if items:
+                try:
+                    self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                                        [self._row(u, v) for u, v, _, _ in items])
+                    self.db.commit()
+                except BaseException as e:  # handed to the waiting requests
+                    error = e
+            for _, _, loop, fut in items:
+                try:
+                    loop.call_soon_threadsafe(_settle, fut, error)
+                except RuntimeError:  # the run was interrupted and its loop closed; the rows are committed
+                    pass
+            if len(items) < len(batch):
+                return
+
+    async def aput(self, unit: Unit, value: dict[str, Any]) -> None:
+        """Store a reply; returns once its commit has returned (raises what the commit raised)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._writer, name="generate-cache", daemon=True)
+            self.thread.start()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put((unit, value, loop, fut))
+        await fut
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.db.close()
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if not fut.done():
+        fut.set_exception(error) if error else fut.set_result(None)

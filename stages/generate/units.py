@@ -1,0 +1,126 @@
+"""The requests to make: one `Unit` per (paper, chunk, template), its cache key, and what the run will cost.
+
+Pure: papers + templates + params in, units (and the papers that cannot be sent, as failure rows) out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from . import GenerateParams
+
+CHUNK_CHARS = 8000              # full text (when the scrape stage fetched it) is sent in chunks of about this size
+EST_OUTPUT_TOKENS_PER_PAIR = 90  # for the cost estimate: a pair is ~60-120 tokens of JSON
+
+
+@dataclasses.dataclass
+class Unit:
+    doi: str
+    title: str
+    published: str | None
+    prompt_id: str
+    chunk: int
+    messages: list[dict[str, str]]
+    key: str                  # cache key
+    est_prompt_tokens: int
+
+
+def failure_row(doi: str | None, title: str, reason: str, *, prompt_id: str | None = None, chunk: int | None = None,
+                attempts: int = 0) -> dict[str, Any]:
+    """A failures.jsonl row; a paper-level failure (no request sent) has no prompt_id, no chunk, 0 attempts."""
+    return {"doi": doi, "title": title, "prompt_id": prompt_id, "chunk": chunk, "attempts": attempts, "reason": reason}
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def est_tokens(text: str) -> int:
+    """A tokenizer-free estimate (~4 characters per token for English)."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+_DELIM = re.compile(r"<\s*/?\s*paper\s*>", re.I)
+
+
+def _clean(text: Any) -> str:
+    return _DELIM.sub("[paper]", " ".join(str(text or "").split()))
+
+
+def paper_chunks(paper: dict[str, Any]) -> list[str]:
+    """The texts sent for a paper: chunk 0 is the abstract; full text (if scraped) follows in ~CHUNK_CHARS pieces."""
+    chunks = [_clean(paper.get("abstract"))] if (paper.get("abstract") or "").strip() else []
+    full = paper.get("full_text")
+    if isinstance(full, str) and full.strip():
+        paras, cur = [p for p in re.split(r"\n\s*\n", full) if p.strip()], ""
+        for para in paras:
+            if cur and len(cur) + len(para) > CHUNK_CHARS:
+                chunks.append(_clean(cur))
+                cur = ""
+            cur += para + "\n\n"
+        if cur.strip():
+            chunks.append(_clean(cur))
+    return chunks
+
+
+def render_paper(paper: dict[str, Any], chunk: int, text: str, n_chunks: int) -> str:
+    label = "Abstract" if chunk == 0 else "Text"
+    lines = ["<paper>", f"Title: {_clean(paper.get('title'))}", f"DOI: {_clean(paper.get('doi'))}"]
+    if paper.get("published"):
+        lines.append(f"Published: {_clean(paper.get('published'))}")
+    if chunk:
+        lines.append(f"Part: {chunk} of {n_chunks - 1} of the full text")
+    lines += [f"{label}:", text, "</paper>"]
+    return "\n".join(lines)
+
+
+def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system: str, p: GenerateParams,
+                seed: int) -> tuple[list[Unit], list[dict[str, Any]]]:
+    """Every request to make, and the papers that cannot be sent (as failure rows)."""
+    units, failures = [], []
+    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": p.pairs_per_prompt,
+                "seed": seed}
+    endpoint = p.base_url.rstrip("/")
+    for paper in papers:
+        doi, title = paper.get("doi"), _clean(paper.get("title"))
+        if not doi:
+            failures.append(failure_row(doi, title, f"paper has no DOI ({paper.get('url')})"))
+            continue
+        chunks = paper_chunks(paper)
+        if not chunks:
+            failures.append(failure_row(doi, title, "paper has no abstract or text"))
+            continue
+        for ci, text in enumerate(chunks):
+            block = render_paper(paper, ci, text, len(chunks))
+            for pid in p.prompts:
+                template = templates[pid]
+                user = template.replace("{{n}}", str(p.pairs_per_prompt)).replace("{{paper}}", block)
+                key = _hash(json.dumps({"endpoint": endpoint, "model": p.model,
+                                        "template": _hash(system + "\x00" + template), "paper": _hash(block),
+                                        "sampling": sampling}, sort_keys=True))
+                units.append(Unit(doi=doi, title=title, published=paper.get("published"), prompt_id=pid,
+                                  chunk=ci, key=key, est_prompt_tokens=est_tokens(system + user) + 8,
+                                  messages=[{"role": "system", "content": system},
+                                            {"role": "user", "content": user}]))
+    return units, failures
+
+
+def cost_usd(prompt_tokens: int, completion_tokens: int, p: GenerateParams) -> float:
+    return prompt_tokens * p.price_input_per_1m / 1e6 + completion_tokens * p.price_output_per_1m / 1e6
+
+
+def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str, Any]:
+    """Requests (cached / to send) and their estimated cost, before anything is sent."""
+    todo = [u for u in units if u.key not in cached]
+    pt = sum(u.est_prompt_tokens for u in todo)
+    ct = len(todo) * min(p.max_tokens, p.pairs_per_prompt * EST_OUTPUT_TOKENS_PER_PAIR + 20)
+    worst = len(todo) * p.max_tokens
+    return {"requests": len(units), "requests_cached": len(units) - len(todo), "requests_to_send": len(todo),
+            "est_prompt_tokens": pt, "est_completion_tokens": ct,
+            "est_cost_usd": round(cost_usd(pt, ct, p), 6),
+            "worst_case_cost_usd": round(cost_usd(pt, worst, p), 6)}

@@ -1,0 +1,104 @@
+"""Validate stage: a great-expectations gate that stops bad question/answer pairs before training.
+
+Run from the repository (or workspace) root:  `python -m stages.validate`  (DVC: `dvc repro validate`).
+
+Reads
+  params.yaml `validate:`            thresholds (see `ValidateParams`)
+  artifacts/scrape/papers.jsonl      the papers (title + abstract are what answers must be grounded in)
+  artifacts/generate/train.jsonl     pairs: question, answer, doi, title, published, prompt_id, model,
+  artifacts/generate/eval.jsonl      response_id, chunk (split by paper)
+
+Checks (great-expectations 1.x, ephemeral context, analytics off; one suite per level, each run through a
+validation definition and a checkpoint whose action builds Data Docs)
+  rows     required fields and types; non-empty; length bounds; a question is a question; unique questions (exact
+           and normalised, the first one is kept); no refusals/boilerplate; no leaked prompt, JSON or markup; English;
+           DOI format; provenance present; the paper is known and the title matches it; the answer is grounded in the
+           paper (token overlap, and MiniLM similarity when `min_similarity` > 0); the question names what it asks
+           about instead of leaning on "this paper"/"the text"; the answer does not just repeat the question.
+  dataset  failure rate <= max_fail_rate; clean train rows >= min_rows; clean eval rows >= min_eval_rows and
+           <= max_eval_fraction of the clean rows; no paper above max_paper_share of clean train rows; no paper in
+           both splits.
+
+Writes
+  artifacts/validate/quarantine.jsonl  one line per failing row: {split, line, row_id, reasons, scores, row}
+  artifacts/validate/dataset           passing rows as a `datasets.DatasetDict` (splits "train", "eval";
+  artifacts/validate/train.jsonl       the input pairs' columns), and the same rows as JSON Lines, in input order
+  artifacts/validate/eval.jsonl
+  reports/data_docs/                   Data Docs: open index.html (summary of what failed, links to GX's pages)
+  metrics/validate.json                rows in/out, failures per expectation, dataset checks (DVC metrics)
+
+Gate: when a dataset-level expectation fails (the failure rate above `max_fail_rate` is one of them) the stage
+prints a short summary (counts per reason, a few examples) to stderr and exits 65 (a data error) without writing the clean
+dataset, so `dvc repro` stops before train. Quarantine, metrics and Data Docs are written either way.
+"""
+
+# The parts, each readable and testable on its own (this module stays light: no great-expectations, datasets or
+# torch import, so `--help` and tests/test_params.py import it cheaply):
+#   text      pure text checks and the pattern lists (normalisation, stems, English, is-a-question, names-its-paper)
+#   features  the computed columns the suites check (per row: grounding, MiniLM similarity; per dataset row)
+#   suite     the expectation lists built from params, and the great-expectations runner
+#   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs)
+#   report    the stderr summary and the Data Docs entry page
+#   run       the files: read the inputs, write the outputs, `main()`
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+SECTION = "validate"
+BASE_KEYS: tuple[str, ...] = ()
+
+PAPERS_IN = Path("artifacts/scrape/papers.jsonl")
+TRAIN_IN = Path("artifacts/generate/train.jsonl")
+EVAL_IN = Path("artifacts/generate/eval.jsonl")
+OUT_DIR = Path("artifacts/validate")
+DATASET_OUT = OUT_DIR / "dataset"
+TRAIN_OUT = OUT_DIR / "train.jsonl"
+EVAL_OUT = OUT_DIR / "eval.jsonl"
+QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
+DOCS_OUT = Path("reports/data_docs")
+METRICS_OUT = Path("metrics/validate.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams:
+    """The `validate:` section of params.yaml."""
+
+    min_question_chars: int
+    max_question_chars: int
+    min_answer_chars: int
+    max_answer_chars: int
+    min_rows: int               # clean train rows at least this many
+    max_fail_rate: float        # share of input rows that may fail row checks
+    max_paper_share: float      # no paper above this share of the clean train rows
+    min_grounding: float        # share of the answer's content words found in its paper (title, abstract, metadata)
+    min_similarity: float       # MiniLM cosine answer vs best paper sentence; 0 turns the check (and the model) off
+    min_eval_rows: int          # clean eval rows at least this many
+    max_eval_fraction: float    # clean eval rows at most this share of all clean rows
+
+    def check(self) -> None:
+        def bad(key: str, rule: str) -> ValueError:
+            return ValueError(f"params: `validate.{key}` must be {rule}, got {getattr(self, key)!r}")
+
+        for key in ("min_question_chars", "min_answer_chars"):
+            if getattr(self, key) < 1:
+                raise bad(key, ">= 1")
+        if self.max_question_chars < self.min_question_chars:
+            raise bad("max_question_chars", f">= validate.min_question_chars ({self.min_question_chars})")
+        if self.max_answer_chars < self.min_answer_chars:
+            raise bad("max_answer_chars", f">= validate.min_answer_chars ({self.min_answer_chars})")
+        for key in ("min_rows", "min_eval_rows"):
+            if getattr(self, key) < 0:
+                raise bad(key, ">= 0")
+        for key in ("max_fail_rate", "min_grounding"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, "between 0 and 1")
+        for key in ("max_paper_share", "max_eval_fraction"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise bad(key, "in (0, 1]")
+        if not 0.0 <= self.min_similarity < 1.0:
+            raise bad("min_similarity", "in [0, 1) (0 turns the similarity check off)")
+
+
+PARAMS_CLASS = ValidateParams

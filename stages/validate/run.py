@@ -1,0 +1,117 @@
+"""The validate stage's I/O (see `stages.validate`): read papers and pairs, run the core, write quarantine, metrics
+and Data Docs, and, when the gate passes, the clean dataset (a `datasets.DatasetDict` and JSON Lines)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from qrb.errors import ConfigError, DataError
+from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.schema import PAIR_FIELDS
+from qrb.stage import run_stage
+
+from . import (
+    BASE_KEYS,
+    DATASET_OUT,
+    DOCS_OUT,
+    EVAL_IN,
+    EVAL_OUT,
+    METRICS_OUT,
+    PAPERS_IN,
+    PARAMS_CLASS,
+    QUARANTINE_OUT,
+    SECTION,
+    TRAIN_IN,
+    TRAIN_OUT,
+    ValidateParams,
+)
+from .core import validate
+from .report import summary, write_index_html
+
+log = logging.getLogger(__name__)
+
+
+def _read_pairs(path: Path, stage: str) -> list[Any]:
+    if not path.exists():
+        raise ConfigError(f"{path} not found (run the {stage} stage first)")
+    return list(read_jsonl(path))
+
+
+def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: Path) -> None:
+    """A `datasets.DatasetDict` ("train", "eval") with the input pairs' columns, written atomically."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = train + eval_
+    keys = list(PAIR_FIELDS) + sorted({k for r in rows for k in r} - set(PAIR_FIELDS))
+    cols = {k: [r.get(k) for r in rows] for k in keys}
+    chunk_types = {type(v) for v in cols["chunk"]}
+    if len(chunk_types) > 1:  # ints in some rows, strings in others: one arrow type for the column
+        log.warning("validate: `chunk` mixes %s; stored as strings in the dataset",
+                    sorted(t.__name__ for t in chunk_types))
+        cols["chunk"] = [str(v) for v in cols["chunk"]]
+    if rows:
+        full = datasets.Dataset.from_dict(cols)
+    else:
+        feats = datasets.Features({k: datasets.Value("int64" if k == "chunk" else "string") for k in keys})
+        full = datasets.Dataset.from_dict({k: [] for k in keys}, features=feats)
+    dd = datasets.DatasetDict({"train": full.select(range(len(train))),
+                               "eval": full.select(range(len(train), len(rows)))})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dd.save_to_disk(str(tmp))
+    _replace_dir(tmp, out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def run(base: dict[str, Any], p: ValidateParams, args) -> None:
+    for name in ("great_expectations", "datasets", "sentence_transformers", "transformers", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    papers = _read_pairs(PAPERS_IN, "scrape")
+    train = _read_pairs(TRAIN_IN, "generate")
+    eval_ = _read_pairs(EVAL_IN, "generate")
+    log.info("validating %d train + %d eval pairs against %d papers", len(train), len(eval_), len(papers))
+
+    docs_tmp = DOCS_OUT.parent / f".{DOCS_OUT.name}.tmp"
+    shutil.rmtree(docs_tmp, ignore_errors=True)
+    docs_tmp.mkdir(parents=True)
+    try:
+        outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp)
+        write_index_html(docs_tmp, outcome, p)
+    except BaseException:
+        shutil.rmtree(docs_tmp, ignore_errors=True)
+        raise
+    _replace_dir(docs_tmp, DOCS_OUT)
+    write_jsonl(QUARANTINE_OUT, outcome.quarantine)
+    write_json(METRICS_OUT, outcome.metrics)
+    if outcome.gate_passed:
+        save_dataset(outcome.train, outcome.eval, DATASET_OUT)
+        write_jsonl(TRAIN_OUT, outcome.train)
+        write_jsonl(EVAL_OUT, outcome.eval)
+    print(summary(outcome), file=sys.stderr)
+    if not outcome.gate_passed:
+        failed = [c.reason for c in outcome.dataset_results if not c.success]
+        raise DataError(f"the gate failed ({', '.join(failed)}): the clean dataset was not written; "
+                        f"see {QUARANTINE_OUT} and {DOCS_OUT}/index.html")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import stages.validate
+
+    run_stage(stages.validate.__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
