@@ -31,6 +31,11 @@ class Base:
     model: str  # hub id or local path of the base chat model
     system_prompt: str
     hf_offline: bool  # never contact the Hugging Face hub (set for the offline profile)
+    max_length: int  # tokens of one conversation: train truncates to it, every eval cross-entropy counts within it
+
+    def check(self) -> None:
+        if self.max_length < 16:
+            raise ValueError("params: `base.max_length` must be an integer >= 16 (tokens of one conversation)")
 
 
 def read_yaml(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from qrb.stage import run_stage
 log = logging.getLogger(__name__)
 
 SECTION = "export"
-BASE_KEYS = ("model", "system_prompt", "hf_offline")
+BASE_KEYS = ("model", "system_prompt", "hf_offline", "max_length")
 
 ADAPTER_DIR = Path("artifacts/train/adapter")
 CARD_DIR = Path("artifacts/model_card")
@@ -49,14 +49,13 @@ class ExportParams:
     merge_precision: Literal["bf16", "fp16", "fp32"]  # no 4-bit option: merging into nf4 loses the adapter
     quantize: Literal["int8", "none"]
     eval_batch_size: int
-    max_length: int
     hub_repo_id: str | None
     hub_token_env: str
     hub_private: bool
 
     def check(self) -> None:
-        if self.eval_batch_size < 1 or self.max_length < 1:
-            raise ValueError("params: `export.eval_batch_size` and `export.max_length` must be positive integers")
+        if self.eval_batch_size < 1:
+            raise ValueError("params: `export.eval_batch_size` must be a positive integer")
         if self.hub_repo_id is not None and self.hub_repo_id.count("/") != 1:
             raise ValueError("params: `export.hub_repo_id` must be `owner/name` or null")
 
@@ -104,7 +103,7 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
 
     def ce(model, what: str) -> dict[str, float]:
         return token_weighted_ce(model, tokenizer, rows, base["system_prompt"], batch_size=p.eval_batch_size,
-                                 max_length=p.max_length, desc=f"eval CE ({what})")
+                                 max_length=base["max_length"], desc=f"eval CE ({what})")
 
     adapter_out, merged_out, int8_out = out / "adapter", out / "merged", out / "int8"
     for d in (adapter_out, merged_out, int8_out):

@@ -185,7 +185,7 @@ def metrics_table(evaluate: dict[str, Any], base_model: str) -> str:
     return "\n".join(lines)
 
 
-def hyperparameter_rows(train: dict[str, Any]) -> list[tuple[str, Any]]:
+def hyperparameter_rows(train: dict[str, Any], base: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [("method", METHOD_NAMES.get(train.get("method"), train.get("method")))]
     method = train.get("method")
     if method == "loreft" and isinstance(train.get("loreft"), dict):
@@ -199,6 +199,8 @@ def hyperparameter_rows(train: dict[str, Any]) -> list[tuple[str, Any]]:
                 "padding_side", "completion_only_loss", "max_length", "group_by_length"):
         if key in train:
             rows.append((key, train[key]))
+    if "max_length" in (base or {}):  # one conversation-length limit for training and every eval CE
+        rows.append(("max_length", base["max_length"]))
     return rows
 
 
@@ -239,6 +241,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
     sc, gen, val, tr, ev = (inp.metrics[k] for k in ("scrape", "generate", "validate", "train", "evaluate"))
     lin = inp.lineage
     train_p = (lin.get("params") or {}).get("train") or {}
+    base_p = (lin.get("params") or {}).get("base") or {}
     method = METHOD_NAMES.get(train_p.get("method"), train_p.get("method"))
     base_model = lin.get("base_model") or base["model"]
     date_from, date_to = sc.get("date_from"), sc.get("date_to")
@@ -323,7 +326,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
           ""]
 
     L += ["## Training procedure", "", "| hyper-parameter | value |", "|---|---|"]
-    L += [f"| {k} | {_value(v)} |" for k, v in hyperparameter_rows(train_p)]
+    L += [f"| {k} | {_value(v)} |" for k, v in hyperparameter_rows(train_p, base_p)]
     L += [f"| seed | {lin.get('seed')} |", ""]
     L += [f"Result: {tr.get('steps')} optimizer steps, final train loss {_fmt(tr.get('train_loss'), 4)}, "
           f"token-weighted eval cross-entropy {_fmt(tr.get('eval_ce'), 4)}.", ""]

@@ -24,9 +24,8 @@ def recipe(**overrides):
 
 
 def cpu_recipe(**overrides):
-    """The card's recipe with only what a CPU needs changed: fp32, a short max_length."""
-    return recipe(**{"precision": "fp32", "learning_rate": 3e-4, "max_length": 192, "logging_steps": 2,
-                     **overrides})
+    """The card's recipe with only what a CPU needs changed: fp32 (base_of sets a short max_length)."""
+    return recipe(**{"precision": "fp32", "learning_rate": 3e-4, "logging_steps": 2, **overrides})
 
 
 def qa_rows(corpus_dir: Path) -> list[dict]:
@@ -42,7 +41,7 @@ def qa_rows(corpus_dir: Path) -> list[dict]:
 
 
 def base_of(tiny_model_dir) -> dict:
-    return {"seed": 7, "model": str(tiny_model_dir), "system_prompt": SYSTEM, "hf_offline": True}
+    return {"seed": 7, "model": str(tiny_model_dir), "system_prompt": SYSTEM, "hf_offline": True, "max_length": 192}
 
 
 def adapter_qa_rows(corpus_dir: Path) -> list[dict]:
@@ -67,12 +66,13 @@ def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) ->
     from stages.train.run import save_adapter
     from stages.train.trainer import train
 
-    params = profile_params("tiny", REPO, overrides={"base": {"model": str(tiny_model_dir), "system_prompt": ADAPTER_SYSTEM}})
+    params = profile_params("tiny", REPO, overrides={"base": {"model": str(tiny_model_dir), "system_prompt": ADAPTER_SYSTEM,
+                                                                  "max_length": 160}})
     ws.mkdir(parents=True, exist_ok=True)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     base, p = load_params("train", TrainParams, BASE_KEYS, ws / "params.yaml")
     extra = {"checkpoint_steps": 0} if "checkpoint_steps" in {f.name for f in dataclasses.fields(p)} else {}
-    p = dataclasses.replace(p, epochs=2.0, learning_rate=3e-3, max_length=160, logging_steps=2, **extra)
+    p = dataclasses.replace(p, epochs=2.0, learning_rate=3e-3, logging_steps=2, **extra)
     rows = adapter_qa_rows(corpus_dir)
     held_out = sorted({r["doi"] for r in rows})[:3]
     train_rows = [r for r in rows if r["doi"] not in held_out][:64]

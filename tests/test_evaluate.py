@@ -281,7 +281,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     import yaml
 
     cfg = {"base": {"seed": 5, "model": str(tiny_model_dir),
-                    "system_prompt": SYSTEM, "hf_offline": True},
+                    "system_prompt": SYSTEM, "hf_offline": True, "max_length": 4096},
            "evaluate": {"golden": "golden.jsonl", "bertscore_model": OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
                         "max_new_tokens": 12, "batch_size": 8, "greedy": True, "bootstrap_samples": 200,
                         "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rivals": rivals,

@@ -98,7 +98,7 @@ def test_no_4bit_merge_no_loreft_merge_no_push_without_token(tmp_path, monkeypat
     from stages import export as ex
 
     base = {"model": "m", "system_prompt": "s", "hf_offline": False}
-    good = {"merge_precision": "bf16", "quantize": "int8", "eval_batch_size": 8, "max_length": 64,
+    good = {"merge_precision": "bf16", "quantize": "int8", "eval_batch_size": 8,
             "hub_repo_id": "someone/qrb", "hub_token_env": "QRB_TEST_NO_SUCH_TOKEN", "hub_private": True}
     with pytest.raises(ValueError, match=r"`export.merge_precision` must be one of 'bf16', 'fp16', 'fp32'"):
         build(ex.ExportParams, {**good, "merge_precision": "nf4"}, "export")
@@ -124,9 +124,9 @@ def test_loreft_adapter_is_exported_as_is_with_the_reason_and_no_merge(tmp_path)
     (adapter / "loreft_weights.safetensors").write_bytes(b"x" * 100)
     (card / "README.md").write_text("# card\n")
     p = build(ex.ExportParams, {"merge_precision": "fp32", "quantize": "int8", "eval_batch_size": 8,
-                                "max_length": 64, "hub_repo_id": None, "hub_token_env": "HF_TOKEN",
+                                "hub_repo_id": None, "hub_token_env": "HF_TOKEN",
                                 "hub_private": True}, "export")
-    metrics = ex.export({"model": "m", "system_prompt": "s", "hf_offline": True}, p, [], "cpu",
+    metrics = ex.export({"model": "m", "system_prompt": "s", "hf_offline": True, "max_length": 64}, p, [], "cpu",
                         adapter_dir=adapter, card_dir=card, out=out)
     assert metrics["skipped"] == ex.LOREFT_NOT_MERGEABLE and metrics["size_bytes"] == {"adapter": 100}
     assert (out / "adapter" / "loreft_config.json").exists() and (out / "adapter" / "README.md").exists()

@@ -111,7 +111,8 @@ def make_toy(root: Path, fail_times: int = 0, fail_gate: bool = False) -> Path:
     (ws / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
     (ws / "params.yaml").write_text(
         "# toy params (comments survive overrides)\n"
-        + yaml.safe_dump({"base": {"seed": 0, "model": "none", "system_prompt": "", "hf_offline": True},
+        + yaml.safe_dump({"base": {"seed": 0, "model": "none", "system_prompt": "", "hf_offline": True,
+                                   "max_length": 64},
                           "scrape": {"counter": str(root / "counter"), "fail_times": fail_times},
                           "validate": {"fail": fail_gate}, "train": {"scale": 1.0}}, sort_keys=False))
     (ws / ".gitignore").write_text("/out\n")

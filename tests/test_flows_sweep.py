@@ -12,7 +12,7 @@ from qrb.offline.services import free_ports
 
 CONFIG = """
 target: train
-fixed: {train.epochs: 0.5, train.max_length: 128}
+fixed: {train.epochs: 0.5, base.max_length: 128}
 grid:
   train.method: [lora, dora]
   train.lora.r: [4]

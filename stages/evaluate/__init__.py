@@ -79,5 +79,5 @@ class EvaluateParams:
 # What `qrb.stage.run_stage` wires (tests/test_params.py checks them against dvc.yaml): the params section, the
 # `base:` keys the stage reads, and their typed class.
 SECTION = "evaluate"
-BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline")
+BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline", "max_length")
 PARAMS_CLASS = EvaluateParams

@@ -28,6 +28,7 @@ class LocalModel:
     tokenizer: Any
     system: str
     p: EvaluateParams
+    max_length: int  # base.max_length: the one limit every eval CE counts within
 
     def answer(self, prompts: list[str], refs: list[str], desc: str) -> tuple[list[str], list[dict[str, Any]]]:
         """The answers to `prompts`, and per prompt the summed NLL and token count of its reference (for CE)."""
@@ -36,7 +37,7 @@ class LocalModel:
                                    max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc)
         pairs = [{"question": q, "answer": a} for q, a in zip(prompts, refs)]
         nll = token_nll_rows(self.model, self.tokenizer, pairs, self.system, batch_size=p.batch_size,
-                             max_length=4096, desc=f"CE {desc}")
+                             max_length=self.max_length, desc=f"CE {desc}")
         return answers, [{"nll": a, "answer_tokens": b} for a, b in nll]
 
 
@@ -112,7 +113,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
     system = base["system_prompt"]
-    local = LocalModel(model, tokenizer, system, p)
+    local = LocalModel(model, tokenizer, system, p, base["max_length"])
     metrics: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 SECTION = "train"
-BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline")
+BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline", "max_length")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,6 @@ class TrainParams:
     pad_token: str
     padding_side: Literal["right", "left"]
     completion_only_loss: bool
-    max_length: int
     eval_batch_size: int
     logging_steps: int
     group_by_length: bool
@@ -85,7 +84,7 @@ class TrainParams:
             raise ValueError("params: `train.lora.dropout` must be in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("params: `train.warmup_ratio` must be in [0, 1)")
-        for key in ("learning_rate", "batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size"):
+        for key in ("learning_rate", "batch_size", "grad_accum", "epochs", "eval_batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"params: `train.{key}` must be positive")
         if self.checkpoint_steps < 0:

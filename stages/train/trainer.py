@@ -40,7 +40,7 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm, optim="adamw_torch",
         neftune_noise_alpha=None,  # ours, per real sequence length: see neftune_per_length
         bf16=p.precision == "bf16", fp16=p.precision == "fp16",
-        max_length=p.max_length, completion_only_loss=p.completion_only_loss, packing=False,
+        max_length=base["max_length"], completion_only_loss=p.completion_only_loss, packing=False,
         pad_token=None, label_names=["labels"], logging_steps=p.logging_steps,
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
@@ -173,7 +173,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
     }
     if "eval" in dataset and is_main:
         ce = token_weighted_ce(model, tokenizer, list(dataset["eval"]), base["system_prompt"],
-                               batch_size=p.eval_batch_size, max_length=p.max_length)
+                               batch_size=p.eval_batch_size, max_length=base["max_length"])
         metrics.update(eval_ce=ce["cross_entropy"], eval_tokens=ce["tokens"])
     metrics["is_main_process"] = is_main
     return model, tokenizer, metrics, trainer.state.log_history
