@@ -14,12 +14,12 @@ its own task (`dvc exp run` would run the whole DAG in one process) and the work
 outputs agree afterwards (`dvc params diff` / `dvc metrics diff` show the change). Unlike `-S`, a key that params.yaml
 lacks is an error (a typo must not silently add a key).
 
-Failures: a stage that failed deterministically (bad params — the stage's one-line `<stage>: params: ...` error —,
-or a DVC error before the stage's command ran) is never retried, even for a network stage; the validate gate and
-the other local stages have no retries at all. Each run publishes artifacts (readable in the UI and through the API):
-`qrb-metrics` (every metric file dvc.yaml declares, flattened, plus the card's eval table), `qrb-metrics-diff`
-(`dvc metrics diff` against the workspace's last commit, i.e. the previous committed run) and `qrb-links` (model card,
-great-expectations Data Docs, `dvc plots show` HTML), also when a stage failed.
+Failures are classified by what the stage reports, never by its output text: each run of a stage gets a fresh status
+file (`QRB_STATUS_FILE`), where `qrb.stage.run_stage` writes its exit code, kind and one-line message (DVC itself
+exits 255 whatever the command did). Only a transient failure (exit 75: the network, an endpoint) of a network stage
+is retried; config (78), data (65, the validate gate), a crash (1) and a failure with no status (DVC failed before
+the command ran) are not; the local stages have no retries at all. The stage's message is the cause shown in the
+task's state and in the artifacts, which each run publishes, also when a stage failed (see flows/artifacts.py).
 """
 
 from __future__ import annotations
@@ -30,25 +30,27 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from flows.artifacts import publish_artifacts
 from flows.workspace import dvc, venv_env
+from qrb.errors import kind_of_exit
 from qrb.params import parse_set
+from qrb.stage import STATUS_ENV
 
-NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries; deterministic stages are never retried
+NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries of transient failures; other stages: none
 RETRY_BACKOFF_S = 10.0  # first retry after ~10 s, then 20 s, 40 s (± jitter)
 STAGE_TIMEOUT_S = 6 * 3600
 PROGRESS_BAR = re.compile(r"\d+%\|.*\]\s*$|\[A\s*$")  # tqdm lines: too chatty for logs (the last one is kept)
-PLOTS_DIR = "reports/plots"  # `dvc plots show -o` target (index.html)
-DATA_DOCS = "reports/data_docs/index.html"
 
 
 def stage_order(workspace: Path) -> list[str]:
@@ -60,29 +62,56 @@ def stage_order(workspace: Path) -> list[str]:
 
 
 class StageFailed(RuntimeError):
-    """A stage failed in a way that may pass on a retry (network stages are retried)."""
+    """A stage (or an experiment) failed. `kind` is what the stage reported in its status file (`qrb.errors`: config,
+    data, transient, failed, usage), "dvc" when it reported nothing (DVC failed around its command), or "timeout".
+    Only a transient failure is retried (and only for the stages given retries)."""
+
+    def __init__(self, what: str, kind: str, exit_code: int | None, cause: str = "", details: Iterable[str] = ()):
+        self.what, self.kind, self.exit_code, self.cause, self.details = what, kind, exit_code, cause, list(details)
+        why = ", ".join([kind, *([f"exit {exit_code}"] if exit_code is not None else []),
+                         *([] if self.retryable else ["not retried"])])
+        self.headline = f"{what} failed ({why})" + (f": {cause}" if cause else "")
+        super().__init__("\n".join([self.headline, *self.details]))
+
+    def __reduce__(self):  # Prefect may pickle a failed task's exception (persisted results, another process)
+        return type(self), (self.what, self.kind, self.exit_code, self.cause, self.details)
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind == "transient"
 
 
-class DeterministicFailure(StageFailed):
-    """A failure a retry cannot fix: bad params, a DVC error before the command ran. Never retried."""
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The outcome a stage wrote (`qrb.stage.run_stage`), or None when its command never ran."""
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # half-written (the stage was killed while writing): as if it reported nothing
+        return None
+    return status if isinstance(status, dict) else None
 
 
-def _deterministic(stage: str, tail: list[str]) -> str | None:
-    """Why a failed `dvc repro <stage>` cannot pass on a retry, or None."""
-    text = "\n".join(tail)
-    if f"{stage}: params:" in text or "profile: unknown key" in text:
-        return "bad params"
-    if "ERROR:" in text and "failed to run:" not in text:  # DVC refused before running the command
-        return "DVC error (the stage's command did not run)"
-    return None
+def stage_failure(what: str, rc: int, status: dict[str, Any] | None, tail: list[str]) -> StageFailed:
+    """Why `what` ("stage train", "experiment lora-r4") exited `rc`, from the status its stage wrote, never from its
+    output text (DVC exits 255 whatever the command's code was)."""
+    code = status.get("exit_code") if status else None
+    if isinstance(code, int) and code != 0:
+        stage, message = status.get("stage", ""), status.get("message", "")
+        cause = message if what == f"stage {stage}" else f"{stage}: {message}"
+        return StageFailed(what, kind_of_exit(code), code, cause, tail[-15:])
+    # DVC's own last line says why; it is shown, not interpreted
+    ran = "its command did not run" if status is None else "after its command succeeded"
+    return StageFailed(what, "dvc", rc, f"DVC failed, {ran}" + (f": {tail[-1]}" if tail else ""), tail[-15:])
 
 
-def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any) -> tuple[int, list[str]]:
+def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
+           env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, each output line to `logger` (progress bars: their final state only); returns (exit code, last
     lines). A watchdog kills it after `timeout_s` (a sync task's timeout can't interrupt a blocking subprocess)."""
     tail: list[str] = []
     bar = ""
-    proc = subprocess.Popen(cmd, cwd=workspace, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=workspace, env=venv_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
@@ -107,37 +136,44 @@ def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any)
         timer.cancel()
         if proc.poll() is None:
             proc.kill()
-    if timed_out:
-        raise StageFailed(f"`{' '.join(cmd[2:])}` timed out after {timeout_s:.0f} s")
+    if timed_out:  # a stage's network calls have their own timeouts: this one is a hang, not a blip
+        raise StageFailed(f"`{' '.join(cmd[2:])}`", "timeout", None, f"killed after {timeout_s:.0f} s")
     return rc, tail
+
+
+def run_reported(cmd: list[str], workspace: str | Path, timeout_s: float,
+                 logger: Any) -> tuple[int, list[str], dict[str, Any] | None]:
+    """`stream(cmd)` with a fresh status file for the stages it runs; returns (exit code, last lines, status)."""
+    with tempfile.TemporaryDirectory(prefix="qrb-status-") as tmp:
+        path = Path(tmp) / "status.json"
+        rc, tail = stream(cmd, workspace, timeout_s, logger, env={STATUS_ENV: str(path)})
+        return rc, tail, read_status(path)
 
 
 @task(task_run_name="{stage}", log_prints=True)
 def run_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
-    """`dvc --wait-for-lock repro <stage>` (`--force --single-item` when forced); output streamed to the task's log."""
+    """`dvc --wait-for-lock repro <stage>` (`--force --single-item` when forced); output streamed to the task's log.
+    `ran`: the stage's command ran (it reported an outcome), i.e. DVC found it stale or was forced."""
     logger = get_run_logger()
     args = ["--wait-for-lock", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
     t0 = time.time()
-    rc, tail = stream(dvc(*args), workspace, timeout_s, logger)
+    rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger)
     wall = time.time() - t0
     if rc != 0:
-        why = _deterministic(stage, tail)
-        msg = f"stage {stage} failed (exit {rc}{', ' + why + ', not retried' if why else ''}):\n" + "\n".join(tail[-15:])
-        raise (DeterministicFailure if why else StageFailed)(msg)
-    ran = not any(f"'{stage}' didn't change" in line for line in tail)
-    return {"stage": stage, "wall_s": round(wall, 2), "ran": ran}
+        raise stage_failure(f"stage {stage}", rc, status, tail)
+    return {"stage": stage, "wall_s": round(wall, 2), "ran": status is not None}
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry unless the failure is deterministic."""
+    """Prefect `retry_condition_fn`: retry only a failure its stage reported as transient."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - an unreadable result: let the retry policy decide
-            return True
-    return not isinstance(exc, DeterministicFailure)
+        except Exception:  # noqa: BLE001 - an unreadable result: nothing says a retry can help
+            return False
+    return isinstance(exc, StageFailed) and exc.retryable
 
 
 def stage_task(stage: str, retries: dict[str, int] | None = None, backoff_s: float = RETRY_BACKOFF_S):
@@ -192,118 +228,6 @@ def set_params(workspace: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v[1] for k, v in changes.items()}
 
 
-# --- artifacts -----------------------------------------------------------------------------------------------------
-
-def _dvc_out(workspace: Path, *args: str, timeout: float = 120) -> str | None:
-    try:
-        proc = subprocess.run(dvc(*args), cwd=workspace, env=venv_env(), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif not isinstance(value, list):
-        out.append((prefix, value))
-
-
-def declared(workspace: Path, kind: str) -> list[str]:
-    """Paths dvc.yaml declares under `kind` (metrics, plots, outs) across its stages."""
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    paths = []
-    for spec in stages.values():
-        for entry in spec.get(kind) or []:
-            paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
-    return paths
-
-
-def metrics_markdown(workspace: Path) -> str:
-    """The card's eval table (if evaluate ran) and every declared metric, flattened (file | metric | value)."""
-    parts = []
-    table = workspace / "reports" / "eval_table.md"
-    if table.exists():
-        parts.append(table.read_text().strip())
-    rows: list[tuple[str, str, Any]] = []
-    for rel in declared(workspace, "metrics"):
-        path = workspace / rel
-        if path.suffix == ".json" and path.exists():
-            try:
-                flat: list[tuple[str, Any]] = []
-                _flatten("", json.loads(path.read_text()), flat)
-            except json.JSONDecodeError:
-                continue
-            rows += [(rel, k, v) for k, v in flat]
-    if rows:
-        lines = ["| file | metric | value |", "|---|---|---|"]
-        lines += [f"| {f} | {k} | {v} |" for f, k, v in rows]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) if parts else "(no metrics yet)"
-
-
-def metrics_diff_markdown(workspace: Path) -> str:
-    """`dvc metrics diff --md` between the last commit (the previous committed run) and the workspace."""
-    if not (workspace / ".git").exists():
-        return "(not a git repository: no previous run to compare with)"
-    out = _dvc_out(workspace, "metrics", "diff", "--md")
-    if out is None:
-        return "(`dvc metrics diff` failed: no previous run?)"
-    return out.strip() or "(no metric changed since the last committed run)"
-
-
-def model_card(workspace: Path) -> Path | None:
-    """The model card if a stage wrote one: an out of dvc.yaml named *card* (peft's own adapter README is not one)."""
-    for rel in [p for p in declared(workspace, "outs") if "card" in p.lower()]:
-        path = workspace / rel
-        if path.is_dir():
-            path = path / "README.md"
-        if path.is_file():
-            return path
-    return None
-
-
-def render_plots(workspace: Path) -> Path | None:
-    """`dvc plots show -o reports/plots`; the HTML page, or None when there is nothing to plot."""
-    if not any((workspace / p).exists() for p in declared(workspace, "plots")):
-        return None
-    if _dvc_out(workspace, "plots", "show", "-o", PLOTS_DIR) is None:
-        return None
-    page = workspace / PLOTS_DIR / "index.html"
-    return page if page.exists() else None
-
-
-def links(workspace: Path) -> dict[str, Path]:
-    found = {"model card": model_card(workspace), "Data Docs": workspace / DATA_DOCS, "plots": render_plots(workspace)}
-    return {name: path for name, path in found.items() if path is not None and path.exists()}
-
-
-@task(name="publish-artifacts")
-def publish_artifacts(workspace: str, results: list[dict[str, Any]], error: str | None = None) -> dict[str, str]:
-    """The run's artifacts: metrics table, metrics diff against the previous run, links. Returns their keys."""
-    ws = Path(workspace)
-    status = f"**Failed**: {error.splitlines()[0]}\n\n" if error else ""
-    stages = "\n".join(f"| {r['stage']} | {r['wall_s']} | {'ran' if r['ran'] else 'up to date'} |" for r in results)
-    stages_md = f"| stage | wall s | |\n|---|---|---|\n{stages}\n\n" if results else ""
-    keys = {"metrics": create_markdown_artifact(
-        key="qrb-metrics", markdown=status + stages_md + metrics_markdown(ws),
-        description=f"Metrics of the pipeline in {ws}")}
-    keys["metrics-diff"] = create_markdown_artifact(
-        key="qrb-metrics-diff", markdown=metrics_diff_markdown(ws),
-        description="dvc metrics diff: the workspace against its last commit (the previous committed run)")
-    found = links(ws)
-    lines = [f"- [{name}]({path.resolve().as_uri()})  `{path.relative_to(ws)}`" for name, path in found.items()]
-    keys["links"] = create_markdown_artifact(
-        key="qrb-links", markdown="\n".join(lines) or "(no model card, Data Docs or plots yet)",
-        description="Model card, Data Docs and plots of this run (file:// links on the machine that ran it)")
-    for name, path in found.items():
-        create_link_artifact(key="qrb-" + name.lower().replace(" ", "-"), link=path.resolve().as_uri(),
-                             link_text=str(path.relative_to(ws)))
-    return {k: str(v) for k, v in keys.items()}
-
-
 @flow(name="qrb-pipeline", log_prints=True)
 def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: str | None = None,
              force: list[str] | None = None, retries: dict[str, int] | None = None,
@@ -330,7 +254,7 @@ def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: 
             results.append(stage_task(stage, retries, retry_backoff_s)(
                 stage, str(ws), timeout_s=stage_timeout_s, force=stage in (force or [])))
     except Exception as e:
-        error = str(e)
+        error = e.headline if isinstance(e, StageFailed) else str(e)
         raise
     finally:
         try:

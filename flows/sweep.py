@@ -38,7 +38,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
-from flows.pipeline import StageFailed, pipeline, stage_order, stream
+from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
 from flows.workspace import dvc
 from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
@@ -134,9 +134,9 @@ def run_experiment(name: str, overrides: dict[str, Any], workspace: str, target:
     args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), target]
     logger.info("$ dvc %s", " ".join(args))
     t0 = time.time()
-    rc, tail = stream(dvc(*args), workspace, timeout_s, logger)
+    rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger)
     if rc != 0:
-        raise StageFailed(f"experiment {name} failed (exit {rc}):\n" + "\n".join(tail[-15:]))
+        raise stage_failure(f"experiment {name}", rc, status, tail)
     cfg = SweepConfig(grid={}, metric_file=metric_file, metric_key=metric_key)
     return {"name": name, "params": overrides, "metric": read_metric(Path(workspace), cfg),
             "wall_s": round(time.time() - t0, 1)}
@@ -172,7 +172,8 @@ def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: Sw
         if not pending:
             break
         if time.time() - t0 > timeout_s * len(points):
-            raise StageFailed(f"queued experiments still pending after {timeout_s * len(points):.0f} s")
+            raise StageFailed("queued experiments", "timeout", None,
+                              f"still pending after {timeout_s * len(points):.0f} s")
         time.sleep(5)
     logger.info(status)
     shown = json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
@@ -355,7 +356,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
          cfg.metric_key: r.get("metric"), "error": r.get("error") or ""} for r in runs])
     ok = [r for r in runs if r.get("metric") is not None]
     if not ok:
-        raise StageFailed(f"every experiment of sweep {sweep_id} failed: {runs[0].get('error') if runs else ''}")
+        raise RuntimeError(f"every experiment of sweep {sweep_id} failed: {runs[0].get('error') if runs else ''}")
     best = min(ok, key=lambda r: r["metric"])
     if apply_best and cfg.mode == "sequential":
         wsp.run(dvc("exp", "apply", best["name"]), ws)

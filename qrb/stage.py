@@ -7,6 +7,8 @@ one error path (a `QrbError` or `ValueError` becomes one line on stderr and an e
 `--help` prints the stage's docstring and exits 0; an unknown argument exits 2 (argparse). When the environment names
 a status file (`QRB_STATUS_FILE`, set by the Prefect flow), the outcome is also written there as JSON
 `{stage, exit_code, kind, message}`, so an orchestrator decides retries by the kind, not by matching message text.
+Every outcome of the stage's own code is written, a crash (an unexpected exception, still raised with its traceback)
+and a usage error included, so no status file means the command never ran.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from qrb.errors import EXIT_FAILED, ConfigError, QrbError, kind_of_exit
+from qrb.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, QrbError, kind_of_exit
 from qrb.io import setup_logging
 from qrb.params import load_params
 
@@ -29,11 +31,23 @@ log = logging.getLogger(__name__)
 STATUS_ENV = "QRB_STATUS_FILE"
 
 
+class StageParser(argparse.ArgumentParser):
+    """argparse, with a usage error also reported in the status file."""
+
+    section = ""
+
+    def error(self, message: str):  # type: ignore[override]
+        write_status(self.section, EXIT_USAGE, message)
+        super().error(message)
+
+
 def parser(doc: str | None, section: str) -> argparse.ArgumentParser:
     doc = (doc or "").strip()
     head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(prog=f"python -m stages.{section}", description=head, epilog=rest or None,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = StageParser(prog=f"python -m stages.{section}", description=head, epilog=rest or None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.section = section
+    return ap
 
 
 def write_status(section: str, exit_code: int, message: str = "") -> None:
@@ -87,4 +101,7 @@ def run_stage(doc: str | None, section: str, params_cls: type, base_keys: Iterab
         body(base, p, args)
     except (QrbError, ValueError) as e:
         fail(section, e)
+    except Exception as e:  # a bug: the traceback stays Python's, the status says it was no transient failure
+        write_status(section, EXIT_FAILED, f"{type(e).__name__}: {' '.join(str(e).split())}")
+        raise
     write_status(section, 0)

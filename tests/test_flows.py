@@ -1,12 +1,15 @@
 """The pipeline flow against a real local Prefect server (isolated PREFECT_HOME) on a toy DVC workspace.
 
-The toy dvc.yaml (scrape -> validate -> train) runs in well under a second per stage: its scrape fails the first
-`scrape.fail_times` runs (a counter file outside the workspace), its validate gate fails on `validate.fail: true`,
-and it reads params through `qrb.params.load_stage_params`, so bad params fail exactly like a real stage's do.
+The toy dvc.yaml (scrape -> validate -> train) runs in well under a second per stage. Its stages are wired as real
+ones are (`qrb.stage.run_stage`, the `qrb.errors` classes), so they report their outcome the same way: its scrape
+fails the first `scrape.fail_times` runs (a counter file outside the workspace) with a TransientError ("mirror
+unreachable") or, with `scrape.fail_with: config`, a ConfigError (a missing API key); its validate gate raises a
+DataError on `validate.fail: true`; bad params are a ConfigError from `run_stage` itself.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 import textwrap
 from pathlib import Path
@@ -14,60 +17,70 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows import artifacts as fa
 from flows import pipeline as pl
 from flows.workspace import dvc, run
 
 TOY = '''
+"""A toy stage wired like a real one: python toy.py <scrape|validate|train>."""
 import json, sys
 from dataclasses import dataclass
 from pathlib import Path
-from qrb.errors import ConfigError
-from qrb.stage import load_section
+from typing import Literal
+from qrb.errors import ConfigError, DataError, TransientError
+from qrb.stage import run_stage
 
-
-def load_stage_params(section, cls):
-    try:
-        return load_section(section, cls)
-    except ConfigError as e:
-        raise SystemExit(f"{section}: {e}")
 
 @dataclass(frozen=True)
 class Scrape:
     counter: str
     fail_times: int
+    fail_with: Literal["transient", "config"]
+
 
 @dataclass(frozen=True)
 class Validate:
     fail: bool
 
+
 @dataclass(frozen=True)
 class Train:
     scale: float
 
-stage = sys.argv[1]
-for d in ("out", "metrics", "plots", "reports/data_docs"):
-    Path(d).mkdir(parents=True, exist_ok=True)
-if stage == "scrape":
-    _, p = load_stage_params("scrape", Scrape)
+
+def scrape(base, p, args):
+    # stages log their params; a line like this one used to turn every failure into "bad params"
+    print(f"scrape: params: fail_times={p.fail_times} fail_with={p.fail_with}", flush=True)
     counter = Path(p.counter)
     n = int(counter.read_text()) + 1 if counter.exists() else 1
     counter.write_text(str(n))
     if n <= p.fail_times:
+        if p.fail_with == "config":
+            raise ConfigError("API key variable QRB_TOY_KEY is not set")
         print(f"attempt {n}: connection refused", flush=True)
-        raise SystemExit(f"scrape: mirror unreachable (attempt {n})")
+        raise TransientError(f"mirror unreachable (attempt {n})")
     Path("out/scrape.txt").write_text("papers\\n")
-elif stage == "validate":
-    _, p = load_stage_params("validate", Validate)
+
+
+def validate(base, p, args):
     Path("reports/data_docs/index.html").write_text("<html>data docs</html>")
     Path("metrics/validate.json").write_text(json.dumps({"rows_in": 10, "passed": not p.fail}))
     if p.fail:
-        raise SystemExit("validate: gate failed: 4 of 10 rows fail (max 20%)")
+        raise DataError("gate failed: 4 of 10 rows fail (max 20%)")
     Path("out/validate.txt").write_text("clean\\n")
-else:
-    _, p = load_stage_params("train", Train)
+
+
+def train(base, p, args):
     Path("out/model.txt").write_text("weights\\n")
     Path("metrics/train.json").write_text(json.dumps({"method": "lora", "eval_ce": round(2.5 * p.scale, 4)}))
     Path("plots/loss.csv").write_text("step,loss\\n1,3.0\\n2,2.0\\n")
+
+
+STAGES = {"scrape": (Scrape, scrape), "validate": (Validate, validate), "train": (Train, train)}
+for d in ("out", "metrics", "plots", "reports/data_docs"):
+    Path(d).mkdir(parents=True, exist_ok=True)
+section = sys.argv[1]
+run_stage(__doc__, section, STAGES[section][0], (), STAGES[section][1], sys.argv[2:])
 '''
 
 DVC_YAML = '''
@@ -75,7 +88,7 @@ stages:
   scrape:
     cmd: python toy.py scrape
     deps: [toy.py]
-    params: [scrape.counter, scrape.fail_times]
+    params: [scrape.counter, scrape.fail_times, scrape.fail_with]
     outs: [out/scrape.txt]
   validate:
     cmd: python toy.py validate
@@ -104,7 +117,7 @@ stages:
 '''
 
 
-def make_toy(root: Path, fail_times: int = 0, fail_gate: bool = False) -> Path:
+def make_toy(root: Path, fail_times: int = 0, fail_gate: bool = False, fail_with: str = "transient") -> Path:
     ws = root / "ws"
     ws.mkdir()
     (ws / "toy.py").write_text(TOY)
@@ -113,7 +126,8 @@ def make_toy(root: Path, fail_times: int = 0, fail_gate: bool = False) -> Path:
         "# toy params (comments survive overrides)\n"
         + yaml.safe_dump({"base": {"seed": 0, "model": "none", "system_prompt": "", "hf_offline": True,
                                    "max_length": 64},
-                          "scrape": {"counter": str(root / "counter"), "fail_times": fail_times},
+                          "scrape": {"counter": str(root / "counter"), "fail_times": fail_times,
+                                     "fail_with": fail_with},
                           "validate": {"fail": fail_gate}, "train": {"scale": 1.0}}, sort_keys=False))
     (ws / ".gitignore").write_text("/out\n")
     run(["git", "init", "-q", "-b", "main"], ws)
@@ -173,11 +187,13 @@ def test_validate_gate_failure_fails_flow_without_retry(prefect_server, tmp_path
     assert runs["validate"].run_count == 1
     assert "train" not in runs  # nothing downstream of the gate ran
     assert not (ws / "out" / "model.txt").exists()
-    assert "gate failed" in runs["validate"].state.message
-    # the report is still published: Data Docs explain why the gate failed
+    assert "stage validate failed (data, exit 65, not retried): gate failed: 4 of 10 rows fail (max 20%)" \
+        in runs["validate"].state.message
+    # the report is still published, headed by the cause; Data Docs explain it
     arts = artifacts(state.state_details.flow_run_id)
     assert "reports/data_docs/index.html](file://" in arts["qrb-data-docs"].data
-    assert "Failed" in arts["qrb-metrics"].data
+    assert arts["qrb-metrics"].data.startswith("**Failed**: stage validate failed (data, exit 65, not retried): "
+                                               "gate failed: 4 of 10 rows fail (max 20%)\n")
 
 
 def test_bad_params_on_network_stage_are_not_retried(prefect_server, tmp_path):
@@ -186,10 +202,43 @@ def test_bad_params_on_network_stage_are_not_retried(prefect_server, tmp_path):
     assert state.is_failed()
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["scrape"].run_count == 1  # scrape has 3 retries for transient failures, none for bad params
-    assert "bad params" in runs["scrape"].state.message
+    assert "stage scrape failed (config, exit 78, not retried): params: `scrape.fail_times` must be an integer" \
+        in runs["scrape"].state.message
     # the override was written the way `dvc exp run -S` does it, comments kept
     text = (ws / "params.yaml").read_text()
     assert "fail_times: many" in text and text.startswith("# toy params")
+
+
+@pytest.mark.parametrize("fail_with", ["transient", "config"])
+def test_network_stage_retry_is_decided_by_what_the_stage_reports(prefect_server, tmp_path, fail_with):
+    # the same stage, failing twice, with the same "scrape: params: ..." line in its log: only the kind it reports
+    # (its status file) decides; a missing API key is no reason to retry, an unreachable mirror is
+    ws = make_toy(tmp_path, fail_times=2, fail_with=fail_with)
+    state = pl.pipeline(str(ws), until="scrape", retry_backoff_s=0.1, return_state=True)
+    run = task_runs(state.state_details.flow_run_id)["scrape"]
+    if fail_with == "transient":
+        assert state.is_completed(), state.message
+        assert run.run_count == 3 and (tmp_path / "counter").read_text() == "3"
+        return
+    assert state.is_failed()
+    assert run.run_count == 1 and (tmp_path / "counter").read_text() == "1"
+    headline = run.state.message.splitlines()[0]
+    assert "config" in headline and "exit 78" in headline and "not retried" in headline
+    assert headline.endswith("API key variable QRB_TOY_KEY is not set"), headline
+    metrics = artifacts(state.state_details.flow_run_id)["qrb-metrics"].data
+    assert metrics.splitlines()[0].endswith("API key variable QRB_TOY_KEY is not set"), metrics
+
+
+def test_stage_whose_command_never_ran_is_not_retried(prefect_server, tmp_path):
+    ws = make_toy(tmp_path, fail_times=5)
+    dvc_yaml = ws / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("deps: [toy.py]", "deps: [toy.py, missing.txt]"))
+    state = pl.pipeline(str(ws), retry_backoff_s=0.1, return_state=True)
+    assert state.is_failed()
+    run = task_runs(state.state_details.flow_run_id)["scrape"]
+    assert run.run_count == 1  # DVC refused (a missing dep): a retry cannot help
+    assert not (tmp_path / "counter").exists()
+    assert "did not run" in run.state.message.splitlines()[0]
 
 
 def test_unknown_override_key_fails_before_any_stage(prefect_server, tmp_path):
@@ -218,8 +267,8 @@ def test_artifacts_readable_through_api_with_metrics_diff(prefect_server, tmp_pa
     assert "| metrics/train.json | eval_ce | 5.0 |" in metrics
     diff = arts["qrb-metrics-diff"].data
     assert "metrics/train.json" in diff and "eval_ce" in diff and "2.5" in diff and "5.0" in diff
-    assert (ws / pl.PLOTS_DIR / "index.html").exists()
-    assert (ws / pl.PLOTS_DIR / "index.html").as_uri() in arts["qrb-plots"].data
+    assert (ws / fa.PLOTS_DIR / "index.html").exists()
+    assert (ws / fa.PLOTS_DIR / "index.html").as_uri() in arts["qrb-plots"].data
     assert "[Data Docs](file://" in arts["qrb-links"].data
 
 
@@ -230,11 +279,70 @@ def test_parse_set_reads_values_as_yaml():
         pl.parse_set(["train.lora.r"])
 
 
+def test_failures_are_classified_by_the_status_not_the_output():
+    tail = ["scrape: params: fail_times=2", "scrape: params: `x` must be an integer", "ERROR: failed to run"]
+    transient = pl.stage_failure("stage scrape", 255, {"stage": "scrape", "exit_code": 75, "kind": "transient",
+                                                       "message": "mirror unreachable"}, tail)
+    assert transient.retryable and (transient.kind, transient.exit_code) == ("transient", 75)
+    assert transient.headline == "stage scrape failed (transient, exit 75): mirror unreachable"
+    assert pickle.loads(pickle.dumps(transient)).headline == transient.headline  # Prefect may pickle it
+    for code, kind in [(78, "config"), (65, "data"), (1, "failed"), (2, "usage")]:
+        failure = pl.stage_failure("stage scrape", 255, {"stage": "scrape", "exit_code": code, "message": "m"}, [])
+        assert (failure.kind, failure.retryable) == (kind, False)
+    # no status: the command never ran; a status of success: DVC failed afterwards. Neither is retried.
+    never_ran = pl.stage_failure("stage scrape", 255, None, tail)
+    assert (never_ran.kind, never_ran.exit_code, never_ran.retryable) == ("dvc", 255, False)
+    assert never_ran.headline.endswith("DVC failed, its command did not run: ERROR: failed to run")
+    after = pl.stage_failure("stage scrape", 255, {"stage": "scrape", "exit_code": 0, "message": ""}, [])
+    assert (after.kind, after.retryable) == ("dvc", False) and "after its command succeeded" in after.headline
+    # an experiment names the stage that failed inside it
+    exp = pl.stage_failure("experiment e1", 255, {"stage": "train", "exit_code": 78, "message": "no GPU"}, [])
+    assert exp.headline == "experiment e1 failed (config, exit 78, not retried): train: no GPU"
+
+
+def test_run_stage_reports_every_outcome_in_the_status_file(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from qrb.errors import TransientError
+    from qrb.stage import STATUS_ENV, run_stage
+
+    @dataclass(frozen=True)
+    class Toy:
+        n: int
+
+    def crash(base, p, args):
+        raise KeyError("n")
+
+    def flaky(base, p, args):
+        raise TransientError("endpoint  down\n(HTTP 503)")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("base: {seed: 0, model: none, system_prompt: '', hf_offline: true, max_length: 64}\n"
+                                         "train: {n: 1}\n")
+    status = tmp_path / "status.json"
+    monkeypatch.setenv(STATUS_ENV, str(status))
+    run_stage("toy", "train", Toy, (), lambda base, p, args: None, [])
+    assert pl.read_status(status) == {"stage": "train", "exit_code": 0, "kind": "ok", "message": ""}
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("toy", "train", Toy, (), flaky, [])
+    assert exit_.value.code == 75
+    assert pl.read_status(status) == {"stage": "train", "exit_code": 75, "kind": "transient",
+                                      "message": "endpoint down (HTTP 503)"}
+    with pytest.raises(KeyError):  # a crash keeps its traceback, and is reported as no transient failure
+        run_stage("toy", "train", Toy, (), crash, [])
+    assert pl.read_status(status) == {"stage": "train", "exit_code": 1, "kind": "failed", "message": "KeyError: 'n'"}
+    with pytest.raises(SystemExit) as exit_:
+        run_stage("toy", "train", Toy, (), crash, ["--bogus"])
+    assert exit_.value.code == 2
+    assert pl.read_status(status)["kind"] == "usage" and "--bogus" in pl.read_status(status)["message"]
+
+
 def test_stream_timeout_kills_a_silent_command(tmp_path):
     import logging
 
-    with pytest.raises(pl.StageFailed, match="timed out after 1 s"):
+    with pytest.raises(pl.StageFailed, match=r"\(timeout, not retried\): killed after 1 s") as failed:
         pl.stream([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, 1, logging.getLogger("t"))
+    assert not failed.value.retryable
 
 
 def test_weekly_refresh_deployment_schedule_registered(prefect_server, tmp_path):

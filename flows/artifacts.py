@@ -1,0 +1,143 @@
+"""What a pipeline run publishes to Prefect (readable in the UI and through the API), also when a stage failed:
+
+    qrb-metrics       a failed run's cause first, the stages' wall times, the card's eval table and every metric file
+                      dvc.yaml declares, flattened (file | metric | value)
+    qrb-metrics-diff  `dvc metrics diff --md` against the workspace's last commit (the previous committed run)
+    qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page,
+                      each also as its own link artifact (qrb-model-card, qrb-data-docs, qrb-plots)
+
+Everything here reads the workspace (and asks DVC); nothing decides how the pipeline runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from flows.workspace import dvc, venv_env
+
+PLOTS_DIR = "reports/plots"  # `dvc plots show -o` target (index.html)
+DATA_DOCS = "reports/data_docs/index.html"
+EVAL_TABLE = "reports/eval_table.md"
+
+
+def _dvc_out(workspace: Path, *args: str, timeout: float = 120) -> str | None:
+    try:
+        proc = subprocess.run(dvc(*args), cwd=workspace, env=venv_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif not isinstance(value, list):
+        out.append((prefix, value))
+
+
+def declared(workspace: Path, kind: str) -> list[str]:
+    """Paths dvc.yaml declares under `kind` (metrics, plots, outs) across its stages."""
+    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    paths = []
+    for spec in stages.values():
+        for entry in spec.get(kind) or []:
+            paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return paths
+
+
+def metrics_markdown(workspace: Path) -> str:
+    """The card's eval table (if evaluate ran) and every declared metric, flattened (file | metric | value)."""
+    parts = []
+    table = workspace / EVAL_TABLE
+    if table.exists():
+        parts.append(table.read_text().strip())
+    rows: list[tuple[str, str, Any]] = []
+    for rel in declared(workspace, "metrics"):
+        path = workspace / rel
+        if path.suffix == ".json" and path.exists():
+            try:
+                flat: list[tuple[str, Any]] = []
+                _flatten("", json.loads(path.read_text()), flat)
+            except json.JSONDecodeError:
+                continue
+            rows += [(rel, k, v) for k, v in flat]
+    if rows:
+        lines = ["| file | metric | value |", "|---|---|---|"]
+        lines += [f"| {f} | {k} | {v} |" for f, k, v in rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) if parts else "(no metrics yet)"
+
+
+def metrics_diff_markdown(workspace: Path) -> str:
+    """`dvc metrics diff --md` between the last commit (the previous committed run) and the workspace."""
+    if not (workspace / ".git").exists():
+        return "(not a git repository: no previous run to compare with)"
+    out = _dvc_out(workspace, "metrics", "diff", "--md")
+    if out is None:
+        return "(`dvc metrics diff` failed: no previous run?)"
+    return out.strip() or "(no metric changed since the last committed run)"
+
+
+def model_card(workspace: Path) -> Path | None:
+    """The model card if a stage wrote one: an out of dvc.yaml named *card* (peft's own adapter README is not one)."""
+    for rel in [p for p in declared(workspace, "outs") if "card" in p.lower()]:
+        path = workspace / rel
+        if path.is_dir():
+            path = path / "README.md"
+        if path.is_file():
+            return path
+    return None
+
+
+def render_plots(workspace: Path) -> Path | None:
+    """`dvc plots show -o reports/plots`; the HTML page, or None when there is nothing to plot."""
+    if not any((workspace / p).exists() for p in declared(workspace, "plots")):
+        return None
+    if _dvc_out(workspace, "plots", "show", "-o", PLOTS_DIR) is None:
+        return None
+    page = workspace / PLOTS_DIR / "index.html"
+    return page if page.exists() else None
+
+
+def links(workspace: Path) -> dict[str, Path]:
+    found = {"model card": model_card(workspace), "Data Docs": workspace / DATA_DOCS, "plots": render_plots(workspace)}
+    return {name: path for name, path in found.items() if path is not None and path.exists()}
+
+
+def run_markdown(workspace: Path, results: list[dict[str, Any]], error: str | None = None) -> str:
+    """`qrb-metrics`: the failure's one-line cause (if the run failed), the stages that finished, the metrics."""
+    status = f"**Failed**: {error.splitlines()[0]}\n\n" if error else ""
+    stages = "\n".join(f"| {r['stage']} | {r['wall_s']} | {'ran' if r['ran'] else 'up to date'} |" for r in results)
+    stages_md = f"| stage | wall s | |\n|---|---|---|\n{stages}\n\n" if results else ""
+    return status + stages_md + metrics_markdown(workspace)
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(workspace: str, results: list[dict[str, Any]], error: str | None = None) -> dict[str, str]:
+    """The run's artifacts: metrics table, metrics diff against the previous run, links. Returns their keys.
+
+    error: the failure's message (its first line, the headline, is shown), None for a run that completed."""
+    ws = Path(workspace)
+    keys = {"metrics": create_markdown_artifact(
+        key="qrb-metrics", markdown=run_markdown(ws, results, error), description=f"Metrics of the pipeline in {ws}")}
+    keys["metrics-diff"] = create_markdown_artifact(
+        key="qrb-metrics-diff", markdown=metrics_diff_markdown(ws),
+        description="dvc metrics diff: the workspace against its last commit (the previous committed run)")
+    found = links(ws)
+    lines = [f"- [{name}]({path.resolve().as_uri()})  `{path.relative_to(ws)}`" for name, path in found.items()]
+    keys["links"] = create_markdown_artifact(
+        key="qrb-links", markdown="\n".join(lines) or "(no model card, Data Docs or plots yet)",
+        description="Model card, Data Docs and plots of this run (file:// links on the machine that ran it)")
+    for name, path in found.items():
+        create_link_artifact(key="qrb-" + name.lower().replace(" ", "-"), link=path.resolve().as_uri(),
+                             link_text=str(path.relative_to(ws)))
+    return {k: str(v) for k, v in keys.items()}
