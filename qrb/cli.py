@@ -12,7 +12,7 @@ COMMANDS = {
     "deploy": ("flows.deploy", "Prefect deployments: weekly refresh (serve) or a GPU work pool (pool)"),
     "workspace": ("flows.workspace", "create/refresh a scratch DVC workspace for a profile"),
     "tiny-model": ("qrb.offline.tiny_model", "build the tiny offline Llama from the paper snapshot"),
-    "mirror": ("qrb.offline.mirror", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
+    "mirror": ("qrb.offline.mirror.__main__", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
     "smoke-endpoint": ("qrb.offline.smoke", "serve the smoke-test OpenAI-compatible endpoint on 127.0.0.1"),
     "ask": ("qrb.app.ask", "ask the fine-tuned model one question (base + adapter, streamed)"),
     "chat": ("qrb.app.chat", "chat with the fine-tuned model in the terminal (streaming)"),

@@ -192,11 +192,11 @@ def copy(tmp_path) -> Path:
 def test_the_layer_check_catches_an_upward_import(copy):
     (copy / "qrb" / "chat.py").write_text((copy / "qrb" / "chat.py").read_text() + "\n\ndef _x():\n"
                                           "    from flows.pipeline import pipeline  # noqa\n")
-    (copy / "qrb" / "offline" / "mirror.py").write_text(
-        (copy / "qrb" / "offline" / "mirror.py").read_text() + "\nfrom qrb.app import bot  # noqa\n")
+    (copy / "qrb" / "offline" / "mirror" / "server.py").write_text(
+        (copy / "qrb" / "offline" / "mirror" / "server.py").read_text() + "\nfrom qrb.app import bot  # noqa\n")
     problems = layer_problems(copy)
     assert any(p.startswith("qrb/chat.py (qrb) imports flows/pipeline.py") for p in problems), problems
-    assert any(p.startswith("qrb/offline/mirror.py (qrb/offline) imports qrb/app/bot.py") for p in problems)
+    assert any(p.startswith("qrb/offline/mirror/server.py (qrb/offline) imports qrb/app/bot.py") for p in problems)
 
 
 def test_the_dep_check_catches_a_removed_dep_and_a_new_import(copy):

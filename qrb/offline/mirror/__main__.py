@@ -1,0 +1,41 @@
+"""`python -m qrb.offline.mirror` (and `qrb mirror`): serve the mirror until killed (see qrb/offline/mirror/__init__)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+import qrb.offline.mirror as mirror_pkg
+from qrb.io import setup_logging
+
+from .server import DEFAULT_FAULTS, serve_mirror
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m qrb.offline.mirror", description=mirror_pkg.__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default="data/corpus", help="folder with the corpus snapshot (default data/corpus)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8731)
+    ap.add_argument("--per-page", type=int, default=5)
+    ap.add_argument("--faults", action="store_true", help="inject one of each bad case (see FAULT_KINDS)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with serve_mirror(args.corpus, port=args.port, host=args.host, per_page=args.per_page,
+                          faults=DEFAULT_FAULTS if args.faults else None) as m:
+            print(f"qrb.offline.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
+            for kind, path in sorted(m.fault_paths().items()):
+                print(f"qrb.offline.mirror: fault {kind}: {m.url}{path}", flush=True)
+            while not stop.wait(0.5):
+                pass
+    except KeyboardInterrupt:
+        pass
+    except (OSError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"qrb.offline.mirror: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
