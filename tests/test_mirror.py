@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
+from qrb.offline.mirror import DEFAULT_FAULTS, Fault, Mirror, load_corpus, page_record, serve_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
@@ -25,7 +25,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def get(url: str, follow: bool = True) -> tuple[int, dict, str]:
+def get(url: str | urllib.request.Request, follow: bool = True) -> tuple[int, dict, str]:
     opener = urllib.request.build_opener() if follow else urllib.request.build_opener(_NoRedirect)
     try:
         with opener.open(url, timeout=10) as r:
@@ -143,6 +143,58 @@ def test_counts_and_add_record():
 def test_bad_fault_kind_rejected():
     with pytest.raises(ValueError, match="unknown fault kind"):
         Fault("teapot")
+    with pytest.raises(ValueError, match="unknown layout"):
+        Mirror([], layout="blog")
+
+
+def _linked_papers(html: str) -> set[str]:
+    return set(re.findall(r'href="/papers/(q-[\d-]+)/"', html))
+
+
+@pytest.mark.parametrize("layout", ["archive", "issues"])
+def test_other_layouts_list_every_paper_behind_a_front_page(layout):
+    with serve_mirror(CORPUS, layout=layout, sitemap=False) as m:
+        assert m.start_url == m.url + "/"
+        _, _, front = get(m.start_url)
+        assert not _linked_papers(front) and f'href="/{layout}/"' in front  # no paper on the front page
+        assert get(m.url + "/papers/")[0] == 404  # the live site's listing path is not there
+        assert get(m.url + "/sitemap.xml")[0] == 404 and "Sitemap:" not in get(m.url + "/robots.txt")[2]
+        linked: set[str] = set()
+        if layout == "archive":
+            for i in range(1, m.listing_pages() + 1):
+                status, _, html = get(m.url + (f"/archive/page/{i}/" if i > 1 else "/archive/"))
+                assert status == 200 and 0 < len(_linked_papers(html)) <= m.per_page
+                linked |= _linked_papers(html)
+        else:
+            _, _, index = get(m.url + "/issues/")
+            vols = re.findall(r'href="/issues/(\d+)/"', index)
+            assert not _linked_papers(index) and vols == sorted(vols, key=int, reverse=True) and len(vols) >= 2
+            for v in vols:
+                status, _, html = get(m.url + f"/issues/{v}/")
+                assert status == 200 and f"volume {v}, page" not in html  # a listing, not paper pages
+                ids = _linked_papers(html)
+                assert ids and all(m.papers[f"/papers/{i}/"]["volume"] == v for i in ids)
+                linked |= ids
+            assert get(m.url + "/issues/99/")[0] == 404
+        assert {f"/papers/{i}/" for i in linked} == set(m.papers)
+
+
+def test_crawl_delay_etag_and_304():
+    with serve_mirror(CORPUS, crawl_delay=0.25) as m:
+        assert "Crawl-delay: 0.25\n" in get(m.url + "/robots.txt")[2]
+        status, h, _ = get(m.start_url)
+        assert status == 200 and h["Cache-Control"] == "no-cache" and h["ETag"].startswith('"')
+        paper = "/papers/q-2024-12-27-1580/"
+        status, hp, _ = get(m.url + paper)
+        assert hp["Cache-Control"] == "max-age=86400" and hp["ETag"] != h["ETag"]
+        req = urllib.request.Request(m.start_url, headers={"If-None-Match": h["ETag"]})
+        assert get(req)[0] == 304 and m.log[-1] == ("127.0.0.1", "/papers/", 304)
+        # a new paper changes the listing: the old ETag no longer matches
+        m.add_record({"doi": "10.22331/q-2025-01-02-1600", "title": "New", "abstract": "A."})
+        status, h2, _ = get(req)
+        assert status == 200 and h2["ETag"] != h["ETag"]
+        assert [p for _, p in m.times] == ["/robots.txt", "/papers/", paper, "/papers/", "/papers/"]
+        assert all(a[0] <= b[0] for a, b in zip(m.times, m.times[1:]))  # arrival times, in order
 
 
 def test_cli_serves_until_killed():

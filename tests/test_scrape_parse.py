@@ -192,7 +192,8 @@ def test_assemble_merges_cache_sorts_dedups_and_filters_window():
 def test_params_check_names_the_key():
     ok = dict(start_urls=("https://quantum-journal.org/papers/",), date_from=dt.date(2024, 7, 1),
               date_to=dt.date(2024, 12, 31), max_pages=10, user_agent="qrb (+contact)", obey_robots=True,
-              concurrent_requests_per_domain=1, download_delay_s=0.0, autothrottle=True,
+              max_depth=2, max_discovery_pages=50, concurrent_requests_per_domain=1, download_delay_s=0.0,
+              autothrottle=True,
               autothrottle_start_delay_s=0.0, autothrottle_max_delay_s=1.0, retry_times=1, timeout_s=5.0,
               full_text=False, full_text_url="https://arxiv.org/html/{arxiv_id}")
     ScrapeParams(**ok).check()
@@ -200,6 +201,8 @@ def test_params_check_names_the_key():
                         ({"start_urls": ("ftp://x/",)}, "scrape.start_urls"),
                         ({"start_urls": ()}, "scrape.start_urls"),
                         ({"max_pages": 0}, "scrape.max_pages"),
+                        ({"max_depth": -1}, "scrape.max_depth"),
+                        ({"max_discovery_pages": -1}, "scrape.max_discovery_pages"),
                         ({"full_text_url": "https://arxiv.org/html/"}, "scrape.full_text_url")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             dataclasses.replace(ScrapeParams(**ok), **change).check()
@@ -214,3 +217,75 @@ def test_label_and_value_in_separate_blocks():
     assert (item.published, item.volume, item.page) == ("2024-08-08", "8", "1434")
     assert item.arxiv == "arXiv:2301.00001" and item.citation == "Quantum 8, 1434 (2024)."
     assert item.authors == [] and item.affiliations == []
+
+
+# -- the spider's discovery rules, on saved pages (no crawl) -------------------------------------------------------
+SITE = "http://127.0.0.1:1"
+
+
+def _spider(**over):
+    from stages.scrape.spider import QuantumSpider
+
+    ok = dict(start_urls=(SITE + "/",), date_from=dt.date(2024, 7, 1), date_to=dt.date(2024, 12, 31), max_pages=100,
+              max_depth=2, max_discovery_pages=50, user_agent="qrb (+contact)", obey_robots=True,
+              concurrent_requests_per_domain=1, download_delay_s=0.0, autothrottle=False,
+              autothrottle_start_delay_s=0.0, autothrottle_max_delay_s=1.0, retry_times=0, timeout_s=5.0,
+              full_text=False, full_text_url="https://arxiv.org/html/{arxiv_id}")
+    ok.update(over)
+    return QuantumSpider(params=ScrapeParams(**ok))
+
+
+def _page(spider, path: str, html: str, hops: int = 0):
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+
+    req = Request(SITE + path, meta={"qrb_hops": hops})
+    out = list(spider.parse_page(HtmlResponse(SITE + path, body=html.encode(), encoding="utf-8", request=req)))
+    return {r.url.removeprefix(SITE): r for r in out if hasattr(r, "url") and hasattr(r, "meta")}, out
+
+
+def _html(*hrefs: str) -> str:
+    return "<html><body>" + "".join(f'<a href="{h}">x</a>' for h in hrefs) + "</body></html>"
+
+
+def test_a_listing_follows_its_own_section_and_its_papers_only():
+    spider = _spider()
+    reqs, _ = _page(spider, "/archive/", _html(
+        "/papers/q-2024-08-01-1/", "/papers/q-2023-01-01-1/",  # in the window / outside it (never requested)
+        "/papers/q-2024-08-01-1/pdf/", "/archive/page/2/", "/archive/page/2/#top",  # a PDF; pagination (once)
+        "/about/", "/", "http://elsewhere.org/archive/x", "/wp-admin/"))  # menus, offsite, admin
+    assert set(reqs) == {"/papers/q-2024-08-01-1/", "/archive/page/2/"}
+    assert reqs["/papers/q-2024-08-01-1/"].meta["qrb_kind"] == "paper"
+    assert reqs["/archive/page/2/"].meta["qrb_hops"] == 1  # a listing starts the hop count afresh
+    assert spider.stats_local["listing_pages_fetched"] == 1 and spider.stats_local["skipped_by_date"] == 1
+    # deep in a pagination chain, still followed
+    reqs, _ = _page(spider, "/archive/page/40/", _html("/papers/q-2024-09-01-2/", "/archive/page/41/"), hops=1)
+    assert set(reqs) == {"/papers/q-2024-09-01-2/", "/archive/page/41/"}
+
+
+def test_pages_without_papers_are_hops_bounded_by_max_depth():
+    spider = _spider(max_depth=2)
+    reqs, _ = _page(spider, "/", _html("/issues/", "/about/", "https://other.org/"))
+    assert set(reqs) == {"/issues/", "/about/"} and all(r.meta["qrb_hops"] == 1 for r in reqs.values())
+    reqs, _ = _page(spider, "/issues/", _html("/issues/8/", "/about/"), hops=1)
+    assert set(reqs) == {"/issues/8/"}  # /about/ was requested already
+    reqs, _ = _page(spider, "/issues/8/", _html("/issues/8/part/2/"), hops=2)
+    assert reqs == {}  # a third hop without a paper: max_depth=2 stops here
+    assert spider.stats_local["other_pages_fetched"] == 3
+    reqs, _ = _page(_spider(max_depth=0), "/", _html("/issues/", "/papers/q-2024-08-01-1/"))
+    assert set(reqs) == {"/papers/q-2024-08-01-1/"}  # depth 0: only papers linked from the start URL
+
+
+def test_discovery_cap_stops_following_links():
+    spider = _spider(max_discovery_pages=2)
+    reqs, _ = _page(spider, "/", _html("/a/", "/b/", "/c/", "/d/"))
+    assert len(reqs) == 2 and spider.stats_local["discovery_cap_refused"] == 2
+
+
+def test_a_paper_page_is_recognised_by_its_content_whatever_its_url():
+    spider = _spider()
+    _, out = _page(spider, "/?p=1397", META_PAGE)
+    assert len(out) == 1 and isinstance(out[0], PaperItem)
+    assert out[0].doi == "10.22331/q-2024-07-04-1397" and out[0].url == SITE + "/?p=1397"
+    _, out = _page(spider, "/about/", _html("/contact/"))  # no citation_* tags: an ordinary page
+    assert not [x for x in out if isinstance(x, PaperItem | ErrorItem)]

@@ -180,12 +180,12 @@ def test_full_text_from_the_arxiv_stand_in(tmp_path):
 def test_timeout_is_retried_then_recorded(tmp_path):
     path = "/papers/q-2024-12-27-1580/"
     with serve_mirror(CORPUS, faults=[Fault("slow", path=path, delay_s=2.5)]) as m:
-        r = run_stage(tmp_path, fast_params(m.start_url, timeout_s=1, retry_times=1, date_from="2024-12-27"))
+        r = run_stage(tmp_path, fast_params(m.start_url, timeout_s=1, retry_times=1, date_from="2024-12-23"))
         assert r.returncode == 0, r.stderr[-3000:]
         papers, errors, metrics = outputs(tmp_path)
         assert errors == [{"url": m.url + path, "reason": "timeout", "kind": "paper", "detail": errors[0]["detail"]}]
         assert m.counts[path] == 2 and metrics["retries"] == 1  # one retry (after a backoff), then given up
-        assert papers == []  # the window holds only that paper
+        assert [p["published"] for p in papers] == ["2024-12-23"]  # the window's other paper
 
 
 def test_page_cap_stops_the_crawl(tmp_path):
@@ -208,3 +208,103 @@ def test_bad_params_and_unreachable_site_fail_cleanly(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("scrape: could not fetch any start URL")
     assert "connection_refused" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "u" / "artifacts").exists()  # nothing written
+
+
+def expected_dois() -> list[str]:
+    return sorted(page_record(rec)["doi"] for rec in SNAPSHOT if in_window(page_record(rec)))
+
+
+def test_discovers_a_listing_path_it_was_not_told_of(tmp_path):
+    """The front page links the listing under /archive/, there is no sitemap: the spider follows in-site links."""
+    with serve_mirror(CORPUS, faults=DEFAULT_FAULTS, layout="archive", sitemap=False) as m:
+        r = run_stage(tmp_path, fast_params(m.start_url))
+        assert r.returncode == 0, r.stderr[-3000:]
+        papers, errors, metrics = outputs(tmp_path)
+        assert [p["doi"] for p in papers] == expected_dois()
+        assert all(p["url"] == m.url + f"/papers/{p['doi'].split('/')[1]}/" for p in papers)
+        fp = m.fault_paths()
+        assert {e["url"]: e["reason"] for e in errors} == {
+            m.url + fp["not_found"]: "http_404", m.url + fp["malformed"]: "malformed_html",
+            m.url + fp["no_abstract"]: "missing_abstract", m.url + fp["offsite_redirect"]: "offsite_redirect",
+            m.url + fp["disallowed"]: "robots_disallowed"}
+        # still polite: nothing offsite, nothing disallowed, no pdf, no paper page twice, out-of-window unfetched
+        assert set(m.host_counts) == {"127.0.0.1"} and m.counts["/wp-admin/"] == 0 and m.counts[fp["disallowed"]] == 0
+        assert not [p for p in m.counts if p.endswith("/pdf/")]
+        assert all(n == 1 for p, n in paper_paths(m.counts).items() if p != fp["error_once"])
+        assert all(m.counts[p] == 0 for p in m.papers if not in_window(m.papers[p]))
+        # every listing page (+ /archive/page/1/, the same as /archive/), the front page; no sitemap
+        assert metrics["listing_pages_fetched"] == m.listing_pages() + 1 and metrics["sitemaps_fetched"] == 0
+        assert metrics["other_pages_fetched"] == 1 and m.counts["/"] == 1
+
+
+def test_depth_bound_and_an_empty_crawl_is_an_error(tmp_path):
+    """/ -> /issues/ (volumes, no paper) -> /issues/8/ (papers): two hops through pages without a paper link."""
+    with serve_mirror(CORPUS, layout="issues", sitemap=False) as m:
+        r = run_stage(tmp_path / "d2", fast_params(m.start_url, max_depth=2))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [p["doi"] for p in outputs(tmp_path / "d2")[0]] == expected_dois()
+
+        m.counts.clear()
+        r = run_stage(tmp_path / "d1", fast_params(m.start_url, max_depth=1))
+        assert r.returncode == 65, r.stderr[-3000:]  # DataError
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("scrape: no paper in the window 2024-07-01..2024-12-31") and "max_depth" in last
+        assert "Traceback" not in r.stderr
+        assert set(m.counts) == {"/robots.txt", "/", "/issues/", "/about/"}  # one hop, then it stopped
+        assert not (tmp_path / "d1" / "artifacts").exists() and not (tmp_path / "d1" / "metrics").exists()
+        assert not (tmp_path / "d1" / "cache/scrape/records.jsonl").exists()
+
+
+def test_a_crawl_that_keeps_no_paper_fails_and_leaves_outputs_and_cache(tmp_path):
+    with serve_mirror(CORPUS) as m:
+        assert run_stage(tmp_path, fast_params(m.start_url)).returncode == 0
+        # the outputs and the seen-set (the HTTP cache in cache/scrape/http/ keeps what it got, by design)
+        files = [*(tmp_path / "artifacts").rglob("*.jsonl"), tmp_path / "metrics/scrape.json",
+                 tmp_path / "cache/scrape/records.jsonl", tmp_path / "cache/scrape/state.json"]
+        before = {p: p.read_bytes() for p in files}
+        assert len(before) == 5
+        # the site answers, but no paper lies in the window
+        r = run_stage(tmp_path, fast_params(m.start_url, date_from="2030-01-01", date_to="2030-12-31"))
+        assert r.returncode == 65, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1].startswith("scrape: no paper in the window 2030-01-01..2030-12-31")
+        assert {p: p.read_bytes() for p in files} == before
+
+
+def _min_gap(times: list[tuple[float, str]]) -> float:
+    t = sorted(x for x, _ in times)
+    return min(b - a for a, b in zip(t, t[1:]))
+
+
+def test_robots_crawl_delay_is_honoured(tmp_path):
+    july = dict(date_from="2024-07-01", date_to="2024-07-31")  # 6 papers: a short crawl
+    with serve_mirror(CORPUS) as m:  # the control: without Crawl-delay, requests come close together
+        assert run_stage(tmp_path / "fast", fast_params(m.start_url, **july)).returncode == 0
+        assert _min_gap(m.times) < 0.1
+    with serve_mirror(CORPUS, crawl_delay=0.3) as m:
+        r = run_stage(tmp_path / "slow", fast_params(m.start_url, **july))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(m.times) >= 15 and _min_gap(m.times) >= 0.3 * 0.95  # autothrottle and jitter stay above it
+        assert outputs(tmp_path / "slow")[2]["crawl_delay_s"] == 0.3
+
+
+def test_http_cache_saves_refetching(tmp_path):
+    with serve_mirror(CORPUS) as m:
+        params = fast_params(m.start_url)
+        assert run_stage(tmp_path, params).returncode == 0
+        first = (tmp_path / "artifacts/scrape/papers.jsonl").read_bytes()
+
+        # again: listings, sitemap and robots.txt are revalidated (If-None-Match -> 304), the output is the same
+        m.log.clear()
+        assert run_stage(tmp_path, params).returncode == 0
+        assert (tmp_path / "artifacts/scrape/papers.jsonl").read_bytes() == first
+        assert m.log and all(status == 304 for _, _, status in m.log), m.log
+        assert outputs(tmp_path)[2]["http_cache_revalidated"] == len(m.log)
+
+        # full_text on: every paper is fetched again for its arXiv text, but its page comes from the HTTP cache
+        m.counts.clear()
+        r = run_stage(tmp_path, {**params, "full_text": True, "full_text_url": m.url + "/arxiv/html/{arxiv_id}"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        papers, _, metrics = outputs(tmp_path)
+        assert paper_paths(m.counts) == {}
+        assert sum(1 for p in papers if p["arxiv"]) == sum(n for p, n in m.counts.items() if p.startswith("/arxiv/"))
+        assert metrics["http_cache_hits"] >= 33 and metrics["paper_pages_fetched"] == 33

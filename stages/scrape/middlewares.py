@@ -1,4 +1,6 @@
-"""Downloader middleware: exponential backoff before each retry (scrapy's RetryMiddleware retries at once)."""
+"""Downloader middlewares: exponential backoff before each retry (scrapy's RetryMiddleware retries at once), offsite
+redirects refused as errors, a hard page cap, and robots.txt `Crawl-delay` (scrapy's parsers read it, nothing applies
+it); and the HTTP cache policy."""
 
 from __future__ import annotations
 
@@ -6,7 +8,23 @@ import asyncio
 import logging
 from typing import Any
 
+from scrapy.extensions.httpcache import RFC2616Policy, parse_cachecontrol
+
 log = logging.getLogger(__name__)
+
+
+class RevalidatingPolicy(RFC2616Policy):
+    """scrapy's RFC 2616 cache policy, except that a cached page marked `Cache-Control: no-cache` is revalidated
+    (If-None-Match / If-Modified-Since; a 304 keeps the cached body) where scrapy fetches it again in full. Revalidate
+    is what no-cache means (RFC 9111 5.2.2.4), and it is what a listing that changes with every new paper says."""
+
+    def is_cached_response_fresh(self, cachedresponse: Any, request: Any) -> bool:
+        if b"no-cache" not in parse_cachecontrol(cachedresponse.headers.get(b"Cache-Control", b"")):
+            return super().is_cached_response_fresh(cachedresponse, request)
+        for have, ask in ((b"ETag", b"If-None-Match"), (b"Last-Modified", b"If-Modified-Since")):
+            if have in cachedresponse.headers:
+                request.headers[ask] = cachedresponse.headers[have]
+        return False
 
 
 class RetryBackoffMiddleware:
@@ -62,9 +80,10 @@ class OffsiteRedirectMiddleware:
 
 
 class PageCapMiddleware:
-    """A hard cap on requests sent per crawl (`scrape.max_pages`, retries and robots.txt included). Scrapy's
-    CLOSESPIDER_PAGECOUNT closes the spider at the cap but lets queued requests through; this refuses them (each
-    becomes an error record with reason `page_cap`, so nothing is dropped silently)."""
+    """A hard cap on HTTP requests sent per crawl (`scrape.max_pages`, retries and robots.txt included; answers from
+    the HTTP cache not, as it sits after HttpCacheMiddleware). Scrapy's CLOSESPIDER_PAGECOUNT counts responses (cache
+    hits too) and lets queued requests through; this refuses every request over the cap (each becomes an error
+    record with reason `page_cap`, so nothing is dropped silently)."""
 
     def __init__(self, crawler: Any, cap: int) -> None:
         self.crawler = crawler
@@ -82,4 +101,61 @@ class PageCapMiddleware:
             self.crawler.stats.inc_value("qrb/page_cap_refused")
             raise IgnoreRequest(f"Page cap reached ({self.cap} requests)")
         self.sent += 1
+        self.crawler.stats.set_value("qrb/requests_sent", self.sent)
         return None
+
+
+class CrawlDelayMiddleware:
+    """Honour a robots.txt `Crawl-delay` as the floor of that site's download slot.
+
+    The delay is read when RobotsTxtMiddleware has parsed the file (signal `robots_parsed`) and set on the slot and
+    on the slot settings new slots are made from. AutoThrottle moves a slot's delay after every response and may go
+    below it, so the floor is put back right after (`response_downloaded`: this handler connects after
+    AutoThrottle's, before the downloader takes the next request), and the slot's jitter is narrowed so that
+    delay x (1 - jitter) never drops under the floor."""
+
+    def __init__(self, crawler: Any) -> None:
+        from scrapy import signals
+
+        self.crawler = crawler
+        s = crawler.settings
+        self.user_agent = s.get("ROBOTSTXT_USER_AGENT") or s.get("USER_AGENT")
+        self.jitter = s.getfloat("DOWNLOAD_DELAY_JITTER", 0.5)
+        self.floors: dict[str, float] = {}  # download slot key -> Crawl-delay seconds
+        crawler.signals.connect(self.on_robots_parsed, signal=signals.robots_parsed)
+        crawler.signals.connect(self.on_response_downloaded, signal=signals.response_downloaded)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> "CrawlDelayMiddleware":
+        return cls(crawler)
+
+    def on_robots_parsed(self, robotparser: Any, request: Any) -> None:
+        try:
+            delay = robotparser.crawl_delay(self.user_agent)
+        except (AttributeError, NotImplementedError, ValueError):  # a parser without Crawl-delay support
+            delay = None
+        if not delay or delay <= 0:
+            return
+        downloader = self.crawler.engine.downloader
+        key = downloader.get_slot_key(request)
+        self.floors[key] = float(delay)
+        downloader.per_slot_settings.setdefault(key, {})["delay"] = float(delay)  # slots made later start there
+        self.crawler.stats.max_value("qrb/crawl_delay_s", float(delay))
+        log.info("scrape: robots.txt of %s asks Crawl-delay %.2f s: at most one request per %.2f s", key, delay, delay)
+        self.apply(key)
+
+    def on_response_downloaded(self, response: Any, request: Any, spider: Any = None) -> None:
+        self.apply(request.meta.get("download_slot"))
+
+    def process_request(self, request: Any) -> None:
+        if self.floors:
+            self.apply(self.crawler.engine.downloader.get_slot_key(request))
+        return None
+
+    def apply(self, key: str | None) -> None:
+        floor = self.floors.get(key or "")
+        slot = self.crawler.engine.downloader.slots.get(key) if floor else None
+        if slot is None:
+            return
+        slot.delay = max(slot.delay, floor)
+        slot.jitter = min(self.jitter, 1.0 - floor / slot.delay)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qrb.errors import ConfigError, TransientError
+from qrb.errors import ConfigError, DataError, TransientError
 from qrb.io import read_jsonl, write_json, write_jsonl
 from qrb.schema import PAPER_KEYS
 from qrb.stage import run_stage
@@ -29,10 +29,12 @@ ERRORS_OUT = Path("artifacts/scrape/errors.jsonl")
 METRICS_OUT = Path("metrics/scrape.json")
 CACHE_DIR = Path("cache/scrape")
 CACHE_RECORDS = CACHE_DIR / "records.jsonl"
+HTTP_CACHE_DIR = CACHE_DIR / "http"
 CACHE_VERSION = 1
 
 
-def scrapy_settings(p: ScrapeParams, log_level: str = "INFO") -> dict[str, Any]:
+def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Path = HTTP_CACHE_DIR
+                    ) -> dict[str, Any]:
     """Scrapy settings from the stage params: the politeness rules live here."""
     return {
         "BOT_NAME": "quantum-research-bot",
@@ -52,19 +54,31 @@ def scrapy_settings(p: ScrapeParams, log_level: str = "INFO") -> dict[str, Any]:
         "QRB_RETRY_BACKOFF_MAX_S": max(1.0, p.autothrottle_max_delay_s),
         "DOWNLOAD_TIMEOUT": p.timeout_s,
         "DNS_TIMEOUT": p.timeout_s,
-        "CLOSESPIDER_PAGECOUNT": p.max_pages,
         "REDIRECT_MAX_TIMES": 5,
         "COOKIES_ENABLED": False,
         "TELNETCONSOLE_ENABLED": False,
-        "HTTPCACHE_ENABLED": False,  # the seen-set replaces it: listing pages must be fresh, papers are skipped
+        # The HTTP cache, by the server's own rules (RFC 2616: Cache-Control, Expires, ETag / Last-Modified; see
+        # RevalidatingPolicy): a page still fresh is not fetched again, a stale one is revalidated (If-None-Match ->
+        # 304, no body). It saves what the seen-set cannot: pages of papers fetched again (full_text switched on, a
+        # run that failed before its records were saved), and the bodies of listings that did not change. Kept with
+        # the seen-set in cache/scrape/ (persisted by DVC); entries expire by the policy only, not by age.
+        "HTTPCACHE_ENABLED": True,
+        "HTTPCACHE_POLICY": "stages.scrape.middlewares.RevalidatingPolicy",
+        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.FilesystemCacheStorage",
+        "HTTPCACHE_DIR": str(http_cache_dir.resolve()),  # absolute: scrapy puts a relative one under .scrapy/
+        "HTTPCACHE_GZIP": True,
+        "HTTPCACHE_EXPIRATION_SECS": 0,
         "LOG_LEVEL": log_level,
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
         "ITEM_PIPELINES": {"stages.scrape.pipelines.CleanPipeline": 100,
                            "stages.scrape.pipelines.CollectPipeline": 900},
         "QRB_MAX_PAGES": p.max_pages,
-        "DOWNLOADER_MIDDLEWARES": {"stages.scrape.middlewares.PageCapMiddleware": 50,
-                                   "stages.scrape.middlewares.RetryBackoffMiddleware": 560,
-                                   "stages.scrape.middlewares.OffsiteRedirectMiddleware": 650},
+        # the page cap (the one cap: CLOSESPIDER_PAGECOUNT would count cache hits) after HttpCacheMiddleware (900):
+        # an answer from the cache costs the site nothing
+        "DOWNLOADER_MIDDLEWARES": {"stages.scrape.middlewares.RetryBackoffMiddleware": 560,
+                                   "stages.scrape.middlewares.OffsiteRedirectMiddleware": 650,
+                                   "stages.scrape.middlewares.PageCapMiddleware": 950,
+                                   "stages.scrape.middlewares.CrawlDelayMiddleware": 960},
     }
 
 
@@ -92,7 +106,10 @@ def crawl(p: ScrapeParams, seen: set[str]) -> CrawlResult:
     stats = dict(spider.stats_local)
     stats.update({
         "pages_fetched": int(st.get("response_received_count", 0)),
-        "requests": int(st.get("downloader/request_count", 0)),
+        "requests": int(st.get("qrb/requests_sent", 0)),
+        "http_cache_hits": int(st.get("httpcache/hit", 0)),
+        "http_cache_revalidated": int(st.get("httpcache/revalidate", 0)),
+        "crawl_delay_s": st.get("qrb/crawl_delay_s"),
         "retries": int(st.get("retry/count", 0)),
         "offsite_filtered": int(st.get("offsite/filtered", 0)) + int(st.get("offsite/redirect_refused", 0)),
         "robots_forbidden": int(st.get("robotstxt/forbidden", 0)),
@@ -148,6 +165,7 @@ def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict
         "requests": s.get("requests", 0),
         "retries": s.get("retries", 0),
         "listing_pages_fetched": s.get("listing_pages_fetched", 0),
+        "other_pages_fetched": s.get("other_pages_fetched", 0),
         "sitemaps_fetched": s.get("sitemaps_fetched", 0),
         "paper_pages_fetched": s.get("paper_pages_fetched", 0),
         "full_text_fetched": s.get("full_text_fetched", 0),
@@ -162,10 +180,42 @@ def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict
         "offsite_filtered": s.get("offsite_filtered", 0),
         "robots_forbidden": s.get("robots_forbidden", 0),
         "finish_reason": s.get("finish_reason", ""),
-        "page_cap_hit": s.get("finish_reason") == "closespider_pagecount" or s.get("page_cap_refused", 0) > 0,
+        "page_cap_hit": page_cap_hit(s),
+        "discovery_cap_hit": s.get("discovery_cap_refused", 0) > 0,
+        "http_cache_hits": s.get("http_cache_hits", 0),
+        "http_cache_revalidated": s.get("http_cache_revalidated", 0),
+        "crawl_delay_s": s.get("crawl_delay_s"),
         "date_from": p.date_from.isoformat(),
         "date_to": p.date_to.isoformat(),
     }
+
+
+def page_cap_hit(stats: dict[str, Any]) -> bool:
+    return stats.get("page_cap_refused", 0) > 0
+
+
+def check_crawl(result: CrawlResult, papers: list[dict[str, Any]], p: ScrapeParams) -> None:
+    """Raise, before anything is written, when the crawl reached nothing (TransientError) or kept no paper in the
+    window although the site answered (DataError: a layout the discovery did not find, a wrong window)."""
+    s = result.stats
+    why = "; ".join(f"{e['url']}: {e['reason']}" for e in result.errors[:3])
+    if not any(s.get(k, 0) for k in ("listing_pages_fetched", "other_pages_fetched", "sitemaps_fetched",
+                                     "paper_pages_fetched")):
+        raise TransientError(f"could not fetch any start URL or sitemap ({why or 'no response'}); outputs and "
+                             "cache unchanged")
+    if papers:
+        return
+    found = (f"{s.get('pages_fetched', 0)} pages fetched ({s.get('listing_pages_fetched', 0)} listing, "
+             f"{s.get('other_pages_fetched', 0)} other, {s.get('sitemaps_fetched', 0)} sitemaps, "
+             f"{s.get('paper_pages_fetched', 0)} paper pages), {s.get('skipped_by_date', 0)} papers outside it")
+    hints = ["check scrape.start_urls and scrape.date_from/date_to, or raise scrape.max_depth "
+             f"({p.max_depth}) if the listing lies deeper"]
+    if page_cap_hit(s):
+        hints.insert(0, f"the page cap was hit (scrape.max_pages={p.max_pages})")
+    if s.get("discovery_cap_refused", 0):
+        hints.insert(0, f"the discovery cap was hit (scrape.max_discovery_pages={p.max_discovery_pages})")
+    raise DataError(f"no paper in the window {p.date_from}..{p.date_to}: {found}"
+                    + (f"; errors: {why}" if why else "") + f"; {'; '.join(hints)}. Outputs and cache unchanged")
 
 
 def run(base: dict[str, Any], p: ScrapeParams, args) -> None:
@@ -174,10 +224,8 @@ def run(base: dict[str, Any], p: ScrapeParams, args) -> None:
     log.info("scrape: %s, window %s..%s, %d papers already in the cache", ", ".join(p.start_urls), p.date_from,
              p.date_to, len(cache))
     result = crawl(p, seen)
-    if result.stats.get("listing_pages_fetched", 0) == 0 and result.stats.get("sitemaps_fetched", 0) == 0:
-        why = "; ".join(f"{e['url']}: {e['reason']}" for e in result.errors[:5]) or "no response"
-        raise TransientError(f"could not fetch any start URL or sitemap ({why}); outputs and cache unchanged")
     papers, errors, new_cache = assemble(cache, result.papers, result.errors, p.date_from, p.date_to, p.full_text)
+    check_crawl(result, papers, p)
     m = metrics(result, papers, errors, len(new_cache), p)
     write_jsonl(CACHE_RECORDS, new_cache.values())
     write_json(CACHE_DIR / "state.json", {"version": CACHE_VERSION, "records": len(new_cache)})
@@ -187,6 +235,9 @@ def run(base: dict[str, Any], p: ScrapeParams, args) -> None:
     if m["page_cap_hit"]:
         log.warning("scrape: stopped at the page cap (scrape.max_pages=%d): the output may miss papers",
                     p.max_pages)
+    if m["discovery_cap_hit"]:
+        log.warning("scrape: stopped following links at scrape.max_discovery_pages=%d: the output may miss papers",
+                    p.max_discovery_pages)
     log.info("scrape: %d papers (%d new, %d from cache), %d skipped by date, %d errors %s -> %s",
              m["papers_kept"], m["papers_new"], m["papers_from_cache"], m["skipped_by_date"], m["errors"],
              json.dumps(m["errors_by_reason"]), PAPERS_OUT)

@@ -1,5 +1,17 @@
-"""The quantum-journal.org spider: URL-pattern discovery (CrawlSpider rules + the robots.txt sitemap), date-window
-and seen-set filtering before any paper page is fetched, one item per paper page (a `PaperItem` or an `ErrorItem`)."""
+"""The quantum-journal.org spider: discovery by following in-site links and the robots.txt sitemap; date-window and
+seen-set filtering before any paper page is fetched; one item per paper page (a `PaperItem` or an `ErrorItem`).
+
+Discovery needs no knowledge of where the site keeps its listing. From each start URL the spider follows in-site
+links: a link whose URL has the paper shape (`/papers/q-YYYY-MM-DD-N/`) is a paper (filtered by the date in it and
+the seen-set, never followed further); any other page is fetched and read. A page that links to papers is a listing:
+from it only the links in its own section (first path segment: its pagination, its sibling volumes) are followed,
+not the site's menus, and they start the hop count afresh, so a long chain of "older papers" pages costs no depth.
+A page that links to no paper (a front page, an index of volumes, an About page) is a hop: `scrape.max_depth` of
+them in a row, then the branch stops. `scrape.max_discovery_pages` caps how many such pages (listings included) one
+crawl fetches, and `scrape.max_pages` every request. A page whose URL has another shape but whose content is a paper
+(highwire `citation_title`/`citation_doi` meta tags) is parsed as one. Offsite links are never followed; robots.txt
+applies to every request (`ROBOTSTXT_OBEY`).
+"""
 
 from __future__ import annotations
 
@@ -11,69 +23,46 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from scrapy import Request
-from scrapy.exceptions import IgnoreRequest
+from scrapy import Request, Spider
 from scrapy.http import HtmlResponse, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
-from scrapy.spidermiddlewares.httperror import HttpError
-from scrapy.spiders import CrawlSpider, Rule
 from scrapy.utils.sitemap import Sitemap
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError
-from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.python.failure import Failure
+from w3lib.url import canonicalize_url
 
 from qrb.schema import ErrorItem, PaperItem
 
 from . import ScrapeParams
+from .failures import QUIET_LINK_FAILURES, failure_reason, original_url
 from .parse import PAPER_PATH_RE, paper_id_from_url, parse_full_text_html, parse_paper_html
 from .pipelines import Collector
 
 log = logging.getLogger(__name__)
 
 PAPER_URL_PATTERN = r"/papers/q-\d{4}-\d{2}-\d{2}-\d+/?$"
-LISTING_URL_PATTERNS = (r"/papers/?$", r"/papers/page/\d+/?$", r"/volumes?/\d+/?$", r"/volumes?/\d+/page/\d+/?$")
+# never worth a request while looking for paper pages (LinkExtractor's default deny_extensions covers files with a
+# suffix: .pdf, images, archives)
+DENY_LINKS = (r"/pdf/?$", r"/feed/?$", r"/wp-admin/", r"/wp-login\.php", r"/xmlrpc\.php")
 ARXIV_HTML_URL = "https://arxiv.org/html/{arxiv_id}"
+PAPER_PRIORITY = 1  # scrapy's default is 0: listing and other pages
 
 
-def failure_reason(failure: Failure) -> tuple[str, str]:
-    """(reason key, detail) for a failed request."""
-    exc = failure.value
-    request = getattr(failure, "request", None)
-    if isinstance(exc, HttpError):
-        return f"http_{exc.response.status}", f"HTTP {exc.response.status}"
-    if isinstance(exc, IgnoreRequest):
-        msg = str(exc)
-        if msg.startswith("Offsite redirect"):
-            return "offsite_redirect", msg
-        if msg.startswith("Page cap reached"):
-            return "page_cap", msg
-        if "robots.txt" in msg:
-            return "robots_disallowed", msg
-        if "offsite" in msg.lower():
-            redirected = bool(request is not None and request.meta.get("redirect_urls"))
-            return ("offsite_redirect" if redirected else "offsite"), f"{msg} ({request.url if request else ''})"
-        return "ignored", msg
-    name = type(exc).__name__  # scrapy >= 2.14 wraps Twisted's errors in its own Download*Error classes
-    if isinstance(exc, (TxTimeoutError, TCPTimedOutError)) or "Timeout" in name or name == "TimeoutError":
-        return "timeout", f"{name}: {exc}"
-    if isinstance(exc, DNSLookupError) or name == "CannotResolveHostError":
-        return "dns_error", f"{name}: {exc}"
-    if isinstance(exc, ConnectionRefusedError) or name == "DownloadConnectionRefusedError":
-        return "connection_refused", f"{name}: {exc}"
-    if name == "ResponseDataLossError":
-        return "data_loss", f"{name}: {exc}"
-    return "download_error", f"{type(exc).__name__}: {exc}"
+def section(url: str) -> str:
+    """The first path segment ("" at the site's root): a listing's own pages share it."""
+    return next((seg for seg in urlsplit(url).path.split("/") if seg), "")
 
 
-def _original_url(request: Request) -> str:
-    return (request.meta.get("redirect_urls") or [request.url])[0]
+def looks_like_paper(response: Response) -> bool:
+    """A paper page recognised by its content (highwire meta tags), whatever its URL."""
+    return bool(response.xpath("//head/meta[@name='citation_title' or @name='citation_doi']"))
 
 
-class QuantumSpider(CrawlSpider):
+class QuantumSpider(Spider):
     name = "quantum-journal"
 
     def __init__(self, params: ScrapeParams, seen: Iterable[str] = (), full_text_url: str = ARXIV_HTML_URL,
                  **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.params = params
         self.start_urls = list(params.start_urls)
         self.site_hosts = sorted({urlsplit(u).hostname for u in params.start_urls if urlsplit(u).hostname})
@@ -84,17 +73,11 @@ class QuantumSpider(CrawlSpider):
         self.stats_local: Counter[str] = Counter()
         self.collector = Collector()
         self._counted: set[str] = set()
-        self.rules = (
-            # (LinkExtractor's allow_domains compares host:port, so in-site filtering is done in onsite_links)
-            Rule(LinkExtractor(allow=PAPER_URL_PATTERN), callback="parse_paper", follow=False,
-                 process_links="onsite_links", process_request="filter_paper", errback="paper_failed"),
-            Rule(LinkExtractor(allow=LISTING_URL_PATTERNS), callback="parse_listing", follow=True,
-                 process_links="onsite_links",
-                 process_request="mark_listing", errback="listing_failed"),
-        )
-        super().__init__(**kwargs)
+        self._pages: set[str] = set()  # canonical URLs of the non-paper pages requested so far
+        # (LinkExtractor's allow_domains compares host:port, so in-site filtering is done in onsite_links)
+        self.links = LinkExtractor(deny=DENY_LINKS)
 
-    # -- start: the start URLs (listing pages) and each site's robots.txt (for its Sitemap: lines) -------------
+    # -- start: the start URLs and each site's robots.txt (for its Sitemap: lines) ----------------------------------
     async def start(self) -> AsyncIterator[Any]:
         origins = []
         for url in self.start_urls:
@@ -104,10 +87,10 @@ class QuantumSpider(CrawlSpider):
                 origins.append(origin)
             if paper_id_from_url(url):
                 req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
-                if req is not None:
-                    yield req
             else:
-                yield Request(url, callback=self._parse, errback=self.listing_failed, meta={"qrb_kind": "listing"})
+                req = self.page_request(url, hops=0, start=True)
+            if req is not None:
+                yield req
         if not self.params.obey_robots:  # else the robots.txt that RobotsTxtMiddleware fetches is read once
             for origin in origins:       # parsed (on_robots_parsed): no second request
                 yield Request(f"{origin}/robots.txt", callback=self.parse_robots, errback=self.quiet_failure,
@@ -144,9 +127,46 @@ class QuantumSpider(CrawlSpider):
     def onsite_links(self, links: list[Any]) -> list[Any]:
         return [lk for lk in links if urlsplit(lk.url).hostname in self.site_hosts]
 
-    def mark_listing(self, request: Request, response: Response | None) -> Request:
-        request.meta["qrb_kind"] = "listing"
-        return request
+    def page_request(self, url: str, hops: int, start: bool = False) -> Request | None:
+        """A request for a non-paper page `hops` hops from a start URL or listing; None when already requested or
+        over the discovery cap (a start URL is always requested)."""
+        key = canonicalize_url(url)
+        if key in self._pages:
+            return None
+        if not start and self.stats_local["discovery_requests"] >= self.params.max_discovery_pages:
+            self.stats_local["discovery_cap_refused"] += 1
+            return None
+        self._pages.add(key)
+        if not start:
+            self.stats_local["discovery_requests"] += 1
+        return Request(url, callback=self.parse_page, errback=self.listing_failed if start else self.link_failed,
+                       meta={"qrb_kind": "listing" if start else "link", "qrb_hops": hops})
+
+    def parse_page(self, response: Response) -> Iterable[Any]:
+        """A start URL or a followed link: a paper (by content), a listing (links papers) or a hop."""
+        if not isinstance(response, HtmlResponse):  # a feed, a file: nothing to read or follow
+            self.stats_local["other_pages_fetched"] += 1
+            return
+        if looks_like_paper(response):
+            yield from self.parse_paper(response)
+            return
+        links = self.onsite_links(self.links.extract_links(response))
+        papers = [lk.url for lk in links if paper_id_from_url(lk.url)]
+        listing = bool(papers)
+        self.stats_local["listing_pages_fetched" if listing else "other_pages_fetched"] += 1
+        for url in papers:
+            req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
+            if req is not None:
+                yield req
+        hops = 1 if listing else response.meta.get("qrb_hops", 0) + 1
+        if hops > self.params.max_depth:
+            return
+        own = section(response.url) if listing else ""
+        for lk in links:
+            if not paper_id_from_url(lk.url) and (not own or section(lk.url) == own):
+                req = self.page_request(lk.url, hops)
+                if req is not None:
+                    yield req
 
     def filter_paper(self, request: Request, response: Response | None) -> Request | None:
         """Drop paper requests outside the date window or already seen, before anything is fetched."""
@@ -169,7 +189,8 @@ class QuantumSpider(CrawlSpider):
         parts = urlsplit(request.url)
         canon = f"{parts.scheme}://{parts.netloc}{PAPER_PATH_RE.sub('', parts.path)}/papers/{pid_str}/"
         request.meta["qrb_kind"] = "paper"
-        return request.replace(url=canon) if canon != request.url else request
+        # papers before more discovery: what a capped crawl spends its requests on first
+        return request.replace(url=canon, priority=PAPER_PRIORITY)
 
     def parse_robots(self, response: Response) -> Iterable[Request]:
         text = response.text if isinstance(response, TextResponse) else response.body.decode("utf-8", "replace")
@@ -177,6 +198,7 @@ class QuantumSpider(CrawlSpider):
         yield from self._sitemap_requests(response.url, found)
 
     def parse_sitemap(self, response: Response) -> Iterable[Any]:
+        """Paper URLs (and nested sitemaps) from a sitemap; its other pages are left to link discovery."""
         self.stats_local["sitemaps_fetched"] += 1
         body = response.body
         if body[:2] == b"\x1f\x8b":
@@ -202,20 +224,11 @@ class QuantumSpider(CrawlSpider):
                 req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
                 if req is not None:
                     yield req
-            elif any(re.search(p, urlsplit(url).path) for p in LISTING_URL_PATTERNS):
-                yield Request(url, callback=self._parse, errback=self.listing_failed, meta={"qrb_kind": "listing"})
-
-    def parse_listing(self, response: Response, **kwargs: Any) -> Iterable[Any]:
-        """A listing page: nothing to extract, the rules follow its links."""
-        self.stats_local["listing_pages_fetched"] += 1
-        return ()
-
-    parse_start_url = parse_listing  # start URLs and sitemap-listed listings (CrawlSpider._parse)
 
     # -- paper pages ----------------------------------------------------------------------------------------------
     def parse_paper(self, response: Response) -> Iterable[Any]:
         self.stats_local["paper_pages_fetched"] += 1
-        url = _original_url(response.request) if response.request is not None else response.url
+        url = original_url(response.request) if response.request is not None else response.url
         if not isinstance(response, HtmlResponse):
             ctype = response.headers.get(b"Content-Type", b"").decode("latin-1")
             yield ErrorItem(url=url, reason="not_html", detail=f"Content-Type {ctype!r}")
@@ -253,12 +266,22 @@ class QuantumSpider(CrawlSpider):
     # -- failures -------------------------------------------------------------------------------------------------
     def paper_failed(self, failure: Failure) -> Iterable[Any]:
         reason, detail = failure_reason(failure)
-        yield ErrorItem(url=_original_url(failure.request), reason=reason, detail=detail, kind="paper")
+        yield ErrorItem(url=original_url(failure.request), reason=reason, detail=detail, kind="paper")
 
     def listing_failed(self, failure: Failure) -> Iterable[Any]:
         reason, detail = failure_reason(failure)
         kind = failure.request.meta.get("qrb_kind", "listing")
-        yield ErrorItem(url=_original_url(failure.request), reason=reason, detail=detail, kind=kind)
+        yield ErrorItem(url=original_url(failure.request), reason=reason, detail=detail, kind=kind)
+
+    def link_failed(self, failure: Failure) -> Iterable[Any]:
+        """A followed link: "nothing here" (404, robots.txt, offsite) is counted; a failure that may hide papers (a
+        5xx after its retries, a time-out) is recorded."""
+        reason, detail = failure_reason(failure)
+        self.stats_local["discovery_failed"] += 1
+        if reason in QUIET_LINK_FAILURES:
+            log.info("scrape: followed link %s not fetched (%s)", failure.request.url, reason)
+            return
+        yield ErrorItem(url=original_url(failure.request), reason=reason, detail=detail, kind="link")
 
     def quiet_failure(self, failure: Failure) -> None:
         log.info("scrape: %s not fetched (%s)", failure.request.url, failure_reason(failure)[0])

@@ -9,7 +9,9 @@ import threading
 import qrb.offline.mirror as mirror_pkg
 from qrb.io import setup_logging
 
-from .server import DEFAULT_FAULTS, serve_mirror
+from .faults import DEFAULT_FAULTS
+from .server import serve_mirror
+from .site import LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,13 +21,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8731)
     ap.add_argument("--per-page", type=int, default=5)
     ap.add_argument("--faults", action="store_true", help="inject one of each bad case (see FAULT_KINDS)")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="papers", help="where the listing lives (LAYOUTS)")
+    ap.add_argument("--no-sitemap", dest="sitemap", action="store_false", help="serve no sitemap")
+    ap.add_argument("--crawl-delay", type=float, default=None, help="a Crawl-delay line in robots.txt (seconds)")
     args = ap.parse_args(argv)
     setup_logging()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with serve_mirror(args.corpus, port=args.port, host=args.host, per_page=args.per_page,
-                          faults=DEFAULT_FAULTS if args.faults else None) as m:
+                          faults=DEFAULT_FAULTS if args.faults else None, layout=args.layout, sitemap=args.sitemap,
+                          crawl_delay=args.crawl_delay) as m:
             print(f"qrb.offline.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
             for kind, path in sorted(m.fault_paths().items()):
                 print(f"qrb.offline.mirror: fault {kind}: {m.url}{path}", flush=True)

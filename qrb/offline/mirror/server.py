@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -17,59 +18,56 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .site import listing_entry, load_corpus, page_doc, page_record, paper_path, render_malformed, render_paper
+from .faults import SYNTHETIC, Fault
+from .site import (
+    LAYOUTS,
+    load_corpus,
+    page_doc,
+    page_record,
+    paper_path,
+    render_front,
+    render_listing,
+    render_malformed,
+    render_paper,
+    render_robots,
+    render_sitemap,
+    render_volume,
+    render_volumes,
+)
 
 log = logging.getLogger(__name__)
 
-# Bad cases. Each is tied to one path; `paper` faults break a real snapshot paper's page (and the crawl must still
-# get it), the others are extra listing entries that must become error records.
-FAULT_KINDS = {
-    "not_found": "listed paper URL answers 404",
-    "error_once": "a real paper answers 500 once, then 200 (a retry gets it)",
-    "slow": "a real paper answers after `delay_s` seconds (default 1.0)",
-    "malformed": "listed paper page whose HTML is broken beyond recovery (no title, no abstract)",
-    "no_abstract": "listed paper page with every block but the Abstract",
-    "offsite_redirect": "listed paper URL that redirects (302) to another host (localhost vs 127.0.0.1)",
-    "disallowed": "listed paper URL under a path robots.txt disallows",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    kind: str
-    path: str | None = None  # None: the mirror picks (a real paper for error_once/slow, a synthetic path otherwise)
-    delay_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"mirror: unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
-
-
-DEFAULT_FAULTS: tuple[Fault, ...] = tuple(Fault(k) for k in FAULT_KINDS)
-
-# Synthetic paper ids of the extra (bad) listing entries: inside the card's 2024 H2 window, page numbers no real
-# paper has.
-_SYNTHETIC = {
-    "not_found": "q-2024-09-30-9001",
-    "malformed": "q-2024-10-30-9002",
-    "no_abstract": "q-2024-11-29-9003",
-    "offsite_redirect": "q-2024-12-30-9004",
-    "disallowed": "q-2024-08-30-9005",
-}
-
-
 # ---------------------------------------------------------------------------------------------------- the server
+# How long a client may reuse a page without asking again (`Cache-Control`), as a journal's CDN might say it: a
+# published paper's page hardly changes, a listing, the sitemap and robots.txt change with every new paper (clients
+# revalidate them with the ETag every page carries, and get 304 when nothing changed).
+PAPER_MAX_AGE_S = 86400
+REVALIDATE = "no-cache"
+
+
 class Mirror:
-    """The mirror's state; `serve_mirror` wraps it in a server."""
+    """The mirror's state; `serve_mirror` wraps it in a server.
+
+    `layout` is where the paper listing lives (`LAYOUTS`): "papers" is the live site's; "archive" and "issues" put it
+    elsewhere, behind a front page `/` that shows no paper. `sitemap=False` serves no sitemap (and robots.txt names
+    none); `crawl_delay` adds a `Crawl-delay:` line to robots.txt."""
 
     def __init__(self, records: Iterable[dict[str, Any]], faults: Iterable[Fault] | None = None,
-                 per_page: int = 5) -> None:
+                 per_page: int = 5, layout: str = "papers", sitemap: bool = True,
+                 crawl_delay: float | None = None) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"mirror: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
         self.per_page = per_page
+        self.layout = layout
+        self.nav = LAYOUTS[layout]
+        self.sitemap = sitemap
+        self.crawl_delay = crawl_delay
         self._lock = threading.Lock()
         self.papers: dict[str, dict[str, Any]] = {}  # path -> page_record
         self.counts: Counter[str] = Counter()  # path (no query) -> requests
         self.host_counts: Counter[str] = Counter()  # Host header (without port) -> requests
         self.log: list[tuple[str, str, int]] = []  # (host, path, status)
+        self.times: list[tuple[float, str]] = []  # (time.monotonic() at arrival, path)
         self.user_agents: Counter[str] = Counter()
         for rec in records:
             self.add_record(rec)
@@ -88,7 +86,6 @@ class Mirror:
         with self._lock:
             self.papers[path] = p
         return path
-
     def _add_fault(self, f: Fault) -> None:
         if f.kind in ("error_once", "slow"):
             path = f.path
@@ -102,7 +99,7 @@ class Mirror:
             elif path not in self.papers:
                 raise ValueError(f"mirror: fault {f.kind}: no paper at {path}")
         else:
-            path = f.path or f"/papers/{_SYNTHETIC[f.kind]}/"
+            path = f.path or f"/papers/{SYNTHETIC[f.kind]}/"
             m = re.search(r"/papers/(q-\d{4}-\d{2}-\d{2}-\d+)/", path)
             doi = f"10.22331/{m.group(1)}" if m else "10.22331/q-2024-09-30-9999"
             self._extra[path] = page_record({"doi": doi, "title": f"Synthetic {f.kind} page",
@@ -124,14 +121,38 @@ class Mirror:
     def disallowed_prefixes(self) -> list[str]:
         return ["/wp-admin/"] + [p for p, f in self.faults.items() if f.kind == "disallowed"]
 
+    def listing_urls(self) -> list[str]:
+        """The paths of every listing page of the layout (what the sitemap names besides the papers)."""
+        if self.layout == "issues":
+            return ["/issues/"] + [f"/issues/{v}/" for v, _ in self._volumes()]
+        return [self.nav] + [f"{self.nav}page/{i}/" for i in range(2, self.listing_pages() + 1)]
+
+    def _volumes(self) -> list[tuple[str, str]]:
+        vols = {p["volume"]: p["published"][:4] for p in self._listed()}
+        return sorted(vols.items(), key=lambda kv: int(kv[0]), reverse=True)
+
     # -- HTTP ---------------------------------------------------------------------------------------------------
     def respond(self, host: str, path: str) -> tuple[int, dict[str, str], bytes, float]:
-        """(status, headers, body, delay_s) for GET `path` with Host `host` (no port)."""
+        """(status, headers, body, delay_s) for GET `path` with Host `host` (no port). A 200 page carries an ETag
+        (of its body) and a `Cache-Control` (see PAPER_MAX_AGE_S); the handler answers 304 to a matching
+        If-None-Match."""
+        status, headers, body, delay = self._route(host, path)
+        if status == 200 and not headers.get("Content-Type", "").startswith("application/pdf"):
+            paper = bool(re.fullmatch(r"/papers/q-\d{4}-\d{2}-\d{2}-\d+/|/arxiv/html/.+", path))
+            headers = {**headers, "ETag": '"' + hashlib.sha1(body).hexdigest()[:20] + '"',
+                       "Cache-Control": f"max-age={PAPER_MAX_AGE_S}" if paper else REVALIDATE}
+        return status, headers, body, delay
+
+    def _not_found(self) -> tuple[int, dict[str, str], bytes, float]:
+        body = page_doc("Not found", "", "<h1>Page not found</h1>\n", self.nav).encode()
+        return 404, {"Content-Type": "text/html; charset=utf-8"}, body, 0.0
+
+    def _route(self, host: str, path: str) -> tuple[int, dict[str, str], bytes, float]:
         html_t = {"Content-Type": "text/html; charset=utf-8"}
         fault = self.faults.get(path)
         if fault is not None:
             if fault.kind == "not_found":
-                return 404, html_t, page_doc("Not found", "", "<h1>Page not found</h1>\n").encode(), 0.0
+                return self._not_found()
             if fault.kind == "error_once":
                 with self._lock:
                     first = path not in self._served_once
@@ -145,46 +166,47 @@ class Mirror:
             if fault.kind == "malformed":
                 return 200, html_t, render_malformed(self._extra[path]).encode(), 0.0
             if fault.kind == "no_abstract":
-                return 200, html_t, render_paper(self._extra[path], abstract=False).encode(), 0.0
+                return 200, html_t, render_paper(self._extra[path], abstract=False, nav=self.nav).encode(), 0.0
             if fault.kind == "disallowed":  # a polite crawler never gets here
-                return 200, html_t, render_paper(self._extra[path]).encode(), 0.0
+                return 200, html_t, render_paper(self._extra[path], nav=self.nav).encode(), 0.0
         delay = fault.delay_s if fault is not None and fault.kind == "slow" else 0.0
 
-        if path in ("/robots.txt",):
-            body = "User-agent: *\n" + "".join(f"Disallow: {d}\n" for d in self.disallowed_prefixes())
-            body += f"\nSitemap: {self.url}/sitemap.xml\n"
+        if path == "/robots.txt":
+            body = render_robots(self.disallowed_prefixes(), f"{self.url}/sitemap.xml" if self.sitemap else None,
+                                 self.crawl_delay)
             return 200, {"Content-Type": "text/plain; charset=utf-8"}, body.encode(), 0.0
-        if path == "/sitemap.xml":
-            locs = [f"{self.url}/papers/"] + [f"{self.url}/papers/page/{i}/" for i in
-                                              range(2, self.listing_pages() + 1)]
+        if path == "/sitemap.xml" and self.sitemap:
+            locs = [f"{self.url}{u}" for u in self.listing_urls()]
             locs += [f"{self.url}{paper_path(p['doi'])}" for p in self._listed()
                      if self.faults.get(paper_path(p["doi"]), Fault("slow")).kind != "disallowed"]
-            body = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
-                    "<urlset xmlns=\"http://www.sitemaps.org/schemas/sitemap/0.9\">\n"
-                    + "".join(f"<url><loc>{e(u)}</loc></url>\n" for u in locs) + "</urlset>\n")
-            return 200, {"Content-Type": "application/xml; charset=utf-8"}, body.encode(), 0.0
-        if path in ("/", "/papers/") or re.fullmatch(r"/papers/page/\d+/", path):
-            n = 1 if path in ("/", "/papers/") else int(path.split("/")[3])
-            items, pages = self._listed(), self.listing_pages()
-            if n < 1 or n > pages:
-                return 404, html_t, page_doc("Not found", "", "<h1>Page not found</h1>\n").encode(), 0.0
-            chunk = items[(n - 1) * self.per_page: n * self.per_page]
-            nav = "".join(f"<a class=\"page-numbers\" href=\"/papers/page/{i}/\">{i}</a> " if i != n else
-                          f"<span class=\"current\">{i}</span> " for i in range(1, pages + 1))
-            if n < pages:
-                nav += f"<a class=\"next\" href=\"/papers/page/{n + 1}/\">Older papers</a>"
-            body = (f"<h1>Papers</h1>\n{''.join(listing_entry(p) for p in chunk)}<nav class=\"pagination\">"
-                    f"{nav}</nav>\n")
-            return 200, html_t, page_doc("Papers – Quantum", "", body).encode(), delay
+            return 200, {"Content-Type": "application/xml; charset=utf-8"}, render_sitemap(locs).encode(), 0.0
+        if path == "/" and self.layout != "papers":
+            return 200, html_t, render_front(self.nav).encode(), 0.0
+        if self.layout == "issues":
+            if path == "/issues/":
+                return 200, html_t, render_volumes(self._volumes(), self.nav).encode(), delay
+            m = re.fullmatch(r"/issues/(\d+)/", path)
+            vol = [p for p in self._listed() if m and p["volume"] == m.group(1)]
+            if vol:
+                return 200, html_t, render_volume(m.group(1), vol, self.nav).encode(), delay
+        else:
+            m = re.fullmatch(re.escape(self.nav) + r"page/(\d+)/", path)
+            if m or path in ("/", self.nav):
+                n = int(m.group(1)) if m else 1
+                items, pages = self._listed(), self.listing_pages()
+                if n < 1 or n > pages:
+                    return self._not_found()
+                chunk = items[(n - 1) * self.per_page: n * self.per_page]
+                return 200, html_t, render_listing(chunk, n, pages, self.nav, self.nav).encode(), delay
         m = re.fullmatch(r"(/papers/q-\d{4}-\d{2}-\d{2}-\d+/)(pdf/)?", path)
         if m:
             with self._lock:
                 p = self.papers.get(m.group(1))
             if p is None:
-                return 404, html_t, page_doc("Not found", "", "<h1>Page not found</h1>\n").encode(), 0.0
+                return self._not_found()
             if m.group(2):
                 return 200, {"Content-Type": "application/pdf"}, b"%PDF-1.4\n% stub\n", 0.0
-            return 200, html_t, render_paper(p).encode(), delay
+            return 200, html_t, render_paper(p, nav=self.nav).encode(), delay
         m = re.fullmatch(r"/arxiv/html/(.+)", path)
         if m:
             with self._lock:
@@ -194,18 +216,19 @@ class Mirror:
                         f"<p>{e(hit[0]['abstract'])}</p><section><h2>1 Introduction</h2><p>Full text of "
                         f"{e(hit[0]['arxiv'])} (stand-in).</p></section></article>")
                 return 200, html_t, page_doc(hit[0]["title"], "", body).encode(), 0.0
-        return 404, html_t, page_doc("Not found", "", "<h1>Page not found</h1>\n").encode(), 0.0
+        return self._not_found()
 
-    def record(self, host: str, path: str, status: int, ua: str) -> None:
+    def record(self, host: str, path: str, status: int, ua: str, t: float | None = None) -> None:
         with self._lock:
             self.counts[path] += 1
             self.host_counts[host] += 1
             self.log.append((host, path, status))
+            self.times.append((time.monotonic() if t is None else t, path))
             self.user_agents[ua] += 1
 
     @property
     def start_url(self) -> str:
-        return f"{self.url}/papers/"
+        return f"{self.url}{self.nav}" if self.layout == "papers" else f"{self.url}/"
 
 
 def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
@@ -214,6 +237,7 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
         server_version = "qrb-mirror/0.1"
 
         def do_GET(self) -> None:  # noqa: N802
+            t = time.monotonic()
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
             path = urlsplit(self.path).path
             try:
@@ -221,7 +245,11 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
             except Exception:  # never kill the server thread
                 log.exception("mirror: error serving %s", path)
                 status, headers, body, delay = 500, {"Content-Type": "text/plain"}, b"mirror error\n", 0.0
-            mirror.record(host, path, status, self.headers.get("User-Agent", ""))
+            etag = headers.get("ETag")
+            if etag and etag in [x.strip() for x in (self.headers.get("If-None-Match") or "").split(",")]:
+                status, body = 304, b""  # the client's copy is current (RFC 9110 13.1.2)
+                headers = {k: v for k, v in headers.items() if k in ("ETag", "Cache-Control")}
+            mirror.record(host, path, status, self.headers.get("User-Agent", ""), t)
             if delay:
                 time.sleep(delay)
             try:
@@ -247,9 +275,12 @@ class _Server(ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def serve_mirror(corpus_dir: str | Path, port: int = 0, faults: Iterable[Fault] | None = None,
-                 host: str = "127.0.0.1", per_page: int = 5) -> Iterator[Mirror]:
-    """Serve the mirror in a background thread; yields the `Mirror` (`.url`, `.counts`, `add_record`, ...)."""
-    mirror = Mirror(load_corpus(corpus_dir), faults=faults, per_page=per_page)
+                 host: str = "127.0.0.1", per_page: int = 5, layout: str = "papers", sitemap: bool = True,
+                 crawl_delay: float | None = None) -> Iterator[Mirror]:
+    """Serve the mirror in a background thread; yields the `Mirror` (`.url`, `.counts`, `add_record`, ...).
+    `layout`, `sitemap`, `crawl_delay`: see `Mirror`."""
+    mirror = Mirror(load_corpus(corpus_dir), faults=faults, per_page=per_page, layout=layout, sitemap=sitemap,
+                    crawl_delay=crawl_delay)
     server = _Server((host, port), _handler(mirror))
     mirror.url = f"http://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="qrb-mirror", daemon=True)

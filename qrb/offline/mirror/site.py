@@ -15,6 +15,11 @@ DOI_RE = re.compile(r"^10\.22331/(q-(\d{4})-(\d{2})-(\d{2})-(\d+))$")
 LICENSE_URL = "https://creativecommons.org/licenses/by/4.0/"
 LICENSE_ID = "CC-BY-4.0"
 CORPUS_FILES = ("quantum-papers.jsonl", "quantum-papers-arxiv.jsonl")
+LAYOUTS = {  # layout -> the root of its paper listing
+    "papers": "/papers/",    # the live site's: `/` and `/papers/` are listing page 1, then `/papers/page/N/`
+    "archive": "/archive/",  # `/` a front page linking `/archive/`, then `/archive/page/N/`
+    "issues": "/issues/",    # `/` a front page linking `/issues/` (volumes, no paper), one page per volume `/issues/V/`
+}
 
 
 def paper_id(doi: str) -> str:
@@ -88,14 +93,15 @@ _CREDIT = ("<footer><p class=\"credit\">Offline mirror of <a href=\"https://quan
            "DOI of each paper.</p></footer>")
 
 
-def page_doc(title: str, head: str, body: str) -> str:
+def page_doc(title: str, head: str, body: str, nav: str = "/papers/") -> str:
+    """A whole page: the header links the front page, the paper listing (`nav`), About and the admin login."""
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{e(title)}</title>\n"
-            f"{head}</head>\n<body>\n<header><a href=\"/\">Quantum</a> <nav><a href=\"/papers/\">Papers</a> "
+            f"{head}</head>\n<body>\n<header><a href=\"/\">Quantum</a> <nav><a href=\"{nav}\">Papers</a> "
             f"<a href=\"/about/\">About</a> <a href=\"/wp-admin/\">Log in</a></nav></header>\n"
             f"<main>\n{body}</main>\n{_CREDIT}\n</body>\n</html>\n")
 
 
-def render_paper(p: dict[str, Any], *, meta: bool = True, abstract: bool = True) -> str:
+def render_paper(p: dict[str, Any], *, meta: bool = True, abstract: bool = True, nav: str = "/papers/") -> str:
     """A paper page as the live site lays it out. `p` is a `page_record`."""
     pid = paper_id(p["doi"])
     head = ""
@@ -129,7 +135,7 @@ def render_paper(p: dict[str, Any], *, meta: bool = True, abstract: bool = True)
               f"href=\"{LICENSE_URL}\">Creative Commons Attribution 4.0 International (CC BY 4.0)</a> license. "
               "Copyright remains with the original copyright holders such as the authors or their "
               "institutions.</p>\n</article>\n")
-    return page_doc(f"{p['title']} – Quantum", head, body)
+    return page_doc(f"{p['title']} – Quantum", head, body, nav)
 
 
 def render_malformed(p: dict[str, Any]) -> str:
@@ -145,3 +151,45 @@ def listing_entry(p: dict[str, Any]) -> str:
             f"<a href=\"https://doi.org/{e(p['doi'])}\">https://doi.org/{e(p['doi'])}</a> "
             f"<a href=\"/papers/{pid}/pdf/\">pdf</a></p></div>\n")
 
+
+
+def render_listing(chunk: list[dict[str, Any]], n: int, pages: int, base: str, nav: str) -> str:
+    """Listing page `n` of `pages` (`chunk` = its papers); page i lives at `{base}page/{i}/`."""
+    links = "".join(f"<a class=\"page-numbers\" href=\"{base}page/{i}/\">{i}</a> " if i != n else
+                    f"<span class=\"current\">{i}</span> " for i in range(1, pages + 1))
+    if n < pages:
+        links += f"<a class=\"next\" href=\"{base}page/{n + 1}/\">Older papers</a>"
+    body = (f"<h1>Papers</h1>\n{''.join(listing_entry(p) for p in chunk)}<nav class=\"pagination\">"
+            f"{links}</nav>\n")
+    return page_doc("Papers – Quantum", "", body, nav)
+
+
+def render_front(nav: str) -> str:
+    """A front page that shows no paper, only a link to where the listing lives."""
+    body = ("<h1>Quantum</h1>\n<p>The open journal for quantum science.</p>\n"
+            f"<p><a href=\"{nav}\">Browse the published papers</a> · <a href=\"/about/\">About the journal</a></p>\n")
+    return page_doc("Quantum – the open journal for quantum science", "", body, nav)
+
+
+def render_volumes(volumes: list[tuple[str, str]], nav: str) -> str:
+    """An index of volumes, (volume, year) newest first, each linking `/issues/V/`; no paper on it."""
+    items = "".join(f"<li><a href=\"/issues/{e(v)}/\">Volume {e(v)} ({e(y)})</a></li>" for v, y in volumes)
+    return page_doc("Issues – Quantum", "", f"<h1>Issues</h1>\n<ul class=\"volumes\">{items}</ul>\n", nav)
+
+
+def render_volume(v: str, papers: list[dict[str, Any]], nav: str) -> str:
+    body = f"<h1>Volume {e(v)}</h1>\n{''.join(listing_entry(p) for p in papers)}"
+    return page_doc(f"Volume {v} – Quantum", "", body, nav)
+
+
+def render_robots(disallowed: list[str], sitemap_url: str | None, crawl_delay: float | None) -> str:
+    body = "User-agent: *\n" + "".join(f"Disallow: {d}\n" for d in disallowed)
+    if crawl_delay is not None:
+        body += f"Crawl-delay: {crawl_delay:g}\n"
+    return body + (f"\nSitemap: {sitemap_url}\n" if sitemap_url else "")
+
+
+def render_sitemap(urls: list[str]) -> str:
+    return ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+            "<urlset xmlns=\"http://www.sitemaps.org/schemas/sitemap/0.9\">\n"
+            + "".join(f"<url><loc>{e(u)}</loc></url>\n" for u in urls) + "</urlset>\n")
