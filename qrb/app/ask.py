@@ -1,7 +1,10 @@
-"""`qrb ask "…"`: one question to the fine-tuned model, the answer streamed to the terminal.
+"""Ask the fine-tuned model one question; the answer is streamed to the terminal.
 
     qrb ask "What is a surface code?"            # from a workspace (or repo) root, after the train stage
+    qrb ask --base "What is a surface code?"     # the base model alone (no adapter), same template and system prompt
     qrb ask --model artifacts/export/merged "…"   # an exported merged (or int8) model instead of base + adapter
+
+Errors are one line `qrb ask: …` with the kind's exit code (78 configuration, 65 bad input, 2 usage).
 """
 
 from __future__ import annotations
@@ -10,28 +13,29 @@ import argparse
 import logging
 import sys
 
-from qrb.app.bot import InputTooLong, add_model_args, bot_from_args
+from qrb.app.bot import add_model_args, app_parser, bot_from_args, run_app
 
 
-def ask_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="qrb ask", description="Ask the fine-tuned model one question (streams)")
-    ap.add_argument("question", nargs="+")
+def parser() -> argparse.ArgumentParser:
+    ap = app_parser("ask", __doc__)
+    ap.add_argument("question", nargs="+", help="the question (several words need no quotes)")
     add_model_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    return ap
+
+
+def ask(args: argparse.Namespace) -> None:
     bot = bot_from_args(args)
-    try:
-        _, pieces = bot.stream([{"role": "user", "content": " ".join(args.question)}])
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    except InputTooLong as e:
-        raise SystemExit(f"qrb ask: {e}") from None
+    _, pieces = bot.stream([{"role": "user", "content": " ".join(args.question)}])
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ask_main(argv)
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    run_app("qrb ask", lambda: ask(args))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""The model behind `qrb ask`, `qrb chat` and `qrb serve`: base + adapter (or an exported model) with the training
-chat template and system prompt, and the `serve:` params (limits, defaults) the three apps share.
+"""The model behind `qrb ask`, `qrb chat` and `qrb serve`: base + adapter (or an exported model, or the base alone)
+with the training chat template and system prompt, the `serve:` params (limits, defaults) the three apps share, and
+their command-line opening and error path.
 
 Loads the base model named by `base.model` in ./params.yaml plus the adapter (artifacts/train/adapter by default)
 exactly as evaluate does: the adapter folder's tokenizer (with the added pad token), embeddings resized the same
-way, the same chat template and the same system prompt (`base.system_prompt`). Limits and defaults come from the
-`serve:` section (max_input_tokens, max_new_tokens, temperature).
+way, the same chat template and the same system prompt (`base.system_prompt`). With `--base`, base.model alone with
+its own tokenizer (whose pad may be its eos, or missing) and the same template and system prompt: the model evaluate
+scores as "base", to put beside the fine-tuned answers. Limits and defaults come from the `serve:` section
+(max_input_tokens, max_new_tokens, temperature).
+
+Library code here raises `qrb.errors` exceptions; each app's `main()` hands its body to `run_app`, which turns them
+into one line `qrb <cmd>: <message>` and the error kind's exit code, as stages do.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qrb.errors import ConfigError, DataError, QrbError
 from qrb.params import Base, build, load_params, read_yaml
 
 log = logging.getLogger(__name__)
@@ -48,8 +56,8 @@ class ServeParams:
             raise ValueError("params: `serve.temperature` must be >= 0")
 
 
-class InputTooLong(ValueError):
-    """The rendered prompt has more tokens than `serve.max_input_tokens`."""
+class InputTooLong(DataError, ValueError):
+    """The rendered prompt has more tokens than `serve.max_input_tokens` (bad input: exit 65, HTTP 400)."""
 
 
 @dataclass
@@ -81,7 +89,27 @@ class Bot:
     system_prompt: str
     limits: ServeParams
     source: str = ""
+    base_only: bool = False  # base.model without the adapter (`--base`)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ---- special tokens -----------------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """End of turn: the generation config's eos ids (Llama-3 has several) and the tokenizer's."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        return {i for i in ids if i is not None}
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id generate() is told to pad with. An adapter's tokenizer has its own pad token; a base's may have
+        none (the tiny Llama) or pad with eos (SmolLM2): then eos, which is harmless for one unpadded sequence
+        and keeps generate() from guessing one per request."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        if self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return min(self.eos_token_ids, default=None)
 
     # ---- prompt -------------------------------------------------------------------------------------------
     def messages(self, conversation: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -120,7 +148,7 @@ class Bot:
             raise ValueError(f"max_tokens must be between 1 and {self.limits.max_new_tokens} "
                              "(serve.max_new_tokens)")
         t = self.limits.temperature if temperature is None else temperature
-        kw: dict[str, Any] = {"max_new_tokens": n, "pad_token_id": self.tokenizer.pad_token_id}
+        kw: dict[str, Any] = {"max_new_tokens": n, "pad_token_id": self.pad_token_id}
         if t > 0:
             kw.update(do_sample=True, temperature=t, top_p=1.0 if top_p is None else top_p)
             if seed is not None:
@@ -132,8 +160,7 @@ class Bot:
         return kw
 
     def _finish(self, reply: Reply, new_ids: list[int], max_new: int) -> None:
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        eos = self.eos_token_ids
         reply.completion_tokens = len(new_ids)
         reply.finish_reason = "length" if len(new_ids) >= max_new and (not new_ids or new_ids[-1] not in eos) \
             else "stop"
@@ -210,58 +237,113 @@ class Bot:
 
 
 def load_serve_params(path: str | Path = "params.yaml") -> tuple[Base, ServeParams]:
-    data = read_yaml(path)
-    base = build(Base, data.get("base") or {}, "base")
-    _, p = load_params(SECTION, ServeParams, (), path)
+    """`base:` and `serve:` of a params file; a missing or bad file is a ConfigError."""
+    try:
+        data = read_yaml(path)
+        base = build(Base, data.get("base") or {}, "base")
+        _, p = load_params(SECTION, ServeParams, (), path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run from a workspace (or repo) root, or pass --params") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return base, p
 
 
 def load_bot(model_path: str | Path | None = None, params_path: str | Path = "params.yaml",
-             device: str | None = None, **overrides: Any) -> Bot:
-    """Base + adapter (the default), a folder holding an adapter, or an exported (merged / int8) model folder.
+             device: str | None = None, base_only: bool = False, **overrides: Any) -> Bot:
+    """Base + adapter (the default), a folder holding an adapter, an exported (merged / int8) model folder, or with
+    `base_only` base.model alone (its own tokenizer, no adapter).
 
-    `overrides` replace `serve:` values (e.g. max_new_tokens=16). Exits with one line when something is missing.
+    `overrides` replace `serve:` values (e.g. max_new_tokens=16). Raises ConfigError when something is missing.
     """
-    try:
-        base, limits = load_serve_params(params_path)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"qrb: {e}") from None
+    base, limits = load_serve_params(params_path)
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     try:
         limits.check()
     except ValueError as e:
-        raise SystemExit(f"qrb: {e}") from None
+        raise ConfigError(str(e)) from None
+    if base_only and model_path is not None:
+        raise ConfigError("--base is base.model alone: it takes no --model")
     from qrb.stage import set_hf_offline
 
     set_hf_offline(base.hf_offline)
     import torch
 
-    from qrb.chat import adapter_kind, load_with_adapter
+    from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = Path(model_path) if model_path else DEFAULT_ADAPTER
-    if adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
+    if base_only:  # the chat template is the base tokenizer's own: the one train rendered every pair with
+        tokenizer = load_tokenizer(base.model)
+        model = load_causal_lm(base.model, dtype=dtype)
+        source = f"base model {base.model}, no adapter"
+    elif adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
         model, tokenizer = load_with_adapter(base.model, path, dtype=dtype)
+        source = f"{path} on {base.model}"
     elif (path / "config.json").exists():
         from qrb.int8 import load_exported
 
-        model, tokenizer = load_exported(path, dtype=dtype)
+        try:
+            model, tokenizer = load_exported(path, dtype=dtype)
+        except OSError as e:
+            raise ConfigError(f"cannot load the exported model in {path}: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        source = str(path)
     elif model_path is None:
-        raise SystemExit(f"qrb: no adapter in {path}: run the pipeline first (dvc repro train), from the "
-                         "workspace root, or pass --model")
+        raise ConfigError(f"no adapter in {path}: run the pipeline first (dvc repro train), from the "
+                          "workspace root, or pass --model (or --base for the base model alone)")
     else:
-        raise SystemExit(f"qrb: {path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+        raise ConfigError(f"{path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
     model = model.to(device)
     model.eval()
-    return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=str(path))
+    return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=source,
+               base_only=base_only)
+
+
+# ---- the apps' command line --------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return x
+
+
+def app_parser(cmd: str, doc: str | None) -> argparse.ArgumentParser:
+    """`qrb <cmd>`'s parser: its module docstring as --help (first paragraph = description)."""
+    head, _, rest = (doc or "").strip().partition("\n\n")
+    return argparse.ArgumentParser(prog=f"qrb {cmd}", description=head, epilog=rest or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help=f"adapter or exported model folder (default {DEFAULT_ADAPTER})")
-    ap.add_argument("--params", default="params.yaml", help="params file (base.model, base.system_prompt, serve:)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="reply length cap (default serve.max_new_tokens)")
-    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default serve.temperature)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, metavar="DIR",
+                       help=f"adapter or exported model folder, e.g. artifacts/export/merged or artifacts/export/int8 "
+                            f"(default {DEFAULT_ADAPTER} on base.model)")
+    which.add_argument("--base", action="store_true",
+                       help="the base model alone (base.model, no adapter) with the same chat template and system "
+                            "prompt: to compare with the fine-tuned answers")
+    ap.add_argument("--params", default="params.yaml", metavar="FILE",
+                    help="params file (base.model, base.system_prompt, serve:); default %(default)s")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+                    help="longest reply, in tokens (default serve.max_new_tokens; serve refuses a max_tokens above it)")
+    ap.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
+                    help="sampling temperature; 0 = greedy, as evaluate (default serve.temperature)")
 
 
 def quiet_libraries() -> None:
@@ -269,6 +351,10 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # The recipe trains a copy of a tied input embedding on purpose (lm_head stays frozen: merge unties them);
+    # peft warns about it on every load of such an adapter.
+    warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer",
+                            category=UserWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -277,4 +363,19 @@ def quiet_libraries() -> None:
 
 def bot_from_args(args: argparse.Namespace) -> Bot:
     quiet_libraries()
-    return load_bot(args.model, args.params, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return load_bot(args.model, args.params, base_only=args.base, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature)
+
+
+def run_app(prog: str, body: Callable[[], None]) -> None:
+    """The apps' one error path, the stages' own (`qrb.stage.fail`): a QrbError or ValueError becomes one line
+    `<prog>: <message>` and its kind's exit code; Ctrl-C ends quietly (130)."""
+    from qrb.stage import fail
+
+    try:
+        body()
+    except (QrbError, ValueError) as e:
+        fail(prog, e)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        sys.exit(130)

@@ -1,5 +1,12 @@
-"""`qrb chat`: an interactive terminal chat with the fine-tuned model (streaming; /reset clears the history,
-/exit or Ctrl-D quits). Old turns are dropped when the conversation outgrows `serve.max_input_tokens`."""
+"""Chat with the fine-tuned model in the terminal (streaming; /reset clears the history, /exit or Ctrl-D quits).
+
+    qrb chat                                  # from a workspace (or repo) root, after the train stage
+    qrb chat --base                           # the base model alone (no adapter), same template and system prompt
+    qrb chat --model artifacts/export/int8    # an exported model
+
+Old turns are dropped when the conversation outgrows `serve.max_input_tokens`. Ctrl-C stops the answer being
+written. Errors are one line `qrb chat: …` with the kind's exit code (78 configuration, 2 usage).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from qrb.app.bot import Bot, InputTooLong, add_model_args, bot_from_args
+from qrb.app.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
 
 
 def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, str]]:
@@ -48,16 +55,16 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
         history.append({"role": "assistant", "content": reply.text})
 
 
-def chat_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="qrb chat", description="Chat with the fine-tuned model (streams)")
+def parser() -> argparse.ArgumentParser:
+    ap = app_parser("chat", __doc__)
     add_model_args(ap)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    chat_loop(bot_from_args(args))
+    return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    chat_main(argv)
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    run_app("qrb chat", lambda: chat_loop(bot_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""`qrb serve`: the fine-tuned model behind an OpenAI-compatible API, plus a web chat page.
+"""Serve the fine-tuned model behind an OpenAI-compatible API, plus a web chat page.
 
     qrb serve                       # from a workspace (or repo) root; http://127.0.0.1:<serve.port>/
     qrb serve --port 0 --model artifacts/export/merged
+    qrb serve --base --port 8001    # the base model alone (no adapter): open both pages side by side
 
 Endpoints (FastAPI + uvicorn):
     GET  /                       a small chat page (static HTML + fetch to the API below, streaming)
@@ -11,9 +12,11 @@ Endpoints (FastAPI + uvicorn):
 
 The model is loaded as `qrb ask` loads it (base + adapter, the training chat template and system prompt; a client's
 own system message replaces the default one). Bound to 127.0.0.1 unless `--host`/`serve.host` says otherwise; when
-the environment variable QRB_SERVE_API_KEY is set, requests must carry it as a Bearer token. Limits (from `serve:`):
-request bodies over `max_request_bytes` get 413; prompts over `max_input_tokens` and `max_tokens` over
-`max_new_tokens` get 400 in OpenAI's error format. Generation is one request at a time (one model, one lock).
+the environment variable QRB_SERVE_API_KEY is set, /v1/ requests must carry it as `Authorization: Bearer <key>`
+(the scheme in any case); the page then shows a key field and keeps what the user types in the tab's
+sessionStorage (the key is never part of the served HTML). Limits (from `serve:`): request bodies over
+`max_request_bytes` get 413; a body that is not UTF-8 JSON, prompts over `max_input_tokens` and `max_tokens` over
+`max_new_tokens` get 400, all in OpenAI's error format. Generation is one request at a time (one model, one lock).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from qrb.app.bot import Bot, InputTooLong, add_model_args, load_bot
+from qrb.app.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
+from qrb.app.page import page_html
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +128,10 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
-            if api_key is not None:
-                given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                    return JSONResponse(ApiError(401, "invalid or missing API key", code="invalid_api_key",
-                                                 type_="authentication_error").body(), status_code=401)
+            if api_key is not None and not authorized(request.headers.get("authorization", ""), api_key):
+                return JSONResponse(ApiError(401, "invalid or missing API key", code="invalid_api_key",
+                                             type_="authentication_error").body(), status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
                 return JSONResponse(ApiError(413, f"request body over {limits.max_request_bytes} bytes "
@@ -137,8 +140,8 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         return await call_next(request)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model": limits.model_id}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": limits.model_id, "base_only": bot.base_only}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -147,7 +150,8 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("__MODEL__", limits.model_id).replace("__MAX_TOKENS__", str(limits.max_new_tokens))
+        return page_html(limits.model_id, limits.max_new_tokens, key_required=api_key is not None,
+                         base_only=bot.base_only)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -155,14 +159,7 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         if len(body) > limits.max_request_bytes:
             raise ApiError(413, f"request body over {limits.max_request_bytes} bytes (serve.max_request_bytes)",
                            code="request_too_large")
-        try:
-            req = ChatRequest.model_validate(json.loads(body))
-        except json.JSONDecodeError:
-            raise ApiError(400, "the request body is not valid JSON") from None
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise ApiError(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
-                           ".".join(map(str, err["loc"]))) from None
+        req = parse_request(body)
         if req.model not in (None, limits.model_id):
             raise ApiError(404, f"model {req.model!r} not found; this server has {limits.model_id!r}", "model",
                            "model_not_found")
@@ -194,6 +191,30 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def authorized(header: str, api_key: str) -> bool:
+    """`Bearer <key>`: the scheme is case-insensitive (RFC 9110 11.1), the key compared in constant time."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """The body as a ChatRequest; anything else is a 400 in OpenAI's format (JSON is UTF-8: RFC 8259 8.1)."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(map(str, err["loc"]))
+        raise ApiError(400, f"{loc}: {err['msg']}", loc or None) from None
 
 
 def usage(reply) -> dict[str, int]:
@@ -230,80 +251,28 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
             close()  # a client that went away stops generation
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Quantum Research Bot</title>
-<style>
- body{font-family:system-ui,sans-serif;max-width:48rem;margin:0 auto;padding:1rem;background:#fafafa;color:#222}
- h1{font-size:1.3rem} #log{display:flex;flex-direction:column;gap:.6rem;margin-bottom:1rem}
- .msg{padding:.6rem .8rem;border-radius:.5rem;white-space:pre-wrap;line-height:1.4}
- .user{background:#dbeafe;align-self:flex-end;max-width:85%} .assistant{background:#fff;border:1px solid #ddd}
- .error{background:#fee2e2} form{display:flex;gap:.5rem} textarea{flex:1;font:inherit;padding:.5rem;min-height:3rem}
- button{font:inherit;padding:.5rem 1rem} small{color:#666}
-</style></head>
-<body>
-<h1>Quantum Research Bot</h1>
-<p><small>Answers questions about recent papers in <i>Quantum</i> (model <code>__MODEL__</code>, replies up to
-__MAX_TOKENS__ tokens). Generated text can be wrong: check the papers. Enter sends, Shift+Enter adds a line.</small></p>
-<div id="log" aria-live="polite"></div>
-<form id="form"><textarea id="input" placeholder="Ask about a paper..." required></textarea>
-<button id="send" type="submit">Send</button> <button id="reset" type="button">New chat</button></form>
-<script>
-const log = document.getElementById('log'), input = document.getElementById('input');
-const send = document.getElementById('send');
-let history = [];
-function bubble(role, text) {
-  const d = document.createElement('div'); d.className = 'msg ' + role; d.textContent = text;
-  log.appendChild(d); d.scrollIntoView(); return d;
-}
-async function ask(question) {
-  history.push({role: 'user', content: question});
-  bubble('user', question);
-  const out = bubble('assistant', ''); out.dataset.done = 'false'; send.disabled = true;
-  try {
-    const r = await fetch('v1/chat/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({model: '__MODEL__', messages: history, stream: true})});
-    if (!r.ok) { const e = await r.json().catch(() => ({})); throw new Error((e.error && e.error.message) || r.statusText); }
-    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = '';
-    for (;;) {
-      const {value, done} = await reader.read(); if (done) break;
-      buf += dec.decode(value, {stream: true}); let i;
-      while ((i = buf.indexOf('\\n\\n')) >= 0) {
-        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
-        if (!line.startsWith('data:')) continue;
-        const data = line.slice(5).trim(); if (data === '[DONE]') continue;
-        const obj = JSON.parse(data);
-        if (obj.error) throw new Error(obj.error.message);
-        const c = obj.choices && obj.choices[0] && obj.choices[0].delta.content; if (c) out.textContent += c;
-      }
-    }
-    history.push({role: 'assistant', content: out.textContent});
-  } catch (e) {
-    history.pop(); out.className = 'msg error'; out.textContent = 'Error: ' + e.message;
-  } finally { out.dataset.done = 'true'; send.disabled = false; input.focus(); }
-}
-document.getElementById('form').addEventListener('submit', ev => {
-  ev.preventDefault(); const q = input.value.trim(); if (!q || send.disabled) return; input.value = ''; ask(q);
-});
-input.addEventListener('keydown', ev => {
-  if (ev.key === 'Enter' && !ev.shiftKey) { ev.preventDefault(); document.getElementById('form').requestSubmit(); }
-});
-document.getElementById('reset').addEventListener('click', () => { history = []; log.innerHTML = ''; });
-</script>
-</body></html>
-"""
+def port_number(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
+    return n
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="qrb serve", description="OpenAI-compatible API + web chat for the adapter")
+def parser() -> argparse.ArgumentParser:
+    ap = app_parser("serve", __doc__)
     add_model_args(ap)
-    ap.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=None, help="port (default serve.port; 0 = any free port)")
-    args = ap.parse_args(argv)
-    from qrb.io import setup_logging
+    ap.add_argument("--host", default=None,
+                    help="bind address (default serve.host, 127.0.0.1; another needs QRB_SERVE_API_KEY set)")
+    ap.add_argument("--port", type=port_number, default=None,
+                    help="port (default serve.port; 0 = any free port, printed by uvicorn)")
+    return ap
 
-    setup_logging()
-    bot = load_bot(args.model, args.params, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+def serve(args: argparse.Namespace) -> None:
+    bot = bot_from_args(args)
     host = args.host or bot.limits.host
     port = bot.limits.port if args.port is None else args.port
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -313,9 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(create_app(bot, api_key), host=host, port=port, log_level="info"))
-    log.info("model %s from %s; web chat at http://%s:%s/ (port 0: see uvicorn's line below)",
-             bot.limits.model_id, bot.source, host, port)
+    log.info("model %s (%s); web chat at http://%s:%s/ (port 0: see uvicorn's line below)%s",
+             bot.limits.model_id, bot.source, host, port, "; API key required" if api_key else "")
     server.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from qrb.io import setup_logging
+
+    setup_logging()
+    run_app("qrb serve", lambda: serve(args))
 
 
 if __name__ == "__main__":
