@@ -47,23 +47,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workspace", default=str(REPO / "demo"), help="a demo workspace (after `qrb demo`)")
     ap.add_argument("--data", help="QA pairs (jsonl with question/answer); default <workspace>/artifacts/validate/"
                                    "train.jsonl")
-    ap.add_argument("--tokenizer", help="default <workspace>/models/tiny-llama")
+    ap.add_argument("--tokenizer", help="default the workspace's base.model (models/tiny-llama, or smol's)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, help="default the workspace's base.max_length")
     ap.add_argument("--bootstrap", type=int, default=5000, help="also resample the lengths to this many pairs")
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(argv)
     ws = Path(args.workspace)
-    data = Path(args.data or ws / "artifacts/validate/train.jsonl")
-    tok_dir = Path(args.tokenizer or ws / "models/tiny-llama")
-    if not data.exists() or not tok_dir.exists():
-        raise SystemExit(f"bench_train_padding: need {data} and {tok_dir}: run `qrb demo --workspace {ws}` first "
-                         "or pass --data and --tokenizer")
     from qrb.chat import encode_pair, load_tokenizer
     from qrb.params import read_yaml
 
     params = read_yaml(ws / "params.yaml") if (ws / "params.yaml").exists() else read_yaml(REPO / "params.yaml")
     system = params["base"]["system_prompt"]
+    args.max_length = args.max_length or int(params["base"].get("max_length", 1024))
+    data = Path(args.data or ws / "artifacts/validate/train.jsonl")
+    tok_dir = Path(args.tokenizer or ws / params["base"]["model"])
+    if not data.exists() or not tok_dir.exists():
+        raise SystemExit(f"bench_train_padding: need {data} and {tok_dir}: run `qrb demo --workspace {ws}` first "
+                         "or pass --data and --tokenizer")
     tok = load_tokenizer(str(tok_dir))
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     t0 = time.time()

@@ -106,9 +106,13 @@ def load_with_adapter(base_model: str, adapter_dir: str | Path, dtype=None):
     model = load_causal_lm(base_model, dtype=dtype)
     resize_for_tokenizer(model, tokenizer)
     if kind == "peft":
+        import warnings
+
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # a tied base whose embedding the adapter trains: untied on purpose
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     else:
         from qrb import loreft
 
@@ -121,7 +125,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def encode_pair(tokenizer, system_prompt: str, question: str, answer: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of the full conversation and the length of its prompt part (loss is on the rest)."""
+    """Token ids of the full conversation and the length of its prompt part (loss is on the rest).
+
+    The rest is the answer and its end-of-turn token (the tokenizer's eos): what a template writes after the end of
+    turn (ChatML's newline after <|im_end|>) is never generated, so it is cut. Training tokenizes with this function
+    too (stages.train.trainer.tokenize_rows), so train and eval count the very same tokens.
+    """
     prompt = tokenizer.apply_chat_template(prompt_messages(system_prompt, question), tokenize=False,
                                            add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt_messages(system_prompt, question) + completion_messages(answer),
@@ -130,6 +139,12 @@ def encode_pair(tokenizer, system_prompt: str, question: str, answer: str, max_l
         raise ValueError("chat template: the generation prompt is not a prefix of the full conversation")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if f_ids[:len(p_ids)] != p_ids:
+        raise ValueError("chat template: the tokenized generation prompt is not a prefix of the tokenized "
+                         "conversation (tokens merge across the prompt's end)")
+    eot = tokenizer.eos_token_id
+    if eot is not None and eot in f_ids[len(p_ids):]:
+        f_ids = f_ids[:f_ids.index(eot, len(p_ids)) + 1]
     return f_ids[:max_length], min(len(p_ids), max_length)
 
 

@@ -88,19 +88,16 @@ def _set_module(model, name: str, module) -> None:
 def quantize_int8(model) -> dict[str, str]:
     """Replace, in place, every nn.Linear and nn.Embedding by its int8 form; returns {module name: kind}.
 
-    With tied input/output embeddings both stay as they are (quantizing one copy would untie them)."""
+    A matrix that input embeddings and lm_head share (a tied model) is quantized into both modules: two int8 copies
+    are half the size of the one fp32 matrix, and each module keeps its own buffers, so the config is marked untied
+    (a tied config would make a loader try to tie lm_head to the embedding again; shared tensors cannot be saved).
+    """
     from torch import nn
 
     Int8Linear, Int8Embedding = _int8_modules()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    skip = set()
-    if tied:
-        skip = {n for n, m in model.named_modules()
-                if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    model.config.tie_word_embeddings = False
     done: dict[str, str] = {}
     for name, module in list(model.named_modules()):
-        if name in skip:
-            continue
         if isinstance(module, nn.Linear):
             _set_module(model, name, Int8Linear.from_float(module))
             done[name] = "linear"

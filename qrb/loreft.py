@@ -13,6 +13,7 @@ paper). The prompt's end is found from the token ids of the chat template's assi
 are needed at train, eval or generation time; decode steps after the prompt (KV cache) are not intervened on,
 exactly as in pyreft's generation.
 
+    resolve_layers(spec, n)    -> the layer indices of an n-layer model ([-8..-1] = the last 8, or all if fewer)
     attach(model, config)      -> interventions as `model.loreft` (a submodule) + forward hooks
     save(model, dir)           -> dir/loreft_config.json + dir/loreft_weights.safetensors (+ nothing of the base)
     load(model, dir)           -> attach + load weights (evaluate/serve)
@@ -91,6 +92,26 @@ def decoder_layers(model) -> Sequence[Any]:
     if layers is None:
         raise ValueError("loreft: the model has no `.model.layers` (a decoder-only transformer is expected)")
     return layers
+
+
+def resolve_layers(spec: Sequence[int], n_layers: int) -> list[int]:
+    """Layer indices of a model with `n_layers` decoder layers, from a depth-independent spec.
+
+    A negative index counts from the end (-1 = the last layer); one that reaches before the first layer is left out,
+    so [-8, ..., -1] means "the last 8, or all of them on a shallower model". A non-negative index past the last
+    layer is an error, and so is a spec that leaves no layer. [] = every layer.
+    """
+    if not spec:
+        return list(range(n_layers))
+    out: set[int] = set()
+    for i in spec:
+        if i >= n_layers:
+            raise ValueError(f"loreft: layer {i} out of range (the model has {n_layers})")
+        if i >= -n_layers:  # further back than the first layer: not in this model
+            out.add(i % n_layers)
+    if not out:
+        raise ValueError(f"loreft: no layer of {list(spec)} exists in a model with {n_layers} layers")
+    return sorted(out)
 
 
 def header_ids_for(tokenizer) -> list[int]:

@@ -6,7 +6,8 @@ Reads  params.yaml (`export:` and base.model/system_prompt/hf_offline), artifact
        artifacts/model_card/ (README.md, loss.png), artifacts/validate/eval.jsonl (for the metric drop).
 Writes artifacts/export/adapter/ (the PEFT adapter + tokenizer + the model card: what goes to the Hub),
        artifacts/export/merged/ (the adapter merged into the base loaded in `export.merge_precision`: bf16, fp16 or
-       fp32, never a 4-bit base; a plain transformers model folder),
+       fp32, never a 4-bit base; a plain transformers model folder; for a base that ties embed_tokens and lm_head,
+       an untied model: the trained embedding and the frozen lm_head, `tie_word_embeddings: false`),
        artifacts/export/int8/ (the merged model with every Linear layer and the embeddings stored as int8 with one
        scale per output channel / row; `load_exported` dequantizes on the fly, layer by layer, so weights stay int8 in
        memory too), metrics/export.json (sizes on disk and the token-weighted eval cross-entropy of the adapter, the
@@ -83,6 +84,11 @@ def merge(peft_model, tokenizer):
     """The adapter folded into the base weights (and the trained embedding copy put in place)."""
     merged = peft_model.merge_and_unload()
     merged.config.pad_token_id = tokenizer.pad_token_id
+    # On a tied base the trained copy replaced one side of the tie (lm_head kept the frozen original): the merge is
+    # an untied model. peft marks it so; a config still saying tied would make every reload drop the saved lm_head
+    # and tie it to the trained embedding.
+    if merged.get_output_embeddings().weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr():
+        merged.config.tie_word_embeddings = False
     return merged
 
 

@@ -86,3 +86,132 @@ def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) ->
     return ws
 
 
+def split_rows(rows: list[dict], n_train: int, n_eval: int, held_out_papers: int = 3) -> tuple[list[dict], list[dict]]:
+    held_out = sorted({r["doi"] for r in rows})[:held_out_papers]
+    return ([r for r in rows if r["doi"] not in held_out][:n_train], [r for r in rows if r["doi"] in held_out][:n_eval])
+
+
+def train_adapter(model_dir: Path, train_rows: list[dict], eval_rows: list[dict], out: Path, *, max_length: int = 192,
+                  **overrides):
+    """cpu_recipe(**overrides) trained on the rows through the stage's core, saved to `out` as the stage saves it.
+    Returns (model, tokenizer, metrics)."""
+    from datasets import Dataset, DatasetDict
+
+    from stages.train.run import save_adapter
+    from stages.train.trainer import train
+
+    p = cpu_recipe(**{"checkpoint_steps": 0, "emissions_country": None, **overrides})
+    ds = DatasetDict(train=Dataset.from_list(train_rows), eval=Dataset.from_list(eval_rows))
+    model, tokenizer, metrics, _ = train({**base_of(model_dir), "max_length": max_length}, p, ds, "cpu")
+    save_adapter(model, tokenizer, p, out)
+    return model, tokenizer, metrics
+
+
+def export_adapter(model_dir: Path, adapter_dir: Path, rows: list[dict], out: Path, *, max_length: int = 192) -> dict:
+    """The export stage's core (fp32 merge + int8) on an adapter; returns its metrics."""
+    from qrb.params import build
+    from stages import export as ex
+
+    card = out / "card"
+    card.mkdir(parents=True, exist_ok=True)
+    (card / "README.md").write_text("# card\n")
+    p = build(ex.ExportParams, {"merge_precision": "fp32", "quantize": "int8", "eval_batch_size": 4,
+                                "hub_repo_id": None, "hub_token_env": "HF_TOKEN", "hub_private": True}, "export")
+    return ex.export({**base_of(model_dir), "max_length": max_length}, p, rows, "cpu", adapter_dir=adapter_dir,
+                     card_dir=card, out=out)
+
+
+def assert_embedding_trained_and_the_rest_frozen(model, model_dir: Path, tokenizer) -> None:
+    """The PEFT model of the recipe after training: its copy of the input embedding moved; lm_head (tied or not)
+    and every base weight are still the base's (resized for the added pad token, as train rebuilt it)."""
+    import torch
+
+    from qrb.chat import load_causal_lm, resize_for_tokenizer
+
+    original = load_causal_lm(str(model_dir))
+    resize_for_tokenizer(original, tokenizer)
+    params = dict(model.named_parameters())
+    copy = params["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    assert not torch.allclose(copy, original.get_input_embeddings().weight), "the embedding copy must train"
+    head = model.get_output_embeddings().weight
+    assert not head.requires_grad and torch.equal(head, original.get_output_embeddings().weight), "lm_head moved"
+    checked = 0
+    for name, before in original.state_dict().items():
+        if name == "model.embed_tokens.weight":
+            after = params["base_model.model.model.embed_tokens.original_module.weight"]
+        else:
+            module, leaf = name.rsplit(".", 1)
+            after = params.get(f"base_model.model.{module}.base_layer.{leaf}", params.get(f"base_model.model.{name}"))
+            if after is None and name == "lm_head.weight":
+                after = head  # tied: the model lists one matrix under the embedding's name
+        assert torch.equal(after.detach(), before), f"base weight {name} changed"
+        checked += 1
+    assert checked == len(original.state_dict())
+
+
+def assert_tied_export_is_correct(model_dir: Path, adapter_dir: Path, out: Path, metrics: dict) -> None:
+    """Merge of an adapter that trained the embedding of a tied base: an untied model carrying both matrices (the
+    trained embedding, the base's lm_head) whose reloaded logits are the adapter's; int8 keeps them apart too."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qrb.chat import load_with_adapter
+    from qrb.int8 import load_exported
+
+    assert json.loads((out / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    state: dict = {}
+    for f in sorted((out / "merged").glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    emb, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+    ref, tok = load_with_adapter(str(model_dir), adapter_dir)
+    ref.eval()
+    with ref.disable_adapter():
+        base_head = ref.get_output_embeddings().weight.detach().clone()
+    assert torch.equal(head, base_head), "the merged lm_head must be the base's (frozen)"
+    assert torch.equal(emb, ref.get_input_embeddings().modules_to_save["default"].weight.detach())
+    assert not torch.equal(emb, head)
+    merged, _ = load_exported(out / "merged")
+    assert merged.get_output_embeddings().weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr()
+    int8, _ = load_exported(out / "int8")
+    assert not int8.config.tie_word_embeddings
+    ids = tok("What is a qubit and how is it measured?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert torch.allclose(merged(ids).logits, want, atol=1e-4), "reloaded merge != adapter"
+        with ref.disable_adapter():  # the adapter changed the model: the comparison means something
+            assert not torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-3)
+        lm = int8.get_output_embeddings()
+        deq = lm.weight_int8.float() * lm.weight_scale[:, None]
+        assert torch.all((deq - head).abs() <= lm.weight_scale[:, None] / 2 + 1e-6), "int8 lm_head is not the base's"
+    assert abs(metrics["merge_ce_delta"]) < 1e-4
+    assert abs(metrics["int8_ce_drop"]) < 0.05 and metrics["eval_ce"]["int8"] > 0
+
+
+def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir: Path, **overrides) -> None:
+    """What the stage's trainer feeds the model: each sequence is the generation prompt (the model's own chat
+    template) followed by the answer and the end-of-turn token, and only those carry labels; pad is not eos."""
+    from datasets import Dataset, DatasetDict
+
+    from qrb.chat import load_tokenizer, prompt_messages
+    from stages.train.model import build_model, prepare_tokenizer
+    from stages.train.trainer import build_trainer
+
+    base, p = base_of(model_dir), cpu_recipe(**overrides)
+    tokenizer, added = prepare_tokenizer(load_tokenizer(str(model_dir)), p)
+    assert added == 1 and tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = build_model(base, p, tokenizer, "cpu")
+    trainer = build_trainer(base, p, model, tokenizer, DatasetDict(train=Dataset.from_list(rows)), run_dir)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    for i, r in enumerate(rows):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        n = int(batch["attention_mask"][i].sum())
+        prompt = tokenizer.apply_chat_template(prompt_messages(base["system_prompt"], r["question"]), tokenize=False,
+                                               add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[:len(p_ids)] == p_ids, "the generation prompt must be a prefix of the training sequence"
+        assert ids[len(p_ids):n] == answer, "after the prompt: the answer and the end-of-turn token, nothing more"
+        assert labels[:len(p_ids)] == [-100] * len(p_ids) and labels[len(p_ids):n] == answer
+        assert labels[n:] == [-100] * (len(ids) - n) and ids[n:] == [tokenizer.pad_token_id] * (len(ids) - n)

@@ -70,6 +70,51 @@ def test_int8_is_smaller_int8_on_disk_and_its_drop_is_reported(exported):
     assert meta["method"] == QUANT_METHOD and len(meta["modules"]) == m["int8_modules"]
 
 
+@pytest.fixture(scope="module")
+def tied_tiny_dir(tmp_path_factory, corpus_dir):
+    from qrb.offline import tiny_model
+
+    return tiny_model.build(corpus_dir, tmp_path_factory.mktemp("tied-tiny"), seed=0, pretrain_steps=40,
+                            tie_word_embeddings=True)
+
+
+def test_merge_and_int8_of_a_tied_base_keep_the_trained_embedding_and_the_frozen_lm_head(tied_tiny_dir, corpus_dir,
+                                                                                          tmp_path):
+    """A tied base (one matrix for embed_tokens and lm_head, as SmolLM2): the adapter trained a copy of the
+    embedding, so the merge is an untied model; saved with the base's tie flag, a reload would tie lm_head to the
+    trained embedding."""
+    from helpers import adapter_qa_rows, assert_tied_export_is_correct, export_adapter, split_rows, train_adapter
+
+    assert json.loads((tied_tiny_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    train_rows, eval_rows = split_rows(adapter_qa_rows(corpus_dir), 16, 8)
+    train_adapter(tied_tiny_dir, train_rows, eval_rows, tmp_path / "adapter", epochs=1.0, learning_rate=3e-3,
+                  batch_size=4)
+    metrics = export_adapter(tied_tiny_dir, tmp_path / "adapter", eval_rows, tmp_path / "export")
+    assert_tied_export_is_correct(tied_tiny_dir, tmp_path / "adapter", tmp_path / "export", metrics)
+
+
+def test_int8_of_a_model_that_is_still_tied_saves_and_reloads(tied_tiny_dir, tmp_path):
+    """No trained embedding (e.g. `modules_to_save: []`): the merge stays tied, one matrix in two modules."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qrb.int8 import load_exported, quantize_int8, save_int8
+
+    model = AutoModelForCausalLM.from_pretrained(tied_tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tied_tiny_dir)
+    ids = tok("What is a qubit and how is it measured?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = torch.log_softmax(model(ids).logits, -1)
+    modules = quantize_int8(model)
+    assert {"model.embed_tokens", "lm_head"} <= modules.keys()
+    save_int8(model, tok, modules, "fp32", tmp_path / "int8")
+    int8, _ = load_exported(tmp_path / "int8")
+    with torch.no_grad():
+        got = torch.log_softmax(int8(ids).logits, -1)
+    assert type(int8.lm_head).__name__ == "Int8Linear" and type(int8.model.embed_tokens).__name__ == "Int8Embedding"
+    assert (want.exp() * (want - got)).sum(-1).mean() < 0.01, "int8 should barely move the next-token distribution"
+
+
 def test_quantize_rows_error_is_bounded():
     import torch
 

@@ -53,6 +53,25 @@ def test_recipe_builds_kaiming_a_zero_b_and_a_real_pad_token(tiny_model_dir):
     assert not any("lora" not in n and "modules_to_save" not in n for n in trainable)
 
 
+def test_answer_only_loss_is_exact_and_the_prompt_is_a_prefix(tiny_model_dir, dataset, tmp_path):
+    from helpers import assert_answer_only_loss_is_exact
+
+    assert_answer_only_loss_is_exact(tiny_model_dir, list(dataset["train"].select(range(6))), tmp_path)
+
+
+def test_on_a_tied_base_the_embedding_copy_trains_and_lm_head_stays_frozen(corpus_dir, dataset, tmp_path):
+    """One matrix for embed_tokens and lm_head (SmolLM2's layout): modules_to_save trains a copy of the input
+    embedding and lm_head keeps the frozen original, i.e. the adapter unties the model."""
+    from helpers import assert_embedding_trained_and_the_rest_frozen, train_adapter
+    from qrb.offline import tiny_model
+
+    tied = tiny_model.build(corpus_dir, tmp_path / "tied", seed=0, pretrain_steps=20, tie_word_embeddings=True)
+    rows = list(dataset["train"].select(range(8)))
+    model, tokenizer, _ = train_adapter(tied, rows, rows[:2], tmp_path / "adapter", epochs=1.0, batch_size=4)
+    assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert_embedding_trained_and_the_rest_frozen(model, tied, tokenizer)
+
+
 def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_dir):
     from qrb.chat import load_tokenizer
 
@@ -70,6 +89,49 @@ def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_d
     a = {(round(lr, 10), wd) for n, (lr, wd) in lr_of.items() if "lora_A" in n}
     assert b == {(8e-4, 0.01)} and a == {(1e-4, 0.01)}
     assert build_optimizer(model, cpu_recipe(method="lora")) is None  # Trainer's AdamW
+
+
+def test_bf16_keeps_every_trainable_tensor_in_fp32_so_a_decay_step_moves_the_embedding(tiny_model_dir):
+    """The frozen base in bf16, every trainable tensor (LoRA A/B and the embedding copy) an fp32 master: one AdamW
+    step at lr 1e-4, wd 0.01 under bf16 autocast changes every element of the embedding copy (in bf16, w * 1e-6 is
+    below half an ulp: 0 of 65,600 changed)."""
+    from qrb.chat import load_tokenizer
+
+    p = recipe(precision="bf16", learning_rate=1e-4, weight_decay=0.01)
+    tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    model = build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    trainable = {n: t for n, t in model.named_parameters() if t.requires_grad}
+    frozen = {n: t for n, t in model.named_parameters() if not t.requires_grad}
+    assert {t.dtype for t in trainable.values()} == {torch.float32}, "trainable tensors need an fp32 master"
+    assert {t.dtype for t in frozen.values()} == {torch.bfloat16}, "the frozen base stays in bf16"
+    emb = next(t for n, t in trainable.items() if "embed_tokens.modules_to_save" in n)
+    before = emb.detach().clone()
+    opt = build_optimizer(model, p)
+    ids = tokenizer("What is a qubit?", return_tensors="pt")["input_ids"]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = int((emb.detach() != before).sum())
+    assert changed == emb.numel(), f"{changed} of {emb.numel()} embedding elements changed"
+
+
+def test_qlora_keeps_fp32_masters_although_trl_casts_a_4bit_models_adapters_to_bf16(tiny_model_dir, dataset,
+                                                                                    tmp_path):
+    """SFTTrainer casts every trainable tensor of a model that says `is_loaded_in_4bit` to bf16 (the embedding
+    copy too); the stage's trainer puts the fp32 masters back. (nf4 itself needs CUDA: the flag stands in.)"""
+    import dataclasses
+
+    from qrb.chat import load_tokenizer
+    from stages.train.trainer import build_trainer
+
+    p = recipe(precision="bf16")
+    tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    model = build_model(base_of(tiny_model_dir), p, tokenizer, "cpu")
+    model.base_model.model.is_loaded_in_4bit = True  # what trl looks at
+    ds = {"train": dataset["train"].select(range(8))}
+    build_trainer(base_of(tiny_model_dir), dataclasses.replace(p, precision="fp32"), model, tokenizer, ds, tmp_path)
+    assert {t.dtype for t in model.parameters() if t.requires_grad} == {torch.float32}
 
 
 def test_card_recipe_on_llama_3_1_8b_shape_trains_546m_params():
@@ -150,6 +212,25 @@ def test_training_is_deterministic(tiny_model_dir, dataset, trained):
     a = {n: t for n, t in first.named_parameters() if t.requires_grad}
     b = {n: t for n, t in second.named_parameters() if t.requires_grad}
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_gradient_checkpointing_is_the_params_choice_and_changes_memory_not_the_result(tiny_model_dir, dataset,
+                                                                                       tmp_path, repo):
+    from flows.workspace import profile_params
+    from stages.train.trainer import sft_config
+
+    for on in (True, False):  # trl's SFTConfig would turn it on whatever the recipe says
+        assert sft_config(base_of(tiny_model_dir), cpu_recipe(gradient_checkpointing=on), str(tmp_path),
+                          True).activation_checkpointing is on
+    assert recipe().gradient_checkpointing is True  # flagship: 8B activations on one GPU
+    assert profile_params("tiny", repo)["train"]["gradient_checkpointing"] is False  # CPU: speed is measured
+    small = {k: dataset[k].select(range(16)) for k in ("train", "eval")}
+    runs = {on: train(base_of(tiny_model_dir), cpu_recipe(epochs=1.0, gradient_checkpointing=on), small, "cpu")[0]
+            for on in (True, False)}
+    assert runs[True].base_model.model.is_activation_checkpointing
+    assert not runs[False].base_model.model.is_activation_checkpointing
+    a, b = ({n: t for n, t in m.named_parameters() if t.requires_grad} for m in (runs[True], runs[False]))
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a), "recomputation must not change the adapter"
 
 
 def test_qlora_on_cpu_is_a_clear_error():

@@ -70,6 +70,25 @@ def test_loreft_positions_first_and_last_prompt_tokens_with_padding():
         loreft.LoreftConfig(hidden_size=8, layers=[0], positions="middle")
 
 
+def test_loreft_layers_count_from_the_end_and_default_to_the_last_eight(tiny_model_dir):
+    from helpers import recipe
+    from qrb.chat import load_causal_lm, load_tokenizer
+    from stages.train.model import loreft_config, prepare_tokenizer
+
+    default = recipe().loreft.layers
+    assert loreft.resolve_layers(default, 30) == list(range(22, 30))  # the card's "last 8", on any depth
+    assert loreft.resolve_layers(default, 2) == [0, 1]  # fewer than 8 layers: all of them
+    assert loreft.resolve_layers((0, -1), 4) == [0, 3] and loreft.resolve_layers((-1, 3), 4) == [3]
+    assert loreft.resolve_layers((), 3) == [0, 1, 2]  # [] = every layer
+    with pytest.raises(ValueError, match="layer 4 out of range"):
+        loreft.resolve_layers((4,), 4)
+    with pytest.raises(ValueError, match="no layer"):
+        loreft.resolve_layers((-5,), 4)
+    p = cpu_recipe(method="loreft")
+    tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    assert loreft_config(p, load_causal_lm(str(tiny_model_dir)), tokenizer).layers == [0, 1]
+
+
 @pytest.mark.slow
 def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small, tmp_path):
     from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
@@ -144,6 +163,27 @@ def test_killed_run_resumes_and_ends_with_the_same_adapter(tiny_model_dir, small
     assert resumed[2]["tokens_seen"] == straight[2]["tokens_seen"]
 
 
+@pytest.mark.slow
+def test_run_killed_after_an_epoch_boundary_checkpoint_resumes_exactly(tiny_model_dir, small, tmp_path):
+    """The last checkpoint is the end of epoch 1 (step 6 of 6 per epoch): the per-epoch evaluation must not sit
+    between that checkpoint and epoch 2 (it draws from the global RNG, and a resumed run would skip it)."""
+    base = base_of(tiny_model_dir)
+    p = cpu_recipe(batch_size=4, epochs=2.0, checkpoint_steps=3, neftune_noise_alpha=5.0)
+    straight = train(base, p, small, "cpu", checkpoint_root=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(base, p, small, "cpu", checkpoint_root=tmp_path / "b", callbacks=(Kill(8),))
+    key = checkpoint_key(base, p, data_fingerprint(small))
+    assert sorted(d.name for d in (tmp_path / "b" / key).glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    resumed = train(base, p, small, "cpu", checkpoint_root=tmp_path / "b")
+    assert resumed[2]["resumed_from_step"] == 6 and resumed[2]["steps"] == 12
+    a, b = trainable(straight[0]), trainable(resumed[0])
+    worst = max(float((a[n] - b[n]).abs().max()) for n in a)
+    assert worst <= 1e-6, f"max |dw| {worst:.2e} after resuming from the epoch-boundary checkpoint"
+    assert resumed[2]["eval_ce"] == pytest.approx(straight[2]["eval_ce"], rel=1e-6)
+    evals = [[(h["epoch"], round(h["eval_loss"], 6)) for h in run[3] if "eval_loss" in h] for run in (straight, resumed)]
+    assert evals[0] == evals[1] and [e for e, _ in evals[0]] == [1.0, 2.0], "one eval per epoch, in both runs"
+
+
 # -------------------------------------------------------------------------------------------------- NEFTune
 
 
@@ -162,6 +202,30 @@ def test_neftune_noise_scales_with_each_rows_real_length():
     assert torch.count_nonzero(noise[0, 4:]) == 0, "pad positions get no noise"
     emb.eval()
     assert torch.equal(emb(ids), clean), "no noise at eval time"
+
+
+# ------------------------------------------------------------------------------------------------- GPU bench
+
+
+def test_gpu_bench_times_the_stages_own_path_end_to_end_in_smoke_mode(tmp_path, repo):
+    """bench/bench_train_gpu.py --smoke: the stage's train() (recipe of params.yaml) on a tiny random base, CPU."""
+    import os
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(repo / "bench/bench_train_gpu.py"), "--smoke", "--json", str(out),
+                           "--model-dir", str(tmp_path / "base")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["method"] for r in results] == ["lora_plus", "dora"]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and 32 <= r["mean_seq_tokens"] <= 64
+        assert r["gradient_checkpointing"] is True and r["neftune_noise_alpha"] and r["group_by_length"]
+        assert r["padding_fraction"] > 0  # right padding of rows of different lengths, as the stage trains
+        assert r["trainable_params"] > 513 * 64  # LoRA + the embedding copy (512 words + the added pad token)
+    assert "stages.train.trainer" in proc.stderr  # the stage's logger: its own code ran
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
 # ------------------------------------------------------------------------------------------- lineage/metrics

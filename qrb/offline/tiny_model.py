@@ -62,7 +62,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build(corpus_dir: str | Path, out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024,
-          hidden: int = 64, layers: int = 2, pretrain_steps: int = 150) -> Path:
+          hidden: int = 64, layers: int = 2, pretrain_steps: int = 150, tie_word_embeddings: bool = False) -> Path:
+    """`tie_word_embeddings=True` builds a tied stand-in (one matrix for input embeddings and lm_head, as SmolLM2
+    and other small models have), for the tests that train and export such a base."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, set_seed
 
@@ -73,7 +75,7 @@ def build(corpus_dir: str | Path, out_dir: str | Path, *, seed: int = 0, vocab_s
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=False,  # Llama-3.1-8B has an untied lm_head (the recipe trains embed_tokens, not lm_head)
+        tie_word_embeddings=tie_word_embeddings,  # default untied, as Llama-3.1-8B (the recipe trains embed_tokens)
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
     )
     model = LlamaForCausalLM(config)
@@ -118,13 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     from qrb.io import setup_logging
 
     setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", default="data/corpus")
-    ap.add_argument("--out", default="models/tiny-llama")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap = argparse.ArgumentParser(prog="qrb tiny-model", description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="data/corpus", help="the paper snapshot it learns from (default data/corpus)")
+    ap.add_argument("--out", default="models/tiny-llama", help="the model folder to write (default models/tiny-llama)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the pre-training (default 0)")
+    ap.add_argument("--pretrain-steps", type=int, default=150, help="pre-training steps on the abstracts (default 150)")
+    ap.add_argument("--tie-word-embeddings", action="store_true", help="one matrix for embeddings and lm_head")
     args = ap.parse_args(argv)
-    build(args.corpus, args.out, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    build(args.corpus, args.out, seed=args.seed, pretrain_steps=args.pretrain_steps,
+          tie_word_embeddings=args.tie_word_embeddings)
 
 
 if __name__ == "__main__":

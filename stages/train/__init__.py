@@ -15,9 +15,11 @@ Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added
 The recipe (see params.yaml): LoRA r=8/alpha=16/dropout=0.1 on attention + MLP projections with A Kaiming-uniform
 and B zero, the full embedding matrix trained (modules_to_save, not lm_head), LoRA+ (lr of B = 8 x lr of A),
 AdamW with weight decay 0.01, cosine schedule, grad clip 0.3, NEFTune, an added pad token with right padding, and
-loss on the answer tokens only (trl prompt/completion format through the chat template), length-grouped
-batches. NEFTune noise is scaled per sequence by its real (unpadded) length, alpha/sqrt(L_i * d), as in the
-NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
+loss on the answer and end-of-turn tokens only (tokenized through the base model's own chat template by
+qrb.chat.encode_pair, as every eval CE is), length-grouped batches. NEFTune noise is scaled per sequence by its real
+(unpadded) length, alpha/sqrt(L_i * d), as in the NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
+In bf16 every trainable tensor is an fp32 master (bf16 autocast computes); gradient checkpointing is a param. On a
+base that ties embed_tokens and lm_head (SmolLM2), the trained embedding copy unties the model: lm_head stays frozen.
 
 This module stays light (no torch import). The parts: `model` (tokenizer, adapter configs, model, LoRA+
 optimizer), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage` (fingerprints, checkpoint key,
@@ -47,7 +49,7 @@ class LoraParams:
 @dataclass(frozen=True)
 class LoreftParams:
     rank: int
-    layers: tuple[int, ...]   # empty = every decoder layer
+    layers: tuple[int, ...]   # negative = from the end (before the first layer: left out); [] = every layer
     positions: str            # "all" or "f<n>+l<n>" (first/last n prompt tokens)
     dropout: float
 
@@ -68,6 +70,7 @@ class TrainParams:
     grad_accum: int
     epochs: float
     precision: Literal["bf16", "fp16", "fp32"]
+    gradient_checkpointing: bool  # recompute activations in backward: less memory, ~30% more compute
     pad_token: str
     padding_side: Literal["right", "left"]
     completion_only_loss: bool

@@ -3,11 +3,15 @@ model wrapped with the adapter, and the LoRA+ optimizer (see `stages.train` for 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 from qrb.errors import ConfigError
 
 from . import TrainParams
+
+log = logging.getLogger(__name__)
 
 
 def prepare_tokenizer(tokenizer, p: TrainParams):
@@ -30,10 +34,12 @@ def lora_config(p: TrainParams):
 
 
 def loreft_config(p: TrainParams, model, tokenizer):
-    from qrb.loreft import LoreftConfig, decoder_layers, header_ids_for
+    from qrb.loreft import LoreftConfig, decoder_layers, header_ids_for, resolve_layers
 
-    n_layers = len(decoder_layers(model))
-    layers = list(p.loreft.layers) or list(range(n_layers))
+    try:
+        layers = resolve_layers(p.loreft.layers, len(decoder_layers(model)))
+    except ValueError as e:
+        raise ConfigError(f"params: `train.loreft.layers`: {e}") from None
     return LoreftConfig(hidden_size=model.config.hidden_size, layers=layers, rank=p.loreft.rank,
                         positions=p.loreft.positions, dropout=p.loreft.dropout,
                         header_ids=header_ids_for(tokenizer) if p.loreft.positions != "all" else [],
@@ -70,11 +76,34 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
 
         model = loreft.attach(model, loreft_config(p, model, tokenizer))
     else:
-        model = get_peft_model(model, lora_config(p))
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        with warnings.catch_warnings():  # peft warns that a tied layer is in the adapter: here, on purpose
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+            model = get_peft_model(model, lora_config(p))
+        if tied and p.lora.modules_to_save:
+            log.info("the base ties its input embeddings and lm_head: the adapter trains its own copy of %s and "
+                     "lm_head keeps the frozen original (the model is untied; merge and export write it so)",
+                     ", ".join(p.lora.modules_to_save))
+    upcast_trainable_(model)
     if device == "cuda" and p.method != "qlora":
         model = model.to("cuda")
     torch.manual_seed(base["seed"])
     return model
+
+
+def upcast_trainable_(model) -> None:
+    """Every trainable tensor in fp32, the frozen base in its load dtype (bf16 autocast computes in bf16).
+
+    peft keeps LoRA A/B in fp32 but makes the `modules_to_save` copy of the embedding (96% of the trainable
+    parameters on 8B) in the base's bf16, where AdamW's small steps vanish: a decay step of lr * wd * w = 1e-6 * w is
+    under half a bf16 ulp, so weight decay and the late cosine steps would never be applied. fp16 training needs fp32
+    parameters too (its grad scaler refuses to unscale fp16 gradients).
+    """
+    import torch
+
+    for t in model.parameters():
+        if t.requires_grad and t.dtype != torch.float32:
+            t.data = t.data.float()
 
 
 def build_optimizer(model, p: TrainParams):

@@ -1,4 +1,4 @@
-"""The training core: QA rows in trl's prompt/completion format, the SFTConfig of the recipe, an SFTTrainer that
+"""The training core: QA rows tokenized as eval CE counts them, the SFTConfig of the recipe, an SFTTrainer that
 counts real and padded tokens, the per-length NEFTune hook, and `train()`, which ties them to the model of
 `stages.train.model` and returns the trained model with its metrics (no files written but checkpoints)."""
 
@@ -14,18 +14,26 @@ from typing import Any
 
 from . import TrainParams
 from .lineage import checkpoint_key, data_fingerprint, emissions_meter
-from .model import build_model, build_optimizer, count_params, prepare_tokenizer
+from .model import build_model, build_optimizer, count_params, prepare_tokenizer, upcast_trainable_
 
 log = logging.getLogger(__name__)
 
 
-def to_prompt_completion(rows, system_prompt: str):
-    """trl's conversational prompt/completion format: loss on the completion (the answer) only."""
-    from qrb.chat import completion_messages, prompt_messages
+def tokenize_rows(rows, tokenizer, system_prompt: str, max_length: int):
+    """Training sequences in trl's pre-tokenized form: `input_ids` + `completion_mask` (the loss).
 
-    return rows.map(lambda r: {"prompt": prompt_messages(system_prompt, r["question"]),
-                               "completion": completion_messages(r["answer"])},
-                    remove_columns=rows.column_names)
+    Tokenized by `qrb.chat.encode_pair`, the function eval cross-entropy counts with, so training and every eval
+    agree token for token: the model's own chat template, the generation prompt a prefix of the sequence, and the
+    loss on the answer tokens and the end-of-turn token only (trl's own prompt/completion tokenization would also
+    train on what a template writes after the end of turn, e.g. ChatML's newline after <|im_end|>).
+    """
+    from qrb.chat import encode_pair
+
+    def encode(r):
+        ids, prompt_len = encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length)
+        return {"input_ids": ids, "completion_mask": [0] * prompt_len + [1] * (len(ids) - prompt_len)}
+
+    return rows.map(encode, remove_columns=rows.column_names)
 
 
 def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: bool):
@@ -40,6 +48,8 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm, optim="adamw_torch",
         neftune_noise_alpha=None,  # ours, per real sequence length: see neftune_per_length
         bf16=p.precision == "bf16", fp16=p.precision == "fp16",
+        # on purpose (trl's SFTConfig turns it on by default); transformers 5 calls it activation checkpointing
+        activation_checkpointing=p.gradient_checkpointing,
         max_length=base["max_length"], completion_only_loss=p.completion_only_loss, packing=False,
         pad_token=None, label_names=["labels"], logging_steps=p.logging_steps,
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
@@ -87,6 +97,35 @@ def _peak_memory(device: str) -> dict[str, Any]:
             "peak_mem_kind": "cpu_max_rss"}
 
 
+def _eval_before_boundary_save():
+    """A callback that moves the per-epoch evaluation before the checkpoint of an epoch's last step.
+
+    Trainer saves at the step's end and evaluates at the epoch's end, after it: the evaluation draws from the global
+    RNG (each DataLoader iterator takes a seed from it), so the saved RNG state was not the one epoch 2 started
+    with, and a run resumed from that checkpoint skips the evaluation and diverges (mid-epoch checkpoints resumed
+    exactly). Evaluating first, in the same `_maybe_log_save_evaluate` call, puts the checkpoint after it: the RNG
+    state and the log history it saves are those the next epoch starts from. The uninterrupted run draws the same
+    numbers in the same order as before.
+    """
+    from transformers import TrainerCallback
+
+    class EvalBeforeBoundarySave(TrainerCallback):
+        evaluated_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.eval_strategy == "epoch" and control.should_save and float(state.epoch).is_integer():
+                control.should_evaluate = True
+                self.evaluated_at = state.global_step
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):  # runs after DefaultFlowCallback's
+            if self.evaluated_at == state.global_step:
+                control.should_evaluate = False  # done just before the checkpoint
+            return control
+
+    return EvalBeforeBoundarySave()
+
+
 def _trainer_cls():
     from trl import SFTTrainer
 
@@ -107,6 +146,37 @@ def _trainer_cls():
     return CountingSFTTrainer
 
 
+def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, dataset, run_dir: Path,
+                  callbacks: tuple = ()):
+    """The stage's SFTTrainer on `model` (from `build_model`): tokenized rows, the recipe's SFTConfig, the LoRA+
+    optimizer, and the callback that evaluates before an epoch-boundary checkpoint."""
+    system, max_length = base["system_prompt"], base["max_length"]
+    train_ds = tokenize_rows(dataset["train"], tokenizer, system, max_length)
+    eval_ds = tokenize_rows(dataset["eval"], tokenizer, system, max_length) if "eval" in dataset else None
+    trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
+                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                             optimizers=(build_optimizer(model, p), None),
+                             callbacks=[_eval_before_boundary_save(), *callbacks])
+    # SFTTrainer casts every trainable tensor of a 4-bit model (qlora) to bf16, the embedding copy included, where
+    # small AdamW steps vanish: the fp32 masters go back (the optimizer holds the same Parameter objects, no state yet)
+    upcast_trainable_(model)
+    return trainer
+
+
+@contextlib.contextmanager
+def neftune(trainer, p: TrainParams, pad_id: int):
+    """The per-length NEFTune hook on the input embeddings while training (none when the alpha is unset)."""
+    if not p.neftune_noise_alpha:
+        yield
+        return
+    emb = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
+    handle = emb.register_forward_hook(neftune_per_length(p.neftune_noise_alpha, pad_id))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint_root: Path | None = None,
           callbacks: tuple = ()) -> tuple[Any, Any, dict[str, Any], list[dict]]:
     """Core: returns (model, tokenizer, metrics, trainer log history).
@@ -123,8 +193,6 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
     counts = count_params(model)
     log.info("%s: %d trainable of %d params (%.2f%%); %d token(s) added", p.method, counts["trainable_params"],
              counts["total_params"], 100 * counts["trainable_params"] / counts["total_params"], added)
-    train_ds = to_prompt_completion(dataset["train"], base["system_prompt"])
-    eval_ds = to_prompt_completion(dataset["eval"], base["system_prompt"]) if "eval" in dataset else None
     data_sha = data_fingerprint(dataset)
     key = checkpoint_key(base, p, data_sha)
     with contextlib.ExitStack() as stack:
@@ -135,22 +203,12 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
         resume = last_checkpoint(run_dir) if p.checkpoint_steps > 0 else None
         if resume:
             log.info("resuming from %s (same params, data and base model: key %s)", resume, key)
-        trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
-                                 train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                                 optimizers=(build_optimizer(model, p), None), callbacks=list(callbacks) or None)
-        handle = None
-        if p.neftune_noise_alpha:
-            emb = trainer.accelerator.unwrap_model(model).get_input_embeddings()
-            handle = emb.register_forward_hook(neftune_per_length(p.neftune_noise_alpha, tokenizer.pad_token_id))
+        trainer = build_trainer(base, p, model, tokenizer, dataset, run_dir, callbacks)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        try:
-            with emissions_meter(p.emissions_country) as emissions:
-                result = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            if handle is not None:
-                handle.remove()
+        with neftune(trainer, p, tokenizer.pad_token_id), emissions_meter(p.emissions_country) as emissions:
+            result = trainer.train(resume_from_checkpoint=resume)
         wall = time.time() - t0
         is_main = trainer.accelerator.is_main_process
         reduce = trainer.accelerator.reduce
