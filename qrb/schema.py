@@ -57,7 +57,9 @@ class ErrorItem:
 
 @dataclasses.dataclass(frozen=True)
 class QAPair:
-    """One generated question/answer pair with its provenance (train.jsonl / eval.jsonl rows)."""
+    """One generated question/answer pair with its provenance (train.jsonl / eval.jsonl rows, and seen.jsonl rows,
+    which add `source_question`). A kept pair as first written is a *fact* (variant 0); knowledge augmentation adds
+    its rewordings (variants 1..K-1, same fact_id), which no duplicate check may compare with each other."""
 
     question: str
     answer: str
@@ -68,6 +70,8 @@ class QAPair:
     model: str
     response_id: str
     chunk: int  # 0 = the abstract, n = the n-th chunk of the full text
+    fact_id: str  # first 16 hex of sha256(doi + the fact's variant-0 question): shared by all its variants
+    variant: int  # 0 = the pair as first written, 1..K-1 its rewordings
 
     def record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +85,8 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 def pair_field_ok(field: str, value: Any) -> bool:
     """Whether `value` has the type the schema gives `field` (a JSON file may hold anything)."""
+    if field == "variant":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if field == "chunk":
         return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
     if field == "published":  # a paper may have no date; when it has one it is YYYY-MM-DD

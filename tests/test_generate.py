@@ -6,92 +6,43 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
+from generate_helpers import (
+    GOOD,
+    KEY_ENV,
+    MARKER,
+    ROOT,
+    TOPICS,
+    ScriptedClient,
+    fake_papers,
+    make_workspace,
+    one_unit,
+    outputs,
+    params_of,
+    read,
+    recipe,
+    reply,
+    run_main,
+)
 
 from qrb.errors import EXIT_CONFIG
 from qrb.offline.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
-from qrb.params import build, deep_merge
+from qrb.params import build
 from qrb.schema import PAIR_FIELDS
 from stages.generate import GenerateParams
 from stages.generate.assemble import assemble, dedup_questions, split_by_paper
 from stages.generate.cache import ResponseCache
-from stages.generate.client import Outcome, Requester
+from stages.generate.client import Requester
+from stages.generate.outcomes import Outcome
 from stages.generate.replies import parse_pairs
 from stages.generate.run import load_templates, main
 from stages.generate.units import build_units, failure_row
-
-ROOT = Path(__file__).resolve().parents[1]
-MARKER = "sk-MARKER-7c1d9e0f-never-write-me"
-KEY_ENV = "QRB_TEST_GENERATE_KEY"
-
-TOPICS = ["photonic boson sampling", "trapped-ion clock", "surface code decoder", "tensor network contraction",
-          "variational eigensolver", "quantum key distribution", "Hamiltonian learning", "magic state distillation",
-          "spin chain transport", "superconducting transmon", "quantum walk search", "Rydberg atom array",
-          "Gaussian state tomography", "fermionic simulation", "entanglement witness", "quantum metrology probe",
-          "cat qubit stabilization", "measurement-based computation", "quantum signal processing",
-          "open system dynamics", "circuit knitting", "shadow tomography", "holonomic gate", "topological phase"]
-
-
-def fake_papers() -> list[dict]:
-    papers = []
-    for i, topic in enumerate(TOPICS):
-        other = TOPICS[(i * 7 + 3) % len(TOPICS)]
-        abstract = (f"The {topic} is a central primitive of quantum technologies. "
-                    f"We develop a {topic} protocol based on {other} techniques with {i + 2} ancilla modes. "
-                    f"Our numerical simulations show a fidelity of {90 + i % 9}.{i}% for the {topic}. "
-                    f"Compared with previous {other} proposals, the {topic} scheme reduces the overhead by a factor "
-                    f"of {i + 3}. The {topic} threshold is defined as the largest tolerable noise strength.")
-        papers.append({"doi": f"10.22331/q-2024-{(i % 12) + 1:02d}-{(i % 27) + 1:02d}-{1400 + i}",
-                       "url": f"https://quantum-journal.org/papers/q-{i}/", "title": f"A study of {topic} via {other}",
-                       "authors": ["A. Author"], "affiliations": [], "published": f"2024-{(i % 12) + 1:02d}-01",
-                       "volume": "8", "page": str(1400 + i), "arxiv": None, "citation": None,
-                       "abstract": abstract, "license": "CC-BY-4.0"})
-    return sorted(papers, key=lambda r: r["doi"])
-
-
-def make_workspace(path: Path, base_url: str, papers: list[dict] | None = None, **overrides) -> Path:
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                        yaml.safe_load((ROOT / "profiles/tiny.yaml").read_text()))
-    params["generate"].update({"base_url": base_url, "model": MODEL_ID, "api_key_env": KEY_ENV, "eval_size": 30,
-                               "timeout_s": 0.5, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "concurrency": 8,
-                               "max_retries": 4, "price_input_per_1m": 10.0, "price_output_per_1m": 30.0,
-                               "max_cost_usd": 5.0, **overrides})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copytree(ROOT / "prompts", path / "prompts", dirs_exist_ok=True)
-    (path / "artifacts/scrape").mkdir(parents=True, exist_ok=True)
-    rows = papers if papers is not None else fake_papers()
-    (path / "artifacts/scrape/papers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def outputs(ws: Path) -> dict[str, bytes]:
-    return {name: (ws / "artifacts/generate" / name).read_bytes()
-            for name in ("train.jsonl", "eval.jsonl", "failures.jsonl")}
-
-
-def run_main(ws: Path, monkeypatch, *args: str) -> None:
-    monkeypatch.chdir(ws)
-    monkeypatch.setenv(KEY_ENV, MARKER)
-    main(list(args))
-
-
-def params_of(ws: Path) -> GenerateParams:
-    return build(GenerateParams, yaml.safe_load((ws / "params.yaml").read_text())["generate"], "generate")
-
 
 # ------------------------------------------------------------------------------------------------ pure functions
 
@@ -160,22 +111,16 @@ def test_planted_duplicates_are_removed():
 
 def test_split_is_by_paper_deterministic_and_sized():
     rows = [{"doi": f"d{i}", "question": f"q{i}-{j}"} for i in range(30) for j in range(5 + i % 4)]
-    train, evals = split_by_paper(rows, 40, seed=42)
-    assert not {r["doi"] for r in train} & {r["doi"] for r in evals}
+    train, evals, capped = split_by_paper(rows, 40, seed=42)
+    assert not {r["doi"] for r in train} & {r["doi"] for r in evals} and not capped
     assert len(train) + len(evals) == len(rows) and 35 <= len(evals) <= 45
-    assert (train, evals) == split_by_paper(rows, 40, seed=42)
+    assert (train, evals, capped) == split_by_paper(rows, 40, seed=42)
     assert {r["doi"] for r in evals} != {r["doi"] for r in split_by_paper(rows, 40, seed=7)[1]}
     assert split_by_paper(rows[:5], 100, seed=1)[0]  # at least one paper stays in train
 
 
-def recipe(**overrides) -> GenerateParams:
-    """The flagship generate params (params.yaml), with overrides."""
-    return build(GenerateParams, {**yaml.safe_load((ROOT / "params.yaml").read_text())["generate"], **overrides},
-                 "generate")
-
-
 def test_assemble_rows_failures_and_metrics_from_responses():
-    p = recipe(eval_size=15)
+    p = recipe(eval_size=15, eval_max_paper_share=0.5)  # 4 papers with facts: up to 2 in eval
     system, templates = load_templates(p.prompts, ROOT / "prompts")
     papers = fake_papers()[:4]
     dup = "10.22331/q-2099-01-01-1"  # the first paper's text again under another DOI: every question a duplicate
@@ -206,35 +151,6 @@ def test_assemble_rows_failures_and_metrics_from_responses():
     assert (m["prompt_tokens"], m["completion_tokens"]) == (100 * answered, 10 * answered)
     assert m["cost_usd"] == pytest.approx(answered * (100 * 10.0 + 10 * 30.0) / 1e6)
     assert m["this_run"] == {"api_requests": 9, "requests_from_cache": 1} and m["estimated_cost_usd"] == 0.5
-
-
-GOOD = '{"pairs": [{"question": "What is A?", "answer": "A is a."}]}'
-
-
-class ScriptedClient:
-    """Stands in for an AsyncOpenAI client: `chat.completions.create` plays a script (a reply or an exception per
-    call) and records each call's arguments."""
-
-    def __init__(self, *script) -> None:
-        self.script, self.calls = list(script), []
-        self.chat = SimpleNamespace(completions=self)
-
-    async def create(self, **kwargs):
-        self.calls.append(kwargs)
-        step = self.script.pop(0)
-        if isinstance(step, BaseException):
-            raise step
-        return step
-
-
-def reply(content: str, finish: str = "stop") -> SimpleNamespace:
-    return SimpleNamespace(id="chatcmpl-1", model=MODEL_ID, usage=SimpleNamespace(prompt_tokens=7, completion_tokens=3),
-                           choices=[SimpleNamespace(message=SimpleNamespace(content=content), finish_reason=finish)])
-
-
-def one_unit(p: GenerateParams):
-    system, templates = load_templates(p.prompts, ROOT / "prompts")
-    return build_units(fake_papers()[:1], templates, system, p, 1)[0]
 
 
 def test_requester_retries_bad_replies_then_caches_the_answer(tmp_path):
@@ -281,8 +197,11 @@ def test_requester_falls_back_when_the_endpoint_rejects_json_schema(tmp_path):
     responses, failures, stats = asyncio.run(requester.run(units))
     cache.close()
     assert units[0].key in responses and not failures and not requester.use_schema
-    assert "response_format" in client.calls[0] and "response_format" not in client.calls[1]
+    assert client.calls[0]["response_format"]["type"] == "json_schema"
+    assert client.calls[1]["response_format"] == {"type": "json_object"}  # the next mode down
     assert (stats.api_requests, stats.retries, dict(stats.errors)) == (2, 0, {})  # not counted as a retry
+    assert requester.summary()["response_format"] == "json_object"
+    assert "is not supported" in requester.summary()["response_format_refusals"][0]["reason"]
 
 
 def test_retry_delay_honours_retry_after_and_the_retry_limit():
@@ -330,7 +249,8 @@ def test_faulty_endpoint_every_paper_ends_with_pairs_or_a_reason(tmp_path, monke
     assert 20 <= len(evals) <= 45
     # each pair carries its provenance
     assert all(set(r) == {"question", "answer", "doi", "title", "published", "prompt_id", "model", "response_id",
-                          "chunk"} for r in train + evals)
+                          "chunk", "fact_id", "variant"} for r in train + evals)
+    assert all(r["variant"] == 0 for r in train + evals)  # augment_variants 1 here
     assert all(r["model"] == MODEL_ID and r["response_id"].startswith("chatcmpl-") for r in train)
     # cost = usage x price table
     p = params_of(ws)

@@ -6,20 +6,42 @@ Run from the repository (or workspace) root:
     python -m stages.generate --dry-run  # prints the request count and cost estimate, calls nothing, writes nothing
 
 Reads `params.yaml` (`generate:`, `base.seed`), `artifacts/scrape/papers.jsonl` and the prompt templates
-`prompts/system.txt` + `prompts/<id>.txt` for each id in `generate.prompts` (`{{n}}` = pairs per prompt, `{{paper}}` =
-the paper, delimited as untrusted data between `<paper>` and `</paper>`).
+`prompts/system.txt` (the system message of every request) + `prompts/<id>.txt` for each id in `generate.prompts`
+(`{{n}}` = pairs per prompt, `{{paper}}` = the paper, delimited as untrusted data between `<paper>` and `</paper>`),
+`prompts/augment.txt` (when `generate.augment_variants` > 1) and `prompts/paraphrase.txt` (when
+`generate.seen_questions` > 0), whose `{{pair}}` is one pair, delimited the same way.
+
+The run, in three rounds of requests through one client: (1) the QA templates write pairs; each kept pair is a *fact*
+(exact and near-duplicate questions across facts removed), split by paper into train and eval; (2) knowledge
+augmentation: one `augment` request per training fact asks for `augment_variants - 1` rewordings of it (question
+and answer reworded, numbers, names and terms kept); (3) "seen papers, new questions": for up to `seen_questions`
+training facts (a seeded sample, one fact per train paper in turn), one `paraphrase` request writes a new question
+for the fact's answer, kept only if its word-set Jaccard with every training question is < `seen_max_jaccard`.
 
 Writes (exactly the outs of the `generate` stage in dvc.yaml):
 - `artifacts/generate/train.jsonl`, `artifacts/generate/eval.jsonl`: one pair per line,
-  `{question, answer, doi, title, published, prompt_id, model, response_id, chunk}`; split by paper (no paper in
-  both), deterministic from `base.seed`, the eval split holding about `generate.eval_size` pairs; exact and
-  near-duplicate questions removed.
-- `artifacts/generate/failures.jsonl`: `{doi, title, prompt_id, chunk, reason, attempts}` for every request that still
-  failed after its retries (and every paper that could not be sent); the stage completes regardless.
+  `{question, answer, doi, title, published, prompt_id, model, response_id, chunk, fact_id, variant}`; `fact_id` =
+  the first 16 hex of sha256(doi + the fact's variant-0 question), `variant` 0 = the pair as first written, 1..K-1
+  its rewordings (prompt_id `augment`). Split by paper (no paper in both; a fact's variants stay together),
+  deterministic from `base.seed`, the eval split holding about `generate.eval_size` facts from at most
+  `generate.eval_max_paper_share` of the papers, variant 0 only.
+- `artifacts/generate/seen.jsonl` (always written, may be empty): one kept reworded question per line,
+  `{question, answer (the fact's variant-0 answer), doi, title, published, prompt_id: "paraphrase", model,
+  response_id, chunk, fact_id, variant: 0, source_question (the fact's variant-0 question)}`; never trained on.
+- `artifacts/generate/failures.jsonl`: `{doi, title, prompt_id, chunk, fact_id, reason, attempts}` for every request
+  that still failed after its retries (and every paper that could not be sent); a fact whose augment request failed
+  keeps its variant 0.
 - `cache/generate/responses.sqlite`: the response cache (SQLite, one fsync'd commit per response; DVC persists it),
-  keyed by (endpoint, model, template hash, paper content hash, sampling params): a rerun, or a resume after
-  `kill -9`, repeats no request that had been answered.
-- `metrics/generate.json`: requests, retries, failures, pairs, duplicates, token usage and cost (usage x price).
+  keyed by (endpoint, model, template hash, content hash, sampling params), for all three kinds of request: a
+  rerun, or a resume after `kill -9`, repeats no request that had been answered.
+- `metrics/generate.json`: requests, retries, failures, facts, variants, seen questions kept/dropped, pairs,
+  duplicates, token usage and cost (usage x price) per kind of request, the `response_format` the endpoint accepted.
+
+The `response_format` is negotiated once per endpoint: JSON schema, else `json_object`, else instructions only,
+whatever status code carries the refusal. The run stops with one line and a non-zero exit (outputs left as they
+were; answered requests cached) when `max_consecutive_failures` requests in a row fail with the same error
+(ConfigError when no retry can fix it, TransientError when the endpoint is down or keeps failing), and when it ends
+with 0 pairs (DataError).
 
 The API key is read from the environment only and is never written anywhere (not even in a failure reason).
 
@@ -36,6 +58,7 @@ import re
 SECTION = "generate"
 BASE_KEYS = ("seed",)
 SYSTEM_PROMPT = "system"  # prompts/system.txt: the system message of every request (not a template id)
+AUGMENT, PARAPHRASE = "augment", "paraphrase"  # prompts/<these>.txt: the fact-level templates (not QA template ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +78,12 @@ class GenerateParams:
     backoff_base_s: float       # exponential backoff with jitter: base * 2^attempt, capped
     backoff_max_s: float
     near_duplicate_jaccard: float  # questions whose word sets overlap this much are near-duplicates
-    eval_size: int              # ~pairs in the eval split (whole papers)
+    eval_size: int              # ~facts in the eval split (whole papers)
+    eval_max_paper_share: float  # ... from at most this share of the papers with facts
+    augment_variants: int       # K: each training fact in K differently-worded pairs (1 = off)
+    seen_questions: int         # training facts that get a reworded, never-trained question (0 = none)
+    seen_max_jaccard: float     # a reworded question is kept only below this word-set Jaccard with every train one
+    max_consecutive_failures: int  # circuit breaker: this many requests in a row failing alike stop the run
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
     max_cost_usd: float         # refuse to start when the estimate exceeds this; stop spending past it
@@ -67,15 +95,17 @@ class GenerateParams:
         if not self.prompts:
             raise ValueError("params: `generate.prompts` must name at least one template")
         for pid in self.prompts:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", pid) or pid == SYSTEM_PROMPT:
-                raise ValueError(f"params: `generate.prompts` entry {pid!r} must be a template id "
-                                 f"(lowercase letters, digits, - or _; not {SYSTEM_PROMPT!r})")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", pid) or pid in (SYSTEM_PROMPT, AUGMENT, PARAPHRASE):
+                raise ValueError(f"params: `generate.prompts` entry {pid!r} must be a QA template id "
+                                 f"(lowercase letters, digits, - or _; not {SYSTEM_PROMPT!r}, {AUGMENT!r} or "
+                                 f"{PARAPHRASE!r})")
         if len(set(self.prompts)) != len(self.prompts):
             raise ValueError("params: `generate.prompts` lists a template twice")
-        for name in ("pairs_per_prompt", "max_tokens", "concurrency"):
+        for name in ("pairs_per_prompt", "max_tokens", "concurrency", "augment_variants", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"params: `generate.{name}` must be at least 1")
-        for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "eval_size", "backoff_base_s",
+        for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "eval_size", "seen_questions",
+                     "backoff_base_s",
                      "backoff_max_s", "price_input_per_1m", "price_output_per_1m", "max_cost_usd", "temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"params: `generate.{name}` must not be negative")
@@ -83,6 +113,10 @@ class GenerateParams:
             raise ValueError("params: `generate.timeout_s` must be positive")
         if not 0 < self.near_duplicate_jaccard <= 1:
             raise ValueError("params: `generate.near_duplicate_jaccard` must be in (0, 1]")
+        if not 0 < self.seen_max_jaccard < 1:
+            raise ValueError("params: `generate.seen_max_jaccard` must be in (0, 1)")
+        if not 0 < self.eval_max_paper_share <= 1:
+            raise ValueError("params: `generate.eval_max_paper_share` must be in (0, 1]")
         if not re.match(r"https?://", self.base_url):
             raise ValueError("params: `generate.base_url` must be an http(s) URL")
 

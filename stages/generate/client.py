@@ -1,36 +1,48 @@
 """The request loop: every unit answered from the cache or the endpoint, within the rate limits, the concurrency
 and the budget, with bounded retries (exponential backoff with jitter, at least the server's Retry-After on 429).
 
-`Requester` holds one run's state; one method per concern: `attempt` (one request and what it came to),
-`retry_delay` (whether and how long to wait before the next try), `record_failure`, `answer` (the loop for one unit)
-and `run` (all units). openai is imported only when a request is made (`--dry-run` and `--help` stay light).
+`Requester` holds one run's state, across the rounds of a run (QA, augment, paraphrase: `run` once per round); one
+method per concern: `attempt` (one request and what it came to), `settle` (the response_format, negotiated once per
+endpoint and remembered for the run: JSON schema, else json_object, else instructions only; a request the endpoint
+refused is resent at once in the next mode, not counted as a retry), `retry_delay`, `record_failure` (and the circuit breaker: `max_consecutive_failures` requests in a row failing with
+the same error stop the run), `answer` (the loop for one unit) and `run` (all units). openai is imported only when a
+request is made (`--dry-run` and `--help` stay light).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-from qrb.errors import ConfigError
+from qrb.errors import ConfigError, QrbError, TransientError
 
 from . import GenerateParams
 from .cache import ResponseCache
+from .outcomes import FORMAT_MODES, Outcome, RunStats, error_kind, scrub, status_outcome
 from .replies import PAIR_SCHEMA, parse_pairs
-from .units import Unit, cost_usd, failure_row
+from .units import Unit, unit_failure
 
 log = logging.getLogger(__name__)
 
-RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "qa_pairs", "strict": True, "schema": PAIR_SCHEMA}}
+RESPONSE_FORMATS: dict[str, dict[str, Any] | None] = {
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "qa_pairs", "strict": True, "schema": PAIR_SCHEMA}},
+    "json_object": {"type": "json_object"},  # the system prompt says "JSON" (OpenAI requires it for this mode)
+    "none": None,                            # instructions only; the tolerant parser reads the reply
+}
+RESPONSE_FORMAT = RESPONSE_FORMATS["json_schema"]
 
 
 class FatalError(ConfigError):
     """An error no retry can fix (bad key, unknown model): the run stops, outputs untouched."""
+
+
+class BreakerError(TransientError):
+    """The endpoint is down or keeps failing: the same error on many requests in a row."""
 
 
 class RateLimiter:
@@ -59,64 +71,12 @@ class RateLimiter:
                 await asyncio.sleep(max(self.events[0][0] + 60 - now, 0.01))
 
 
-@dataclasses.dataclass
-class RunStats:
-    api_requests: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0       # billed this run, failed attempts included
-    completion_tokens: int = 0
-    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def cost(self, p: GenerateParams) -> float:
-        return cost_usd(self.prompt_tokens, self.completion_tokens, p)
-
-    def summary(self, p: GenerateParams) -> dict[str, Any]:
-        """This run's own counters (the `this_run` metrics, less what the cache answered)."""
-        return {"api_requests": self.api_requests, "retries": self.retries, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost(p), 6),
-                "errors": dict(sorted(self.errors.items()))}
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What one attempt came to: a reply to keep (`value`), or why not."""
-
-    value: dict[str, Any] | None = None
-    reason: str = ""
-    final: bool = False           # no retry can help (400, auth, unknown model): stop trying this unit
-    again: bool = False           # try again at once, not counted as a retry (the JSON-schema fallback)
-    rate_limited: bool = False    # HTTP 429: wait at least `retry_after` (when the server named one)
-    retry_after: float | None = None
-
-
-def error_kind(reason: str) -> str:
-    """The key a failure reason is counted under in the metrics: its text before any detail."""
-    return reason.split(":")[0].split(" (")[0]
-
-
-def _retry_after(exc: Any) -> float | None:
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        if headers.get("retry-after-ms"):
-            return float(headers["retry-after-ms"]) / 1000
-        if headers.get("retry-after"):
-            return float(headers["retry-after"])
-    except (TypeError, ValueError):
-        pass
-    return None
-
-
-def _scrub(text: Any, secret: str | None) -> str:
-    text = " ".join(str(text).split())[:300]
-    return text.replace(secret, "***") if secret else text
-
-
 Progress = Callable[[Unit, "dict[str, Any] | None", RunStats], None]
 
 
 class Requester:
-    """One run of requests (`await Requester(...).run(units)`): the shared semaphore, rate limiter, jitter RNG
-    (seeded), stats, and the answers and failures so far."""
+    """One run of requests (`await Requester(...).run(units)`, once per round): the shared semaphore, rate limiter,
+    jitter RNG (seeded), stats, the response_format mode, the circuit breaker, and the answers and failures so far."""
 
     def __init__(self, p: GenerateParams, seed: int, client: Any, cache: ResponseCache, secret: str | None = None,
                  progress: Progress | None = None) -> None:
@@ -127,9 +87,16 @@ class Requester:
         self.stats = RunStats()
         self.responses: dict[str, dict[str, Any]] = {}
         self.failures: list[dict[str, Any]] = []
-        self.use_schema = True        # until the endpoint rejects JSON-schema response_format
-        self.fatal: list[str] = []    # the first is the reason the run stops
+        self.mode = FORMAT_MODES[0]   # the response_format sent; moves down the list on the endpoint's refusal
+        self.refusals: list[dict[str, str]] = []
+        self.stopped: list[QrbError] = []  # the first is the reason the run stops
+        self.streak: tuple[str, int] = ("", 0)  # the breaker: (error kind, requests in a row that ended with it)
+        self.attempt_streak: tuple[str, int] = ("", 0)  # ... and attempts in a row failing alike (endpoint down)
         self.preloaded: dict[str, dict[str, Any]] = {}
+
+    @property
+    def use_schema(self) -> bool:
+        return self.mode == "json_schema"
 
     def backoff(self, attempt: int) -> float:
         d = min(self.p.backoff_max_s, self.p.backoff_base_s * 2 ** attempt)
@@ -137,46 +104,48 @@ class Requester:
 
     def stop_reason(self) -> str | None:
         """Why no further request may be sent (the run stopped, or the budget is spent), or None."""
-        if self.fatal:
-            return "run stopped: " + self.fatal[0]
+        if self.stopped:
+            return "run stopped: " + str(self.stopped[0])
         if self.p.max_cost_usd and self.stats.cost(self.p) > self.p.max_cost_usd:
             return f"budget exhausted: spent ${self.stats.cost(self.p):.4f} > generate.max_cost_usd"
         return None
+
+    def settle(self, outcome: Outcome, mode_sent: str) -> Outcome:
+        """On a refusal of the mode in use, move down the response_format list, once for the run (the requests in
+        flight with the same mode, refused too, are only resent), and resend."""
+        if not outcome.refused_format:
+            return outcome
+        if mode_sent == self.mode and self.mode != FORMAT_MODES[-1]:
+            self.mode = FORMAT_MODES[FORMAT_MODES.index(self.mode) + 1]
+            self.refusals.append({"response_format": mode_sent, "reason": outcome.reason})
+            log.warning("generate: %s; falling back to response_format %s", outcome.reason, self.mode)
+        return Outcome(again=True)
 
     async def attempt(self, unit: Unit) -> Outcome:
         """One request (the caller holds a concurrency slot) and what it came to."""
         import openai
 
         p = self.p
+        mode_sent = self.mode
         self.stats.api_requests += 1
-        kwargs: dict[str, Any] = {"response_format": RESPONSE_FORMAT} if self.use_schema else {}
+        fmt = RESPONSE_FORMATS[mode_sent]
+        kwargs: dict[str, Any] = {"response_format": fmt} if fmt else {}
         try:
             resp = await self.client.chat.completions.create(
                 model=p.model, messages=unit.messages, temperature=p.temperature,
                 max_tokens=p.max_tokens, seed=self.seed, timeout=p.timeout_s, **kwargs)
-        except openai.RateLimitError as e:
-            return Outcome(reason="HTTP 429 rate limited", rate_limited=True, retry_after=_retry_after(e))
         except openai.APITimeoutError:
-            return Outcome(reason=f"timed out after {p.timeout_s:g} s")
+            return self.settle(Outcome(reason=f"timed out after {p.timeout_s:g} s", transient=True), mode_sent)
         except openai.APIConnectionError as e:
-            return Outcome(reason=f"connection error: {_scrub(e, self.secret)}")
-        except openai.InternalServerError as e:
-            return Outcome(reason=f"HTTP {e.status_code} server error")
-        except openai.BadRequestError as e:
-            msg = str(e).lower()
-            if self.use_schema and ("response_format" in msg or "json_schema" in msg):
-                log.warning("generate: the endpoint rejects JSON-schema response_format; "
-                            "falling back to prompt-only JSON and the tolerant parser")
-                self.use_schema = False
-                return Outcome(again=True)
-            return Outcome(reason=f"HTTP 400 bad request: {_scrub(e, self.secret)}", final=True)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-            self.fatal.append(f"HTTP {e.status_code} from the endpoint: {_scrub(e, self.secret)}")
-            return Outcome(reason="run stopped: " + self.fatal[0], final=True)
+            return self.settle(Outcome(reason=f"connection error: {scrub(e, self.secret)}", transient=True),
+                               mode_sent)
         except openai.APIStatusError as e:
-            return Outcome(reason=f"HTTP {e.status_code}: {_scrub(e, self.secret)}",
-                           final=e.status_code < 500 and e.status_code not in (408, 409))
-        return self.read_reply(resp)
+            outcome = self.settle(status_outcome(e, mode_sent, self.secret), mode_sent)
+            if outcome.fatal:
+                self.stopped.append(FatalError(outcome.reason))
+                return Outcome(reason="run stopped: " + outcome.reason, final=True)
+            return outcome
+        return self.settle(self.read_reply(resp), mode_sent)
 
     def read_reply(self, resp: Any) -> Outcome:
         """Bill the usage; keep the reply if it holds pairs and was not cut off."""
@@ -204,56 +173,94 @@ class Requester:
             return None
         return delay if delay is not None else self.backoff(attempt)
 
-    def record_failure(self, unit: Unit, attempts: int, reason: str) -> None:
-        self.failures.append(failure_row(unit.doi, unit.title, reason, prompt_id=unit.prompt_id, chunk=unit.chunk,
-                                         attempts=attempts))
+    def record_failure(self, unit: Unit, attempts: int, outcome: Outcome) -> None:
+        """A unit that ended without a reply; the same error on `max_consecutive_failures` units in a row stops the
+        run (a ConfigError when no retry could fix it, a TransientError when the endpoint is down or failing)."""
+        self.failures.append(unit_failure(unit, outcome.reason, attempts))
+        if self.stopped or not attempts or outcome.reason.startswith(("run stopped", "budget exhausted")):
+            return
+        kind = error_kind(outcome.reason)
+        n = self.streak[1] + 1 if self.streak[0] == kind else 1
+        self.streak = (kind, n)
+        if n >= self.p.max_consecutive_failures:
+            what = (f"{n} requests in a row failed with the same error (generate.max_consecutive_failures): "
+                    f"{outcome.reason}")
+            self.stopped.append(BreakerError(what + "; the endpoint is down or keeps failing") if outcome.transient
+                                else ConfigError(what))
+
+    def count_attempt(self, outcome: Outcome) -> None:
+        """An endpoint that is down fails every attempt of every request while their retries interleave: the same
+        transient error (429 aside: rate limits are waited out) on K requests' worth of attempts in a row (K x (1 +
+        max_retries)) stops the run before every request has burnt its retries."""
+        if not outcome.transient or outcome.rate_limited or self.stopped:
+            return
+        kind = error_kind(outcome.reason)
+        n = self.attempt_streak[1] + 1 if self.attempt_streak[0] == kind else 1
+        self.attempt_streak = (kind, n)
+        if n >= self.p.max_consecutive_failures * (1 + self.p.max_retries):
+            self.stopped.append(BreakerError(f"{n} attempts in a row failed with the same error "
+                                             f"(generate.max_consecutive_failures x (1 + max_retries)): "
+                                             f"{outcome.reason}; the endpoint is down or keeps failing"))
 
     async def answer(self, unit: Unit) -> None:
         """Answer one unit from the cache or the endpoint, or record why it could not be."""
         if unit.key in self.preloaded:
             self.responses[unit.key] = self.preloaded[unit.key]
             return
-        reason, attempts, attempt = "not attempted", 0, 0
+        outcome, attempts, attempt = Outcome(reason="not attempted"), 0, 0
         while attempt <= self.p.max_retries:
             stop = self.stop_reason()
             if stop:
-                reason = stop
+                outcome = Outcome(reason=stop)
                 break
             await self.limiter.acquire(unit.est_prompt_tokens + self.p.max_tokens)
             async with self.sem:
+                stop = self.stop_reason()  # again: the run may have stopped while this unit waited for a slot
+                if stop:
+                    outcome = Outcome(reason=stop)
+                    break
                 attempts += 1
                 outcome = await self.attempt(unit)
                 if outcome.value is not None:
+                    self.streak = self.attempt_streak = ("", 0)  # the endpoint answered
                     await self.cache.aput(unit, outcome.value)  # durable before the request counts as done
                     self.responses[unit.key] = outcome.value
                     return
+                self.count_attempt(outcome)
             if outcome.again:
+                attempts -= 1  # a request the response_format refused is resent at once, not counted
                 continue
-            reason = outcome.reason
             if outcome.final:
                 break
-            self.stats.errors[error_kind(reason)] += 1
+            self.stats.errors[error_kind(outcome.reason)] += 1
             delay = self.retry_delay(outcome, attempt)
             attempt += 1
             if delay is not None:
                 self.stats.retries += 1
                 await asyncio.sleep(delay)
-        self.record_failure(unit, attempts, reason)
+        self.record_failure(unit, attempts, outcome)
 
-    async def _tracked(self, unit: Unit) -> None:
+    async def _tracked(self, unit: Unit, progress: Progress | None) -> None:
         try:
             await self.answer(unit)
         finally:
-            if self.progress is not None:
-                self.progress(unit, self.responses.get(unit.key), self.stats)
+            if progress is not None:
+                progress(unit, self.responses.get(unit.key), self.stats)
 
-    async def run(self, units: list[Unit]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], RunStats]:
-        """Answer every unit. Returns (responses by key, failure rows, stats); raises FatalError if the run stopped."""
+    async def run(self, units: list[Unit], progress: Progress | None = None
+                  ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], RunStats]:
+        """Answer every unit. Returns (responses by key, failure rows, stats), accumulated over this requester's
+        rounds; raises the QrbError that stopped the run (FatalError, the breaker's) if one did."""
         self.preloaded = self.cache.get_many({u.key for u in units})
-        await asyncio.gather(*(self._tracked(u) for u in units))
-        if self.fatal:
-            raise FatalError(self.fatal[0])
+        await asyncio.gather(*(self._tracked(u, progress or self.progress) for u in units))
+        if self.stopped:
+            raise self.stopped[0]
         return self.responses, self.failures, self.stats
+
+    def summary(self) -> dict[str, Any]:
+        """This run's counters and the response_format the endpoint took (None: nothing was sent)."""
+        return {**self.stats.summary(self.p), "response_format": self.mode if self.stats.api_requests else None,
+                "response_format_refusals": list(self.refusals)}
 
 
 async def run_requests(units: list[Unit], p: GenerateParams, seed: int, client: Any, cache: ResponseCache,

@@ -1,5 +1,6 @@
-"""The generate stage's I/O (see `stages.generate`): papers + templates -> units -> cost check -> requests through the
-cache and the endpoint -> `assemble` -> the files dvc.yaml declares. `--dry-run` stops after the cost estimate."""
+"""The generate stage's I/O (see `stages.generate`): papers + templates -> QA units -> cost check -> three rounds of
+requests through the cache and the endpoint (QA; augment the training facts; paraphrase a sample of them) ->
+`assemble` -> the files dvc.yaml declares. `--dry-run` stops after the cost estimate."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qrb.errors import ConfigError, DataError
+from qrb.errors import ConfigError, DataError, QrbError
 from qrb.io import read_jsonl, write_json, write_jsonl
 from qrb.stage import run_stage
 
-from . import BASE_KEYS, PARAMS_CLASS, SECTION, SYSTEM_PROMPT, GenerateParams
-from .assemble import assemble
+from . import AUGMENT, BASE_KEYS, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
+from .assemble import Assembled, assemble, collect_facts, with_variants
 from .cache import ResponseCache
-from .client import FatalError, RunStats, run_requests
+from .client import Requester
+from .facts import augment_units, paraphrase_units, seen_sample
+from .outcomes import RunStats, error_kind
+from .plan import describe, plan, total
 from .replies import parse_pairs
-from .units import Unit, build_units, cost_usd, estimate
+from .units import Unit, build_units, cost_usd
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ PAPERS = Path("artifacts/scrape/papers.jsonl")
 PROMPTS_DIR = Path("prompts")
 OUT_DIR = Path("artifacts/generate")
 TRAIN, EVAL, FAILURES = OUT_DIR / "train.jsonl", OUT_DIR / "eval.jsonl", OUT_DIR / "failures.jsonl"
+SEEN = OUT_DIR / "seen.jsonl"
 CACHE_DIR = Path("cache/generate")
 CACHE_DB = CACHE_DIR / "responses.sqlite"
 METRICS = Path("metrics/generate.json")
@@ -43,18 +48,29 @@ def load_papers(path: Path = PAPERS) -> list[dict[str, Any]]:
     return sorted(papers, key=lambda r: (r.get("doi") or "", r.get("url") or ""))
 
 
-def load_templates(prompt_ids: tuple[str, ...], folder: Path = PROMPTS_DIR) -> tuple[str, dict[str, str]]:
-    def read(pid: str) -> str:
-        path = folder / f"{pid}.txt"
-        if not path.exists():
-            raise ConfigError(f"prompt template {path} not found (listed in generate.prompts)")
-        return path.read_text(encoding="utf-8").strip()
+def _read(folder: Path, pid: str, placeholder: str, why: str) -> str:
+    path = folder / f"{pid}.txt"
+    if not path.exists():
+        raise ConfigError(f"prompt template {path} not found ({why})")
+    text = path.read_text(encoding="utf-8").strip()
+    if placeholder and placeholder not in text:
+        raise ConfigError(f"{path} has no {placeholder} placeholder")
+    return text
 
-    templates = {pid: read(pid) for pid in prompt_ids}
-    for pid, text in templates.items():
-        if "{{paper}}" not in text:
-            raise ConfigError(f"{folder / (pid + '.txt')} has no {{{{paper}}}} placeholder")
-    return read(SYSTEM_PROMPT), templates
+
+def load_templates(prompt_ids: tuple[str, ...], folder: Path = PROMPTS_DIR) -> tuple[str, dict[str, str]]:
+    templates = {pid: _read(folder, pid, "{{paper}}", "listed in generate.prompts") for pid in prompt_ids}
+    return _read(folder, SYSTEM_PROMPT, "", "the system prompt of every request"), templates
+
+
+def load_fact_templates(p: GenerateParams, folder: Path = PROMPTS_DIR) -> dict[str, str]:
+    """The augment template when `augment_variants` > 1, the paraphrase template when `seen_questions` > 0."""
+    out = {}
+    if p.augment_variants > 1:
+        out[AUGMENT] = _read(folder, AUGMENT, "{{pair}}", "generate.augment_variants > 1")
+    if p.seen_questions > 0:
+        out[PARAPHRASE] = _read(folder, PARAPHRASE, "{{pair}}", "generate.seen_questions > 0")
+    return out
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -62,25 +78,27 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 class ProgressBar:
-    """A tqdm bar over papers (on stderr): pairs, tokens and cost of the dataset so far, cached replies included."""
+    """A tqdm bar (on stderr) over one round's papers (QA) or facts: pairs, tokens and cost of the dataset so far,
+    cached replies included."""
 
-    def __init__(self, units: list[Unit], p: GenerateParams) -> None:
+    def __init__(self, units: list[Unit], p: GenerateParams, desc: str, per_reply: int) -> None:
         from tqdm import tqdm
 
-        self.p = p
-        self.bar = tqdm(total=len({u.doi for u in units}), unit="paper", desc="generate", file=sys.stderr,
-                        dynamic_ncols=True, mininterval=0.5)
-        self.left = collections.Counter(u.doi for u in units)
+        self.p, self.per_reply = p, per_reply
+        self.group = (lambda u: u.doi) if desc == "generate" else (lambda u: u.fact_id)
+        self.left = collections.Counter(self.group(u) for u in units)
+        self.bar = tqdm(total=len(self.left), unit="paper" if desc == "generate" else "fact", desc=desc,
+                        file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         self.pairs, self.tokens, self.cost = 0, 0, 0.0
 
     def __call__(self, unit: Unit, value: dict[str, Any] | None, stats: RunStats) -> None:
         p = self.p
         if value is not None:
-            self.pairs += min(len(parse_pairs(value["content"])), p.pairs_per_prompt)
+            self.pairs += min(len(parse_pairs(value["content"])), self.per_reply)
             self.tokens += value["prompt_tokens"] + value["completion_tokens"]
             self.cost += cost_usd(value["prompt_tokens"], value["completion_tokens"], p)
-        self.left[unit.doi] -= 1
-        if self.left[unit.doi] == 0:
+        self.left[self.group(unit)] -= 1
+        if self.left[self.group(unit)] == 0:
             self.bar.update(1)
         self.bar.set_postfix(pairs=self.pairs, tokens=self.tokens, cost=f"${self.cost:.4f}",
                              spent_now=f"${stats.cost(p):.4f}", refresh=False)
@@ -89,22 +107,54 @@ class ProgressBar:
         self.bar.close()
 
 
+async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, seed: int, system: str,
+                  fact_templates: dict[str, str]) -> tuple[list[Unit], list[Unit]]:
+    """The QA round, then the augment and paraphrase rounds built from its facts. Returns (augment, paraphrase)."""
+    async def one(round_units: list[Unit], desc: str, per_reply: int) -> None:
+        bar = ProgressBar(round_units, p, desc, per_reply)
+        try:
+            await requester.run(round_units, bar)
+        finally:
+            bar.close()
+
+    await one(units, "generate", p.pairs_per_prompt)
+    facts = collect_facts(units, requester.responses, p, seed)
+    aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
+    if aug:
+        await one(aug, AUGMENT, p.augment_variants - 1)
+    para: list[Unit] = []
+    if p.seen_questions > 0:
+        train, _ = with_variants(facts, aug, requester.responses, p)
+        para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train, fact_templates[PARAPHRASE],
+                                system, p, seed)
+        await one(para, PARAPHRASE, 1)
+    return aug, para
+
+
+def _no_pairs(out: Assembled) -> DataError:
+    reasons = collections.Counter(error_kind(f["reason"]) for f in out.failures)
+    top = "; ".join(f"{k} x{n}" for k, n in reasons.most_common(2))
+    example = next((f["reason"] for f in out.failures if f["reason"].startswith(reasons.most_common(1)[0][0])), "") \
+        if reasons else ""
+    m = out.metrics
+    return DataError(f"0 pairs from {m['papers']} papers ({m['requests_failed']} of {m['requests']} requests failed"
+                     + (f"; most often: {top}; e.g. {example}" if reasons else "") + "); outputs left as they were")
+
+
 def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> None:
     for noisy in ("httpx", "httpcore", "openai", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     seed = base["seed"]
     papers = load_papers()
     system, templates = load_templates(p.prompts)
+    fact_templates = load_fact_templates(p)
     units, paper_failures = build_units(papers, templates, system, p, seed)
 
     cache = ResponseCache(CACHE_DB) if not args.dry_run or CACHE_DB.exists() else None
     cached = cache.keys() if cache else set()
-    est = estimate(units, cached, p)
-    summary = (f"generate: {len(papers)} papers x {len(p.prompts)} prompts -> {est['requests']} requests "
-               f"({est['requests_cached']} cached, {est['requests_to_send']} to send) to {p.model}; "
-               f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens = "
-               f"${est['est_cost_usd']:.4f} (worst case at max_tokens ${est['worst_case_cost_usd']:.4f}); "
-               f"limit generate.max_cost_usd = ${p.max_cost_usd:.4f}")
+    rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates)
+    est = total(rounds)
+    summary = describe(rounds, p, len(papers))
     if args.dry_run:
         print(summary)
         if cache:
@@ -114,7 +164,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     if est["est_cost_usd"] > p.max_cost_usd:
         cache.close()
         raise ConfigError(f"estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
-                          f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts")
+                          f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts/variants")
     secret = os.environ.get(p.api_key_env) or None
     if est["requests_to_send"] and not secret:
         cache.close()
@@ -123,27 +173,32 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
 
     from openai import AsyncOpenAI
 
-    bar = ProgressBar(units, p)
     client = AsyncOpenAI(base_url=p.base_url, api_key=secret or "unused", max_retries=0, timeout=p.timeout_s)
+    requester = Requester(p, seed, client, cache, secret)
     try:
-        responses, failures, stats = asyncio.run(run_requests(units, p, seed, client, cache, secret, bar))
-    except FatalError as e:
-        raise FatalError(f"{e} (outputs left as they were; answered requests are cached)") from None
+        aug, para = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates))
+    except QrbError as e:
+        raise type(e)(f"{e} (outputs left as they were; answered requests are cached)") from None
     finally:
-        bar.close()
         cache.close()
 
-    out = assemble(units, responses, paper_failures + failures, p, seed, n_papers=len(papers), cached=cached,
-                   this_run=stats.summary(p), estimated_cost_usd=est["est_cost_usd"])
+    out = assemble(units, requester.responses, paper_failures + requester.failures, p, seed, n_papers=len(papers),
+                   cached=cached, this_run=requester.summary(), estimated_cost_usd=est["est_cost_usd"],
+                   augment=aug, paraphrase=para)
+    if not out.train and not out.eval:
+        raise _no_pairs(out)
     write_jsonl(TRAIN, out.train)
     write_jsonl(EVAL, out.eval)
+    write_jsonl(SEEN, out.seen)
     write_jsonl(FAILURES, out.failures)
     write_json(METRICS, out.metrics)
     m = out.metrics
-    log.info("generate: %d pairs (%d train / %d eval) from %d of %d papers; %d duplicates removed; %d failed "
-             "requests; %d tokens, $%.4f", m["pairs"], m["train_pairs"], m["eval_pairs"], m["papers_with_pairs"],
-             m["papers"], m["duplicates_exact"] + m["duplicates_near"], m["requests_failed"], m["total_tokens"],
-             m["cost_usd"])
+    log.info("generate: %d facts (%d train / %d eval) from %d of %d papers; %d training pairs with %d variants; "
+             "%d seen questions kept, %d dropped as near-duplicates; %d duplicates removed; %d failed requests; "
+             "%d tokens, $%.4f; response_format %s", m["facts"], m["train_facts"], m["eval_facts"],
+             m["papers_with_pairs"], m["papers"], m["train_pairs"], m["variants"], m["seen_kept"],
+             m["seen_dropped_near_duplicate"], m["duplicates_exact"] + m["duplicates_near"], m["requests_failed"],
+             m["total_tokens"], m["cost_usd"], m["this_run"]["response_format"])
 
 
 def main(argv: list[str] | None = None) -> None:

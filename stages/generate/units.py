@@ -1,6 +1,7 @@
 """The requests to make: one `Unit` per (paper, chunk, template), its cache key, and what the run will cost.
 
-Pure: papers + templates + params in, units (and the papers that cannot be sent, as failure rows) out.
+Pure: papers + templates + params in, units (and the papers that cannot be sent, as failure rows) out. The
+fact-level requests (augment, paraphrase) are built by `facts` from the same `Unit`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,28 @@ class Unit:
     messages: list[dict[str, str]]
     key: str                  # cache key
     est_prompt_tokens: int
+    est_completion_tokens: int
+    fact_id: str | None = None  # the fact an augment or paraphrase request is about (None: a QA request)
 
 
 def failure_row(doi: str | None, title: str, reason: str, *, prompt_id: str | None = None, chunk: int | None = None,
-                attempts: int = 0) -> dict[str, Any]:
-    """A failures.jsonl row; a paper-level failure (no request sent) has no prompt_id, no chunk, 0 attempts."""
-    return {"doi": doi, "title": title, "prompt_id": prompt_id, "chunk": chunk, "attempts": attempts, "reason": reason}
+                attempts: int = 0, fact_id: str | None = None) -> dict[str, Any]:
+    """A failures.jsonl row; a paper-level failure (no request sent) has no prompt_id, no chunk, 0 attempts; only an
+    augment or paraphrase request has a fact_id."""
+    return {"doi": doi, "title": title, "prompt_id": prompt_id, "chunk": chunk, "fact_id": fact_id,
+            "attempts": attempts, "reason": reason}
+
+
+def unit_failure(unit: Unit, reason: str, attempts: int) -> dict[str, Any]:
+    return failure_row(unit.doi, unit.title, reason, prompt_id=unit.prompt_id, chunk=unit.chunk, attempts=attempts,
+                       fact_id=unit.fact_id)
+
+
+def cache_key(p: GenerateParams, system: str, template: str, content: str, sampling: dict[str, Any]) -> str:
+    """What a reply depends on: endpoint, model, the template (with the system prompt), the content, sampling."""
+    return _hash(json.dumps({"endpoint": p.base_url.rstrip("/"), "model": p.model,
+                             "template": _hash(system + "\x00" + template), "paper": _hash(content),
+                             "sampling": sampling}, sort_keys=True))
 
 
 def _hash(text: str) -> str:
@@ -48,31 +65,32 @@ def est_tokens(text: str) -> int:
 _DELIM = re.compile(r"<\s*/?\s*paper\s*>", re.I)
 
 
-def _clean(text: Any) -> str:
+def clean(text: Any) -> str:
+    """One line of text that cannot open or close a `<paper>` block."""
     return _DELIM.sub("[paper]", " ".join(str(text or "").split()))
 
 
 def paper_chunks(paper: dict[str, Any]) -> list[str]:
     """The texts sent for a paper: chunk 0 is the abstract; full text (if scraped) follows in ~CHUNK_CHARS pieces."""
-    chunks = [_clean(paper.get("abstract"))] if (paper.get("abstract") or "").strip() else []
+    chunks = [clean(paper.get("abstract"))] if (paper.get("abstract") or "").strip() else []
     full = paper.get("full_text")
     if isinstance(full, str) and full.strip():
         paras, cur = [p for p in re.split(r"\n\s*\n", full) if p.strip()], ""
         for para in paras:
             if cur and len(cur) + len(para) > CHUNK_CHARS:
-                chunks.append(_clean(cur))
+                chunks.append(clean(cur))
                 cur = ""
             cur += para + "\n\n"
         if cur.strip():
-            chunks.append(_clean(cur))
+            chunks.append(clean(cur))
     return chunks
 
 
 def render_paper(paper: dict[str, Any], chunk: int, text: str, n_chunks: int) -> str:
     label = "Abstract" if chunk == 0 else "Text"
-    lines = ["<paper>", f"Title: {_clean(paper.get('title'))}", f"DOI: {_clean(paper.get('doi'))}"]
+    lines = ["<paper>", f"Title: {clean(paper.get('title'))}", f"DOI: {clean(paper.get('doi'))}"]
     if paper.get("published"):
-        lines.append(f"Published: {_clean(paper.get('published'))}")
+        lines.append(f"Published: {clean(paper.get('published'))}")
     if chunk:
         lines.append(f"Part: {chunk} of {n_chunks - 1} of the full text")
     lines += [f"{label}:", text, "</paper>"]
@@ -85,9 +103,9 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
     units, failures = [], []
     sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": p.pairs_per_prompt,
                 "seed": seed}
-    endpoint = p.base_url.rstrip("/")
+    est_out = min(p.max_tokens, p.pairs_per_prompt * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     for paper in papers:
-        doi, title = paper.get("doi"), _clean(paper.get("title"))
+        doi, title = paper.get("doi"), clean(paper.get("title"))
         if not doi:
             failures.append(failure_row(doi, title, f"paper has no DOI ({paper.get('url')})"))
             continue
@@ -100,11 +118,9 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
             for pid in p.prompts:
                 template = templates[pid]
                 user = template.replace("{{n}}", str(p.pairs_per_prompt)).replace("{{paper}}", block)
-                key = _hash(json.dumps({"endpoint": endpoint, "model": p.model,
-                                        "template": _hash(system + "\x00" + template), "paper": _hash(block),
-                                        "sampling": sampling}, sort_keys=True))
                 units.append(Unit(doi=doi, title=title, published=paper.get("published"), prompt_id=pid,
-                                  chunk=ci, key=key, est_prompt_tokens=est_tokens(system + user) + 8,
+                                  chunk=ci, key=cache_key(p, system, template, block, sampling),
+                                  est_prompt_tokens=est_tokens(system + user) + 8, est_completion_tokens=est_out,
                                   messages=[{"role": "system", "content": system},
                                             {"role": "user", "content": user}]))
     return units, failures
@@ -118,7 +134,7 @@ def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str
     """Requests (cached / to send) and their estimated cost, before anything is sent."""
     todo = [u for u in units if u.key not in cached]
     pt = sum(u.est_prompt_tokens for u in todo)
-    ct = len(todo) * min(p.max_tokens, p.pairs_per_prompt * EST_OUTPUT_TOKENS_PER_PAIR + 20)
+    ct = sum(u.est_completion_tokens for u in todo)
     worst = len(todo) * p.max_tokens
     return {"requests": len(units), "requests_cached": len(units) - len(todo), "requests_to_send": len(todo),
             "est_prompt_tokens": pt, "est_completion_tokens": ct,

@@ -13,16 +13,21 @@ It speaks the chat-completions wire format the openai SDK parses (`POST /v1/chat
 and writes question/answer pairs *deterministically and extractively* from the paper that the generate stage
 delimits in the user message (`<paper> ... </paper>` with `Title:` and `Abstract:` lines): the answers are
 sentences of the abstract, the questions name the paper's title and a phrase of the answer sentence, and their
-wording depends on the prompt's `Question focus:` line. Every reply is labelled: model id `qrb-smoke-extractive`
-and a `system_fingerprint` saying that it is a smoke-test endpoint.
+wording depends on the prompt's `Question focus:` line. A `Task: augment` prompt (prompts/augment.txt) gets K-1
+rewordings of the pair it carries, a `Task: paraphrase` prompt (prompts/paraphrase.txt) one new question for the
+pair's answer, both deterministic. Every reply is labelled: model id `qrb-smoke-extractive` and a
+`system_fingerprint` saying that it is a smoke-test endpoint.
 
-The parts: `writer` (the pure extractive QA writing), `completions` (request body -> chat.completion object, JSON
-schema or fenced JSON), `server` (HTTP routes, API key, injectable faults and latency, `serve_smoke_endpoint`, `main`).
+The parts: `writer` (the pure extractive QA writing), `rewriter` (the pure augment and paraphrase writing),
+`completions` (request body -> chat.completion object, JSON schema or fenced JSON), `server` (HTTP routes, API key,
+injectable faults and latency, a server that refuses a response_format, `serve_smoke_endpoint`, `main`).
 """
 
 from .completions import FINGERPRINT, MODEL_ID, completion
+from .rewriter import augment_variants, paraphrase_question
 from .server import BANNER, Faults, SmokeEndpoint, main, serve_smoke_endpoint
 from .writer import extractive_pairs, parse_user_message, split_sentences
 
-__all__ = ["BANNER", "FINGERPRINT", "MODEL_ID", "Faults", "SmokeEndpoint", "completion", "extractive_pairs", "main",
-           "parse_user_message", "serve_smoke_endpoint", "split_sentences"]
+__all__ = ["BANNER", "FINGERPRINT", "MODEL_ID", "Faults", "SmokeEndpoint", "augment_variants", "completion",
+           "extractive_pairs", "main", "paraphrase_question", "parse_user_message", "serve_smoke_endpoint",
+           "split_sentences"]

@@ -2,6 +2,10 @@
 same body gives the same reply, `created` aside). Every reply is labelled: model id `qrb-smoke-extractive` and a
 `system_fingerprint` saying that it is a smoke-test endpoint.
 
+The user message's `Task:` line picks the writer: none (the QA templates) = extractive pairs from the paper;
+`Task: augment` = rewordings of the pair it carries; `Task: paraphrase` = one new question for the pair's answer
+(`rewriter`).
+
 `response_format` with a JSON schema is honoured (the content is JSON matching the schema); without it the JSON
 comes inside a Markdown code fence after a line of prose, as some endpoints do, to exercise tolerant parsers.
 """
@@ -11,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from typing import Any
 
+from .rewriter import augment_variants, paraphrase_question, parse_fact_block
 from .writer import extractive_pairs, parse_user_message
 
 MODEL_ID = "qrb-smoke-extractive"
@@ -35,13 +41,35 @@ def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
+_TASK = re.compile(r"^Task:\s*([a-z_]+)", re.M | re.I)
+
+
+def task_of(user: str) -> str:
+    """`augment`, `paraphrase` or `qa` (no `Task:` line)."""
+    m = _TASK.search(user)
+    return m.group(1).lower() if m else "qa"
+
+
+def write_pairs(user: str) -> list[dict[str, str]]:
+    """The pairs the user message asks for, by its task."""
+    task = task_of(user)
+    req = parse_user_message(user)
+    if task in ("augment", "paraphrase"):
+        fact = parse_fact_block(user)
+        title, question, answer = str(fact["title"]), str(fact["question"]), str(fact["answer"])
+        if task == "augment":
+            return augment_variants(title, question, answer, req["n"])
+        asked = [str(q) for q in fact["asked"]] or [question]  # type: ignore[union-attr]
+        return [{"question": paraphrase_question(title, answer, asked), "answer": answer}] if answer else []
+    return extractive_pairs(req["title"], req["abstract"], req["focus"], req["n"])
+
+
 def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]:
     """A chat.completion object for a request body (deterministic in the body)."""
     messages = body.get("messages") or []
     user = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
     prompt_text = "\n".join(str(m.get("content", "")) for m in messages)
-    req = parse_user_message(user)
-    pairs = extractive_pairs(req["title"], req["abstract"], req["focus"], req["n"])
+    pairs = write_pairs(user)
     rf = body.get("response_format")
     payload = json.dumps({_array_key(rf): pairs}, ensure_ascii=False)
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):

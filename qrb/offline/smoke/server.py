@@ -1,10 +1,12 @@
 """The smoke endpoint's HTTP server: routes (`POST /v1/chat/completions`, `GET /v1/models`), the API-key check,
 injectable faults, `SmokeEndpoint` / `serve_smoke_endpoint` for tests and `main` for the command line.
 
-Faults and latency are injectable (`Faults`): rates of 429 (with Retry-After), 500, stalls (the reply comes after
-`stall_s`, past a client's timeout), invalid JSON content and truncated replies (`finish_reason: "length"`). The
-draw for each request is seeded and depends only on the request body and how many times that same body was seen,
-so a run's faults do not depend on thread scheduling.
+Faults and latency are injectable (`Faults`): rates of 429 (with Retry-After), 500, 400 (a bad request no retry can
+fix), stalls (the reply comes after `stall_s`, past a client's timeout), invalid JSON content and truncated replies
+(`finish_reason: "length"`). The draw for each request is seeded and depends only on the request body and how many
+times that same body was seen, so a run's faults do not depend on thread scheduling. `refuse_formats` plays a server
+that does not support some `response_format` types: it answers them with `refuse_status` and `refuse_message` (by
+default as llama-cpp-python answers `json_schema`: HTTP 500, "Input should be 'text' or 'json_object'").
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from .completions import MODEL_ID, completion
 
 log = logging.getLogger(__name__)
 
+# what llama-cpp-python's server answers (HTTP 500) to `response_format: {"type": "json_schema", ...}`
+LLAMA_CPP_REFUSAL = ("1 validation error for CreateChatCompletionRequest response_format.type Input should be 'text' "
+                     "or 'json_object' [type=literal_error, input_value='json_schema', input_type=str]")
+BAD_REQUEST = "Invalid 'max_tokens': the request exceeds this model's context (injected by the smoke endpoint)."
+
 BANNER = ("qrb smoke endpoint: an OpenAI-compatible SMOKE-TEST stand-in. It is NOT a language model: it copies "
           "sentences of the paper's abstract into question/answer pairs (model id %s).")
 
@@ -44,10 +51,15 @@ class Faults:
     stall_s: float = 5.0            # a stalled reply comes after this long
     rate_invalid_json: float = 0.0
     rate_truncated: float = 0.0
+    rate_400: float = 0.0
     seed: int = 0
+    refuse_formats: tuple[str, ...] = ()   # response_format types this server rejects (e.g. ("json_schema",))
+    refuse_status: int = 500
+    refuse_message: str = LLAMA_CPP_REFUSAL
 
     def __post_init__(self) -> None:
-        total = self.rate_429 + self.rate_500 + self.rate_stall + self.rate_invalid_json + self.rate_truncated
+        total = (self.rate_429 + self.rate_500 + self.rate_stall + self.rate_invalid_json + self.rate_truncated
+                 + self.rate_400)
         if total > 1.0 + 1e-9:
             raise ValueError(f"smoke endpoint: fault rates sum to {total:.2f} > 1")
 
@@ -56,7 +68,8 @@ class Faults:
         h = hashlib.sha256(f"{self.seed}:{occurrence}:".encode() + body).digest()
         u = int.from_bytes(h[:8], "big") / 2**64
         for name, rate in (("429", self.rate_429), ("500", self.rate_500), ("stall", self.rate_stall),
-                           ("invalid_json", self.rate_invalid_json), ("truncated", self.rate_truncated)):
+                           ("invalid_json", self.rate_invalid_json), ("truncated", self.rate_truncated),
+                           ("400", self.rate_400)):
             if u < rate:
                 return name
             u -= rate
@@ -69,7 +82,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class SmokeEndpoint:
-    """A running smoke endpoint: `.base_url` (ends in /v1), `.requests` (one dict per request seen)."""
+    """A running smoke endpoint: `.base_url` (ends in /v1), `.requests` (one dict per request seen: n, method, path,
+    fault, time, and the `response_format` type of a chat-completions request)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
                  api_key: str | None = None) -> None:
@@ -178,6 +192,14 @@ class SmokeEndpoint:
             return self._send(h, 404, self._error(
                 f"The model `{body.get('model')}` does not exist; this smoke endpoint serves `{MODEL_ID}`.",
                 "invalid_request_error", "model_not_found"))
+        rf = body.get("response_format")
+        with self._lock:
+            record["response_format"] = rf.get("type") if isinstance(rf, dict) else None
+        if isinstance(rf, dict) and rf.get("type") in self.faults.refuse_formats:
+            return self._send(h, self.faults.refuse_status, self._error(self.faults.refuse_message,
+                                                                        "invalid_request_error"))
+        if fault == "400":
+            return self._send(h, 400, self._error(BAD_REQUEST, "invalid_request_error", "invalid_value"))
         if fault == "429":
             ra = self.faults.retry_after_s
             return self._send(h, 429, self._error("Rate limit reached (injected by the smoke endpoint).",
@@ -206,16 +228,21 @@ def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str 
 def main(argv: list[str] | None = None) -> None:
     import qrb.offline.smoke
 
-    ap = argparse.ArgumentParser(prog="python -m qrb.offline.smoke",
+    ap = argparse.ArgumentParser(prog="qrb smoke-endpoint",
                                  description=qrb.offline.smoke.__doc__.split("\n\n")[0])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8732)
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8732, help="port (default 8732, what profiles/tiny.yaml names)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
-    for name in ("429", "500", "stall", "invalid_json", "truncated"):
-        ap.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
-    ap.add_argument("--stall-s", type=float, default=5.0)
-    ap.add_argument("--retry-after-s", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
+    for name in ("429", "500", "400", "stall", "invalid_json", "truncated"):
+        ap.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}",
+                        metavar="P", help=f"fraction of requests answered with the fault {name!r} (default 0)")
+    ap.add_argument("--stall-s", type=float, default=5.0, help="a stalled reply comes after this long (default 5)")
+    ap.add_argument("--retry-after-s", type=float, default=0.05, help="the Retry-After a 429 sends (default 0.05)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
+    ap.add_argument("--refuse-format", action="append", default=[], choices=("json_schema", "json_object"),
+                    help="answer this response_format type with --refuse-status (repeatable)")
+    ap.add_argument("--refuse-status", type=int, default=500, help="HTTP status of a refusal (default 500)")
+    ap.add_argument("--refuse-message", default=LLAMA_CPP_REFUSAL, help="error message of a refusal (llama.cpp's)")
     ap.add_argument("--quiet", action="store_true", help="don't log each request")
     args = ap.parse_args(argv)
     setup_logging()
@@ -224,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).warning(BANNER, MODEL_ID)
     faults = Faults(latency_s=args.latency, rate_429=args.rate_429, rate_500=args.rate_500,
                     rate_stall=args.rate_stall, stall_s=args.stall_s, rate_invalid_json=args.rate_invalid_json,
-                    rate_truncated=args.rate_truncated, retry_after_s=args.retry_after_s, seed=args.seed)
+                    rate_truncated=args.rate_truncated, rate_400=args.rate_400, retry_after_s=args.retry_after_s,
+                    seed=args.seed, refuse_formats=tuple(args.refuse_format), refuse_status=args.refuse_status,
+                    refuse_message=args.refuse_message)
     try:
         ep = SmokeEndpoint(host=args.host, port=args.port, faults=faults).start()
     except OSError as e:

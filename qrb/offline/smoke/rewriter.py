@@ -1,0 +1,151 @@
+"""Deterministic rewordings for the smoke endpoint's `Task: augment` and `Task: paraphrase` prompts (pure; NOT a
+language model).
+
+- `augment_variants`: K-1 rewordings of one question/answer pair. Each question names the title and the key phrase
+  of the answer (with the aspect the original question asked for: the result on, the method for, ...) in a wording
+  that no QA stem (`writer._STEMS`) uses and no other variant uses; 2 of every 5 pairs of
+  a fact (variant 0 counted) get a reworded answer ("The paper reports that ...", "In \"<title>\", ...") that keeps
+  every number, name and term of the sentence (only the lead-in and first-person pronouns change).
+- `paraphrase_question`: one new question for a pair's answer, in a wording that shares (almost) no word with the QA
+  stems or the augment stems, so that a word-set Jaccard check against the training questions passes for typical
+  titles; it names the title and a phrase of the answer that the questions already asked do not contain, where the
+  answer has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .writer import _STEMS, _key_phrase, _short_title
+
+AUGMENT_STEMS = (
+    "What do we learn about {k} from \"{t}\"?",
+    "Which claim about {k} appears in \"{t}\"?",
+    "Can you summarise the statement on {k} made in \"{t}\"?",
+    "Considering \"{t}\", what holds for {k}?",
+    "What information does \"{t}\" give on {k}?",
+    "What is the key point about {k} in \"{t}\"?",
+    "From \"{t}\", what should one know about {k}?",
+    "What does \"{t}\" tell us concerning {k}?",
+    "Which statement does \"{t}\" make on {k}?",
+    "What is written about {k} in the article \"{t}\"?",
+    "Regarding \"{t}\", what is established for {k}?",
+    "Could you state what \"{t}\" concludes on {k}?",
+    "What is the takeaway on {k} in \"{t}\"?",
+    "Per \"{t}\", what is true of {k}?",
+    "What does the work \"{t}\" put forward on {k}?",
+    "In \"{t}\", how is {k} summed up?",
+    "What conclusion on {k} is drawn in \"{t}\"?",
+    "What do the results of \"{t}\" indicate on {k}?",
+    "Which point does \"{t}\" raise on {k}?",
+    "What should a reader of \"{t}\" remember on {k}?",
+)
+# words that no QA stem and no augment stem uses (checked by the tests), so a seen question differs in its wording
+PARAPHRASE_STEMS = (
+    "Briefly, where do the findings of \"{t}\" stand with respect to {k}?",
+    "Explain {k}, as covered by \"{t}\"?",
+    "Any insight into {k} offered by \"{t}\"?",
+    "Give me the gist of {k}, going by \"{t}\"?",
+)
+# the aspect a QA question of each focus asks about, kept in its rewordings: facts of one paper that share an answer
+# sentence (asked by different QA prompts) then get different rewordings, as a language model's would be
+_ASPECTS = {"factual": "{k}", "results": "the result on {k}", "methods": "the method for {k}",
+            "novelty": "the advance on {k}", "definitions": "the notion of {k}"}
+_FOCUS_OF = [(focus, re.compile(re.escape(stem).replace(re.escape("{t}"), ".+").replace(re.escape("{k}"), ".+")))
+             for focus, stems in _STEMS.items() for stem in stems]
+_LEADS = ("The paper reports that {s}", "In \"{t}\", {s}")
+_PRONOUNS = ((r"\bWe\b", "the authors"), (r"\bwe\b", "the authors"), (r"\bOur\b", "their"), (r"\bour\b", "their"),
+             (r"\bus\b", "them"), (r"\bourselves\b", "themselves"))
+_SOFT_FIRST = {"the", "a", "an", "this", "these", "those", "here", "in", "for", "using", "we", "our", "it", "its",
+               "there", "such", "both", "each", "to", "by", "with", "as", "on", "at", "from", "when", "while"}
+
+
+def _digest(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
+
+
+def _third_person(sentence: str) -> str:
+    for pattern, repl in _PRONOUNS:
+        sentence = re.sub(pattern, repl, sentence)
+    return sentence
+
+
+_OPENER = re.compile(r"^(?:in this (?:work|paper|article|letter)|here|in this manuscript)\s*,?\s+", re.I)
+
+
+def reword_answer(answer: str, title: str, which: int) -> str:
+    """The answer with a lead-in and in the third person; its numbers, names and terms are kept as written."""
+    s = _third_person(_OPENER.sub("", answer.strip()))
+    first = s.split(" ", 1)[0]
+    if first.lower() in _SOFT_FIRST:  # lower-case a common first word only: names and acronyms stay as they are
+        s = s[0].lower() + s[1:]
+    return _LEADS[which % len(_LEADS)].format(s=s, t=_short_title(title))
+
+
+def focus_of(question: str) -> str:
+    """The QA focus whose stem worded `question` (`factual` when none did)."""
+    return next((focus for focus, pattern in _FOCUS_OF if pattern.fullmatch(question)), "factual")
+
+
+def augment_variants(title: str, question: str, answer: str, n: int) -> list[dict[str, str]]:
+    """`n` rewordings (variants 1..n) of a pair; answers of variants 2 and 4 of every 5 are reworded."""
+    t = _short_title(title or "the untitled paper")
+    focus = focus_of(question)
+    k = _ASPECTS[focus].format(k=_key_phrase(answer) or _key_phrase(question) or "its main claim")
+    # facts of one paper start at different stems; those sharing an answer (one per focus) at disjoint runs of n
+    start = (_digest(t, answer) + list(_ASPECTS).index(focus) * n) % len(AUGMENT_STEMS)
+    out: list[dict[str, str]] = []
+    seen = {question.lower()}
+    for j in range(len(AUGMENT_STEMS)):
+        if len(out) >= n:
+            break
+        q = AUGMENT_STEMS[(start + j) % len(AUGMENT_STEMS)].format(t=t, k=k)
+        if q.lower() in seen:
+            continue
+        seen.add(q.lower())
+        variant = len(out) + 1
+        a = reword_answer(answer, title, variant % 5 // 4) if variant % 5 in (2, 4) else answer
+        out.append({"question": q, "answer": a})
+    return out
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[^\W_]+", text.lower()))
+
+
+def paraphrase_question(title: str, answer: str, asked: list[str]) -> str:
+    """A new question for `answer`, worded unlike the questions already `asked` of it."""
+    t = _short_title(title or "the untitled paper")
+    asked_words = set().union(*(_words(q) for q in asked)) if asked else set()
+    k = _key_phrase(answer) or "its main claim"
+    # prefer a phrase of the answer that the asked questions do not name (a real paraphrase names the fact anew)
+    for candidate in _phrases(answer):
+        if candidate and len(_words(candidate) - asked_words) >= 2 and candidate.lower() != k.lower():
+            k = candidate
+            break
+    return PARAPHRASE_STEMS[_digest(t, answer) % len(PARAPHRASE_STEMS)].format(t=t, k=k)
+
+
+def _phrases(sentence: str) -> list[str]:
+    """Key phrases of the sentence's clauses, first clause first."""
+    parts = [p for p in re.split(r"[,;:]| and | which | that | by | with | for ", sentence) if len(p.split()) >= 2]
+    return [_key_phrase(p) for p in parts]
+
+
+_LINE = re.compile(r"^(Title|Question|Answer|Asked):[ \t]*(.*)$", re.M)
+_BLOCK = re.compile(r"<paper>\s*(.*?)\s*</paper>", re.S | re.I)
+
+
+def parse_fact_block(text: str) -> dict[str, object]:
+    """The pair an augment or paraphrase prompt carries (its last `<paper>` block): title, question, answer, and
+    the questions already asked of it (`Asked:` lines)."""
+    blocks = list(_BLOCK.finditer(text))
+    block = blocks[-1].group(1) if blocks else text
+    out: dict[str, object] = {"title": "", "question": "", "answer": "", "asked": []}
+    for key, value in _LINE.findall(block):
+        if key == "Asked":
+            out["asked"].append(value.strip())  # type: ignore[union-attr]
+        else:
+            out[key.lower()] = value.strip()
+    return out

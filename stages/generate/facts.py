@@ -1,0 +1,139 @@
+"""Knowledge augmentation and "seen papers, new questions", pure: the fact-level requests (one `augment` request per
+training fact, one `paraphrase` request per sampled fact), and what their replies become (the variants of a fact;
+the reworded questions that pass the word-set Jaccard check against every training question)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+import re
+from typing import Any
+
+from qrb.schema import QAPair
+
+from . import AUGMENT, PARAPHRASE, GenerateParams
+from .replies import parse_pairs
+from .text import norm_words, word_set
+from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cache_key, clean, est_tokens
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def fact_id(doi: str, question: str) -> str:
+    """A fact's id: the first 16 hex of sha256(doi + its variant-0 question)."""
+    return hashlib.sha256((doi + question).encode("utf-8")).hexdigest()[:16]
+
+
+def fact_block(fact: dict[str, Any], asked: list[str] | None = None) -> str:
+    """The pair a fact-level request carries, delimited as untrusted data like a paper. `asked`: the paraphrase
+    request's questions already asked of the fact (else the augment request's one question)."""
+    lines = ["<paper>", f"Title: {clean(fact['title'])}", f"DOI: {clean(fact['doi'])}"]
+    if fact.get("published"):
+        lines.append(f"Published: {clean(fact['published'])}")
+    if asked is None:
+        lines.append(f"Question: {clean(fact['question'])}")
+    lines.append(f"Answer: {clean(fact['answer'])}")
+    lines += [f"Asked: {clean(q)}" for q in asked or ()]
+    lines.append("</paper>")
+    return "\n".join(lines)
+
+
+def _unit(fact: dict[str, Any], prompt_id: str, block: str, template: str, system: str, p: GenerateParams,
+          seed: int, n: int) -> Unit:
+    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": n, "seed": seed}
+    user = template.replace("{{n}}", str(n)).replace("{{pair}}", block)
+    return Unit(doi=fact["doi"], title=fact["title"], published=fact["published"], prompt_id=prompt_id,
+                chunk=fact["chunk"], key=cache_key(p, system, template, block, sampling),
+                est_prompt_tokens=est_tokens(system + user) + 8,
+                est_completion_tokens=min(p.max_tokens, n * EST_OUTPUT_TOKENS_PER_PAIR + 20),
+                fact_id=fact["fact_id"],
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+
+
+def augment_units(facts: list[dict[str, Any]], template: str, system: str, p: GenerateParams,
+                  seed: int) -> list[Unit]:
+    """One request per fact for its K-1 rewordings (none when `augment_variants` is 1)."""
+    if p.augment_variants <= 1:
+        return []
+    return [_unit(f, AUGMENT, fact_block(f), template, system, p, seed, p.augment_variants - 1) for f in facts]
+
+
+def variants_of(fact: dict[str, Any], value: dict[str, Any], p: GenerateParams) -> tuple[list[dict[str, Any]],
+                                                                                          collections.Counter]:
+    """The fact's variants 1..K-1 from its augment reply: a wording already used for the fact is skipped, and so is
+    a variant whose answer lost a number of the fact's answer (a rewording must keep the facts)."""
+    counts: collections.Counter = collections.Counter()
+    used = {" ".join(norm_words(fact["question"]))}
+    numbers = set(_NUMBER.findall(fact["answer"]))
+    out: list[dict[str, Any]] = []
+    for pair in parse_pairs(value["content"]):
+        if len(out) >= p.augment_variants - 1:
+            break
+        norm = " ".join(norm_words(pair["question"]))
+        if norm in used:
+            counts["variants_repeated"] += 1
+            continue
+        if not numbers <= set(_NUMBER.findall(pair["answer"])):
+            counts["variants_lost_facts"] += 1
+            continue
+        used.add(norm)
+        out.append(QAPair(question=pair["question"], answer=pair["answer"], doi=fact["doi"], title=fact["title"],
+                          published=fact["published"], prompt_id=AUGMENT, model=value["model"],
+                          response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
+                          variant=len(out) + 1).record())
+    return out, counts
+
+
+def seen_sample(train_facts: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `n` training facts, seeded: the train papers in a shuffled order, one fact of each in turn (so the set
+    spans as many papers as it can), in the facts' own order within a paper."""
+    by_paper: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for f in train_facts:
+        by_paper[f["doi"]].append(f)
+    papers = sorted(by_paper)
+    random.Random(f"seen:{seed}").shuffle(papers)
+    out: list[dict[str, Any]] = []
+    depth = 0
+    while len(out) < n and any(len(by_paper[d]) > depth for d in papers):
+        out += [by_paper[d][depth] for d in papers if len(by_paper[d]) > depth][:n - len(out)]
+        depth += 1
+    return out
+
+
+def paraphrase_units(sample: list[dict[str, Any]], train: list[dict[str, Any]], template: str, system: str,
+                     p: GenerateParams, seed: int) -> list[Unit]:
+    """One request per sampled fact for a new question; it lists every training question of the fact."""
+    asked: dict[str, list[str]] = collections.defaultdict(list)
+    for r in train:
+        asked[r["fact_id"]].append(r["question"])
+    return [_unit(f, PARAPHRASE, fact_block(f, asked[f["fact_id"]] or [f["question"]]), template, system, p, seed, 1)
+            for f in sample]
+
+
+def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: dict[str, dict[str, Any]],
+              train: list[dict[str, Any]], max_jaccard: float) -> tuple[list[dict[str, Any]], int]:
+    """The kept reworded questions (seen.jsonl rows) and how many were dropped: a question is kept only if its
+    word-set Jaccard with every training question (all facts, all variants) is below `max_jaccard`."""
+    train_sets = [word_set(r["question"]) for r in train]
+    kept: list[dict[str, Any]] = []
+    dropped = 0
+    for unit in units:
+        value = responses.get(unit.key)
+        if value is None:
+            continue
+        pairs = parse_pairs(value["content"])
+        fact = facts[unit.fact_id]
+        question = pairs[0]["question"] if pairs else ""
+        words = word_set(question)
+        # |A & B| / |A | B| >= t needs t|A| <= |B| <= |A|/t: only those sizes can be too close
+        lo, hi = max_jaccard * len(words), len(words) / max_jaccard
+        if any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= max_jaccard for s in train_sets):
+            dropped += 1
+            continue
+        row = QAPair(question=question, answer=fact["answer"], doi=fact["doi"], title=fact["title"],
+                     published=fact["published"], prompt_id=PARAPHRASE, model=value["model"],
+                     response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
+                     variant=0).record()
+        kept.append({**row, "source_question": fact["question"]})
+    return kept, dropped
