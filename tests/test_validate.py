@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -78,6 +79,11 @@ def key_phrase(sentence: str, used: set[str]) -> str:
     return k
 
 
+def fact_id(doi: str, question: str) -> str:
+    """As generate names a fact: the first 16 hex of sha256(doi + its variant-0 question)."""
+    return hashlib.sha256((doi + question).encode("utf-8")).hexdigest()[:16]
+
+
 def clean_pairs(papers: list[dict]) -> list[dict]:
     """One pair per abstract sentence: the answer is the sentence, the question names the title and a phrase."""
     out = []
@@ -85,10 +91,11 @@ def clean_pairs(papers: list[dict]) -> list[dict]:
         used: set[str] = set()
         title = " ".join(paper["title"].split())
         for i, s in enumerate(sentences(paper["abstract"])):
-            out.append({"question": TEMPLATES[i % 3].format(t=title, k=key_phrase(s, used)), "answer": s,
-                        "doi": paper["doi"], "title": title, "published": paper["published"],
-                        "prompt_id": PROMPTS[i % 3], "model": "qrb-test-fixture",
-                        "response_id": f"fx-{paper['doi']}-{i}", "chunk": 0})
+            q = TEMPLATES[i % 3].format(t=title, k=key_phrase(s, used))
+            out.append({"question": q, "answer": s, "doi": paper["doi"], "title": title,
+                        "published": paper["published"], "prompt_id": PROMPTS[i % 3], "model": "qrb-test-fixture",
+                        "response_id": f"fx-{paper['doi']}-{i}", "chunk": 0, "fact_id": fact_id(paper["doi"], q),
+                        "variant": 0})
     return out
 
 
@@ -123,6 +130,7 @@ def _fresh(train: list[dict], doi: str, n: int, tag: str) -> dict:
     row = by_doi(train, doi, n)
     row["question"] = f'Which statement ({tag}) does the paper "{row["title"]}" make about its main result?'
     row["response_id"] = f"bad-{tag}"
+    row["fact_id"] = fact_id(row["doi"], row["question"])
     return row
 
 
@@ -302,7 +310,8 @@ def test_smoke_endpoint_pairs_from_the_whole_corpus_pass(papers):
             for qa in extractive_pairs(p["title"], p["abstract"], prompt, 3):
                 pairs.append({**qa, "doi": p["doi"], "title": " ".join(p["title"].split()),
                               "published": p["published"], "prompt_id": prompt, "model": "qrb-smoke-extractive",
-                              "response_id": f"chatcmpl-smoke-{p['doi']}-{prompt}", "chunk": 0})
+                              "response_id": f"chatcmpl-smoke-{p['doi']}-{prompt}", "chunk": 0,
+                              "fact_id": fact_id(p["doi"], qa["question"]), "variant": 0})
     eval_dois = {p["doi"] for p in papers[-4:]}
     outcome = validate([r for r in pairs if r["doi"] not in eval_dois], [r for r in pairs if r["doi"] in eval_dois],
                        papers, P)
@@ -356,6 +365,7 @@ def test_one_paper_dominating_train_closes_the_gate(splits, papers):
     for i in range(120):  # many more (distinct, valid) pairs of one paper
         row = by_doi(train, PDE, i % 5)
         row["question"] = f'What does the paper "{row["title"]}" state in variant {i} of its claims?'
+        row["fact_id"] = fact_id(row["doi"], row["question"])                 # a new fact each
         extra.append(row)
     outcome = validate(train + extra, eval_, papers, P)
     assert failed_checks(outcome) == {"max_paper_share"}
@@ -393,7 +403,7 @@ def test_module_import_is_light():
 # ---------------------------------------------------------------------------------------------------------------
 # The stage as a subprocess in a workspace
 
-def make_workspace(root: Path, papers: list[dict], train: list, eval_: list, **overrides) -> Path:
+def make_workspace(root: Path, papers: list[dict], train: list, eval_: list, seen: list = (), **overrides) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = {"base": params["base"], "validate": {**dataclasses.asdict(P), **overrides}}
@@ -401,6 +411,7 @@ def make_workspace(root: Path, papers: list[dict], train: list, eval_: list, **o
     write_jsonl(root / "artifacts/scrape/papers.jsonl", papers)
     write_jsonl(root / "artifacts/generate/train.jsonl", train)
     write_jsonl(root / "artifacts/generate/eval.jsonl", eval_)
+    write_jsonl(root / "artifacts/generate/seen.jsonl", list(seen))   # generate always writes it, maybe empty
     return root
 
 
@@ -446,7 +457,7 @@ def test_stage_under_threshold_passes_quarantines_and_writes_every_output(tmp_pa
         assert f"<code>{reason}</code>" in failed
     assert "<code>not_english</code>" not in failed
     gx_pages = list((ws / "reports/data_docs/validations").rglob("*.html"))
-    assert len(gx_pages) == 2 and (ws / "reports/data_docs/gx_index.html").exists()
+    assert len(gx_pages) == 3 and (ws / "reports/data_docs/gx_index.html").exists()    # rows, seen, dataset
     row_page = next(pg for pg in gx_pages if ROW_SUITE in str(pg)).read_text()
     assert "no prompt, template or chat-format fragments" in row_page and "train:43" in row_page
     assert not list(ws.glob("reports/.*")) and not list(out.glob(".*"))     # no temp folders left
@@ -502,6 +513,34 @@ def test_stage_bad_input_is_a_one_line_error(tmp_path, splits, papers):
     r = run_stage(ws2)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "validate.max_answer_chars" in r.stderr
     assert not (ws2 / "artifacts/validate").exists()
+
+
+def test_stage_with_an_empty_eval_split_writes_a_dataset_that_loads_back(tmp_path, splits, papers):
+    """Issue 13: `min_eval_rows: 0` and no eval pairs passed the gate, then crashed with IndexError at the split."""
+    train, _ = splits
+    ws = make_workspace(tmp_path, papers, train, [], min_eval_rows=0)
+    r = run_stage(ws)
+    assert r.returncode == 0, r.stderr
+    assert "gate PASSED" in r.stderr and "Traceback" not in r.stderr
+    import datasets
+
+    dd = datasets.load_from_disk(str(ws / "artifacts/validate/dataset"))
+    assert (dd["train"].num_rows, dd["eval"].num_rows) == (len(train), 0)
+    assert dd["eval"].features == dd["train"].features
+    assert (ws / "artifacts/validate/eval.jsonl").read_text() == ""
+    assert json.loads((ws / "metrics/validate.json").read_text())["rows_out"]["eval"] == 0
+
+
+def test_stage_with_no_rows_at_all_is_a_data_error_with_a_summary(tmp_path, papers):
+    """Nothing to train on is never a passing gate: `min_rows` is at least 1 (0 is a params error)."""
+    ws = make_workspace(tmp_path, papers, [], [], min_rows=1, min_eval_rows=0)
+    r = run_stage(ws)
+    assert r.returncode == 65 and "Traceback" not in r.stderr
+    assert "gate FAILED" in r.stderr and "min_rows: observed 0" in r.stderr
+    assert not (ws / "artifacts/validate/dataset").exists()
+    ws0 = make_workspace(tmp_path / "ws0", papers, [], [], min_rows=0, min_eval_rows=0)
+    r = run_stage(ws0)
+    assert r.returncode == 78 and "validate.min_rows" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ inputs, no corpus. The whole stage (core and subprocess) is tested in tests/test
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import subprocess
 import sys
@@ -38,9 +39,14 @@ PAPER = {"doi": DOI, "title": TITLE, "published": "2024-10-23",
                      "The weak Euler method needs fewer qubits than the exact simulation."}
 
 
+_FACTS = itertools.count()
+
+
 def pair(question: str, answer: str, doi: str = DOI, **extra) -> dict:
+    """A pair as generate writes it; each is a fact of its own (variant 0) unless `fact_id`/`variant` say else."""
     return {"question": question, "answer": answer, "doi": doi, "title": TITLE, "published": "2024-10-23",
-            "prompt_id": "factual", "model": "m", "response_id": f"r-{question}", "chunk": 0, **extra}
+            "prompt_id": "factual", "model": "m", "response_id": f"r-{question}", "chunk": 0,
+            "fact_id": f"fact-{next(_FACTS)}", "variant": 0, **extra}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,3 +206,32 @@ def test_every_part_imports_light():
     code = ("import sys, stages.validate.run, stages.validate.text; heavy = [m for m in ('great_expectations', "
             "'datasets', 'torch', 'sentence_transformers', 'pandas') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+
+
+def test_save_dataset_writes_an_empty_eval_split_that_loads_back(tmp_path):
+    """Issue 13: an empty eval split (allowed by `min_eval_rows: 0`) crashed with IndexError at the split
+    (datasets 5.2's `select(range(n, n))` on n rows), and a 0-row split was saved with no shard at all, which
+    `load_from_disk` cannot read back."""
+    import datasets
+
+    from stages.validate.run import save_dataset
+
+    train = [pair("First question here?", "First answer."), pair("Second question here?", "Second answer.")]
+    save_dataset(train, [], tmp_path / "dataset")
+    dd = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert (dd["train"].num_rows, dd["eval"].num_rows) == (2, 0)
+    assert dd["eval"].features == dd["train"].features                        # same columns, same types
+    assert dd["train"].to_dict()["question"] == ["First question here?", "Second question here?"]
+
+
+def test_save_dataset_with_no_rows_at_all_loads_back_with_the_schema_columns(tmp_path):
+    import datasets
+
+    from qrb.schema import PAIR_FIELDS
+    from stages.validate.run import save_dataset
+
+    save_dataset([], [], tmp_path / "dataset")
+    dd = datasets.load_from_disk(str(tmp_path / "dataset"))
+    assert (dd["train"].num_rows, dd["eval"].num_rows) == (0, 0)
+    assert dd["train"].column_names == list(PAIR_FIELDS)
+    assert dd["train"].features["chunk"].dtype == "int64" and dd["eval"].features["question"].dtype == "string"

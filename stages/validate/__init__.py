@@ -6,36 +6,49 @@ Reads
   params.yaml `validate:`            thresholds (see `ValidateParams`)
   artifacts/scrape/papers.jsonl      the papers (title + abstract are what answers must be grounded in)
   artifacts/generate/train.jsonl     pairs: question, answer, doi, title, published, prompt_id, model,
-  artifacts/generate/eval.jsonl      response_id, chunk (split by paper)
+  artifacts/generate/eval.jsonl      response_id, chunk, fact_id, variant (split by paper; a fact's K variants
+                                     are K wordings of one fact, in the same split)
+  artifacts/generate/seen.jsonl      "seen papers, new questions": reworded questions about training facts, never
+                                     trained on (the pair fields + source_question; may be empty)
 
 Checks (great-expectations 1.x, ephemeral context, analytics off; one suite per level, each run through a
 validation definition and a checkpoint whose action builds Data Docs)
   rows     required fields and types; non-empty; length bounds; a question is a question; unique questions (exact
-           and normalised, the first one is kept); no refusals/boilerplate; no leaked prompt, JSON or markup; English;
+           and normalised, the first one is kept; variants of one fact may share words, so rows of the same
+           fact_id are never duplicates of each other; the seen split is de-duplicated within itself); no
+           refusals/boilerplate; no leaked prompt, JSON or markup; English;
            DOI format; provenance present; the paper is known and the title matches it; the answer is grounded in the
            paper (token overlap, and MiniLM similarity when `min_similarity` > 0); the question names what it asks
            about instead of leaning on "this paper"/"the text"; the answer does not just repeat the question.
-  dataset  failure rate <= max_fail_rate; clean train rows >= min_rows; clean eval rows >= min_eval_rows and
-           <= max_eval_fraction of the clean rows; no paper above max_paper_share of clean train rows; no paper in
-           both splits.
+  seen     (seen rows, after the row checks) the fact has a clean training pair of the same paper; the question
+           is no exact or near duplicate of a clean training question (any fact, any variant).
+  dataset  (train + eval only) failure rate <= max_fail_rate; clean train facts >= min_rows; clean eval rows >=
+           min_eval_rows; eval facts <= max_eval_fraction of the clean facts; no paper above max_paper_share of
+           the clean train facts; no paper in both splits. A fact counts once however many variants it has (rows
+           without a fact_id count one each), so the gate means the same with and without augmentation.
 
 Writes
   artifacts/validate/quarantine.jsonl  one line per failing row: {split, line, row_id, reasons, scores, row}
   artifacts/validate/dataset           passing rows as a `datasets.DatasetDict` (splits "train", "eval";
   artifacts/validate/train.jsonl       the input pairs' columns), and the same rows as JSON Lines, in input order
   artifacts/validate/eval.jsonl
+  artifacts/validate/seen.jsonl        the seen rows that passed (not in the dataset: evaluate scores them)
   reports/data_docs/                   Data Docs: open index.html (summary of what failed, links to GX's pages)
-  metrics/validate.json                rows in/out, failures per expectation, dataset checks (DVC metrics)
+  metrics/validate.json                rows in/out, failures per expectation, dataset checks; `seen`: the same
+                                       counts for the seen split (DVC metrics)
 
 Gate: when a dataset-level expectation fails (the failure rate above `max_fail_rate` is one of them) the stage
-prints a short summary (counts per reason, a few examples) to stderr and exits 65 (a data error) without writing the clean
-dataset, so `dvc repro` stops before train. Quarantine, metrics and Data Docs are written either way.
+prints a short summary (counts per reason, a few examples) to stderr and exits 65 (a data error) without writing
+the clean dataset (nor seen.jsonl), so `dvc repro` stops before train. Quarantine (every split's failing rows),
+metrics and Data Docs are written either way. A failing seen row never closes the gate: the seen set is scored,
+not trained on.
 """
 
 # The parts, each readable and testable on its own (this module stays light: no great-expectations, datasets or
 # torch import, so `--help` and tests/test_params.py import it cheaply):
 #   text      pure text checks and the pattern lists (normalisation, stems, English, is-a-question, names-its-paper)
-#   features  the computed columns the suites check (per row: grounding, MiniLM similarity; per dataset row)
+#   features  the computed columns the suites check (per row: grounding, MiniLM similarity; per seen row; per
+#             dataset row)
 #   suite     the expectation lists built from params, and the great-expectations runner
 #   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs)
 #   report    the stderr summary and the Data Docs entry page
@@ -52,10 +65,12 @@ BASE_KEYS: tuple[str, ...] = ()
 PAPERS_IN = Path("artifacts/scrape/papers.jsonl")
 TRAIN_IN = Path("artifacts/generate/train.jsonl")
 EVAL_IN = Path("artifacts/generate/eval.jsonl")
+SEEN_IN = Path("artifacts/generate/seen.jsonl")
 OUT_DIR = Path("artifacts/validate")
 DATASET_OUT = OUT_DIR / "dataset"
 TRAIN_OUT = OUT_DIR / "train.jsonl"
 EVAL_OUT = OUT_DIR / "eval.jsonl"
+SEEN_OUT = OUT_DIR / "seen.jsonl"
 QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
 DOCS_OUT = Path("reports/data_docs")
 METRICS_OUT = Path("metrics/validate.json")
@@ -69,13 +84,13 @@ class ValidateParams:
     max_question_chars: int
     min_answer_chars: int
     max_answer_chars: int
-    min_rows: int               # clean train rows at least this many
-    max_fail_rate: float        # share of input rows that may fail row checks
-    max_paper_share: float      # no paper above this share of the clean train rows
+    min_rows: int               # clean train facts at least this many (>= 1: a fact's variants count once)
+    max_fail_rate: float        # share of input train + eval rows that may fail row checks
+    max_paper_share: float      # no paper above this share of the clean train facts
     min_grounding: float        # share of the answer's content words found in its paper (title, abstract, metadata)
     min_similarity: float       # MiniLM cosine answer vs best paper sentence; 0 turns the check (and the model) off
-    min_eval_rows: int          # clean eval rows at least this many
-    max_eval_fraction: float    # clean eval rows at most this share of all clean rows
+    min_eval_rows: int          # clean eval rows at least this many (eval holds variant 0 only: rows = facts)
+    max_eval_fraction: float    # clean eval facts at most this share of all clean facts
 
     def check(self) -> None:
         def bad(key: str, rule: str) -> ValueError:
@@ -88,9 +103,11 @@ class ValidateParams:
             raise bad("max_question_chars", f">= validate.min_question_chars ({self.min_question_chars})")
         if self.max_answer_chars < self.min_answer_chars:
             raise bad("max_answer_chars", f">= validate.min_answer_chars ({self.min_answer_chars})")
-        for key in ("min_rows", "min_eval_rows"):
-            if getattr(self, key) < 0:
-                raise bad(key, ">= 0")
+        # An empty training set is never a result: with 0 allowed, no pairs at all "passed" and train failed later
+        if self.min_rows < 1:
+            raise bad("min_rows", ">= 1")
+        if self.min_eval_rows < 0:  # 0 is allowed: a run may hold no eval pairs (evaluate then has the others)
+            raise bad("min_eval_rows", ">= 0")
         for key in ("max_fail_rate", "min_grounding"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise bad(key, "between 0 and 1")

@@ -1,6 +1,7 @@
 """The computed columns the validate suites check: one dict per row (`row_features`, with token grounding and,
-when `min_similarity` > 0, MiniLM similarity) and the per-row view the dataset suite aggregates
-(`dataset_columns`). Pure but for the MiniLM model, loaded only when an answer needs it."""
+when `min_similarity` > 0, MiniLM similarity), the seen rows' view against the clean training rows
+(`seen_columns`) and the per-row view the dataset suite aggregates (`dataset_columns`). Pure but for the MiniLM
+model, loaded only when an answer needs it."""
 
 from __future__ import annotations
 
@@ -28,12 +29,20 @@ from .text import (
 log = logging.getLogger(__name__)
 
 
+def fact_of(row: Any) -> str:
+    """The row's fact_id ("" when it has none: such a row is a fact of its own)."""
+    fact = row.get("fact_id") if isinstance(row, dict) else None
+    return fact.strip() if isinstance(fact, str) else ""
+
+
 def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[str, Any]],
                  p: ValidateParams) -> list[dict[str, Any]]:
     """One dict of computed columns per (split, line, row). Every column is non-null (GX skips nulls)."""
     paper_tokens: dict[str, set[str]] = {}
-    seen_exact: set[str] = set()
-    seen_norm: set[str] = set()
+    # question (exact / normalised) -> the owner of its first occurrence, per scope: the seen split is its own scope
+    # (seen vs train is the seen suite's check, against clean training rows only)
+    first_exact: dict[tuple[str, str], str] = {}
+    first_norm: dict[tuple[str, str], str] = {}
     feats = []
     for split, line, row in rows:
         obj = row if isinstance(row, dict) else {}
@@ -41,17 +50,20 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         a = obj.get("answer") if isinstance(obj.get("answer"), str) else ""
         doi = obj.get("doi") if isinstance(obj.get("doi"), str) else ""
         title = obj.get("title") if isinstance(obj.get("title"), str) else ""
+        fact = fact_of(obj)
         paper = papers.get(doi) if doi else None
         if paper is not None and doi not in paper_tokens:
             paper_tokens[doi] = set(content_tokens(paper_text(paper)))
         nq = normalize_text(q)
-        exact_first = q.strip() not in seen_exact if q.strip() else True
+        scope = "seen" if split == "seen" else "pairs"
+        # Variants of one fact are its wordings on purpose (augmentation): a question that repeats an earlier one
+        # is a duplicate only when a different fact (or a row without a fact_id) asked it first. Seen rows are no
+        # variants (one new question per fact at most), so each seen row stands for itself.
+        owner = fact if fact and scope == "pairs" else f"{split}:{line}"
+        exact_first = first_exact.setdefault((scope, q.strip()), owner) == owner if q.strip() else True
         # near-duplicate: same normalised text as an earlier question, but not an exact repeat of it
-        norm_first = (not exact_first) or (nq not in seen_norm) or not nq
-        if q.strip():
-            seen_exact.add(q.strip())
-        if nq:
-            seen_norm.add(nq)
+        norm_owner = first_norm.setdefault((scope, nq), owner) if nq else owner
+        norm_first = (not exact_first) or norm_owner == owner
         paper_title = str(paper.get("title") or "") if paper else ""
         provenance_ok = all(
             k in obj and obj[k] is not None and (not isinstance(obj[k], str) or obj[k].strip())
@@ -62,6 +74,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "question": q,
             "answer": a,
             "doi": doi,
+            "fact_id": fact,
             "qa_text": f"{q}\n{a}",
             "has_required_fields": all(k in obj for k in PAIR_FIELDS),
             "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
@@ -136,27 +149,65 @@ def _minilm_encode(texts: list[str]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The dataset suite's columns
+# The seen and dataset suites' columns
+
+def seen_columns(feats: Sequence[dict[str, Any]], failed: Sequence[bool]) -> dict[str, list[Any]]:
+    """Columns for the seen suite, one per seen row: is its fact trained (a clean train row with the same fact_id
+    and paper), and is its question new (no clean train question, any fact or variant, equal to it exactly or
+    normalised)? Only clean train rows count: a quarantined pair is not trained on."""
+    fact_doi: dict[str, str] = {}
+    exact: set[str] = set()
+    norm: set[str] = set()
+    for f, bad in zip(feats, failed):
+        if f["split"] == "train" and not bad:
+            if f["fact_id"]:
+                fact_doi.setdefault(f["fact_id"], f["doi"])
+            exact.add(f["question"].strip())
+            norm.add(normalize_text(f["question"]))
+    cols: dict[str, list[Any]] = {"row_id": [], "fact_trained": [], "question_unseen": []}
+    for f in feats:
+        if f["split"] != "seen":
+            continue
+        nq = normalize_text(f["question"])
+        cols["row_id"].append(f["row_id"])
+        cols["fact_trained"].append(bool(f["fact_id"]) and fact_doi.get(f["fact_id"]) == f["doi"])
+        cols["question_unseen"].append(f["question"].strip() not in exact and not (nq and nq in norm))
+    return cols
+
 
 def dataset_columns(feats: Sequence[dict[str, Any]], failed: Sequence[bool]) -> dict[str, list[Any]]:
-    """Per-row columns for the dataset suite (NaN/None where a row does not count)."""
+    """Per-row columns for the dataset suite over train + eval rows (NaN/None where a row does not count).
+
+    Rows count as facts where the checks are about content: a fact's K variants are one fact in K wordings, so
+    counting rows would let K-fold augmentation pass `min_rows` with K times fewer facts, shrink eval's share K-fold
+    (eval holds variant 0 only) and judge a paper's weight by how many of its rewordings survived the row checks.
+    Each clean fact is counted on its first clean row; rows without a fact_id are facts of their own (then facts
+    = rows, as before augmentation). `clean_eval` stays rows: the questions eval scores."""
     clean = [(f["split"], f["doi"]) for f, bad in zip(feats, failed) if not bad]
-    n_train = sum(s == "train" for s, _ in clean)
-    train_by_paper = Counter(d for s, d in clean if s == "train")
+    fact_first: list[bool] = []
+    seen_facts: set[tuple[str, ...]] = set()
+    for f, bad in zip(feats, failed):
+        key = (f["split"], "fact", f["fact_id"]) if f.get("fact_id") else ("row", f["row_id"])
+        fact_first.append(not bad and key not in seen_facts)
+        if not bad:
+            seen_facts.add(key)
+    train_facts = [f["doi"] for f, first in zip(feats, fact_first) if first and f["split"] == "train"]
+    n_train = len(train_facts)
+    train_by_paper = Counter(train_facts)
     splits_by_paper: dict[str, set[str]] = {}
     for s, d in clean:
         splits_by_paper.setdefault(d, set()).add(s)
     cols: dict[str, list[Any]] = {k: [] for k in ("row_id", "split", "doi", "failed", "clean_train", "clean_eval",
                                                  "eval_share", "train_paper_share", "paper_in_both_splits")}
-    for f, bad in zip(feats, failed):
+    for f, bad, first in zip(feats, failed, fact_first):
         s, d = f["split"], f["doi"]
         cols["row_id"].append(f["row_id"])
         cols["split"].append(s)
         cols["doi"].append(d)
         cols["failed"].append(int(bad))
-        cols["clean_train"].append(int(not bad and s == "train"))
+        cols["clean_train"].append(int(first and s == "train"))            # its sum: clean train facts
         cols["clean_eval"].append(int(not bad and s == "eval"))
-        cols["eval_share"].append(math.nan if bad else float(s == "eval"))
+        cols["eval_share"].append(float(s == "eval") if first else math.nan)  # its mean: eval's share of facts
         if not bad and s == "train":
             cols["train_paper_share"].append(train_by_paper[d] / n_train)
         else:
@@ -167,4 +218,3 @@ def dataset_columns(feats: Sequence[dict[str, Any]], failed: Sequence[bool]) -> 
     if not clean:
         cols["eval_share"] = [0.0] * len(feats)
     return cols
-

@@ -12,7 +12,8 @@ from typing import Any
 
 from . import DOCS_OUT, METRICS_OUT, QUARANTINE_OUT, ValidateParams
 from .core import Outcome
-from .suite import DATASET_SUITE, ROW_SUITE, CheckResult
+from .features import fact_of
+from .suite import DATASET_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult
 
 
 def _clip(text: Any, n: int = 100) -> str:
@@ -45,25 +46,29 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
     head = "PASSED" if outcome.gate_passed else "FAILED (the clean dataset was not written; train will not run)"
     lines = [f"validate: gate {head}",
              f"  rows: {n_in} in (train {m['rows_in']['train']}, eval {m['rows_in']['eval']}), {n_out} clean "
-             f"(train {m['rows_out']['train']}, eval {m['rows_out']['eval']}), {len(outcome.quarantine)} quarantined"
+             f"(train {m['rows_out']['train']}, eval {m['rows_out']['eval']}), {m['rows_quarantined']} quarantined"
              + (f" ({m['fail_rate']:.1%})" if m["fail_rate"] is not None else "")]
+    if "seen" in m:
+        lines.append(f"  seen questions (scored, never trained on): {m['seen']['rows_in']} in, "
+                     f"{m['seen']['rows_out']} clean, {m['seen']['rows_quarantined']} quarantined")
     bad = [c for c in outcome.dataset_results if not c.success]
     if bad:
         lines.append("  dataset checks failed:")
         for c in bad:
             extra = f"; papers: {', '.join(sorted(set(c.unexpected_dois))[:5])}" if c.unexpected_dois else ""
             if c.reason == "max_paper_share" and outcome.train:
-                top = Counter(r.get("doi") for r in outcome.train).most_common(3)
-                extra = "; top papers: " + ", ".join(f"{d} ({n / len(outcome.train):.0%})" for d, n in top)
+                facts = {(fact_of(r) or i): r.get("doi") for i, r in enumerate(outcome.train)}  # as the check counts
+                top = Counter(facts.values()).most_common(3)
+                extra = "; top papers: " + ", ".join(f"{d} ({n / len(facts):.0%})" for d, n in top)
             lines.append(f"    {c.reason}: observed {_observed(c)}, allowed {_limit(c)}{extra}")
-    counts = [(c.reason, len(c.unexpected)) for c in outcome.row_results if c.unexpected]
+    counts = [(c.reason, len(c.unexpected)) for c in outcome.row_results + outcome.seen_results if c.unexpected]
     if counts:
-        lines.append("  failing rows per reason:")
+        lines.append("  failing rows per reason (all splits):")
         width = max(len(r) for r, _ in counts)
         lines += [f"    {r:<{width}}  {n}" for r, n in sorted(counts, key=lambda x: -x[1])]
         lines.append("  examples:")
         shown: set[str] = set()
-        for c in sorted(outcome.row_results, key=lambda c: -len(c.unexpected)):
+        for c in sorted(outcome.row_results + outcome.seen_results, key=lambda c: -len(c.unexpected)):
             for q in outcome.quarantine:
                 if len(shown) >= examples * 2 or q["row_id"] in shown:
                     continue
@@ -109,12 +114,17 @@ def write_index_html(docs_dir: Path, outcome: Outcome, p: ValidateParams) -> Non
 
     links = "".join(f'<li><a href="{e(pg.relative_to(docs_dir).as_posix())}">{e(pg.relative_to(docs_dir).as_posix())}'
                     f"</a></li>" for pg in pages)
-    failed_row = [c for c in outcome.row_results if not c.success]
+    failed_row = [c for c in outcome.row_results + outcome.seen_results if not c.success]
     failed_set = [c for c in outcome.dataset_results if not c.success]
     failed_list = "".join(f"<li><code>{e(c.reason)}</code> ({e(_observed(c)) if c in failed_set else len(c.unexpected)}"
                           f"{'' if c in failed_set else ' rows'}) — {e(_plain_description(c))}</li>"
                           for c in failed_set + failed_row) or "<li>none</li>"
     rate = (f" ({m['fail_rate']:.1%}; allowed {p.max_fail_rate:.0%})" if m["fail_rate"] is not None else "")
+    seen = m.get("seen")
+    seen_line = ("" if seen is None else
+                 f"<p>Seen questions (&ldquo;seen papers, new questions&rdquo;: scored by evaluate, never trained on):"
+                 f" {seen['rows_in']} in, {seen['rows_out']} clean, {seen['rows_quarantined']} quarantined; they "
+                 "take the row-level checks and the seen checks, never the dataset-level ones.</p>")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>validate: data quality report ({status})</title>
 <style>
@@ -131,12 +141,15 @@ failed.</p>
 Clean rows out: {m['rows_out']['total']} (train {m['rows_out']['train']}, eval {m['rows_out']['eval']}).
 Quarantined: {m['rows_quarantined']}{rate}
 &mdash; every failing row with all its reasons is in <code>{e(str(QUARANTINE_OUT))}</code>.</p>
+{seen_line}
 <h2>Failed expectations</h2>
 <ul>{failed_list}</ul>
 <h2>Dataset-level expectations (suite <code>{DATASET_SUITE}</code>)</h2>
 {table(outcome.dataset_results, False)}
 <h2>Row-level expectations (suite <code>{ROW_SUITE}</code>)</h2>
 {table(outcome.row_results, True)}
+<h2>Seen questions against the clean training pairs (suite <code>{SEEN_SUITE}</code>)</h2>
+{table(outcome.seen_results, True)}
 <h2>Great Expectations pages</h2>
 <ul><li><a href="gx_index.html">Great Expectations Data Docs index</a></li>{links}</ul>
 </body></html>

@@ -1,5 +1,6 @@
-"""The validate stage's I/O (see `stages.validate`): read papers and pairs, run the core, write quarantine, metrics
-and Data Docs, and, when the gate passes, the clean dataset (a `datasets.DatasetDict` and JSON Lines)."""
+"""The validate stage's I/O (see `stages.validate`): read papers, pairs and seen questions, run the core, write
+quarantine, metrics and Data Docs, and, when the gate passes, the clean dataset (a `datasets.DatasetDict` and JSON
+Lines) and the clean seen questions."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import logging
 import os
 import shutil
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl, write_json, write_jsonl
-from qrb.schema import PAIR_FIELDS
+from qrb.schema import PAIR_FIELDS, QAPair
 from qrb.stage import run_stage
 
 from . import (
@@ -26,6 +28,8 @@ from . import (
     PARAMS_CLASS,
     QUARANTINE_OUT,
     SECTION,
+    SEEN_IN,
+    SEEN_OUT,
     TRAIN_IN,
     TRAIN_OUT,
     ValidateParams,
@@ -43,7 +47,8 @@ def _read_pairs(path: Path, stage: str) -> list[Any]:
 
 
 def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: Path) -> None:
-    """A `datasets.DatasetDict` ("train", "eval") with the input pairs' columns, written atomically."""
+    """A `datasets.DatasetDict` ("train", "eval") with the input pairs' columns, written atomically. Either split
+    (or both) may be empty: it keeps the columns and types, and `datasets.load_from_disk` reads it back."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -57,16 +62,23 @@ def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: 
         cols["chunk"] = [str(v) for v in cols["chunk"]]
     if rows:
         full = datasets.Dataset.from_dict(cols)
-    else:
-        feats = datasets.Features({k: datasets.Value("int64" if k == "chunk" else "string") for k in keys})
+    else:  # nothing to infer the types from: the schema's
+        hints = typing.get_type_hints(QAPair)
+        feats = datasets.Features({k: datasets.Value("int64" if hints.get(k) is int else "string") for k in keys})
         full = datasets.Dataset.from_dict({k: [] for k in keys}, features=feats)
-    dd = datasets.DatasetDict({"train": full.select(range(len(train))),
-                               "eval": full.select(range(len(train), len(rows)))})
+    dd = datasets.DatasetDict({"train": _take(full, 0, len(train)), "eval": _take(full, len(train), len(rows))})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    dd.save_to_disk(str(tmp))
+    # a 0-row split would be saved as 0 shards, which load_from_disk (datasets 5.2) cannot read back: give it one
+    dd.save_to_disk(str(tmp), num_shards={k: 1 for k, d in dd.items() if d.num_rows == 0})
     _replace_dir(tmp, out)
+
+
+def _take(ds: Any, start: int, stop: int) -> Any:
+    """Rows start..stop-1 of `ds`; datasets 5.2's `select(range(n, n))` on n rows raises IndexError instead of
+    returning no rows, so an empty range is an empty index list."""
+    return ds.select(range(start, stop)) if stop > start else ds.select([])
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -86,13 +98,15 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     papers = _read_pairs(PAPERS_IN, "scrape")
     train = _read_pairs(TRAIN_IN, "generate")
     eval_ = _read_pairs(EVAL_IN, "generate")
-    log.info("validating %d train + %d eval pairs against %d papers", len(train), len(eval_), len(papers))
+    seen = _read_pairs(SEEN_IN, "generate")
+    log.info("validating %d train + %d eval pairs and %d seen questions against %d papers", len(train), len(eval_),
+             len(seen), len(papers))
 
     docs_tmp = DOCS_OUT.parent / f".{DOCS_OUT.name}.tmp"
     shutil.rmtree(docs_tmp, ignore_errors=True)
     docs_tmp.mkdir(parents=True)
     try:
-        outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp)
+        outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp, seen=seen)
         write_index_html(docs_tmp, outcome, p)
     except BaseException:
         shutil.rmtree(docs_tmp, ignore_errors=True)
@@ -104,6 +118,7 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
         save_dataset(outcome.train, outcome.eval, DATASET_OUT)
         write_jsonl(TRAIN_OUT, outcome.train)
         write_jsonl(EVAL_OUT, outcome.eval)
+        write_jsonl(SEEN_OUT, outcome.seen)
     print(summary(outcome), file=sys.stderr)
     if not outcome.gate_passed:
         failed = [c.reason for c in outcome.dataset_results if not c.success]

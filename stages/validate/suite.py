@@ -1,6 +1,7 @@
-"""The validate stage's expectations: the row and dataset check lists (built from params) and `GxRunner`, which
-runs them through great-expectations 1.x (ephemeral context, analytics off; one suite per level, each through a
-validation definition and a checkpoint whose action builds Data Docs). GX is imported only when a runner is built."""
+"""The validate stage's expectations: the row, seen and dataset check lists (built from params) and `GxRunner`,
+which runs them through great-expectations 1.x (ephemeral context, analytics off; one suite per level: rows, seen
+rows, dataset; each through a validation definition and a checkpoint whose action builds Data Docs). GX is imported
+only when a runner is built."""
 
 from __future__ import annotations
 
@@ -79,19 +80,31 @@ def row_checks(p: ValidateParams) -> list[Check]:
     return checks
 
 
-def dataset_checks(p: ValidateParams) -> list[Check]:
+def seen_checks() -> list[Check]:
+    """The seen split's checks against the clean training rows (run after the row checks, on seen rows only)."""
     return [
-        Check("max_fail_rate", f"[max_fail_rate] at most {p.max_fail_rate:.0%} of the rows fail a row check",
-              "ExpectColumnMeanToBeBetween", {"column": "failed", "min_value": 0.0, "max_value": p.max_fail_rate}),
-        Check("min_rows", f"[min_rows] at least {p.min_rows} clean train rows", "ExpectColumnSumToBeBetween",
-              {"column": "clean_train", "min_value": p.min_rows}),
+        _flag("seen_fact_untrained", "fact_trained",
+              "the seen question's fact (fact_id) has a clean training pair of the same paper"),
+        _flag("seen_question_in_train", "question_unseen", "the seen question is no clean training question again "
+              "(exactly or up to case, spacing, punctuation and LaTeX markers; any fact, any variant)"),
+    ]
+
+
+def dataset_checks(p: ValidateParams) -> list[Check]:
+    # Facts, not rows, where a fact's K variants would otherwise count K times (see features.dataset_columns)
+    return [
+        Check("max_fail_rate", f"[max_fail_rate] at most {p.max_fail_rate:.0%} of the train and eval rows fail a row "
+              "check", "ExpectColumnMeanToBeBetween",
+              {"column": "failed", "min_value": 0.0, "max_value": p.max_fail_rate}),
+        Check("min_rows", f"[min_rows] at least {p.min_rows} clean train facts (a fact's variants count once)",
+              "ExpectColumnSumToBeBetween", {"column": "clean_train", "min_value": p.min_rows}),
         Check("min_eval_rows", f"[min_eval_rows] at least {p.min_eval_rows} clean eval rows",
               "ExpectColumnSumToBeBetween", {"column": "clean_eval", "min_value": p.min_eval_rows}),
         Check("max_eval_fraction", f"[max_eval_fraction] eval holds at most {p.max_eval_fraction:.0%} of the clean "
-              "rows", "ExpectColumnMeanToBeBetween",
+              "facts", "ExpectColumnMeanToBeBetween",
               {"column": "eval_share", "min_value": 0.0, "max_value": p.max_eval_fraction}),
         Check("max_paper_share", f"[max_paper_share] no paper has more than {p.max_paper_share:.0%} of the clean "
-              "train rows", "ExpectColumnMaxToBeBetween",
+              "train facts", "ExpectColumnMaxToBeBetween",
               {"column": "train_paper_share", "min_value": 0.0, "max_value": p.max_paper_share}),
         Check("split_disjoint", "[split_disjoint] no paper has clean rows in both train and eval",
               "ExpectColumnValuesToBeInSet", {"column": "paper_in_both_splits", "value_set": [False]}),
@@ -103,6 +116,7 @@ def dataset_checks(p: ValidateParams) -> list[Check]:
 
 SITE_NAME = "qrb_data_docs"
 ROW_SUITE = "qa_pairs_rows"
+SEEN_SUITE = "qa_pairs_seen"
 DATASET_SUITE = "qa_pairs_dataset"
 
 
@@ -127,7 +141,8 @@ def _plain(v: Any) -> Any:
 
 
 class GxRunner:
-    """An ephemeral GX context with two pandas assets, two suites, two validation definitions and checkpoints."""
+    """An ephemeral GX context with three pandas assets (rows, seen rows, dataset), a suite, validation definition
+    and checkpoint each."""
 
     def __init__(self, p: ValidateParams, docs_dir: Path | None) -> None:
         os.environ["GX_ANALYTICS_ENABLED"] = "False"
@@ -149,9 +164,9 @@ class GxRunner:
             actions = [gx.checkpoint.UpdateDataDocsAction(name="update_data_docs", site_names=[SITE_NAME])]
         source = self.ctx.data_sources.add_pandas("qa_pairs")
         self.checkpoints = {}
-        self.checks = {ROW_SUITE: row_checks(p), DATASET_SUITE: dataset_checks(p)}
-        index_cols = {ROW_SUITE: ["row_id"], DATASET_SUITE: ["row_id", "doi"]}
-        for suite_name, asset_name in ((ROW_SUITE, "pairs"), (DATASET_SUITE, "dataset")):
+        self.checks = {ROW_SUITE: row_checks(p), SEEN_SUITE: seen_checks(), DATASET_SUITE: dataset_checks(p)}
+        index_cols = {ROW_SUITE: ["row_id"], SEEN_SUITE: ["row_id"], DATASET_SUITE: ["row_id", "doi"]}
+        for suite_name, asset_name in ((ROW_SUITE, "pairs"), (SEEN_SUITE, "seen"), (DATASET_SUITE, "dataset")):
             batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
             suite = self.ctx.suites.add(gx.ExpectationSuite(name=suite_name))
             for c in self.checks[suite_name]:
