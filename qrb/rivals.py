@@ -40,7 +40,8 @@ class RivalAnswers:
     failures: list[str] = field(default_factory=list)
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """One line saying why a request failed for good (no key in it)."""
     import openai
 
     if isinstance(e, openai.AuthenticationError):
@@ -89,7 +90,7 @@ def ask_rival(rival: Rival, questions: Sequence[str], system_prompt: str, *, max
     finally:
         client.close()
     if failed:
-        reason = _reason(failed[0])
+        reason = failure_reason(failed[0])
         log.warning("rival %s (%s at %s) skipped: %s", rival.name, rival.model, rival.base_url, reason)
-        return RivalAnswers(rival, skipped=reason, failures=[_reason(e) for e in failed])
+        return RivalAnswers(rival, skipped=reason, failures=[failure_reason(e) for e in failed])
     return RivalAnswers(rival, answers=[a or "" for a in answers])

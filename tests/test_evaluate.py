@@ -17,7 +17,9 @@ import pytest
 from qrb.params import load_params
 from qrb.rivals import Rival, ask_rival
 from qrb.schema import question_record
-from stages.evaluate import EvaluateParams
+from stages.evaluate import EvaluateParams, FactJudge
+from stages.evaluate.judge import SYSTEM as JUDGE_SYSTEM
+from stages.evaluate.judge import Item, judge_facts, load_cache, parse_verdict, save_cache
 from stages.evaluate.metrics import (
     MEAN_METRICS,
     OFFLINE_BERTSCORE,
@@ -118,9 +120,31 @@ def test_paper_dates_and_freshness_split():
             {"paper_doi": None, "paper_arxiv": None}]                  # undated: in neither split
     rows = [question_record(r) for r in rows]  # as evaluate reads them: golden's paper_* are doi/arxiv
     subsets, dates = freshness_subsets(rows, dt.date(2023, 12, 31), papers)
-    assert dates == [dt.date(2024, 9, 2), dt.date(2023, 6, 11), dt.date(2024, 1, 5), dt.date(2023, 12, 1),
+    # the third: its paper's journal date is 2024-01-05, but its arXiv v1 (2305) made it public in May 2023
+    assert dates == [dt.date(2024, 9, 2), dt.date(2023, 6, 11), dt.date(2023, 5, 1), dt.date(2023, 12, 1),
                      dt.date(2024, 1, 1), None]
-    assert subsets == {"after_cutoff": [0, 2, 4], "before_cutoff": [1, 3]}
+    assert subsets == {"after_cutoff": [0, 4], "before_cutoff": [1, 2, 3]}
+
+
+def test_question_sets_a_missing_seen_file_is_an_error_an_empty_one_is_n0(tmp_path, monkeypatch):
+    from qrb.errors import ConfigError, DataError
+    from stages.evaluate.questions import load_question_sets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts/validate").mkdir(parents=True)
+    (tmp_path / "golden.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A.", "paper_doi": None}) + "\n")
+    (tmp_path / "artifacts/validate/eval.jsonl").write_text(json.dumps({"question": "E?", "answer": "B."}) + "\n")
+    with pytest.raises(ConfigError, match=r"'seen' not found at artifacts/validate/seen.jsonl.*dvc repro validate"):
+        load_question_sets("golden.jsonl")  # a stale workspace: validate always writes it
+    (tmp_path / "artifacts/validate/seen.jsonl").write_text("")
+    sets = load_question_sets("golden.jsonl")
+    assert list(sets) == ["golden", "seen", "eval"] and sets["seen"] == [] and sets["golden"][0]["doi"] is None
+    (tmp_path / "artifacts/validate/seen.jsonl").write_text(json.dumps({"question": "S?", "answer": ""}) + "\n")
+    with pytest.raises(DataError, match="seen.jsonl:1: each row needs a non-empty question and answer"):
+        load_question_sets("golden.jsonl")
+    (tmp_path / "golden.jsonl").write_text("")
+    with pytest.raises(DataError, match="'golden' at golden.jsonl is empty"):
+        load_question_sets("golden.jsonl")
 
 
 def test_params_reject_bad_rivals_and_small_bootstrap():
@@ -131,6 +155,23 @@ def test_params_reject_bad_rivals_and_small_bootstrap():
         params(rivals=(r, Rival("gemini_1", "https://y/v1", "m", "K"))).check()
     with pytest.raises(ValueError, match="base_url"):
         params(rivals=(Rival("a", "ftp://x", "m", "K"),)).check()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fact_threshold"):
+            params(fact_threshold=bad).check()
+    with pytest.raises(ValueError, match="min_n_for_interval"):
+        params(min_n_for_interval=1).check()
+    with pytest.raises(ValueError, match="fact_judge.base_url"):
+        params(fact_judge=FactJudge("localhost:8000", "m", "K")).check()
+    from qrb.params import build
+
+    data = {f.name: getattr(params(), f.name) for f in dataclasses.fields(EvaluateParams)}
+    data["rivals"] = []
+    judged = build(EvaluateParams, {**data, "fact_judge": {"base_url": "http://h/v1", "model": "m",
+                                                           "api_key_env": "K"}}, "evaluate")
+    assert judged.fact_judge == FactJudge("http://h/v1", "m", "K") and params().fact_judge is None
+    with pytest.raises(ValueError, match=r"`evaluate\.fact_judge` must be a mapping with keys base_url, model, "
+                                         r"api_key_env or null"):
+        build(EvaluateParams, {**data, "fact_judge": {"base_url": "http://h/v1", "model": "m"}}, "evaluate")
     assert params().rivals[0].key == "rival_gemini-1_5-pro" and params().knowledge_cutoff == dt.date(2023, 12, 31)
 
 
@@ -159,7 +200,10 @@ class FakeOpenAI:
                 if self.headers.get("Authorization") != "Bearer good-key":
                     return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
                 q = body["messages"][-1]["content"]
-                answer = REFS[PREDS.index(q)] if q in PREDS else f"An answer to: {q}"
+                if body["messages"][0]["content"] == JUDGE_SYSTEM:  # the fact judge
+                    answer = fake_verdict(q) if body["model"] != "babbler" else "Hard to say, really."
+                else:
+                    answer = REFS[PREDS.index(q)] if q in PREDS else f"An answer to: {q}"
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": answer}}],
@@ -183,6 +227,18 @@ class FakeOpenAI:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def fake_verdict(prompt: str) -> str:
+    """The fake judge: YES when the graded answer contains the reference's last word (what a test can recompute)."""
+    ref = prompt.split("Reference answer: ")[1].split("\n\nAnswer to grade: ")[0]
+    answer = prompt.split("Answer to grade: ")[1].split("\n\nDoes the answer")[0]
+    return "Verdict: **YES**." if judge_says_yes(ref, answer) else "NO"
+
+
+def judge_says_yes(reference: str, answer: str) -> bool:
+    last = reference.split()[-1].strip(".,;:!?").lower()
+    return last in answer.lower()
 
 
 @pytest.fixture()
@@ -213,6 +269,40 @@ def test_rival_answers_same_questions_with_same_system_prompt(fake_openai):
     down = ask_rival(Rival("d", "http://127.0.0.1:9/v1", "m", "FAKE_KEY"), PREDS[:1], SYSTEM,
                      env={"FAKE_KEY": "k"}, **{**kw, "max_retries": 0})
     assert down.skipped.startswith("cannot connect")
+
+
+def test_fact_judge_decides_caches_its_verdicts_and_skips_with_a_reason(fake_openai, tmp_path):
+    kw = dict(timeout_s=5, max_retries=0, concurrency=2)
+    judge = FactJudge(fake_openai.base_url, "judge-1", "FAKE_KEY")
+    items = [Item(q, r, r) for q, r in zip(PREDS[:3], REFS[:3])] + [Item(PREDS[4], REFS[4], "No idea.")]
+    cache: dict[str, bool] = {}
+    res = judge_facts(judge, items, cache, env={"FAKE_KEY": "good-key"}, **kw)
+    assert res.skipped is None and res.verdicts == [True, True, True, False] and res.requests == 4
+    sent = list(fake_openai.requests)
+    assert len(sent) == 4 and all(r["model"] == "judge-1" and r["temperature"] == 0.0
+                                  and r["messages"][0]["content"] == JUDGE_SYSTEM for r in sent)
+    assert any(REFS[4] in r["messages"][1]["content"] and "No idea." in r["messages"][1]["content"] for r in sent)
+    # cached on disk: a rerun sends no request and needs no key
+    save_cache(cache, tmp_path / "judge.jsonl")
+    again = judge_facts(judge, items, load_cache(tmp_path / "judge.jsonl"), env={}, **kw)
+    assert again.verdicts == res.verdicts and again.requests == 0 and len(fake_openai.requests) == 4
+    # a new answer is one request; another judge model shares no verdict
+    more = judge_facts(judge, items + [Item("q", "It is PyTorch.", "pytorch")], cache, env={"FAKE_KEY": "good-key"},
+                       **kw)
+    assert more.verdicts[-1] is True and more.requests == 1
+    other = FactJudge(fake_openai.base_url, "judge-2", "FAKE_KEY")
+    assert judge_facts(other, items[:1], dict(cache), env={"FAKE_KEY": "good-key"}, **kw).requests == 1
+    # skipped, with the reason, and never an exception
+    keyless = judge_facts(other, items[1:], {}, env={}, **kw)
+    assert keyless.verdicts is None and keyless.skipped.startswith("API key variable FAKE_KEY is not set")
+    broken = judge_facts(FactJudge(fake_openai.base_url, "broken", "FAKE_KEY"), items, {},
+                         env={"FAKE_KEY": "good-key"}, **{**kw, "concurrency": 1})
+    assert broken.skipped.startswith("HTTP 500 after the SDK's retries: upstream exploded") and broken.requests == 1
+    babble = judge_facts(FactJudge(fake_openai.base_url, "babbler", "FAKE_KEY"), items[:1], {},
+                         env={"FAKE_KEY": "good-key"}, **kw)
+    assert "neither YES nor NO" in babble.skipped and "Hard to say" in babble.skipped
+    assert [parse_verdict(x) for x in ("YES", "no.", "<think>yes? or no</think>\n**No**", "Verdict: Yes", "maybe")] \
+        == [True, False, False, True, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,11 +346,73 @@ def test_per_row_nll_matches_the_models_own_loss(peft_tiny):
     assert sum(n for n, _ in per_row) / ce["tokens"] == pytest.approx(ce["cross_entropy"], rel=1e-5)
 
 
+def bag_of_words(texts):
+    """A stand-in for MiniLM: hashed bag-of-words unit vectors (deterministic, no model)."""
+    import hashlib
+
+    import numpy as np
+
+    out = np.zeros((len(texts), 64), dtype="float32")
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_core_scores_four_local_models_on_every_set_with_fact_metrics_and_the_judge(peft_tiny, scorer, corpus_dir,
+                                                                                     fake_openai):
+    """base, fine_tuned, rag and fine_tuned_rag on golden, seen and eval; an empty seen set is n=0, not a crash; fact
+    recall, facts stated (decided by the judge, the rule kept beside it) and the paired gains against base."""
+    from qrb.retrieval import Retriever, passages_from_papers
+    from stages.evaluate.core import evaluate
+    from stages.evaluate.facts import FactScorer
+
+    model, tok = peft_tiny
+    papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:8]
+    pairs = [{"question": f"What does the paper \"{pp['title']}\" find?", "answer": pp["abstract"][:120],
+              "doi": pp["doi"], "published": pp["published"]} for pp in papers[:4]]
+    golden = [question_record(json.loads(x)) for x in (REPO / "data/golden/questions.jsonl").read_text().splitlines()]
+    sets = {"golden": golden[:3], "seen": [], "eval": pairs}
+    judge = FactJudge(fake_openai.base_url, "judge-1", "QRB_T_JUDGE")
+    p = params(max_new_tokens=6, batch_size=4, bootstrap_samples=100, rag_top_k=2, rag_max_chars=80, rivals=(),
+               fact_judge=judge, min_n_for_interval=4)
+    base = {"seed": 1, "system_prompt": SYSTEM, "max_length": 512}
+    cache: dict[str, bool] = {}
+    metrics, preds, skipped = evaluate(
+        base, p, model, tok, sets, papers=papers, retriever=Retriever(passages_from_papers(papers), bag_of_words),
+        scorer=scorer, facts=FactScorer(pp["abstract"] for pp in papers), judge_cache=cache,
+        env={"QRB_T_JUDGE": "good-key"})
+    models = ["base", "fine_tuned", "rag", "fine_tuned_rag"]
+    assert skipped == {}
+    assert {s: list(m) for s, m in metrics.items() if not s.endswith("cutoff")} == \
+        {"golden": models, "seen": models, "eval": models}
+    assert metrics["seen"] == {m: {"n": 0} for m in models}
+    ev = metrics["eval"]
+    assert ev["rag"]["retrieval_hit_rate"] == ev["fine_tuned_rag"]["retrieval_hit_rate"]
+    assert ev["fine_tuned_rag"]["cross_entropy"] != ev["rag"]["cross_entropy"]  # the adapter is on
+    for name in models:
+        rows = [r for r in preds if r["set"] == "eval" and r["model"] == name]
+        assert ev[name]["facts_stated"] == pytest.approx(
+            sum(judge_says_yes(r["reference"], r["prediction"]) for r in rows) / 4)
+        assert ev[name]["fact_recall"] == pytest.approx(sum(r["fact_recall"] for r in rows) / 4)
+        assert ev[name]["facts_stated_rule"] == pytest.approx(sum(r["fact_recall"] >= 0.5 for r in rows) / 4)
+        assert all(r["key_facts"] and set(r["facts_found"]) <= set(r["key_facts"]) for r in rows)
+        assert ("fact_recall_gain" in ev[name]) == (name != "base")
+    assert ev["rag"]["fact_recall_gain"] == pytest.approx(ev["rag"]["fact_recall"] - ev["base"]["fact_recall"])
+    assert isinstance(ev["rag"]["fact_recall_gain_ci95"], list)
+    assert metrics["golden"]["base"]["rouge1_ci95"] == "n too small"  # 3 < min_n_for_interval
+    distinct = {(r["question"], r["reference"], r["prediction"]) for r in preds}  # identical answers: one verdict
+    assert len(cache) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 4) // 2
+    assert {r["model"] for r in preds if "retrieved" in r} == {"rag", "fine_tuned_rag"}
+
+
 @pytest.mark.slow
 def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tiny_model_dir, corpus_dir, fake_openai,
                                                                   tmp_path, monkeypatch):
-    """The stage end to end in a scratch directory: fine-tuned, base, RAG, a rival via the fake server, a rival
-    without a key and one that keeps failing (skipped, the rest still scored), freshness splits, all outputs."""
+    """The stage end to end in a scratch directory: base, fine-tuned, RAG, fine-tuned + RAG, a rival via the fake
+    server, a rival without a key and one that keeps failing (skipped, the rest still scored), the three question
+    sets and their freshness splits, fact metrics decided by a (fake) judge whose cached verdicts make a rerun send
+    no judge request, all outputs."""
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:12]
     (tmp_path / "artifacts/train/adapter").mkdir(parents=True)
@@ -273,7 +425,12 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
               "doi": p["doi"], "published": p["published"]} for p in papers[:4]]
     evals[0]["published"] = "2023-05-01"  # one before the cutoff
     (tmp_path / "artifacts/validate/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
-    golden = (REPO / "data/golden/questions.jsonl").read_text().splitlines()[:3]
+    seen = [{"question": f"Tell me what \"{p['title']}\" reports.", "answer": p["abstract"][:140], "doi": p["doi"],
+             "title": p["title"], "published": p["published"], "fact_id": f"f{i}", "variant": 0,
+             "source_question": "What does it show?", "prompt_id": "paraphrase", "model": "m", "response_id": "r",
+             "chunk": 0} for i, p in enumerate(papers[4:7])]
+    (tmp_path / "artifacts/validate/seen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seen))
+    golden = (REPO / "data/golden/questions.jsonl").read_text().splitlines()[:4]
     (tmp_path / "golden.jsonl").write_text("\n".join(golden) + "\n")
     rivals = [{"name": "fake.rival", "base_url": fake_openai.base_url, "model": "m1", "api_key_env": "QRB_T_KEY"},
               {"name": "keyless", "base_url": fake_openai.base_url, "model": "m1", "api_key_env": "QRB_T_NONE"},
@@ -285,7 +442,10 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
            "evaluate": {"golden": "golden.jsonl", "bertscore_model": OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
                         "max_new_tokens": 12, "batch_size": 8, "greedy": True, "bootstrap_samples": 200,
                         "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rivals": rivals,
-                        "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2}}
+                        "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2,
+                        "fact_threshold": 0.5, "min_n_for_interval": 2,
+                        "fact_judge": {"base_url": fake_openai.base_url, "model": "judge-1",
+                                       "api_key_env": "QRB_T_KEY"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QRB_T_KEY", "good-key")
@@ -293,32 +453,55 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     run_evaluate_stage([])  # not pytest's own argv
 
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "eval", "eval_after_cutoff",
-                            "eval_before_cutoff"}
-    models = {"fine_tuned", "base", "rag", "rival_fake_rival"}
+    # seen: every paper of the corpus slice is from 2024, so no before-cutoff split
+    assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "seen", "seen_after_cutoff",
+                            "eval", "eval_after_cutoff", "eval_before_cutoff"}
+    models = {"fine_tuned", "base", "rag", "fine_tuned_rag", "rival_fake_rival"}
     assert all(set(by_model) == models for by_model in metrics.values())
     assert metrics["eval"]["base"]["n"] == 4 and metrics["eval_after_cutoff"]["rag"]["n"] == 3
-    # golden card-1: DOI q-2024-06-11 (after); card-2: undated; card-3: arXiv 2307.05200 (before)
-    assert metrics["golden_after_cutoff"]["base"]["n"] == 1 and metrics["golden_before_cutoff"]["base"]["n"] == 1
+    assert metrics["seen"]["fine_tuned"]["n"] == 3
+    # golden by first-public date: card-1 (DOI 2024, arXiv 2306) and card-3 (arXiv 2307) before, card-2 undated,
+    # card-4 (arXiv 2407) after
+    assert metrics["golden_after_cutoff"]["base"]["n"] == 1 and metrics["golden_before_cutoff"]["base"]["n"] == 2
+    assert metrics["golden_after_cutoff"]["base"]["rouge1_ci95"] == "n too small"
     for m in metrics["eval"].values():
-        assert {"bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "bleu_ci95", "bertscore_f1_ci95"} <= set(m)
+        assert {"bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "bleu_ci95", "bertscore_f1_ci95",
+                "sentence_bleu", "fact_recall", "fact_recall_ci95", "facts_stated", "facts_stated_ci95",
+                "facts_stated_rule", "answer_words"} <= set(m)
+    for name in models - {"base"}:
+        assert {"fact_recall_gain", "fact_recall_gain_ci95", "facts_stated_gain"} <= set(metrics["seen"][name])
     assert "cross_entropy_ci95" in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
     assert 0.0 <= metrics["eval"]["rag"]["retrieval_hit_rate"] <= 1.0
     # the base row really is the adapter disabled: different CE from the fine-tuned row
     assert metrics["eval"]["base"]["cross_entropy"] != metrics["eval"]["fine_tuned"]["cross_entropy"]
 
     preds = [json.loads(x) for x in Path("artifacts/evaluate/predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 4 * (3 + 4)  # 3 golden + 4 eval questions, 4 scored models
+    assert len(preds) == 5 * (4 + 3 + 4)  # 4 golden + 3 seen + 4 eval questions, 5 scored models
     rag = [r for r in preds if r["model"] == "rag" and r["set"] == "eval"]
     assert all(len(r["retrieved"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
     table = Path("reports/eval_table.md").read_text()
     assert "| RAG: base + top-2 abstracts (MiniLM retrieval) |" in table
+    assert "| fine-tuned + RAG: adapter + the same top-2 abstracts |" in table
     assert "fake.rival (m1, endpoint)" in table
     assert "keyless (m1, endpoint): skipped** (API key variable QRB_T_NONE is not set)" in table
     assert "flaky (broken, endpoint): skipped** (HTTP 500" in table
-    assert "### eval questions on papers published after the knowledge cutoff (2023-12-31) (n=3)" in table
+    assert "### eval questions (held-out papers) on papers first public after the knowledge cutoff (2023-12-31) " \
+           "(n=3)" in table
+    assert "### seen questions (seen papers, new questions) (n=3)" in table
+    assert "| model | fact recall | Δ fact recall vs base | facts stated | Δ facts stated vs base | words |" in table
+    assert "by the judge's verdict (fact judge (judge-1 at " in table
     csv = Path("plots/evaluate/scores.csv").read_text().splitlines()
-    assert csv[0] == "label,set,model,metric,score,lo,hi" and len(csv) == 1 + 6 * 4 * 5
+    expected = sum(k in m for by_model in metrics.values() for m in by_model.values()
+                   for k in ("fact_recall", "facts_stated", "bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu",
+                             "sentence_bleu"))
+    assert csv[0] == "label,set,model,metric,score,lo,hi" and len(csv) == 1 + expected >= 1 + 8 * 5 * 8
+
+    # the judge's verdicts are cached: the rerun sends the rival its questions again, the judge nothing
+    judged = [r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]
+    assert len(judged) == len(load_cache(Path("cache/evaluate/fact_judge.jsonl"))) > 0
+    run_evaluate_stage([])
+    assert len([r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]) == len(judged)
+    assert json.loads(Path("metrics/evaluate.json").read_text()) == metrics
 
 
 @pytest.mark.slow
@@ -344,3 +527,53 @@ def test_dvc_metrics_diff_shows_per_model_per_metric_deltas(tmp_path):
     assert diff["eval.fine_tuned.bleu"] == {"old": 12.0, "new": 15.5, "diff": 3.5}
     assert diff["eval.fine_tuned.rouge1"]["diff"] == pytest.approx(0.05)
     assert "eval.base.bleu" not in diff  # unchanged (--all shows them)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 13: first-public dates, no interval below a minimum n, both BLEUs
+
+def test_a_paper_is_dated_by_when_it_first_became_public():
+    """A preprint public on arXiv in June 2023 that the journal published in 2024 is *before* a 2023-12-31 cutoff:
+    the arXiv id's YYMM is its v1 month. Before the fix the journal date (2024) won."""
+    papers = [{"doi": "10.22331/q-2024-03-05-1", "arxiv": "arXiv:2306.01234v3", "published": "2024-03-05"}]
+    rows = [question_record(r) for r in [
+        {"doi": "10.22331/q-2024-03-05-1", "published": "2024-03-05"},          # eval pair: arXiv via papers.jsonl
+        {"paper_doi": "10.22331/q-2024-06-11-1364", "paper_arxiv": "2306.08595"},  # golden card-1: DOI 2024
+        {"doi": "10.22331/q-2024-02-01-9", "published": "2024-02-01"},          # no arXiv id known: journal date
+        {"arxiv": "quant-ph/0601001", "published": "2007-05-01"}]]              # an old-style arXiv id
+    subsets, dates = freshness_subsets(rows, dt.date(2023, 12, 31), papers)
+    assert dates == [dt.date(2023, 6, 1), dt.date(2023, 6, 1), dt.date(2024, 2, 1), dt.date(2006, 1, 1)]
+    assert subsets == {"after_cutoff": [2], "before_cutoff": [0, 1, 3]}
+
+
+def test_no_interval_below_the_minimum_n(scorer):
+    """n=1 gave a degenerate interval like [0.217, 0.217]; below `min_n_for_interval` JSON and table say so."""
+    from stages.evaluate.report import markdown_table
+
+    one = aggregate(scorer.rows(PREDS[:1], REFS[:1]), seed=1, samples=200, min_n=3)
+    assert one["n"] == 1 and one["rouge1"] > 0
+    assert one["rouge1_ci95"] == "n too small" and one["bleu_ci95"] == "n too small"
+    many = aggregate(scorer.rows(PREDS, REFS), seed=1, samples=200, min_n=3)
+    assert isinstance(many["rouge1_ci95"], list) and many["rouge1_ci95"][0] < many["rouge1_ci95"][1]
+    table = markdown_table({"eval_after_cutoff": {"base": one}, "eval": {"base": many}}, {}, dt.date(2023, 12, 31))
+    after, whole = table.split("### eval questions (held-out papers) (n=6)")
+    assert "first public after the knowledge cutoff (2023-12-31) (n=1)" in after
+    assert f"{one['rouge1']:.3f} (n too small)" in after and f"{one['rouge1']:.3f} [" not in after
+    assert f"{many['rouge1']:.3f} [{many['rouge1_ci95'][0]:.3f}, " in whole
+
+
+def test_bleu_is_reported_as_corpus_and_as_mean_sentence_bleu_labelled(scorer):
+    """The card's "mean/avg" BLEU is a mean of sentence BLEUs; the project's `bleu` is sacrebleu's corpus BLEU
+    (2-6x lower). Both are reported, each labelled, so the card's numbers can be compared."""
+    import sacrebleu
+
+    from stages.evaluate.report import markdown_table
+
+    m = aggregate(scorer.rows(PREDS, REFS), seed=1, samples=200)
+    sentence = [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(PREDS, REFS)]
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score, abs=1e-9)
+    assert m["sentence_bleu"] == pytest.approx(sum(sentence) / len(sentence), abs=1e-9)
+    lo, hi = m["sentence_bleu_ci95"]
+    assert lo <= m["sentence_bleu"] <= hi and lo < hi
+    table = markdown_table({"eval": {"base": m}}, {}, dt.date(2023, 12, 31))
+    assert "| BLEU (corpus) |" in table and "| BLEU (mean sentence) |" in table

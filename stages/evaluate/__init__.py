@@ -2,34 +2,47 @@
 
     python -m stages.evaluate         # from the repository (or workspace) root
 
-Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline), artifacts/train/adapter/,
-       artifacts/validate/eval.jsonl (held-out generated pairs), the golden questions (`evaluate.golden`, in data/),
-       artifacts/scrape/papers.jsonl (the retrieval baseline's passages and paper dates), and the API keys of the
-       rival endpoints from the environment variables that `evaluate.rivals[].api_key_env` names.
-Writes metrics/evaluate.json ({question set: {model: {metric: value, metric_ci95: [lo, hi]}}}),
-       artifacts/evaluate/predictions.jsonl (per question and model: prediction and its scores),
-       reports/eval_table.md (shaped like the card's table), plots/evaluate/scores.csv (the DVC plot).
+Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max_length), artifacts/train/adapter/,
+       the question sets: the golden questions (`evaluate.golden`, in data/), artifacts/validate/seen.jsonl (seen
+       papers, new questions) and artifacts/validate/eval.jsonl (held-out papers), artifacts/scrape/papers.jsonl
+       (the retrieval passages, paper dates, the IDF of fact recall), the API keys of the rival endpoints and of the
+       fact judge from the environment variables that `evaluate.rivals[].api_key_env` / `fact_judge.api_key_env`
+       name, and cache/evaluate/fact_judge.jsonl (the judge's cached verdicts).
+Writes metrics/evaluate.json ({question set: {model: {metric: value, metric_ci95: [lo, hi] or "n too small"}}}),
+       artifacts/evaluate/predictions.jsonl (per question and model: prediction, its scores and key facts),
+       reports/eval_table.md (shaped like the card's table), plots/evaluate/scores.csv (the DVC plot),
+       cache/evaluate/fact_judge.jsonl (the judge's verdicts, kept between runs; empty without a judge).
 
 Models, all answering the same questions with the same system prompt (greedy by default, `max_new_tokens`):
-  fine_tuned  the base model + the trained adapter (batched generation, left padding)
-  base        the same model with the adapter disabled
-  rag         the base model given the top-k abstracts of the scraped papers closest to the question by MiniLM
-              embedding similarity (`rag_top_k`; 0 leaves the row out)
-  rival_<n>   each OpenAI-compatible endpoint of `evaluate.rivals` (skipped, with the reason, when its key is
-              missing or it keeps failing; the others are still scored)
-Question sets: `golden` and `eval`, each also split by freshness into `<set>_after_cutoff` / `<set>_before_cutoff`:
-questions on papers published after `knowledge_cutoff` (the base model's) vs on or before it. A question's date is
-its `published` field, else its paper's (papers.jsonl, by DOI or arXiv id), else the DOI's date (10.22331/q-YYYY-
-MM-DD-N), else the arXiv id's month; undated questions are in neither split.
+  base            the base model (the adapter disabled)
+  fine_tuned      the base model + the trained adapter (batched generation, left padding)
+  rag             the base model given the top-k abstracts of the scraped papers closest to the question by MiniLM
+                  embedding similarity (`rag_top_k`; 0 leaves both RAG rows out)
+  fine_tuned_rag  the adapter given the same retrieved abstracts: does fine-tuning add to retrieval?
+  rival_<n>       each OpenAI-compatible endpoint of `evaluate.rivals` (skipped, with the reason, when its key is
+                  missing or it keeps failing; the others are still scored)
+Question sets: `golden` (the card's questions), `seen` (facts that training taught, asked in words training never
+used: what fine-tuning can have learnt) and `eval` (pairs from papers training never saw: what only retrieval can
+know), each also split by freshness into `<set>_after_cutoff` / `<set>_before_cutoff`: questions on papers that
+first became public after `knowledge_cutoff` (the base model's) vs on or before it. A paper first became public at
+the earliest of its arXiv v1 month (the arXiv id's YYMM, the row's or its paper's in papers.jsonl) and its journal
+date (the row's `published`, its paper's, else the DOI's q-YYYY-MM-DD); undated questions are in neither split. An
+empty seen or eval set is reported as n=0 (a missing file is an error: validate always writes both).
 
-Metrics come from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU), bert-score
-(P/R/F1); token-weighted cross-entropy of the reference answers for local models; mean answer length in words.
+Metrics come from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
+mean of sentence BLEUs `sentence_bleu`, the card's "mean/avg"), bert-score (P/R/F1); token-weighted cross-entropy
+of the reference answers for local models; mean answer length in words; and fact recall (stages/evaluate/facts.py):
+`fact_recall`, the share of the reference's key facts (numbers, names, specific terms the question does not
+contain) that the answer states, and `facts_stated`, the share of answers with fact_recall >= `fact_threshold`, or
+the LLM judge's verdict where `fact_judge` is configured (stages/evaluate/judge.py). Every model but base also gets
+`fact_recall_gain` / `facts_stated_gain`: its paired difference against base on the same questions.
 Every metric has a 95% percentile bootstrap interval (`bootstrap_samples` resamples of the questions, the same
-resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample).
+resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample), or
+"n too small" below `min_n_for_interval` questions.
 
-This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `metrics` scores
-and bootstraps, `core.evaluate` answers every set with every model, `report` renders and writes the outputs, `run`
-does the I/O around them.
+This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `facts` finds
+and matches key facts, `metrics` scores and bootstraps, `judge` asks the fact judge, `core.evaluate` answers every
+set with every model, `report` renders and writes the outputs, `run` does the I/O around them.
 """
 
 from __future__ import annotations
@@ -38,6 +51,13 @@ import datetime as dt
 from dataclasses import dataclass
 
 from qrb.rivals import Rival
+
+
+@dataclass(frozen=True)
+class FactJudge:
+    base_url: str      # any OpenAI-compatible endpoint
+    model: str
+    api_key_env: str   # the NAME of the environment variable holding the key; the key never enters params
 
 
 @dataclass(frozen=True)
@@ -50,12 +70,15 @@ class EvaluateParams:
     greedy: bool
     bootstrap_samples: int       # resamples for the 95% intervals
     knowledge_cutoff: dt.date    # the base model's (Llama-3.1: December 2023): the freshness split
-    rag_top_k: int               # abstracts given to the retrieval baseline; 0 = no RAG row
+    rag_top_k: int               # abstracts given to the rag and fine_tuned_rag rows; 0 = neither row
     rag_max_chars: int           # each abstract cut to this many characters in the prompt
     rivals: tuple[Rival, ...]    # OpenAI-compatible endpoints answering the same questions
     rival_timeout_s: float
     rival_max_retries: int       # the openai SDK's retries (429/5xx/timeouts, honouring Retry-After)
     rival_concurrency: int
+    fact_threshold: float        # facts_stated: an answer with fact_recall >= this states the reference's facts
+    fact_judge: FactJudge | None  # an LLM that decides facts_stated instead (rivals' timeout/retries/concurrency)
+    min_n_for_interval: int      # fewer questions than this: "n too small" instead of an interval
 
     def check(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.bertscore_num_layers < 1:
@@ -68,6 +91,13 @@ class EvaluateParams:
         if self.rival_timeout_s <= 0 or self.rival_max_retries < 0 or self.rival_concurrency < 1:
             raise ValueError("params: `evaluate.rival_timeout_s` must be > 0, `evaluate.rival_max_retries` >= 0 "
                              "and `evaluate.rival_concurrency` >= 1")
+        if not 0.0 < self.fact_threshold <= 1.0:
+            raise ValueError("params: `evaluate.fact_threshold` must be in (0, 1]")
+        if self.min_n_for_interval < 2:
+            raise ValueError("params: `evaluate.min_n_for_interval` must be >= 2 (one question has no spread)")
+        j = self.fact_judge
+        if j is not None and not j.base_url.startswith(("http://", "https://")):
+            raise ValueError("params: `evaluate.fact_judge.base_url` must be an http(s) URL")
         keys = [r.key for r in self.rivals]
         if len(set(keys)) != len(keys):
             raise ValueError("params: `evaluate.rivals` names must be distinct (after non [A-Za-z0-9_-] -> _)")

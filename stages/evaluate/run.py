@@ -1,5 +1,6 @@
-"""The evaluate stage's I/O: the adapter model, the question sets, the papers and their retriever in; the core
-(`stages.evaluate.core.evaluate`); the outputs (`stages.evaluate.report`) out. See `stages.evaluate`."""
+"""The evaluate stage's I/O: the adapter model, the question sets, the papers (their retriever and the IDF of fact
+recall) and the fact judge's cache in; the core (`stages.evaluate.core.evaluate`); the outputs
+(`stages.evaluate.report`) and the judge's cache out. See `stages.evaluate`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
 from .core import evaluate
+from .facts import FactScorer
+from .judge import load_cache, save_cache
 from .questions import load_question_sets
 from .report import model_labels, write_outputs
 
@@ -37,6 +40,7 @@ def load_papers(needed: bool) -> list[dict[str, Any]]:
         if needed:
             raise ConfigError(f"{PAPERS} not found (the RAG baseline retrieves from it): run "
                              "`dvc repro scrape` or set evaluate.rag_top_k: 0")
+        log.warning("%s not found: fact recall weighs every word that is no stop word alike (no IDF)", PAPERS)
         return []
     return list(read_jsonl(PAPERS))
 
@@ -60,9 +64,15 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     papers = load_papers(needed=p.rag_top_k > 0)
     retriever = load_retriever(papers) if p.rag_top_k > 0 else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    facts = FactScorer(pp.get("abstract") or "" for pp in papers)
+    cache = load_cache()
     model, tokenizer = load_adapter_model(base, device)
-    metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers, retriever=retriever)
-    print(write_outputs(metrics, predictions, model_labels(base["model"], p), p.knowledge_cutoff, skipped))
+    try:
+        metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
+                                                 retriever=retriever, facts=facts, judge_cache=cache)
+    finally:  # the verdicts already paid for are kept even if the run fails later (an empty file without a judge)
+        save_cache(cache)
+    print(write_outputs(metrics, predictions, model_labels(base["model"], p), p, skipped))
 
 
 def main(argv: list[str] | None = None) -> None:
