@@ -203,8 +203,8 @@ def test_the_dep_check_catches_a_removed_dep_and_a_new_import(copy):
     spec = yaml.safe_load((copy / "dvc.yaml").read_text())
     spec["stages"]["train"]["deps"].remove("qrb/io.py")
     (copy / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    (copy / "stages" / "model_card.py").write_text((copy / "stages" / "model_card.py").read_text()
-                                                   + "\n\ndef _x():\n    from qrb import retrieval  # noqa\n")
+    card_run = copy / "stages" / "model_card" / "run.py"
+    card_run.write_text(card_run.read_text() + "\n\ndef _x():\n    from qrb import retrieval  # noqa\n")
     problems = dep_problems(copy)
     assert "train: imports qrb/io.py but dvc.yaml does not list it" in problems, problems
     assert "model_card: imports qrb/retrieval.py but dvc.yaml does not list it" in problems, problems
