@@ -107,6 +107,18 @@ def test_every_metric_has_a_95_interval_and_bleu_resamples_are_sacrebleus(scorer
     assert (bootstrap_indices(6, 5, seed=3) == idx).all()
 
 
+def test_no_cross_entropy_when_a_prompt_leaves_its_answer_no_tokens(scorer):
+    """A RAG prompt longer than base.max_length is cut before its answer (0 answer tokens): its CE read 0.000 on the
+    smol demo. No CE is reported then, rather than one over the other rows or a zero."""
+    rows = scorer.rows(PREDS, REFS)
+    for r, nll in zip(rows, [3.0, 1.0, 2.0, 5.0, 9.0, 4.0]):
+        r.update(nll=nll, answer_tokens=2)
+    assert "cross_entropy" in aggregate(rows, seed=3, samples=200)
+    rows[2].update(nll=0.0, answer_tokens=0)
+    m = aggregate(rows, seed=3, samples=200)
+    assert "cross_entropy" not in m and "cross_entropy_ci95" not in m
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Freshness
 

@@ -132,7 +132,9 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
     out["bleu"] = float(bleu._compute_score_from_stats(stats.sum(axis=0).tolist()).score)
     out["bleu_ci95"] = _interval([bleu._compute_score_from_stats(s.tolist()).score for s in stats[idx].sum(axis=1)],
                                  n, min_n)
-    if all("nll" in r for r in rows):
+    # CE only when every reference answer was scored: a prompt (e.g. with retrieved abstracts) that fills
+    # base.max_length leaves its answer no tokens, and a CE over the rest would not compare with the other rows
+    if all("nll" in r for r in rows) and all(r["answer_tokens"] > 0 for r in rows):
         nll = np.array([r["nll"] for r in rows], dtype=float)
         tok = np.array([r["answer_tokens"] for r in rows], dtype=float)
         out["cross_entropy"] = float(nll.sum() / max(tok.sum(), 1))
