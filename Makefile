@@ -6,11 +6,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qrb-installed
 PYTEST_ARGS ?=
+# smol: SmolLM2-135M-Instruct, a real pretrained model; tiny: a random 2-layer stand-in, minutes faster
+PROFILE ?= smol
 
-.PHONY: demo test test-fast install data bench clean-demo
+.PHONY: demo demo-ui test test-fast install data bench clean-demo
 
 demo: $(STAMP)
-	$(BIN)/qrb demo
+	$(BIN)/qrb demo --profile $(PROFILE)
+
+# the same, reporting to a persistent Prefect server (started in the background if none answers on :4200), so the
+# run stays readable in the UI afterwards; it prints the run's page
+demo-ui: $(STAMP)
+	$(BIN)/qrb demo --profile $(PROFILE) --server
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,8 +1,10 @@
 """What a pipeline run publishes to Prefect (readable in the UI and through the API), also when a stage failed:
 
     qrb-metrics       a failed run's cause first, the stages' wall times, the card's eval table and every metric file
-                      dvc.yaml declares, flattened (file | metric | value)
-    qrb-metrics-diff  `dvc metrics diff --md` against the workspace's last commit (the previous committed run)
+                      dvc.yaml declares, flattened (file | metric | value); after a failure labelled as the last
+                      successful run's numbers for the stages this run did not finish
+    qrb-metrics-diff  `dvc metrics diff --md` against the workspace's last commit (the previous committed run), or
+                      "No metric changed"
     qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page,
                       each also as its own link artifact (qrb-model-card, qrb-data-docs, qrb-plots)
 
@@ -84,7 +86,8 @@ def metrics_diff_markdown(workspace: Path) -> str:
     out = _dvc_out(workspace, "metrics", "diff", "--md")
     if out is None:
         return "(`dvc metrics diff` failed: no previous run?)"
-    return out.strip() or "(no metric changed since the last committed run)"
+    rows = [line for line in out.strip().splitlines()[2:] if line.strip()]  # below the header and its rule
+    return out.strip() if rows else "No metric changed since the last committed run."
 
 
 def model_card(workspace: Path) -> Path | None:
@@ -118,7 +121,11 @@ def run_markdown(workspace: Path, results: list[dict[str, Any]], error: str | No
     status = f"**Failed**: {error.splitlines()[0]}\n\n" if error else ""
     stages = "\n".join(f"| {r['stage']} | {r['wall_s']} | {'ran' if r['ran'] else 'up to date'} |" for r in results)
     stages_md = f"| stage | wall s | |\n|---|---|---|\n{stages}\n\n" if results else ""
-    return status + stages_md + metrics_markdown(workspace)
+    # a failed run leaves the outputs of the stages it did not finish as they were: say whose numbers these are
+    done = ", ".join(r["stage"] for r in results) or "none"
+    label = (f"_The metrics below are from the last successful run of each stage (stages this run finished: "
+             f"{done})._\n\n") if error else ""
+    return status + stages_md + label + metrics_markdown(workspace)
 
 
 @task(name="publish-artifacts")

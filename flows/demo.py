@@ -1,11 +1,18 @@
 """The main job: the whole pipeline offline on a CPU, through Prefect, in a scratch DVC workspace.
 
-    qrb demo [--workspace demo] [--profile tiny]      (`make demo` sets up the venv and runs this)
+    qrb demo [--workspace demo] [--profile smol] [-S key=value ...] [--server]
+    (`make demo` sets up the venv and runs this; `make demo PROFILE=tiny` the fast stand-in; `make demo-ui` --server)
 
-Wires: prepare the workspace (pipeline code + params.yaml overlaid with profiles/tiny.yaml + data/ pulled from the
-in-repo DVC remote) -> build the tiny Llama -> start the journal mirror and the smoke-test OpenAI endpoint on
+Wires: prepare the workspace (pipeline code + params.yaml overlaid with the profile + data/ pulled from the in-repo
+DVC remote) -> build the profile's base model when it is a known offline model the workspace lacks (SmolLM2 converted
+from its GGUF, or the tiny Llama), tracked by DVC -> start the journal mirror and the smoke-test OpenAI endpoint on
 127.0.0.1 -> the pipeline flow (one task per DVC stage) -> commit the run in the workspace's git, so that
 `dvc exp run -S ...` and `dvc metrics diff` work there right away.
+
+The console shows one line per step and the progress of long ones; everything else is in `<workspace>/logs/demo.log`
+(named at the start and the end), the run's summary as JSON in `<workspace>/logs/demo.json`. Without a Prefect server
+the run goes to a temporary one that stops with the command; `--server` uses (or starts, in the background, and
+leaves running) a persistent one and prints the run's page in its UI.
 """
 
 from __future__ import annotations
@@ -18,34 +25,66 @@ import sys
 import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
+from flows import console
+from flows import overrides as ov
+from flows import server as srv
 from flows import workspace as wsp
-from flows.pipeline import pipeline
-from qrb.offline.services import background, host_port
-from qrb.params import read_yaml
+from flows.pipeline import exit_code, pipeline, stream
+from qrb.errors import ConfigError
+from qrb.offline import services
+from qrb.params import nested, parse_set, read_yaml
 
-SMOKE_KEY_ENV_VALUE = "offline-smoke-test-key"  # not a secret: the local smoke endpoint accepts any key
+DEFAULT_PROFILE = "smol"
+# the offline base models a profile may name (base.model), and the command that builds each in the workspace
+OFFLINE_MODELS = {
+    "models/smollm2-135m-instruct": ["-m", "qrb.offline.smol_model", "--out", "models/smollm2-135m-instruct"],
+    "models/tiny-llama": ["-m", "qrb.offline.tiny_model", "--corpus", "data/corpus", "--out", "models/tiny-llama"],
+}
+BUILD_TIMEOUT_S = 1800
 
 
 @task
 def prepare_workspace(workspace: str, profile: str, overrides: dict | None = None) -> str:
-    return str(wsp.prepare(workspace, profile, overrides=overrides))
+    t0 = time.time()
+    ws = wsp.prepare(workspace, profile, overrides=overrides)
+    console.say(get_run_logger(), "  %-10s %5.0f s  code and params.yaml (profile %s) synced, data/ from the DVC "
+                "remote", "workspace", time.time() - t0, profile)
+    return str(ws)
 
 
 @task
-def build_tiny_model(workspace: str) -> str:
-    """The profile's base model, if it is a local folder the workspace lacks (deterministic, ~10 s)."""
-    from qrb.offline import tiny_model
-
+def build_base_model(workspace: str) -> str:
+    """The profile's base model, when it is one of OFFLINE_MODELS and the workspace lacks it (the builders are
+    deterministic, and a no-op when built), then `dvc add`ed: queued experiments (temporary copies of the workspace)
+    check it out like data/, and its .dvc file is a dep of the stages that load it."""
+    logger = get_run_logger()
     ws = Path(workspace)
     model = read_yaml(ws / "params.yaml")["base"]["model"]
-    target = ws / model
-    if model.startswith("models/") and not (target / "config.json").exists():
-        tiny_model.build(ws / "data" / "corpus", target)
-        # tracked by DVC: queued experiments (temporary copies of the workspace) check it out like data/
+    t0 = time.time()
+    if model not in OFFLINE_MODELS:
+        console.say(logger, "  %-10s %5.0f s  %s (not built here: a hub id or your own folder)", "base model", 0, model)
+        return model
+    did = "in the workspace"
+    if not (ws / model / "config.json").exists():
+        rc, tail = stream([sys.executable, *OFFLINE_MODELS[model]], ws, BUILD_TIMEOUT_S, logger)
+        if rc != 0:
+            raise ConfigError(f"building {model} failed (exit {rc}): {tail[-1] if tail else 'no output'}")
+        did = "built"
+    if not (ws / f"{model}.dvc").exists():
         wsp.run(wsp.dvc("add", "-q", model), ws)
+        did += ", tracked by DVC"
+    console.say(logger, "  %-10s %5.0f s  %s %s", "base model", time.time() - t0, model, did)
     return model
+
+
+build_tiny_model = build_base_model  # the name flows/sweep.py imports
+
+
+def offline_services(ws: Path):
+    """The stand-ins at the URLs the workspace's params name (qrb/offline/services.py)."""
+    return services.stand_ins(ws)
 
 
 @task
@@ -53,59 +92,87 @@ def commit_run(workspace: str) -> None:
     wsp.commit(Path(workspace), "demo: pipeline run (dvc.lock, metrics, plots)")
 
 
-def offline_services(ws: Path) -> contextlib.ExitStack:
-    """Mirror + smoke endpoint at the URLs the profile's params name (127.0.0.1 only)."""
-    params = read_yaml(ws / "params.yaml")
-    stack = contextlib.ExitStack()
-    start = params["scrape"]["start_urls"][0]
-    stack.enter_context(background("journal mirror", ["-m", "qrb.offline.mirror", "--corpus", "data/corpus",
-                                                      "--port", str(host_port(start)[1])], start, ws))
-    gen = params["generate"]
-    os.environ.setdefault(gen["api_key_env"], SMOKE_KEY_ENV_VALUE)
-    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke", "--port",
-                                                           str(host_port(gen["base_url"])[1])], gen["base_url"], ws))
-    return stack
-
-
 @flow(name="qrb-demo", log_prints=True)
-def demo(workspace: str = "demo", profile: str = "tiny", overrides: dict | None = None) -> dict:
+def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dict | None = None) -> dict:
     """`overrides` (nested params, e.g. other service ports) are applied on top of the profile."""
     t0 = time.time()
     ws = prepare_workspace(workspace, profile, overrides)
-    build_tiny_model(ws)
+    build_base_model(ws)
+    params = read_yaml(Path(ws) / "params.yaml")
     with offline_services(Path(ws)):
+        console.say(get_run_logger(), "  %-10s %5s    journal mirror %s, smoke endpoint %s", "services", "",
+                    params["scrape"]["start_urls"][0], params["generate"]["base_url"])
         results = pipeline(ws)
     commit_run(ws)
-    return {"workspace": ws, "stages": results, "wall_s": round(time.time() - t0, 1)}
+    return {"workspace": ws, "profile": profile, "stages": results, "wall_s": round(time.time() - t0, 1)}
 
 
-def summary(run: dict) -> str:
+def summary(run: dict, log: Path) -> str:
     ws = Path(run["workspace"])
     rel = os.path.relpath(ws) if ws.is_relative_to(Path.cwd()) else str(ws)
     activate = Path(sys.executable).parent / "activate"
-    lines = ["", (ws / "reports" / "eval_table.md").read_text(), "Stages (wall seconds; dvc skips unchanged ones):"]
-    lines += [f"  {r['stage']:<9} {r['wall_s']:>7.1f}  {'ran' if r['ran'] else 'up to date'}" for r in run["stages"]]
-    lines += [f"Total {run['wall_s']:.0f} s.", "", f"Outputs in {rel}/ (a git + DVC workspace):",
+    lines = ["", (ws / "reports" / "eval_table.md").read_text().strip(), "",
+             "Stages (wall seconds; dvc skips unchanged ones):"]
+    lines += [f"  {r['stage']:<10} {r['wall_s']:>7.1f}  {'ran' if r['ran'] else 'up to date'}" for r in run["stages"]]
+    lines += [f"Total {run['wall_s']:.0f} s (profile {run['profile']}).", "", f"Outputs in {rel}/ (a git + DVC workspace):",
               f"  {rel}/artifacts/   papers, QA pairs, validated dataset, adapter, predictions",
               f"  {rel}/metrics/     stage metrics (dvc metrics show)",
               f"  {rel}/reports/     eval_table.md, data_docs/index.html (great-expectations)",
               f"  {rel}/artifacts/model_card/README.md   the model card; {rel}/artifacts/export/  merged + int8",
               f"  {rel}/plots/       loss curves and scores (dvc plots show)",
-              f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff"]
+              f"  {log}   every detail of this run",
+              f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff",
+              f"Re-run scrape or generate there with the stand-ins up: qrb services --workspace {rel} -- "
+              "dvc repro -f scrape"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qrb.io import setup_logging
-
-    setup_logging()
-    ap = argparse.ArgumentParser(description="Run the offline demo pipeline (tiny profile) through Prefect")
-    ap.add_argument("--workspace", default="demo")
-    ap.add_argument("--profile", default="tiny")
+    ap = argparse.ArgumentParser(description="Run the offline demo pipeline through Prefect")
+    ap.add_argument("--workspace", default="demo", help="the scratch workspace to create or refresh (default demo)")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE,
+                    help=f"profile in profiles/ or a YAML path (default {DEFAULT_PROFILE}: SmolLM2-135M; tiny: the "
+                         "fast stand-in)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="param override on top of the profile (repeatable), e.g. -S train.epochs=1")
+    ap.add_argument("--server", action="store_true",
+                    help="report to a persistent Prefect server (PREFECT_API_URL, else 127.0.0.1:4200, started in "
+                         "the background if none answers) and print the run's page in its UI")
     ap.add_argument("--json", action="store_true", help="print the run summary as JSON")
     args = ap.parse_args(argv)
-    run = demo(args.workspace, args.profile)
-    print(json.dumps(run, indent=2) if args.json else summary(run))
+    try:
+        dotted = parse_set(args.set)
+        # a missing profile, a typo or a bad value fails here, in one line, before anything is written
+        ov.check(wsp.REPO_ROOT, dotted, params=wsp.profile_params(args.profile))
+        overrides = nested(dotted) or None
+        api_url, pid = srv.ensure() if args.server else (None, None)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"qrb demo: {e}")
+    ws = Path(args.workspace)
+    log = ws / "logs" / "demo.log"
+    with console.quiet(log, restore=False):
+        console.line(f"qrb demo: profile {args.profile}, workspace {ws}/; details in {log}")
+        if pid:
+            console.line(f"Prefect server started in the background (pid {pid}; stop it with `kill {pid}`)")
+        state = None
+        try:
+            with srv.using(api_url) if api_url else contextlib.nullcontext():
+                state = demo(str(ws), args.profile, overrides, return_state=True)
+                run = state.result()
+        except Exception as e:  # noqa: BLE001 - its cause in one line; the traceback is in the log
+            headline = getattr(e, "headline", None) or " ".join(str(e).split())
+            console.line(f"qrb demo failed: {headline}")
+            console.line(f"details in {log}" + (f"; the run in Prefect's UI: {page(api_url, state)}" if api_url
+                                                 and state is not None else ""))
+            sys.exit(exit_code(e))
+    (log.parent / "demo.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(json.dumps(run, indent=2) if args.json else summary(run, log))
+    if api_url:
+        print(f"The run in Prefect's UI: {page(api_url, state)}")
+
+
+def page(api_url: str, state) -> str:
+    return srv.ui_url(api_url, state.state_details.flow_run_id)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,38 @@
 """Prefect flow: the DVC pipeline, one task per stage, in the order dvc.yaml defines.
 
-    python -m flows.pipeline [--workspace DIR] [-S train.lora.r=4 ...] [--until validate] [--force scrape]
-    (also `qrb run ...`)
+    qrb run [--workspace DIR] [-S train.lora.r=4 ...] [--until validate] [--force scrape]
+    (also `python -m flows.pipeline ...`)
 
-DVC decides what is stale (a task for an up-to-date stage finishes at once); Prefect runs, retries the stages that
-touch the network (scrape, generate) with exponential backoff, and shows every run in its UI (`prefect server
-start`, then http://127.0.0.1:4200; without a server a temporary local one is used). Flows only wire: each task
-runs `dvc --wait-for-lock repro <stage>` and streams its output into the Prefect logs.
+DVC decides what is stale (a task for an up-to-date stage finishes at once); Prefect runs the stages, retries the
+transient failures of the network stages (scrape, generate), and shows every run in its UI (`prefect server start`,
+then http://127.0.0.1:4200; without a server a temporary local one is used). Flows only wire: each task runs
+`dvc --wait-for-lock repro <stage>` and streams its output into the Prefect logs. Each task waits for the tasks of the
+stages it depends on in dvc.yaml (a dep that is another stage's output, as `dvc dag` draws it), so the run's graph in
+the UI is the DVC DAG.
 
-Param overrides (`-S key=value`, the flow parameter `params`) follow `dvc exp run -S`: dotted keys, values read as
-YAML. They are written into the workspace's params.yaml (comments kept) before the stages run, so each stage stays
-its own task (`dvc exp run` would run the whole DAG in one process) and the workspace's params.yaml, dvc.lock and
-outputs agree afterwards (`dvc params diff` / `dvc metrics diff` show the change). Unlike `-S`, a key that params.yaml
-lacks is an error (a typo must not silently add a key).
+Param overrides (`-S key=value`, the flow parameter `params`) follow `dvc exp run -S` (dotted keys, values read as
+YAML) and are checked before anything is written (flows/overrides.py: the key exists, the value builds through its
+stage's params dataclass); then they are written into the workspace's params.yaml, so each stage stays its own task
+(`dvc exp run` would run the whole DAG in one process) and params.yaml, dvc.lock and the outputs agree afterwards
+(`dvc params diff` / `dvc metrics diff` show the change). A bad override fails the run before any stage, changing
+nothing.
 
 Failures are classified by what the stage reports, never by its output text: each run of a stage gets a fresh status
 file (`QRB_STATUS_FILE`), where `qrb.stage.run_stage` writes its exit code, kind and one-line message (DVC itself
 exits 255 whatever the command did). Only a transient failure (exit 75: the network, an endpoint) of a network stage
 is retried; config (78), data (65, the validate gate), a crash (1) and a failure with no status (DVC failed before
 the command ran) are not; the local stages have no retries at all. The stage's message is the cause shown in the
-task's state and in the artifacts, which each run publishes, also when a stage failed (see flows/artifacts.py).
+task's state and in the artifacts, which each run publishes, also when a stage or an override failed (see
+flows/artifacts.py).
+
+On the console `qrb run` shows one line per stage, the progress of long ones and a failure's cause in one line; the
+stages' whole output is in the Prefect logs and in `<workspace>/logs/run.log` (flows/console.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import difflib
 import json
 import re
 import subprocess
@@ -33,32 +40,73 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.tasks import exponential_backoff
 
+from flows import console
+from flows import overrides as ov
 from flows.artifacts import publish_artifacts
 from flows.workspace import dvc, venv_env
-from qrb.errors import kind_of_exit
+from qrb.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, QrbError, kind_of_exit
 from qrb.params import parse_set
 from qrb.stage import STATUS_ENV
 
+__all__ = ["StageFailed", "pipeline", "read_status", "run_reported", "stage_failure", "stage_order", "stream"]
+
 NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries of transient failures; other stages: none
-RETRY_BACKOFF_S = 10.0  # first retry after ~10 s, then 20 s, 40 s (± jitter)
+# One delay, not a growing list: Prefect's UI shows a list of delays as "NaN s". The stages already back off per
+# request inside (generate.backoff_*, scrape.retry_times); this retry is the coarse second line (an endpoint that was
+# down for a minute), so a fixed ~30 s (± 50% jitter) between whole-stage attempts is enough.
+RETRY_DELAY_S = 30.0
+RETRY_JITTER = 0.5
 STAGE_TIMEOUT_S = 6 * 3600
-PROGRESS_BAR = re.compile(r"\d+%\|.*\]\s*$|\[A\s*$")  # tqdm lines: too chatty for logs (the last one is kept)
+# a tqdm bar (too chatty for logs: its final state is kept) and whatever was written after it on the same line
+PROGRESS_BAR = re.compile(r"^(?P<bar>.*?\d{1,3}%\|[^|]*\|[^\[]*\[[^\]]*\])(?P<rest>.*)$")
 
 
 def stage_order(workspace: Path) -> list[str]:
     """The stages as dvc.yaml lists them (dvc.yaml is written in dependency order)."""
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    path = workspace / "dvc.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no pipeline at {workspace} (no dvc.yaml): make a workspace with "
+                          f"`qrb workspace {workspace} --profile tiny`, or pass --workspace . from the repo root")
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
     if not stages:
-        raise SystemExit(f"{workspace / 'dvc.yaml'} defines no stages")
+        raise ConfigError(f"{path} defines no stages")
     return list(stages)
+
+
+def _paths(entries: Any) -> list[str]:
+    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or []]
+
+
+def stage_edges(workspace: Path) -> dict[str, list[str]]:
+    """stage -> the stages it depends on: a dep of it that is an output (out, metric or plot) of another stage, or a
+    folder above or below one. These are the edges `dvc dag` draws between stages."""
+    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    outs = {name: [p.rstrip("/") for kind in ("outs", "metrics", "plots") for p in _paths((spec or {}).get(kind))]
+            for name, spec in stages.items()}
+
+    def overlap(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+    return {name: [up for up in stages if up != name
+                   and any(overlap(d.rstrip("/"), o) for d in _paths((spec or {}).get("deps")) for o in outs[up])]
+            for name, spec in stages.items()}
+
+
+def plan(workspace: Path, until: str | None = None, force: list[str] | None = None) -> list[str]:
+    """The stages to run (up to `until`); an unknown stage name is a ConfigError naming the valid ones."""
+    order = stage_order(workspace)
+    for name in [*(force or []), *([until] if until else [])]:
+        if name not in order:
+            close = difflib.get_close_matches(name, order, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown stage {name!r}{hint}; dvc.yaml has: {', '.join(order)}")
+    return order[:order.index(until) + 1] if until else order
 
 
 class StageFailed(RuntimeError):
@@ -66,11 +114,11 @@ class StageFailed(RuntimeError):
     data, transient, failed, usage), "dvc" when it reported nothing (DVC failed around its command), or "timeout".
     Only a transient failure is retried (and only for the stages given retries)."""
 
-    def __init__(self, what: str, kind: str, exit_code: int | None, cause: str = "", details: Iterable[str] = ()):
+    def __init__(self, what: str, kind: str, exit_code: int | None, cause: str = "", details: Any = ()):
         self.what, self.kind, self.exit_code, self.cause, self.details = what, kind, exit_code, cause, list(details)
-        why = ", ".join([kind, *([f"exit {exit_code}"] if exit_code is not None else []),
-                         *([] if self.retryable else ["not retried"])])
-        self.headline = f"{what} failed ({why})" + (f": {cause}" if cause else "")
+        self.why = ", ".join([kind, *([f"exit {exit_code}"] if exit_code is not None else []),
+                              *([] if self.retryable else ["not retried"])])
+        self.headline = f"{what} failed ({self.why})" + (f": {cause}" if cause else "")
         super().__init__("\n".join([self.headline, *self.details]))
 
     def __reduce__(self):  # Prefect may pickle a failed task's exception (persisted results, another process)
@@ -106,30 +154,43 @@ def stage_failure(what: str, rc: int, status: dict[str, Any] | None, tail: list[
 
 
 def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
-           env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    """Run `cmd`, each output line to `logger` (progress bars: their final state only); returns (exit code, last
-    lines). A watchdog kills it after `timeout_s` (a sync task's timeout can't interrupt a blocking subprocess)."""
+           env: dict[str, str] | None = None, output: console.StageOutput | None = None) -> tuple[int, list[str]]:
+    """Run `cmd`, each output line to `logger` (progress bars: their 100% line only; a warning repeated verbatim:
+    once); returns (exit code, last lines). `output` sees every line (the console's progress and summary). A watchdog
+    kills it after `timeout_s` (a sync task's timeout can't interrupt a blocking subprocess)."""
     tail: list[str] = []
-    bar = ""
+    finished: tuple[str | None, str] | None = None
+    warned: set[str] = set()
+    repeats = 0
     proc = subprocess.Popen(cmd, cwd=workspace, env=venv_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1)  # text mode: tqdm's \r updates arrive as lines
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if PROGRESS_BAR.search(line):
-                bar = line if "100%|" in line else ""
-                continue
-            if bar:
-                logger.info(bar)
-                bar = ""
+        for raw in proc.stdout:
+            line = console.clean(raw)
+            if output is not None:
+                output.feed(line)
+            m = PROGRESS_BAR.match(line)
+            if m:
+                done = console.BAR.search(m["bar"])
+                if done and done["pct"] == "100" and done.group("desc", "total") != finished:
+                    logger.info(m["bar"])  # tqdm may draw 100% twice (the last update, then at close): once
+                    finished = done.group("desc", "total")
+                line = m["rest"].strip()
+                if not line:
+                    continue
+            if "Warning: " in line or line.startswith("warnings.warn("):
+                if line in warned:  # the same warning from a loop (peft at every checkpoint)
+                    repeats += 1
+                    continue
+                warned.add(line)
             if line:
                 logger.info(line)
                 tail = (tail + [line])[-40:]
-        if bar:
-            logger.info(bar)
+        if repeats:
+            logger.info("(%d repeated warning lines not shown again)", repeats)
         rc = proc.wait()
     finally:
         timed_out = timer.finished.is_set()  # set before cancel() only if the watchdog fired
@@ -141,13 +202,24 @@ def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
     return rc, tail
 
 
-def run_reported(cmd: list[str], workspace: str | Path, timeout_s: float,
-                 logger: Any) -> tuple[int, list[str], dict[str, Any] | None]:
+def run_reported(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
+                 output: console.StageOutput | None = None) -> tuple[int, list[str], dict[str, Any] | None]:
     """`stream(cmd)` with a fresh status file for the stages it runs; returns (exit code, last lines, status)."""
     with tempfile.TemporaryDirectory(prefix="qrb-status-") as tmp:
         path = Path(tmp) / "status.json"
-        rc, tail = stream(cmd, workspace, timeout_s, logger, env={STATUS_ENV: str(path)})
+        rc, tail = stream(cmd, workspace, timeout_s, logger, env={STATUS_ENV: str(path)}, output=output)
         return rc, tail, read_status(path)
+
+
+def _retry_note(failure: StageFailed) -> str:
+    """", retrying" when Prefect will run this task again (a transient failure with retries left)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if not failure.retryable or ctx is None:
+        return ""
+    left = ctx.task.retries - (ctx.task_run.run_count - 1)
+    return f"; retrying ({left} {'retry' if left == 1 else 'retries'} left)" if left > 0 else ""
 
 
 @task(task_run_name="{stage}", log_prints=True)
@@ -157,12 +229,20 @@ def run_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, fo
     logger = get_run_logger()
     args = ["--wait-for-lock", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
+    output = console.StageOutput(stage)
     t0 = time.time()
-    rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger)
+    try:
+        rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger, output)
+        if rc != 0:
+            raise stage_failure(f"stage {stage}", rc, status, tail)
+    except StageFailed as failure:
+        console.say(logger, "  %-10s %5.0f s  FAILED (%s): %s%s", stage, time.time() - t0, failure.why,
+                    failure.cause, _retry_note(failure))
+        raise
     wall = time.time() - t0
-    if rc != 0:
-        raise stage_failure(f"stage {stage}", rc, status, tail)
-    return {"stage": stage, "wall_s": round(wall, 2), "ran": status is not None}
+    ran = status is not None
+    console.say(logger, "  %-10s %5.0f s  %s", stage, wall, (output.summary or "ran") if ran else "up to date")
+    return {"stage": stage, "wall_s": round(wall, 2), "ran": ran}
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -176,52 +256,19 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, StageFailed) and exc.retryable
 
 
-def stage_task(stage: str, retries: dict[str, int] | None = None, backoff_s: float = RETRY_BACKOFF_S):
+def stage_task(stage: str, retries: dict[str, int] | None = None, delay_s: float = RETRY_DELAY_S):
     retries_n = (NETWORK_STAGES if retries is None else retries).get(stage, 0)
     if not retries_n:
         return run_stage
-    return run_stage.with_options(retries=retries_n, retry_delay_seconds=exponential_backoff(backoff_factor=backoff_s),
-                                  retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+    return run_stage.with_options(retries=retries_n, retry_delay_seconds=delay_s, retry_jitter_factor=RETRY_JITTER,
+                                  retry_condition_fn=retry_transient)
 
 
-# --- param overrides (`dvc exp run -S` semantics) ------------------------------------------------------------------
-
-def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Write dotted-key overrides into params.yaml, keeping its comments; returns {key: (old, new)} of changes.
-
-    Raises ValueError naming the key when params.yaml lacks it (checked for every key before anything is written).
-    """
-    from ruamel.yaml import YAML
-
-    rt = YAML(typ="rt")
-    rt.width = 120
-    data = rt.load(params_file.read_text())
-    targets = []
-    for key, value in overrides.items():
-        node, parts = data, key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                raise ValueError(f"params: unknown key `{'.'.join(parts[:i + 1])}` in override `{key}` "
-                                 f"(not in {params_file.name})")
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ValueError(f"params: unknown key `{key}` in override (not in {params_file.name})")
-        targets.append((node, parts[-1], key, value))
-    changes = {}
-    for node, leaf, key, value in targets:
-        if node[leaf] != value:
-            changes[key] = (node[leaf], value)
-            node[leaf] = value
-    if changes:
-        buf = io.StringIO()
-        rt.dump(data, buf)
-        params_file.write_text(buf.getvalue())
-    return changes
-
-
-@task(name="set-params")
+@task(name="set-params", task_run_name="set-params")
 def set_params(workspace: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    changes = apply_overrides(Path(workspace) / "params.yaml", overrides)
+    """Check the overrides (nothing written when one is bad), then write them into params.yaml."""
+    ov.check(workspace, overrides)
+    changes = ov.apply(Path(workspace) / "params.yaml", overrides)
     logger = get_run_logger()
     for key, (old, new) in changes.items():
         logger.info("params: %s: %r -> %r", key, old, new)
@@ -231,7 +278,7 @@ def set_params(workspace: str, overrides: dict[str, Any]) -> dict[str, Any]:
 @flow(name="qrb-pipeline", log_prints=True)
 def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: str | None = None,
              force: list[str] | None = None, retries: dict[str, int] | None = None,
-             retry_backoff_s: float = RETRY_BACKOFF_S, stage_timeout_s: float = STAGE_TIMEOUT_S) -> list[dict[str, Any]]:
+             retry_delay_s: float = RETRY_DELAY_S, stage_timeout_s: float = STAGE_TIMEOUT_S) -> list[dict[str, Any]]:
     """Run the stages of dvc.yaml in order (up to `until`), after writing `params` overrides; publish artifacts.
 
     params: dotted-key overrides (`{"train.lora.r": 4}`), as `dvc exp run -S`. force: stages re-run even when
@@ -239,20 +286,22 @@ def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: 
     retries: stage -> retries for transient failures (default: scrape and generate, 3 each).
     """
     ws = Path(workspace).resolve()
-    order = stage_order(ws)
-    unknown = [s for s in [*(force or []), *([until] if until else [])] if s not in order]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}; dvc.yaml has: {', '.join(order)}")
-    if until:
-        order = order[:order.index(until) + 1]
-    if params:
-        set_params(str(ws), params)
     results: list[dict[str, Any]] = []
     error = None
     try:
+        order = plan(ws, until, force)
+        edges = stage_edges(ws)
+        states: dict[str, Any] = {}
+        first: list[Any] = []  # what the stages with no upstream stage wait for: the params they read
+        if params:
+            first = [set_params(str(ws), params, return_state=True)]
+            first[0].result()  # a bad override: the run fails here, nothing written
         for stage in order:
-            results.append(stage_task(stage, retries, retry_backoff_s)(
-                stage, str(ws), timeout_s=stage_timeout_s, force=stage in (force or [])))
+            wait = [states[up] for up in edges.get(stage, []) if up in states] or first
+            states[stage] = stage_task(stage, retries, retry_delay_s)(
+                stage, str(ws), timeout_s=stage_timeout_s, force=stage in (force or []), wait_for=wait,
+                return_state=True)
+            results.append(states[stage].result())
     except Exception as e:
         error = e.headline if isinstance(e, StageFailed) else str(e)
         raise
@@ -264,21 +313,62 @@ def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: 
     return results
 
 
+def exit_code(e: BaseException) -> int:
+    """The exit code a failed run ends the command with: the failed stage's own (78 config, 65 data, 75 transient)."""
+    if isinstance(e, StageFailed) and isinstance(e.exit_code, int) and 0 < e.exit_code < 255:
+        return e.exit_code
+    return e.exit_code if isinstance(e, QrbError) else EXIT_FAILED
+
+
+def fail(prog: str, e: BaseException, code: int | None = None) -> None:
+    """One line on stderr, then exit."""
+    message = e.headline if isinstance(e, StageFailed) else " ".join(str(e).split())
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code(e) if code is None else code)
+
+
+def check_args(workspace: Path, until: str | None, force: list[str], set_param: list[str]) -> dict[str, Any]:
+    """What `qrb run` checks before Prefect starts (one line and an exit code each): the workspace, the stage names
+    (usage, exit 2), the overrides (config, exit 78). Returns the overrides."""
+    try:
+        plan(workspace, until, force)
+    except ConfigError as e:
+        fail("qrb run", e, EXIT_USAGE)
+    try:
+        overrides = parse_set(set_param)
+        if overrides:
+            ov.check(workspace, overrides)
+    except ValueError as e:  # parse_set: not key=value
+        fail("qrb run", e, EXIT_USAGE)
+    except ConfigError as e:
+        fail("qrb run", e)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Run the DVC pipeline through Prefect")
-    ap.add_argument("--workspace", default=".")
+    ap = argparse.ArgumentParser(description="Run the DVC pipeline of a workspace through Prefect")
+    ap.add_argument("--workspace", default=".", help="the workspace (a folder with dvc.yaml and params.yaml; default .)")
     ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                     help="param override, as `dvc exp run -S` (repeatable), e.g. -S train.lora.r=4")
-    ap.add_argument("--until", help="stop after this stage")
+    ap.add_argument("--until", metavar="STAGE", help="stop after this stage")
     ap.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if unchanged")
+    ap.add_argument("--json", action="store_true", help="print the stages' results as JSON at the end")
     args = ap.parse_args(argv)
-    try:
-        overrides = parse_set(args.set_param)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    results = pipeline(args.workspace, params=overrides or None, until=args.until, force=args.force or None)
-    json.dump(results, sys.stdout, indent=2)
-    print()
+    ws = Path(args.workspace)
+    overrides = check_args(ws, args.until, args.force, args.set_param)
+    log = ws / "logs" / "run.log"
+    t0 = time.time()
+    with console.quiet(log, restore=False):
+        console.line(f"qrb run: {ws.resolve()}; details in {log}")
+        try:
+            results = pipeline(str(ws), params=overrides or None, until=args.until, force=args.force or None)
+        except Exception as e:  # noqa: BLE001 - its cause in one line; the traceback is in the log
+            console.line(f"details in {log}")
+            fail("qrb run", e)
+        console.line(f"qrb run: done in {time.time() - t0:.0f} s; details in {log}")
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
 
 
 if __name__ == "__main__":

@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     ap = argparse.ArgumentParser(description="Technique x hyper-parameter sweep as DVC experiments (+ Optuna)")
-    ap.add_argument("--workspace", default=".")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--workspace", default=".", help="the workspace to sweep in (default .: the repo, the flagship)")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="the sweep's grid and search (default flows/sweep.yaml)")
     ap.add_argument("--profile", help="prepare --workspace as a scratch workspace for this profile (tiny: offline)")
     ap.add_argument("--ports", help="tiny profile: mirror,endpoint ports (default: the profile's)")
     ap.add_argument("--trials", type=int, help="Optuna trials after the grid (default: the config's)")

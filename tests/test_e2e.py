@@ -22,18 +22,59 @@ def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def set_args(nested: dict, prefix: str = "") -> list[str]:
+    """-S arguments for nested overrides (values as JSON, which YAML reads)."""
+    args = []
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            args += set_args(value, f"{prefix}{key}.")
+        else:
+            args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
+    return args
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, prefect_server):
-    from flows.demo import demo
+    """`qrb demo --profile tiny` as a user runs it (a subprocess, its console captured), on free ports, reporting to
+    the tests' Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.workspace import venv_env
 
     ws = tmp_path_factory.mktemp("e2e") / "demo"
     overrides = port_overrides(profile_params("tiny"), *free_ports(2))
-    run = demo(str(ws), "tiny", overrides)
-    return ws, run, overrides
+    env = venv_env({"PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "demo", "--workspace", str(ws), "--profile", "tiny",
+                           *set_args(overrides)], env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = json.loads((ws / "logs" / "demo.json").read_text())
+    return ws, run, overrides, proc
+
+
+def test_demo_console_is_a_line_per_step_and_the_summary_once(demo_run):
+    ws, run, _, proc = demo_run
+    console = proc.stderr.splitlines()
+    print(proc.stderr, proc.stdout, sep="\n")  # shown with pytest -s
+    log = ws / "logs" / "demo.log"
+    assert len(console) <= 40, proc.stderr
+    assert str(log) in console[0] and str(log) in proc.stdout, (console[0], proc.stdout[-500:])
+    for stage in [r["stage"] for r in run["stages"]]:
+        [line] = [c for c in console if c.split()[:1] == [stage] and " s " in c]  # one line each, with seconds
+        assert "FAILED" not in line
+    assert [c.split()[0] for c in console if c.startswith("  ")][:3] == ["workspace", "base", "services"]
+    assert "\r" not in proc.stderr and "Traceback" not in proc.stderr and "telemetry" not in proc.stderr
+    # long work shows progress (off a terminal: a line at a 20% step, at most every 2 minutes)
+    assert any(c.split()[0] == "train" and "%" in c and "elapsed" in c for c in console), proc.stderr
+    # the summary: printed once, the eval table in it once
+    assert proc.stdout.count("| fine-tuned") == (ws / "reports/eval_table.md").read_text().count("| fine-tuned")
+    assert proc.stdout.count("Stages (wall seconds") == 1
+    # every detail is in the log it names: the stages' own output, DVC's, Prefect's
+    details = log.read_text()
+    assert "Running stage 'train'" in details and "adapter written to" in details and "Finished in state" in details
 
 
 def test_demo_runs_all_five_stages_for_real(demo_run):
-    ws, run, _ = demo_run
+    ws, run, _, _ = demo_run
     assert [r["stage"] for r in run["stages"]] == ["scrape", "generate", "validate", "train", "evaluate",
                                                    "model_card", "export"]
     assert all(r["ran"] for r in run["stages"])
@@ -50,7 +91,7 @@ def test_demo_runs_all_five_stages_for_real(demo_run):
 
 
 def test_fine_tuned_beats_base_on_held_out_pairs(demo_run):
-    ws, _, _ = demo_run
+    ws, _, _, _ = demo_run
     m = json.loads((ws / "metrics/evaluate.json").read_text())
     assert m["eval"]["fine_tuned"]["cross_entropy"] < m["eval"]["base"]["cross_entropy"] - 0.05
     for set_name in ("golden", "eval"):
@@ -61,7 +102,7 @@ def test_fine_tuned_beats_base_on_held_out_pairs(demo_run):
 
 
 def test_repro_again_runs_nothing(demo_run):
-    ws, _, _ = demo_run
+    ws, _, _, _ = demo_run
     proc = dvc(ws, "repro")
     assert proc.returncode == 0, proc.stderr
     assert "Running stage" not in proc.stdout
@@ -71,13 +112,13 @@ def test_repro_again_runs_nothing(demo_run):
 def test_demo_again_is_a_no_op_and_keeps_the_workspace(demo_run, prefect_server):
     from flows.demo import demo
 
-    ws, _, overrides = demo_run
+    ws, _, overrides, _ = demo_run
     run = demo(str(ws), "tiny", overrides)
     assert not any(r["ran"] for r in run["stages"]), run["stages"]
 
 
 def test_exp_run_reruns_only_train_and_downstream_and_metrics_diff_shows_it(demo_run):
-    ws, _, _ = demo_run
+    ws, _, _, _ = demo_run
     proc = dvc(ws, "exp", "run", "-S", "train.lora.r=4")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}

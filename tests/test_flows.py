@@ -9,6 +9,7 @@ DataError on `validate.fail: true`; bad params are a ConfigError from `run_stage
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import yaml
 
 from flows import artifacts as fa
 from flows import pipeline as pl
-from flows.workspace import dvc, run
+from flows.workspace import REPO_ROOT, dvc, run
 
 TOY = '''
 """A toy stage wired like a real one: python toy.py <scrape|validate|train>."""
@@ -164,7 +165,7 @@ def artifacts(flow_run_id) -> dict[str, object]:
 
 def test_each_stage_is_a_task_run_and_flaky_stage_is_retried(prefect_server, tmp_path):
     ws = make_toy(tmp_path, fail_times=2)
-    state = pl.pipeline(str(ws), retry_backoff_s=0.1, return_state=True)
+    state = pl.pipeline(str(ws), retry_delay_s=0.1, return_state=True)
     assert state.is_completed(), state.message
     runs = task_runs(state.state_details.flow_run_id)
     stage_runs = {name: r for name, r in runs.items() if name in ("scrape", "validate", "train")}
@@ -180,7 +181,7 @@ def test_each_stage_is_a_task_run_and_flaky_stage_is_retried(prefect_server, tmp
 def test_validate_gate_failure_fails_flow_without_retry(prefect_server, tmp_path):
     ws = make_toy(tmp_path, fail_gate=True)
     # the default policy gives validate no retries: a gate failure is deterministic
-    state = pl.pipeline(str(ws), retry_backoff_s=0.1, return_state=True)
+    state = pl.pipeline(str(ws), retry_delay_s=0.1, return_state=True)
     assert state.is_failed()
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["validate"].state.type.value == "FAILED"
@@ -198,7 +199,8 @@ def test_validate_gate_failure_fails_flow_without_retry(prefect_server, tmp_path
 
 def test_bad_params_on_network_stage_are_not_retried(prefect_server, tmp_path):
     ws = make_toy(tmp_path)
-    state = pl.pipeline(str(ws), params={"scrape.fail_times": "many"}, retry_backoff_s=0.1, return_state=True)
+    # the toy's stages are no `stages.<x>` module, so the flow cannot check this value before the stage reads it
+    state = pl.pipeline(str(ws), params={"scrape.fail_times": "many"}, retry_delay_s=0.1, return_state=True)
     assert state.is_failed()
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["scrape"].run_count == 1  # scrape has 3 retries for transient failures, none for bad params
@@ -214,7 +216,7 @@ def test_network_stage_retry_is_decided_by_what_the_stage_reports(prefect_server
     # the same stage, failing twice, with the same "scrape: params: ..." line in its log: only the kind it reports
     # (its status file) decides; a missing API key is no reason to retry, an unreachable mirror is
     ws = make_toy(tmp_path, fail_times=2, fail_with=fail_with)
-    state = pl.pipeline(str(ws), until="scrape", retry_backoff_s=0.1, return_state=True)
+    state = pl.pipeline(str(ws), until="scrape", retry_delay_s=0.1, return_state=True)
     run = task_runs(state.state_details.flow_run_id)["scrape"]
     if fail_with == "transient":
         assert state.is_completed(), state.message
@@ -233,7 +235,7 @@ def test_stage_whose_command_never_ran_is_not_retried(prefect_server, tmp_path):
     ws = make_toy(tmp_path, fail_times=5)
     dvc_yaml = ws / "dvc.yaml"
     dvc_yaml.write_text(dvc_yaml.read_text().replace("deps: [toy.py]", "deps: [toy.py, missing.txt]"))
-    state = pl.pipeline(str(ws), retry_backoff_s=0.1, return_state=True)
+    state = pl.pipeline(str(ws), retry_delay_s=0.1, return_state=True)
     assert state.is_failed()
     run = task_runs(state.state_details.flow_run_id)["scrape"]
     assert run.run_count == 1  # DVC refused (a missing dep): a retry cannot help
@@ -243,12 +245,61 @@ def test_stage_whose_command_never_ran_is_not_retried(prefect_server, tmp_path):
 
 def test_unknown_override_key_fails_before_any_stage(prefect_server, tmp_path):
     ws = make_toy(tmp_path)
+    before = (ws / "params.yaml").read_text()
     state = pl.pipeline(str(ws), params={"train.sclae": 2.0}, return_state=True)
     assert state.is_failed()
-    assert "train.sclae" in state.message
+    assert "unknown key `train.sclae` (did you mean `train.scale`?)" in state.message, state.message
     runs = task_runs(state.state_details.flow_run_id)
     assert not {"scrape", "validate", "train"} & set(runs)
     assert not (tmp_path / "counter").exists()
+    assert (ws / "params.yaml").read_text() == before
+    # a failed run publishes its artifacts, headed by the cause
+    metrics = artifacts(state.state_details.flow_run_id)["qrb-metrics"].data
+    assert metrics.startswith("**Failed**: params: unknown key `train.sclae` (did you mean `train.scale`?)"), metrics
+
+
+def real_params_workspace(root: Path) -> Path:
+    """The repo's dvc.yaml and params.yaml (its real stages), with an output of generate in place."""
+    from helpers import REPO
+
+    ws = root / "ws"
+    (ws / "artifacts" / "generate").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        (ws / name).write_text((REPO / name).read_text())
+    (ws / "artifacts" / "generate" / "train.jsonl").write_text('{"question": "q"}\n')
+    return ws
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"generate.concurrency": "abc"}, "params: `generate.concurrency` must be an integer, got 'abc'"),
+    ({"train.lora.r": 4, "train.lora.alhpa": 8}, "params: unknown key `train.lora.alhpa` (did you mean "
+                                                 "`train.lora.alpha`?)"),
+    ({"base.max_length": 4}, "params: `base.max_length` must be an integer >= 16"),
+])
+def test_bad_override_is_checked_by_the_stage_params_and_changes_nothing(prefect_server, tmp_path, override, message):
+    ws = real_params_workspace(tmp_path)
+    state = pl.pipeline(str(ws), params=override, return_state=True)
+    assert state.is_failed()
+    assert message in state.message, state.message
+    assert not set(task_runs(state.state_details.flow_run_id)) & set(pl.stage_order(ws))  # no stage ran
+    assert (ws / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()
+    assert (ws / "artifacts" / "generate" / "train.jsonl").read_text() == '{"question": "q"}\n'
+    metrics = artifacts(state.state_details.flow_run_id)["qrb-metrics"].data
+    assert metrics.startswith(f"**Failed**: {message}"), metrics
+
+
+def test_good_override_rewrites_only_its_line(tmp_path):
+    from flows import overrides
+
+    ws = real_params_workspace(tmp_path)
+    overrides.check(ws, {"train.lora.r": 4, "scrape.user_agent": "x" * 150})
+    overrides.apply(ws / "params.yaml", {"train.lora.r": 4, "scrape.user_agent": "x" * 150})
+    old = (REPO_ROOT / "params.yaml").read_text().splitlines()
+    new = (ws / "params.yaml").read_text().splitlines()
+    assert len(old) == len(new)  # comments kept, nothing re-wrapped
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(changed) == 2, changed
+    assert any("r: 4" in b for _, b in changed) and any("x" * 150 in b for _, b in changed)
 
 
 def test_artifacts_readable_through_api_with_metrics_diff(prefect_server, tmp_path):
@@ -360,3 +411,188 @@ def test_weekly_refresh_deployment_schedule_registered(prefect_server, tmp_path)
     assert (schedule.schedule.cron, schedule.schedule.timezone) == (WEEKLY_CRON, "Europe/Vienna")
     assert registered.parameters["force"] == ["scrape"]
     assert registered.entrypoint == "flows/pipeline.py:pipeline"
+
+
+def test_task_runs_record_the_dvc_dag_as_their_upstream_inputs(prefect_server, tmp_path):
+    ws = make_toy(tmp_path)
+    state = pl.pipeline(str(ws), params={"train.scale": 2.0}, return_state=True)
+    assert state.is_completed(), state.message
+    runs = task_runs(state.state_details.flow_run_id)
+
+    def upstream(name):
+        return {str(ref.id) for ref in runs[name].task_inputs.get("wait_for", [])}
+
+    assert upstream("validate") == {str(runs["scrape"].id)}
+    assert upstream("train") == {str(runs["validate"].id)}
+    assert upstream("scrape") == {str(runs["set-params"].id)}  # the first stage waits for the params it reads
+    # the retry policy renders: one number of seconds (a list shows as "NaN s" in the UI)
+    assert runs["scrape"].empirical_policy.retries == pl.NETWORK_STAGES["scrape"]
+    assert isinstance(runs["scrape"].empirical_policy.retry_delay, (int, float))
+
+
+def test_stage_edges_are_the_edges_dvc_dag_draws(tmp_path, repo):
+    ws = tmp_path / "dag"
+    ws.mkdir()
+    (ws / "dvc.yaml").write_text((repo / "dvc.yaml").read_text())
+    run(["git", "init", "-q"], ws)
+    run(dvc("init", "-q"), ws)
+    dot = run(dvc("dag", "--dot"), ws).stdout
+    stages = set(pl.stage_order(ws))
+    expected = {(a, b) for a, b in (tuple(x.strip().strip('"') for x in line.rstrip(";").split("->"))
+                                    for line in dot.splitlines() if "->" in line) if a in stages and b in stages}
+    edges = {(up, stage) for stage, ups in pl.stage_edges(ws).items() for up in ups}
+    assert expected and edges == expected
+
+
+def test_failed_run_labels_old_metrics_and_unchanged_diff_says_so(prefect_server, tmp_path):
+    ws = make_toy(tmp_path)
+    assert pl.pipeline(str(ws), return_state=True).is_completed()
+    commit(ws, "run 1")
+    again = pl.pipeline(str(ws), return_state=True)  # nothing changed
+    assert again.is_completed()
+    assert artifacts(again.state_details.flow_run_id)["qrb-metrics-diff"].data == \
+        "No metric changed since the last committed run."
+    failed = pl.pipeline(str(ws), params={"validate.fail": True}, return_state=True)
+    assert failed.is_failed()
+    metrics = artifacts(failed.state_details.flow_run_id)["qrb-metrics"].data
+    head, _, rest = metrics.partition("\n\n")
+    assert head.startswith("**Failed**: stage validate failed (data")
+    assert "from the last successful run of each stage (stages this run finished: scrape)" in rest
+    assert rest.index("last successful run") < rest.index("| metrics/train.json | eval_ce | 2.5 |")
+
+
+def test_persistent_server_is_started_once_and_sends_no_telemetry(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from flows import server as srv
+    from qrb.offline.services import free_ports
+
+    [port] = free_ports(1)
+    url = f"http://127.0.0.1:{port}/api"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_SERVER_LOGGING_LEVEL", "INFO")  # the server then logs each service it schedules
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)  # as a user's shell has it: flows set it
+    import flows
+
+    importlib.reload(flows)
+    api, pid = srv.ensure(url)
+    try:
+        assert api == url and pid and srv.healthy(url)
+        assert srv.ensure(url) == (url, None)  # a server that answers is used, not started again
+        log = tmp_path / "home" / "qrb-server.log"
+        deadline = time.time() + 60
+        while "schedule_recent_deployments" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)  # services are scheduled just after the API answers; telemetry would be among them
+        time.sleep(2)
+    finally:
+        os.killpg(pid, signal.SIGTERM)  # its own session: the demo's Ctrl-C does not reach it, the test stops it
+    text = log.read_text()
+    assert "Scheduling perpetual service: schedule_recent_deployments" in text, text[-3000:]
+    assert "send_telemetry_heartbeat" not in text and "Failed to send telemetry" not in text, text[-3000:]
+    assert srv.ui_url(url, "abc") == f"http://127.0.0.1:{port}/runs/flow-run/abc"
+
+
+TRAIN_OUTPUT = [  # what the train stage writes, as a pipe delivers it (tqdm's \r updates become lines)
+    "Map:   0%|          | 0/387 [00:00<?, ? examples/s]",
+    "Map: 100%|██████████| 387/387 [00:01<00:00, 300.56 examples/s]",
+    "2026-12-01 09:30:48,747 INFO stages.train.trainer: lora_plus: 81984 trainable of 287232 params (28.54%)",
+    *(f" {p}%|█         | {round(p * 1.96)}/196 [00:{p // 2:02d}<01:00,  1.2it/s]" for p in range(0, 101)),
+    " 10%|█         | 20/196 [00:27<03:28,  1.19s/it]/x/peft/utils/save_and_load.py:327: UserWarning: Setting "
+    "`save_embedding_layers` to `True`",
+    "  warnings.warn(",
+    "/x/peft/utils/save_and_load.py:327: UserWarning: Setting `save_embedding_layers` to `True`",
+    "  warnings.warn(",
+    "                                             \x1b[A{'eval_loss': '2.941', 'epoch': '1'}",
+    "2026-12-01 09:33:29,922 INFO stages.train.run: adapter written to artifacts/train/adapter; eval CE 2.84",
+]
+
+
+def test_stage_output_shows_long_progress_and_the_stage_summary(tmp_path, monkeypatch):
+    import io
+    import logging
+
+    from flows import console
+
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_console", console.Console(out))  # not a terminal: a line at every 20%
+    monkeypatch.setattr(console, "GAP_S", 0.0)  # (at most one per GAP_S: tested below)
+    script = tmp_path / "emit.py"
+    script.write_text("import sys\nfor line in sys.argv[1:]:\n    sys.stdout.write(line + '\\r')\n"
+                      "sys.stdout.write('\\n')\n")
+    stage = console.StageOutput("train")
+    records = []
+    logger = logging.getLogger("test-stream")
+    logger.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+    logger.setLevel(logging.INFO)
+    rc, _ = pl.stream([sys.executable, str(script), *TRAIN_OUTPUT], tmp_path, 60, logger, output=stage)
+    assert rc == 0
+    shown = out.getvalue().splitlines()
+    assert [line.split()[1] for line in shown] == ["20%", "40%", "60%", "80%"], shown  # the short Map bar: never
+    assert shown[0].startswith("  train") and "39/196" in shown[0] and "elapsed" in shown[0]
+    assert stage.summary == "adapter written to artifacts/train/adapter; eval CE 2.84"
+    # the log: bars' final states only, the warning once (also when it followed a bar on one line), no escapes
+    assert sum("%|" in r for r in records) == 2 and any("196/196" in r for r in records)
+    assert sum("UserWarning" in r for r in records) == 1
+    assert "{'eval_loss': '2.941', 'epoch': '1'}" in records and not any("\x1b" in r for r in records)
+    assert "(2 repeated warning lines not shown again)" in records
+
+
+def test_console_on_a_terminal_rewrites_one_progress_line(monkeypatch):
+    import io
+    import re
+
+    from flows import console
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    term = console.Console(out)
+    monkeypatch.setattr(console, "_console", term)
+    stage = console.StageOutput("evaluate")
+    for n in range(0, 61, 6):
+        term.last_update = 0.0  # no throttling in the test
+        stage.feed(f"golden answers: {n * 100 // 60}%|██  | {n}/60 [00:{10 + n:02d}<00:30,  2.0it/s]")
+    term.line("  evaluate      70 s  golden: fact recall 0.2")
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("  evaluate      70 s  golden: fact recall 0.2\n")
+    assert text.count("\r") >= 10 and "golden answers 100%  60/60" in re.sub(r"\x1b\[K", "", text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile, model", [("tiny", "models/tiny-llama"), ("smol", "models/smollm2-135m-instruct")])
+def test_demo_builds_the_profiles_offline_model_once_and_tracks_it(prefect_server, tmp_path, profile, model):
+    from flows import demo
+    from flows.workspace import prepare
+
+    ws = prepare(tmp_path / "ws", profile)
+    assert demo.build_base_model(str(ws)) == model
+    assert (ws / model / "config.json").exists() and (ws / model / "tokenizer.json").exists()
+    assert (ws / f"{model}.dvc").exists()  # tracked: queued experiments check it out, stages depend on it
+    status = run(dvc("status", f"{model}.dvc"), ws)
+    assert "changed" not in status.stdout, status.stdout
+    stamp = (ws / model / "config.json").stat().st_mtime_ns
+    assert demo.build_base_model(str(ws)) == model  # built: nothing is done again
+    assert (ws / model / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_progress_lines_off_a_terminal_are_spaced_per_stage(monkeypatch):
+    import io
+
+    from flows import console
+
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_console", console.Console(out))
+    now = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    stage = console.StageOutput("evaluate")
+    for bar in range(6):  # six one-minute bars, as evaluate runs one per question set and model
+        for n in range(5):
+            now[0] += 15
+            stage.feed(f"golden/m{bar}: {n * 25}%|██  | {n}/4 [00:{10 + n * 15:02d}<00:30,  0.1it/s]")
+    shown = out.getvalue().splitlines()
+    # 6 bars x 3 steps would be 18 lines; in 7.5 minutes one every 2 minutes at most
+    assert len(shown) == 3 and shown[0].startswith("  evaluate   golden/m0  25%  1/4"), shown

@@ -1,9 +1,21 @@
-"""Start the offline stand-in services (journal mirror, smoke-test OpenAI endpoint) as child processes."""
+"""The offline stand-in services (journal mirror, smoke-test OpenAI endpoint) as child processes.
+
+    qrb services [--workspace demo] [-- COMMAND ...]      (inside demo/: qrb services [-- COMMAND ...])
+
+serves both at the URLs the workspace's params.yaml names (`scrape.start_urls`, `generate.base_url`; 127.0.0.1
+only) until Ctrl-C, so scrape and generate can be re-run there (`dvc repro -f scrape`, `dvc exp run -S
+generate.pairs_per_prompt=2`). The smoke endpoint accepts any API key, but generate insists on the variable that
+`generate.api_key_env` names: with a COMMAND it is set for the command (run in the workspace, then the services
+stop); without one the line to export it in another shell is printed. `qrb demo` starts the same services.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from qrb.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+SMOKE_KEY_VALUE = "offline-smoke-test-key"  # not a secret: the local smoke endpoint accepts any key
 
 
 def port_open(host: str, port: int) -> bool:
@@ -51,7 +67,7 @@ def port_overrides(params: dict, mirror_port: int, endpoint_port: int) -> dict:
 def host_port(url: str) -> tuple[str, int]:
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit(f"offline services run on 127.0.0.1 only, not {url}")
+        raise ConfigError(f"offline services run on 127.0.0.1 only, not {url}")
     return u.hostname, u.port or 80
 
 
@@ -60,7 +76,8 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
     """Run `python <args>` serving `url` for the duration of the block."""
     host, port = host_port(url)
     if port_open(host, port):
-        raise SystemExit(f"{name}: port {port} on {host} is already in use (another demo running?)")
+        raise ConfigError(f"{name}: port {port} on {host} is already in use (another demo or `qrb services` "
+                          "running?)")
     # its log goes to a file, not a pipe: an unread pipe fills up (~64 KiB) and blocks a chatty service
     log_file = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
@@ -73,9 +90,9 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
         deadline = time.time() + startup_s
         while not port_open(host, port):
             if proc.poll() is not None:
-                raise SystemExit(f"{name} exited at start (exit {proc.returncode}): {log_tail()}")
+                raise ConfigError(f"{name} exited at start (exit {proc.returncode}): {log_tail()}")
             if time.time() > deadline:
-                raise SystemExit(f"{name} did not listen on {host}:{port} within {startup_s:.0f} s")
+                raise ConfigError(f"{name} did not listen on {host}:{port} within {startup_s:.0f} s")
             time.sleep(0.1)
         log.info("%s serving %s", name, url)
         yield
@@ -86,3 +103,54 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
         except subprocess.TimeoutExpired:
             proc.kill()
         log_file.close()
+
+
+def stand_ins(ws: Path, params: dict | None = None) -> contextlib.ExitStack:
+    """Mirror + smoke endpoint at the URLs the workspace's params name, for the duration of the returned stack. Sets
+    the smoke endpoint's key variable in this process's environment (children inherit it) when it is unset."""
+    from qrb.params import read_yaml
+
+    params = params or read_yaml(ws / "params.yaml")
+    stack = contextlib.ExitStack()
+    start = params["scrape"]["start_urls"][0]
+    stack.enter_context(background("journal mirror", ["-m", "qrb.offline.mirror", "--corpus", "data/corpus",
+                                                      "--port", str(host_port(start)[1])], start, ws))
+    gen = params["generate"]
+    os.environ.setdefault(gen["api_key_env"], SMOKE_KEY_VALUE)
+    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke", "--port",
+                                                           str(host_port(gen["base_url"])[1])], gen["base_url"], ws))
+    return stack
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qrb.io import setup_logging
+    from qrb.params import read_yaml
+
+    ap = argparse.ArgumentParser(description="Serve a workspace's offline stand-ins (journal mirror, smoke endpoint) "
+                                             "at the URLs its params.yaml names")
+    ap.add_argument("--workspace", help="the workspace (default: demo/ if there is one here, else .)")
+    ap.add_argument("command", nargs=argparse.REMAINDER,
+                    help="run this in the workspace with the services up and the key set, then stop (after --)")
+    args = ap.parse_args(argv)
+    setup_logging(logging.WARNING)
+    ws = Path(args.workspace or ("demo" if Path("demo/params.yaml").exists() else "."))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        params = read_yaml(ws / "params.yaml")
+        key_env = params["generate"]["api_key_env"]
+        with stand_ins(ws, params):
+            if command:
+                env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+                sys.exit(subprocess.run(command, cwd=ws, env=env).returncode)
+            print(f"journal mirror  {params['scrape']['start_urls'][0]}\n"
+                  f"smoke endpoint  {params['generate']['base_url']}  (any key; generate reads ${key_env})\n"
+                  f"serving until Ctrl-C. In another shell: cd {ws} && export {key_env}={SMOKE_KEY_VALUE} && "
+                  "dvc repro -f scrape", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"qrb services: {e}")
+
+
+if __name__ == "__main__":
+    main()

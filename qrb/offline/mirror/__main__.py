@@ -15,11 +15,11 @@ from .site import LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qrb.offline.mirror", description=mirror_pkg.__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qrb mirror", description=mirror_pkg.__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="data/corpus", help="folder with the corpus snapshot (default data/corpus)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8731)
-    ap.add_argument("--per-page", type=int, default=5)
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8731, help="port (default 8731, what profiles/tiny.yaml names)")
+    ap.add_argument("--per-page", type=int, default=5, help="papers per listing page (default 5)")
     ap.add_argument("--faults", action="store_true", help="inject one of each bad case (see FAULT_KINDS)")
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="papers", help="where the listing lives (LAYOUTS)")
     ap.add_argument("--no-sitemap", dest="sitemap", action="store_false", help="serve no sitemap")

@@ -1,0 +1,134 @@
+"""Param overrides (`-S key=value`, the pipeline flow's `params`): `dvc exp run -S` semantics, checked before anything
+is written.
+
+A key must exist in the workspace's params.yaml (a typo must not silently add a key; the message says which key was
+meant), and the overlaid params must build through the params dataclass of the stage that reads that section
+(`stages.<section>.PARAMS_CLASS`, with `qrb.params.Base` for `base.*`), so a bad value (`generate.concurrency=abc`)
+fails here, in one line, rather than inside its stage after params.yaml was rewritten and that stage's outputs
+removed by DVC. Only then is params.yaml rewritten, its comments and layout kept (ruamel's round trip, no re-wrapping),
+so `git diff` / `dvc params diff` show the changed lines and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qrb.errors import ConfigError
+from qrb.params import Base, build, read_yaml
+
+STAGE_MODULE = re.compile(r"-m\s+(stages\.\w+)")  # a dvc.yaml cmd that runs a project stage
+YAML_WIDTH = 4096  # ruamel re-wraps long strings past its width: never, so a diff shows only what changed
+
+
+def _unknown(key: str, known: list[str], where: str, override: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    if close:
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        hint = f" (did you mean `{parent}{close[0]}`?)"
+    else:
+        hint = f"; {where} has: {', '.join(known)}"
+    return ConfigError(f"params: unknown key `{key}`{hint} (override `{override}`)")
+
+
+def overlay(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`params` (as read from params.yaml) with dotted-key `overrides` set; a key params.yaml lacks is a ConfigError
+    naming the key meant."""
+    out = copy.deepcopy(params)
+    for key, value in overrides.items():
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts):
+            here = ".".join(parts[:i + 1])
+            if not isinstance(node, dict):
+                raise ConfigError(f"params: `{'.'.join(parts[:i])}` is a value, not a section, in override `{key}`")
+            if part not in node:
+                where = f"`{'.'.join(parts[:i])}`" if i else "params.yaml"
+                raise _unknown(here, [str(k) for k in node], where, f"{key}={value}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+def stage_classes(workspace: Path) -> dict[str, tuple[type, tuple[str, ...]]]:
+    """section -> (params dataclass, base keys) for each project stage dvc.yaml runs (`python -m stages.<x>`)."""
+    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    out = {}
+    for spec in stages.values():
+        m = STAGE_MODULE.search(str((spec or {}).get("cmd", "")))
+        if not m:
+            continue  # not one of ours (a toy stage, a shell step): its params are checked when it runs
+        module = importlib.import_module(m.group(1))
+        section, cls = getattr(module, "SECTION", None), getattr(module, "PARAMS_CLASS", None)
+        if section and cls:
+            out[section] = (cls, tuple(getattr(module, "BASE_KEYS", ())))
+    return out
+
+
+def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The workspace's params (or `params`, checked against the stages of the workspace's dvc.yaml) with `overrides`
+    applied, validated; raises ConfigError (one line), writes nothing."""
+    ws = Path(workspace)
+    if params is None:
+        try:
+            params = read_yaml(ws / "params.yaml")
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+    merged = overlay(params, overrides)
+    sections = {key.split(".")[0] for key in overrides}
+    classes = stage_classes(ws)
+    try:
+        if "base" in sections:
+            build(Base, merged.get("base") or {}, "base")
+        for section in sorted(sections & set(classes)):
+            build(classes[section][0], merged.get(section) or {}, section)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return merged
+
+
+def round_trip() -> Any:
+    """ruamel's round-trip YAML, set to write params.yaml back as it was written: its indents, its quotes, long
+    lines unwrapped, `null` spelled out (ruamel writes an empty value otherwise)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):
+        pass
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    rt = YAML(typ="rt")
+    rt.Representer = Representer
+    rt.width = YAML_WIDTH
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    return rt
+
+
+def apply(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Write dotted-key overrides into params.yaml (comments and layout kept); returns {key: (old, new)} of changes.
+    Call `check` first: this only writes."""
+    rt = round_trip()
+    data = rt.load(params_file.read_text())
+    changes = {}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if node[leaf] != value:
+            changes[key] = (node[leaf], value)
+            node[leaf] = value
+    if changes:
+        buf = io.StringIO()
+        rt.dump(data, buf)
+        params_file.write_text(buf.getvalue())
+    return changes
