@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,56 @@ def load_section(section: str, params_cls: type, base_keys: Iterable[str] = (),
         raise ConfigError(str(e)) from None
 
 
+THREADS_ENV = "QRB_CPU_THREADS"
+
+
+def cpu_threads() -> int:
+    """Torch threads for this process: `$QRB_CPU_THREADS`, else the cores that are idle now (cores minus the 1-minute
+    load average, at least 1). Measured on 2 cores (bench/bench_threads.py, BENCHMARKS.md): on a quiet machine 2
+    threads train SmolLM2 1.5x faster than 1, but beside other work 2 threads ran 3-8x SLOWER than 1, so a thread
+    per busy core is given up rather than fought over."""
+    if os.environ.get(THREADS_ENV, "").strip():
+        try:
+            return max(1, int(os.environ[THREADS_ENV]))
+        except ValueError:
+            raise ConfigError(f"{THREADS_ENV} must be a whole number of threads, got {os.environ[THREADS_ENV]!r}") \
+                from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - busy_cores(cores))))
+
+
+def busy_cores(cores: int, window_s: float = 0.3) -> float:
+    """How many cores other work keeps busy right now: /proc/stat sampled over `window_s` (the 1-minute load average
+    would still count the previous stage for a minute after it ended); the load average where there is no /proc."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+        return cores * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
+def set_cpu_threads(n: int | None = None) -> int:
+    """Apply `cpu_threads()` (before torch starts its pools; OMP_NUM_THREADS set by the user wins)."""
+    n = n or cpu_threads()
+    if "OMP_NUM_THREADS" in os.environ and THREADS_ENV not in os.environ:
+        return int(os.environ["OMP_NUM_THREADS"] or n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["MKL_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
 def run_stage(doc: str | None, section: str, params_cls: type, base_keys: Iterable[str],
               body: Callable[[dict[str, Any], Any, argparse.Namespace], None], argv: list[str] | None = None,
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
@@ -95,6 +146,7 @@ def run_stage(doc: str | None, section: str, params_cls: type, base_keys: Iterab
     args = ap.parse_args(argv)
     setup_logging()
     try:
+        log.debug("%s: %d torch thread(s)", section, set_cpu_threads())
         base, p = load_section(section, params_cls, base_keys)
         if "hf_offline" in base:
             set_hf_offline(base["hf_offline"])

@@ -596,3 +596,29 @@ def test_progress_lines_off_a_terminal_are_spaced_per_stage(monkeypatch):
     shown = out.getvalue().splitlines()
     # 6 bars x 3 steps would be 18 lines; in 7.5 minutes one every 2 minutes at most
     assert len(shown) == 3 and shown[0].startswith("  evaluate   golden/m0  25%  1/4"), shown
+
+
+def test_cpu_threads_follow_idle_cores_or_the_override(monkeypatch):
+    """Torch threads per stage process: the idle cores now (2 threads beside other work ran 3-8x slower than 1 on a
+    2-core machine), or QRB_CPU_THREADS; a user's OMP_NUM_THREADS is left alone."""
+    import os
+
+    from qrb import stage
+    from qrb.errors import ConfigError
+
+    monkeypatch.delenv(stage.THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for busy, threads in ((0.1, 2), (0.6, 1), (1.2, 1), (7.5, 1)):
+        monkeypatch.setattr(stage, "busy_cores", lambda cores, busy=busy: busy)
+        assert stage.cpu_threads() == threads, busy
+    monkeypatch.undo()
+    monkeypatch.delenv(stage.THREADS_ENV, raising=False)
+    assert 0.0 <= stage.busy_cores(2) <= 2.0  # the real sample of this machine
+    monkeypatch.setenv(stage.THREADS_ENV, "3")
+    assert stage.cpu_threads() == 3
+    monkeypatch.setenv(stage.THREADS_ENV, "many")
+    with pytest.raises(ConfigError, match="QRB_CPU_THREADS"):
+        stage.cpu_threads()
+    monkeypatch.delenv(stage.THREADS_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert stage.set_cpu_threads(2) == 1 and os.environ["OMP_NUM_THREADS"] == "1"

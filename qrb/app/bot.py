@@ -264,9 +264,10 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
         raise ConfigError(str(e)) from None
     if base_only and model_path is not None:
         raise ConfigError("--base is base.model alone: it takes no --model")
-    from qrb.stage import set_hf_offline
+    from qrb.stage import set_cpu_threads, set_hf_offline
 
     set_hf_offline(base.hf_offline)
+    set_cpu_threads()
     import torch
 
     from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter

@@ -72,6 +72,7 @@ class EvaluateParams:
     knowledge_cutoff: dt.date    # the base model's (Llama-3.1: December 2023): the freshness split
     rag_top_k: int               # abstracts given to the rag and fine_tuned_rag rows; 0 = neither row
     rag_max_chars: int           # each abstract cut to this many characters in the prompt
+    rag_cross_entropy: bool      # also the reference's CE given the retrieved abstracts (a long prompt per question)
     rivals: tuple[Rival, ...]    # OpenAI-compatible endpoints answering the same questions
     rival_timeout_s: float
     rival_max_retries: int       # the openai SDK's retries (429/5xx/timeouts, honouring Retry-After)

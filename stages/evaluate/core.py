@@ -36,11 +36,14 @@ class LocalModel:
     p: EvaluateParams
     max_length: int  # base.max_length: the one limit every eval CE counts within
 
-    def answer(self, prompts: list[str], refs: list[str], desc: str) -> tuple[list[str], list[dict[str, Any]]]:
+    def answer(self, prompts: list[str], refs: list[str], desc: str,
+               ce: bool = True) -> tuple[list[str], list[dict[str, Any]]]:
         """The answers to `prompts`, and per prompt the summed NLL and token count of its reference (for CE)."""
         p = self.p
         answers = generate_answers(self.model, self.tokenizer, prompts, self.system, batch_size=p.batch_size,
                                    max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc)
+        if not ce:
+            return answers, [{} for _ in answers]
         pairs = [{"question": q, "answer": a} for q, a in zip(prompts, refs)]
         nll = token_nll_rows(self.model, self.tokenizer, pairs, self.system, batch_size=p.batch_size,
                              max_length=self.max_length, desc=f"CE {desc}")
@@ -67,11 +70,12 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
         prompts = [rag_prompt(q, h, p.rag_max_chars) for q, h in zip(questions, hits)]
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, refs, f"{set_name}/fine_tuned")
     if prompts:
-        answers["fine_tuned_rag"], extras["fine_tuned_rag"] = local.answer(prompts, refs, f"{set_name}/ft+rag")
+        answers["fine_tuned_rag"], extras["fine_tuned_rag"] = local.answer(prompts, refs, f"{set_name}/ft+rag",
+                                                                           ce=p.rag_cross_entropy)
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, refs, f"{set_name}/base")
         if prompts:
-            answers["rag"], extras["rag"] = local.answer(prompts, refs, f"{set_name}/rag")
+            answers["rag"], extras["rag"] = local.answer(prompts, refs, f"{set_name}/rag", ce=p.rag_cross_entropy)
     for name in RAG_MODELS if prompts else ():
         for ex, r, h in zip(extras[name], rows, hits, strict=True):
             doi = r.get("doi")
