@@ -76,6 +76,7 @@ def plain_run(base: dict, p, ds) -> float:
                          train_sampling_strategy="group_by_length" if p.group_by_length else "random",
                          include_num_input_tokens_seen="non_padding", save_strategy="no", eval_strategy="no",
                          report_to="none", logging_steps=p.logging_steps, seed=base["seed"], disable_tqdm=True,
+                         bf16=p.precision == "bf16", fp16=p.precision == "fp16",
                          dataloader_pin_memory=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                              optimizers=(opt, None))
