@@ -1,12 +1,14 @@
 """What a pipeline run publishes to Prefect (readable in the UI and through the API), also when a stage failed:
 
     qrb-metrics       a failed run's cause first, the stages' wall times, the card's eval table and every metric file
-                      dvc.yaml declares, flattened (file | metric | value); after a failure labelled as the last
-                      successful run's numbers for the stages this run did not finish
+                      dvc.yaml declares (the stages' headline numbers; the whole records are reports/<stage>.json),
+                      flattened (file | metric | value); after a failure labelled as the last successful run's
+                      numbers for the stages this run did not finish
     qrb-metrics-diff  `dvc metrics diff --md` against the workspace's last commit (the previous committed run), or
                       "No metric changed"
-    qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page,
-                      each also as its own link artifact (qrb-model-card, qrb-data-docs, qrb-plots)
+    qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page
+                      (vega inlined: it draws offline), each also as its own link artifact (qrb-model-card,
+                      qrb-data-docs, qrb-plots)
 
 Everything here reads the workspace (and asks DVC); nothing decides how the pipeline runs.
 """
@@ -22,7 +24,7 @@ import yaml
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from flows.workspace import dvc, venv_env
+from flows.workspace import PLOTS_PAGE, dvc, plots_page, venv_env
 
 PLOTS_DIR = "reports/plots"  # `dvc plots show -o` target (index.html)
 DATA_DOCS = "reports/data_docs/index.html"
@@ -46,13 +48,24 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
+def _name(entry: Any) -> str:
+    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
+
+
 def declared(workspace: Path, kind: str) -> list[str]:
     """Paths dvc.yaml declares under `kind` (metrics, plots, outs) across its stages."""
     stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    paths = []
-    for spec in stages.values():
-        for entry in spec.get(kind) or []:
-            paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return [_name(entry) for spec in stages.values() for entry in spec.get(kind) or []]
+
+
+def plot_sources(workspace: Path) -> list[str]:
+    """The files and folders dvc.yaml's plots draw: a stage's `plots` outs, and each top-level plot's id or the files
+    its `y` names."""
+    paths = declared(workspace, "plots")
+    for entry in (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("plots") or []:
+        props = next(iter(entry.values())) if isinstance(entry, dict) else None
+        y = props.get("y") if isinstance(props, dict) else None
+        paths += list(y) if isinstance(y, dict) else [_name(entry)]
     return paths
 
 
@@ -102,10 +115,15 @@ def model_card(workspace: Path) -> Path | None:
 
 
 def render_plots(workspace: Path) -> Path | None:
-    """`dvc plots show -o reports/plots`; the HTML page, or None when there is nothing to plot."""
-    if not any((workspace / p).exists() for p in declared(workspace, "plots")):
+    """`dvc plots show -o reports/plots` on the offline page template (written when the workspace lacks it); the
+    HTML page, or None when there is nothing to plot."""
+    if not any((workspace / p).exists() for p in plot_sources(workspace)):
         return None
-    if _dvc_out(workspace, "plots", "show", "-o", PLOTS_DIR) is None:
+    template = workspace / ".dvc" / PLOTS_PAGE
+    if not template.exists():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        template.write_text(plots_page(), encoding="utf-8")
+    if _dvc_out(workspace, "plots", "show", "-o", PLOTS_DIR, "--html-template", str(template)) is None:
         return None
     page = workspace / PLOTS_DIR / "index.html"
     return page if page.exists() else None

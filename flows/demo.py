@@ -116,10 +116,10 @@ def summary(run: dict, log: Path) -> str:
     lines += [f"  {r['stage']:<10} {r['wall_s']:>7.1f}  {'ran' if r['ran'] else 'up to date'}" for r in run["stages"]]
     lines += [f"Total {run['wall_s']:.0f} s (profile {run['profile']}).", "", f"Outputs in {rel}/ (a git + DVC workspace):",
               f"  {rel}/artifacts/   papers, QA pairs, validated dataset, adapter, predictions",
-              f"  {rel}/metrics/     stage metrics (dvc metrics show)",
-              f"  {rel}/reports/     eval_table.md, data_docs/index.html (great-expectations)",
+              f"  {rel}/metrics/     each stage's headline numbers (dvc metrics show, dvc exp show)",
+              f"  {rel}/reports/     eval_table.md, <stage>.json (every number), data_docs/index.html",
               f"  {rel}/artifacts/model_card/README.md   the model card; {rel}/artifacts/export/  merged + int8",
-              f"  {rel}/plots/       loss curves and scores (dvc plots show)",
+              f"  {rel}/plots/       loss curves and scores (dvc plots show: draws offline)",
               f"  {log}   every detail of this run",
               f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff",
               f"Re-run scrape or generate there with the stand-ins up: qrb services --workspace {rel} -- "

@@ -6,28 +6,37 @@ A workspace is its own git + DVC repository holding copies of the pipeline code 
 prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So the same dvc.yaml
 runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
 params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC remote (no network needed).
+`dvc plots show` there needs no network either: the page template (`plots.html_template`) has vega inlined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError
+from qrb.io import atomic_write_text
 from qrb.params import deep_merge, nested, parse_set, read_yaml
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore")
-# data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc
-WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs")  # logs/: what `qrb demo` / `qrb run` wrote
+# models/README.md keeps models/ (a dep of the stages that load the base model) in a workspace whose base is a hub id
+CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore", "models/README.md")
+# data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc. logs/: what `qrb demo` /
+# `qrb run` wrote; dvc_plots/: `dvc plots show`'s page
+WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs", "/dvc_plots")
+PLOT_TEMPLATES = Path(".dvc/plots")  # custom vega-lite templates dvc.yaml names (bars_from_zero)
+PLOTS_PAGE = "plots/page.html"  # plots.html_template, relative to .dvc/ as DVC reads it
+VEGA_LITE = "5.21"  # the version DVC's templates are written for ($schema vega-lite/v5)
 
 
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
@@ -84,7 +93,54 @@ def sync_code(ws: Path, repo: Path = REPO_ROOT) -> None:
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+
+
+def _page_stamp() -> str:
+    return f"vega-lite {VEGA_LITE}, from vl-convert-python {metadata.version('vl-convert-python')}"
+
+
+def plots_page() -> str:
+    """DVC's plots page with vega, vega-lite and vega-embed inlined (BSD-3-Clause; the bundle vl-convert-python
+    ships), so `dvc plots show` draws offline. No `{scripts}` placeholder: DVC puts its CDN <script> tags there.
+    Bundling takes vl-convert 10-20 s: the page is kept in this repo's .dvc/plots/ (git-ignored there) and copied."""
+    kept = REPO_ROOT / ".dvc" / PLOTS_PAGE
+    if kept.exists():
+        text = kept.read_text(encoding="utf-8")
+        if _page_stamp() in text[:1000]:
+            return text
+    import vl_convert
+
+    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
+    versions = f"vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()}"
+    text = ("<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset=\"utf-8\">\n"
+            "    <title>DVC Plot</title>\n"
+            f"    <!-- {versions}, {_page_stamp()} (BSD-3-Clause) -->\n"
+            f"    <script type=\"text/javascript\">\n{bundle}\n    </script>\n"
+            # SVG: marks a test (or a reader's devtools) can count, and sharp when zoomed
+            "    <script type=\"text/javascript\">\n        (() => {\n            const embed = window.vegaEmbed;\n"
+            "            window.vegaEmbed = (el, spec, opts) => embed(el, spec, {renderer: \"svg\", ...opts});\n"
+            "        })();\n    </script>\n"
+            "    <style>\n        table { border-spacing: 15px; }\n    </style>\n</head>\n<body>\n"
+            "    {plot_divs}\n</body>\n</html>\n")
+    with contextlib.suppress(OSError):  # a read-only checkout: bundle again next time
+        atomic_write_text(kept, text)
+    return text
+
+
+def setup_plots(ws: Path, repo: Path = REPO_ROOT) -> None:
+    """The custom plot templates and the offline plots page, in the workspace's .dvc/ (committed with it)."""
+    dst = ws / PLOT_TEMPLATES
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in sorted((repo / PLOT_TEMPLATES).glob("*.json")):
+        shutil.copy2(src, dst / src.name)
+    page = ws / ".dvc" / PLOTS_PAGE
+    text = plots_page()
+    if not page.exists() or page.read_text(encoding="utf-8") != text:
+        page.write_text(text, encoding="utf-8")
+    if f"html_template = {PLOTS_PAGE}" not in (ws / ".dvc" / "config").read_text():
+        run(dvc("config", "plots.html_template", PLOTS_PAGE), ws)
 
 
 def _set_leaves(node: Any, values: dict[str, Any]) -> None:
@@ -127,6 +183,7 @@ def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT
         run(dvc("config", "core.autostage", "true"), ws)
         run(dvc("config", "core.analytics", "false"), ws)
     ensure_gitignore(ws)
+    setup_plots(ws, repo)
     # the repo's own remote (dvcstore/ inside the repo): data/ materialises offline
     run(dvc("remote", "add", "-f", "-d", "offline", str(repo / "dvcstore")), ws)
     run(dvc("pull", "-q", "data.dvc"), ws)

@@ -60,3 +60,36 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def headline(full: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The numbers of `full` at the dotted `keys` ("*" matches every key at its level), nested as in `full`: what
+    `dvc metrics diff` and `dvc exp show` compare. Strings, booleans, lists, None and absent keys are left out (DVC
+    would show a hash or a name as a metric column); the whole record belongs in a plain report file."""
+    out: dict[str, Any] = {}
+
+    def pick(node: Any, parts: list[str], dst: dict[str, Any]) -> None:
+        if not isinstance(node, dict):
+            return
+        head, rest = parts[0], parts[1:]
+        for key in (node if head == "*" else [head] if head in node else []):
+            value = node[key]
+            if rest:
+                pick(value, rest, dst.setdefault(key, {}))
+                if not dst[key]:
+                    del dst[key]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                dst[key] = value
+
+    for dotted in keys:
+        pick(full, dotted.split("."), out)
+    return out
+
+
+def write_metrics(metrics_path: str | Path, report_path: str | Path, full: dict[str, Any],
+                  keys: Iterable[str]) -> None:
+    """A stage's record: everything, rounded, in `report_path` (a plain out that the card and the flows read), and
+    its headline numbers in `metrics_path` (the DVC metrics file)."""
+    full = rounded(full)
+    write_json(report_path, full)
+    write_json(metrics_path, headline(full, keys))

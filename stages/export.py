@@ -10,8 +10,9 @@ Writes artifacts/export/adapter/ (the PEFT adapter + tokenizer + the model card:
        an untied model: the trained embedding and the frozen lm_head, `tie_word_embeddings: false`),
        artifacts/export/int8/ (the merged model with every Linear layer and the embeddings stored as int8 with one
        scale per output channel / row; `load_exported` dequantizes on the fly, layer by layer, so weights stay int8 in
-       memory too), metrics/export.json (sizes on disk and the token-weighted eval cross-entropy of the adapter, the
-       merge and the int8 variant: the merge must not move it, the int8 drop is reported).
+       memory too), reports/export.json (sizes on disk and the token-weighted eval cross-entropy of the adapter, the
+       merge and the int8 variant: the merge must not move it, the int8 drop is reported), metrics/export.json (the
+       CEs, the int8 drop and size ratio).
 
 With `export.hub_repo_id` set and a token in the variable named by `export.hub_token_env`, the adapter folder is
 pushed to the Hugging Face Hub at the end (never with base.hf_offline).
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from qrb.chat import adapter_kind
 from qrb.errors import ConfigError, QrbError
 from qrb.int8 import load_exported, quantize_int8, save_int8
-from qrb.io import read_jsonl, rounded, write_json
+from qrb.io import read_jsonl, write_metrics
 from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ CARD_DIR = Path("artifacts/model_card")
 EVAL_PAIRS = Path("artifacts/validate/eval.jsonl")
 OUT = Path("artifacts/export")
 ADAPTER_OUT = OUT / "adapter"
-METRICS = Path("metrics/export.json")
+METRICS = Path("metrics/export.json")  # the headline numbers (dvc metrics); the whole record in REPORT
+REPORT = Path("reports/export.json")
+HEADLINE = ("eval_ce.*", "int8_ce_drop", "int8_size_ratio")
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def run(base: dict[str, Any], p: ExportParams, args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = export(base, p, rows, device)
     metrics["pushed_to"] = push_to_hub(base, p, ADAPTER_OUT)
-    write_json(METRICS, rounded(metrics))
+    write_metrics(METRICS, REPORT, metrics, HEADLINE)
     if "skipped" in metrics:
         return
     log.info("export: merged %.1f MB, int8 %s; eval CE merged %s, int8 %s (drop %s)",

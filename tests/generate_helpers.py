@@ -115,3 +115,11 @@ def one_unit(p: GenerateParams):
     return build_units(fake_papers()[:1], templates, system, p, 1)[0]
 
 
+
+
+def record(ws: Path) -> dict:
+    """The stage's whole metrics record (reports/generate.json where the stage splits out its headline numbers)."""
+    for rel in ("reports/generate.json", "metrics/generate.json"):
+        if (ws / rel).exists():
+            return json.loads((ws / rel).read_text())
+    raise FileNotFoundError(f"no generate metrics in {ws}")

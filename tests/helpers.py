@@ -215,3 +215,44 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
         assert ids[len(p_ids):n] == answer, "after the prompt: the answer and the end-of-turn token, nothing more"
         assert labels[:len(p_ids)] == [-100] * len(p_ids) and labels[len(p_ids):n] == answer
         assert labels[n:] == [-100] * (len(ids) - n) and ids[n:] == [tokenizer.pad_token_id] * (len(ids) - n)
+
+
+CHROMIUM_APT = "apt-get update && apt-get install -y chromium chromium-driver"
+
+
+def headless_chromium(offline: bool = True):
+    """A headless Chromium driven by selenium (skips when either is missing), with the browser's console log kept
+    (`driver.get_log("browser")`); offline: every host name fails to resolve, so a page that needs the network
+    shows it."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    import pytest
+
+    @contextlib.contextmanager
+    def run():
+        browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+                       None)
+        driver_path = shutil.which("chromedriver")
+        if not browser or not driver_path:
+            pytest.skip(f"chromium/chromedriver not installed: add `{CHROMIUM_APT}` to .ci/run")
+        pytest.importorskip("selenium", reason="pip install selenium (dev dependency)")
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        with tempfile.TemporaryDirectory(prefix="qrb-chromium-") as profile:
+            opts = webdriver.ChromeOptions()
+            opts.binary_location = browser
+            for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                         "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                         *(["--host-resolver-rules=MAP * ~NOTFOUND"] if offline else [])):
+                opts.add_argument(flag)
+            opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+            driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+            try:
+                yield driver
+            finally:
+                driver.quit()
+
+    return run()

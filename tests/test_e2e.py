@@ -82,7 +82,7 @@ def test_demo_runs_all_five_stages_for_real(demo_run):
     assert len(papers) >= 30 and all(p["doi"].startswith("10.22331/q-2024-") for p in papers)
     gen = json.loads((ws / "metrics/generate.json").read_text())
     assert gen["train_pairs"] > 100 and gen["eval_pairs"] > 10
-    val = json.loads((ws / "metrics/validate.json").read_text())
+    val = json.loads((ws / "reports/validate.json").read_text())
     assert val["gate_passed"] is True
     assert (ws / "reports/data_docs/index.html").exists()
     adapter = ws / "artifacts/train/adapter"
@@ -92,13 +92,38 @@ def test_demo_runs_all_five_stages_for_real(demo_run):
 
 def test_fine_tuned_beats_base_on_held_out_pairs(demo_run):
     ws, _, _, _ = demo_run
-    m = json.loads((ws / "metrics/evaluate.json").read_text())
-    assert m["eval"]["fine_tuned"]["cross_entropy"] < m["eval"]["base"]["cross_entropy"] - 0.05
+    m = json.loads((ws / "reports/evaluate.json").read_text())
+    head = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert head["eval"]["fine_tuned"]["cross_entropy"] < head["eval"]["base"]["cross_entropy"] - 0.05
     for set_name in ("golden", "eval"):
         for model in ("fine_tuned", "base"):
             for key in ("rouge1", "rouge2", "rougeL", "bleu", "bertscore_f1", "cross_entropy"):
                 assert isinstance(m[set_name][model][key], float)
     assert "| fine-tuned" in (ws / "reports/eval_table.md").read_text()
+
+
+def numbers(node, path: str = "") -> dict[str, float]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in numbers(child, f"{path}.{key}".strip(".")).items()}
+    assert isinstance(node, (int, float)) and not isinstance(node, bool), f"{path}: {node!r} is no number"
+    return {path: node}
+
+
+def test_dvc_metrics_are_the_headline_numbers_and_exp_show_fits(demo_run):
+    """`dvc exp show` had 422 columns on this demo (277 of them metrics: every interval, count, hash and name)."""
+    ws, _, _, _ = demo_run
+    leaves = {rel.name: numbers(json.loads(rel.read_text())) for rel in sorted((ws / "metrics").glob("*.json"))}
+    assert set(leaves) == {f"{s}.json" for s in ("scrape", "generate", "validate", "train", "evaluate", "export")}
+    assert all(len(v) <= 12 for name, v in leaves.items() if name != "evaluate.json"), leaves
+    assert len(leaves["evaluate.json"]) <= 3 * 4 * 6  # sets x local models x headline metrics
+    assert {"eval_ce", "train_loss", "tokens_per_s", "trainable_params"} == set(leaves["train.json"])
+    for stage in ("scrape", "generate", "validate", "train", "evaluate", "export"):
+        assert (ws / "reports" / f"{stage}.json").exists()  # the whole record, beside it
+    proc = dvc(ws, "exp", "show", "--no-pager", "--csv")
+    assert proc.returncode == 0, proc.stderr
+    columns = proc.stdout.splitlines()[0].split(",")
+    metric_columns = sum(len(v) for v in leaves.values())
+    assert metric_columns <= 100 and len(columns) <= 260, len(columns)
 
 
 def test_repro_again_runs_nothing(demo_run):

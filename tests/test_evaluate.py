@@ -29,6 +29,7 @@ from stages.evaluate.metrics import (
     bootstrap_indices,
 )
 from stages.evaluate.questions import freshness_subsets
+from stages.evaluate.report import HEADLINE_METRICS, PLOT_METRICS
 from stages.evaluate.run import main as run_evaluate_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -473,7 +474,12 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     monkeypatch.delenv("QRB_T_NONE", raising=False)
     run_evaluate_stage([])  # not pytest's own argv
 
-    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    metrics = json.loads(Path("reports/evaluate.json").read_text())
+    # the DVC metrics file: per whole set and model, the headline numbers only (no interval, n or subset)
+    head = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(head) == {"golden", "seen", "eval"}
+    assert set(head["eval"]["base"]) == set(HEADLINE_METRICS) and "cross_entropy" not in head["eval"]["rival_fake_rival"]
+    assert all(head[s][m][k] == metrics[s][m][k] for s in head for m in head[s] for k in head[s][m])
     # seen: every paper of the corpus slice is from 2024, so no before-cutoff split
     assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "seen", "seen_after_cutoff",
                             "eval", "eval_after_cutoff", "eval_before_cutoff"}
@@ -511,18 +517,18 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     assert "### seen questions (seen papers, new questions) (n=3)" in table
     assert "| model | fact recall | Δ fact recall vs base | facts stated | Δ facts stated vs base | words |" in table
     assert "by the judge's verdict (fact judge (judge-1 at " in table
-    csv = Path("plots/evaluate/scores.csv").read_text().splitlines()
-    expected = sum(k in m for by_model in metrics.values() for m in by_model.values()
-                   for k in ("fact_recall", "facts_stated", "bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu",
-                             "sentence_bleu"))
-    assert csv[0] == "label,set,model,metric,score,lo,hi" and len(csv) == 1 + expected >= 1 + 8 * 5 * 8
+    for set_name in ("golden", "seen", "eval"):  # one chart per question set: models x the 0-1 headline scores
+        csv = Path(f"plots/evaluate/scores/{set_name}.csv").read_text().splitlines()
+        expected = sum(k in m for m in metrics[set_name].values() for k in PLOT_METRICS)
+        assert csv[0] == "label,model,metric,score,lo,hi" and len(csv) == 1 + expected >= 1 + 5 * 4
+    assert sorted(p.stem for p in Path("plots/evaluate/scores").iterdir()) == ["eval", "golden", "seen"]
 
     # the judge's verdicts are cached: the rerun sends the rival its questions again, the judge nothing
     judged = [r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]
     assert len(judged) == len(load_cache(Path("cache/evaluate/fact_judge.jsonl"))) > 0
     run_evaluate_stage([])
     assert len([r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]) == len(judged)
-    assert json.loads(Path("metrics/evaluate.json").read_text()) == metrics
+    assert json.loads(Path("reports/evaluate.json").read_text()) == metrics
 
 
 @pytest.mark.slow

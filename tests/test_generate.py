@@ -230,7 +230,7 @@ def test_faulty_endpoint_every_paper_ends_with_pairs_or_a_reason(tmp_path, monke
         faults_seen = [r["fault"] for r in ep.requests if r["fault"]]
     train, evals = read(ws / "artifacts/generate/train.jsonl"), read(ws / "artifacts/generate/eval.jsonl")
     failures = read(ws / "artifacts/generate/failures.jsonl")
-    metrics = json.loads((ws / "metrics/generate.json").read_text())
+    metrics = json.loads((ws / "reports/generate.json").read_text())
     assert {"429", "500", "stall", "invalid_json", "truncated"} <= set(faults_seen)
     assert seen > metrics["requests"]  # retries happened
     # every paper: pairs, or a recorded reason
@@ -275,7 +275,7 @@ def test_rerun_sends_nothing_and_reproduces_the_outputs(tmp_path, monkeypatch):
         (ws / "artifacts/generate/train.jsonl").unlink()
         run_main(ws, monkeypatch)
         assert ep.completions_count() == n and outputs(ws) == first
-        metrics = json.loads((ws / "metrics/generate.json").read_text())
+        metrics = json.loads((ws / "reports/generate.json").read_text())
         assert metrics["this_run"]["api_requests"] == 0 and metrics["this_run"]["requests_from_cache"] == n
 
 
@@ -310,7 +310,7 @@ def test_zero_prices_and_zero_budget_are_allowed(tmp_path, monkeypatch):
         ws = make_workspace(tmp_path / "ws", ep.base_url, papers=fake_papers()[:3], price_input_per_1m=0.0,
                             price_output_per_1m=0.0, max_cost_usd=0.0)
         run_main(ws, monkeypatch)
-        assert json.loads((ws / "metrics/generate.json").read_text())["cost_usd"] == 0
+        assert json.loads((ws / "reports/generate.json").read_text())["cost_usd"] == 0
         assert read(ws / "artifacts/generate/train.jsonl")
 
 

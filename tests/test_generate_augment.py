@@ -59,7 +59,7 @@ def augmented(tmp_path_factory):
             run_main(ws, mp)
             rerun = ep.completions_count() - first_run
         yield {"ws": ws, "requests": first_run, "rerun_requests": rerun, "first": first, "second": outputs(ws),
-               "metrics": json.loads((ws / "metrics/generate.json").read_text()),
+               "metrics": json.loads((ws / "reports/generate.json").read_text()),
                "train": read(ws / "artifacts/generate/train.jsonl"), "eval": read(ws / "artifacts/generate/eval.jsonl"),
                "seen": read(ws / "artifacts/generate/seen.jsonl")}
     finally:
@@ -206,7 +206,7 @@ def test_dry_run_counts_and_prices_augment_and_paraphrase_requests(tmp_path, mon
         assert ep.request_count == 0 and not (ws / "cache").exists()
         run_main(ws, monkeypatch)
         sent = ep.completions_count()
-        m = json.loads((ws / "metrics/generate.json").read_text())
+        m = json.loads((ws / "reports/generate.json").read_text())
         run_main(ws, monkeypatch, "--dry-run")
         out = capsys.readouterr().out
     aug = m["requests_by_kind"]["augment"]["requests"]

@@ -52,7 +52,7 @@ def test_json_schema_refused_with_any_status_is_negotiated_once_for_the_run(tmp_
                             eval_max_paper_share=0.5)
         run_main(ws, monkeypatch)
         formats = [r["response_format"] for r in ep.requests if r["path"].endswith("/chat/completions")]
-    m = json.loads((ws / "metrics/generate.json").read_text())
+    m = json.loads((ws / "reports/generate.json").read_text())
     # negotiated once: only the requests in flight when the first refusal came back were sent with json_schema
     assert 1 <= formats.count("json_schema") <= 8 and formats[-1] == "json_object"
     assert formats.count("json_object") == m["requests"] == 30  # each request answered once: no retry burnt
@@ -71,7 +71,7 @@ def test_json_object_refused_too_falls_back_to_instructions_only(tmp_path, monke
                             eval_max_paper_share=0.5)
         run_main(ws, monkeypatch)
         formats = [r["response_format"] for r in ep.requests]
-    m = json.loads((ws / "metrics/generate.json").read_text())
+    m = json.loads((ws / "reports/generate.json").read_text())
     assert formats.count("json_schema") <= 8 and formats.count("json_object") <= 8  # the in-flight ones only (8)
     assert formats.count(None) == m["requests"] and formats[-1] is None
     assert m["this_run"]["response_format"] == "none"
@@ -202,7 +202,7 @@ def test_the_stage_warns_and_records_when_the_eval_cap_binds(tmp_path, monkeypat
                             eval_max_paper_share=0.2)
         with caplog.at_level(logging.WARNING, logger="stages.generate"):
             run_main(ws, monkeypatch)
-    m = json.loads((ws / "metrics/generate.json").read_text())
+    m = json.loads((ws / "reports/generate.json").read_text())
     assert m["eval_capped"] and m["eval_papers"] <= m["eval_max_papers"] == int(0.2 * m["papers_with_pairs"])
     assert any("eval_max_paper_share" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 

@@ -119,7 +119,7 @@ def dep_problems(repo: Path) -> list[str]:
         deps = [str(d) for d in spec.get("deps") or []]
         covered = [repo / d for d in deps]
 
-        def listed(f: Path) -> bool:
+        def listed(f: Path, covered: list[Path] = covered) -> bool:
             return any(f == c or c in f.parents for c in covered)
 
         files = closure(repo, stage_entry(repo, spec["cmd"]))

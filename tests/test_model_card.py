@@ -110,21 +110,23 @@ def write_pipeline_outputs(ws: Path, *, profile: str | None = None, evaluate: di
     from flows.workspace import profile_params
 
     put(ws, "params.yaml", yaml.safe_dump(profile_params(profile, REPO, params)))
-    put(ws, "metrics/scrape.json", {"date_from": "2024-07-01", "date_to": "2024-12-31", "papers_kept": 337,
+    put(ws, "reports/scrape.json", {"date_from": "2024-07-01", "date_to": "2024-12-31", "papers_kept": 337,
                                     "requests": 401, "errors": 2, "full_text_fetched": 0})
-    put(ws, "metrics/generate.json", {"pairs_raw": 5123, "pairs": 4987, "duplicates_exact": 11,
+    put(ws, "reports/generate.json", {"pairs_raw": 5123, "pairs": 4987, "duplicates_exact": 11,
                                       "duplicates_near": 125, "papers": 337, "papers_with_pairs": 335,
                                       "total_tokens": 1234567, "cost_usd": 18.42, "train_papers": 300,
                                       "eval_papers": 35})
-    put(ws, "metrics/validate.json", {"rows_out": {"train": 4711, "eval": 198, "total": 4909},
+    put(ws, "reports/validate.json", {"rows_out": {"train": 4711, "eval": 198, "total": 4909},
                                       "rows_quarantined": 78, "fail_rate": 0.015641, "gate_passed": True,
                                       "seen": {"rows_in": 30, "rows_out": 26, "rows_quarantined": 4}})
-    put(ws, "metrics/train.json", {"trainable_params": 546_308_096, "total_params": 8_576_569_344, "steps": 2356,
+    put(ws, "reports/train.json", {"trainable_params": 546_308_096, "total_params": 8_576_569_344, "steps": 2356,
                                    "train_loss": 1.234567, "eval_ce": 1.456789, "tokens_seen": 9_876_543})
-    put(ws, "metrics/evaluate.json", evaluate)
+    put(ws, "reports/evaluate.json", evaluate)
     lineage = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False,
                "inputs": {"artifacts/validate/dataset": "feedfacefeedfacefeedfacefeedface.dir"},
                "base_model": base_model, "seed": 42, "wall_s": 5400.0,
+               "base_model_revision": {"source": "hub", "revision": "5206a32e0bd3067aef1ce90f5528ade7d866253f",
+                                       "from": "local Hugging Face cache"},
                "tokens_seen": 9_876_543, "created_utc": "2026-11-01T10:00:00Z",
                "versions": {"torch": "2.13.0", "peft": "0.21.2"},
                "hardware": {"device": "cuda", "gpu": "NVIDIA A100-SXM4-80GB", "gpu_count": 1},
@@ -280,6 +282,9 @@ def test_card_numbers_equal_the_metrics_files(card_ws):
                      "26 kept of 30"):
         assert expected in text, expected
     assert "metrics/scrape.json" not in section(text, "Lineage")  # data hashes, not metric files
+    # the exact base weights the adapter was trained on (lineage.json: a Hub id's snapshot commit)
+    assert "- **Base model revision:** `5206a32e0bd3067aef1ce90f5528ade7d866253f` (Hub commit" in \
+        section(text, "Lineage")
 
 
 def test_every_set_shows_the_four_local_models_with_fact_recall_next_to_the_style_metrics(card_ws):

@@ -43,7 +43,7 @@ def run_stage(ws: Path, scrape: dict) -> subprocess.CompletedProcess:
 def outputs(ws: Path) -> tuple[list[dict], list[dict], dict]:
     papers = [json.loads(x) for x in (ws / "artifacts/scrape/papers.jsonl").read_text().splitlines()]
     errors = [json.loads(x) for x in (ws / "artifacts/scrape/errors.jsonl").read_text().splitlines()]
-    return papers, errors, json.loads((ws / "metrics/scrape.json").read_text())
+    return papers, errors, json.loads((ws / "reports/scrape.json").read_text())
 
 
 def in_window(rec: dict) -> bool:
@@ -259,7 +259,7 @@ def test_a_crawl_that_keeps_no_paper_fails_and_leaves_outputs_and_cache(tmp_path
     with serve_mirror(CORPUS) as m:
         assert run_stage(tmp_path, fast_params(m.start_url)).returncode == 0
         # the outputs and the seen-set (the HTTP cache in cache/scrape/http/ keeps what it got, by design)
-        files = [*(tmp_path / "artifacts").rglob("*.jsonl"), tmp_path / "metrics/scrape.json",
+        files = [*(tmp_path / "artifacts").rglob("*.jsonl"), tmp_path / "reports/scrape.json",
                  tmp_path / "cache/scrape/records.jsonl", tmp_path / "cache/scrape/state.json"]
         before = {p: p.read_bytes() for p in files}
         assert len(before) == 5

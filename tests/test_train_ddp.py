@@ -40,7 +40,7 @@ def test_two_ranks_on_cpu_train_one_adapter_written_once(tmp_path, tiny_model_di
     log = proc.stdout + proc.stderr
     assert log.count("trainable of") == 2  # both ranks built the model
     assert log.count("adapter written to") == 1  # only rank 0 wrote
-    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    metrics = json.loads((tmp_path / "reports/train.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] > 0
     assert (tmp_path / "artifacts/train/adapter/adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "artifacts/train/adapter/lineage.json").read_text())["hardware"]["world_size"] == 2

@@ -445,7 +445,7 @@ def test_stage_under_threshold_passes_quarantines_and_writes_every_output(tmp_pa
     assert dd["train"].column_names == list(PAIR_FIELDS)
     assert dd["train"][0] == train[0] and dd["eval"][len(eval_) - 1] == eval_[-1]
 
-    m = json.loads((ws / "metrics/validate.json").read_text())
+    m = json.loads((ws / "reports/validate.json").read_text())
     assert m["gate_passed"] is True and m["rows_in"]["total"] == len(train) + len(eval_) + 4
     assert m["rows_out"] == {"train": len(train), "eval": len(eval_), "total": len(train) + len(eval_)}
     assert m["row_failures"]["leaked_prompt"] == 1 and m["row_failures"]["unnamed_reference"] == 1
@@ -480,7 +480,7 @@ def test_stage_over_threshold_fails_with_a_readable_summary(tmp_path, splits, pa
     out = ws / "artifacts/validate"
     assert not (out / "dataset").exists() and not (out / "train.jsonl").exists()  # nothing for train to read
     assert len(read_jsonl(out / "quarantine.jsonl")) == 80
-    m = json.loads((ws / "metrics/validate.json").read_text())
+    m = json.loads((ws / "reports/validate.json").read_text())
     assert m["gate_passed"] is False and m["dataset_checks"]["max_fail_rate"]["success"] is False
     index = (ws / "reports/data_docs/index.html").read_text()
     assert "Gate FAILED" in index and "<code>max_fail_rate</code>" in index
@@ -528,7 +528,7 @@ def test_stage_with_an_empty_eval_split_writes_a_dataset_that_loads_back(tmp_pat
     assert (dd["train"].num_rows, dd["eval"].num_rows) == (len(train), 0)
     assert dd["eval"].features == dd["train"].features
     assert (ws / "artifacts/validate/eval.jsonl").read_text() == ""
-    assert json.loads((ws / "metrics/validate.json").read_text())["rows_out"]["eval"] == 0
+    assert json.loads((ws / "reports/validate.json").read_text())["rows_out"]["eval"] == 0
 
 
 def test_stage_with_no_rows_at_all_is_a_data_error_with_a_summary(tmp_path, papers):

@@ -305,7 +305,7 @@ def test_stage_writes_the_clean_seen_rows_apart_from_the_dataset(tmp_path, seen_
     assert set(dd) == {"train", "eval"} and (dd["train"].num_rows, dd["eval"].num_rows) == (len(train) - 1, 1)
     assert "source_question" not in dd["train"].column_names and dd["train"].features["variant"].dtype == "int64"
     assert {q["split"] for q in lines(out / "quarantine.jsonl")} == {"train", "seen"}
-    m = json.loads((ws / "metrics/validate.json").read_text())
+    m = json.loads((ws / "reports/validate.json").read_text())
     assert m["seen"]["rows_out"] == 2 and m["rows_out"]["total"] == len(train)
     index = (ws / "reports/data_docs/index.html").read_text()
     assert "qa_pairs_seen" in index and "<code>seen_fact_untrained</code>" in index
@@ -317,7 +317,7 @@ def test_stage_with_an_empty_seen_file_writes_an_empty_seen_output(tmp_path):
     r = run_stage(ws)
     assert r.returncode == 0, r.stderr
     assert (ws / "artifacts/validate/seen.jsonl").read_text() == ""
-    s = json.loads((ws / "metrics/validate.json").read_text())["seen"]
+    s = json.loads((ws / "reports/validate.json").read_text())["seen"]
     assert (s["rows_in"], s["rows_out"], s["rows_quarantined"]) == (0, 0, 0)
     assert {"missing_field", "seen_fact_untrained", "seen_question_in_train"} <= set(s["row_failures"])
     assert not any(s["row_failures"].values())

@@ -8,9 +8,11 @@ Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max
        (the retrieval passages, paper dates, the IDF of fact recall), the API keys of the rival endpoints and of the
        fact judge from the environment variables that `evaluate.rivals[].api_key_env` / `fact_judge.api_key_env`
        name, and cache/evaluate/fact_judge.jsonl (the judge's cached verdicts).
-Writes metrics/evaluate.json ({question set: {model: {metric: value, metric_ci95: [lo, hi] or "n too small"}}}),
+Writes reports/evaluate.json ({question set or subset: {model: {metric: value, metric_ci95: [lo, hi] or "n too
+       small"}}}), metrics/evaluate.json (its headline: per question set and model, fact_recall, facts_stated,
+       cross_entropy, bertscore_f1, rougeL, answer_words; what `dvc metrics diff` and `dvc exp show` compare),
        artifacts/evaluate/predictions.jsonl (per question and model: prediction, its scores and key facts),
-       reports/eval_table.md (shaped like the card's table), plots/evaluate/scores.csv (the DVC plot),
+       reports/eval_table.md (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each),
        cache/evaluate/fact_judge.jsonl (the judge's verdicts, kept between runs; empty without a judge).
 
 Models, all answering the same questions with the same system prompt (greedy by default, `max_new_tokens`):

@@ -1,4 +1,5 @@
-"""The stage's outputs: the metrics and predictions files, the card-shaped markdown table, the DVC plot's CSV."""
+"""The stage's outputs: the headline metrics and the full report, predictions, the card-shaped markdown table, the
+DVC plots' CSVs (one chart per question set)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,23 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from qrb.io import atomic_write_text, rounded, write_json, write_jsonl
+from qrb.io import atomic_write_text, rounded, write_jsonl, write_metrics
 
 from . import EvaluateParams
 
-METRICS = Path("metrics/evaluate.json")
+METRICS = Path("metrics/evaluate.json")  # per question set x model, HEADLINE_METRICS only: what dvc compares
+REPORT = Path("reports/evaluate.json")  # everything: the freshness subsets, intervals, n, the other scores
 PREDICTIONS = Path("artifacts/evaluate/predictions.jsonl")
 TABLE = Path("reports/eval_table.md")
-SCORES_PLOT = Path("plots/evaluate/scores.csv")
+SCORES_DIR = Path("plots/evaluate/scores")  # <set>.csv per question set: one chart each in `dvc plots show`
 
 SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new questions",
                     "eval": "held-out papers"}
 SET_TITLES = {"after_cutoff": "on papers first public after the knowledge cutoff ({c})",
               "before_cutoff": "on papers first public on or before the knowledge cutoff ({c})"}
-PLOT_METRICS = ("fact_recall", "facts_stated", "bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "sentence_bleu")
+HEADLINE_METRICS = ("fact_recall", "facts_stated", "cross_entropy", "bertscore_f1", "rougeL", "answer_words")
+# the chart's bars: the headline scores on a 0-1 scale (CE and answer length would need axes of their own)
+PLOT_METRICS = ("fact_recall", "facts_stated", "bertscore_f1", "rougeL")
 # (column title, metric key, format): fact recall and answer length first, so that a style gain (shorter answers
 # in the abstracts' words: higher ROUGE) cannot pass for knowledge
 COLUMNS = (("fact recall", "fact_recall", ".3f"), ("Δ fact recall vs base", "fact_recall_gain", "+.3f"),
@@ -96,34 +100,53 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
         "(corpus) is sacrebleu's corpus score, BLEU (mean sentence) the mean of its sentence scores (the card's "
         "\"mean/avg\"), both 0-100; BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference "
         "answers (local models only). The RAG rows' retrieval hit rate (the question's paper among the retrieved) "
-        "is in metrics/evaluate.json.")
+        "is in reports/evaluate.json.")
     return "\n".join(lines) + "\n"
 
 
-def scores_csv(metrics: dict[str, Any]) -> str:
-    """The DVC plot's data: one bar per set/model/metric (BLEU / 100, so all bars share a 0-1 scale; lo and hi
-    empty where there is no interval)."""
-    lines = ["label,set,model,metric,score,lo,hi"]
-    for set_name, by_model in metrics.items():
-        for model_name, m in by_model.items():
+def whole_sets(metrics: dict[str, Any]) -> list[str]:
+    """The question sets themselves, not their freshness subsets (those are in the report only)."""
+    return [s for s in metrics if not s.endswith(tuple("_" + suffix for suffix in SET_TITLES))]
+
+
+def headline_keys(metrics: dict[str, Any]) -> list[str]:
+    return [f"{s}.*.{key}" for s in whole_sets(metrics) for key in HEADLINE_METRICS]
+
+
+def scores_csvs(metrics: dict[str, Any]) -> dict[str, str]:
+    """The DVC plots' data, {set: csv}: per question set with questions, one bar per model and headline score
+    (lo and hi empty where there is no interval)."""
+    out = {}
+    for set_name in whole_sets(metrics):
+        lines = ["label,model,metric,score,lo,hi"]
+        for model_name, m in metrics[set_name].items():
             for key in PLOT_METRICS:
                 if m.get(key) is None:
                     continue
-                scale = 0.01 if key in ("bleu", "sentence_bleu") else 1.0
                 ci = m.get(f"{key}_ci95")
-                lo, hi = (f"{ci[0] * scale:.6f}", f"{ci[1] * scale:.6f}") if isinstance(ci, list) else ("", "")
-                metric = f"{key}/100" if scale != 1.0 else key
-                lines.append(f"{set_name}/{model_name}/{metric},{set_name},{model_name},{metric},"
-                             f"{m[key] * scale:.6f},{lo},{hi}")
-    return "\n".join(lines) + "\n"
+                lo, hi = (f"{ci[0]:.6f}", f"{ci[1]:.6f}") if isinstance(ci, list) else ("", "")
+                lines.append(f"{model_name} {key},{model_name},{key},{m[key]:.6f},{lo},{hi}")
+        if len(lines) > 1:
+            out[set_name] = "\n".join(lines) + "\n"
+    return out
+
+
+def write_scores(metrics: dict[str, Any], out_dir: Path = SCORES_DIR) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csvs = scores_csvs(metrics)
+    for stale in out_dir.glob("*.csv"):
+        if stale.stem not in csvs:
+            stale.unlink()
+    for set_name, text in csvs.items():
+        atomic_write_text(out_dir / f"{set_name}.csv", text)
 
 
 def write_outputs(metrics: dict[str, Any], predictions: list[dict[str, Any]], labels: dict[str, str],
                   p: EvaluateParams, skipped: dict[str, str]) -> str:
-    """Writes the four declared outputs (values rounded as every stage rounds them); returns the table."""
-    write_json(METRICS, rounded(metrics))
+    """Writes the declared outputs (values rounded as every stage rounds them); returns the table."""
+    write_metrics(METRICS, REPORT, metrics, headline_keys(metrics))
     write_jsonl(PREDICTIONS, rounded(predictions))
     judged = p.fact_judge is not None and "fact_judge" not in skipped
     atomic_write_text(TABLE, markdown_table(metrics, labels, p.knowledge_cutoff, skipped, p.fact_threshold, judged))
-    atomic_write_text(SCORES_PLOT, scores_csv(metrics))
+    write_scores(metrics)
     return TABLE.read_text()

@@ -34,8 +34,16 @@ Writes (exactly the outs of the `generate` stage in dvc.yaml):
 - `cache/generate/responses.sqlite`: the response cache (SQLite, one fsync'd commit per response; DVC persists it),
   keyed by (endpoint, model, template hash, content hash, sampling params), for all three kinds of request: a
   rerun, or a resume after `kill -9`, repeats no request that had been answered.
-- `metrics/generate.json`: requests, retries, failures, facts, variants, seen questions kept/dropped, pairs,
-  duplicates, token usage and cost (usage x price) per kind of request, the `response_format` the endpoint accepted.
+- `reports/generate.json`: requests, retries, failures, facts, variants, seen questions kept/dropped, pairs,
+  duplicates, token usage and cost (usage x price) per kind of request, the `response_format` the endpoint accepted;
+  `metrics/generate.json` its headline numbers (facts, pairs, requests, failures, cost).
+
+`generate.mode: batch` sends each round as an OpenAI Batch API job (`batch`: upload, create, poll with backoff,
+download its output and error files) at `batch_price_factor` of the price, then online what the job did not answer
+(failed lines, the rest of an expired job); the job ids are kept in the response cache, so a rerun resumes a running
+job and never submits one twice, and online and batch replies share the cache. `--dry-run` prices the mode's
+requests. Prompt tokens (rate limits, estimate) are counted by tiktoken where the model's encoding is cached
+(`tokens`; never downloaded), else as ~4 characters per token.
 
 The `response_format` is negotiated once per endpoint: JSON schema, else `json_object`, else instructions only,
 whatever status code carries the refusal. The run stops with one line and a non-zero exit (outputs left as they
@@ -45,9 +53,10 @@ with 0 pairs (DataError).
 
 The API key is read from the environment only and is never written anywhere (not even in a failure reason).
 
-The parts, each usable alone: `units` (the requests to make, the cost estimate), `replies` (the tolerant reply
-parser), `cache` (the crash-safe response cache), `client` (rate limiter + request loop), `assemble` (pure:
-responses -> train/eval rows, failures, metrics), `run` (the I/O). This module stays light (no openai import).
+The parts, each usable alone: `units` (the requests to make, the cost estimate), `tokens` (prompt token counts),
+`replies` (the tolerant reply parser), `cache` (the crash-safe response cache), `client` (rate limiter + request
+loop), `batch` (batch mode), `assemble` (pure: responses -> train/eval rows, failures, metrics), `run` (the I/O).
+This module stays light (no openai import).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ SECTION = "generate"
 BASE_KEYS = ("seed",)
 SYSTEM_PROMPT = "system"  # prompts/system.txt: the system message of every request (not a template id)
 AUGMENT, PARAPHRASE = "augment", "paraphrase"  # prompts/<these>.txt: the fact-level templates (not QA template ids)
+MODES = ("online", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +97,10 @@ class GenerateParams:
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
     max_cost_usd: float         # refuse to start when the estimate exceeds this; stop spending past it
+    mode: str                   # online (chat-completions requests) | batch (the OpenAI Batch API, then online)
+    batch_price_factor: float   # a batch reply's price / the online price (OpenAI: 0.5)
+    batch_poll_s: float         # first wait between polls of a batch's status; doubles each poll ...
+    batch_poll_max_s: float     # ... up to this
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
@@ -111,6 +125,12 @@ class GenerateParams:
                 raise ValueError(f"params: `generate.{name}` must not be negative")
         if self.timeout_s <= 0:
             raise ValueError("params: `generate.timeout_s` must be positive")
+        if self.mode not in MODES:
+            raise ValueError(f"params: `generate.mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.batch_price_factor <= 1:
+            raise ValueError("params: `generate.batch_price_factor` must be in (0, 1]")
+        if not 0 < self.batch_poll_s <= self.batch_poll_max_s:
+            raise ValueError("params: `generate.batch_poll_s` must be positive and at most `generate.batch_poll_max_s`")
         if not 0 < self.near_duplicate_jaccard <= 1:
             raise ValueError("params: `generate.near_duplicate_jaccard` must be in (0, 1]")
         if not 0 < self.seen_max_jaccard < 1:

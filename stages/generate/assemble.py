@@ -18,7 +18,7 @@ from . import AUGMENT, PARAPHRASE, GenerateParams
 from .facts import fact_id, seen_rows, variants_of
 from .replies import parse_pairs
 from .text import norm_words
-from .units import Unit, cost_usd, failure_row
+from .units import Unit, failure_row, reply_cost
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def _usage(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateP
     pt = sum(v["prompt_tokens"] for v in used)
     ct = sum(v["completion_tokens"] for v in used)
     return {"requests": len(units), "answered": len(used), "failed": len(units) - len(used), "prompt_tokens": pt,
-            "completion_tokens": ct, "cost_usd": round(cost_usd(pt, ct, p), 6)}
+            "completion_tokens": ct, "cost_usd": round(sum(reply_cost(v, p) for v in used), 6),
+            "answered_by_batch": sum(bool(v.get("batch")) for v in used)}
 
 
 def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: list[dict[str, Any]],

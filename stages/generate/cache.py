@@ -1,5 +1,9 @@
 """The response cache: SQLite, one durable commit per response, so a rerun or a resume after `kill -9` repeats no
-request that had been answered (the key is `Unit.key`: endpoint, model, template, paper content, sampling)."""
+request that had been answered (the key is `Unit.key`: endpoint, model, template, paper content, sampling).
+
+Batch mode keeps its jobs here too (table `batches`: the keys a batch holds, its id, its state), written before the
+job is created and again once it exists, so a rerun resumes a batch instead of paying for it twice; a finished
+batch's replies land in `responses` in the same transaction that marks it done."""
 
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ class ResponseCache:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, created REAL NOT NULL, "
                         "doi TEXT, prompt_id TEXT, chunk INTEGER, value TEXT NOT NULL)")
+        # state: submitting (no id yet: a crash here leaves a job to look up by tag), open, done
+        self.db.execute("CREATE TABLE IF NOT EXISTS batches (tag TEXT PRIMARY KEY, created REAL NOT NULL, "
+                        "state TEXT NOT NULL, batch_id TEXT, input_file_id TEXT, status TEXT, keys TEXT NOT NULL)")
         self.db.commit()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
@@ -36,6 +43,26 @@ class ResponseCache:
 
     def get_many(self, keys: set[str]) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM responses") if k in keys}
+
+    def open_batches(self) -> list[dict[str, Any]]:
+        """The batch jobs not done yet, oldest first: {tag, state, batch_id, input_file_id, keys}."""
+        rows = self.db.execute("SELECT tag, state, batch_id, input_file_id, keys FROM batches WHERE state != 'done' "
+                               "ORDER BY created")
+        return [{"tag": t, "state": s, "batch_id": b, "input_file_id": f, "keys": json.loads(k)}
+                for t, s, b, f, k in rows]
+
+    def put_batch(self, tag: str, keys: list[str], state: str, batch_id: str | None = None,
+                  input_file_id: str | None = None) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                            (tag, time.time(), state, batch_id, input_file_id, json.dumps(keys)))
+
+    def finish_batch(self, tag: str, status: str, results: list[tuple[Unit, dict[str, Any]]]) -> None:
+        """Store a finished batch's replies and mark it done, in one transaction."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                                [self._row(u, v) for u, v in results])
+            self.db.execute("UPDATE batches SET state = 'done', status = ? WHERE tag = ?", (status, tag))
 
     @staticmethod
     def _row(unit: Unit, value: dict[str, Any]) -> tuple:

@@ -46,10 +46,12 @@ class BreakerError(TransientError):
 
 
 class RateLimiter:
-    """Sliding one-minute window over requests and (estimated) tokens; 0 disables a limit."""
+    """Sliding one-minute window over requests and tokens; 0 disables a limit. Each attempt reserves its prompt
+    tokens + max_tokens before it is sent (what OpenAI counts against the tokens-per-minute limit when the request
+    arrives), so the requests in flight at once, however many the concurrency allows, stay within both limits."""
 
-    def __init__(self, rpm: int, tpm: int) -> None:
-        self.rpm, self.tpm = rpm, tpm
+    def __init__(self, rpm: int, tpm: int, window_s: float = 60.0) -> None:
+        self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
         self.events: collections.deque[tuple[float, int]] = collections.deque()
         self.tokens = 0
         self.lock = asyncio.Lock()
@@ -60,7 +62,7 @@ class RateLimiter:
         async with self.lock:
             while True:
                 now = time.monotonic()
-                while self.events and self.events[0][0] <= now - 60:
+                while self.events and self.events[0][0] <= now - self.window_s:
                     self.tokens -= self.events.popleft()[1]
                 ok_r = not self.rpm or len(self.events) < self.rpm
                 ok_t = not self.tpm or self.tokens + tokens <= self.tpm or not self.events
@@ -68,7 +70,25 @@ class RateLimiter:
                     self.events.append((now, tokens))
                     self.tokens += tokens
                     return
-                await asyncio.sleep(max(self.events[0][0] + 60 - now, 0.01))
+                await asyncio.sleep(max(self.events[0][0] + self.window_s - now, 0.01))
+
+
+def judge_reply(resp: Any, p: GenerateParams) -> tuple[Outcome, int, int]:
+    """A chat.completion (online or from a batch's output file): (kept if it holds pairs and was not cut off, or
+    why not; its prompt and completion tokens, billed either way)."""
+    usage = getattr(resp, "usage", None)
+    pt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    ct = int(getattr(usage, "completion_tokens", 0) or 0)
+    choice = resp.choices[0] if resp.choices else None
+    content = choice.message.content if choice else None
+    finish = choice.finish_reason if choice else None
+    if finish == "length":
+        return Outcome(reason=f"truncated reply (finish_reason=length at max_tokens={p.max_tokens}); "
+                              "raise generate.max_tokens"), pt, ct
+    if not parse_pairs(content):
+        return Outcome(reason="reply is not valid JSON with question/answer pairs"), pt, ct
+    return Outcome(value={"response_id": resp.id, "model": resp.model or p.model, "content": content,
+                          "finish_reason": finish, "prompt_tokens": pt, "completion_tokens": ct}), pt, ct
 
 
 Progress = Callable[[Unit, "dict[str, Any] | None", RunStats], None]
@@ -149,21 +169,10 @@ class Requester:
 
     def read_reply(self, resp: Any) -> Outcome:
         """Bill the usage; keep the reply if it holds pairs and was not cut off."""
-        usage = getattr(resp, "usage", None)
-        pt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        ct = int(getattr(usage, "completion_tokens", 0) or 0)
+        outcome, pt, ct = judge_reply(resp, self.p)
         self.stats.prompt_tokens += pt
         self.stats.completion_tokens += ct
-        choice = resp.choices[0] if resp.choices else None
-        content = choice.message.content if choice else None
-        finish = choice.finish_reason if choice else None
-        if finish == "length":
-            return Outcome(reason=f"truncated reply (finish_reason=length at max_tokens={self.p.max_tokens}); "
-                                  "raise generate.max_tokens")
-        if not parse_pairs(content):
-            return Outcome(reason="reply is not valid JSON with question/answer pairs")
-        return Outcome(value={"response_id": resp.id, "model": resp.model or self.p.model, "content": content,
-                              "finish_reason": finish, "prompt_tokens": pt, "completion_tokens": ct})
+        return outcome
 
     def retry_delay(self, outcome: Outcome, attempt: int) -> float | None:
         """Seconds to wait before the next try after failed attempt number `attempt` (0-based), or None when no

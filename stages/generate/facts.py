@@ -45,7 +45,7 @@ def _unit(fact: dict[str, Any], prompt_id: str, block: str, template: str, syste
     user = template.replace("{{n}}", str(n)).replace("{{pair}}", block)
     return Unit(doi=fact["doi"], title=fact["title"], published=fact["published"], prompt_id=prompt_id,
                 chunk=fact["chunk"], key=cache_key(p, system, template, block, sampling),
-                est_prompt_tokens=est_tokens(system + user) + 8,
+                est_prompt_tokens=est_tokens(system + user, p.model) + 8,
                 est_completion_tokens=min(p.max_tokens, n * EST_OUTPUT_TOKENS_PER_PAIR + 20),
                 fact_id=fact["fact_id"],
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])

@@ -37,15 +37,26 @@ class RunStats:
     prompt_tokens: int = 0       # billed this run, failed attempts included
     completion_tokens: int = 0
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    batches_submitted: int = 0   # batch mode: Batch API jobs created this run (a resumed one is not counted)
+    batch_requests: int = 0      # ... requests sent in them
+    batch_answered: int = 0      # ... replies kept from them
+    batch_failed: int = 0        # ... requests they reported failed or left undone (then sent online)
+    batch_prompt_tokens: int = 0  # billed by batches this run, at `batch_price_factor`
+    batch_completion_tokens: int = 0
 
     def cost(self, p: GenerateParams) -> float:
-        return cost_usd(self.prompt_tokens, self.completion_tokens, p)
+        return (cost_usd(self.prompt_tokens, self.completion_tokens, p)
+                + cost_usd(self.batch_prompt_tokens, self.batch_completion_tokens, p, p.batch_price_factor))
 
     def summary(self, p: GenerateParams) -> dict[str, Any]:
         """This run's own counters (the `this_run` metrics, less what the cache answered)."""
         return {"api_requests": self.api_requests, "retries": self.retries, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost(p), 6),
-                "errors": dict(sorted(self.errors.items()))}
+                "errors": dict(sorted(self.errors.items())),
+                **({"batch": {"submitted": self.batches_submitted, "requests": self.batch_requests,
+                              "answered": self.batch_answered, "failed": self.batch_failed,
+                              "prompt_tokens": self.batch_prompt_tokens,
+                              "completion_tokens": self.batch_completion_tokens}} if p.mode == "batch" else {})}
 
 
 def error_kind(reason: str) -> str:

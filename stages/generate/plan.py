@@ -8,11 +8,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import AUGMENT, PARAPHRASE, GenerateParams
+from . import AUGMENT, PARAPHRASE, GenerateParams, tokens
 from .assemble import collect_facts, with_variants
 from .facts import augment_units, paraphrase_units, seen_sample
 from .replies import parse_pairs
-from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cost_usd, est_tokens, estimate
+from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cost_usd, est_tokens, estimate, mode_factor
 
 EST_PAIR_CHARS = 450      # a pair (question + answer) with its title and DOI lines, for the estimate
 EST_QUESTION_CHARS = 120  # one more question on a paraphrase request's Asked lines
@@ -28,16 +28,16 @@ class Round:
 def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str) -> dict[str, Any]:
     """An estimate for `n` fact-level requests whose facts are not known yet."""
     if name == AUGMENT:
-        prompt = est_tokens(system + template + "x" * EST_PAIR_CHARS) + 8
+        prompt = est_tokens(system + template, p.model) + tokens.estimate("x" * EST_PAIR_CHARS) + 8
         out = min(p.max_tokens, (p.augment_variants - 1) * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     else:
         chars = EST_PAIR_CHARS + p.augment_variants * EST_QUESTION_CHARS
-        prompt = est_tokens(system + template + "x" * chars) + 8
+        prompt = est_tokens(system + template, p.model) + tokens.estimate("x" * chars) + 8
         out = min(p.max_tokens, EST_OUTPUT_TOKENS_PER_PAIR + 20)
     pt, ct = n * prompt, n * out
     return {"requests": n, "requests_cached": 0, "requests_to_send": n, "est_prompt_tokens": pt,
-            "est_completion_tokens": ct, "est_cost_usd": round(cost_usd(pt, ct, p), 6),
-            "worst_case_cost_usd": round(cost_usd(pt, n * p.max_tokens, p), 6)}
+            "est_completion_tokens": ct, "est_cost_usd": round(cost_usd(pt, ct, p, mode_factor(p)), 6),
+            "worst_case_cost_usd": round(cost_usd(pt, n * p.max_tokens, p, mode_factor(p)), 6)}
 
 
 def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]]], cached: set[str],
@@ -84,7 +84,9 @@ def describe(rounds: list[Round], p: GenerateParams, n_papers: int) -> str:
     """The summary `--dry-run` prints (and a run logs): one line per round, then the total against the budget."""
     t = total(rounds)
     lines = [f"generate: {n_papers} papers x {len(p.prompts)} prompts -> {t['requests']} requests "
-             f"({t['requests_cached']} cached, {t['requests_to_send']} to send) to {p.model} at {p.base_url}"]
+             f"({t['requests_cached']} cached, {t['requests_to_send']} to send) to {p.model} at {p.base_url}; "
+             + (f"mode batch: the Batch API at {p.batch_price_factor:g} x the online price" if p.mode == "batch"
+                else "mode online") + f"; prompt tokens counted by {tokens.counter(p.model)[0]}"]
     what = {"qa": "QA pairs", AUGMENT: f"augment: {p.augment_variants - 1} rewordings per training fact "
                                           f"(augment_variants {p.augment_variants})",
             PARAPHRASE: f"paraphrase: a new question for up to {p.seen_questions} training facts (seen_questions)"}

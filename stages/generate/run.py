@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
-from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.stage import run_stage
 
 from . import AUGMENT, BASE_KEYS, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
 from .assemble import Assembled, assemble, collect_facts, with_variants
+from .batch import Batcher
 from .cache import ResponseCache
 from .client import Requester
 from .facts import augment_units, paraphrase_units, seen_sample
 from .outcomes import RunStats, error_kind
 from .plan import describe, plan, total
 from .replies import parse_pairs
-from .units import Unit, build_units, cost_usd
+from .units import Unit, build_units, reply_cost
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ TRAIN, EVAL, FAILURES = OUT_DIR / "train.jsonl", OUT_DIR / "eval.jsonl", OUT_DIR
 SEEN = OUT_DIR / "seen.jsonl"
 CACHE_DIR = Path("cache/generate")
 CACHE_DB = CACHE_DIR / "responses.sqlite"
-METRICS = Path("metrics/generate.json")
+METRICS = Path("metrics/generate.json")  # the headline numbers (dvc metrics); the whole record in REPORT
+REPORT = Path("reports/generate.json")
+HEADLINE = ("facts", "pairs", "train_pairs", "eval_pairs", "seen_kept", "requests", "requests_failed", "cost_usd")
 
 
 def load_papers(path: Path = PAPERS) -> list[dict[str, Any]]:
@@ -96,7 +99,7 @@ class ProgressBar:
         if value is not None:
             self.pairs += min(len(parse_pairs(value["content"])), self.per_reply)
             self.tokens += value["prompt_tokens"] + value["completion_tokens"]
-            self.cost += cost_usd(value["prompt_tokens"], value["completion_tokens"], p)
+            self.cost += reply_cost(value, p)
         self.left[self.group(unit)] -= 1
         if self.left[self.group(unit)] == 0:
             self.bar.update(1)
@@ -109,8 +112,13 @@ class ProgressBar:
 
 async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, seed: int, system: str,
                   fact_templates: dict[str, str]) -> tuple[list[Unit], list[Unit]]:
-    """The QA round, then the augment and paraphrase rounds built from its facts. Returns (augment, paraphrase)."""
+    """The QA round, then the augment and paraphrase rounds built from its facts (in batch mode each round is one
+    Batch API job first, then online for what it did not answer). Returns (augment, paraphrase)."""
+    batcher = Batcher(requester) if p.mode == "batch" else None
+
     async def one(round_units: list[Unit], desc: str, per_reply: int) -> None:
+        if batcher is not None:
+            await batcher.run(round_units)  # what the job answers is cached; the online pass sends the rest
         bar = ProgressBar(round_units, p, desc, per_reply)
         try:
             await requester.run(round_units, bar)
@@ -191,7 +199,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     write_jsonl(EVAL, out.eval)
     write_jsonl(SEEN, out.seen)
     write_jsonl(FAILURES, out.failures)
-    write_json(METRICS, out.metrics)
+    write_metrics(METRICS, REPORT, out.metrics, HEADLINE)
     m = out.metrics
     log.info("generate: %d facts (%d train / %d eval) from %d of %d papers; %d training pairs with %d variants; "
              "%d seen questions kept, %d dropped as near-duplicates; %d duplicates removed; %d failed requests; "

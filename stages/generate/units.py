@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from typing import Any
 
-from . import GenerateParams
+from . import GenerateParams, tokens
 
 CHUNK_CHARS = 8000              # full text (when the scrape stage fetched it) is sent in chunks of about this size
 EST_OUTPUT_TOKENS_PER_PAIR = 90  # for the cost estimate: a pair is ~60-120 tokens of JSON
@@ -57,9 +56,9 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def est_tokens(text: str) -> int:
-    """A tokenizer-free estimate (~4 characters per token for English)."""
-    return max(1, math.ceil(len(text) / 4))
+def est_tokens(text: str, model: str) -> int:
+    """The prompt's tokens: tiktoken's count where the model's encoding is cached, else ~4 characters per token."""
+    return tokens.count(text, model)
 
 
 _DELIM = re.compile(r"<\s*/?\s*paper\s*>", re.I)
@@ -70,12 +69,31 @@ def clean(text: Any) -> str:
     return _DELIM.sub("[paper]", " ".join(str(text or "").split()))
 
 
+def body_paragraphs(full: str, abstract: str) -> list[str]:
+    """The full text's paragraphs less its copy of the abstract (chunk 0 already sends it: sent again, it would cost
+    a request per template and only yield duplicate questions), and the heading that opens it."""
+    abstract = clean(abstract)
+    paras = [p for p in re.split(r"\n\s*\n", full) if p.strip()]
+    out = []
+    for para in paras:
+        text = clean(para)
+        if abstract and len(text) >= 40 and text in abstract:
+            if out and clean(out[-1]).lower().rstrip(":.") == "abstract":
+                out.pop()
+            continue
+        out.append(para)
+    return out
+
+
 def paper_chunks(paper: dict[str, Any]) -> list[str]:
-    """The texts sent for a paper: chunk 0 is the abstract; full text (if scraped) follows in ~CHUNK_CHARS pieces."""
+    """The texts sent for a paper: chunk 0 is the abstract; full text (if scraped) follows in ~CHUNK_CHARS pieces,
+    without the abstract; a full text with nothing but the title and the abstract adds no chunk."""
     chunks = [clean(paper.get("abstract"))] if (paper.get("abstract") or "").strip() else []
     full = paper.get("full_text")
     if isinstance(full, str) and full.strip():
-        paras, cur = [p for p in re.split(r"\n\s*\n", full) if p.strip()], ""
+        paras, cur = body_paragraphs(full, paper.get("abstract") or ""), ""
+        if all(clean(p) == clean(paper.get("title")) for p in paras):
+            paras = []
         for para in paras:
             if cur and len(cur) + len(para) > CHUNK_CHARS:
                 chunks.append(clean(cur))
@@ -120,14 +138,26 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
                 user = template.replace("{{n}}", str(p.pairs_per_prompt)).replace("{{paper}}", block)
                 units.append(Unit(doi=doi, title=title, published=paper.get("published"), prompt_id=pid,
                                   chunk=ci, key=cache_key(p, system, template, block, sampling),
-                                  est_prompt_tokens=est_tokens(system + user) + 8, est_completion_tokens=est_out,
+                                  est_prompt_tokens=est_tokens(system + user, p.model) + 8, est_completion_tokens=est_out,
                                   messages=[{"role": "system", "content": system},
                                             {"role": "user", "content": user}]))
     return units, failures
 
 
-def cost_usd(prompt_tokens: int, completion_tokens: int, p: GenerateParams) -> float:
-    return prompt_tokens * p.price_input_per_1m / 1e6 + completion_tokens * p.price_output_per_1m / 1e6
+def cost_usd(prompt_tokens: int, completion_tokens: int, p: GenerateParams, factor: float = 1.0) -> float:
+    """At the online prices; `factor` = `batch_price_factor` for what a batch answers."""
+    return factor * (prompt_tokens * p.price_input_per_1m / 1e6 + completion_tokens * p.price_output_per_1m / 1e6)
+
+
+def reply_cost(value: dict[str, Any], p: GenerateParams) -> float:
+    """What a cached reply cost: a batch's (`value["batch"]`) at `batch_price_factor`."""
+    return cost_usd(value["prompt_tokens"], value["completion_tokens"], p,
+                    p.batch_price_factor if value.get("batch") else 1.0)
+
+
+def mode_factor(p: GenerateParams) -> float:
+    """The price factor of the requests a run will send (batch mode: the Batch API's)."""
+    return p.batch_price_factor if p.mode == "batch" else 1.0
 
 
 def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str, Any]:
@@ -138,5 +168,5 @@ def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str
     worst = len(todo) * p.max_tokens
     return {"requests": len(units), "requests_cached": len(units) - len(todo), "requests_to_send": len(todo),
             "est_prompt_tokens": pt, "est_completion_tokens": ct,
-            "est_cost_usd": round(cost_usd(pt, ct, p), 6),
-            "worst_case_cost_usd": round(cost_usd(pt, worst, p), 6)}
+            "est_cost_usd": round(cost_usd(pt, ct, p, mode_factor(p)), 6),
+            "worst_case_cost_usd": round(cost_usd(pt, worst, p, mode_factor(p)), 6)}

@@ -2,7 +2,7 @@
 
     python -m stages.model_card       # from the repository (or workspace) root, after evaluate
 
-Reads  params.yaml (`model_card:`, base.model/system_prompt), metrics/{scrape,generate,validate,train,evaluate}.json,
+Reads  params.yaml (`model_card:`, base.model/system_prompt), reports/{scrape,generate,validate,train,evaluate}.json,
        artifacts/train/adapter/lineage.json (base model, hyper-parameters, hardware, wall time, commit, data hashes),
        plots/train/{train,eval}_loss.csv, artifacts/validate/{train,eval,seen}.jsonl (the kept pairs: their generator
        model, prompt, paper, fact and variant), artifacts/scrape/papers.jsonl (authors, DOIs and licences of those

@@ -1,4 +1,4 @@
-"""The card's evaluation section from metrics/evaluate.json: one table per question set (the four local models and
+"""The card's evaluation section from reports/evaluate.json: one table per question set (the four local models and
 the rivals, fact recall and answer length beside the style metrics), why the freshness subsets' n do not add up,
 and in words what the numbers say: where fine-tuned is above or below its base, whether the intervals overlap,
 and whether its fact-recall gain is distinguishable from zero."""
@@ -144,7 +144,7 @@ def findings(by_model: dict[str, Any]) -> list[str]:
     elif tuned.get("fact_n") == 0:
         lines.append("- **Fact recall:** not measured on this set (no reference has a key fact beyond its question).")
     else:
-        lines.append("- **Fact recall:** not in metrics/evaluate.json (the evaluate run that wrote it measured none).")
+        lines.append("- **Fact recall:** not in reports/evaluate.json (the evaluate run that wrote it measured none).")
     for name in ("rag", "fine_tuned_rag"):
         m = by_model.get(name)
         if isinstance(m, dict) and (line := fact_line(model_label(name, "").split(" (")[0], m, base)):

@@ -18,7 +18,8 @@ from . import ModelCardParams
 
 log = logging.getLogger(__name__)
 
-METRICS = {name: Path(f"metrics/{name}.json") for name in ("scrape", "generate", "validate", "train", "evaluate")}
+# the stages' full records (metrics/<stage>.json holds only their headline numbers)
+METRICS = {name: Path(f"reports/{name}.json") for name in ("scrape", "generate", "validate", "train", "evaluate")}
 LINEAGE = Path("artifacts/train/adapter/lineage.json")
 LOSS_CSV = {"train": Path("plots/train/train_loss.csv"), "eval": Path("plots/train/eval_loss.csv")}
 PAPERS = Path("artifacts/scrape/papers.jsonl")

@@ -23,6 +23,17 @@ def licence_name(lic: str) -> str:
     return lic.replace("-", " ") if lic.upper().startswith("CC-") else lic
 
 
+def base_revision(lin: dict[str, Any]) -> str | None:
+    """The exact base weights the adapter was trained on, as lineage.json records them."""
+    rev = lin.get("base_model_revision")
+    if not isinstance(rev, dict):
+        return None
+    if rev.get("source") == "local":
+        return (f"`{rev['dvc_md5']}` (md5 of the folder in `{rev.get('dvc_file')}`)" if rev.get("dvc_md5")
+                else rev.get("note") or "a local folder not tracked by DVC")
+    return f"`{rev['revision']}` (Hub commit, from {rev.get('from')})" if rev.get("revision") else "not known"
+
+
 def fmt_int(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else fmt(value, 1)
 
@@ -129,6 +140,8 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
               *([f"- **Adapter created:** {lin['created_utc']}"] if lin.get("created_utc") else []),
               *([f"- **Base model fingerprint:** `{lin['base_model_fingerprint']}`"]
                 if lin.get("base_model_fingerprint") else []),
+              *([f"- **Base model revision:** {revision}"] if (revision := base_revision(lin)) else []),
+              *([f"- **Base model revision:** {revision}"] if (revision := base_revision(lin)) else []),
               "- **Libraries:** " + ", ".join(f"{k} {v}" for k, v in (lin.get("versions") or {}).items() if v), "",
               "| data | md5 (dvc.lock) |", "|---|---|"]
     hashes = {k: v for k, v in {**inp.data_hashes, **(lin.get("inputs") or {})}.items()

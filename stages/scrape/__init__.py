@@ -9,8 +9,9 @@ Writes: artifacts/scrape/papers.jsonl  one record per paper in [date_from, date_
                                        (keys: doi url title authors affiliations published volume page arxiv
                                        citation abstract license [+ full_text when the param is on]);
         artifacts/scrape/errors.jsonl  one {url, reason, detail, kind} per page that failed or lacked a field;
-        metrics/scrape.json            pages fetched, papers kept/new/cached, skipped by date, errors by reason,
+        reports/scrape.json            pages fetched, papers kept/new/cached, skipped by date, errors by reason,
                                        HTTP-cache hits and revalidations, the Crawl-delay obeyed, caps hit;
+        metrics/scrape.json            its headline numbers (papers kept/new, pages, requests, errors);
         cache/scrape/                  (persist: true in dvc.yaml) records.jsonl, every paper record fetched so far,
                                        and http/, the HTTP cache.
 

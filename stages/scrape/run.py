@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, TransientError
-from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.io import read_jsonl, write_json, write_jsonl, write_metrics
 from qrb.schema import PAPER_KEYS
 from qrb.stage import run_stage
 
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 PAPERS_OUT = Path("artifacts/scrape/papers.jsonl")
 ERRORS_OUT = Path("artifacts/scrape/errors.jsonl")
-METRICS_OUT = Path("metrics/scrape.json")
+METRICS_OUT = Path("metrics/scrape.json")  # the headline numbers (dvc metrics); the whole record in REPORT_OUT
+REPORT_OUT = Path("reports/scrape.json")
+HEADLINE = ("papers_kept", "papers_new", "pages_fetched", "requests", "errors")
 CACHE_DIR = Path("cache/scrape")
 CACHE_RECORDS = CACHE_DIR / "records.jsonl"
 HTTP_CACHE_DIR = CACHE_DIR / "http"
@@ -231,7 +233,7 @@ def run(base: dict[str, Any], p: ScrapeParams, args) -> None:
     write_json(CACHE_DIR / "state.json", {"version": CACHE_VERSION, "records": len(new_cache)})
     write_jsonl(PAPERS_OUT, papers)
     write_jsonl(ERRORS_OUT, errors)
-    write_json(METRICS_OUT, m)
+    write_metrics(METRICS_OUT, REPORT_OUT, m, HEADLINE)
     if m["page_cap_hit"]:
         log.warning("scrape: stopped at the page cap (scrape.max_pages=%d): the output may miss papers",
                     p.max_pages)

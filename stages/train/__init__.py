@@ -7,8 +7,9 @@
 Reads  params.yaml (`train:` and base.seed/model/system_prompt/hf_offline), artifacts/validate/dataset
        (a datasets.DatasetDict with "train" and "eval" splits of question/answer pairs).
 Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added pad token + lineage.json; for
-       loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, tokens/s, padding
-       fraction, peak memory), plots/train/train_loss.csv, plots/train/eval_loss.csv, and checkpoints in
+       loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, train loss, tokens/s,
+       trainable parameters), reports/train.json (all of it: padding fraction, peak memory, steps, energy, the
+       checkpoint key), plots/train/train_loss.csv, plots/train/eval_loss.csv, and checkpoints in
        cache/train/<key>/ (key = hash of params + data + base model; persisted by DVC, so a killed run resumes
        where it stopped and a run with other params or data never picks them up; removed after success).
 

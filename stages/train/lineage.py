@@ -46,6 +46,37 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def model_revision(model: str, offline: bool = True) -> dict[str, Any]:
+    """Which exact base weights: a local folder by the md5 DVC tracks it under (its `<folder>.dvc`; train depends on
+    it through `models/` in dvc.yaml), a Hub id by the snapshot commit that the local Hugging Face cache holds (what
+    from_pretrained loaded), else, when the hub may be asked, the Hub's current commit."""
+    folder = Path(model)
+    if folder.is_dir():
+        tracked = folder.parent / f"{folder.name}.dvc"
+        if not tracked.exists():
+            return {"source": "local", "dvc_md5": None, "note": f"not tracked by DVC (no {tracked})"}
+        import yaml
+
+        outs = (yaml.safe_load(tracked.read_text()) or {}).get("outs") or [{}]
+        return {"source": "local", "dvc_md5": outs[0].get("md5"), "dvc_file": str(tracked)}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an id the cache cannot hold
+        cached = None
+    if isinstance(cached, str):  # .../models--org--name/snapshots/<commit>/config.json
+        return {"source": "hub", "revision": Path(cached).parent.name, "from": "local Hugging Face cache"}
+    if not offline:
+        try:
+            from huggingface_hub import HfApi
+
+            return {"source": "hub", "revision": HfApi().model_info(model, timeout=10).sha, "from": "the Hub"}
+        except Exception as e:  # lineage must never cost a training run
+            log.warning("train: the base model's revision is unknown (%s)", e)
+    return {"source": "hub", "revision": None}
+
+
 def checkpoint_key(base: dict[str, Any], p: TrainParams, data_sha: str) -> str:
     """Checkpoints are only resumed by a run with the very same params, data and base model."""
     blob = json.dumps({"base": {k: base[k] for k in BASE_KEYS}, "train": dataclasses.asdict(p), "data": data_sha,
@@ -112,6 +143,7 @@ def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> di
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
         "inputs": inputs, "data_sha256": metrics.get("data_sha256"),
         "base_model": base["model"], "base_model_fingerprint": model_fingerprint(base["model"]),
+        "base_model_revision": model_revision(base["model"], offline=bool(base.get("hf_offline", True))),
         "method": p.method, "seed": base["seed"],
         "params": {"base": {k: base[k] for k in BASE_KEYS}, SECTION: dataclasses.asdict(p)},
         "params_file": read_yaml().get(SECTION),

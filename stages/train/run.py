@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError
-from qrb.io import atomic_write_text, write_json
+from qrb.io import atomic_write_text, write_metrics
 from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams
@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 DATASET_DIR = Path("artifacts/validate/dataset")
 ADAPTER_DIR = Path("artifacts/train/adapter")
-METRICS = Path("metrics/train.json")
+METRICS = Path("metrics/train.json")  # the headline numbers (dvc metrics); the whole record in REPORT
+REPORT = Path("reports/train.json")
+HEADLINE = ("eval_ce", "train_loss", "tokens_per_s", "trainable_params")
 TRAIN_LOSS_PLOT = Path("plots/train/train_loss.csv")
 EVAL_LOSS_PLOT = Path("plots/train/eval_loss.csv")
 CHECKPOINT_ROOT = Path("cache/train")
@@ -74,7 +76,7 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
         return  # multi-process: only rank 0 writes
     save_adapter(model, tokenizer, p, ADAPTER_DIR)
     atomic_write_text(ADAPTER_DIR / "lineage.json", json.dumps(lineage(base, p, metrics), indent=2, default=str) + "\n")
-    write_json(METRICS, metrics)
+    write_metrics(METRICS, REPORT, metrics, HEADLINE)
     write_loss_plots(history)
     log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),
              metrics["tokens_per_s"] or 0, 100 * (metrics["padding_fraction"] or 0))

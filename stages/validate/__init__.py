@@ -10,6 +10,9 @@ Reads
                                      are K wordings of one fact, in the same split)
   artifacts/generate/seen.jsonl      "seen papers, new questions": reworded questions about training facts, never
                                      trained on (the pair fields + source_question; may be empty)
+  prompts/judge.txt                  the LLM judge's prompt (only when `judge.endpoint` is set; its API key from the
+                                     environment variable `judge.endpoint.api_key_env` names, never written)
+  cache/validate/judge.sqlite        the judge's verdicts so far (a persistent DVC out: a rerun pays for none again)
 
 Checks (great-expectations 1.x, ephemeral context, analytics off; one suite per level, each run through a
 validation definition and a checkpoint whose action builds Data Docs)
@@ -20,6 +23,11 @@ validation definition and a checkpoint whose action builds Data Docs)
            DOI format; provenance present; the paper is known and the title matches it; the answer is grounded in the
            paper (token overlap, and MiniLM similarity when `min_similarity` > 0); the question names what it asks
            about instead of leaning on "this paper"/"the text"; the answer does not just repeat the question.
+  judge    (optional, `judge.endpoint`; rows of every split that passed the row checks: each verdict is a paid
+           request) an LLM behind any OpenAI-compatible endpoint rates the question answerable from its paper and
+           the answer correct by it, 1-5 each (stages/validate/judge.py); below `judge.threshold` on either:
+           judge_unanswerable / judge_incorrect; no readable verdict: judge_failed. A failing pair counts in the
+           gate's failure rate; a failing training pair leaves its seen question without a trained fact.
   seen     (seen rows, after the row checks) the fact has a clean training pair of the same paper; the question
            is no exact or near duplicate of a clean training question (any fact, any variant).
   dataset  (train + eval only) failure rate <= max_fail_rate; clean train facts >= min_rows; clean eval rows >=
@@ -28,14 +36,18 @@ validation definition and a checkpoint whose action builds Data Docs)
            without a fact_id count one each), so the gate means the same with and without augmentation.
 
 Writes
-  artifacts/validate/quarantine.jsonl  one line per failing row: {split, line, row_id, reasons, scores, row}
+  artifacts/validate/quarantine.jsonl  one line per failing row: {split, line, row_id, reasons, scores, row}, and
+                                       `judge: {answerable, correct, reason}` (the judge's own words) if judged
+  cache/validate/judge.sqlite          one row per verdict, committed as it arrives (a `kill -9` loses none)
   artifacts/validate/dataset           passing rows as a `datasets.DatasetDict` (splits "train", "eval";
   artifacts/validate/train.jsonl       the input pairs' columns), and the same rows as JSON Lines, in input order
   artifacts/validate/eval.jsonl
   artifacts/validate/seen.jsonl        the seen rows that passed (not in the dataset: evaluate scores them)
   reports/data_docs/                   Data Docs: open index.html (summary of what failed, links to GX's pages)
-  metrics/validate.json                rows in/out, failures per expectation, dataset checks; `seen`: the same
-                                       counts for the seen split (DVC metrics)
+  reports/validate.json                rows in/out, failures per expectation, dataset checks; `seen`: the same
+                                       counts for the seen split; `judge`: rows judged, verdicts per reason,
+                                       requests sent and cached, tokens, cost this run and of all verdicts used
+  metrics/validate.json                its headline numbers (rows out, quarantined, fail rate; DVC metrics)
 
 Gate: when a dataset-level expectation fails (the failure rate above `max_fail_rate` is one of them) the stage
 prints a short summary (counts per reason, a few examples) to stderr and exits 65 (a data error) without writing
@@ -50,6 +62,8 @@ not trained on.
 #   features  the computed columns the suites check (per row: grounding, MiniLM similarity; per seen row; per
 #             dataset row)
 #   suite     the expectation lists built from params, and the great-expectations runner
+#   verdicts  the LLM judge's prompt blocks, its tolerant reply parser and the verdict cache (no openai import)
+#   judge     the LLM judge's requests: cache first, the cost cap, bounded retries, one-line errors
 #   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs)
 #   report    the stderr summary and the Data Docs entry page
 #   run       the files: read the inputs, write the outputs, `main()`
@@ -57,6 +71,7 @@ not trained on.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 SECTION = "validate"
@@ -74,6 +89,56 @@ SEEN_OUT = OUT_DIR / "seen.jsonl"
 QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
 DOCS_OUT = Path("reports/data_docs")
 METRICS_OUT = Path("metrics/validate.json")
+JUDGE_PROMPT = Path("prompts/judge.txt")
+JUDGE_CACHE = Path("cache/validate/judge.sqlite")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeEndpoint:
+    """An OpenAI-compatible chat-completions endpoint for the LLM judge."""
+
+    base_url: str      # e.g. https://api.openai.com/v1, a vLLM/Ollama server, the smoke endpoint
+    model: str
+    api_key_env: str   # the NAME of the environment variable holding the key; the key never enters params
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeParams:
+    """`validate.judge`: the optional LLM judge (`endpoint: null` = off)."""
+
+    endpoint: JudgeEndpoint | None = None
+    threshold: int = 3              # 1-5 scores: a pair below this for answerable or correct is quarantined
+    max_tokens: int = 300           # per verdict (the reason comes first, then the scores)
+    concurrency: int = 4            # requests in flight
+    timeout_s: float = 60.0         # per request
+    max_retries: int = 3            # the openai SDK's (429 honouring Retry-After, 5xx, time-outs); also per reply
+                                    # that holds no readable verdict
+    price_input_per_1m: float = 0.0  # USD per 1M tokens
+    price_output_per_1m: float = 0.0
+    max_cost_usd: float = 1.0       # refuse to start above this estimate; never send a request that could pass it
+
+    def check(self) -> None:
+        def bad(key: str, rule: str) -> ValueError:
+            return ValueError(f"params: `validate.judge.{key}` must be {rule}, got {getattr(self, key)!r}")
+
+        e = self.endpoint
+        if e is not None:
+            if not re.match(r"https?://", e.base_url):
+                raise ValueError(f"params: `validate.judge.endpoint.base_url` must be an http(s) URL, got "
+                                 f"{e.base_url!r}")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", e.api_key_env):
+                raise ValueError("params: `validate.judge.endpoint.api_key_env` must be the NAME of an environment "
+                                 "variable (e.g. OPENAI_API_KEY), not the key itself")
+        if not 1 <= self.threshold <= 5:
+            raise bad("threshold", "between 1 and 5 (the judge scores 1-5)")
+        for key in ("max_tokens", "concurrency"):
+            if getattr(self, key) < 1:
+                raise bad(key, ">= 1")
+        if self.timeout_s <= 0:
+            raise bad("timeout_s", "> 0")
+        for key in ("max_retries", "price_input_per_1m", "price_output_per_1m", "max_cost_usd"):
+            if getattr(self, key) < 0:
+                raise bad(key, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +156,7 @@ class ValidateParams:
     min_similarity: float       # MiniLM cosine answer vs best paper sentence; 0 turns the check (and the model) off
     min_eval_rows: int          # clean eval rows at least this many (eval holds variant 0 only: rows = facts)
     max_eval_fraction: float    # clean eval facts at most this share of all clean facts
+    judge: JudgeParams = JudgeParams()  # the optional LLM judge (off unless `judge.endpoint` is set)
 
     def check(self) -> None:
         def bad(key: str, rule: str) -> ValueError:

@@ -1,17 +1,22 @@
 """The pure core of the validate stage: `validate()` checks the pairs (and the seen questions) against their papers,
 splits them into clean rows and quarantine, judges the dataset (the gate) and computes the metrics. It writes
-nothing but Data Docs (when given a folder); the files are `stages.validate.run`'s business."""
+nothing but Data Docs (when given a folder); the files are `stages.validate.run`'s business, and so are the LLM
+judge's requests: `validate()` takes the judge as a function (row items -> verdicts) and asks it only about the rows
+that passed the row checks (the cheap checks first: every verdict is a paid request)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import ValidateParams
 from .features import dataset_columns, row_features, seen_columns
-from .suite import DATASET_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult, GxRunner
+from .suite import DATASET_SUITE, JUDGE_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult, GxRunner
+from .verdicts import Item, Verdict, make_item
+
+JudgeFn = Callable[[list[Item]], "dict[str, Verdict]"]
 
 SPLITS = ("train", "eval")   # the training dataset's splits: the gate judges these
 SEEN = "seen"                # "seen papers, new questions": checked, passed on to evaluate, never trained on
@@ -29,6 +34,8 @@ class Outcome:
     metrics: dict[str, Any]
     seen: list[dict[str, Any]] = dataclasses.field(default_factory=list)          # clean seen rows, input order
     seen_results: list[CheckResult] = dataclasses.field(default_factory=list)
+    judge_results: list[CheckResult] = dataclasses.field(default_factory=list)   # empty without a judge
+    verdicts: dict[str, Verdict] = dataclasses.field(default_factory=dict)       # row_id -> the judge's verdict
 
     @property
     def reasons(self) -> dict[str, list[str]]:
@@ -37,8 +44,9 @@ class Outcome:
 
 
 def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[str, Any]], p: ValidateParams,
-             docs_dir: Path | None = None, seen: Sequence[Any] = ()) -> Outcome:
-    """Check the pairs; split them into clean rows and quarantine; judge the dataset. Writes only `docs_dir`."""
+             docs_dir: Path | None = None, seen: Sequence[Any] = (), judge: JudgeFn | None = None) -> Outcome:
+    """Check the pairs; split them into clean rows and quarantine; judge the dataset. Writes only `docs_dir`.
+    With `judge` (and `p.judge.endpoint` set), the rows of every split that pass the row checks get its verdict."""
     paper_map = {pp["doi"]: pp for pp in papers if isinstance(pp, dict) and isinstance(pp.get("doi"), str)}
     rows = [(s, i, r) for s, part in (("train", train), ("eval", eval_), (SEEN, seen)) for i, r in enumerate(part, 1)]
     feats = row_features(rows, paper_map, p)
@@ -49,7 +57,16 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
     for cr in row_results:
         for rid in cr.unexpected:
             reasons.setdefault(rid, []).append(cr.reason)
-    # the seen rows are judged against the training rows that survived the row checks
+    verdicts: dict[str, Verdict] = {}
+    judge_results: list[CheckResult] = []
+    if judge is not None and p.judge.endpoint is not None:
+        verdicts = judge([make_item(f["row_id"], row, paper_map[f["doi"]]) for (_, _, row), f in zip(rows, feats)
+                          if f["row_id"] not in reasons and f["doi"] in paper_map])
+        judge_results = runner.run(JUDGE_SUITE, judge_columns(verdicts))
+        for cr in judge_results:
+            for rid in cr.unexpected:
+                reasons.setdefault(rid, []).append(cr.reason)
+    # the seen rows are judged against the training rows that survived the row (and judge) checks
     seen_results = runner.run(SEEN_SUITE, seen_columns(feats, [f["row_id"] in reasons for f in feats]))
     for cr in seen_results:
         for rid in cr.unexpected:
@@ -66,15 +83,31 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
             scores = {"grounding": f["grounding"]}
             if "similarity" in f:
                 scores["similarity"] = f["similarity"]
-            quarantine.append({"row_id": f["row_id"], "split": split, "line": line,
-                               "reasons": reasons[f["row_id"]], "scores": scores, "row": row})
+            q = {"row_id": f["row_id"], "split": split, "line": line, "reasons": reasons[f["row_id"]],
+                 "scores": scores, "row": row}
+            v = verdicts.get(f["row_id"])
+            if v is not None:  # the judge's own words, next to its scores
+                scores.update(judge_answerable=v.answerable, judge_correct=v.correct)
+                q["judge"] = {"answerable": v.answerable, "correct": v.correct, "reason": v.reason}
+            quarantine.append(q)
         else:
             clean[split].append(row)
     rows_in = {s: sum(r[0] == s for r in rows) for s in SPLITS}
-    metrics = _metrics(rows_in, clean, quarantine, row_results, dataset_results, gate, feats)
-    metrics[SEEN] = _seen_metrics(len(seen), clean[SEEN], quarantine, row_results + seen_results)
+    metrics = _metrics(rows_in, clean, quarantine, row_results + judge_results, dataset_results, gate, feats)
+    metrics[SEEN] = _seen_metrics(len(seen), clean[SEEN], quarantine, row_results + judge_results + seen_results)
+    if judge_results:
+        metrics["judge"] = {"rows_judged": len(verdicts), "verdicts": sum(v.ok for v in verdicts.values())} | {
+            c.reason: len(c.unexpected) for c in judge_results}
     return Outcome(clean["train"], clean["eval"], quarantine, row_results, dataset_results, rows_in, gate, metrics,
-                   clean[SEEN], seen_results)
+                   clean[SEEN], seen_results, judge_results, verdicts)
+
+
+def judge_columns(verdicts: dict[str, Verdict]) -> dict[str, list[Any]]:
+    """The judge suite's columns, one per judged row; the scores are null (skipped by their checks) where the judge
+    gave no verdict: `judge_failed` says so instead."""
+    return {"row_id": list(verdicts), "judge_ok": [v.ok for v in verdicts.values()],
+            "judge_answerable": [v.answerable for v in verdicts.values()],
+            "judge_correct": [v.correct for v in verdicts.values()]}
 
 
 def _empty_row_columns(p: ValidateParams) -> dict[str, Any]:

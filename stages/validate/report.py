@@ -13,7 +13,7 @@ from typing import Any
 from . import DOCS_OUT, METRICS_OUT, QUARANTINE_OUT, ValidateParams
 from .core import Outcome
 from .features import fact_of
-from .suite import DATASET_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult
+from .suite import DATASET_SUITE, JUDGE_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult
 
 
 def _clip(text: Any, n: int = 100) -> str:
@@ -51,6 +51,12 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
     if "seen" in m:
         lines.append(f"  seen questions (scored, never trained on): {m['seen']['rows_in']} in, "
                      f"{m['seen']['rows_out']} clean, {m['seen']['rows_quarantined']} quarantined")
+    j = m.get("judge")
+    if j:
+        lines.append(f"  LLM judge {j.get('model', '')}: {j['rows_judged']} rows judged, {j.get('requests', 0)} requests "
+                     f"this run ({j.get('cached', 0)} verdicts cached), ${j.get('cost_usd', 0.0):.4f}; "
+                     f"{j.get('judge_unanswerable', 0)} unanswerable, {j.get('judge_incorrect', 0)} incorrect, "
+                     f"{j.get('judge_failed', 0)} without a verdict")
     bad = [c for c in outcome.dataset_results if not c.success]
     if bad:
         lines.append("  dataset checks failed:")
@@ -61,14 +67,15 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
                 top = Counter(facts.values()).most_common(3)
                 extra = "; top papers: " + ", ".join(f"{d} ({n / len(facts):.0%})" for d, n in top)
             lines.append(f"    {c.reason}: observed {_observed(c)}, allowed {_limit(c)}{extra}")
-    counts = [(c.reason, len(c.unexpected)) for c in outcome.row_results + outcome.seen_results if c.unexpected]
+    row_level = outcome.row_results + outcome.judge_results + outcome.seen_results
+    counts = [(c.reason, len(c.unexpected)) for c in row_level if c.unexpected]
     if counts:
         lines.append("  failing rows per reason (all splits):")
         width = max(len(r) for r, _ in counts)
         lines += [f"    {r:<{width}}  {n}" for r, n in sorted(counts, key=lambda x: -x[1])]
         lines.append("  examples:")
         shown: set[str] = set()
-        for c in sorted(outcome.row_results + outcome.seen_results, key=lambda c: -len(c.unexpected)):
+        for c in sorted(row_level, key=lambda c: -len(c.unexpected)):
             for q in outcome.quarantine:
                 if len(shown) >= examples * 2 or q["row_id"] in shown:
                     continue
@@ -76,7 +83,8 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
                     shown.add(q["row_id"])
                     row = q["row"] if isinstance(q["row"], dict) else {}
                     lines.append(f"    {q['row_id']} [{', '.join(q['reasons'])}] Q: {_clip(row.get('question'), 80)!s}"
-                                 f" | A: {_clip(row.get('answer'), 60)!s}")
+                                 f" | A: {_clip(row.get('answer'), 60)!s}"
+                                 + (f" | judge: {_clip(q['judge']['reason'], 100)}" if "judge" in q else ""))
                     break
             if len(shown) >= examples * 2:
                 break
@@ -114,7 +122,7 @@ def write_index_html(docs_dir: Path, outcome: Outcome, p: ValidateParams) -> Non
 
     links = "".join(f'<li><a href="{e(pg.relative_to(docs_dir).as_posix())}">{e(pg.relative_to(docs_dir).as_posix())}'
                     f"</a></li>" for pg in pages)
-    failed_row = [c for c in outcome.row_results + outcome.seen_results if not c.success]
+    failed_row = [c for c in outcome.row_results + outcome.judge_results + outcome.seen_results if not c.success]
     failed_set = [c for c in outcome.dataset_results if not c.success]
     failed_list = "".join(f"<li><code>{e(c.reason)}</code> ({e(_observed(c)) if c in failed_set else len(c.unexpected)}"
                           f"{'' if c in failed_set else ' rows'}) — {e(_plain_description(c))}</li>"
@@ -125,6 +133,12 @@ def write_index_html(docs_dir: Path, outcome: Outcome, p: ValidateParams) -> Non
                  f"<p>Seen questions (&ldquo;seen papers, new questions&rdquo;: scored by evaluate, never trained on):"
                  f" {seen['rows_in']} in, {seen['rows_out']} clean, {seen['rows_quarantined']} quarantined; they "
                  "take the row-level checks and the seen checks, never the dataset-level ones.</p>")
+    j = m.get("judge")
+    judge_section = ("" if not outcome.judge_results else
+                     f"<h2>LLM judge (suite <code>{JUDGE_SUITE}</code>)</h2>\n<p>{e(str(j.get('model', '')))} at "
+                     f"{e(str(j.get('base_url', '')))}: {j['rows_judged']} rows that passed the row checks judged "
+                     f"(threshold {p.judge.threshold} of 5); the judge's reason for each quarantined row is in "
+                     f"<code>{e(str(QUARANTINE_OUT))}</code>.</p>\n{table(outcome.judge_results, True)}")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>validate: data quality report ({status})</title>
 <style>
@@ -148,6 +162,7 @@ Quarantined: {m['rows_quarantined']}{rate}
 {table(outcome.dataset_results, False)}
 <h2>Row-level expectations (suite <code>{ROW_SUITE}</code>)</h2>
 {table(outcome.row_results, True)}
+{judge_section}
 <h2>Seen questions against the clean training pairs (suite <code>{SEEN_SUITE}</code>)</h2>
 {table(outcome.seen_results, True)}
 <h2>Great Expectations pages</h2>

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError
-from qrb.io import read_jsonl, write_json, write_jsonl
+from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.schema import PAIR_FIELDS, QAPair
 from qrb.stage import run_stage
 
@@ -23,6 +23,8 @@ from . import (
     DOCS_OUT,
     EVAL_IN,
     EVAL_OUT,
+    JUDGE_CACHE,
+    JUDGE_PROMPT,
     METRICS_OUT,
     PAPERS_IN,
     PARAMS_CLASS,
@@ -35,9 +37,17 @@ from . import (
     ValidateParams,
 )
 from .core import validate
+from .judge import Judge
 from .report import summary, write_index_html
+from .verdicts import VerdictCache
 
 log = logging.getLogger(__name__)
+
+# METRICS_OUT holds the headline numbers (dvc metrics); the whole record goes to REPORT_OUT
+REPORT_OUT = Path("reports/validate.json")
+HEADLINE = ("rows_out.train", "rows_out.eval", "rows_quarantined", "fail_rate", "grounding_mean",
+            "similarity_mean", "seen.rows_out", "judge.judge_unanswerable", "judge.judge_incorrect",
+            "judge.judge_failed", "judge.cost_usd")
 
 
 def _read_pairs(path: Path, stage: str) -> list[Any]:
@@ -92,8 +102,19 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def load_judge_template(path: Path = JUDGE_PROMPT) -> str:
+    if not path.exists():
+        raise ConfigError(f"prompt template {path} not found (validate.judge.endpoint is set)")
+    text = path.read_text(encoding="utf-8").strip()
+    for placeholder in ("{{paper}}", "{{pair}}"):
+        if placeholder not in text:
+            raise ConfigError(f"{path} has no {placeholder} placeholder")
+    return text
+
+
 def run(base: dict[str, Any], p: ValidateParams, args) -> None:
-    for name in ("great_expectations", "datasets", "sentence_transformers", "transformers", "urllib3"):
+    for name in ("great_expectations", "datasets", "sentence_transformers", "transformers", "urllib3", "httpx",
+                 "httpx2", "httpcore", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     papers = _read_pairs(PAPERS_IN, "scrape")
     train = _read_pairs(TRAIN_IN, "generate")
@@ -105,15 +126,24 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     docs_tmp = DOCS_OUT.parent / f".{DOCS_OUT.name}.tmp"
     shutil.rmtree(docs_tmp, ignore_errors=True)
     docs_tmp.mkdir(parents=True)
+    judge = None
+    template = load_judge_template() if p.judge.endpoint is not None else ""
+    cache = VerdictCache(JUDGE_CACHE)  # created even without a judge: cache/validate is a DVC out
+    if p.judge.endpoint is not None:
+        judge = Judge(p.judge, template, cache)
     try:
-        outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp, seen=seen)
+        outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp, seen=seen, judge=judge)
+        if judge is not None:
+            outcome.metrics["judge"] = {**outcome.metrics.get("judge", {}), **judge.summary()}
         write_index_html(docs_tmp, outcome, p)
     except BaseException:
         shutil.rmtree(docs_tmp, ignore_errors=True)
         raise
+    finally:
+        cache.close()
     _replace_dir(docs_tmp, DOCS_OUT)
     write_jsonl(QUARANTINE_OUT, outcome.quarantine)
-    write_json(METRICS_OUT, outcome.metrics)
+    write_metrics(METRICS_OUT, REPORT_OUT, outcome.metrics, HEADLINE)
     if outcome.gate_passed:
         save_dataset(outcome.train, outcome.eval, DATASET_OUT)
         write_jsonl(TRAIN_OUT, outcome.train)

@@ -1,7 +1,7 @@
-"""The validate stage's expectations: the row, seen and dataset check lists (built from params) and `GxRunner`,
-which runs them through great-expectations 1.x (ephemeral context, analytics off; one suite per level: rows, seen
-rows, dataset; each through a validation definition and a checkpoint whose action builds Data Docs). GX is imported
-only when a runner is built."""
+"""The validate stage's expectations: the row, judge, seen and dataset check lists (built from params) and
+`GxRunner`, which runs them through great-expectations 1.x (ephemeral context, analytics off; one suite per level:
+rows, the LLM judge's verdicts (when configured), seen rows, dataset; each through a validation definition and a
+checkpoint whose action builds Data Docs). GX is imported only when a runner is built."""
 
 from __future__ import annotations
 
@@ -90,6 +90,19 @@ def seen_checks() -> list[Check]:
     ]
 
 
+def judge_checks(p: ValidateParams) -> list[Check]:
+    """The LLM judge's verdicts (rows that passed the row checks; scores are null where there is no verdict)."""
+    t = p.judge.threshold
+    return [
+        _flag("judge_failed", "judge_ok", "the LLM judge gave a readable verdict"),
+        Check("judge_unanswerable", f"[judge_unanswerable] the LLM judge rates the question answerable from its "
+              f"paper at least {t} of 5", "ExpectColumnValuesToBeBetween",
+              {"column": "judge_answerable", "min_value": t}),
+        Check("judge_incorrect", f"[judge_incorrect] the LLM judge rates the answer correct by its paper at least "
+              f"{t} of 5", "ExpectColumnValuesToBeBetween", {"column": "judge_correct", "min_value": t}),
+    ]
+
+
 def dataset_checks(p: ValidateParams) -> list[Check]:
     # Facts, not rows, where a fact's K variants would otherwise count K times (see features.dataset_columns)
     return [
@@ -117,6 +130,7 @@ def dataset_checks(p: ValidateParams) -> list[Check]:
 SITE_NAME = "qrb_data_docs"
 ROW_SUITE = "qa_pairs_rows"
 SEEN_SUITE = "qa_pairs_seen"
+JUDGE_SUITE = "qa_pairs_judge"
 DATASET_SUITE = "qa_pairs_dataset"
 
 
@@ -141,8 +155,8 @@ def _plain(v: Any) -> Any:
 
 
 class GxRunner:
-    """An ephemeral GX context with three pandas assets (rows, seen rows, dataset), a suite, validation definition
-    and checkpoint each."""
+    """An ephemeral GX context with three pandas assets (rows, seen rows, dataset; a fourth, the judged rows, with
+    the LLM judge), a suite, validation definition and checkpoint each."""
 
     def __init__(self, p: ValidateParams, docs_dir: Path | None) -> None:
         os.environ["GX_ANALYTICS_ENABLED"] = "False"
@@ -165,8 +179,13 @@ class GxRunner:
         source = self.ctx.data_sources.add_pandas("qa_pairs")
         self.checkpoints = {}
         self.checks = {ROW_SUITE: row_checks(p), SEEN_SUITE: seen_checks(), DATASET_SUITE: dataset_checks(p)}
-        index_cols = {ROW_SUITE: ["row_id"], SEEN_SUITE: ["row_id"], DATASET_SUITE: ["row_id", "doi"]}
-        for suite_name, asset_name in ((ROW_SUITE, "pairs"), (SEEN_SUITE, "seen"), (DATASET_SUITE, "dataset")):
+        index_cols = {ROW_SUITE: ["row_id"], SEEN_SUITE: ["row_id"], DATASET_SUITE: ["row_id", "doi"],
+                      JUDGE_SUITE: ["row_id"]}
+        suites = [(ROW_SUITE, "pairs"), (SEEN_SUITE, "seen"), (DATASET_SUITE, "dataset")]
+        if p.judge.endpoint is not None:
+            self.checks[JUDGE_SUITE] = judge_checks(p)
+            suites.insert(1, (JUDGE_SUITE, "judged"))
+        for suite_name, asset_name in suites:
             batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
             suite = self.ctx.suites.add(gx.ExpectationSuite(name=suite_name))
             for c in self.checks[suite_name]:

@@ -9,7 +9,8 @@ In tests:
         ...
         ep.request_count, ep.requests   # what the server has seen
 
-It speaks the chat-completions wire format the openai SDK parses (`POST /v1/chat/completions`, `GET /v1/models`),
+It speaks the chat-completions wire format the openai SDK parses (`POST /v1/chat/completions`, `GET /v1/models`;
+and the Files and Batch API that generate's batch mode uses, `batches`),
 and writes question/answer pairs *deterministically and extractively* from the paper that the generate stage
 delimits in the user message (`<paper> ... </paper>` with `Title:` and `Abstract:` lines): the answers are
 sentences of the abstract, the questions name the paper's title and a phrase of the answer sentence, and their

@@ -3,8 +3,9 @@ same body gives the same reply, `created` aside). Every reply is labelled: model
 `system_fingerprint` saying that it is a smoke-test endpoint.
 
 The user message's `Task:` line picks the writer: none (the QA templates) = extractive pairs from the paper;
-`Task: augment` = rewordings of the pair it carries; `Task: paraphrase` = one new question for the pair's answer
-(`rewriter`).
+`Task: augment` = rewordings of the pair it carries; `Task: paraphrase` = one new question for the pair's answer;
+`Task: judge` = a verdict `{"reason", "answerable", "correct"}` on the pair it carries, from the paper text it
+carries (`rewriter`).
 
 `response_format` with a JSON schema is honoured (the content is JSON matching the schema); without it the JSON
 comes inside a Markdown code fence after a line of prose, as some endpoints do, to exercise tolerant parsers.
@@ -19,7 +20,7 @@ import re
 import time
 from typing import Any
 
-from .rewriter import augment_variants, paraphrase_question, parse_fact_block
+from .rewriter import augment_variants, judge_verdict, paraphrase_question, parse_fact_block
 from .writer import extractive_pairs, parse_user_message
 
 MODEL_ID = "qrb-smoke-extractive"
@@ -45,7 +46,7 @@ _TASK = re.compile(r"^Task:\s*([a-z_]+)", re.M | re.I)
 
 
 def task_of(user: str) -> str:
-    """`augment`, `paraphrase` or `qa` (no `Task:` line)."""
+    """`augment`, `paraphrase`, `judge` or `qa` (no `Task:` line)."""
     m = _TASK.search(user)
     return m.group(1).lower() if m else "qa"
 
@@ -69,13 +70,15 @@ def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]
     messages = body.get("messages") or []
     user = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
     prompt_text = "\n".join(str(m.get("content", "")) for m in messages)
-    pairs = write_pairs(user)
+    judging = task_of(user) == "judge"
+    pairs = [] if judging else write_pairs(user)
     rf = body.get("response_format")
-    payload = json.dumps({_array_key(rf): pairs}, ensure_ascii=False)
+    payload = json.dumps(judge_verdict(user) if judging else {_array_key(rf): pairs}, ensure_ascii=False)
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
         content = payload
     else:
-        content = f"Here are the question-answer pairs:\n```json\n{payload}\n```"
+        content = (f"Here is my verdict:\n```json\n{payload}\n```" if judging
+                   else f"Here are the question-answer pairs:\n```json\n{payload}\n```")
     finish = "stop"
     if fault == "invalid_json":
         content = '{"pairs": [{"question": "' + (pairs[0]["question"] if pairs else "What") + '", "answer": '

@@ -1,5 +1,5 @@
-"""Deterministic rewordings for the smoke endpoint's `Task: augment` and `Task: paraphrase` prompts (pure; NOT a
-language model).
+"""Deterministic rewordings for the smoke endpoint's `Task: augment` and `Task: paraphrase` prompts, and verdicts for
+its `Task: judge` prompts (pure; NOT a language model).
 
 - `augment_variants`: K-1 rewordings of one question/answer pair. Each question names the title and the key phrase
   of the answer (with the aspect the original question asked for: the result on, the method for, ...) in a wording
@@ -10,6 +10,11 @@ language model).
   stems or the augment stems, so that a word-set Jaccard check against the training questions passes for typical
   titles; it names the title and a phrase of the answer that the questions already asked do not contain, where the
   answer has one.
+- `judge_verdict` (`Task: judge`, prompts/judge.txt): a verdict on one pair from the paper text the prompt carries,
+  as the validate stage's LLM judge asks for it: the answer is correct (5) when each of its sentences has its content
+  words in one sentence of the text (a sentence of another paper does not), the question answerable when the subject
+  it names occurs in the text and it quotes no other paper's title; lower scores come with a reason naming what is
+  missing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .writer import _STEMS, _key_phrase, _short_title
+from .writer import _STEMS, _STOP, _key_phrase, _short_title, split_sentences
 
 AUGMENT_STEMS = (
     "What do we learn about {k} from \"{t}\"?",
@@ -149,3 +154,71 @@ def parse_fact_block(text: str) -> dict[str, object]:
         else:
             out[key.lower()] = value.strip()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `Task: judge` (prompts/judge.txt): a verdict on one pair against the paper text the prompt carries
+
+_PAIR = re.compile(r"<pair>\s*(.*?)\s*</pair>", re.S | re.I)
+_QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”")
+# the words the question stems and the answer lead-ins bring, which name no subject of the paper
+_FRAME = _words(" ".join([*(s for stems in _STEMS.values() for s in stems), *AUGMENT_STEMS, *PARAPHRASE_STEMS,
+                          *_ASPECTS.values(), *_LEADS, "the authors their them paper reports"]))
+
+
+def _content(text: str) -> list[str]:
+    return [w for w in re.findall(r"[^\W_]+", text.lower())
+            if (len(w) >= 3 or w.isdigit()) and w not in _STOP and w not in _FRAME]
+
+
+def _scale(share: float) -> int:
+    return 5 if share >= 0.9 else 4 if share >= 0.75 else 3 if share >= 0.5 else 2 if share >= 0.25 else 1
+
+
+def judge_verdict(text: str) -> dict[str, object]:
+    """{"reason", "answerable", "correct"} for the pair of a judge prompt, from its paper text alone: the answer is
+    correct as far as each of its sentences has its content words in one sentence of the paper; the question is
+    answerable as far as the subject it names (its content words beyond the stem's and a quoted title) occurs in the
+    paper, and not when it quotes another paper's title."""
+    blocks = list(_BLOCK.finditer(text))
+    paper = blocks[-1].group(1) if blocks else ""
+    title_m = re.search(r"^Title:[ \t]*(.*)$", paper, re.M)
+    title = title_m.group(1).strip() if title_m else ""
+    body = re.split(r"^Abstract:[ \t]*$", paper, maxsplit=1, flags=re.M)[-1]
+    pairs = list(_PAIR.finditer(text))
+    pair = pairs[-1].group(1) if pairs else ""
+    q_m = re.search(r"^Question:[ \t]*(.*)$", pair, re.M)
+    a_m = re.search(r"^Answer:[ \t]*(.*)$", pair, re.M)
+    question, answer = (q_m.group(1).strip() if q_m else ""), (a_m.group(1).strip() if a_m else "")
+    sentences = [set(_content(s)) for s in split_sentences(body.replace("Excerpt of the full text:", " "))]
+    sentences.append(set(_content(title)))
+    paper_words = set().union(*sentences)
+
+    worst, worst_share = "", 1.0
+    for s in split_sentences(_QUOTED.sub(" ", answer)) or [answer]:
+        words = _content(s)
+        if not words:
+            continue
+        share = max(sum(w in ps for w in words) / len(words) for ps in sentences)
+        if share < worst_share:
+            worst, worst_share = s, share
+    correct = _scale(worst_share) if answer else 1
+
+    quoted = [q.strip("\"“”") for q in _QUOTED.findall(question)]
+    other_title = next((q for q in quoted if len(q.split()) >= 3 and _words(q) != _words(_short_title(title))), "")
+    subject = _content(_QUOTED.sub(" ", question))
+    missing = [w for w in subject if w not in paper_words]
+    answerable = 1 if other_title else _scale(1 - len(missing) / len(subject)) if subject else 3
+
+    if other_title:
+        why_q = f"the question asks about \"{other_title[:80]}\", not this paper"
+    elif missing and answerable < 5:
+        why_q = "the question's subject is not in the text (" + ", ".join(missing[:5]) + ")"
+    else:
+        why_q = "the text addresses the question's subject"
+    if correct >= 5:
+        why_a = "every sentence of the answer is stated in the text"
+    else:
+        why_a = (f"only {worst_share:.0%} of the content words of the answer's sentence \"{worst[:80]}\" occur in "
+                 "any one sentence of the text")
+    return {"reason": f"{why_q}; {why_a}.", "answerable": answerable, "correct": correct}

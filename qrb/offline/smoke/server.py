@@ -1,4 +1,5 @@
-"""The smoke endpoint's HTTP server: routes (`POST /v1/chat/completions`, `GET /v1/models`), the API-key check,
+"""The smoke endpoint's HTTP server: routes (`POST /v1/chat/completions`, `GET /v1/models`, the Files and Batch API
+of `batches`), the API-key check,
 injectable faults, `SmokeEndpoint` / `serve_smoke_endpoint` for tests and `main` for the command line.
 
 Faults and latency are injectable (`Faults`): rates of 429 (with Retry-After), 500, 400 (a bad request no retry can
@@ -20,12 +21,14 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from qrb.io import setup_logging
 
+from .batches import BatchStore
 from .completions import MODEL_ID, completion
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,18 @@ class Faults:
     refuse_formats: tuple[str, ...] = ()   # response_format types this server rejects (e.g. ("json_schema",))
     refuse_status: int = 500
     refuse_message: str = LLAMA_CPP_REFUSAL
+    batch_polls: int = 2                  # a batch is done at its batch_polls-th status poll (`batches`)
+    batch_error_rate: float = 0.0         # share of a batch's lines that fail (HTTP 500 in its error file), seeded
+    batch_expire: float | None = None     # the batch expires with this share of its lines done (None: it completes)
+    batch_fail: bool = False              # the batch fails validation (no output file)
 
     def __post_init__(self) -> None:
         total = (self.rate_429 + self.rate_500 + self.rate_stall + self.rate_invalid_json + self.rate_truncated
                  + self.rate_400)
         if total > 1.0 + 1e-9:
             raise ValueError(f"smoke endpoint: fault rates sum to {total:.2f} > 1")
+        if self.batch_polls < 1 or not 0 <= self.batch_error_rate <= 1 or not 0 <= (self.batch_expire or 0) <= 1:
+            raise ValueError("smoke endpoint: batch_polls must be >= 1, batch_error_rate and batch_expire in [0, 1]")
 
     def draw(self, body: bytes, occurrence: int) -> str | None:
         """The fault for the `occurrence`-th request with this body (deterministic), or None."""
@@ -90,6 +99,7 @@ class SmokeEndpoint:
         self.faults = faults or Faults()
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
+        self.batches = BatchStore(self.faults)
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,6 +137,11 @@ class SmokeEndpoint:
         with self._lock:
             return sum(r["path"].endswith("/chat/completions") for r in self.requests)
 
+    def count(self, method: str, path: str) -> int:
+        """Requests seen with this method and path (`/v1/batches`: batches created; `/v1/files`: uploads)."""
+        with self._lock:
+            return sum(r["method"] == method and r["path"] == path for r in self.requests)
+
     def start(self) -> SmokeEndpoint:
         log.info(BANNER, MODEL_ID)
         log.info("qrb smoke endpoint: serving %s (faults: %s)", self.base_url, self.faults)
@@ -140,10 +155,10 @@ class SmokeEndpoint:
 
     # -- request handling ---------------------------------------------------------------------------------------
     def _send(self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
         try:
             h.send_response(status)
-            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Type", "application/octet-stream" if isinstance(obj, bytes) else "application/json")
             h.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 h.send_header(k, v)
@@ -157,7 +172,8 @@ class SmokeEndpoint:
         return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
-        path = h.path.split("?", 1)[0].rstrip("/")
+        path, _, qs = h.path.partition("?")
+        path = path.rstrip("/")
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         auth = h.headers.get("Authorization", "")
@@ -180,6 +196,9 @@ class SmokeEndpoint:
         if method == "GET" and path in (f"/v1/models/{MODEL_ID}", f"/models/{MODEL_ID}"):
             return self._send(h, 200, {"id": MODEL_ID, "object": "model", "created": 0,
                                        "owned_by": "qrb-smoke-endpoint"})
+        if path.startswith(("/v1/files", "/v1/batches", "/files", "/batches")):
+            query = dict(urllib.parse.parse_qsl(qs))
+            return self._send(h, *self.batches.handle(method, path, query, raw, h.headers.get("Content-Type", "")))
         if not (method == "POST" and path.endswith("/chat/completions")):
             return self._send(h, 404, self._error(f"Unknown route {method} {path}", "invalid_request_error"))
         try:
@@ -243,6 +262,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="answer this response_format type with --refuse-status (repeatable)")
     ap.add_argument("--refuse-status", type=int, default=500, help="HTTP status of a refusal (default 500)")
     ap.add_argument("--refuse-message", default=LLAMA_CPP_REFUSAL, help="error message of a refusal (llama.cpp's)")
+    ap.add_argument("--batch-polls", type=int, default=2, help="a batch is done at this status poll (default 2)")
+    ap.add_argument("--batch-error-rate", type=float, default=0.0, metavar="P",
+                    help="fraction of a batch's requests that fail, in its error file (default 0)")
+    ap.add_argument("--batch-expire", type=float, default=None, metavar="P",
+                    help="batches expire with this fraction of their requests done (default: they complete)")
+    ap.add_argument("--batch-fail", action="store_true", help="batches fail validation")
     ap.add_argument("--quiet", action="store_true", help="don't log each request")
     args = ap.parse_args(argv)
     setup_logging()
@@ -253,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                     rate_stall=args.rate_stall, stall_s=args.stall_s, rate_invalid_json=args.rate_invalid_json,
                     rate_truncated=args.rate_truncated, rate_400=args.rate_400, retry_after_s=args.retry_after_s,
                     seed=args.seed, refuse_formats=tuple(args.refuse_format), refuse_status=args.refuse_status,
-                    refuse_message=args.refuse_message)
+                    refuse_message=args.refuse_message, batch_polls=args.batch_polls,
+                    batch_error_rate=args.batch_error_rate, batch_expire=args.batch_expire, batch_fail=args.batch_fail)
     try:
         ep = SmokeEndpoint(host=args.host, port=args.port, faults=faults).start()
     except OSError as e:
