@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +38,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
+from flows.sweep_table import TECHNIQUE_KEY, _dotted, _fmt, best_per_technique, read_report, table_markdown
 from flows.workspace import dvc
 from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"
-TECHNIQUE_KEY = "train.method"
 EXPERIMENT_TIMEOUT_S = 12 * 3600
 
 
@@ -61,6 +60,8 @@ class SweepConfig:
     trials: int = 0
     seed: int = 0
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: list[dict[str, str]] = field(default_factory=list)  # extra columns: {name, file, key} read per run
+    card: dict[str, float] = field(default_factory=dict)  # a published figure per technique, shown beside ours
 
     @property
     def methods(self) -> list[str]:
@@ -71,7 +72,7 @@ def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
     """Read and check a sweep YAML; a mistake is a ValueError naming the key."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
-    known = {"target", "metric", "mode", "jobs", "fixed", "grid", "search"}
+    known = {"target", "metric", "mode", "jobs", "fixed", "grid", "search", "report", "card"}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{path}: unknown key `{sorted(unknown)[0]}`; keys: {', '.join(sorted(known))}")
@@ -82,6 +83,13 @@ def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
         if not isinstance(values, list) or not values:
             raise ValueError(f"{path}: `grid.{key}` must be a non-empty list")
     metric = data.get("metric") or {}
+    report = data.get("report") or []
+    if not isinstance(report, list) or any(not isinstance(r, dict) or set(r) != {"name", "file", "key"}
+                                           for r in report):
+        raise ValueError(f"{path}: `report` must be a list of {{name, file, key}} (a metrics file and a dotted key)")
+    card = data.get("card") or {}
+    if not isinstance(card, dict) or any(not isinstance(v, (int, float)) for v in card.values()):
+        raise ValueError(f"{path}: `card` must map a technique to a number, e.g. {{lora: 0.4603}}")
     search = data.get("search") or {}
     mode = data.get("mode", "sequential")
     if mode not in ("sequential", "queue"):
@@ -97,7 +105,7 @@ def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
                       metric_file=metric.get("file", "metrics/train.json"), metric_key=metric.get("key", "eval_ce"),
                       mode=mode, jobs=int(data.get("jobs", 1)), fixed=dict(data.get("fixed") or {}),
                       trials=int(search.get("trials", 0) if trials is None else trials), seed=int(search.get("seed", 0)),
-                      space=space)
+                      space=space, report=report, card={k: float(v) for k, v in card.items()})
     if cfg.trials and not space:
         raise ValueError(f"{path}: `search.trials` needs `search.space`")
     return cfg
@@ -108,27 +116,20 @@ def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def set_args(overrides: dict[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
 def read_metric(workspace: Path, cfg: SweepConfig) -> float:
-    data = json.loads((workspace / cfg.metric_file).read_text())
-    value = data
-    for part in cfg.metric_key.split("."):
-        value = value[part]
-    return float(value)
+    return float(_dotted(json.loads((workspace / cfg.metric_file).read_text()), cfg.metric_key))
 
 
 # --- experiments ---------------------------------------------------------------------------------------------------
 
 @task(task_run_name="{name}")
 def run_experiment(name: str, overrides: dict[str, Any], workspace: str, target: str, metric_file: str,
-                   metric_key: str, timeout_s: float = EXPERIMENT_TIMEOUT_S) -> dict[str, Any]:
+                   metric_key: str, timeout_s: float = EXPERIMENT_TIMEOUT_S,
+                   report: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """`dvc exp run -n <name> -S ... <target>` in the workspace; returns the run with its metric."""
     logger = get_run_logger()
     args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), target]
@@ -139,7 +140,7 @@ def run_experiment(name: str, overrides: dict[str, Any], workspace: str, target:
         raise stage_failure(f"experiment {name}", rc, status, tail)
     cfg = SweepConfig(grid={}, metric_file=metric_file, metric_key=metric_key)
     return {"name": name, "params": overrides, "metric": read_metric(Path(workspace), cfg),
-            "wall_s": round(time.time() - t0, 1)}
+            "report": read_report(Path(workspace), report or []), "wall_s": round(time.time() - t0, 1)}
 
 
 def _find_revs(node: Any, names: set[str], out: dict[str, dict]) -> None:
@@ -233,36 +234,6 @@ def suggest(study: Any, cfg: SweepConfig) -> tuple[Any, dict[str, Any]]:
     return trial, params
 
 
-# --- the table -----------------------------------------------------------------------------------------------------
-
-def best_per_technique(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for method in methods:
-        mine = [r for r in runs if r["params"].get(TECHNIQUE_KEY) == method]
-        ok = [r for r in mine if r.get("metric") is not None and math.isfinite(r["metric"])]
-        best = min(ok, key=lambda r: r["metric"]) if ok else None
-        rows.append({"technique": method, "best": best, "runs": len(mine), "failed": len(mine) - len(ok)})
-    return sorted(rows, key=lambda row: (row["best"] is None, row["best"]["metric"] if row["best"] else 0))
-
-
-def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
-    keys = [k for k in [*cfg.grid, *cfg.space] if k != TECHNIQUE_KEY]
-    keys = list(dict.fromkeys(keys))
-    head = ["technique", f"best eval cross-entropy ({cfg.metric_key})", *keys, "experiment", "runs"]
-    lines = ["Best eval cross-entropy per technique (lower is better)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        best = row["best"]
-        cells = [row["technique"]]
-        if best:
-            cells += [f"{best['metric']:.4f}", *(_fmt(best["params"].get(k, "")) for k in keys), best["name"]]
-        else:
-            cells += ["failed", *([""] * len(keys)), ""]
-        cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # --- the flow ------------------------------------------------------------------------------------------------------
 
 @task
@@ -314,7 +285,8 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
 
     def attempt(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         try:
-            run = run_experiment(name, overrides, str(ws), cfg.target, cfg.metric_file, cfg.metric_key)
+            run = run_experiment(name, overrides, str(ws), cfg.target, cfg.metric_file, cfg.metric_key,
+                                 report=cfg.report)
         except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
             logger.warning("experiment %s failed: %s", name, str(e).splitlines()[0])
             run = {"name": name, "params": overrides, "metric": None, "error": str(e).splitlines()[0]}

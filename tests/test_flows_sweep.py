@@ -47,10 +47,32 @@ def test_repo_config_grid_is_methods_x_rank_x_lr():
     ("grid: {train.method: [lora]}\nsearch: {trials: 2}", "search.space"),
     ("grid: {train.method: [lora]}\nsearch: {space: {train.method: {low: 1, high: 2}}}", "techniques come from"),
     ("grid: {train.method: [lora]}\ngird: {}", "unknown key `gird`"),
+    ("grid: {train.method: [lora]}\nreport: [{name: x, file: metrics/evaluate.json}]", "name, file, key"),
+    ("grid: {train.method: [lora]}\ncard: {lora: high}", "map a technique to a number"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         sw.load_config(write(tmp_path, text))
+
+
+def test_methods_table_config_reads_extra_columns_and_shows_the_cards_numbers(tmp_path):
+    """flows/sweep-methods.yaml: the card's four techniques, fact recall read from each run's metrics beside eval CE."""
+    import json
+
+    cfg = sw.load_config(sw.REPO_ROOT / "flows" / "sweep-methods.yaml")
+    assert cfg.methods == ["lora", "lora_plus", "dora", "loreft"] and cfg.target == "evaluate"
+    assert cfg.card == {"lora": 0.4603, "lora_plus": 0.4011, "dora": 0.4182, "loreft": 0.4824}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(
+        {"seen": {"fine_tuned": {"fact_recall": 0.25, "cross_entropy": 1.5}, "base": {"cross_entropy": 3.0}}}))
+    got = sw.read_report(tmp_path, cfg.report)
+    assert got["fact recall (FT)"] == 0.25 and got["seen CE (base)"] == 3.0
+    assert got["facts stated (FT)"] is None  # a key the run lacks is a gap, not a crash
+    runs = [{"name": "e1", "params": {"train.method": "dora"}, "metric": 1.9, "report": got}]
+    table = sw.table_markdown(sw.best_per_technique(runs, cfg.methods), cfg)
+    [row] = [line for line in table.splitlines() if line.startswith("| dora")]
+    assert row.split(" | ")[1:5] == ["1.9000", "0.4182", "1.500", "3.000"] and "| 0.250 |" in row and "| – |" in row
+    assert "| lora | failed | 0.4603 |" in table  # no run: the card's number still shows
 
 
 def test_optuna_studies_are_seeded_with_grid_results_and_stay_in_space(tmp_path):
