@@ -1,14 +1,13 @@
 """Knowledge augmentation on the real model: does fine-tuning teach the papers' facts, with K wordings vs one?
 
-    .venv/bin/python bench/bench_augmentation.py [--root /tmp/qrb-aug] [--arms k1 k1-steps k4 k5-3ep] [--out F.json]
+    .venv/bin/python bench/bench_augmentation.py [--root /tmp/qrb-aug] [--arms k5 k1 k1-steps] [--out F.json]
 
 Each arm is a scratch workspace of the smol profile (SmolLM2-135M-Instruct, the journal mirror and the smoke
 endpoint on free ports), the same papers and the same facts (one per paper), run through `dvc repro` up to train; only
 `generate.augment_variants` (K) and `train.epochs` differ:
-  k1        K=1, the profile's epochs                 (the recipe without augmentation)
-  k1-steps  K=1, epochs x 4: as many optimizer steps as k4 on the same facts (is it just more steps?)
-  k4        K=4, the profile's epochs
-  k5-3ep    K=5, 3 epochs (the FIELD-NOTES probe's setting)
+  k5        K=5, 3 epochs (the FIELD-NOTES probe's setting: 5 wordings of each fact)
+  k1        K=1, 3 epochs: epochs held equal (a fifth of k5's optimizer steps)
+  k1-steps  K=1, 15 epochs: steps held equal to k5 (is it just more steps on the same facts?)
 Every arm is then scored by the evaluate stage on ONE question set: the "seen papers, new questions" set of the K=5
 arm (its reworded questions were checked against every training question of the most augmented arm, so they are
 unseen wordings for all arms). Reported per arm: steps and train seconds; for base, fine-tuned, RAG and
@@ -29,13 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARMS = {  # name -> (augment_variants, epochs factor or absolute epochs)
-    "k1": {"generate.augment_variants": 1},
-    "k1-steps": {"generate.augment_variants": 1, "epochs_x": 4},
-    "k4": {"generate.augment_variants": 4},
-    "k5-3ep": {"generate.augment_variants": 5, "train.epochs": 3.0},
+ARMS = {  # name -> the params it overrides in the smol profile
+    "k5": {"generate.augment_variants": 5, "train.epochs": 3.0},
+    "k1": {"generate.augment_variants": 1, "train.epochs": 3.0},
+    "k1-steps": {"generate.augment_variants": 1, "train.epochs": 15.0},
 }
-REFERENCE_ARM = "k5-3ep"  # whose seen set every arm is scored on
+REFERENCE_ARM = "k5"  # whose seen set every arm is scored on
 MODELS = ("base", "fine_tuned", "rag", "fine_tuned_rag")
 
 
@@ -51,11 +49,7 @@ def arm_overrides(name: str, profile: dict, ports: tuple[int, int]) -> dict:
     from qrb.offline.services import port_overrides
     from qrb.params import nested
 
-    spec = dict(ARMS[name])
-    epochs_x = spec.pop("epochs_x", None)
-    if epochs_x:
-        spec["train.epochs"] = float(profile["train"]["epochs"]) * epochs_x
-    out = nested(spec)
+    out = nested(dict(ARMS[name]))
     for section, values in port_overrides(profile, *ports).items():
         out.setdefault(section, {}).update(values)
     return out
@@ -96,8 +90,8 @@ def score(ws: Path, seen: Path, log) -> dict:
         target.unlink(missing_ok=True)
         shutil.copy2(seen, target)
     sh([sys.executable, "-m", "stages.evaluate"], ws, venv_env(), log)
-    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
-    train = json.loads((ws / "metrics" / "train.json").read_text())
+    metrics = json.loads((ws / "reports" / "evaluate.json").read_text())
+    train = json.loads((ws / "reports" / "train.json").read_text())
     return {"steps": train.get("steps"), "train_wall_s": train.get("wall_s"), "train_pairs": None,
             "seen": {m: metrics["seen"].get(m, {}) for m in MODELS}}
 
@@ -133,6 +127,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     arms = [REFERENCE_ARM] + [a for a in args.arms if a != REFERENCE_ARM]
     results: dict = {}
+    out = Path(args.out) if args.out else root / "results.json"
     with open(root / "bench.log", "a") as log:
         seen = None
         for name in arms:
@@ -145,9 +140,8 @@ def main() -> None:
             results[name]["pipeline_wall_s"] = round(wall, 1)
             results[name]["train_pairs"] = json.loads((ws / "metrics" / "generate.json").read_text()).get("train_pairs")
             print(f"{name}: {results[name]['steps']} steps, {results[name]['train_wall_s']} s training", flush=True)
-    ordered = {a: results[a] for a in args.arms if a in results}
-    out = Path(args.out) if args.out else root / "results.json"
-    out.write_text(json.dumps(ordered, indent=2) + "\n")
+            ordered = {a: results[a] for a in args.arms if a in results}
+            out.write_text(json.dumps(ordered, indent=2) + "\n")  # after every arm: a long run keeps what it has
     print(table(ordered))
 
 

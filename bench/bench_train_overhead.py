@@ -31,7 +31,10 @@ sys.path.insert(0, str(REPO / "tests"))
 def rows(n: int) -> list[dict]:
     from helpers import qa_rows
 
-    out = qa_rows(REPO / "data" / "corpus")
+    corpus = REPO / "data" / "corpus"
+    out = qa_rows(corpus)
+    if not out:
+        raise SystemExit(f"no QA pairs from {corpus}: run `dvc pull data.dvc` (or `make data`) first")
     while len(out) < n:
         out += out
     return out[:n]

@@ -38,7 +38,8 @@ def prefect_server(_isolated_prefect):
     that run flows; stopped by the fixture (not at interpreter exit, when pytest has closed the log streams)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # a loaded 2-core machine took 63-82 s to start it; 60 s made every flow test error there
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 

@@ -1,0 +1,86 @@
+"""End to end on the real model: `qrb demo` (the smol profile, SmolLM2-135M-Instruct), narrowed to a quarter's papers
+so that CI pays ~5 minutes for it, and what issue 15 asks of it: on the seen-papers set (facts training taught, asked
+in words it never saw) the fine-tuned model's reference-answer CE is below its base's with non-overlapping 95%
+intervals, and fact recall is reported for every model with its interval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.workspace import profile_params
+from qrb.offline.services import free_ports, port_overrides
+
+pytestmark = pytest.mark.slow
+
+# A narrower run than `make demo`: the papers of July-September 2024 (15: 12 trained on, 3 held out), so the gate's
+# minimum is 10 facts; no RAG rows (retrieval does not change the CE margin asserted here, and its long prompts are
+# most of evaluate's time). The recipe is the profile's.
+NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10}, "evaluate": {"rag_top_k": 0}}
+
+
+def set_args(nested: dict, prefix: str = "") -> list[str]:
+    args = []
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            args += set_args(value, f"{prefix}{key}.")
+        else:
+            args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def smol_demo(tmp_path_factory, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.workspace import venv_env
+    from qrb.params import deep_merge
+
+    ws = tmp_path_factory.mktemp("e2e-smol") / "demo"
+    overrides = deep_merge(port_overrides(profile_params("smol"), *free_ports(2)), NARROW)
+    env = venv_env({"PREFECT_API_URL": PREFECT_API_URL.value()})
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "demo", "--workspace", str(ws), "--profile", "smol",
+                           *set_args(overrides)], env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return ws, proc
+
+
+def test_smol_demo_trains_the_real_model_on_every_fact_in_several_wordings(smol_demo):
+    ws, proc = smol_demo
+    papers = (ws / "artifacts/scrape/papers.jsonl").read_text().splitlines()
+    gen = json.loads((ws / "metrics/generate.json").read_text())
+    assert 10 <= len(papers) <= 20 and 1 <= gen["eval_pairs"] <= 5
+    assert gen["train_pairs"] >= 3 * (len(papers) - 3)  # K=3 wordings of each training paper's fact
+    lineage = json.loads((ws / "artifacts/train/adapter/lineage.json").read_text())
+    assert "smollm2" in json.dumps(lineage).lower()
+    card = (ws / "artifacts/model_card/README.md").read_text()
+    assert "SmolLM2-135M-Instruct" in card and "fact recall" in card.lower()
+    assert "| fine-tuned" in proc.stdout  # the tables are printed
+
+
+def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_intervals(smol_demo):
+    ws, _ = smol_demo
+    m = json.loads((ws / "metrics/evaluate.json").read_text())["seen"]
+    full = _full_report(ws)["seen"]
+    base, tuned = full["base"], full["fine_tuned"]
+    assert base["n"] >= 8
+    assert tuned["cross_entropy_ci95"][1] < base["cross_entropy_ci95"][0], (tuned, base)
+    assert m["fine_tuned"]["cross_entropy"] < m["base"]["cross_entropy"]
+    for model in ("base", "fine_tuned"):
+        lo, hi = full[model]["fact_recall_ci95"]
+        assert lo <= full[model]["fact_recall"] <= hi and 0.0 <= lo
+        assert full[model]["answer_words"] > 0  # length beside fact recall: style gains can't pass for knowledge
+
+
+def _full_report(ws):
+    """The per-model numbers with their intervals (the headline metrics file may keep only the numbers)."""
+    for name in ("reports/evaluate.json", "artifacts/evaluate/metrics_full.json", "metrics/evaluate.json"):
+        path = ws / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            if "cross_entropy_ci95" in json.dumps(data.get("seen", {})):
+                return data
+    raise AssertionError(f"no evaluate report with intervals in {ws}")
