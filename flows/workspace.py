@@ -33,7 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore", "models/README.md")
 # data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc. logs/: what `qrb demo` /
 # `qrb run` wrote; dvc_plots/: `dvc plots show`'s page
-WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs", "/dvc_plots")
+# artifacts/ and cache/ are DVC's outs: a stage that fails (a validate gate) leaves files there that DVC has not yet
+# listed in its own .gitignore, and committing them made every later run fail ("already tracked by SCM")
+WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs", "/dvc_plots", "/artifacts", "/cache")
 PLOT_TEMPLATES = Path(".dvc/plots")  # custom vega-lite templates dvc.yaml names (bars_from_zero)
 PLOTS_PAGE = "plots/page.html"  # plots.html_template, relative to .dvc/ as DVC reads it
 VEGA_LITE = "5.21"  # the version DVC's templates are written for ($schema vega-lite/v5)

@@ -579,6 +579,22 @@ def test_demo_builds_the_profiles_offline_model_once_and_tracks_it(prefect_serve
     assert (ws / model / "config.json").stat().st_mtime_ns == stamp
 
 
+def test_a_failed_stages_outputs_are_never_committed_by_the_workspace(tmp_path):
+    """A validate gate failure leaves artifacts/validate/quarantine.jsonl for the user to read, before DVC lists it in
+    its .gitignore; refreshing the workspace committed it, and every later run then failed."""
+    from flows.workspace import commit, prepare
+
+    ws = prepare(tmp_path / "ws", "tiny")
+    (ws / "artifacts" / "validate").mkdir(parents=True)
+    (ws / "artifacts" / "validate" / "quarantine.jsonl").write_text('{"reason": "ungrounded"}\n')
+    (ws / "cache" / "generate").mkdir(parents=True)
+    (ws / "cache" / "generate" / "responses.sqlite").write_bytes(b"x")
+    prepare(ws, "tiny")
+    commit(ws, "after a failed run")
+    tracked = run(["git", "ls-files"], ws).stdout.split()
+    assert not [f for f in tracked if f.startswith(("artifacts/", "cache/"))], tracked
+
+
 def test_progress_lines_off_a_terminal_are_spaced_per_stage(monkeypatch):
     import io
 
