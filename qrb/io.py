@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -93,3 +94,13 @@ def write_metrics(metrics_path: str | Path, report_path: str | Path, full: dict[
     full = rounded(full)
     write_json(report_path, full)
     write_json(metrics_path, headline(full, keys))
+
+
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """A stage's persistent request cache: WAL with synchronous=FULL, so a committed row survives `kill -9` and a
+    power cut, and a rerun repeats no request that was paid for; usable from the stage's worker threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db

@@ -256,3 +256,14 @@ def headless_chromium(offline: bool = True):
                 driver.quit()
 
     return run()
+
+
+def set_args(nested: dict, prefix: str = "") -> list[str]:
+    """-S arguments for nested overrides (values as JSON, which YAML reads), as a user passes them to `qrb demo`."""
+    args = []
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            args += set_args(value, f"{prefix}{key}.")
+        else:
+            args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
+    return args

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.workspace import profile_params
+from helpers import set_args
 from qrb.offline.services import free_ports, port_overrides
 
 pytestmark = pytest.mark.slow
@@ -20,17 +21,6 @@ def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
 
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=venv_env(), capture_output=True,
                           text=True, timeout=600)
-
-
-def set_args(nested: dict, prefix: str = "") -> list[str]:
-    """-S arguments for nested overrides (values as JSON, which YAML reads)."""
-    args = []
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            args += set_args(value, f"{prefix}{key}.")
-        else:
-            args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
-    return args
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from flows.workspace import profile_params
+from helpers import set_args
 from qrb.offline.services import free_ports, port_overrides
 
 pytestmark = pytest.mark.slow
@@ -22,25 +23,16 @@ pytestmark = pytest.mark.slow
 NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10}, "evaluate": {"rag_top_k": 0}}
 
 
-def set_args(nested: dict, prefix: str = "") -> list[str]:
-    args = []
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            args += set_args(value, f"{prefix}{key}.")
-        else:
-            args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
-    return args
-
-
 @pytest.fixture(scope="module")
 def smol_demo(tmp_path_factory, prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     from flows.workspace import venv_env
-    from qrb.params import deep_merge
 
     ws = tmp_path_factory.mktemp("e2e-smol") / "demo"
-    overrides = deep_merge(port_overrides(profile_params("smol"), *free_ports(2)), NARROW)
+    overrides = port_overrides(profile_params("smol"), *free_ports(2))
+    for section, values in NARROW.items():
+        overrides.setdefault(section, {}).update(values)
     env = venv_env({"PREFECT_API_URL": PREFECT_API_URL.value()})
     proc = subprocess.run([sys.executable, "-m", "qrb.cli", "demo", "--workspace", str(ws), "--profile", "smol",
                            *set_args(overrides)], env=env, capture_output=True, text=True, timeout=3600)

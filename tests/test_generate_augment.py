@@ -137,14 +137,19 @@ def test_variants_are_not_deduplicated_against_each_other_but_across_facts():
     assert [r["fact_id"] for r in kept] == ["a", "a", "a", "d"] and (n_exact, n_near) == (1, 1)
 
 
-def test_a_variant_duplicating_another_facts_question_is_removed_and_a_failed_augment_keeps_variant_0():
-    p = recipe(augment_variants=3, seen_questions=4, eval_size=0)
+def augment_round(p, n_papers: int):
+    """QA replies for the first papers, their facts, and the augment requests for the training facts."""
     system, templates = load_templates(p.prompts, ROOT / "prompts")
     fact_templates = load_fact_templates(p, ROOT / "prompts")
-    units, _ = build_units(fake_papers()[:3], templates, system, p, 1)
+    units, _ = build_units(fake_papers()[:n_papers], templates, system, p, 1)
     responses = answered(units)
     facts = collect_facts(units, responses, p, 1)
-    aug = augment_units(facts.train, fact_templates["augment"], system, p, 1)
+    return system, fact_templates, units, responses, facts, augment_units(facts.train, fact_templates["augment"], system, p, 1)
+
+
+def test_a_variant_duplicating_another_facts_question_is_removed_and_a_failed_augment_keeps_variant_0():
+    p = recipe(augment_variants=3, seen_questions=4, eval_size=0)
+    system, fact_templates, units, responses, facts, aug = augment_round(p, 3)
     assert len(aug) == len(facts.train) and all(u.fact_id for u in aug)
     lost, planted = aug[0], aug[1]
     responses.update(answered(aug[1:]))
@@ -176,12 +181,7 @@ def test_seen_sample_is_seeded_and_spreads_over_train_papers():
 
 def test_paraphrase_request_lists_every_training_question_of_the_fact():
     p = recipe(augment_variants=3, seen_questions=2)
-    system, templates = load_templates(p.prompts, ROOT / "prompts")
-    fact_templates = load_fact_templates(p, ROOT / "prompts")
-    units, _ = build_units(fake_papers()[:2], templates, system, p, 1)
-    responses = answered(units)
-    facts = collect_facts(units, responses, p, 1)
-    aug = augment_units(facts.train, fact_templates["augment"], system, p, 1)
+    system, fact_templates, units, responses, facts, aug = augment_round(p, 2)
     responses.update(answered(aug))
     train, _ = with_variants(facts, aug, responses, p)
     (unit,) = paraphrase_units(facts.train[:1], train, fact_templates["paraphrase"], system, p, 1)

@@ -13,18 +13,11 @@ from pathlib import Path
 import pytest
 
 from stages.validate import ValidateParams
+from stages.validate import text as T
 from stages.validate.core import Outcome
 from stages.validate.features import dataset_columns, row_features
 from stages.validate.report import summary, write_index_html
 from stages.validate.suite import DATASET_SUITE, CheckResult, GxRunner, dataset_checks, row_checks
-from stages.validate.text import (
-    content_tokens,
-    is_english,
-    is_question,
-    leans_on_unnamed_source,
-    normalize_text,
-    overlap_score,
-)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,34 +46,34 @@ def pair(question: str, answer: str, doi: str = DOI, **extra) -> dict:
 # text
 
 def test_normalisation_drops_case_punctuation_and_latex_markers():
-    assert normalize_text("  What is $\\alpha$-Entanglement?? ") == "what is alpha entanglement"
-    assert normalize_text("WHAT is  alpha entanglement?") == normalize_text("What is $\\alpha$-entanglement")
+    assert T.normalize_text("  What is $\\alpha$-Entanglement?? ") == "what is alpha entanglement"
+    assert T.normalize_text("WHAT is  alpha entanglement?") == T.normalize_text("What is $\\alpha$-entanglement")
 
 
 def test_content_tokens_stem_drop_stopwords_and_spell_out_greek():
-    assert content_tokens("entangled states") == content_tokens("Entangling state")
-    assert content_tokens("the error ε of this paper") == ["error", "epsilon"]
+    assert T.content_tokens("entangled states") == T.content_tokens("Entangling state")
+    assert T.content_tokens("the error ε of this paper") == ["error", "epsilon"]
 
 
 def test_overlap_is_the_share_of_answer_words_found_in_the_paper():
-    paper = set(content_tokens(TITLE))
-    assert overlap_score("stochastic volatility pricing", paper) == 1.0
-    assert overlap_score("stock market pricing", paper) == pytest.approx(1 / 3)
-    assert overlap_score("", paper) == 0.0
+    paper = set(T.content_tokens(TITLE))
+    assert T.overlap_score("stochastic volatility pricing", paper) == 1.0
+    assert T.overlap_score("stock market pricing", paper) == pytest.approx(1 / 3)
+    assert T.overlap_score("", paper) == 0.0
 
 
 def test_is_question_and_is_english():
-    assert is_question("What is QSP?")
-    assert not is_question("Why?") and not is_question("Summarise the paper.") and not is_question("A? B? C? D?")
-    assert is_english("The authors show that the bound is tight.") and is_english("$x^2 + y^2$")
-    assert not is_english("Die Autoren zeigen, dass die Schranke nicht scharf ist und wir werden sehen.")
-    assert not is_english("该论文提出了一种新的量子算法")
+    assert T.is_question("What is QSP?")
+    assert not T.is_question("Why?") and not T.is_question("Summarise the paper.") and not T.is_question("A? B? C? D?")
+    assert T.is_english("The authors show that the bound is tight.") and T.is_english("$x^2 + y^2$")
+    assert not T.is_english("Die Autoren zeigen, dass die Schranke nicht scharf ist und wir werden sehen.")
+    assert not T.is_english("该论文提出了一种新的量子算法")
 
 
 def test_a_question_may_say_this_paper_only_when_it_names_it():
-    assert leans_on_unnamed_source("What does this paper conclude?", TITLE, DOI)
-    assert not leans_on_unnamed_source(f'What does this paper, "{TITLE}", conclude?', TITLE, DOI)
-    assert not leans_on_unnamed_source(f"What does this paper ({DOI}) conclude?", TITLE, DOI)
+    assert T.leans_on_unnamed_source("What does this paper conclude?", TITLE, DOI)
+    assert not T.leans_on_unnamed_source(f'What does this paper, "{TITLE}", conclude?', TITLE, DOI)
+    assert not T.leans_on_unnamed_source(f"What does this paper ({DOI}) conclude?", TITLE, DOI)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from qrb.io import open_sqlite
 
 from .units import Unit
 
@@ -25,10 +26,7 @@ class ResponseCache:
     requests; a reply counts as done only once its commit has returned."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = open_sqlite(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, created REAL NOT NULL, "
                         "doi TEXT, prompt_id TEXT, chunk INTEGER, value TEXT NOT NULL)")
         # state: submitting (no id yet: a crash here leaves a job to look up by tag), open, done

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qrb.io import open_sqlite
 
 from .text import content_tokens
 
@@ -132,10 +133,7 @@ class VerdictCache:
     """SQLite (WAL), one commit per verdict; shared by the request threads behind a lock."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = open_sqlite(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, created REAL NOT NULL, doi TEXT, "
                         "answerable INTEGER NOT NULL, correct INTEGER NOT NULL, reason TEXT NOT NULL, "
                         "prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, response_id TEXT)")
