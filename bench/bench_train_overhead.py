@@ -129,11 +129,11 @@ def main() -> None:
     summary = {"steps": args.steps, "threads": args.threads, "rows": n, "tokens_per_s": results,
                "median_tokens_per_s": med, "overhead": overhead, "method": p.method,
                "checkpoint_steps": p.checkpoint_steps}
-    print(json.dumps(summary, indent=2))
-    print(f"stage {med['stage']:.1f} vs plain trl {med['plain']:.1f} tokens/s: overhead {100 * overhead:+.1f}% "
-          f"(bar: <= 10%)")
+    text = json.dumps(summary, indent=2)
     if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        Path(args.out).write_text(text + "\n")
+    print(text, f"stage {med['stage']:.1f} vs plain trl {med['plain']:.1f} tokens/s: overhead {100 * overhead:+.1f}% "
+          "(bar: <= 10%)", sep="\n")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,18 @@ def cpu_recipe(**overrides):
     return recipe(**{"precision": "fp32", "learning_rate": 3e-4, "logging_steps": 2, **overrides})
 
 
-def qa_rows(corpus_dir: Path) -> list[dict]:
-    rows = []
+def abstract_sentences(corpus_dir: Path):
+    """(paper record, its abstract's sentences longer than 20 characters) for every paper of the corpus."""
     for path in sorted(corpus_dir.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
-            for i, s in enumerate(sentences[:4]):
-                rows.append({"question": f"What is point {i + 1} of the abstract of '{rec['title']}'?",
-                             "answer": s, "doi": rec["doi"] or rec["title"]})
-    return rows
+            yield rec, [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
+
+
+def qa_rows(corpus_dir: Path) -> list[dict]:
+    return [{"question": f"What is point {i + 1} of the abstract of '{rec['title']}'?", "answer": s,
+             "doi": rec["doi"] or rec["title"]}
+            for rec, sentences in abstract_sentences(corpus_dir) for i, s in enumerate(sentences[:4])]
 
 
 def base_of(tiny_model_dir) -> dict:
@@ -45,15 +47,9 @@ def base_of(tiny_model_dir) -> dict:
 
 
 def adapter_qa_rows(corpus_dir: Path) -> list[dict]:
-    rows = []
-    for path in sorted(corpus_dir.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            sentences = [s for s in re.split(r"(?<=\.)\s+", rec["abstract"]) if len(s) > 20]
-            for s in sentences[:2]:
-                rows.append({"question": f"What does the paper '{rec['title']}' say?", "answer": s,
-                             "doi": rec.get("doi") or rec["title"]})
-    return rows
+    return [{"question": f"What does the paper '{rec['title']}' say?", "answer": s,
+             "doi": rec.get("doi") or rec["title"]}
+            for rec, sentences in abstract_sentences(corpus_dir) for s in sentences[:2]]
 
 
 def build_adapter_workspace(ws: Path, tiny_model_dir: Path, corpus_dir: Path) -> Path:
