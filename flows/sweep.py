@@ -13,7 +13,7 @@ The grid and the search space come from a flow-level YAML (flows/sweep.yaml: `gr
    workspace one after the other (`mode: sequential`, the default: the experiment sees the workspace's local model
    folder and runs nothing twice), or queued (`mode: queue`: `dvc exp run --queue`, `dvc queue start -j <jobs>`;
    queued experiments run in temporary copies that hold only what git and DVC track, so `base.model` must then be a
-   hub id or an absolute path);
+   hub id, an absolute path or a DVC-tracked `models/<name>`, as the demo's is);
 3. phase 2, Bayesian search: per technique an Optuna TPE study over `search.space`, seeded with that technique's grid
    results, proposes `search.trials` more experiments (round-robin over techniques) in the promising region;
 4. the card's table "best eval cross-entropy per technique" (printed, and a Prefect markdown artifact `qrb-sweep`).
