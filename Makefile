@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qrb-installed
 PYTEST_ARGS ?=
+# test files spread over this many pytest processes (pytest-xdist, a file's tests in one process): most of the suite
+# waits on subprocesses (DVC, Prefect servers, stage runs), so 2 workers on 2 cores shorten it; 0 = one process
+PYTEST_WORKERS ?= 2
 # smol: SmolLM2-135M-Instruct, a real pretrained model; tiny: a random 2-layer stand-in, minutes faster
 PROFILE ?= smol
 
@@ -20,10 +23,10 @@ demo-ui: $(STAMP)
 	$(BIN)/qrb demo --profile $(PROFILE) --server
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) data
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -112,8 +112,12 @@ def smol_model_dir() -> Path:
     from qrb.errors import ConfigError
     from qrb.offline import smol_model
 
+    from filelock import FileLock
+
     out = Path(os.environ.get("QRB_TEST_CACHE", Path.home() / ".cache" / "qrb-tests")) / "smollm2-135m-instruct"
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return smol_model.build(out)
+        with FileLock(str(out) + ".lock"):  # `make test` runs 2 pytest workers: one converts, the other waits
+            return smol_model.build(out)
     except ConfigError as e:
         pytest.fail(f"the real offline model is not installed: {e}")
