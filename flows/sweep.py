@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
-from flows.sweep_table import TECHNIQUE_KEY, _dotted, _fmt, best_per_technique, read_report, table_markdown
+from flows.sweep_table import TECHNIQUE_KEY, best_per_technique, dotted, fmt_value, read_report, table_markdown
 from flows.workspace import dvc
 from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
@@ -121,7 +121,7 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 
 
 def read_metric(workspace: Path, cfg: SweepConfig) -> float:
-    return float(_dotted(json.loads((workspace / cfg.metric_file).read_text()), cfg.metric_key))
+    return float(dotted(json.loads((workspace / cfg.metric_file).read_text()), cfg.metric_key))
 
 
 # --- experiments ---------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
     create_markdown_artifact(key="qrb-sweep", markdown=table,
                              description=f"Sweep {sweep_id} in {ws}: {len(runs)} experiments (dvc exp show)")
     create_table_artifact(key="qrb-sweep-runs", table=[
-        {"experiment": r["name"], **{k: _fmt(v) for k, v in r["params"].items()},
+        {"experiment": r["name"], **{k: fmt_value(v) for k, v in r["params"].items()},
          cfg.metric_key: r.get("metric"), "error": r.get("error") or ""} for r in runs])
     ok = [r for r in runs if r.get("metric") is not None]
     if not ok:

@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 TECHNIQUE_KEY = "train.method"
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _dotted(data: Any, key: str) -> Any:
+def dotted(data: Any, key: str) -> Any:
     for part in key.split("."):
         data = data[part]
     return data
@@ -29,7 +29,7 @@ def read_report(workspace: Path, report: list[dict[str, str]]) -> dict[str, floa
     out: dict[str, float | None] = {}
     for col in report:
         try:
-            out[col["name"]] = float(_dotted(json.loads((workspace / col["file"]).read_text()), col["key"]))
+            out[col["name"]] = float(dotted(json.loads((workspace / col["file"]).read_text()), col["key"]))
         except (OSError, KeyError, TypeError, ValueError):
             out[col["name"]] = None
     return out
@@ -60,7 +60,7 @@ def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
             got = best.get("report") or {}
             cells += [f"{best['metric']:.4f}", *_card(cfg, row["technique"]),
                       *("–" if got.get(x) is None else f"{got[x]:.3f}" for x in extra),
-                      *(_fmt(best["params"].get(k, "")) for k in keys), best["name"]]
+                      *(fmt_value(best["params"].get(k, "")) for k in keys), best["name"]]
         else:
             cells += ["failed", *_card(cfg, row["technique"]), *([""] * (len(extra) + len(keys))), ""]
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))

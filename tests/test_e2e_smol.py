@@ -56,7 +56,7 @@ def test_smol_demo_trains_the_real_model_on_every_fact_in_several_wordings(smol_
 def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_intervals(smol_demo):
     ws, _ = smol_demo
     m = json.loads((ws / "metrics/evaluate.json").read_text())["seen"]
-    full = _full_report(ws)["seen"]
+    full = json.loads((ws / "reports/evaluate.json").read_text())["seen"]  # with the intervals
     base, tuned = full["base"], full["fine_tuned"]
     assert base["n"] >= 8
     assert tuned["cross_entropy_ci95"][1] < base["cross_entropy_ci95"][0], (tuned, base)
@@ -65,14 +65,3 @@ def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_interva
         lo, hi = full[model]["fact_recall_ci95"]
         assert lo <= full[model]["fact_recall"] <= hi and 0.0 <= lo
         assert full[model]["answer_words"] > 0  # length beside fact recall: style gains can't pass for knowledge
-
-
-def _full_report(ws):
-    """The per-model numbers with their intervals (the headline metrics file may keep only the numbers)."""
-    for name in ("reports/evaluate.json", "artifacts/evaluate/metrics_full.json", "metrics/evaluate.json"):
-        path = ws / name
-        if path.exists():
-            data = json.loads(path.read_text())
-            if "cross_entropy_ci95" in json.dumps(data.get("seen", {})):
-                return data
-    raise AssertionError(f"no evaluate report with intervals in {ws}")
