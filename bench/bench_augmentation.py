@@ -86,13 +86,13 @@ def score(ws: Path, seen: Path, log) -> dict:
     from flows.workspace import venv_env
 
     target = ws / "artifacts" / "validate" / "seen.jsonl"
-    if target.resolve() != seen.resolve():
-        target.unlink(missing_ok=True)
-        shutil.copy2(seen, target)
+    target.unlink(missing_ok=True)  # DVC's cache link: replace it, never write through it
+    shutil.copy2(seen, target)
     sh([sys.executable, "-m", "stages.evaluate"], ws, venv_env(), log)
     metrics = json.loads((ws / "reports" / "evaluate.json").read_text())
     train = json.loads((ws / "reports" / "train.json").read_text())
-    return {"steps": train.get("steps"), "train_wall_s": train.get("wall_s"), "train_pairs": None,
+    pairs = json.loads((ws / "metrics" / "generate.json").read_text()).get("train_pairs")
+    return {"steps": train.get("steps"), "train_wall_s": train.get("wall_s"), "train_pairs": pairs,
             "seen": {m: metrics["seen"].get(m, {}) for m in MODELS}}
 
 
@@ -138,7 +138,6 @@ def main() -> None:
                 seen = shutil.copy2(seen, root / "seen.jsonl")
             results[name] = score(ws, Path(seen), log)
             results[name]["pipeline_wall_s"] = round(wall, 1)
-            results[name]["train_pairs"] = json.loads((ws / "metrics" / "generate.json").read_text()).get("train_pairs")
             print(f"{name}: {results[name]['steps']} steps, {results[name]['train_wall_s']} s training", flush=True)
             ordered = {a: results[a] for a in args.arms if a in results}
             out.write_text(json.dumps(ordered, indent=2) + "\n")  # after every arm: a long run keeps what it has

@@ -79,14 +79,6 @@ def build_base_model(workspace: str) -> str:
     return model
 
 
-build_tiny_model = build_base_model  # the name flows/sweep.py imports
-
-
-def offline_services(ws: Path):
-    """The stand-ins at the URLs the workspace's params name (qrb/offline/services.py)."""
-    return services.stand_ins(ws)
-
-
 @task
 def commit_run(workspace: str) -> None:
     wsp.commit(Path(workspace), "demo: pipeline run (dvc.lock, metrics, plots)")
@@ -99,7 +91,7 @@ def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dic
     ws = prepare_workspace(workspace, profile, overrides)
     build_base_model(ws)
     params = read_yaml(Path(ws) / "params.yaml")
-    with offline_services(Path(ws)):
+    with services.stand_ins(Path(ws)):
         console.say(get_run_logger(), "  %-10s %5s    journal mirror %s, smoke endpoint %s", "services", "",
                     params["scrape"]["start_urls"][0], params["generate"]["base_url"])
         results = pipeline(ws)

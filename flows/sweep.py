@@ -257,7 +257,8 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
     127.0.0.1, on `ports` [mirror, endpoint] if given). params: overrides written before the sweep (baseline).
     trials: Optuna trials after the grid (default: the config's `search.trials`).
     """
-    from flows.demo import build_tiny_model, offline_services
+    from flows.demo import build_base_model
+    from qrb.offline.services import stand_ins
 
     cfg = load_config(config, trials)
     logger = get_run_logger()
@@ -265,10 +266,10 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
         if profile:
             baseline_params = {**cfg.fixed, **(params or {})}
             workspace = prepare_workspace(workspace, profile, ports, baseline_params)
-            build_tiny_model(workspace)
+            build_base_model(workspace)
             url = wsp.read_yaml(Path(workspace) / "params.yaml")["scrape"]["start_urls"][0]
             if "//127.0.0.1" in url or "//localhost" in url:
-                stack.enter_context(offline_services(Path(workspace)))
+                stack.enter_context(stand_ins(Path(workspace)))
         ws = Path(workspace).resolve()
         order = stage_order(ws)
         if cfg.target not in order:

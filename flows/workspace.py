@@ -69,7 +69,6 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("GX_ANALYTICS_ENABLED", "False")
     env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/__init__.py
     env.update(extra or {})
     return env
 

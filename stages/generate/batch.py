@@ -54,7 +54,6 @@ class Batcher:
     def __init__(self, requester: Requester) -> None:
         self.r = requester
         self.p = requester.p
-        self.reasons: dict[str, str] = {}  # why a job did not answer a request (the online pass retries it)
 
     def tag(self, keys: list[str]) -> str:
         return hashlib.sha256(json.dumps([self.p.base_url.rstrip("/"), self.p.model, sorted(keys)]).encode()
@@ -247,6 +246,5 @@ class Batcher:
         for key in keys:
             if key in todo and key not in answered:
                 reason = reasons.get(key, f"no result in batch {b.id} ({b.status})")
-                self.reasons[key] = reason
                 self.r.stats.errors["batch: " + error_kind(reason)] += 1
         return results

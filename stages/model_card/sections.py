@@ -141,7 +141,6 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
               *([f"- **Base model fingerprint:** `{lin['base_model_fingerprint']}`"]
                 if lin.get("base_model_fingerprint") else []),
               *([f"- **Base model revision:** {revision}"] if (revision := base_revision(lin)) else []),
-              *([f"- **Base model revision:** {revision}"] if (revision := base_revision(lin)) else []),
               "- **Libraries:** " + ", ".join(f"{k} {v}" for k, v in (lin.get("versions") or {}).items() if v), "",
               "| data | md5 (dvc.lock) |", "|---|---|"]
     hashes = {k: v for k, v in {**inp.data_hashes, **(lin.get("inputs") or {})}.items()

@@ -88,7 +88,8 @@ EVAL_OUT = OUT_DIR / "eval.jsonl"
 SEEN_OUT = OUT_DIR / "seen.jsonl"
 QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
 DOCS_OUT = Path("reports/data_docs")
-METRICS_OUT = Path("metrics/validate.json")
+METRICS_OUT = Path("metrics/validate.json")  # the headline numbers (dvc metrics)
+REPORT_OUT = Path("reports/validate.json")  # the whole record
 JUDGE_PROMPT = Path("prompts/judge.txt")
 JUDGE_CACHE = Path("cache/validate/judge.sqlite")
 

@@ -199,7 +199,7 @@ class Judge:
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.ep.model, "base_url": self.ep.base_url, "threshold": self.jp.threshold,
-                "rows_judged": self.judged, "cached": self.cached, "requests": self.requests,
+                "cached": self.cached, "requests": self.requests,
                 "reasks": self.reasks, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "cost_usd": round(self.spent, 6),
                 "cost_usd_total": round(self.cost_total, 6)}

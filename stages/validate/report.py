@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import DOCS_OUT, METRICS_OUT, QUARANTINE_OUT, ValidateParams
+from . import DOCS_OUT, QUARANTINE_OUT, REPORT_OUT, ValidateParams
 from .core import Outcome
 from .features import fact_of
 from .suite import DATASET_SUITE, JUDGE_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult
@@ -88,7 +88,7 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
                     break
             if len(shown) >= examples * 2:
                 break
-    lines.append(f"  details: {DOCS_OUT}/index.html, {QUARANTINE_OUT}, {METRICS_OUT}")
+    lines.append(f"  details: {DOCS_OUT}/index.html, {QUARANTINE_OUT}, {REPORT_OUT}")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from . import (
     PAPERS_IN,
     PARAMS_CLASS,
     QUARANTINE_OUT,
+    REPORT_OUT,
     SECTION,
     SEEN_IN,
     SEEN_OUT,
@@ -43,8 +44,6 @@ from .verdicts import VerdictCache
 
 log = logging.getLogger(__name__)
 
-# METRICS_OUT holds the headline numbers (dvc metrics); the whole record goes to REPORT_OUT
-REPORT_OUT = Path("reports/validate.json")
 HEADLINE = ("rows_out.train", "rows_out.eval", "rows_quarantined", "fail_rate", "grounding_mean",
             "similarity_mean", "seen.rows_out", "judge.judge_unanswerable", "judge.judge_incorrect",
             "judge.judge_failed", "judge.cost_usd")
