@@ -434,6 +434,7 @@ def test_stage_under_threshold_passes_quarantines_and_writes_every_output(tmp_pa
     assert "gate PASSED" in r.stderr
     out = ws / "artifacts/validate"
     assert read_jsonl(out / "train.jsonl") == train and read_jsonl(out / "eval.jsonl") == eval_
+    assert [m["messages"][2]["content"] for m in read_jsonl(out / "openai/eval.jsonl")] == [r["answer"] for r in eval_]
     quarantine = read_jsonl(out / "quarantine.jsonl")
     assert [q["line"] for q in quarantine] == [41, 42, 43, 44] and [q["row"] for q in quarantine] == bad
     assert quarantine[0]["reasons"] == ["refusal_or_boilerplate", "ungrounded"]

@@ -43,6 +43,9 @@ Writes
   artifacts/validate/train.jsonl       the input pairs' columns), and the same rows as JSON Lines, in input order
   artifacts/validate/eval.jsonl
   artifacts/validate/seen.jsonl        the seen rows that passed (not in the dataset: evaluate scores them)
+  artifacts/validate/openai/           train.jsonl, eval.jsonl: the dataset as OpenAI chat fine-tuning JSON Lines
+                                       ({"messages": [system (base.system_prompt), user, assistant]}) for other
+                                       trainers (trl, LLaMA-Factory, axolotl, OpenAI's fine-tuning API)
   reports/data_docs/                   Data Docs: open index.html (summary of what failed, links to GX's pages)
   reports/validate.json                rows in/out, failures per expectation, dataset checks; `seen`: the same
                                        counts for the seen split; `judge`: rows judged, verdicts per reason,
@@ -66,6 +69,7 @@ not trained on.
 #   judge     the LLM judge's requests: cache first, the cost cap, bounded retries, one-line errors
 #   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs)
 #   report    the stderr summary and the Data Docs entry page
+#   openai_format  the clean pairs as OpenAI chat fine-tuning JSON Lines
 #   run       the files: read the inputs, write the outputs, `main()`
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ import re
 from pathlib import Path
 
 SECTION = "validate"
-BASE_KEYS: tuple[str, ...] = ()
+BASE_KEYS = ("system_prompt",)  # the OpenAI-format files carry it
 
 PAPERS_IN = Path("artifacts/scrape/papers.jsonl")
 TRAIN_IN = Path("artifacts/generate/train.jsonl")
@@ -87,6 +91,7 @@ TRAIN_OUT = OUT_DIR / "train.jsonl"
 EVAL_OUT = OUT_DIR / "eval.jsonl"
 SEEN_OUT = OUT_DIR / "seen.jsonl"
 QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
+OPENAI_OUT = OUT_DIR / "openai"
 DOCS_OUT = Path("reports/data_docs")
 METRICS_OUT = Path("metrics/validate.json")  # the headline numbers (dvc metrics)
 REPORT_OUT = Path("reports/validate.json")  # the whole record

@@ -26,6 +26,7 @@ from . import (
     JUDGE_CACHE,
     JUDGE_PROMPT,
     METRICS_OUT,
+    OPENAI_OUT,
     PAPERS_IN,
     PARAMS_CLASS,
     QUARANTINE_OUT,
@@ -39,6 +40,7 @@ from . import (
 )
 from .core import validate
 from .judge import Judge
+from .openai_format import write_openai
 from .report import summary, write_index_html
 from .verdicts import VerdictCache
 
@@ -148,6 +150,7 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
         write_jsonl(TRAIN_OUT, outcome.train)
         write_jsonl(EVAL_OUT, outcome.eval)
         write_jsonl(SEEN_OUT, outcome.seen)
+        write_openai(OPENAI_OUT, {"train": outcome.train, "eval": outcome.eval}, base["system_prompt"])
     print(summary(outcome), file=sys.stderr)
     if not outcome.gate_passed:
         failed = [c.reason for c in outcome.dataset_results if not c.success]
