@@ -66,12 +66,13 @@ PDE_A = "The complexity is polynomial in the dimension and logarithmic in the in
 
 def euler_fact() -> list[dict]:
     """Fact "euler" in four wordings, as augmentation writes them: the same question with a reworded answer, the
-    question again up to case and punctuation, and a reworded question."""
+    question again up to case and punctuation with another answer, and a reworded question."""
     q = ask(X, "the weak Euler method")
     return [row(X, q, EULER_A, "euler", 0),
             row(X, q, "The paper reports that the weak Euler method needs fewer qubits than the exact simulation.",
                 "euler", 1),
-            row(X, "  " + q.upper().replace("?", " ?"), EULER_A, "euler", 2),
+            row(X, "  " + q.upper().replace("?", " ?"), "Fewer qubits than the exact simulation: the weak Euler "
+                "method needs fewer.", "euler", 2),
             row(X, f'According to "{X["title"]}", how many qubits does the weak Euler method need?', EULER_A,
                 "euler", 3)]
 
@@ -87,12 +88,23 @@ def test_variants_of_one_fact_are_never_duplicates_but_other_facts_repeats_are()
         row(X, q.lower().rstrip("?") + " ?", SPEEDUP_A, "speedup-2"),    # another fact, the same up to case
         row(X, q, SPEEDUP_A, None),                                       # no fact_id: no fact to share it with
         row(Y, ask(Y, "PyTorch"), PYTORCH_A, "pytorch"),
-        row(Y, ask(Y, "PyTorch"), PYTORCH_A, "pytorch", 1),               # the same fact repeated: still a variant
+        row(Y, ask(Y, "PyTorch"), MPS_A, "pytorch", 1),                   # the same question, another answer
     ]
     outcome = validate(train, [], PAPERS, P)
     assert outcome.reasons == {"train:5": ["duplicate_question"], "train:6": ["near_duplicate_question"],
                                "train:7": ["missing_field", "duplicate_question"]}
     assert outcome.train == euler + train[-2:] and outcome.gate_passed
+
+
+def test_identical_or_near_identical_rows_are_duplicates_whatever_their_fact():
+    """The exemption is for a fact's different wordings: the same row again (so the same fact_id), or again up to
+    case, spacing and punctuation, is a duplicate."""
+    good = row(Y, ask(Y, "PyTorch"), PYTORCH_A, "pytorch")
+    near = row(Y, "  " + good["question"].upper(), PYTORCH_A.lower().rstrip("."), "pytorch", 2)
+    outcome = validate([good, dict(good), dict(good, variant=1), near], [], PAPERS, P)
+    assert outcome.reasons == {"train:2": ["duplicate_question"], "train:3": ["duplicate_question"],
+                               "train:4": ["near_duplicate_question"]}
+    assert outcome.train == [good]
 
 
 def test_a_variant_repeat_across_splits_is_still_caught_by_the_split_check():

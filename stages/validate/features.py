@@ -43,6 +43,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
     # (seen vs train is the seen suite's check, against clean training rows only)
     first_exact: dict[tuple[str, str], str] = {}
     first_norm: dict[tuple[str, str], str] = {}
+    rows_seen: set[tuple[str, ...]] = set()  # (scope, question, answer) exact and normalised
     feats = []
     for split, line, row in rows:
         obj = row if isinstance(row, dict) else {}
@@ -58,12 +59,16 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         scope = "seen" if split == "seen" else "pairs"
         # Variants of one fact are its wordings on purpose (augmentation): a question that repeats an earlier one
         # is a duplicate only when a different fact (or a row without a fact_id) asked it first. Seen rows are no
-        # variants (one new question per fact at most), so each seen row stands for itself.
+        # variants (one new question per fact at most), so each seen row stands for itself. The exemption is for
+        # different wordings: the same question and answer again (exactly or normalised) is a duplicate whatever its fact.
         owner = fact if fact and scope == "pairs" else f"{split}:{line}"
-        exact_first = first_exact.setdefault((scope, q.strip()), owner) == owner if q.strip() else True
+        row_exact, row_norm = (scope, "=", q.strip(), a.strip()), (scope, "~", nq, normalize_text(a))
+        exact_first = (first_exact.setdefault((scope, q.strip()), owner) == owner and row_exact not in rows_seen
+                       if q.strip() else True)
         # near-duplicate: same normalised text as an earlier question, but not an exact repeat of it
         norm_owner = first_norm.setdefault((scope, nq), owner) if nq else owner
-        norm_first = (not exact_first) or norm_owner == owner
+        norm_first = (not exact_first) or (norm_owner == owner and (not nq or row_norm not in rows_seen))
+        rows_seen |= {row_exact, row_norm}
         paper_title = str(paper.get("title") or "") if paper else ""
         provenance_ok = all(
             k in obj and obj[k] is not None and (not isinstance(obj[k], str) or obj[k].strip())
