@@ -60,7 +60,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         # Variants of one fact are its wordings on purpose (augmentation): a question that repeats an earlier one
         # is a duplicate only when a different fact (or a row without a fact_id) asked it first. Seen rows are no
         # variants (one new question per fact at most), so each seen row stands for itself. The exemption is for
-        # different wordings: the same question and answer again (exactly or normalised) is a duplicate whatever its fact.
+        # different wordings: the same question and answer again (exact or normalised) is a duplicate of any fact.
         owner = fact if fact and scope == "pairs" else f"{split}:{line}"
         row_exact, row_norm = (scope, "=", q.strip(), a.strip()), (scope, "~", nq, normalize_text(a))
         exact_first = (first_exact.setdefault((scope, q.strip()), owner) == owner and row_exact not in rows_seen
