@@ -17,8 +17,8 @@ Reads
 Checks (great-expectations 1.x, ephemeral context, analytics off; one suite per level, each run through a
 validation definition and a checkpoint whose action builds Data Docs)
   rows     required fields and types; non-empty; length bounds; a question is a question; unique questions (exact
-           and normalised, the first one is kept; variants of one fact may share words, so rows of the same
-           fact_id are never duplicates of each other; the seen split is de-duplicated within itself); no
+           and normalised, the first one is kept; variants of one fact may share a question, so rows of one
+           fact_id are duplicates only when question and answer both repeat; the seen split on its own); no
            refusals/boilerplate; no leaked prompt, JSON or markup; English;
            DOI format; provenance present; the paper is known and the title matches it; the answer is grounded in the
            paper (token overlap, and MiniLM similarity when `min_similarity` > 0); the question names what it asks
