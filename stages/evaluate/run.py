@@ -4,7 +4,7 @@ recall) and the fact judge's cache in; the core (`stages.evaluate.core.evaluate`
 
 from __future__ import annotations
 
-import logging
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,6 @@ from .facts import FactScorer
 from .judge import load_cache, save_cache
 from .questions import load_question_sets
 from .report import model_labels, write_outputs
-
-log = logging.getLogger(__name__)
 
 ADAPTER_DIR = Path("artifacts/train/adapter")
 PAPERS = Path("artifacts/scrape/papers.jsonl")
@@ -35,14 +33,20 @@ def load_adapter_model(base: dict[str, Any], device: str):
     return model, tokenizer
 
 
-def load_papers(needed: bool) -> list[dict[str, Any]]:
-    if not PAPERS.exists():
-        if needed:
-            raise ConfigError(f"{PAPERS} not found (the RAG baseline retrieves from it): run "
-                             "`dvc repro scrape` or set evaluate.rag_top_k: 0")
-        log.warning("%s not found: fact recall weighs every word that is no stop word alike (no IDF)", PAPERS)
-        return []
+def load_papers() -> list[dict[str, Any]]:
+    if not PAPERS.exists():  # fact recall weighs words by their IDF over the papers; the RAG rows retrieve from them
+        raise ConfigError(f"{PAPERS} not found (fact recall's word weights and the RAG rows read it): run "
+                          "`dvc repro scrape`")
     return list(read_jsonl(PAPERS))
+
+
+def require_device(model: str) -> str:
+    """The device the adapter's training recipe needs (its lineage.json): a bf16/fp16/nf4 recipe is a GPU one."""
+    from qrb.chat import require_hardware
+
+    lineage = ADAPTER_DIR / "lineage.json"
+    train = (json.loads(lineage.read_text()).get("params") or {}).get("train") or {} if lineage.exists() else {}
+    return require_hardware(model, "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32"))
 
 
 def load_retriever(papers: list[dict[str, Any]]):
@@ -56,14 +60,13 @@ def load_retriever(papers: list[dict[str, Any]]):
 
 
 def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
-    import torch
     from transformers import set_seed
 
+    device = require_device(base["model"])
+    papers = load_papers()
     set_seed(base["seed"])
     sets = load_question_sets(p.golden)
-    papers = load_papers(needed=p.rag_top_k > 0)
     retriever = load_retriever(papers) if p.rag_top_k > 0 else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     facts = FactScorer(pp.get("abstract") or "" for pp in papers)
     cache = load_cache()
     model, tokenizer = load_adapter_model(base, device)
