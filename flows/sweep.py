@@ -38,7 +38,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
-from flows.sweep_table import TECHNIQUE_KEY, best_per_technique, dotted, fmt_value, read_report, table_markdown
+from flows.sweep_table import (TECHNIQUE_KEY, best_per_technique, best_run, dotted, fmt_value, read_report,
+                               table_markdown)
 from flows.workspace import dvc
 from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
@@ -120,8 +121,10 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
-def read_metric(workspace: Path, cfg: SweepConfig) -> float:
-    return float(dotted(json.loads((workspace / cfg.metric_file).read_text()), cfg.metric_key))
+def read_metric(workspace: Path, cfg: SweepConfig) -> float | None:
+    """The run's metric; None when the run has none (eval_ce is null without an eval set)."""
+    value = dotted(json.loads((workspace / cfg.metric_file).read_text()), cfg.metric_key)
+    return None if value is None else float(value)
 
 
 # --- experiments ---------------------------------------------------------------------------------------------------
@@ -183,11 +186,12 @@ def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: Sw
     runs = []
     for name, overrides in points:
         metrics = (((found.get(name) or {}).get("metrics") or {}).get(cfg.metric_file) or {}).get("data") or {}
-        value = metrics
-        for part in cfg.metric_key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        runs.append({"name": name, "params": overrides, "metric": float(value) if value is not None else None,
-                     "error": None if value is not None else f"no {cfg.metric_key} (see `dvc queue logs {name}`)"})
+        try:  # a null metric (no eval set) is no failure
+            value, error = dotted(metrics, cfg.metric_key), None
+        except (KeyError, TypeError):
+            value, error = None, f"no {cfg.metric_key} (see `dvc queue logs {name}`)"
+        runs.append({"name": name, "params": overrides, "metric": None if value is None else float(value),
+                     "error": error})
     return runs
 
 
@@ -327,14 +331,13 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
     create_table_artifact(key="qrb-sweep-runs", table=[
         {"experiment": r["name"], **{k: fmt_value(v) for k, v in r["params"].items()},
          cfg.metric_key: r.get("metric"), "error": r.get("error") or ""} for r in runs])
-    ok = [r for r in runs if r.get("metric") is not None]
-    if not ok:
+    if all(r.get("error") for r in runs):
         raise RuntimeError(f"every experiment of sweep {sweep_id} failed: {runs[0].get('error') if runs else ''}")
-    best = min(ok, key=lambda r: r["metric"])
-    if apply_best and cfg.mode == "sequential":
+    best = best_run(runs)  # None when no run has the metric (no eval set): no run is "best"
+    if best and apply_best and cfg.mode == "sequential":
         wsp.run(dvc("exp", "apply", best["name"]), ws)
         logger.info("workspace now holds the best experiment, %s", best["name"])
-    return {"workspace": str(ws), "sweep": sweep_id, "runs": runs, "best": best["name"], "table": table}
+    return {"workspace": str(ws), "sweep": sweep_id, "runs": runs, "best": best and best["name"], "table": table}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,13 +35,21 @@ def read_report(workspace: Path, report: list[dict[str, str]]) -> dict[str, floa
     return out
 
 
+def _scored(run: dict[str, Any]) -> bool:
+    return run.get("metric") is not None and math.isfinite(run["metric"])
+
+
+def best_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The lowest finite metric; runs without one (failed, or no eval set: null) are never the best."""
+    return min((r for r in runs if _scored(r)), key=lambda r: r["metric"], default=None)
+
+
 def best_per_technique(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     for method in methods:
         mine = [r for r in runs if r["params"].get(TECHNIQUE_KEY) == method]
-        ok = [r for r in mine if r.get("metric") is not None and math.isfinite(r["metric"])]
-        best = min(ok, key=lambda r: r["metric"]) if ok else None
-        rows.append({"technique": method, "best": best, "runs": len(mine), "failed": len(mine) - len(ok)})
+        failed = sum(not _scored(r) and (r.get("metric") is not None or bool(r.get("error"))) for r in mine)
+        rows.append({"technique": method, "best": best_run(mine), "runs": len(mine), "failed": failed})
     return sorted(rows, key=lambda row: (row["best"] is None, row["best"]["metric"] if row["best"] else 0))
 
 
@@ -62,7 +70,8 @@ def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
                       *("–" if got.get(x) is None else f"{got[x]:.3f}" for x in extra),
                       *(fmt_value(best["params"].get(k, "")) for k in keys), best["name"]]
         else:
-            cells += ["failed", *_card(cfg, row["technique"]), *([""] * (len(extra) + len(keys))), ""]
+            what = "no eval set" if row["runs"] > row["failed"] else "failed"  # ran, but with no metric: null
+            cells += [what, *_card(cfg, row["technique"]), *([""] * (len(extra) + len(keys))), ""]
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -181,7 +181,7 @@ def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prom
 
 
 def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_prompt: str, *,
-                      batch_size: int, max_length: int, desc: str = "eval CE") -> dict[str, float]:
+                      batch_size: int, max_length: int, desc: str = "eval CE") -> dict[str, float | None]:
     """Cross-entropy per answer token over all rows (not a mean of per-batch means), at a fixed batch size.
 
     This is the number methods are compared by; Trainer's eval_loss averages batch means and so depends on how
@@ -191,7 +191,9 @@ def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_p
                              desc=desc)
     total_nll = sum(n for n, _ in per_row)
     total_tokens = sum(c for _, c in per_row)
-    ce = total_nll / max(total_tokens, 1)
+    if not total_tokens:  # no eval set (or no answer token in it): no CE, never a 0.0 that reads as the best
+        return {"cross_entropy": None, "perplexity": None, "tokens": 0}
+    ce = total_nll / total_tokens
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": total_tokens}
 
 

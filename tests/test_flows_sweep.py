@@ -106,6 +106,20 @@ def test_table_best_eval_ce_per_technique(tmp_path):
     assert "| dora | failed |" in table and "1 failed" in table
 
 
+def test_a_run_without_an_eval_set_has_no_eval_ce_and_is_never_best(tmp_path):
+    """An empty eval split: train writes eval_ce null; the sweep reads it as no metric (not a failure, never 0, never
+    the best) and the table says so."""
+    import json
+
+    cfg = sw.load_config(write(tmp_path, CONFIG))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps({"eval_ce": None, "train_loss": 1.0}))
+    assert sw.read_metric(tmp_path, cfg) is None
+    runs = [{"name": "g0", "params": {"train.method": "lora"}, "metric": None},
+            {"name": "g1", "params": {"train.method": "dora"}, "metric": 2.4}]
+    assert sw.best_run(runs)["name"] == "g1" and sw.best_run(runs[:1]) is None
+    table = sw.table_markdown(sw.best_per_technique(runs, cfg.methods), cfg)
+    assert "| lora | no eval set |" in table and "failed" not in table, table
 
 
 @pytest.mark.slow

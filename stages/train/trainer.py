@@ -152,7 +152,7 @@ def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, datase
     optimizer, and the callback that evaluates before an epoch-boundary checkpoint."""
     system, max_length = base["system_prompt"], base["max_length"]
     train_ds = tokenize_rows(dataset["train"], tokenizer, system, max_length)
-    eval_ds = tokenize_rows(dataset["eval"], tokenizer, system, max_length) if "eval" in dataset else None
+    eval_ds = tokenize_rows(dataset["eval"], tokenizer, system, max_length) if len(dataset.get("eval") or []) else None
     trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
                              train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                              optimizers=(build_optimizer(model, p), None),
