@@ -72,13 +72,23 @@ class QAPair:
     chunk: int  # 0 = the abstract, n = the n-th chunk of the full text
     fact_id: str  # first 16 hex of sha256(doi + the fact's variant-0 question): shared by all its variants
     variant: int  # 0 = the pair as first written, 1..K-1 its rewordings
+    short_answer: str = ""  # the key fact alone (a number with its unit, a name, a term): what grading looks for
+    aliases: tuple[str, ...] = ()  # other ways to write the short answer ("3", "three")
+    evidence: str = ""  # the paper's sentence that states the fact (grounding, citations)
+    kind: str = "fact"  # fact | reverse ("which paper reports ...?": the title) | abstain (an invented paper)
 
     def record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["aliases"] = list(self.aliases)
+        return out
 
 
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair))
 PROVENANCE_FIELDS = ("prompt_id", "model", "response_id", "chunk")
+PAIR_KINDS = ("fact", "reverse", "abstain")
+# The one target of every abstention item (a question about a paper the bot has not read) and what graders count as
+# "not attempted": fixed, so a model learns one polite refusal instead of imitating invented answers.
+ABSTAIN_ANSWER = "I don't know that paper, so I can't answer that."
 DOI_REGEX = r"^10\.\d{4,9}/[-._;()/:A-Za-z0-9<>]+$"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -89,6 +99,10 @@ def pair_field_ok(field: str, value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if field == "chunk":
         return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
+    if field == "aliases":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if field == "kind":
+        return value in PAIR_KINDS
     if field == "published":  # a paper may have no date; when it has one it is YYYY-MM-DD
         return value is None or (isinstance(value, str) and bool(_DATE.match(value)))
     return isinstance(value, str)

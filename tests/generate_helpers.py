@@ -51,7 +51,7 @@ def make_workspace(path: Path, base_url: str, papers: list[dict] | None = None, 
     params["generate"].update({"base_url": base_url, "model": MODEL_ID, "api_key_env": KEY_ENV, "eval_size": 30,
                                "timeout_s": 0.5, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "concurrency": 8,
                                "max_retries": 4, "price_input_per_1m": 10.0, "price_output_per_1m": 30.0,
-                               "max_cost_usd": 5.0, **overrides})
+                               "max_cost_usd": 5.0, **MACHINERY, **overrides})
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(ROOT / "prompts", path / "prompts", dirs_exist_ok=True)
@@ -80,10 +80,15 @@ def params_of(ws: Path) -> GenerateParams:
     return build(GenerateParams, yaml.safe_load((ws / "params.yaml").read_text())["generate"], "generate")
 
 
+# the request machinery's tests count requests of this fixed shape (5 focus templates x 3 pairs), not the recipe's
+MACHINERY = {"prompts": ["factual", "results", "methods", "novelty", "definitions"], "pairs_per_prompt": 3,
+             "abstain_share": 0.0, "invented_questions": 0}
+
+
 def recipe(**overrides) -> GenerateParams:
-    """The flagship generate params (params.yaml), with overrides."""
-    return build(GenerateParams, {**yaml.safe_load((ROOT / "params.yaml").read_text())["generate"], **overrides},
-                 "generate")
+    """The flagship generate params (params.yaml) in the machinery tests' shape, with overrides."""
+    return build(GenerateParams, {**yaml.safe_load((ROOT / "params.yaml").read_text())["generate"], **MACHINERY,
+                                  **overrides}, "generate")
 
 
 GOOD = '{"pairs": [{"question": "What is A?", "answer": "A is a."}]}'

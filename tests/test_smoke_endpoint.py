@@ -91,7 +91,7 @@ def test_sdk_parses_replies_and_models():
         assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens > 0
         content = json.loads(resp.choices[0].message.content)  # schema mode: plain JSON, matching the schema
         assert set(content) == {"pairs"} and len(content["pairs"]) == 3
-        assert all(set(p) == {"question", "answer"} for p in content["pairs"])
+        assert all(set(p) == {"question", "answer", "short_answer", "aliases", "evidence"} for p in content["pairs"])
         check_quality(content["pairs"], TITLE, ABSTRACT)
         assert ep.request_count == 2 and ep.completions_count() == 1
 

@@ -67,7 +67,7 @@ import re
 SECTION = "generate"
 BASE_KEYS = ("seed",)
 SYSTEM_PROMPT = "system"  # prompts/system.txt: the system message of every request (not a template id)
-AUGMENT, PARAPHRASE = "augment", "paraphrase"  # prompts/<these>.txt: the fact-level templates (not QA template ids)
+AUGMENT, PARAPHRASE, INVENT = "augment", "paraphrase", "invent"  # prompts/<these>.txt: the fact-level templates
 MODES = ("online", "batch")
 
 
@@ -93,6 +93,8 @@ class GenerateParams:
     augment_variants: int       # K: each training fact in K differently-worded pairs (1 = off)
     seen_questions: int         # training facts that get a reworded, never-trained question (0 = none)
     seen_max_jaccard: float     # a reworded question is kept only below this word-set Jaccard with every train one
+    abstain_share: float        # abstention rows (questions about invented papers) per training row; 0 = none
+    invented_questions: int     # the `invented` question set's size (scored, never trained); 0 = none
     max_consecutive_failures: int  # circuit breaker: this many requests in a row failing alike stop the run
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
@@ -109,7 +111,7 @@ class GenerateParams:
         if not self.prompts:
             raise ValueError("params: `generate.prompts` must name at least one template")
         for pid in self.prompts:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", pid) or pid in (SYSTEM_PROMPT, AUGMENT, PARAPHRASE):
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", pid) or pid in (SYSTEM_PROMPT, AUGMENT, PARAPHRASE, INVENT):
                 raise ValueError(f"params: `generate.prompts` entry {pid!r} must be a QA template id "
                                  f"(lowercase letters, digits, - or _; not {SYSTEM_PROMPT!r}, {AUGMENT!r} or "
                                  f"{PARAPHRASE!r})")
@@ -119,6 +121,7 @@ class GenerateParams:
             if getattr(self, name) < 1:
                 raise ValueError(f"params: `generate.{name}` must be at least 1")
         for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "eval_size", "seen_questions",
+                     "abstain_share", "invented_questions",
                      "backoff_base_s",
                      "backoff_max_s", "price_input_per_1m", "price_output_per_1m", "max_cost_usd", "temperature"):
             if getattr(self, name) < 0:

@@ -14,8 +14,8 @@ from typing import Any
 
 from qrb.schema import QAPair
 
-from . import AUGMENT, PARAPHRASE, GenerateParams
-from .facts import fact_id, seen_rows, variants_of
+from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
+from .facts import fact_id, invented_rows, seen_rows, variants_of
 from .replies import parse_pairs
 from .text import norm_words
 from .units import Unit, failure_row, reply_cost
@@ -28,6 +28,7 @@ class Assembled:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     seen: list[dict[str, Any]]
+    invented: list[dict[str, Any]]
     failures: list[dict[str, Any]]
     metrics: dict[str, Any]
 
@@ -60,7 +61,9 @@ def rows_from_responses(units: list[Unit], responses: dict[str, dict[str, Any]],
             rows.append(QAPair(question=pair["question"], answer=pair["answer"], doi=unit.doi, title=unit.title,
                                published=unit.published, prompt_id=unit.prompt_id, model=value["model"],
                                response_id=value["response_id"], chunk=unit.chunk,
-                               fact_id=fact_id(unit.doi, pair["question"]), variant=0).record())
+                               fact_id=fact_id(unit.doi, pair["question"]), variant=0,
+                               short_answer=pair.get("short_answer", ""), aliases=tuple(pair.get("aliases", ())),
+                               evidence=pair.get("evidence", "")).record())
     return rows
 
 
@@ -172,7 +175,8 @@ def _usage(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateP
 
 def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: list[dict[str, Any]],
              p: GenerateParams, seed: int, *, n_papers: int, cached: set[str], this_run: dict[str, Any],
-             estimated_cost_usd: float, augment: list[Unit] = (), paraphrase: list[Unit] = ()) -> Assembled:
+             estimated_cost_usd: float, augment: list[Unit] = (), paraphrase: list[Unit] = (),
+             invent: list[Unit] = (), n_abstain: int = 0) -> Assembled:
     """Train/eval/seen rows, every failure (those given, in order, plus papers whose every question duplicated
     another paper's), and the metrics. `units` = the QA units, `augment` / `paraphrase` the fact-level ones;
     `cached` = the keys the cache held before the run; `this_run` = the run's own counters."""
@@ -180,8 +184,12 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
     train, vcounts = with_variants(facts, list(augment), responses, p)
     by_fact = {f["fact_id"]: f for f in facts.train}
     seen, seen_dropped = seen_rows(list(paraphrase), responses, by_fact, train, p.seen_max_jaccard)
+    real_titles = sorted({u.title for u in units})
+    abstain, invented, invented_dropped = invented_rows(list(invent), responses, real_titles, n_abstain,
+                                                        p.near_duplicate_jaccard)
+    train = train + abstain
     failures = list(failures) + facts.failures
-    order = {pid: i for i, pid in enumerate(p.prompts + (AUGMENT, PARAPHRASE))}
+    order = {pid: i for i, pid in enumerate(p.prompts + (AUGMENT, PARAPHRASE, INVENT))}
     failures.sort(key=lambda f: (f["doi"] or "", f["chunk"] or 0, order.get(f["prompt_id"], -1),
                                  f.get("fact_id") or "", f["reason"]))
     if facts.eval_capped:
@@ -190,7 +198,7 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
                     len({r["doi"] for r in facts.eval}), p.eval_size, p.eval_max_paper_share,
                     len({r["doi"] for r in facts.train + facts.eval}))
 
-    kinds = {"qa": units, AUGMENT: list(augment), PARAPHRASE: list(paraphrase)}
+    kinds = {"qa": units, AUGMENT: list(augment), PARAPHRASE: list(paraphrase), INVENT: list(invent)}
     by_kind = {k: _usage(u, responses, p) for k, u in kinds.items()}
     total = _usage([u for us in kinds.values() for u in us], responses, p)
     with_pairs = {r["doi"] for r in facts.train + facts.eval}
@@ -207,10 +215,11 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
         "train_papers": len({r["doi"] for r in train}), "eval_papers": len({r["doi"] for r in facts.eval}),
         "eval_max_papers": facts.eval_max_papers, "eval_capped": facts.eval_capped,
         "seen_requested": len(paraphrase), "seen_kept": len(seen), "seen_dropped_near_duplicate": seen_dropped,
-        "seen_failed": by_kind[PARAPHRASE]["failed"],
+        "seen_failed": by_kind[PARAPHRASE]["failed"], "variants_reverse": vcounts["variants_reverse"],
+        "abstain_pairs": len(abstain), "invented_kept": len(invented), "invented_dropped": invented_dropped,
         "prompt_tokens": total["prompt_tokens"], "completion_tokens": total["completion_tokens"],
         "total_tokens": total["prompt_tokens"] + total["completion_tokens"], "cost_usd": total["cost_usd"],
         "estimated_cost_usd": estimated_cost_usd,
         "this_run": {**this_run, "requests_from_cache": sum(1 for us in kinds.values() for u in us if u.key in cached)},
     }
-    return Assembled(train=train, eval=facts.eval, seen=seen, failures=failures, metrics=metrics)
+    return Assembled(train=train, eval=facts.eval, seen=seen, invented=invented, failures=failures, metrics=metrics)

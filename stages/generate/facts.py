@@ -10,9 +10,9 @@ import random
 import re
 from typing import Any
 
-from qrb.schema import QAPair
+from qrb.schema import ABSTAIN_ANSWER, QAPair
 
-from . import AUGMENT, PARAPHRASE, GenerateParams
+from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
 from .text import norm_words, word_set
 from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cache_key, clean, est_tokens
@@ -34,6 +34,11 @@ def fact_block(fact: dict[str, Any], asked: list[str] | None = None) -> str:
     if asked is None:
         lines.append(f"Question: {clean(fact['question'])}")
     lines.append(f"Answer: {clean(fact['answer'])}")
+    if fact.get("short_answer"):
+        lines.append(f"Short answer: {clean(fact['short_answer'])}")
+        lines += [f"Alias: {clean(a)}" for a in fact.get("aliases") or ()]
+    if fact.get("evidence"):
+        lines.append(f"Evidence: {clean(fact['evidence'])}")
     lines += [f"Asked: {clean(q)}" for q in asked or ()]
     lines.append("</paper>")
     return "\n".join(lines)
@@ -66,22 +71,28 @@ def variants_of(fact: dict[str, Any], value: dict[str, Any], p: GenerateParams) 
     counts: collections.Counter = collections.Counter()
     used = {" ".join(norm_words(fact["question"]))}
     numbers = set(_NUMBER.findall(fact["answer"]))
+    title = " ".join(norm_words(fact["title"]))
     out: list[dict[str, Any]] = []
     for pair in parse_pairs(value["content"]):
         if len(out) >= p.augment_variants - 1:
             break
         norm = " ".join(norm_words(pair["question"]))
+        reverse = bool(title) and " ".join(norm_words(pair.get("short_answer", ""))) == title
         if norm in used:
             counts["variants_repeated"] += 1
             continue
-        if not numbers <= set(_NUMBER.findall(pair["answer"])):
+        if not reverse and not numbers <= set(_NUMBER.findall(pair["answer"])):
             counts["variants_lost_facts"] += 1
             continue
         used.add(norm)
+        counts["variants_reverse"] += reverse
         out.append(QAPair(question=pair["question"], answer=pair["answer"], doi=fact["doi"], title=fact["title"],
                           published=fact["published"], prompt_id=AUGMENT, model=value["model"],
                           response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
-                          variant=len(out) + 1).record())
+                          variant=len(out) + 1, evidence=fact.get("evidence", ""),
+                          short_answer=fact["title"] if reverse else fact.get("short_answer", ""),
+                          aliases=() if reverse else tuple(fact.get("aliases") or ()),
+                          kind="reverse" if reverse else "fact").record())
     return out, counts
 
 
@@ -134,6 +145,49 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
         row = QAPair(question=question, answer=fact["answer"], doi=fact["doi"], title=fact["title"],
                      published=fact["published"], prompt_id=PARAPHRASE, model=value["model"],
                      response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
-                     variant=0).record()
+                     variant=0, short_answer=fact.get("short_answer", ""), aliases=tuple(fact.get("aliases") or ()),
+                     evidence=fact.get("evidence", "")).record()
         kept.append({**row, "source_question": fact["question"]})
     return kept, dropped
+
+
+INVENT_PER_REQUEST = 10  # invented papers asked for per `invent` request
+
+
+def invent_units(papers: list[dict[str, Any]], n: int, template: str, system: str, p: GenerateParams,
+                 seed: int) -> list[Unit]:
+    """Requests for `n` questions about invented papers, INVENT_PER_REQUEST a request; each lists a seeded sample of
+    real titles to stay unlike."""
+    titles = sorted(clean(pp.get("title") or "") for pp in papers if pp.get("title"))
+    units = []
+    for i in range(0, n, INVENT_PER_REQUEST):
+        sample = random.Random(f"invent:{seed}:{i}").sample(titles, min(20, len(titles)))
+        block = "\n".join(["<paper>", f"Request: {i // INVENT_PER_REQUEST}", *(f"Title: {t}" for t in sample),
+                           "</paper>"])
+        fact = {"doi": "", "title": "", "published": None, "chunk": 0, "fact_id": f"invent-{i // INVENT_PER_REQUEST}"}
+        units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))
+    return units
+
+
+def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_titles: list[str], n_train: int,
+                  max_jaccard: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The invented papers' questions: the first `n_train` (in reply order) train the abstention answer, the rest
+    are the `invented` question set; a question whose invented title is (nearly) a real paper's title, or that
+    repeats an earlier one, is dropped. Returns (train rows, invented set rows, dropped)."""
+    real = [word_set(t) for t in real_titles]
+    rows, seen, dropped = [], set(), 0
+    for unit in units:
+        value = responses.get(unit.key)
+        for pair in parse_pairs(value["content"]) if value else ():
+            title = pair.get("short_answer") or pair["answer"]
+            words, norm = word_set(title), " ".join(norm_words(pair["question"]))
+            if norm in seen or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real):
+                dropped += 1
+                continue
+            seen.add(norm)
+            rows.append(QAPair(question=pair["question"], answer=ABSTAIN_ANSWER, doi="", title=title, published=None,
+                               prompt_id=INVENT, model=value["model"], response_id=value["response_id"], chunk=0,
+                               fact_id=fact_id("", pair["question"]), variant=0, kind="abstain").record())
+    train_titles = {r["title"].lower() for r in rows[:n_train]}
+    held = [r for r in rows[n_train:] if r["title"].lower() not in train_titles]
+    return rows[:n_train], held, dropped + len(rows) - n_train - len(held)

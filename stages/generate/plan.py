@@ -8,9 +8,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import AUGMENT, PARAPHRASE, GenerateParams, tokens
+from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams, tokens
 from .assemble import collect_facts, with_variants
-from .facts import augment_units, paraphrase_units, seen_sample
+from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample
 from .replies import parse_pairs
 from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cost_usd, est_tokens, estimate, mode_factor
 
@@ -40,27 +40,39 @@ def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str)
             "worst_case_cost_usd": round(cost_usd(pt, n * p.max_tokens, p, mode_factor(p)), 6)}
 
 
+def _invent_round(n_rows: int, p: GenerateParams, papers: list[dict[str, Any]], system: str,
+                  fact_templates: dict[str, str], seed: int, cached: set[str], exact: bool) -> list[Round]:
+    n = round(p.abstain_share * n_rows) + p.invented_questions
+    if n == 0:
+        return []
+    units = invent_units(papers, n, fact_templates.get(INVENT, ""), system, p, seed)
+    return [Round(INVENT, exact, estimate(units, cached if exact else set(), p))]
+
+
 def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]]], cached: set[str],
-         p: GenerateParams, seed: int, system: str, fact_templates: dict[str, str]) -> list[Round]:
+         p: GenerateParams, seed: int, system: str, fact_templates: dict[str, str],
+         papers: list[dict[str, Any]] = ()) -> list[Round]:
     """The rounds of the run with their estimates. `fetch(keys)` = the cached replies of those keys."""
     rounds = [Round("qa", True, estimate(units, cached, p))]
     want_aug, want_para = p.augment_variants > 1, p.seen_questions > 0
     if not (want_aug or want_para):
-        return rounds
+        return rounds + _invent_round(len(units) * p.pairs_per_prompt, p, list(papers), system, fact_templates, seed,
+                                      cached, False)
     known = fetch({u.key for u in units}) if cached else {}
     if all(u.key in known for u in units):
         facts = collect_facts(units, known, p, seed)
         aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
         if want_aug:
             rounds.append(Round(AUGMENT, True, estimate(aug, cached, p)))
+        known.update(fetch({u.key for u in aug}))
+        train, _ = with_variants(facts, aug, known, p)
+        exact = all(u.key in known for u in aug)  # else the Asked lines, hence the keys, are not known yet
         if want_para:
-            known.update(fetch({u.key for u in aug}))
-            train, _ = with_variants(facts, aug, known, p)
             para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train,
                                     fact_templates[PARAPHRASE], system, p, seed)
-            exact = all(u.key in known for u in aug)  # else the Asked lines, hence the keys, are not known yet
             rounds.append(Round(PARAPHRASE, exact, estimate(para, cached if exact else set(), p)))
-        return rounds
+        n_rows = len(train) if exact else len(facts.train) * p.augment_variants
+        return rounds + _invent_round(n_rows, p, list(papers), system, fact_templates, seed, cached, exact)
     n_facts = sum(min(len(parse_pairs(known[u.key]["content"])), p.pairs_per_prompt) if u.key in known
                   else p.pairs_per_prompt for u in units)
     train_facts = max(0, n_facts - p.eval_size)
@@ -69,7 +81,8 @@ def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]
     if want_para:
         n = min(p.seen_questions, train_facts)
         rounds.append(Round(PARAPHRASE, False, _synthetic(PARAPHRASE, n, p, system, fact_templates[PARAPHRASE])))
-    return rounds
+    return rounds + _invent_round(train_facts * p.augment_variants, p, list(papers), system, fact_templates, seed,
+                                  cached, False)
 
 
 def total(rounds: list[Round]) -> dict[str, Any]:
@@ -89,7 +102,9 @@ def describe(rounds: list[Round], p: GenerateParams, n_papers: int) -> str:
                 else "mode online") + f"; prompt tokens counted by {tokens.counter(p.model)[0]}"]
     what = {"qa": "QA pairs", AUGMENT: f"augment: {p.augment_variants - 1} rewordings per training fact "
                                           f"(augment_variants {p.augment_variants})",
-            PARAPHRASE: f"paraphrase: a new question for up to {p.seen_questions} training facts (seen_questions)"}
+            PARAPHRASE: f"paraphrase: a new question for up to {p.seen_questions} training facts (seen_questions)",
+            INVENT: f"invent: {INVENT_PER_REQUEST} invented papers a request, abstention rows "
+                    f"(abstain_share {p.abstain_share:g}) + the invented set ({p.invented_questions})"}
     for r in rounds:
         e, approx = r.est, "" if r.exact else "~"
         note = "" if r.exact else " (estimated: the replies it depends on are not cached yet)"

@@ -11,8 +11,10 @@ PAIR_SCHEMA = {
     "type": "object",
     "properties": {"pairs": {"type": "array", "items": {
         "type": "object",
-        "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-        "required": ["question", "answer"], "additionalProperties": False}}},
+        "properties": {"question": {"type": "string"}, "answer": {"type": "string"},
+                       "short_answer": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
+                       "evidence": {"type": "string"}},
+        "required": ["question", "answer", "short_answer", "aliases", "evidence"], "additionalProperties": False}}},
     "required": ["pairs"], "additionalProperties": False,
 }
 
@@ -29,13 +31,21 @@ def _pairs_from(obj: Any) -> list[dict[str, str]]:
         q = next((low[k] for k in _QKEYS if k in low), None)
         a = next((low[k] for k in _AKEYS if k in low), None)
         if isinstance(q, str) and isinstance(a, str):
-            return [{"question": q, "answer": a}]
+            pair = {"question": q, "answer": a}
+            if isinstance(low.get("short_answer"), str):
+                pair["short_answer"] = " ".join(low["short_answer"].split())
+            if isinstance(low.get("aliases"), list):
+                pair["aliases"] = [" ".join(x.split()) for x in low["aliases"] if isinstance(x, str) and x.strip()]
+            if isinstance(low.get("evidence"), str):
+                pair["evidence"] = " ".join(low["evidence"].split())
+            return [pair]
         return [pair for v in obj.values() if isinstance(v, (list, dict)) for pair in _pairs_from(v)]
     return []
 
 
 def parse_pairs(content: str | None) -> list[dict[str, str]]:
-    """Question/answer pairs in a reply; [] when there are none (invalid JSON counts as none)."""
+    """Question/answer pairs in a reply, with their `short_answer`, `aliases` and `evidence` where the reply has
+    them; [] when there are none (invalid JSON counts as none)."""
     if not content:
         return []
     text = content.strip()
@@ -61,5 +71,5 @@ def parse_pairs(content: str | None) -> list[dict[str, str]]:
         q, a = " ".join(pair["question"].split()), " ".join(pair["answer"].split())
         if q and a and q not in seen:
             seen.add(q)
-            out.append({"question": q, "answer": a})
+            out.append({**pair, "question": q, "answer": a})
     return out

@@ -17,12 +17,12 @@ from qrb.errors import ConfigError, DataError, QrbError
 from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.stage import run_stage
 
-from . import AUGMENT, BASE_KEYS, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
+from . import AUGMENT, BASE_KEYS, INVENT, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
 from .assemble import Assembled, assemble, collect_facts, with_variants
 from .batch import Batcher
 from .cache import ResponseCache
 from .client import Requester
-from .facts import augment_units, paraphrase_units, seen_sample
+from .facts import augment_units, invent_units, paraphrase_units, seen_sample
 from .outcomes import RunStats, error_kind
 from .plan import describe, plan, total
 from .replies import parse_pairs
@@ -34,7 +34,7 @@ PAPERS = Path("artifacts/scrape/papers.jsonl")
 PROMPTS_DIR = Path("prompts")
 OUT_DIR = Path("artifacts/generate")
 TRAIN, EVAL, FAILURES = OUT_DIR / "train.jsonl", OUT_DIR / "eval.jsonl", OUT_DIR / "failures.jsonl"
-SEEN = OUT_DIR / "seen.jsonl"
+SEEN, INVENTED = OUT_DIR / "seen.jsonl", OUT_DIR / "invented.jsonl"
 CACHE_DIR = Path("cache/generate")
 CACHE_DB = CACHE_DIR / "responses.sqlite"
 METRICS = Path("metrics/generate.json")  # the headline numbers (dvc metrics); the whole record in REPORT
@@ -73,6 +73,8 @@ def load_fact_templates(p: GenerateParams, folder: Path = PROMPTS_DIR) -> dict[s
         out[AUGMENT] = _read(folder, AUGMENT, "{{pair}}", "generate.augment_variants > 1")
     if p.seen_questions > 0:
         out[PARAPHRASE] = _read(folder, PARAPHRASE, "{{pair}}", "generate.seen_questions > 0")
+    if p.abstain_share > 0 or p.invented_questions > 0:
+        out[INVENT] = _read(folder, INVENT, "{{pair}}", "generate.abstain_share or generate.invented_questions > 0")
     return out
 
 
@@ -111,9 +113,11 @@ class ProgressBar:
 
 
 async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, seed: int, system: str,
-                  fact_templates: dict[str, str]) -> tuple[list[Unit], list[Unit]]:
-    """The QA round, then the augment and paraphrase rounds built from its facts (in batch mode each round is one
-    Batch API job first, then online for what it did not answer). Returns (augment, paraphrase)."""
+                  fact_templates: dict[str, str], papers: list[dict[str, Any]]
+                  ) -> tuple[list[Unit], list[Unit], list[Unit], int]:
+    """The QA round, then the augment and paraphrase rounds built from its facts, then the invented papers (in batch
+    mode each round is one Batch API job first, then online for what it did not answer). Returns (augment,
+    paraphrase, invent, abstention rows wanted in training)."""
     batcher = Batcher(requester) if p.mode == "batch" else None
 
     async def one(round_units: list[Unit], desc: str, per_reply: int) -> None:
@@ -131,12 +135,16 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
     if aug:
         await one(aug, AUGMENT, p.augment_variants - 1)
     para: list[Unit] = []
+    train, _ = with_variants(facts, aug, requester.responses, p)
     if p.seen_questions > 0:
-        train, _ = with_variants(facts, aug, requester.responses, p)
         para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train, fact_templates[PARAPHRASE],
                                 system, p, seed)
         await one(para, PARAPHRASE, 1)
-    return aug, para
+    n_abstain = round(p.abstain_share * len(train))
+    inv = invent_units(papers, n_abstain + p.invented_questions, fact_templates.get(INVENT, ""), system, p, seed)
+    if inv:
+        await one(inv, INVENT, 10)
+    return aug, para, inv, n_abstain
 
 
 def _no_pairs(out: Assembled) -> DataError:
@@ -160,7 +168,8 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
 
     cache = ResponseCache(CACHE_DB) if not args.dry_run or CACHE_DB.exists() else None
     cached = cache.keys() if cache else set()
-    rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates)
+    rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates,
+                  papers)
     est = total(rounds)
     summary = describe(rounds, p, len(papers))
     if args.dry_run:
@@ -184,7 +193,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     client = AsyncOpenAI(base_url=p.base_url, api_key=secret or "unused", max_retries=0, timeout=p.timeout_s)
     requester = Requester(p, seed, client, cache, secret)
     try:
-        aug, para = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates))
+        aug, para, inv, n_abstain = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))
     except QrbError as e:
         raise type(e)(f"{e} (outputs left as they were; answered requests are cached)") from None
     finally:
@@ -192,12 +201,13 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
 
     out = assemble(units, requester.responses, paper_failures + requester.failures, p, seed, n_papers=len(papers),
                    cached=cached, this_run=requester.summary(), estimated_cost_usd=est["est_cost_usd"],
-                   augment=aug, paraphrase=para)
+                   augment=aug, paraphrase=para, invent=inv, n_abstain=n_abstain)
     if not out.train and not out.eval:
         raise _no_pairs(out)
     write_jsonl(TRAIN, out.train)
     write_jsonl(EVAL, out.eval)
     write_jsonl(SEEN, out.seen)
+    write_jsonl(INVENTED, out.invented)
     write_jsonl(FAILURES, out.failures)
     write_metrics(METRICS, REPORT, out.metrics, HEADLINE)
     m = out.metrics

@@ -113,7 +113,7 @@ def judge_columns(verdicts: dict[str, Verdict]) -> dict[str, list[Any]]:
 def _empty_row_columns(p: ValidateParams) -> dict[str, Any]:
     cols = dict.fromkeys(("row_id", "split", "question", "answer", "doi", "fact_id", "qa_text",
                           "has_required_fields", "types_ok", "is_question", "first_exact", "first_normalised",
-                          "is_english", "provenance_ok", "paper_known", "title_matches", "grounding",
+                          "is_english", "provenance_ok", "paper_known", "doi_ok", "title_matches", "grounding",
                           "names_its_subject", "answer_differs"))
     if p.min_similarity > 0:
         cols["similarity"] = None

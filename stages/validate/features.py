@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from qrb.schema import PAIR_FIELDS, PROVENANCE_FIELDS, pair_field_ok
+from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, pair_field_ok
 
 from . import ValidateParams
 from .text import (
@@ -53,6 +54,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         title = obj.get("title") if isinstance(obj.get("title"), str) else ""
         fact = fact_of(obj)
         paper = papers.get(doi) if doi else None
+        # an abstention row asks about an invented paper on purpose: no DOI, nothing to ground, a refusal as answer
+        abstain = obj.get("kind") == "abstain"
         if paper is not None and doi not in paper_tokens:
             paper_tokens[doi] = set(content_tokens(paper_text(paper)))
         nq = normalize_text(q)
@@ -80,7 +83,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "answer": a,
             "doi": doi,
             "fact_id": fact,
-            "qa_text": f"{q}\n{a}",
+            "qa_text": q if abstain else f"{q}\n{a}",
             "has_required_fields": all(k in obj for k in PAIR_FIELDS),
             "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
             "is_question": is_question(q),
@@ -88,17 +91,19 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "first_normalised": norm_first,
             "is_english": is_english(q) and is_english(a),
             "provenance_ok": provenance_ok,
-            "paper_known": paper is not None,
+            "paper_known": paper is not None or abstain,
+            "doi_ok": abstain or bool(re.match(DOI_REGEX, doi)),
             "title_matches": (paper is None or not paper_title
                               or normalize_text(title) == normalize_text(paper_title)),
-            "grounding": round(overlap_score(a, paper_tokens[doi]), 4) if paper is not None else 0.0,
+            "grounding": (round(overlap_score(a, paper_tokens[doi]), 4) if paper is not None
+                          else 1.0 if abstain else 0.0),
             "names_its_subject": not leans_on_unnamed_source(q, paper_title or title, doi),
             "answer_differs": not nq or normalize_text(a) != nq,
         })
     if p.min_similarity > 0:
         sims = semantic_similarity([f["answer"] for f in feats], [f["doi"] for f in feats], papers)
-        for f, s in zip(feats, sims):
-            f["similarity"] = round(s, 4)
+        for f, s, (_, _, row) in zip(feats, sims, rows):
+            f["similarity"] = 1.0 if isinstance(row, dict) and row.get("kind") == "abstain" else round(s, 4)
     return feats
 
 
@@ -196,7 +201,8 @@ def dataset_columns(feats: Sequence[dict[str, Any]], failed: Sequence[bool]) -> 
         fact_first.append(not bad and key not in seen_facts)
         if not bad:
             seen_facts.add(key)
-    train_facts = [f["doi"] for f, first in zip(feats, fact_first) if first and f["split"] == "train"]
+    # abstention rows (no DOI) are no facts of any paper: not counted towards min_rows or a paper's share
+    train_facts = [f["doi"] for f, first in zip(feats, fact_first) if first and f["split"] == "train" and f["doi"]]
     n_train = len(train_facts)
     train_by_paper = Counter(train_facts)
     splits_by_paper: dict[str, set[str]] = {}
@@ -210,14 +216,14 @@ def dataset_columns(feats: Sequence[dict[str, Any]], failed: Sequence[bool]) -> 
         cols["split"].append(s)
         cols["doi"].append(d)
         cols["failed"].append(int(bad))
-        cols["clean_train"].append(int(first and s == "train"))            # its sum: clean train facts
+        cols["clean_train"].append(int(first and s == "train" and bool(d)))  # its sum: clean train facts
         cols["clean_eval"].append(int(not bad and s == "eval"))
         cols["eval_share"].append(float(s == "eval") if first else math.nan)  # its mean: eval's share of facts
         if not bad and s == "train":
-            cols["train_paper_share"].append(train_by_paper[d] / n_train)
+            cols["train_paper_share"].append(train_by_paper[d] / n_train if d else 0.0)
         else:
             cols["train_paper_share"].append(0.0 if not clean else math.nan)
-        cols["paper_in_both_splits"].append(None if bad else len(splits_by_paper[d]) > 1)
+        cols["paper_in_both_splits"].append(None if bad else bool(d) and len(splits_by_paper[d]) > 1)
     if clean and n_train == 0:  # nothing in train: no paper dominates it (min_rows reports the real problem)
         cols["train_paper_share"] = [0.0] * len(feats)
     if not clean:

@@ -23,6 +23,8 @@ from . import (
     DOCS_OUT,
     EVAL_IN,
     EVAL_OUT,
+    INVENTED_IN,
+    INVENTED_OUT,
     JUDGE_CACHE,
     JUDGE_PROMPT,
     METRICS_OUT,
@@ -42,6 +44,7 @@ from .core import validate
 from .judge import Judge
 from .openai_format import write_openai
 from .report import summary, write_index_html
+from .text import is_question
 from .verdicts import VerdictCache
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,7 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     train = _read_pairs(TRAIN_IN, "generate")
     eval_ = _read_pairs(EVAL_IN, "generate")
     seen = _read_pairs(SEEN_IN, "generate")
+    invented = _read_pairs(INVENTED_IN, "generate")
     log.info("validating %d train + %d eval pairs and %d seen questions against %d papers", len(train), len(eval_),
              len(seen), len(papers))
 
@@ -150,6 +154,7 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
         write_jsonl(TRAIN_OUT, outcome.train)
         write_jsonl(EVAL_OUT, outcome.eval)
         write_jsonl(SEEN_OUT, outcome.seen)
+        write_jsonl(INVENTED_OUT, [r for r in invented if isinstance(r, dict) and is_question(r.get("question", ""))])
         write_openai(OPENAI_OUT, {"train": outcome.train, "eval": outcome.eval}, base["system_prompt"])
     print(summary(outcome), file=sys.stderr)
     if not outcome.gate_passed:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS
+from qrb.schema import PAIR_FIELDS, PROVENANCE_FIELDS
 
 from . import ValidateParams
 from .text import MARKUP_PATTERNS, PROMPT_LEAK_PATTERNS, REFUSAL_PATTERNS
@@ -59,8 +59,7 @@ def row_checks(p: ValidateParams) -> list[Check]:
         Check("json_or_markup", "[json_or_markup] no JSON, HTML, Markdown or escape fragments",
               "ExpectColumnValuesToNotMatchRegexList", {"column": "qa_text", "regex_list": MARKUP_PATTERNS}),
         _flag("not_english", "is_english", "question and answer are in English"),
-        Check("doi_format", "[doi_format] the DOI looks like 10.NNNN/suffix", "ExpectColumnValuesToMatchRegex",
-              {"column": "doi", "regex": DOI_REGEX}),
+        _flag("doi_format", "doi_ok", "the DOI looks like 10.NNNN/suffix (no DOI: an abstention row)"),
         _flag("provenance_missing", "provenance_ok", "provenance present: " + ", ".join(PROVENANCE_FIELDS)),
         _flag("unknown_paper", "paper_known", "the DOI is one of the scraped papers"),
         _flag("title_mismatch", "title_matches", "the title is the title of the paper with that DOI"),

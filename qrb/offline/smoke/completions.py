@@ -5,7 +5,7 @@ same body gives the same reply, `created` aside). Every reply is labelled: model
 The user message's `Task:` line picks the writer: none (the QA templates) = extractive pairs from the paper;
 `Task: augment` = rewordings of the pair it carries; `Task: paraphrase` = one new question for the pair's answer;
 `Task: judge` = a verdict `{"reason", "answerable", "correct"}` on the pair it carries, from the paper text it
-carries (`rewriter`).
+carries (`rewriter`); `Task: grade` = `{"grade"}` of the answer it carries, by evaluate's offline grader (`grader`).
 
 `response_format` with a JSON schema is honoured (the content is JSON matching the schema); without it the JSON
 comes inside a Markdown code fence after a line of prose, as some endpoints do, to exercise tolerant parsers.
@@ -20,6 +20,8 @@ import re
 import time
 from typing import Any
 
+from .facts import extract_facts, fact_wordings, invented_questions, new_wording
+from .grader import grade_reply
 from .rewriter import augment_variants, judge_verdict, paraphrase_question, parse_fact_block
 from .writer import extractive_pairs, parse_user_message
 
@@ -51,18 +53,37 @@ def task_of(user: str) -> str:
     return m.group(1).lower() if m else "qa"
 
 
-def write_pairs(user: str) -> list[dict[str, str]]:
+def _with_fact(pairs: list[dict], fact: dict) -> list[dict[str, object]]:
+    """Every pair with the reply schema's key-fact fields (the fact's, where a pair does not set its own)."""
+    keys = {"short_answer": "", "aliases": [], "evidence": ""}
+    return [{k: v for k, v in {**keys, **{k: fact.get(k, d) for k, d in keys.items()}, **pair}.items()
+             if k in ("question", "answer", *keys)} for pair in pairs]
+
+
+def write_pairs(user: str) -> list[dict[str, object]]:
     """The pairs the user message asks for, by its task."""
     task = task_of(user)
     req = parse_user_message(user)
+    if task == "invent":
+        avoid = {t.lower() for t in re.findall(r"^Title:[ \t]*(.+)$", user, re.M)}
+        found = invented_questions(user, req["n"], avoid)
+        return _with_fact([{"question": q["question"], "answer": q["title"], "short_answer": q["title"]}
+                           for q in found], {})
     if task in ("augment", "paraphrase"):
         fact = parse_fact_block(user)
         title, question, answer = str(fact["title"]), str(fact["question"]), str(fact["answer"])
+        if fact.get("short_answer"):  # a key fact: wordings of its question for the same short answer
+            pairs = (fact_wordings(fact, req["n"]) if task == "augment"
+                     else [{"question": new_wording(fact), "answer": answer}])
+            return _with_fact(pairs, fact)
         if task == "augment":
-            return augment_variants(title, question, answer, req["n"])
+            return _with_fact(augment_variants(title, question, answer, req["n"]), fact)
         asked = [str(q) for q in fact["asked"]] or [question]  # type: ignore[union-attr]
-        return [{"question": paraphrase_question(title, answer, asked), "answer": answer}] if answer else []
-    return extractive_pairs(req["title"], req["abstract"], req["focus"], req["n"])
+        return _with_fact([{"question": paraphrase_question(title, answer, asked), "answer": answer}]
+                          if answer else [], fact)
+    if req["focus"] == "facts":
+        return _with_fact(extract_facts(req["title"], req["abstract"], req["n"]), {})
+    return _with_fact(extractive_pairs(req["title"], req["abstract"], req["focus"], req["n"]), {})
 
 
 def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]:
@@ -70,10 +91,11 @@ def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]
     messages = body.get("messages") or []
     user = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
     prompt_text = "\n".join(str(m.get("content", "")) for m in messages)
-    judging = task_of(user) == "judge"
+    judging = task_of(user) in ("judge", "grade")
     pairs = [] if judging else write_pairs(user)
     rf = body.get("response_format")
-    payload = json.dumps(judge_verdict(user) if judging else {_array_key(rf): pairs}, ensure_ascii=False)
+    verdict = grade_reply if task_of(user) == "grade" else judge_verdict  # Task: grade -> qrb/offline/smoke/grader.py
+    payload = json.dumps(verdict(user) if judging else {_array_key(rf): pairs}, ensure_ascii=False)
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
         content = payload
     else:

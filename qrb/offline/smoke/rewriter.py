@@ -138,7 +138,7 @@ def _phrases(sentence: str) -> list[str]:
     return [_key_phrase(p) for p in parts]
 
 
-_LINE = re.compile(r"^(Title|Question|Answer|Asked):[ \t]*(.*)$", re.M)
+_LINE = re.compile(r"^(Title|Question|Answer|Asked|Short answer|Alias|Evidence):[ \t]*(.*)$", re.M)
 _BLOCK = re.compile(r"<paper>\s*(.*?)\s*</paper>", re.S | re.I)
 
 
@@ -147,12 +147,12 @@ def parse_fact_block(text: str) -> dict[str, object]:
     the questions already asked of it (`Asked:` lines)."""
     blocks = list(_BLOCK.finditer(text))
     block = blocks[-1].group(1) if blocks else text
-    out: dict[str, object] = {"title": "", "question": "", "answer": "", "asked": []}
+    out: dict[str, object] = {"title": "", "question": "", "answer": "", "asked": [], "aliases": []}
     for key, value in _LINE.findall(block):
-        if key == "Asked":
-            out["asked"].append(value.strip())  # type: ignore[union-attr]
+        if key in ("Asked", "Alias"):
+            out["asked" if key == "Asked" else "aliases"].append(value.strip())  # type: ignore[union-attr]
         else:
-            out[key.lower()] = value.strip()
+            out[key.lower().replace(" ", "_")] = value.strip()
     return out
 
 

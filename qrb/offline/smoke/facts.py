@@ -1,0 +1,268 @@
+"""Atomic facts with short answers for the smoke endpoint (pure and deterministic; NOT a language model).
+
+- `extract_facts` (the `facts` QA template): the key facts of an abstract, each a short answer found in one sentence
+  (a count with its noun, a percentage or value, an acronym's expansion, a name or term the sentence introduces),
+  the sentence as evidence, and a question that asks for the short answer in the sentence's own words.
+- `fact_wordings` (`Task: augment` of such a fact): K-1 more wordings of its question, of several types (with and
+  without the paper's title, fill-in-the-blank, by the subject it is about) and one reverse question ("which paper
+  reports ...?", answered by the title).
+- `new_wording` (`Task: paraphrase`): a question for the same short answer in a frame no training wording uses.
+- `invented_questions` (`Task: invent`): questions about papers that do not exist, worded as the real facts' are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .writer import _key_phrase, _short_title, split_sentences
+
+_NUM_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+              "seventeen eighteen nineteen twenty thirty forty fifty hundred thousand").split()
+_DIGITS = {w: str(i + 1) for i, w in enumerate(_NUM_WORDS[:20])}
+_DIGITS.update(thirty="30", forty="40", fifty="50", hundred="100", thousand="1000")
+_STOPNOUN = {"of", "the", "a", "an", "and", "or", "in", "on", "for", "to", "with", "by", "at", "from", "is", "are",
+             "which", "that", "we", "as", "than", "per", "when", "while", "can", "be", "it", "its", "our", "this"}
+_NUM = r"(?:\d+(?:[.,]\d+)*|" + "|".join(_NUM_WORDS) + r")"
+_COUNT = re.compile(rf"(?<![\w.\-\[])({_NUM}) ((?:[a-zA-Z][\w\-]*)(?: [a-zA-Z][\w\-]*){{0,2}})", re.I)
+_HEADS = ("model", "algorithm", "method", "theory", "code", "codes", "protocol", "box", "library", "framework",
+          "constant", "ansatz", "system", "scheme", "bound", "effect", "test", "function", "dataset", "database",
+          "platform", "equation", "equations", "inequality", "inequalities", "problem", "limit", "states", "state")
+_NAME = re.compile(r"(?<=[a-z,] )((?:[A-Z][\w\-]*[a-z][\w\-]*|[A-Z]{2,}[\w\-]*)(?: [A-Z][\w\-]*){0,3})"
+                   r"((?: (?:" + "|".join(_HEADS) + r"))?)\b")
+_PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?(%|percent)")
+_ACRONYM = re.compile(r"((?:[A-Z][\w\-]+|[a-z][\w\-]+)(?: (?:[A-Z][\w\-]+|of|and|for|the|[a-z][\w\-]+)){1,6}) "
+                      r"\(([A-Z][A-Za-z\-]*[A-Z][A-Za-z\-]*s?)\)")
+_INTRO = re.compile(r"\b(?:called|named|dubbed|known as|coined|in terms of|based on|built on top of|introduce|"
+                    r"introduces|present|presents|dataset,? called)\s+(?:the |a |an )?"
+                    r"((?:[A-Z][\w\-]*|[a-z]+ [A-Z][\w\-]*)(?: [A-Z][\w\-]*){0,2})")
+_LATEX = re.compile(r"\$[^$]*\$")
+_GARBLED = re.compile(r"start_ARG|end_ARG|\\[a-z]+|[{}<>]")
+_VERB_OBJECT = re.compile(r"\b(?:introduce|propose|present|develop|derive|construct|design|employ|obtain|prove|"
+                          r"provide|identify|define)s?d?\s+(?:a |an |the |two |several |new )?"
+                          r"([a-z][\w\-]*(?: [\w\-]+){1,5}?)(?=[,.;]| that | which | to | for | with | in | of a)")
+_OPENER = re.compile(r"^(?:here|in this (?:work|paper|article|letter)|moreover|furthermore|finally|specifically|"
+                     r"in particular|similarly|also|then|thus|however)\s*,?\s+", re.I)
+# "the authors" alone is a question leaning on an unnamed source (validate quarantines it): researchers is not
+_PRONOUNS = ((r"\bWe\b", "Researchers"), (r"\bwe\b", "researchers"), (r"\bOur\b", "Their"), (r"\bour\b", "their"),
+             (r"\bus\b", "them"))
+
+
+def _digest(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
+
+
+def _clean(sentence: str) -> str:
+    s = _LATEX.sub(lambda m: m.group(0).strip("$ ") if re.fullmatch(r"\$[\d.,% ]+\$", m.group(0)) else "", sentence)
+    s = _OPENER.sub("", " ".join(s.split())).strip()
+    for pattern, repl in _PRONOUNS:
+        s = re.sub(pattern, repl, s)
+    return s[:1].upper() + s[1:]
+
+
+def _noun(words: str) -> str:
+    out = []
+    for w in words.split():
+        if w.lower() in _STOPNOUN:
+            break
+        out.append(w)
+    return " ".join(out)
+
+
+def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], int, int]]:
+    """(kind, short answer, aliases, start, end) of the short answers a sentence states, best first."""
+    out = []
+    for m in _ACRONYM.finditer(sentence):
+        expansion = " ".join(w for w in m.group(1).split() if w[:1].isupper() or w.lower() in ("of", "and", "for"))
+        expansion = re.sub(r"^(?:of|and|for) ", "", expansion)
+        if len(expansion.split()) >= 2:
+            out.append(("acronym", m.group(2), [expansion], m.start(1), m.end()))
+    for m in _PERCENT.finditer(sentence):
+        value = m.group(1)
+        out.append(("percent", f"{value}%", [f"{value} percent"], m.start(), m.end()))
+    for m in _COUNT.finditer(sentence):
+        noun = _noun(m.group(2))
+        number = m.group(1)
+        if (not noun or noun.lower() in ("percent", "%") or len(noun) < 3 or noun[0].isupper()
+                or number.lower() == "one" or not (number[0].isdigit() or noun.split()[-1].endswith("s"))):
+            continue
+        aliases = [f"{_DIGITS[number.lower()]} {noun}"] if number.lower() in _DIGITS else []
+        out.append(("count", f"{number} {noun}", aliases, m.start(), m.start() + len(number) + 1 + len(noun)))
+    low_title = title.lower()
+    taken = [(c[3], c[4]) for c in out]
+    for m in list(_INTRO.finditer(sentence)) + list(_NAME.finditer(sentence)):
+        name = m.group(0 if m.re is _NAME else 1).strip()
+        start = m.start(0 if m.re is _NAME else 1)
+        if (len(name) < 4 or name.lower() in low_title or name.lower().startswith(("researchers", "a "))
+                or name in ("The", "Their", "They", "This", "These") or any(a <= start < b for a, b in taken)):
+            continue
+        taken.append((start, start + len(name)))
+        out.append(("name", name, [], start, start + len(name)))
+    if not out:  # no number or name: the object of the sentence's main verb, a term
+        m = _VERB_OBJECT.search(sentence)
+        if m and 2 <= len(m.group(1).split()) <= 6 and m.group(1).lower() not in low_title:
+            out.append(("term", m.group(1), [], m.start(1), m.end(1)))
+    rank = {"acronym": 0, "percent": 1, "count": 2, "name": 3, "term": 5}
+    return sorted(out, key=lambda c: (rank[c[0]] + (c[0] == "name" and " " not in c[1]), c[3]))
+
+
+def _words(text: str, n: int, tail: bool) -> str:
+    w = text.split()
+    return " ".join(w[-n:] if tail else w[:n])
+
+
+def _context(sentence: str, start: int, end: int) -> tuple[str, str]:
+    """The sentence's words before and after the short answer, each cut to one clause."""
+    left = re.split(r"[;:]\s|, (?:while|which|where|whereas|so|but) ", sentence[:start])[-1].strip()
+    left = re.sub(r"\b(?:the|a|an)$", "", left).strip()
+    right = re.split(r"[.;:,]\s|[.;:]$|\s\(", sentence[end:] + " ")[0].strip(" .,;")
+    return _words(left, 24, True), _words(right, 10, False)
+
+
+def _wh(kind: str, answer: str) -> str:
+    if kind == "count":
+        return "how many " + answer.split(" ", 1)[1]
+    if kind == "percent":
+        return "what percentage"
+    return "what"
+
+
+def _fact(title: str, sentence: str, cand: tuple[str, str, list[str], int, int], evidence: str
+          ) -> dict[str, object]:
+    kind, answer, aliases, start, end = cand
+    left, right = _context(sentence, start, end)
+    t = _short_title(title)
+    if kind == "acronym":
+        question = f"In \"{t}\", what does the acronym {answer} stand for?"
+        answer, aliases = aliases[0], [answer]
+    else:
+        question = f"{left} {_wh(kind, answer)} {right}".strip()
+        question = question[:1].upper() + question[1:].rstrip(" .,") + "?"
+        question = f"In \"{t}\", {question[:1].lower() + question[1:]}" if len(left.split()) < 4 else question
+    return {"question": question, "answer": answer[:1].upper() + answer[1:] + ".", "short_answer": answer,
+            "aliases": aliases, "evidence": evidence, "kind": kind}
+
+
+def extract_facts(title: str, abstract: str, n: int) -> list[dict[str, object]]:
+    """Up to `n` facts of an abstract, one short answer each, spread over its sentences (one per sentence first)."""
+    raw = [s for s in split_sentences(abstract or "") if len(s) >= 30 and not _GARBLED.search(_LATEX.sub("", s))]
+    per_sentence = [[_fact(title, _clean(s), c, s) for c in _candidates(_clean(s), title)] for s in raw]
+    out, seen = [], set()
+    for depth in range(3):
+        for facts in per_sentence:
+            if depth < len(facts) and len(out) < n:
+                f = facts[depth]
+                if str(f["short_answer"]).lower() not in seen:
+                    seen.add(str(f["short_answer"]).lower())
+                    out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wordings of one fact (augment), a new one (paraphrase), and invented papers (invent)
+
+_BLANK = "___"
+
+
+def _parts(fact: dict[str, str]) -> tuple[str, str, str, str]:
+    """(left context, what to ask, right context, subject phrase) of a fact, from its evidence sentence."""
+    evidence, short = _clean(fact.get("evidence", "")), fact.get("short_answer", "")
+    i = evidence.lower().find(short.lower()) if short else -1
+    if i < 0:
+        k = _key_phrase(fact.get("question", "")) or "its main result"
+        return "", "what", "", k
+    left, right = _context(evidence, i, i + len(short))
+    kind = ("count" if re.match(_NUM + r" ", short, re.I) else "percent" if short.endswith("%") else "name")
+    return left, _wh(kind, short), right, _key_phrase(left) or _key_phrase(right) or _key_phrase(evidence)
+
+
+def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
+    """`n` more wordings of a fact's question (the last one a reverse question when n >= 3), all with the same short
+    answer except the reverse one, whose short answer is the paper's title."""
+    t, short = _short_title(fact.get("title", "")), fact.get("short_answer", "")
+    topic = _key_phrase(t) or t
+    left, wh, right, subject = _parts(fact)
+    acronym = next((a for a in fact.get("aliases") or () if re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
+    cloze = f"{left} {_BLANK} {right}".strip()
+    ask = f"{left} {wh} {right}".strip()
+    low_ask = ask if ask[:2].isupper() else ask[:1].lower() + ask[1:]
+    frames = [
+        f"What does {acronym} stand for?",
+        f"In the paper on {topic}, what does {acronym} stand for?",
+        f"What is the full form of {acronym}?",
+        f"What is {acronym} short for in \"{t}\"?",
+        f"Which words does the abbreviation {acronym} abbreviate in research on {topic}?",
+        f"What is the expansion of {acronym}, as used in \"{t}\"?",
+        f"{acronym}: what does this abbreviation mean in the work on {topic}?",
+    ] if acronym and "acronym" in fact.get("question", "") else [
+        f"What fills the blank in \"{cloze}\", according to \"{t}\"?",
+        f"{ask[:1].upper() + ask[1:]}?",
+        f"In the paper on {topic}, {low_ask}?",
+        f"Which words complete the statement \"{cloze}\"?",
+        f"Regarding {subject}, {wh} did the study \"{t}\" find?",
+        f"{wh[:1].upper() + wh[1:]}, for {subject}, in the work on {topic}?",
+        f"According to \"{t}\", {low_ask}?",
+        f"Which answer completes this finding on {topic}: {cloze}?",
+    ]
+    answer = fact.get("answer", "")
+    out = [{"question": q, "answer": answer} for q in frames if q.lower() != fact.get("question", "").lower()]
+    out = out[:max(0, n - 1)] if n >= 3 else out[:n]
+    if n >= 3 and fact.get("evidence"):
+        claim = fact["evidence"].rstrip(".")
+        claim = claim[:1].lower() + claim[1:] if not claim[:2].isupper() else claim
+        out.append({"question": f"Which paper reports that {claim}?", "answer": f"\"{t}\".",
+                    "short_answer": t, "kind": "reverse"})
+    return out
+
+
+def new_wording(fact: dict[str, str]) -> str:
+    """A question for the fact's short answer in a frame that no training wording uses."""
+    t = _short_title(fact.get("title", ""))
+    left, wh, right, subject = _parts(fact)
+    acronym = next((a for a in fact.get("aliases") or () if re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
+    if acronym and "acronym" in fact.get("question", ""):
+        return f"Spell out {acronym}, a term from research on {_key_phrase(t) or t}?"
+    other = _key_phrase(right) if right and _key_phrase(right) != subject else _key_phrase(left[len(left) // 2:])
+    other = other or subject
+    frames = (f"Tell me {wh} goes with {other}, as given by the authors of \"{t}\"?",
+              f"Speaking of {other} in research on {_key_phrase(t) or t}: {wh}?")
+    return frames[_digest(t, fact.get("answer", "")) % len(frames)].replace("  ", " ")
+
+
+_TOPICS = ("bosonic codes", "Rydberg arrays", "quantum walks", "magic-state factories", "spin chains",
+           "photonic lattices", "tensor-network decoders", "Floquet circuits", "qudit teleportation",
+           "quantum reservoirs", "Majorana wires", "Clifford sampling", "dual-rail qubits", "Gibbs samplers",
+           "holographic codes", "cat-state lasers", "fermionic swaps", "shadow tomography", "anyon braiding",
+           "quantum kernels", "trapped-electron clocks", "cavity magnonics", "QAOA landscapes", "Bell inequalities")
+_FORMS = ("{A} for {B}: a {C} approach", "Scalable {A} with {B}", "On the limits of {A} in {B}",
+          "{A} meets {B}: {C} bounds", "Certified {A} via {B}", "Towards {C} {A} on {B}")
+_ADJ = ("adaptive", "noise-resilient", "variational", "fault-tolerant", "hybrid", "sample-optimal", "resource-lean")
+_INVENT_Q = ("In \"{t}\", how many {u} does the proposed scheme need?",
+             "What threshold does \"{t}\" report for {b}?",
+             "In the paper on {a} and {b}, what does the acronym {x} stand for?",
+             "Which method does \"{t}\" use for {a}?",
+             "What percentage of errors does \"{t}\" remove in {b}?",
+             "What fills the blank in \"researchers realise {a} with {_} {u}\", according to \"{t}\"?",
+             "Which paper reports that {a} can be realised with {b}?")
+_UNITS = ("qubits", "rounds", "layers", "ancillas", "modes", "photons")
+
+
+def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset()) -> list[dict[str, str]]:
+    """`n` questions about papers that do not exist (titles made from fixed topic lists, never a real title in
+    `avoid`), in the same frames as the real facts' questions; deterministic in `seed_text`."""
+    out: list[dict[str, str]] = []
+    i = 0
+    while len(out) < n and i < 50 * n:
+        h = _digest(seed_text, str(i))
+        a, b = _TOPICS[h % len(_TOPICS)], _TOPICS[(h >> 8) % len(_TOPICS)]
+        i += 1
+        if a == b:
+            continue
+        t = _FORMS[(h >> 16) % len(_FORMS)].format(A=a[:1].upper() + a[1:], B=b, C=_ADJ[(h >> 24) % len(_ADJ)])
+        if t.lower() in avoid:
+            continue
+        acronym = "".join(w[0].upper() for w in a.split() + b.split())
+        q = _INVENT_Q[(h >> 32) % len(_INVENT_Q)].format(t=t, a=a, b=b, u=_UNITS[(h >> 40) % len(_UNITS)],
+                                                          x=acronym, _=_BLANK)
+        out.append({"question": q, "title": t})
+    return out
