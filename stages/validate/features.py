@@ -101,7 +101,11 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "answer_differs": not nq or normalize_text(a) != nq,
         })
     if p.min_similarity > 0:
-        sims = semantic_similarity([f["answer"] for f in feats], [f["doi"] for f in feats], papers)
+        # a short answer ("Three auxiliary qubits.") embeds as little: its evidence sentence stands for it, and the
+        # grounding check still reads the answer itself
+        texts = [(row.get("evidence") if isinstance(row, dict) and isinstance(row.get("evidence"), str) else "")
+                 or f["answer"] for f, (_, _, row) in zip(feats, rows)]
+        sims = semantic_similarity(texts, [f["doi"] for f in feats], papers)
         for f, s, (_, _, row) in zip(feats, sims, rows):
             f["similarity"] = 1.0 if isinstance(row, dict) and row.get("kind") == "abstain" else round(s, 4)
     return feats

@@ -1,0 +1,90 @@
+"""The smoke endpoint's fact-level writer: atomic facts with short answers, their wordings, a new wording for the seen
+set and invented papers; and what generate makes of them (short answers on every row, abstention rows, the invented
+question set)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from qrb.offline.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
+from qrb.schema import ABSTAIN_ANSWER
+from stages.generate.text import word_set
+
+SURFACE = ("Improved Pairwise Measurement-Based Surface Code",
+           "We devise a new realization of the surface code on a rectangular lattice of qubits utilizing single-qubit "
+           "and nearest-neighbor two-qubit Pauli measurements and three auxiliary qubits per plaquette. It has a "
+           "short operation period of 4 steps and our performance analysis yields a threshold of approximately "
+           "$0.66% $.")
+GAUSS = ("Photon-number moments and cumulants of Gaussian states",
+         "We develop closed-form expressions for the moments of Gaussian states. We express the photon-number moments "
+         "of a Gaussian state in terms of the loop Hafnian, a function that counts perfect matchings.")
+
+
+def _jaccard(a: str, b: str) -> float:
+    x, y = word_set(a), word_set(b)
+    return len(x & y) / len(x | y)
+
+
+def test_facts_are_atomic_short_answers_with_their_evidence():
+    facts = extract_facts(*SURFACE, 5)
+    shorts = [f["short_answer"] for f in facts]
+    assert "0.66%" in shorts and "three auxiliary qubits" in shorts and "4 steps" in shorts
+    three = next(f for f in facts if f["short_answer"] == "three auxiliary qubits")
+    assert three["aliases"] == ["3 auxiliary qubits"]
+    assert "how many auxiliary qubits" in three["question"] and "three" not in three["question"]
+    assert three["evidence"].startswith("We devise")  # the paper's sentence as written, for grounding and citing
+    hafnian = extract_facts(*GAUSS, 3)
+    assert any(f["short_answer"].lower() == "loop hafnian" and "Hafnian" not in f["question"] for f in hafnian)
+    assert len(extract_facts(*SURFACE, 1)) == 1  # capped
+
+
+def test_wordings_vary_and_end_with_a_reverse_question():
+    fact = {**extract_facts(*SURFACE, 5)[0], "title": SURFACE[0]}
+    words = fact_wordings(fact, 7)
+    assert len(words) == 7 and len({w["question"] for w in words}) == 7
+    assert fact["question"] not in {w["question"] for w in words}
+    titled = [w for w in words[:-1] if SURFACE[0] in w["question"]]
+    assert 0 < len(titled) < 6  # with and without the title
+    assert all(fact["short_answer"] not in w["question"] for w in words[:-1])
+    reverse = words[-1]
+    assert reverse["kind"] == "reverse" and reverse["short_answer"] == SURFACE[0]
+    assert reverse["question"].startswith("Which paper reports")
+    # the seen set's wording shares little with any training wording
+    seen = new_wording(fact)
+    assert seen.endswith("?") and fact["short_answer"] not in seen
+    assert max(_jaccard(seen, w["question"]) for w in words + [fact]) < 0.6
+
+
+def test_invented_papers_are_deterministic_and_never_a_real_title():
+    a, b = invented_questions("seed", 12), invented_questions("seed", 12)
+    assert a == b and len(a) == 12 and a != invented_questions("other", 12)
+    avoid = {a[0]["title"].lower()}
+    assert all(q["title"].lower() not in avoid for q in invented_questions("seed", 12, avoid))
+    assert all(q["question"].endswith("?") for q in a)
+
+
+def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_path, monkeypatch):
+    from qrb.offline.smoke.server import serve_smoke_endpoint
+
+    from generate_helpers import make_workspace, read, run_main
+
+    with serve_smoke_endpoint(port=0) as ep:
+        ws = make_workspace(tmp_path / "ws", ep.base_url, prompts=["facts"], pairs_per_prompt=2, augment_variants=4,
+                            seen_questions=50, abstain_share=0.25, invented_questions=12, eval_size=4)
+        run_main(ws, monkeypatch)
+    out = ws / "artifacts/generate"
+    train, evals, seen, invented = (read(out / f"{n}.jsonl") for n in ("train", "eval", "seen", "invented"))
+    facts = [r for r in train if r["kind"] != "abstain"]
+    abstain = [r for r in train if r["kind"] == "abstain"]
+    assert facts and all(r["short_answer"] and r["evidence"] for r in facts + evals + seen)
+    assert all(r["short_answer"].lower() in r["evidence"].lower() or r["kind"] == "reverse" for r in facts)
+    assert any(r["kind"] == "reverse" for r in facts)
+    assert len(abstain) == round(0.25 * len(facts))
+    assert all(r["answer"] == ABSTAIN_ANSWER and r["doi"] == "" for r in abstain + invented)
+    assert invented and not {r["title"] for r in invented} & {r["title"] for r in abstain}
+    real = {r["title"] for r in facts + evals}
+    assert not {r["title"] for r in invented + abstain} & real
+    metrics = json.loads((ws / "reports/generate.json").read_text())
+    assert metrics["abstain_pairs"] == len(abstain) and metrics["invented_kept"] == len(invented)
+    assert all(re.search(r"\?$", r["question"]) for r in seen)
