@@ -77,7 +77,7 @@ def test_demo_runs_all_five_stages_for_real(demo_run):
     assert (ws / "reports/data_docs/index.html").exists()
     adapter = ws / "artifacts/train/adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "lineage.json").exists()
-    assert (ws / "plots/train/train_loss.csv").read_text().count("\n") > 3
+    assert (ws / "dvclive/plots/metrics/loss.tsv").read_text().count("\n") > 3
 
 
 def test_fine_tuned_beats_base_on_held_out_pairs(demo_run):

@@ -70,8 +70,10 @@ def test_a_changed_local_base_model_makes_train_stale(tiny_ws):
     put(ws, "cache/train/.keep", "")
     for rel in ("metrics/train.json", "reports/train.json"):
         put(ws, rel, '{"eval_ce": 2.0}')
-    for rel in ("plots/train/train_loss.csv", "plots/train/eval_loss.csv"):
-        put(ws, rel, "step,loss\n1,2.5\n2,2.0\n")
+    for rel in ("dvclive/plots/metrics/loss.tsv", "dvclive/plots/metrics/eval/loss.tsv"):
+        put(ws, rel, "step\tloss\n1\t2.5\n2\t2.0\n")
+    put(ws, "dvclive/metrics.json", '{"loss": 2.0}')
+    put(ws, "dvclive/params.yaml", "seed: 7\n")
     dvc(ws, "commit", "-q", "-f", "train")
     assert "up to date" in dvc(ws, "status", "train").stdout
 
@@ -141,7 +143,8 @@ def test_headline_metrics_are_a_few_numbers_and_the_whole_record_a_plain_out():
         metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
         if metrics:
-            assert metrics == [f"metrics/{name}.json"] and f"reports/{name}.json" in outs, name
+            live = ["dvclive/metrics.json"] if name == "train" else []  # DVCLive's last logged values, DVC's layout
+            assert metrics == [f"metrics/{name}.json", *live] and f"reports/{name}.json" in outs, name
 
     full = evaluate_report()
     head = headline(full, headline_keys(full))
@@ -185,8 +188,8 @@ def test_dvc_plots_show_draws_every_chart_offline_in_headless_chromium(tiny_ws):
     from stages.evaluate.report import write_scores
 
     ws = tiny_ws
-    put(ws, "plots/train/train_loss.csv", "step,loss\n" + "".join(f"{s},{3 - s / 10:.3f}\n" for s in range(1, 9)))
-    put(ws, "plots/train/eval_loss.csv", "step,loss\n4,2.9\n8,2.7\n")
+    put(ws, "dvclive/plots/metrics/loss.tsv", "step\tloss\n" + "".join(f"{s}\t{3 - s / 10:.3f}\n" for s in range(1, 9)))
+    put(ws, "dvclive/plots/metrics/eval/loss.tsv", "step\tloss\n4\t2.9\n8\t2.7\n")
     full = evaluate_report()
     (ws / "plots/evaluate/scores").mkdir(parents=True, exist_ok=True)
     put(ws, "plots/evaluate/scores/stale_set.csv", "label,model,metric,score,lo,hi\n")

@@ -139,8 +139,8 @@ def write_pipeline_outputs(ws: Path, *, profile: str | None = None, evaluate: di
                                     "neftune_noise_alpha": 5.0, "batch_size": 8, "grad_accum": 1, "epochs": 4,
                                     "precision": "bf16", "max_length": 1024}}}
     put(ws, "artifacts/train/adapter/lineage.json", lineage)
-    put(ws, "plots/train/train_loss.csv", "step,loss\n10,3.5\n20,2.9\n30,2.1\n")
-    put(ws, "plots/train/eval_loss.csv", "step,loss\n20,3.0\n30,2.4\n")
+    put(ws, "dvclive/plots/metrics/loss.tsv", "timestamp\tstep\tloss\n1\t10\t3.5\n2\t20\t2.9\n3\t30\t2.1\n")
+    put(ws, "dvclive/plots/metrics/eval/loss.tsv", "timestamp\tstep\tloss\n2\t20\t3.0\n3\t30\t2.4\n")
     put(ws, "artifacts/scrape/papers.jsonl", "".join(json.dumps(p) + "\n" for p in papers))
     d0, d1 = papers[0]["doi"], papers[1]["doi"]
     pairs = [{"doi": d0, "model": generator, "prompt_id": "factual", "question": "q", "answer": "a",

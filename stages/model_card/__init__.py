@@ -4,11 +4,12 @@
 
 Reads  params.yaml (`model_card:`, base.model/system_prompt), reports/{scrape,generate,validate,train,evaluate}.json,
        artifacts/train/adapter/lineage.json (base model, hyper-parameters, hardware, wall time, commit, data hashes),
-       plots/train/{train,eval}_loss.csv, artifacts/validate/{train,eval,seen}.jsonl (the kept pairs: their generator
-       model, prompt, paper, fact and variant), artifacts/scrape/papers.jsonl (authors, DOIs and licences of those
-       papers, for the CC BY 4.0 attribution), dvc.lock (data hashes of the stages before), and, when the base
-       model is a local folder, its README.md, PROVENANCE.json and config.json (what the base is: a real model
-       converted from where, under which licence, or an offline stand-in; whether it ties its embeddings).
+       dvclive/plots/metrics/{,eval/}loss.tsv (the loss curves), artifacts/validate/{train,eval,seen}.jsonl (the kept
+       pairs: their generator model, prompt, paper, fact and variant), artifacts/scrape/papers.jsonl (authors, DOIs
+       and licences of those papers, for the CC BY 4.0 attribution), dvc.lock (data hashes of the stages before),
+       and, when the base model is a local folder, its README.md, PROVENANCE.json and config.json (what the base
+       is: a real model converted from where, under which licence, or an offline stand-in; whether it ties its
+       embeddings).
 Writes artifacts/model_card/README.md (a `huggingface_hub.ModelCard`: YAML metadata with base_model, datasets,
        licence and a model-index of the evaluation results + Markdown) and artifacts/model_card/loss.png (the loss
        curve; with no matplotlib the card carries the loss as a table instead). The export stage copies both next

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # the stages' full records (metrics/<stage>.json holds only their headline numbers)
 METRICS = {name: Path(f"reports/{name}.json") for name in ("scrape", "generate", "validate", "train", "evaluate")}
 LINEAGE = Path("artifacts/train/adapter/lineage.json")
-LOSS_CSV = {"train": Path("plots/train/train_loss.csv"), "eval": Path("plots/train/eval_loss.csv")}
+# DVCLive's history of each logged value (train writes it): tab-separated step and value columns
+LOSS_CSV = {"train": Path("dvclive/plots/metrics/loss.tsv"), "eval": Path("dvclive/plots/metrics/eval/loss.tsv")}
 PAPERS = Path("artifacts/scrape/papers.jsonl")
 PAIRS = {"train": Path("artifacts/validate/train.jsonl"), "eval": Path("artifacts/validate/eval.jsonl")}
 SEEN = Path("artifacts/validate/seen.jsonl")
@@ -85,7 +86,7 @@ def read_loss(path: Path) -> list[tuple[float, float]]:
     if not path.exists():
         return []
     with path.open(encoding="utf-8") as f:
-        return [(float(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        return [(float(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")]
 
 
 def _json(path: Path) -> Any:

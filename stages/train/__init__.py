@@ -9,7 +9,9 @@ Reads  params.yaml (`train:` and base.seed/model/system_prompt/hf_offline), arti
 Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added pad token + lineage.json; for
        loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, train loss, tokens/s,
        trainable parameters), reports/train.json (all of it: padding fraction, peak memory, steps, energy, the
-       checkpoint key), plots/train/train_loss.csv, plots/train/eval_loss.csv, and checkpoints in
+       checkpoint key), dvclive/ (DVCLive: metrics.json the last logged values, plots/metrics/<name>.tsv each
+       logged value against the optimizer step, params.yaml the SFTConfig; `train.report_to` also sends them to
+       wandb, mlflow or tensorboard, configured by their own environment variables), and checkpoints in
        cache/train/<key>/ (key = hash of params + data + base model; persisted by DVC, so a killed run resumes
        where it stopped and a run with other params or data never picks them up; removed after success).
 
@@ -80,6 +82,7 @@ class TrainParams:
     group_by_length: bool
     checkpoint_steps: int
     emissions_country: str | None
+    report_to: Literal["dvclive", "wandb", "mlflow", "tensorboard", "none"]  # DVCLive's files are written anyway
 
     def check(self) -> None:
         if self.lora.r < 1:

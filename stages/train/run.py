@@ -3,6 +3,7 @@ loss plots out, only from rank 0 when several processes train. `main` ties `run`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams
 from .lineage import lineage
-from .trainer import train
+from .trainer import dvclive_callback, train
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,8 @@ ADAPTER_DIR = Path("artifacts/train/adapter")
 METRICS = Path("metrics/train.json")  # the headline numbers (dvc metrics); the whole record in REPORT
 REPORT = Path("reports/train.json")
 HEADLINE = ("eval_ce", "train_loss", "tokens_per_s", "trainable_params")
-TRAIN_LOSS_PLOT = Path("plots/train/train_loss.csv")
-EVAL_LOSS_PLOT = Path("plots/train/eval_loss.csv")
+LIVE_DIR = Path("dvclive")  # DVCLive's layout: metrics.json, plots/metrics/<name>.tsv (dvc.yaml's loss plot)
 CHECKPOINT_ROOT = Path("cache/train")
-
-
-def write_loss_plots(history: list[dict]) -> None:
-    rows = {"loss": [], "eval_loss": []}
-    for h in history:
-        for key in rows:
-            if key in h:
-                rows[key].append((h["step"], h[key]))
-    for path, key in ((TRAIN_LOSS_PLOT, "loss"), (EVAL_LOSS_PLOT, "eval_loss")):
-        lines = ["step,loss"] + [f"{s},{v:.6f}" for s, v in rows[key]]
-        atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def save_adapter(model, tokenizer, p: TrainParams, out: Path) -> None:
@@ -57,6 +46,8 @@ def save_adapter(model, tokenizer, p: TrainParams, out: Path) -> None:
 def run(base: dict[str, Any], p: TrainParams, args) -> None:
     from qrb.chat import require_hardware
 
+    if p.report_to in ("wandb", "mlflow", "tensorboard") and importlib.util.find_spec(p.report_to) is None:
+        raise ConfigError(f"`train.report_to: {p.report_to}` is not installed (pip install {p.report_to})")
     device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision)
     if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun-style ranks without a GPU: accelerate forms a gloo (MULTI_CPU) group only when told "cpu";
@@ -71,13 +62,13 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
     if len(dataset["train"]) == 0:
         raise DataError("the validated training split is empty")
     CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)  # a DVC out (persist: true): must exist after the stage
-    model, tokenizer, metrics, history = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT)
+    live = (dvclive_callback(LIVE_DIR),) if os.environ.get("RANK", "0") == "0" else ()  # rank 0 writes
+    model, tokenizer, metrics, _ = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT, callbacks=live)
     if not metrics.pop("is_main_process"):
         return  # multi-process: only rank 0 writes
     save_adapter(model, tokenizer, p, ADAPTER_DIR)
     atomic_write_text(ADAPTER_DIR / "lineage.json", json.dumps(lineage(base, p, metrics), indent=2, default=str) + "\n")
     write_metrics(METRICS, REPORT, metrics, HEADLINE)
-    write_loss_plots(history)
     log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),
              metrics["tokens_per_s"] or 0, 100 * (metrics["padding_fraction"] or 0))
 

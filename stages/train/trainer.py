@@ -56,8 +56,32 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
         eval_strategy="epoch" if has_eval else "no",
         save_strategy="steps" if ckpt else "no", save_steps=p.checkpoint_steps if ckpt else 500,
-        save_total_limit=2 if ckpt else None, report_to="none",
+        save_total_limit=2 if ckpt else None,
+        report_to=p.report_to if p.report_to in ("wandb", "mlflow", "tensorboard") else "none",
         dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
+
+
+def dvclive_callback(live_dir: Path):
+    """transformers' DVCLive callback on a Live that writes `live_dir` only (DVCLive's defaults edit the repo's
+    dvc.yaml and save a DVC experiment of their own: dvc.yaml declares these files instead), each value at the
+    optimizer step (DVCLive counts log calls), a resumed run's history before its checkpoint included."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class StepDVCLive(DVCLiveCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            for logs in state.log_history:  # restored from a checkpoint (DVC removed the files of the killed run)
+                self.log_at(args, state, control, logs.get("step", 0), logs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.log_at(args, state, control, state.global_step, logs)
+
+        def log_at(self, args, state, control, step, logs):
+            self.live.step = step
+            super().on_log(args, state, control, logs={k: v for k, v in logs.items() if k != "step"})
+
+    return StepDVCLive(live=Live(str(live_dir), dvcyaml=None, save_dvc_exp=False))
 
 
 def neftune_per_length(alpha: float, pad_id: int):
