@@ -1,6 +1,6 @@
 """The main job: the whole pipeline offline on a CPU, through Prefect, in a scratch DVC workspace.
 
-    qrb demo [--workspace demo] [--profile smol] [-S key=value ...] [--server]
+    qrb demo [--workspace demo] [--profile smol] [-S key=value ...] [--server] [--force]
     (`make demo` sets up the venv and runs this; `make demo PROFILE=tiny` the fast stand-in; `make demo-ui` --server)
 
 Wires: prepare the workspace (pipeline code + params.yaml overlaid with the profile + data/ pulled from the in-repo
@@ -46,9 +46,9 @@ BUILD_TIMEOUT_S = 1800
 
 
 @task
-def prepare_workspace(workspace: str, profile: str, overrides: dict | None = None) -> str:
+def prepare_workspace(workspace: str, profile: str, overrides: dict | None = None, force: bool = False) -> str:
     t0 = time.time()
-    ws = wsp.prepare(workspace, profile, overrides=overrides)
+    ws = wsp.prepare(workspace, profile, overrides=overrides, force=force)
     console.say(get_run_logger(), "  %-10s %5.0f s  code and params.yaml (profile %s) synced, data/ from the DVC "
                 "remote", "workspace", time.time() - t0, profile)
     return str(ws)
@@ -74,6 +74,7 @@ def build_base_model(workspace: str) -> str:
         did = "built"
     if not (ws / f"{model}.dvc").exists():
         wsp.run(wsp.dvc("add", "-q", model), ws)
+        wsp.commit(ws, f"workspace: {model} tracked by DVC")  # so a run's lineage sees no uncommitted source
         did += ", tracked by DVC"
     console.say(logger, "  %-10s %5.0f s  %s %s", "base model", time.time() - t0, model, did)
     return model
@@ -85,10 +86,12 @@ def commit_run(workspace: str) -> None:
 
 
 @flow(name="qrb-demo", log_prints=True)
-def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dict | None = None) -> dict:
-    """`overrides` (nested params, e.g. other service ports) are applied on top of the profile."""
+def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dict | None = None,
+         force: bool = False) -> dict:
+    """`overrides` (nested params, e.g. other service ports) are applied on top of the profile; `force` refreshes the
+    workspace over edits made there since its last refresh."""
     t0 = time.time()
-    ws = prepare_workspace(workspace, profile, overrides)
+    ws = prepare_workspace(workspace, profile, overrides, force)
     build_base_model(ws)
     params = read_yaml(Path(ws) / "params.yaml")
     with services.stand_ins(Path(ws)):
@@ -131,11 +134,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="report to a persistent Prefect server (PREFECT_API_URL, else 127.0.0.1:4200, started in "
                          "the background if none answers) and print the run's page in its UI")
     ap.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    ap.add_argument("--force", action="store_true", help="refresh the workspace even over edits made there since")
     args = ap.parse_args(argv)
     try:
         dotted = parse_set(args.set)
         # a missing profile, a typo or a bad value fails here, in one line, before anything is written
         ov.check(wsp.REPO_ROOT, dotted, params=wsp.profile_params(args.profile))
+        wsp.check_target(args.workspace, force=args.force)
         overrides = nested(dotted) or None
         api_url, pid = srv.ensure() if args.server else (None, None)
     except (ConfigError, ValueError) as e:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         state = None
         try:
             with srv.using(api_url) if api_url else contextlib.nullcontext():
-                state = demo(str(ws), args.profile, overrides, return_state=True)
+                state = demo(str(ws), args.profile, overrides, args.force, return_state=True)
                 run = state.result()
         except Exception as e:  # noqa: BLE001 - its cause in one line; the traceback is in the log
             headline = getattr(e, "headline", None) or " ".join(str(e).split())

@@ -41,6 +41,7 @@ from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, s
 from flows.sweep_table import (TECHNIQUE_KEY, best_per_technique, best_run, dotted, fmt_value, read_report,
                                table_markdown)
 from flows.workspace import dvc
+from qrb.errors import ConfigError
 from qrb.offline.services import port_overrides
 from qrb.params import nested, parse_set
 
@@ -241,25 +242,27 @@ def suggest(study: Any, cfg: SweepConfig) -> tuple[Any, dict[str, Any]]:
 # --- the flow ------------------------------------------------------------------------------------------------------
 
 @task
-def prepare_workspace(workspace: str, profile: str, ports: list[int] | None, params: dict[str, Any] | None) -> str:
+def prepare_workspace(workspace: str, profile: str, ports: list[int] | None, params: dict[str, Any] | None,
+                      force: bool = False) -> str:
     """A scratch workspace for the profile, with the stand-ins' ports and the baseline params written in."""
     from qrb.params import deep_merge
 
     overrides = port_overrides(wsp.profile_params(profile), *ports) if ports else {}
     if params:
         overrides = deep_merge(wsp.profile_params(profile, overrides=overrides), nested(params))
-    return str(wsp.prepare(workspace, profile, overrides=overrides or None))
+    return str(wsp.prepare(workspace, profile, overrides=overrides or None, force=force))
 
 
 @flow(name="qrb-sweep", log_prints=True)
 def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str | None = None,
           params: dict[str, Any] | None = None, trials: int | None = None, ports: list[int] | None = None,
-          apply_best: bool = False) -> dict[str, Any]:
+          apply_best: bool = False, force: bool = False) -> dict[str, Any]:
     """Grid + Optuna search as DVC experiments; returns {"runs": [...], "table": markdown}.
 
     profile: prepare `workspace` as a scratch workspace for this profile first (tiny: offline stand-ins on
     127.0.0.1, on `ports` [mirror, endpoint] if given). params: overrides written before the sweep (baseline).
-    trials: Optuna trials after the grid (default: the config's `search.trials`).
+    trials: Optuna trials after the grid (default: the config's `search.trials`). force: refresh the profile's
+    workspace even over edits made there since its last refresh.
     """
     from flows.demo import build_base_model
     from qrb.offline.services import stand_ins
@@ -269,7 +272,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
     with contextlib.ExitStack() as stack:
         if profile:
             baseline_params = {**cfg.fixed, **(params or {})}
-            workspace = prepare_workspace(workspace, profile, ports, baseline_params)
+            workspace = prepare_workspace(workspace, profile, ports, baseline_params, force)
             build_base_model(workspace)
             url = wsp.read_yaml(Path(workspace) / "params.yaml")["scrape"]["start_urls"][0]
             if "//127.0.0.1" in url or "//localhost" in url:
@@ -353,14 +356,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                     help="baseline param override for every experiment (repeatable)")
     ap.add_argument("--apply-best", action="store_true", help="end with `dvc exp apply <best>` in the workspace")
+    ap.add_argument("--force", action="store_true", help="with --profile: refresh the workspace even over edits")
     args = ap.parse_args(argv)
     try:
         overrides = parse_set(args.set_param)
         ports = [int(p) for p in args.ports.split(",")] if args.ports else None
         load_config(args.config, args.trials)
-    except ValueError as e:
+        if args.profile:
+            wsp.check_target(args.workspace, force=args.force)
+    except (ValueError, ConfigError) as e:
         raise SystemExit(f"sweep: {e}") from None
-    result = sweep(args.workspace, args.config, args.profile, overrides or None, args.trials, ports, args.apply_best)
+    result = sweep(args.workspace, args.config, args.profile, overrides or None, args.trials, ports, args.apply_best,
+                   args.force)
     print(result["table"])
 
 

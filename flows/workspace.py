@@ -1,18 +1,22 @@
 """Scratch DVC workspaces for profiles (the offline `tiny` demo, tests, sweeps).
 
-    qrb workspace DIR [--profile tiny] [-S key=value ...]     create or refresh one
+    qrb workspace DIR [--profile tiny] [-S key=value ...] [--force]     create or refresh one
 
 A workspace is its own git + DVC repository holding copies of the pipeline code (dvc.yaml, stages/, qrb/,
 prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So the same dvc.yaml
 runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
 params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC remote (no network needed).
 `dvc plots show` there needs no network either: the page template (`plots.html_template`) has vega inlined.
+A refresh records what it wrote (a hash per file, and the project's commit: lineage names it) in .qrb-workspace.json;
+one that would overwrite an edit made since (params, code, a new file) stops and names it, unless --force.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError
-from qrb.io import atomic_write_text
+from qrb.io import atomic_write_text, write_json
 from qrb.params import deep_merge, nested, parse_set, read_yaml
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs", "/dvc_plot
 PLOT_TEMPLATES = Path(".dvc/plots")  # custom vega-lite templates dvc.yaml names (bars_from_zero)
 PLOTS_PAGE = "plots/page.html"  # plots.html_template, relative to .dvc/ as DVC reads it
 VEGA_LITE = "5.21"  # the version DVC's templates are written for ($schema vega-lite/v5)
+MANIFEST = ".qrb-workspace.json"  # what the last refresh wrote: {project: {commit, dirty}, files: {path: sha256}}
 
 
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
@@ -165,17 +170,66 @@ def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profi
     where = f"+ profile {profile} " if profile else ""
     head = (f"# Written by flows.workspace from the repo's params.yaml {where}(the comments are the repo's: they\n"
             "# describe the flagship recipe); edit it for experiments here.\n")
-    (ws / "params.yaml").write_text(head + buf.getvalue())
+    atomic_write_text(ws / "params.yaml", head + buf.getvalue())
+
+
+def written_files(root: Path) -> dict[str, str]:
+    """sha256 of each file a refresh writes (CODE and params.yaml), by path relative to `root`."""
+    out = {}
+    for top in (root / name for name in (*CODE, "params.yaml")):
+        for f in sorted(top.rglob("*")) if top.is_dir() else [top] if top.exists() else []:
+            if f.is_file() and "__pycache__" not in f.parts:
+                out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def edits(ws: Path) -> list[str]:
+    """What a refresh would overwrite that it did not write: files changed, added or removed since the last refresh
+    (its manifest); uncommitted ones in a workspace older than the manifest; any of them in a folder that is none."""
+    now = written_files(ws)
+    if (ws / MANIFEST).exists():
+        before = json.loads((ws / MANIFEST).read_text())["files"]
+        return sorted(f for f in before.keys() | now.keys() if before.get(f) != now.get(f))
+    if not (ws / ".dvc").exists():
+        return sorted(now)
+    status = run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE, "params.yaml"], ws).stdout
+    return sorted(line[3:] for line in status.splitlines())
+
+
+def check_target(ws: str | Path, repo: Path = REPO_ROOT, force: bool = False) -> Path:
+    """The workspace folder, refused in one line when it is (or holds, or lies in the code of) the project, or when
+    a refresh would lose an edit (unless `force`)."""
+    ws, repo = Path(ws).resolve(), repo.resolve()
+    if repo.is_relative_to(ws) or any(ws.is_relative_to(repo / name) for name in CODE):
+        raise ConfigError(f"workspace {ws} is the project {repo} itself, holds it or lies in its code: a workspace is "
+                          "a scratch copy, name another folder (e.g. demo)")
+    changed = [] if force else edits(ws)
+    if changed:
+        listed = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(f"workspace {ws} has edits a refresh would overwrite: {listed}. To keep them, commit them "
+                          "there (git history keeps them) and refresh with --force; --force alone discards them")
+    return ws
+
+
+def project_source(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """The project's commit and whether what a workspace copies from it (code, params, profiles) differs from it."""
+    head = run(["git", "rev-parse", "HEAD"], repo, check=False)
+    status = run(["git", "status", "--porcelain", "--", *CODE, "params.yaml", "profiles"], repo, check=False)
+    ok = head.returncode == 0 and status.returncode == 0
+    return {"commit": head.stdout.strip() if ok else None, "dirty": bool(status.stdout.strip()) if ok else None}
 
 
 def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT,
-            overrides: dict[str, Any] | None = None) -> Path:
-    """Create or refresh a workspace; idempotent (an unchanged workspace stays unchanged for DVC)."""
-    ws = Path(ws).resolve()
+            overrides: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Create or refresh a workspace; idempotent (an unchanged workspace stays unchanged for DVC). Stops before
+    writing anything when a refresh would lose an edit (`check_target`), unless `force`."""
+    ws = check_target(ws, repo, force)
+    params = profile_params(profile, repo, overrides)
     ws.mkdir(parents=True, exist_ok=True)
     fresh = not (ws / ".dvc").exists()
     sync_code(ws, repo)
-    write_params(ws, profile_params(profile, repo, overrides), repo, profile)
+    write_params(ws, params, repo, profile)
+    write_json(ws / MANIFEST, {"project": project_source(repo), "files": written_files(ws)})  # before a step can fail
     if fresh:
         run(["git", "init", "-q", "-b", "main"], ws)
         run(["git", "config", "user.email", "demo@quantum-research-bot.local"], ws)
@@ -218,10 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dir", help="the workspace folder (created if missing)")
     ap.add_argument("--profile", default="tiny", help="profile name in profiles/ or a YAML path; '' for none")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override")
+    ap.add_argument("--force", action="store_true", help="refresh even over edits made there since the last refresh")
     args = ap.parse_args(argv)
     try:
         overrides = nested(parse_set(args.set))
-        print(prepare(args.dir, args.profile or None, overrides=overrides or None))
+        print(prepare(args.dir, args.profile or None, overrides=overrides or None, force=args.force))
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"qrb workspace: {e}") from None
 

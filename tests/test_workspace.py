@@ -1,0 +1,51 @@
+"""Scratch workspaces (flows/workspace.py): a refresh never loses a user's edit, the project is never its own
+workspace, and an adapter made in one leads back to the project's commit."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from flows import workspace as wsp
+from qrb.errors import ConfigError
+
+
+def git(ws, *args) -> str:
+    return subprocess.run(["git", *args], cwd=ws, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_refresh_stops_on_edits_and_force_discards_them(tmp_path):
+    ws = wsp.prepare(tmp_path / "ws", "tiny")
+    refreshed = (ws / "params.yaml").read_text()
+    edited = refreshed.replace("epochs:", "epochs: 7  #", 1)
+    (ws / "params.yaml").write_text(edited)                        # an experiment's edit, not committed
+    (ws / "stages" / "mine.py").write_text("X = 1\n")              # a new module of the user's
+    with pytest.raises(ConfigError) as e:
+        wsp.prepare(ws, "tiny")
+    line = str(e.value)
+    assert "\n" not in line and "params.yaml" in line and "stages/mine.py" in line and "--force" in line, line
+    assert (ws / "params.yaml").read_text() == edited and (ws / "stages" / "mine.py").exists()  # nothing touched
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "my experiment")                 # kept in history: still not overwritten silently
+    with pytest.raises(ConfigError, match="params.yaml"):
+        wsp.prepare(ws, "tiny")
+    wsp.prepare(ws, "tiny", force=True)
+    assert (ws / "params.yaml").read_text() == refreshed and not (ws / "stages" / "mine.py").exists()
+    assert "epochs: 7" in git(ws, "show", "HEAD~1:params.yaml")
+    wsp.prepare(ws, "tiny")                                        # nothing edited since: a plain refresh
+
+
+@pytest.mark.parametrize("where", ["project", "parent", "inside its code"])
+def test_the_project_itself_is_never_a_workspace(tmp_path, where):
+    project = tmp_path / "project"
+    (project / "stages").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    (project / "params.yaml").write_text("base: {seed: 1}\n")
+    (project / "stages" / "keep.py").write_text("KEEP = 1\n")
+    ws = {"project": project, "parent": tmp_path, "inside its code": project / "stages" / "ws"}[where]
+    with pytest.raises(ConfigError) as e:
+        wsp.prepare(ws, None, repo=project)
+    assert "\n" not in str(e.value) and "project" in str(e.value)
+    assert sorted(p.name for p in project.rglob("*")) == ["dvc.yaml", "keep.py", "params.yaml", "stages"]
+
