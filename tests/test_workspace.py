@@ -3,12 +3,16 @@ workspace, and an adapter made in one leads back to the project's commit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
+import yaml
 
 from flows import workspace as wsp
 from qrb.errors import ConfigError
+
+from helpers import REPO
 
 
 def git(ws, *args) -> str:
@@ -49,3 +53,35 @@ def test_the_project_itself_is_never_a_workspace(tmp_path, where):
     assert "\n" not in str(e.value) and "project" in str(e.value)
     assert sorted(p.name for p in project.rglob("*")) == ["dvc.yaml", "keep.py", "params.yaml", "stages"]
 
+
+def test_lineage_names_the_projects_commit_and_ignores_run_outputs(tmp_path, monkeypatch):
+    from stages.train.lineage import source
+
+    ws = wsp.prepare(tmp_path / "ws", "tiny")
+    head = git(REPO, "rev-parse", "HEAD").strip()
+    dirty = bool(git(REPO, "status", "--porcelain", "--", *wsp.CODE, "params.yaml", "profiles").strip())
+    assert json.loads((ws / wsp.MANIFEST).read_text())["project"] == {"commit": head, "dirty": dirty}
+    # a run's outputs, as dvc leaves them while train runs: the lock, metrics and reports of earlier stages
+    (ws / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    for rel in ("metrics/validate.json", "reports/validate.json", "plots/evaluate/scores/seen.csv",
+                "dvclive/metrics.json"):
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("{}\n")
+    monkeypatch.chdir(ws)
+    got = source()
+    assert got["git_commit"] == git(ws, "rev-parse", "HEAD").strip() and got["git_dirty"] is False, got
+    assert got["project_commit"] == head and got["project_dirty"] is dirty, got
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["train"]["epochs"] = 9
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    assert source()["git_dirty"] is True
+
+
+def test_the_model_card_names_the_project_commit_and_the_workspaces():
+    from stages.model_card.sections import built_from
+
+    ws_run = {"git_commit": "0a077e6", "git_dirty": False, "project_commit": "f5f2b5f", "project_dirty": True}
+    assert built_from(ws_run) == ("`f5f2b5f` (with uncommitted changes), run in a scratch workspace at its commit "
+                                  "`0a077e6`")
+    assert built_from({"git_commit": "f5f2b5f", "git_dirty": False}) == "`f5f2b5f`"  # lineage of an older run
+    assert built_from({}) == "`not a git checkout`"

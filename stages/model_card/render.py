@@ -11,6 +11,7 @@ from .inputs import DATASET, BaseInfo, CardInputs, GeneratorInfo
 from .sections import (
     METHOD_NAMES,
     attribution,
+    built_from,
     compute_and_lineage,
     fmt,
     licence_name,
@@ -162,9 +163,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
           f"- **Training data licence:** {data_licence(inp.papers)}",
           f"- **Language:** {', '.join(p.language)}",
           f"- **System prompt** (used in training, evaluation and serving): \"{base['system_prompt']}\"",
-          f"- **Built by:** the quantum-research-bot pipeline at commit "
-          f"`{inp.lineage.get('git_commit') or 'not a git checkout'}`"
-          + (" (with uncommitted changes)" if inp.lineage.get("git_dirty") else ""), ""]
+          f"- **Built by:** the quantum-research-bot pipeline at commit {built_from(inp.lineage)}", ""]
 
     L += ["## Intended use and limits", "", f"- {intended_use(b, g, shown)}",
           f"- **Knowledge window:** the adapter was trained on papers published {date_from} to {date_to}; beyond "

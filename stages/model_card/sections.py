@@ -34,6 +34,18 @@ def base_revision(lin: dict[str, Any]) -> str | None:
     return f"`{rev['revision']}` (Hub commit, from {rev.get('from')})" if rev.get("revision") else "not known"
 
 
+def built_from(lin: dict[str, Any]) -> str:
+    """The project commit the adapter's code came from and, for a run in a scratch workspace, the workspace's own."""
+    def at(commit: str | None, dirty: bool | None) -> str:
+        return f"`{commit or 'not a git checkout'}`" + (" (with uncommitted changes)" if dirty else "")
+
+    project = lin.get("project_commit", lin.get("git_commit"))
+    text = at(project, lin.get("project_dirty", lin.get("git_dirty")))
+    if lin.get("git_commit") and lin["git_commit"] != project:
+        text += f", run in a scratch workspace at its commit {at(lin['git_commit'], lin.get('git_dirty'))}"
+    return text
+
+
 def fmt_int(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else fmt(value, 1)
 
@@ -78,14 +90,14 @@ def embeddings_note(inp: CardInputs, train: dict[str, Any]) -> list[str]:
         return [f"**Embeddings on a tied base.** {b.name} ties its input embeddings and lm_head (one matrix, "
                 "`tie_word_embeddings: true`). The recipe trains the input embedding in full (peft "
                 "`modules_to_save: [embed_tokens]`) and not lm_head: peft trains a copy of the embedding while "
-                "lm_head stays the frozen original, so the adapter unties the two. The merged and int8 exports "
+                "lm_head stays the frozen original, so the adapter unties the two. The merged and GGUF exports "
                 "carry both matrices, the trained embedding and the base's lm_head, with "
                 "`tie_word_embeddings: false`.", ""]
     if b.tied is False:
         return ["**Embeddings.** The base keeps separate input embeddings and lm_head: the recipe trains the input "
                 "embedding in full (peft `modules_to_save: [embed_tokens]`) and lm_head stays frozen.", ""]
     return ["**Embeddings.** The input embedding trains as a full copy (peft `modules_to_save: [embed_tokens]`) and "
-            "lm_head stays frozen: on a tied base this unties the model, and the merged and int8 exports carry both "
+            "lm_head stays frozen: on a tied base this unties the model, and the merged and GGUF exports carry both "
             "matrices (`tie_word_embeddings: false`).", ""]
 
 
@@ -135,8 +147,7 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
              f"- **Training time:** {fmt(hours, 3)} hours ({fmt(lin.get('wall_s'), 1)} s wall)",
              f"- **Tokens seen:** {fmt_int(lin.get('tokens_seen') or tr.get('tokens_seen'))}",
              f"- **Energy and emissions:** {energy}", ""]
-    commit = lin.get("git_commit") or "not a git checkout"
-    lines += ["## Lineage", "", f"- **Commit:** `{commit}`" + (" (dirty)" if lin.get("git_dirty") else ""),
+    lines += ["## Lineage", "", f"- **Commit:** {built_from(lin)}",
               *([f"- **Adapter created:** {lin['created_utc']}"] if lin.get("created_utc") else []),
               *([f"- **Base model fingerprint:** `{lin['base_model_fingerprint']}`"]
                 if lin.get("base_model_fingerprint") else []),

@@ -22,6 +22,8 @@ from . import BASE_KEYS, SECTION, TrainParams
 
 log = logging.getLogger(__name__)
 
+WORKSPACE_MANIFEST = Path(".qrb-workspace.json")  # flows.workspace.MANIFEST: a workspace's project commit
+
 
 def data_fingerprint(dataset) -> str:
     """sha256 of the train/eval rows (what a checkpoint was trained on)."""
@@ -111,17 +113,38 @@ def emissions_meter(country: str | None) -> Iterator[dict[str, Any]]:
                    cpu=getattr(data, "cpu_model", None), gpu=getattr(data, "gpu_model", None) or None)
 
 
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def source() -> dict[str, Any]:
+    """The commit the code that ran is from, and whether the checkout differs from it, outputs of the pipeline's
+    stages (dvc.yaml's outs, dvc.lock) not counted; in a scratch workspace also the project commit it was copied
+    from and whether that checkout differed (the workspace's manifest; elsewhere the same commit)."""
+    import yaml
+
+    outs = ["dvc.lock"]
+    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
+    for stage in stages.values():
+        for entry in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
+            outs.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    status = _git("status", "--porcelain", "--untracked-files=all")
+    dirty = None if status is None else any(not any(f == o or f.startswith(o.rstrip("/") + "/") for o in outs)
+                                            for f in (line[3:] for line in status.splitlines()))
+    commit = _git("rev-parse", "HEAD")
+    project = json.loads(WORKSPACE_MANIFEST.read_text())["project"] if WORKSPACE_MANIFEST.exists() else {}
+    return {"git_commit": commit, "git_dirty": dirty, "project_commit": project.get("commit", commit),
+            "project_dirty": project.get("dirty", dirty)}
+
+
 def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to trust that this adapter is what its params say."""
     from importlib import metadata
 
     import torch
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
 
     def version(dist: str) -> str | None:
         try:
@@ -137,11 +160,9 @@ def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> di
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for out in stages.get("validate", {}).get("outs", []):
             inputs[out["path"]] = out.get("md5") or out.get("hash")
-    status = git("status", "--porcelain")
     cuda = torch.cuda.is_available()
     return {
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-        "inputs": inputs, "data_sha256": metrics.get("data_sha256"),
+        **source(), "inputs": inputs, "data_sha256": metrics.get("data_sha256"),
         "base_model": base["model"], "base_model_fingerprint": model_fingerprint(base["model"]),
         "base_model_revision": model_revision(base["model"], offline=bool(base.get("hf_offline", True))),
         "method": p.method, "seed": base["seed"],
