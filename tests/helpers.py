@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -216,8 +217,17 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
 CHROMIUM_APT = "apt-get update && apt-get install -y chromium chromium-driver"
 
 
+def browser_missing(reason: str) -> None:
+    """A browser test without its browser skips, except in CI (CI=true: .ci/run installs it), where it fails."""
+    import os
+
+    import pytest
+
+    (pytest.fail if os.environ.get("CI", "").lower() in ("true", "1") else pytest.skip)(reason)
+
+
 def headless_chromium(offline: bool = True):
-    """A headless Chromium driven by selenium (skips when either is missing), with the browser's console log kept
+    """A headless Chromium driven by selenium (skips when either is missing, fails in CI), with the browser's console log kept
     (`driver.get_log("browser")`); offline: every host name fails to resolve, so a page that needs the network
     shows it."""
     import contextlib
@@ -232,8 +242,9 @@ def headless_chromium(offline: bool = True):
                        None)
         driver_path = shutil.which("chromedriver")
         if not browser or not driver_path:
-            pytest.skip(f"chromium/chromedriver not installed: add `{CHROMIUM_APT}` to .ci/run")
-        pytest.importorskip("selenium", reason="pip install selenium (dev dependency)")
+            browser_missing(f"chromium/chromedriver not installed: add `{CHROMIUM_APT}` to .ci/run")
+        if importlib.util.find_spec("selenium") is None:
+            browser_missing("selenium is not installed: pip install selenium (dev dependency)")
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
