@@ -49,15 +49,21 @@ MANIFEST = ".qrb-workspace.json"  # what the last refresh wrote: {project: {comm
 def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = read_yaml(repo / "params.yaml")
-    if profile:
+    chain: list[Path] = []
+    while profile:  # a profile may start from another one (`extends: smol`), overlaid first
         path = Path(profile)
         if not path.suffix:
             path = repo / "profiles" / f"{profile}.yaml"
         if not path.exists():
             known = ", ".join(sorted(p.stem for p in (repo / "profiles").glob("*.yaml")))
             raise ConfigError(f"profile {profile!r} not found ({path}); profiles/ has: {known}")
+        if path in chain:
+            raise ConfigError(f"{path}: `extends` goes round in a circle")
+        chain.insert(0, path)
+        profile = read_yaml(path).get("extends")
+    for path in chain:
         try:
-            params = deep_merge(params, read_yaml(path))
+            params = deep_merge(params, {k: v for k, v in read_yaml(path).items() if k != "extends"})
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
     if overrides:

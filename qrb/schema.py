@@ -84,6 +84,8 @@ class QAPair:
 
 
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair))
+# a row without the key-fact fields (written before they existed, or by hand) is still a pair: they default
+REQUIRED_PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair) if f.default is dataclasses.MISSING)
 PROVENANCE_FIELDS = ("prompt_id", "model", "response_id", "chunk")
 PAIR_KINDS = ("fact", "reverse", "abstain")
 # The one target of every abstention item (a question about a paper the bot has not read) and what graders count as

@@ -412,6 +412,7 @@ def make_workspace(root: Path, papers: list[dict], train: list, eval_: list, see
     write_jsonl(root / "artifacts/generate/train.jsonl", train)
     write_jsonl(root / "artifacts/generate/eval.jsonl", eval_)
     write_jsonl(root / "artifacts/generate/seen.jsonl", list(seen))   # generate always writes it, maybe empty
+    write_jsonl(root / "artifacts/generate/invented.jsonl", [])
     return root
 
 

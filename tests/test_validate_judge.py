@@ -240,6 +240,7 @@ def workspace(root: Path, base_url: str, train: list, **judge) -> Path:
     write_jsonl(root / "artifacts/generate/train.jsonl", train)
     write_jsonl(root / "artifacts/generate/eval.jsonl", [])
     write_jsonl(root / "artifacts/generate/seen.jsonl", [])
+    write_jsonl(root / "artifacts/generate/invented.jsonl", [])
     return root
 
 

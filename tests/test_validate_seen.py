@@ -291,6 +291,7 @@ def workspace(root: Path, train: list, eval_: list, seen: list | None, **overrid
     write_jsonl(root / "artifacts/generate/eval.jsonl", eval_)
     if seen is not None:
         write_jsonl(root / "artifacts/generate/seen.jsonl", seen)
+        write_jsonl(root / "artifacts/generate/invented.jsonl", [])
     return root
 
 

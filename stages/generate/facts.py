@@ -154,30 +154,36 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
 INVENT_PER_REQUEST = 10  # invented papers asked for per `invent` request
 
 
-def invent_units(papers: list[dict[str, Any]], n: int, template: str, system: str, p: GenerateParams,
-                 seed: int) -> list[Unit]:
-    """Requests for `n` questions about invented papers, INVENT_PER_REQUEST a request; each lists a seeded sample of
-    real titles to stay unlike."""
+def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, template: str, system: str,
+                 p: GenerateParams, seed: int) -> list[Unit]:
+    """Requests for questions about invented papers, INVENT_PER_REQUEST a request: `n_eval` for the invented question
+    set, then `n_train` for abstention rows (apart, so that the set is the same whatever the share of abstention
+    rows); each lists a seeded sample of real titles to stay unlike."""
     titles = sorted(clean(pp.get("title") or "") for pp in papers if pp.get("title"))
     units = []
-    for i in range(0, n, INVENT_PER_REQUEST):
-        sample = random.Random(f"invent:{seed}:{i}").sample(titles, min(20, len(titles)))
-        block = "\n".join(["<paper>", f"Request: {i // INVENT_PER_REQUEST}", *(f"Title: {t}" for t in sample),
-                           "</paper>"])
-        fact = {"doi": "", "title": "", "published": None, "chunk": 0, "fact_id": f"invent-{i // INVENT_PER_REQUEST}"}
-        units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))
+    for group, n in (("eval", n_eval), ("train", n_train)):
+        for i in range(0, n, INVENT_PER_REQUEST):
+            sample = random.Random(f"invent:{seed}:{group}:{i}").sample(titles, min(20, len(titles)))
+            block = "\n".join(["<paper>", f"Request: {group} {i // INVENT_PER_REQUEST}",
+                               *(f"Title: {t}" for t in sample), "</paper>"])
+            fact = {"doi": "", "title": "", "published": None, "chunk": 0,
+                    "fact_id": f"invent-{group}-{i // INVENT_PER_REQUEST}"}
+            units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))
     return units
 
 
 def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_titles: list[str], n_train: int,
                   max_jaccard: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """The invented papers' questions: the first `n_train` (in reply order) train the abstention answer, the rest
-    are the `invented` question set; a question whose invented title is (nearly) a real paper's title, or that
-    repeats an earlier one, is dropped. Returns (train rows, invented set rows, dropped)."""
+    """The invented papers' questions: the `invent-eval-*` requests' make the `invented` question set, the
+    `invent-train-*` requests' (up to `n_train`) train the abstention answer, never about a paper the set asks
+    about; a question whose invented title is (nearly) a real paper's title, or that repeats an earlier one, is
+    dropped. Returns (train rows, invented set rows, dropped)."""
     real = [word_set(t) for t in real_titles]
-    rows, seen, dropped = [], set(), 0
+    rows: dict[str, list[dict[str, Any]]] = {"eval": [], "train": []}
+    seen, dropped = set(), 0
     for unit in units:
         value = responses.get(unit.key)
+        group = "eval" if unit.fact_id.startswith("invent-eval") else "train"
         for pair in parse_pairs(value["content"]) if value else ():
             title = pair.get("short_answer") or pair["answer"]
             words, norm = word_set(title), " ".join(norm_words(pair["question"]))
@@ -185,9 +191,11 @@ def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_
                 dropped += 1
                 continue
             seen.add(norm)
-            rows.append(QAPair(question=pair["question"], answer=ABSTAIN_ANSWER, doi="", title=title, published=None,
-                               prompt_id=INVENT, model=value["model"], response_id=value["response_id"], chunk=0,
-                               fact_id=fact_id("", pair["question"]), variant=0, kind="abstain").record())
-    train_titles = {r["title"].lower() for r in rows[:n_train]}
-    held = [r for r in rows[n_train:] if r["title"].lower() not in train_titles]
-    return rows[:n_train], held, dropped + len(rows) - n_train - len(held)
+            rows[group].append(QAPair(question=pair["question"], answer=ABSTAIN_ANSWER, doi="", title=title,
+                                      published=None, prompt_id=INVENT, model=value["model"],
+                                      response_id=value["response_id"], chunk=0,
+                                      fact_id=fact_id("", pair["question"]), variant=0, kind="abstain").record())
+    held_titles = {r["title"].lower() for r in rows["eval"]}
+    train = [r for r in rows["train"] if r["title"].lower() not in held_titles]
+    dropped += len(rows["train"]) - len(train)
+    return train[:n_train], rows["eval"], dropped

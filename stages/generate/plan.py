@@ -42,10 +42,11 @@ def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str)
 
 def _invent_round(n_rows: int, p: GenerateParams, papers: list[dict[str, Any]], system: str,
                   fact_templates: dict[str, str], seed: int, cached: set[str], exact: bool) -> list[Round]:
-    n = round(p.abstain_share * n_rows) + p.invented_questions
-    if n == 0:
+    n_abstain = round(p.abstain_share * n_rows)
+    if n_abstain + p.invented_questions == 0:
         return []
-    units = invent_units(papers, n, fact_templates.get(INVENT, ""), system, p, seed)
+    units = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 5, fact_templates.get(INVENT, ""),
+                         system, p, seed)
     return [Round(INVENT, exact, estimate(units, cached if exact else set(), p))]
 
 

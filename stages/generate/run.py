@@ -141,7 +141,9 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
                                 system, p, seed)
         await one(para, PARAPHRASE, 1)
     n_abstain = round(p.abstain_share * len(train))
-    inv = invent_units(papers, n_abstain + p.invented_questions, fact_templates.get(INVENT, ""), system, p, seed)
+    # a few more than wanted: an invented title too close to a real one is dropped
+    inv = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 5, fact_templates.get(INVENT, ""),
+                       system, p, seed)
     if inv:
         await one(inv, INVENT, 10)
     return aug, para, inv, n_abstain

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, pair_field_ok
+from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
 
 from . import ValidateParams
 from .text import (
@@ -84,7 +84,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "doi": doi,
             "fact_id": fact,
             "qa_text": q if abstain else f"{q}\n{a}",
-            "has_required_fields": all(k in obj for k in PAIR_FIELDS),
+            "has_required_fields": all(k in obj for k in REQUIRED_PAIR_FIELDS),
             "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
             "is_question": is_question(q),
             "first_exact": exact_first,

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qrb.schema import PAIR_FIELDS, PROVENANCE_FIELDS
+from qrb.schema import PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS
 
 from . import ValidateParams
 from .text import MARKUP_PATTERNS, PROMPT_LEAK_PATTERNS, REFUSAL_PATTERNS
@@ -33,7 +33,7 @@ def _flag(reason: str, column: str, text: str) -> Check:
 
 def row_checks(p: ValidateParams) -> list[Check]:
     checks = [
-        _flag("missing_field", "has_required_fields", "every row has the fields " + ", ".join(PAIR_FIELDS)),
+        _flag("missing_field", "has_required_fields", "every row has the fields " + ", ".join(REQUIRED_PAIR_FIELDS)),
         _flag("wrong_type", "types_ok", "text fields are strings, chunk an integer or string, published YYYY-MM-DD"),
         Check("empty_question", "[empty_question] the question is not empty", "ExpectColumnValuesToMatchRegex",
               {"column": "question", "regex": r"\S"}),

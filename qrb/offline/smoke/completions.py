@@ -65,8 +65,8 @@ def write_pairs(user: str) -> list[dict[str, object]]:
     task = task_of(user)
     req = parse_user_message(user)
     if task == "invent":
-        avoid = {t.lower() for t in re.findall(r"^Title:[ \t]*(.+)$", user, re.M)}
-        found = invented_questions(user, req["n"], avoid)
+        real = [t.strip() for t in re.findall(r"^Title:[ \t]*(.+)$", user, re.M)]
+        found = invented_questions(user, req["n"], {t.lower() for t in real}, real)
         return _with_fact([{"question": q["question"], "answer": q["title"], "short_answer": q["title"]}
                            for q in found], {})
     if task in ("augment", "paraphrase"):

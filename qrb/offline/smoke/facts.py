@@ -208,7 +208,7 @@ def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
     out = [{"question": q, "answer": answer} for q in frames if q.lower() != fact.get("question", "").lower()]
     out = out[:max(0, n - 1)] if n >= 3 else out[:n]
     if n >= 3 and fact.get("evidence"):
-        claim = fact["evidence"].rstrip(".")
+        claim = _clean(fact["evidence"]).rstrip(".")
         claim = claim[:1].lower() + claim[1:] if not claim[:2].isupper() else claim
         out.append({"question": f"Which paper reports that {claim}?", "answer": f"\"{t}\".",
                     "short_answer": t, "kind": "reverse"})
@@ -237,32 +237,51 @@ _TOPICS = ("bosonic codes", "Rydberg arrays", "quantum walks", "magic-state fact
 _FORMS = ("{A} for {B}: a {C} approach", "Scalable {A} with {B}", "On the limits of {A} in {B}",
           "{A} meets {B}: {C} bounds", "Certified {A} via {B}", "Towards {C} {A} on {B}")
 _ADJ = ("adaptive", "noise-resilient", "variational", "fault-tolerant", "hybrid", "sample-optimal", "resource-lean")
-_INVENT_Q = ("In \"{t}\", how many {u} does the proposed scheme need?",
-             "What threshold does \"{t}\" report for {b}?",
-             "In the paper on {a} and {b}, what does the acronym {x} stand for?",
-             "Which method does \"{t}\" use for {a}?",
-             "What percentage of errors does \"{t}\" remove in {b}?",
-             "What fills the blank in \"researchers realise {a} with {_} {u}\", according to \"{t}\"?",
-             "Which paper reports that {a} can be realised with {b}?")
 _UNITS = ("qubits", "rounds", "layers", "ancillas", "modes", "photons")
+_NAMES = ("Kessler", "Varga", "Okonkwo", "Lindqvist", "Moreau", "Takeda", "Oyelaran", "Brandt", "Castellanos")
+_HEADS_INV = ("bound", "protocol", "code", "algorithm", "ansatz", "channel")
+# invented statements, worded as abstracts word theirs: the same fact extractor and wordings then ask about them, so
+# a question about an invented paper looks like one about a real paper and only familiarity tells them apart
+_CLAIMS = ("We realise {a} with {n} {u} for {b}.",
+           "We show that {a} reaches a fidelity of {p}% in {b}.",
+           "We introduce {N} {H} ({X}), a {c} scheme for {b}.",
+           "We express {a} in terms of the {N} {H}.")
 
 
-def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset()) -> list[dict[str, str]]:
-    """`n` questions about papers that do not exist (titles made from fixed topic lists, never a real title in
-    `avoid`), in the same frames as the real facts' questions; deterministic in `seed_text`."""
+def _invented_title(h: int, real: list[str]) -> tuple[str, str, str]:
+    """(title, subject a, subject b): half of the time two halves of real titles joined, so that only the whole
+    title is unfamiliar; else from fixed topic lists."""
+    if real and len(real) >= 2 and h % 2:
+        one, two = real[h % len(real)], real[(h >> 8) % len(real)]
+        w1, w2 = one.split(), two.split()
+        if one != two and len(w1) >= 4 and len(w2) >= 4:
+            head, tail = " ".join(w1[:len(w1) // 2]), " ".join(w2[len(w2) // 2:])
+            return f"{head} {tail}", _key_phrase(head) or head, _key_phrase(tail) or tail
+    a, b = _TOPICS[h % len(_TOPICS)], _TOPICS[(h >> 8) % len(_TOPICS)]
+    title = _FORMS[(h >> 16) % len(_FORMS)].format(A=a[:1].upper() + a[1:], B=b, C=_ADJ[(h >> 24) % len(_ADJ)])
+    return title, a, b
+
+
+def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset(), real: list[str] = ()
+                       ) -> list[dict[str, str]]:
+    """`n` questions about papers that do not exist (never a title in `avoid`; `real`: real titles whose halves
+    may be joined), worded by the same extractor and wordings as the real facts; deterministic in `seed_text`."""
     out: list[dict[str, str]] = []
     i = 0
     while len(out) < n and i < 50 * n:
         h = _digest(seed_text, str(i))
-        a, b = _TOPICS[h % len(_TOPICS)], _TOPICS[(h >> 8) % len(_TOPICS)]
         i += 1
-        if a == b:
+        t, a, b = _invented_title(h, sorted(real))
+        if a == b or t.lower() in avoid or any(t.lower() == r.lower() for r in real):
             continue
-        t = _FORMS[(h >> 16) % len(_FORMS)].format(A=a[:1].upper() + a[1:], B=b, C=_ADJ[(h >> 24) % len(_ADJ)])
-        if t.lower() in avoid:
+        name, head = _NAMES[(h >> 28) % len(_NAMES)], _HEADS_INV[(h >> 36) % len(_HEADS_INV)]
+        claim = _CLAIMS[(h >> 32) % len(_CLAIMS)].format(
+            a=a, b=b, n=2 + (h >> 40) % 30, u=_UNITS[(h >> 44) % len(_UNITS)], p=90 + (h >> 48) % 10,
+            N=name, H=head, X=f"{name[0]}{head[0].upper()}{b[:1].upper()}", c=_ADJ[(h >> 52) % len(_ADJ)])
+        facts = extract_facts(t, claim, 1)
+        if not facts:
             continue
-        acronym = "".join(w[0].upper() for w in a.split() + b.split())
-        q = _INVENT_Q[(h >> 32) % len(_INVENT_Q)].format(t=t, a=a, b=b, u=_UNITS[(h >> 40) % len(_UNITS)],
-                                                          x=acronym, _=_BLANK)
-        out.append({"question": q, "title": t})
+        fact = {**facts[0], "title": t}
+        wordings = [fact["question"]] + [w["question"] for w in fact_wordings(fact, 7)]
+        out.append({"question": wordings[(h >> 56) % len(wordings)], "title": t})
     return out
