@@ -8,17 +8,24 @@ output, DVC's and Prefect's messages, library warnings) goes to the Prefect run'
 that the command names at its start and end.
 
 A step's "what it did" is the stage's own last summary line: the last INFO line a `stages.*` logger wrote, in the
-format of `qrb.io.LOG_FORMAT`. It is shown, never interpreted (failures are read from the status file, see
-flows/pipeline.py).
+format of `qrb.io.LOG_FORMAT`. It is shown (its long decimals rounded), never interpreted (failures are read from the
+status file, see flows/pipeline.py).
+
+`results(workspace)` is the end of a run for a person: per question set each model's grades with their intervals,
+one sentence on what fine-tuning changed, and one question answered by base and fine-tuned side by side, within
+`SCREEN` columns; every table stays in reports/ (and the Prefect artifacts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import logging
 import re
 import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +42,13 @@ LONG_S = 5  # a bar shows once its work has taken this long: data maps and short
 STEPS = (20, 40, 60, 80)  # off a terminal, a bar's progress is one line at each of these percentages,
 GAP_S = 120.0  # ... and a stage's progress lines are this far apart at least
 WIDTH = 110  # a step's line is cut here (the whole line is in the log)
+SCREEN = 100  # the end-of-run screen's width
+LONG_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")  # 3.786388315473284: shown as 3.786
+# the grades a person reads first; older reports (no grades) fall back to the fact metrics
+GRADES = (("correct", "correct"), ("incorrect", "incorrect"), ("not attempted", "not_attempted"))
+FACTS = (("facts stated", "facts_stated"), ("fact recall", "fact_recall"), ("eval CE", "cross_entropy"))
+MODEL_NAMES = {"base": "base", "fine_tuned": "fine-tuned", "rag": "RAG", "fine_tuned_rag": "fine-tuned + RAG"}
+MAX_ROWS = 16  # set x model rows on the screen (4 x 4 in the demo); more: the rivals' rows stay in the reports
 
 _console: Console | None = None
 
@@ -80,7 +94,8 @@ class StageOutput:
         m = SUMMARY.match(line)
         if m:
             msg = m["msg"]
-            self.summary = msg[len(self.stage) + 2:] if msg.startswith(f"{self.stage}: ") else msg
+            msg = msg[len(self.stage) + 2:] if msg.startswith(f"{self.stage}: ") else msg
+            self.summary = LONG_DECIMAL.sub(lambda d: f"{float(d[0]):.4g}", msg)
             return
         bar = BAR.search(line)
         if bar and _console is not None and seconds(bar["elapsed"]) >= LONG_S:
@@ -199,3 +214,96 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
             for lg, h in detached:
                 lg.addHandler(h)
             file_handler.close()
+
+
+def _cell(m: dict[str, Any], key: str) -> str:
+    """54% [44, 63] (a rate and its 95% interval in percent), 3.79 [3.61, 3.95] for a CE; no interval below its n."""
+    v, ci = m.get(key), m.get(f"{key}_ci95")
+    if not isinstance(v, (int, float)):
+        return "–"
+    fmt = (lambda x: f"{x:.2f}") if key == "cross_entropy" else (lambda x: f"{100 * x:.0f}")
+    unit = "" if key == "cross_entropy" else "%"
+    return f"{fmt(v)}{unit}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if isinstance(ci, list) else "")
+
+
+def _name(model: str) -> str:
+    return MODEL_NAMES.get(model, model.removeprefix("rival_"))
+
+
+def _changed(sets: dict[str, dict[str, Any]], cols: tuple) -> tuple[str | None, str]:
+    """(the question set, one sentence on what fine-tuning changed there against base) for the screen."""
+    both = [s for s, by in sets.items() if {"base", "fine_tuned"} <= set(by)]
+    if not both:
+        return None, ""
+    name = "seen" if "seen" in both else both[0]
+    ft, base = sets[name]["fine_tuned"], sets[name]["base"]
+    title, key = cols[0]
+    text = (f"Fine-tuned is correct on {_cell(ft, key)} of {name} questions vs base {_cell(base, key)}"
+            if key == "correct" else f"Fine-tuned: {title} {_cell(ft, key)} on {name} questions vs base "
+            f"{_cell(base, key)}")
+    gain, gci = ft.get(f"{key}_gain"), ft.get(f"{key}_gain_ci95")
+    if isinstance(gain, (int, float)):
+        text += f" (paired gain {100 * gain:+.0f} points" + (
+            f" [{100 * gci[0]:+.0f}, {100 * gci[1]:+.0f}])" if isinstance(gci, list) else ")")
+    inv = sets.get("invented", {})
+    if key == "correct" and {"base", "fine_tuned"} <= set(inv):
+        text += (f"; it declines {_cell(inv['fine_tuned'], 'not_attempted')} of questions about invented papers "
+                 f"(base {_cell(inv['base'], 'not_attempted')})")
+    return name, text + "."
+
+
+def _example(predictions: Path, set_name: str) -> list[str]:
+    """One question of `set_name` answered by base and by fine-tuned, side by side: one that fine-tuned got right
+    and base did not if there is one (and the screen says so), else the first."""
+    pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
+    if predictions.exists():
+        for line in predictions.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("set") == set_name and r.get("model") in ("base", "fine_tuned"):
+                pairs.setdefault((r.get("id"), r["question"]), {})[r["model"]] = r
+    both = [p for p in pairs.values() if len(p) == 2]
+    if not both:
+        return []
+    pick = next((p for p in both if p["fine_tuned"].get("grade") == "correct" != p["base"].get("grade")), None)
+    why = "one fine-tuned got right and base did not" if pick else "the first question"
+    pick = pick or both[0]
+    gold = pick["base"].get("short_answer") or pick["base"].get("reference") or ""
+    half = (SCREEN - 4) // 2
+
+    def column(text: str) -> list[str]:
+        lines = textwrap.wrap(" ".join(str(text).split()) or "(empty)", half) or [""]
+        return lines[:2] + ([clip(" ".join(lines[2:]), half)] if len(lines) > 2 else [])
+
+    out = textwrap.wrap(f"Example ({set_name}, {why}): {pick['base']['question']}", SCREEN)[:2]
+    out += [clip(f"  gold: {gold}", SCREEN), f"  {'base':<{half}}  fine-tuned"]
+    out += [f"  {a:<{half}}  {b}".rstrip() for a, b in itertools.zip_longest(
+        column(pick["base"].get("prediction", "")), column(pick["fine_tuned"].get("prediction", "")), fillvalue="")]
+    return out
+
+
+def results(workspace: str | Path) -> list[str]:
+    """The end of a run, for a person (at most ~30 lines of at most `SCREEN` columns): per question set each model's
+    grades (correct / incorrect / not attempted, or the fact metrics of an older report) with 95% intervals, what
+    fine-tuning changed in one sentence, and one question answered by base and fine-tuned side by side."""
+    ws = Path(workspace)
+    report = ws / "reports" / "evaluate.json"
+    if not report.exists():
+        return ["No evaluation (reports/evaluate.json is missing)."]
+    sets = {s: by for s, by in json.loads(report.read_text()).items()
+            if by and not s.endswith(("_after_cutoff", "_before_cutoff"))}
+    cols = GRADES if any("correct" in m for by in sets.values() for m in by.values()) else FACTS
+    lines = [f"{'questions':<16}{'model':<18}" + "".join(f"{title:<17}" for title, _ in cols).rstrip()]
+    rows = [(s, model, m) for s, by in sets.items() for model, m in by.items()]
+    shown = rows if len(rows) <= MAX_ROWS else [r for r in rows if r[1] in MODEL_NAMES][:MAX_ROWS]
+    for i, (s, model, m) in enumerate(shown):
+        label = f"{s} (n={m.get('n', '?')})" if i == 0 or shown[i - 1][0] != s else ""
+        lines.append(f"{label:<16}{_name(model):<18}" + "".join(f"{_cell(m, key):<17}" for _, key in cols).rstrip())
+    more = f" ({len(rows) - len(shown)} more rows)" if len(rows) > len(shown) else ""
+    lines.append(f"[lo, hi]: 95% interval (none for small sets); all metrics in reports/eval_table.md{more}")
+    name, sentence = _changed(sets, cols)
+    if sentence:
+        lines += ["", *textwrap.wrap(sentence, SCREEN)]
+    if name:
+        example = _example(ws / "artifacts" / "evaluate" / "predictions.jsonl", name)
+        lines += [""] + example if example else []
+    return lines

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -103,23 +104,20 @@ def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dic
 
 
 def summary(run: dict, log: Path) -> str:
+    """The end of the demo: console.results (grades, what changed, an example), then where everything else is."""
     ws = Path(run["workspace"])
     rel = os.path.relpath(ws) if ws.is_relative_to(Path.cwd()) else str(ws)
     activate = Path(sys.executable).parent / "activate"
-    lines = ["", (ws / "reports" / "eval_table.md").read_text().strip(), "",
-             "Stages (wall seconds; dvc skips unchanged ones):"]
-    lines += [f"  {r['stage']:<10} {r['wall_s']:>7.1f}  {'ran' if r['ran'] else 'up to date'}" for r in run["stages"]]
-    lines += [f"Total {run['wall_s']:.0f} s (profile {run['profile']}).", "", f"Outputs in {rel}/ (a git + DVC workspace):",
-              f"  {rel}/artifacts/   papers, QA pairs, validated dataset, adapter, predictions",
-              f"  {rel}/metrics/     each stage's headline numbers (dvc metrics show, dvc exp show)",
-              f"  {rel}/reports/     eval_table.md, <stage>.json (every number), data_docs/index.html",
-              f"  {rel}/artifacts/model_card/README.md   the model card; {rel}/artifacts/export/  merged + int8",
-              f"  {rel}/plots/       loss curves and scores (dvc plots show: draws offline)",
-              f"  {log}   every detail of this run",
-              f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff",
-              f"Re-run scrape or generate there with the stand-ins up: qrb services --workspace {rel} -- "
-              "dvc repro -f scrape"]
-    return "\n".join(lines)
+    stages = ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" + ("" if r["ran"] else " (up to date)")
+                       for r in run["stages"])
+    tail = [f"Stages: {stages}; total {run['wall_s']:.0f} s (profile {run['profile']}).",
+            f"In {rel}/ (git + DVC): reports/ (every table and number, data_docs/), artifacts/ (data, adapter, "
+            f"model_card/, export/: merged + GGUF), metrics/, plots/ (dvc plots show); the log: {log}",
+            f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff",
+            f"Re-run scrape or generate with the stand-ins up: qrb services --workspace {rel} -- dvc repro -f scrape"]
+    wrapped = [w for t in tail for w in textwrap.wrap(t, console.SCREEN, subsequent_indent="  ",
+                                                      break_long_words=False, break_on_hyphens=False)]
+    return "\n".join(["", *console.results(ws), "", *wrapped])
 
 
 def main(argv: list[str] | None = None) -> None:

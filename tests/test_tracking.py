@@ -14,6 +14,7 @@ import pytest
 
 from helpers import qa_rows, split_rows
 
+
 def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
     from flows.workspace import venv_env
 
