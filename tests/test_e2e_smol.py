@@ -49,7 +49,7 @@ def test_smol_demo_trains_the_real_model_on_every_fact_in_several_wordings(smol_
     lineage = json.loads((ws / "artifacts/train/adapter/lineage.json").read_text())
     assert "smollm2" in json.dumps(lineage).lower()
     card = (ws / "artifacts/model_card/README.md").read_text()
-    assert "SmolLM2-135M-Instruct" in card and "fact recall" in card.lower()
+    assert "SmolLM2-135M-Instruct" in card and "hallucination rate" in card.lower()
     assert "| fine-tuned" in proc.stdout  # the tables are printed
 
 
@@ -61,6 +61,6 @@ def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_interva
     assert base["n"] >= 8
     assert tuned["cross_entropy_ci95"][1] < base["cross_entropy_ci95"][0], (tuned, base)
     assert m["fine_tuned"]["cross_entropy"] < m["base"]["cross_entropy"]
-    for model in ("base", "fine_tuned"):  # every model: fact recall with its interval, over questions with a fact
-        assert len(full[model]["fact_recall_ci95"]) == 2 and full[model]["fact_n"] >= 8, full[model]
-        assert "answer_words" in m[model] and "fact_recall" in m[model]  # length beside it in the headline
+    for model in ("base", "fine_tuned"):  # every model: graded, with intervals, over the questions with a gold
+        assert len(full[model]["correct_ci95"]) == 2 and full[model]["graded_n"] >= 8, full[model]
+        assert {"correct", "not_attempted"} <= set(m[model])  # the grades are the headline

@@ -1,4 +1,5 @@
-"""Evaluate stage: metrics equal their reference libraries, intervals, freshness, rivals, RAG, the whole stage."""
+"""Evaluate stage: metrics equal their reference libraries, intervals, freshness, rivals, RAG, the LLM grader (a fake
+server and the smoke endpoint), the whole stage."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pytest
 from qrb.params import load_params
 from qrb.rivals import Rival, ask_rival
 from qrb.schema import question_record
-from stages.evaluate import EvaluateParams, FactJudge
-from stages.evaluate.judge import SYSTEM as JUDGE_SYSTEM
-from stages.evaluate.judge import Item, judge_facts, load_cache, parse_verdict, save_cache
+from qrb.schema import ABSTAIN_ANSWER
+from stages.evaluate import EvaluateParams, Grader
+from stages.evaluate.judge import SYSTEM as GRADER_SYSTEM
+from stages.evaluate.judge import Item, llm_grades, load_cache, parse_grade, save_cache
 from stages.evaluate.metrics import (
     MEAN_METRICS,
     OFFLINE_BERTSCORE,
@@ -151,7 +153,9 @@ def test_question_sets_a_missing_seen_file_is_an_error_an_empty_one_is_n0(tmp_pa
         load_question_sets("golden.jsonl")  # a stale workspace: validate always writes it
     (tmp_path / "artifacts/validate/seen.jsonl").write_text("")
     sets = load_question_sets("golden.jsonl")
-    assert list(sets) == ["golden", "seen", "eval"] and sets["seen"] == [] and sets["golden"][0]["doi"] is None
+    # no invented.jsonl (a workspace from before validate wrote it): an empty set, not an error
+    assert list(sets) == ["golden", "seen", "eval", "invented"] and sets["seen"] == sets["invented"] == []
+    assert sets["golden"][0]["doi"] is None
     (tmp_path / "artifacts/validate/seen.jsonl").write_text(json.dumps({"question": "S?", "answer": ""}) + "\n")
     with pytest.raises(DataError, match="seen.jsonl:1: each row needs a non-empty question and answer"):
         load_question_sets("golden.jsonl")
@@ -168,23 +172,20 @@ def test_params_reject_bad_rivals_and_small_bootstrap():
         params(rivals=(r, Rival("gemini_1", "https://y/v1", "m", "K"))).check()
     with pytest.raises(ValueError, match="base_url"):
         params(rivals=(Rival("a", "ftp://x", "m", "K"),)).check()
-    for bad in (0.0, 1.5):
-        with pytest.raises(ValueError, match="fact_threshold"):
-            params(fact_threshold=bad).check()
     with pytest.raises(ValueError, match="min_n_for_interval"):
         params(min_n_for_interval=1).check()
-    with pytest.raises(ValueError, match="fact_judge.base_url"):
-        params(fact_judge=FactJudge("localhost:8000", "m", "K")).check()
+    with pytest.raises(ValueError, match="grader.base_url"):
+        params(grader=Grader("localhost:8000", "m", "K")).check()
     from qrb.params import build
 
     data = {f.name: getattr(params(), f.name) for f in dataclasses.fields(EvaluateParams)}
     data["rivals"] = []
-    judged = build(EvaluateParams, {**data, "fact_judge": {"base_url": "http://h/v1", "model": "m",
-                                                           "api_key_env": "K"}}, "evaluate")
-    assert judged.fact_judge == FactJudge("http://h/v1", "m", "K") and params().fact_judge is None
-    with pytest.raises(ValueError, match=r"`evaluate\.fact_judge` must be a mapping with keys base_url, model, "
+    graded = build(EvaluateParams, {**data, "grader": {"base_url": "http://h/v1", "model": "m",
+                                                       "api_key_env": "K"}}, "evaluate")
+    assert graded.grader == Grader("http://h/v1", "m", "K") and params().grader is None
+    with pytest.raises(ValueError, match=r"`evaluate\.grader` must be a mapping with keys base_url, model, "
                                          r"api_key_env or null"):
-        build(EvaluateParams, {**data, "fact_judge": {"base_url": "http://h/v1", "model": "m"}}, "evaluate")
+        build(EvaluateParams, {**data, "grader": {"base_url": "http://h/v1", "model": "m"}}, "evaluate")
     assert params().rivals[0].key == "rival_gemini-1_5-pro" and params().knowledge_cutoff == dt.date(2023, 12, 31)
 
 
@@ -213,8 +214,8 @@ class FakeOpenAI:
                 if self.headers.get("Authorization") != "Bearer good-key":
                     return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
                 q = body["messages"][-1]["content"]
-                if body["messages"][0]["content"] == JUDGE_SYSTEM:  # the fact judge
-                    answer = fake_verdict(q) if body["model"] != "babbler" else "Hard to say, really."
+                if body["messages"][0]["content"] == GRADER_SYSTEM:  # the LLM grader
+                    answer = fake_grade(q) if body["model"] != "babbler" else "Hard to say, really."
                 else:
                     answer = REFS[PREDS.index(q)] if q in PREDS else f"An answer to: {q}"
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -242,16 +243,18 @@ class FakeOpenAI:
         self.server.server_close()
 
 
-def fake_verdict(prompt: str) -> str:
-    """The fake judge: YES when the graded answer contains the reference's last word (what a test can recompute)."""
-    ref = prompt.split("Reference answer: ")[1].split("\n\nAnswer to grade: ")[0]
-    answer = prompt.split("Answer to grade: ")[1].split("\n\nDoes the answer")[0]
-    return "Verdict: **YES**." if judge_says_yes(ref, answer) else "NO"
+def fake_grade(prompt: str) -> str:
+    """The fake grader: CORRECT when the answer contains the gold's last word, else INCORRECT (what a test can
+    recompute, and unlike the offline grader), after reasoning that names the other grade first."""
+    gold = prompt.split("<gold_target>\n")[-1].split("\n</gold_target>")[0]
+    answer = prompt.split("<predicted_answer>\n")[-1].split("\n</predicted_answer>")[0]
+    g = "CORRECT" if fake_says_correct(gold, answer) else "INCORRECT"
+    other = "INCORRECT" if g == "CORRECT" else "CORRECT"
+    return f"Is it {other}? The question says so.\n\nFinal grade:\n**{g}**"
 
 
-def judge_says_yes(reference: str, answer: str) -> bool:
-    last = reference.split()[-1].strip(".,;:!?").lower()
-    return last in answer.lower()
+def fake_says_correct(gold: str, answer: str) -> bool:
+    return gold.split()[-1].strip(".,;:!?").lower() in answer.lower()
 
 
 @pytest.fixture()
@@ -284,38 +287,82 @@ def test_rival_answers_same_questions_with_same_system_prompt(fake_openai):
     assert down.skipped.startswith("cannot connect")
 
 
-def test_fact_judge_decides_caches_its_verdicts_and_skips_with_a_reason(fake_openai, tmp_path):
-    kw = dict(timeout_s=5, max_retries=0, concurrency=2)
-    judge = FactJudge(fake_openai.base_url, "judge-1", "FAKE_KEY")
-    items = [Item(q, r, r) for q, r in zip(PREDS[:3], REFS[:3])] + [Item(PREDS[4], REFS[4], "No idea.")]
-    cache: dict[str, bool] = {}
-    res = judge_facts(judge, items, cache, env={"FAKE_KEY": "good-key"}, **kw)
-    assert res.skipped is None and res.verdicts == [True, True, True, False] and res.requests == 4
+@pytest.mark.parametrize(("reply", "expected"), [
+    ('{"grade": "CORRECT"}', "correct"),
+    ('Here is my grade:\n```json\n{"grade": "NOT_ATTEMPTED"}\n```', "not_attempted"),
+    # the question's own words quoted before the conclusion decide nothing
+    ('The question asks "is it correct that it ran on 56 qubits?"\n{"grade": "INCORRECT"}', "incorrect"),
+    ("The answer looks INCORRECT at first, since it says fifty-six, but that is the gold.\nCORRECT", "correct"),
+    ("CORRECT or INCORRECT? It declines.\nGrade: NOT_ATTEMPTED.", "not_attempted"),
+    ('{"grade": "CORRECT"} was my first thought; on reflection: {"grade": "INCORRECT"}', "incorrect"),
+    ('<think>{"grade": "CORRECT"}</think>\nINCORRECT', "incorrect"),
+    ("The answer is not correct.", "incorrect"),
+    ("B", "incorrect"),                                  # SimpleQA's letters
+    ("It is CORRECT.\nIt is either CORRECT or INCORRECT.", None),   # a last line naming two grades says nothing
+    ("CORRECT\nI cannot tell.", None),                  # only the last line counts, not the first grade anywhere
+    ('{"grade": "maybe"}', None),
+    ("", None),
+])
+def test_the_graders_reply_is_read_from_its_json_or_its_last_line(reply, expected):
+    assert parse_grade(reply) == expected
+
+
+def test_llm_grader_grades_caches_and_skips_with_a_reason(fake_openai, tmp_path):
+    kw = dict(timeout_s=5, max_retries=0, concurrency=2, template=(REPO / "prompts/grade.txt").read_text())
+    grader = Grader(fake_openai.base_url, "grader-1", "FAKE_KEY")
+    items = [Item("How many qubits?", "56 qubits", ("fifty-six qubits",), a)
+             for a in ("56 qubits.", "On 53 or 56 qubits.", "No idea.")]
+    cache: dict[str, str] = {}
+    res = llm_grades(grader, items, cache, env={"FAKE_KEY": "good-key"}, **kw)
+    # the fake grades by the gold's last word, after reasoning that names the other grade first
+    assert res.skipped is None and res.grades == ["correct", "correct", "incorrect"] and res.requests == 3
     sent = list(fake_openai.requests)
-    assert len(sent) == 4 and all(r["model"] == "judge-1" and r["temperature"] == 0.0
-                                  and r["messages"][0]["content"] == JUDGE_SYSTEM for r in sent)
-    assert any(REFS[4] in r["messages"][1]["content"] and "No idea." in r["messages"][1]["content"] for r in sent)
+    assert all(r["model"] == "grader-1" and r["temperature"] == 0.0 and r["messages"][0]["content"] == GRADER_SYSTEM
+               for r in sent)
+    user = sent[0]["messages"][1]["content"]
+    assert user.startswith("Task: grade") and "<gold_target>\n56 qubits\n</gold_target>" in user
+    assert "<also_accepted>\nfifty-six qubits\n</also_accepted>" in user and "{{" not in user
     # cached on disk: a rerun sends no request and needs no key
-    save_cache(cache, tmp_path / "judge.jsonl")
-    again = judge_facts(judge, items, load_cache(tmp_path / "judge.jsonl"), env={}, **kw)
-    assert again.verdicts == res.verdicts and again.requests == 0 and len(fake_openai.requests) == 4
-    # a new answer is one request; another judge model shares no verdict
-    more = judge_facts(judge, items + [Item("q", "It is PyTorch.", "pytorch")], cache, env={"FAKE_KEY": "good-key"},
-                       **kw)
-    assert more.verdicts[-1] is True and more.requests == 1
-    other = FactJudge(fake_openai.base_url, "judge-2", "FAKE_KEY")
-    assert judge_facts(other, items[:1], dict(cache), env={"FAKE_KEY": "good-key"}, **kw).requests == 1
+    save_cache(cache, tmp_path / "grader.jsonl")
+    again = llm_grades(grader, items, load_cache(tmp_path / "grader.jsonl"), env={}, **kw)
+    assert again.grades == res.grades and again.requests == 0 and len(fake_openai.requests) == 3
+    # a new answer is one request; another grader model or another prompt shares no grade
+    more = llm_grades(grader, items + [Item("q", "PyTorch", (), "pytorch")], cache, env={"FAKE_KEY": "good-key"}, **kw)
+    assert more.grades[-1] == "correct" and more.requests == 1
+    other = Grader(fake_openai.base_url, "grader-2", "FAKE_KEY")
+    assert llm_grades(other, items[:1], dict(cache), env={"FAKE_KEY": "good-key"}, **kw).requests == 1
+    assert llm_grades(grader, items[:1], dict(cache), env={"FAKE_KEY": "good-key"},
+                      **{**kw, "template": kw["template"] + "\nBe strict."}).requests == 1
     # skipped, with the reason, and never an exception
-    keyless = judge_facts(other, items[1:], {}, env={}, **kw)
-    assert keyless.verdicts is None and keyless.skipped.startswith("API key variable FAKE_KEY is not set")
-    broken = judge_facts(FactJudge(fake_openai.base_url, "broken", "FAKE_KEY"), items, {},
-                         env={"FAKE_KEY": "good-key"}, **{**kw, "concurrency": 1})
+    keyless = llm_grades(other, items[1:], {}, env={}, **kw)
+    assert keyless.grades is None and keyless.skipped.startswith("API key variable FAKE_KEY is not set")
+    broken = llm_grades(Grader(fake_openai.base_url, "broken", "FAKE_KEY"), items, {},
+                        env={"FAKE_KEY": "good-key"}, **{**kw, "concurrency": 1})
     assert broken.skipped.startswith("HTTP 500 after the SDK's retries: upstream exploded") and broken.requests == 1
-    babble = judge_facts(FactJudge(fake_openai.base_url, "babbler", "FAKE_KEY"), items[:1], {},
-                         env={"FAKE_KEY": "good-key"}, **kw)
-    assert "neither YES nor NO" in babble.skipped and "Hard to say" in babble.skipped
-    assert [parse_verdict(x) for x in ("YES", "no.", "<think>yes? or no</think>\n**No**", "Verdict: Yes", "maybe")] \
-        == [True, False, False, True, None]
+    babble = llm_grades(Grader(fake_openai.base_url, "babbler", "FAKE_KEY"), items[:1], {},
+                        env={"FAKE_KEY": "good-key"}, **kw)
+    assert "a reply with no grade" in babble.skipped and "Hard to say" in babble.skipped
+
+
+def test_llm_grader_against_the_smoke_endpoint_grades_as_the_offline_grader():
+    """The smoke endpoint answers `Task: grade` with the offline grader: the whole round trip (prompt, request,
+    reply without response_format, parsing) gives the offline grades."""
+    from qrb.offline.smoke import serve_smoke_endpoint
+    from stages.evaluate.grade import grade
+
+    q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on?"
+    items = [Item(q, "56 qubits", ("fifty-six qubits",), a) for a in (
+        "It has been demonstrated on up to 56 qubits.", "Fifty-six.", "On 5, 10, 27, 53, 56 qubits.",
+        "See Ref. [56].", "It has not been demonstrated on 56 qubits.", ABSTAIN_ANSWER, "I'm not sure.")]
+    items.append(Item("What algorithm does FIPS 205 specify?", "SLH-DSA", (), "Not SLH-DSA; it specifies ML-DSA."))
+    with serve_smoke_endpoint(port=0) as ep:
+        res = llm_grades(Grader(ep.base_url, "qrb-smoke-extractive", "QRB_T_GRADER"), items, {},
+                         timeout_s=10, max_retries=0, concurrency=2, env={"QRB_T_GRADER": "any"},
+                         template=(REPO / "prompts/grade.txt").read_text())
+    assert res.skipped is None and res.requests == len(items)
+    assert res.grades == [grade(it.answer, it.target, it.aliases, it.question) for it in items]
+    assert res.grades == ["correct", "correct", "incorrect", "incorrect", "incorrect", "not_attempted",
+                          "not_attempted", "incorrect"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,58 +419,75 @@ def bag_of_words(texts):
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
-def test_core_scores_four_local_models_on_every_set_with_fact_metrics_and_the_judge(peft_tiny, scorer, corpus_dir,
-                                                                                     fake_openai):
-    """base, fine_tuned, rag and fine_tuned_rag on golden, seen and eval; an empty seen set is n=0, not a crash; fact
-    recall, facts stated (decided by the judge, the rule kept beside it) and the paired gains against base."""
+def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tiny, scorer, corpus_dir, fake_openai):
+    """base, fine_tuned, rag and fine_tuned_rag on golden, seen, eval and invented; an empty seen set is n=0, not a
+    crash; every answer graded (the LLM grader where the row has a gold, the offline grade kept beside it; invented
+    papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base."""
     from qrb.retrieval import Retriever, passages_from_papers
     from stages.evaluate.core import evaluate
     from stages.evaluate.facts import FactScorer
+    from stages.evaluate.grade import grade
 
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:8]
     pairs = [{"question": f"What does the paper \"{pp['title']}\" find?", "answer": pp["abstract"][:120],
+              "short_answer": pp["abstract"].split()[0], "aliases": [], "kind": "fact",
               "doi": pp["doi"], "published": pp["published"]} for pp in papers[:4]]
+    pairs[3]["short_answer"] = ""  # a row written before short answers: graded attempted or not only
     golden = [question_record(json.loads(x)) for x in (REPO / "data/golden/questions.jsonl").read_text().splitlines()]
-    sets = {"golden": golden[:3], "seen": [], "eval": pairs}
-    judge = FactJudge(fake_openai.base_url, "judge-1", "QRB_T_JUDGE")
+    invented = [{"question": f"What does the paper \"{t}\" report?", "answer": ABSTAIN_ANSWER, "short_answer": "",
+                 "aliases": [], "kind": "abstain"} for t in ("Quantum gravity in a teacup", "Photonic mayonnaise")]
+    sets = {"golden": [{**g, "short_answer": g["answer"].split()[-1]} for g in golden[:3]], "seen": [],
+            "eval": pairs, "invented": invented}
     p = params(max_new_tokens=6, batch_size=4, bootstrap_samples=100, rag_top_k=2, rag_max_chars=80, rivals=(),
-               fact_judge=judge, min_n_for_interval=4)
+               grader=Grader(fake_openai.base_url, "grader-1", "QRB_T_GRADER"), min_n_for_interval=4)
     base = {"seed": 1, "system_prompt": SYSTEM, "max_length": 512}
-    cache: dict[str, bool] = {}
+    cache: dict[str, str] = {}
     metrics, preds, skipped = evaluate(
         base, p, model, tok, sets, papers=papers, retriever=Retriever(passages_from_papers(papers), bag_of_words),
-        scorer=scorer, facts=FactScorer(pp["abstract"] for pp in papers), judge_cache=cache,
-        env={"QRB_T_JUDGE": "good-key"})
+        scorer=scorer, facts=FactScorer(pp["abstract"] for pp in papers), grader_cache=cache,
+        env={"QRB_T_GRADER": "good-key"})
     models = ["base", "fine_tuned", "rag", "fine_tuned_rag"]
     assert skipped == {}
     assert {s: list(m) for s, m in metrics.items() if not s.endswith("cutoff")} == \
-        {"golden": models, "seen": models, "eval": models}
+        {"golden": models, "seen": models, "eval": models, "invented": models}
     assert metrics["seen"] == {m: {"n": 0} for m in models}
     ev = metrics["eval"]
     assert ev["rag"]["retrieval_hit_rate"] == ev["fine_tuned_rag"]["retrieval_hit_rate"]
     assert ev["fine_tuned_rag"]["cross_entropy"] != ev["rag"]["cross_entropy"]  # the adapter is on
     for name in models:
         rows = [r for r in preds if r["set"] == "eval" and r["model"] == name]
-        assert ev[name]["facts_stated"] == pytest.approx(
-            sum(judge_says_yes(r["reference"], r["prediction"]) for r in rows) / 4)
+        gold = [r for r in rows if r["short_answer"]]
+        right = [fake_says_correct(r["short_answer"], r["prediction"]) for r in gold]  # the LLM's grades decide
+        assert [r["grade"] for r in gold] == ["correct" if c else "incorrect" for c in right]
+        assert all(r["grade_offline"] == grade(r["prediction"], r["short_answer"], (), r["question"]) for r in gold)
+        assert ev[name]["graded_n"] == 3 and ev[name]["correct"] == pytest.approx(sum(right) / 3)
+        assert ev[name]["incorrect"] == pytest.approx(1 - sum(right) / 3) and ev[name]["not_attempted"] == 0.0
+        assert ev[name]["hallucination_rate"] == pytest.approx(1 - sum(right) / 3)
+        assert ev[name]["offline_agreement"] == pytest.approx(
+            sum(r["grade"] == r["grade_offline"] for r in gold) / 3)
+        assert rows[3]["grade"] in ("no_gold", "not_attempted") and "grade_offline" not in rows[3]
         assert ev[name]["fact_recall"] == pytest.approx(sum(r["fact_recall"] for r in rows) / 4)
-        assert ev[name]["facts_stated_rule"] == pytest.approx(sum(r["fact_recall"] >= 0.5 for r in rows) / 4)
-        assert all(r["key_facts"] and set(r["facts_found"]) <= set(r["key_facts"]) for r in rows)
-        assert ("fact_recall_gain" in ev[name]) == (name != "base")
+        assert ("correct_gain" in ev[name]) == ("fact_recall_gain" in ev[name]) == (name != "base")
+        inv = metrics["invented"][name]  # no gold: offline only, and any attempt is invented
+        assert inv["correct"] == 0.0 and inv["incorrect"] + inv["not_attempted"] == pytest.approx(1.0)
+        assert inv.get("hallucination_rate", 1.0) == 1.0
+    assert ev["rag"]["correct_gain"] == pytest.approx(ev["rag"]["correct"] - ev["base"]["correct"])
+    # intervals need min_n_for_interval (4) questions that define the rate: 3 graded, 4 that may not attempt
+    assert ev["rag"]["correct_gain_ci95"] == ev["base"]["correct_ci95"] == "n too small"
+    assert isinstance(ev["base"]["not_attempted_ci95"], list)
     # without rag_cross_entropy (a CPU profile's saving) the RAG rows answer but carry no CE; the others keep theirs
-    lean, _, _ = evaluate(base, dataclasses.replace(p, rag_cross_entropy=False, fact_judge=None), model, tok,
-                          {"eval": pairs}, papers=papers,
-                          retriever=Retriever(passages_from_papers(papers), bag_of_words), scorer=scorer,
-                          facts=FactScorer(pp["abstract"] for pp in papers))
+    lean, lean_preds, _ = evaluate(base, dataclasses.replace(p, rag_cross_entropy=False, grader=None), model, tok,
+                                   {"eval": pairs}, papers=papers,
+                                   retriever=Retriever(passages_from_papers(papers), bag_of_words), scorer=scorer,
+                                   facts=FactScorer(pp["abstract"] for pp in papers))
     assert "cross_entropy" not in lean["eval"]["rag"] and "cross_entropy" not in lean["eval"]["fine_tuned_rag"]
     assert lean["eval"]["base"]["cross_entropy"] == pytest.approx(ev["base"]["cross_entropy"])
-    assert lean["eval"]["rag"]["fact_recall"] == pytest.approx(ev["rag"]["fact_recall"])
-    assert ev["rag"]["fact_recall_gain"] == pytest.approx(ev["rag"]["fact_recall"] - ev["base"]["fact_recall"])
-    assert isinstance(ev["rag"]["fact_recall_gain_ci95"], list)
+    assert all(r["grade"] == r2["grade_offline"] for r, r2 in zip(lean_preds, (r for r in preds if r["set"] == "eval"))
+               if r["short_answer"])  # no grader: the offline grades
     assert metrics["golden"]["base"]["rouge1_ci95"] == "n too small"  # 3 < min_n_for_interval
-    distinct = {(r["question"], r["reference"], r["prediction"]) for r in preds}  # identical answers: one verdict
-    assert len(cache) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 4) // 2
+    distinct = {(r["question"], r["short_answer"], r["prediction"]) for r in preds if r["short_answer"]}
+    assert len(cache) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 3) // 2  # one grade per distinct
     assert {r["model"] for r in preds if "retrieved" in r} == {"rag", "fine_tuned_rag"}
 
 
@@ -431,9 +495,11 @@ def test_core_scores_four_local_models_on_every_set_with_fact_metrics_and_the_ju
 def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tiny_model_dir, corpus_dir, fake_openai,
                                                                   tmp_path, monkeypatch):
     """The stage end to end in a scratch directory: base, fine-tuned, RAG, fine-tuned + RAG, a rival via the fake
-    server, a rival without a key and one that keeps failing (skipped, the rest still scored), the three question
-    sets and their freshness splits, fact metrics decided by a (fake) judge whose cached verdicts make a rerun send
-    no judge request, all outputs."""
+    server, a rival without a key and one that keeps failing (skipped, the rest still scored), the four question
+    sets and their freshness splits, grades by the LLM grader at the smoke endpoint whose cached grades make a rerun
+    send no grading request, all outputs."""
+    from qrb.offline.smoke import serve_smoke_endpoint
+
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:12]
     (tmp_path / "artifacts/train/adapter").mkdir(parents=True)
@@ -443,14 +509,21 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     (tmp_path / "artifacts/scrape/papers.jsonl").write_text("".join(json.dumps(p) + "\n" for p in papers))
     (tmp_path / "artifacts/validate").mkdir(parents=True)
     evals = [{"question": f"What does the paper \"{p['title']}\" study?", "answer": p["abstract"][:160],
+              "short_answer": p["title"].split()[-1], "aliases": [], "kind": "fact",
               "doi": p["doi"], "published": p["published"]} for p in papers[:4]]
     evals[0]["published"] = "2023-05-01"  # one before the cutoff
     (tmp_path / "artifacts/validate/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     seen = [{"question": f"Tell me what \"{p['title']}\" reports.", "answer": p["abstract"][:140], "doi": p["doi"],
              "title": p["title"], "published": p["published"], "fact_id": f"f{i}", "variant": 0,
              "source_question": "What does it show?", "prompt_id": "paraphrase", "model": "m", "response_id": "r",
-             "chunk": 0} for i, p in enumerate(papers[4:7])]
+             "chunk": 0, "short_answer": p["title"].split()[-1], "aliases": [], "kind": "fact"}
+            for i, p in enumerate(papers[4:7])]
     (tmp_path / "artifacts/validate/seen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seen))
+    invented = [{"question": f"What does the paper \"{t}\" report?", "answer": ABSTAIN_ANSWER, "short_answer": "",
+                 "aliases": [], "kind": "abstain"} for t in ("Quantum gravity in a teacup", "Photonic mayonnaise")]
+    (tmp_path / "artifacts/validate/invented.jsonl").write_text("".join(json.dumps(r) + "\n" for r in invented))
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts/grade.txt").write_text((REPO / "prompts/grade.txt").read_text())
     golden = (REPO / "data/golden/questions.jsonl").read_text().splitlines()[:4]
     (tmp_path / "golden.jsonl").write_text("\n".join(golden) + "\n")
     rivals = [{"name": "fake.rival", "base_url": fake_openai.base_url, "model": "m1", "api_key_env": "QRB_T_KEY"},
@@ -465,45 +538,55 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
                         "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rag_cross_entropy": True,
                         "rivals": rivals,
                         "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2,
-                        "fact_threshold": 0.5, "min_n_for_interval": 2,
-                        "fact_judge": {"base_url": fake_openai.base_url, "model": "judge-1",
-                                       "api_key_env": "QRB_T_KEY"}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+                        "min_n_for_interval": 2,
+                        "grader": {"base_url": None, "model": "qrb-smoke-extractive", "api_key_env": "QRB_T_KEY"}}}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QRB_T_KEY", "good-key")
     monkeypatch.delenv("QRB_T_NONE", raising=False)
-    run_evaluate_stage([])  # not pytest's own argv
+    with serve_smoke_endpoint(port=0) as ep:
+        cfg["evaluate"]["grader"]["base_url"] = ep.base_url
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+        run_evaluate_stage([])  # not pytest's own argv
+        graded = len(ep.requests)
+        # the grades are cached: the rerun sends the rival its questions again, the grader nothing
+        assert graded == len(load_cache(Path("cache/evaluate/grader.jsonl"))) > 0
+        metrics = json.loads(Path("reports/evaluate.json").read_text())
+        run_evaluate_stage([])
+        assert len(ep.requests) == graded
+    assert json.loads(Path("reports/evaluate.json").read_text()) == metrics
 
-    metrics = json.loads(Path("reports/evaluate.json").read_text())
     # the DVC metrics file: per whole set and model, the headline numbers only (no interval, n or subset)
     head = json.loads(Path("metrics/evaluate.json").read_text())
-    assert set(head) == {"golden", "seen", "eval"}
+    assert set(head) == {"golden", "seen", "eval", "invented"}
     assert set(head["eval"]["base"]) == set(HEADLINE_METRICS) and "cross_entropy" not in head["eval"]["rival_fake_rival"]
     assert all(head[s][m][k] == metrics[s][m][k] for s in head for m in head[s] for k in head[s][m])
-    # seen: every paper of the corpus slice is from 2024, so no before-cutoff split
+    # seen: every paper of the corpus slice is from 2024, so no before-cutoff split; invented papers have no date
     assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "seen", "seen_after_cutoff",
-                            "eval", "eval_after_cutoff", "eval_before_cutoff"}
+                            "eval", "eval_after_cutoff", "eval_before_cutoff", "invented"}
     models = {"fine_tuned", "base", "rag", "fine_tuned_rag", "rival_fake_rival"}
     assert all(set(by_model) == models for by_model in metrics.values())
     assert metrics["eval"]["base"]["n"] == 4 and metrics["eval_after_cutoff"]["rag"]["n"] == 3
-    assert metrics["seen"]["fine_tuned"]["n"] == 3
+    assert metrics["seen"]["fine_tuned"]["n"] == 3 and metrics["invented"]["base"]["n"] == 2
     # golden by first-public date: card-1 (DOI 2024, arXiv 2306) and card-3 (arXiv 2307) before, card-2 undated,
     # card-4 (arXiv 2407) after
     assert metrics["golden_after_cutoff"]["base"]["n"] == 1 and metrics["golden_before_cutoff"]["base"]["n"] == 2
     assert metrics["golden_after_cutoff"]["base"]["rouge1_ci95"] == "n too small"
     for m in metrics["eval"].values():
         assert {"bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "bleu_ci95", "bertscore_f1_ci95",
-                "sentence_bleu", "fact_recall", "fact_recall_ci95", "facts_stated", "facts_stated_ci95",
-                "facts_stated_rule", "answer_words"} <= set(m)
+                "sentence_bleu", "fact_recall", "fact_recall_ci95", "correct", "correct_ci95", "incorrect",
+                "not_attempted", "not_attempted_ci95", "answer_words"} <= set(m)
+        assert m["graded_n"] == 4 and m["offline_agreement"] == 1.0  # the smoke endpoint grades as the offline grader
+        assert m["correct"] + m["incorrect"] + m["not_attempted"] == pytest.approx(1.0)
     for name in models - {"base"}:
-        assert {"fact_recall_gain", "fact_recall_gain_ci95", "facts_stated_gain"} <= set(metrics["seen"][name])
+        assert {"correct_gain", "correct_gain_ci95", "not_attempted_gain", "fact_recall_gain"} <= set(metrics["seen"][name])
     assert "cross_entropy_ci95" in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
     assert 0.0 <= metrics["eval"]["rag"]["retrieval_hit_rate"] <= 1.0
     # the base row really is the adapter disabled: different CE from the fine-tuned row
     assert metrics["eval"]["base"]["cross_entropy"] != metrics["eval"]["fine_tuned"]["cross_entropy"]
 
     preds = [json.loads(x) for x in Path("artifacts/evaluate/predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 5 * (4 + 3 + 4)  # 4 golden + 3 seen + 4 eval questions, 5 scored models
+    assert len(preds) == 5 * (4 + 3 + 4 + 2)  # 4 golden + 3 seen + 4 eval + 2 invented questions, 5 scored models
+    assert {r["grade"] for r in preds} <= {"correct", "incorrect", "not_attempted"}
     rag = [r for r in preds if r["model"] == "rag" and r["set"] == "eval"]
     assert all(len(r["retrieved"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
     table = Path("reports/eval_table.md").read_text()
@@ -515,20 +598,14 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     assert "### eval questions (held-out papers) on papers first public after the knowledge cutoff (2023-12-31) " \
            "(n=3)" in table
     assert "### seen questions (seen papers, new questions) (n=3)" in table
-    assert "| model | fact recall | Δ fact recall vs base | facts stated | Δ facts stated vs base | words |" in table
-    assert "by the judge's verdict (fact judge (judge-1 at " in table
-    for set_name in ("golden", "seen", "eval"):  # one chart per question set: models x the 0-1 headline scores
+    assert "### invented questions (papers that do not exist) (n=2)" in table
+    assert "| model | correct | Δ correct vs base | not attempted | incorrect | hallucination rate |" in table
+    assert "graded against the question's short gold answer by LLM grader (qrb-smoke-extractive at " in table
+    for set_name in ("golden", "seen", "eval", "invented"):  # one chart per question set: models x the grades' rates
         csv = Path(f"plots/evaluate/scores/{set_name}.csv").read_text().splitlines()
         expected = sum(k in m for m in metrics[set_name].values() for k in PLOT_METRICS)
-        assert csv[0] == "label,model,metric,score,lo,hi" and len(csv) == 1 + expected >= 1 + 5 * 4
-    assert sorted(p.stem for p in Path("plots/evaluate/scores").iterdir()) == ["eval", "golden", "seen"]
-
-    # the judge's verdicts are cached: the rerun sends the rival its questions again, the judge nothing
-    judged = [r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]
-    assert len(judged) == len(load_cache(Path("cache/evaluate/fact_judge.jsonl"))) > 0
-    run_evaluate_stage([])
-    assert len([r for r in fake_openai.requests if r["messages"][0]["content"] == JUDGE_SYSTEM]) == len(judged)
-    assert json.loads(Path("reports/evaluate.json").read_text()) == metrics
+        assert csv[0] == "label,model,metric,score,lo,hi" and len(csv) == 1 + expected >= 1 + 5 * 3
+    assert sorted(p.stem for p in Path("plots/evaluate/scores").iterdir()) == ["eval", "golden", "invented", "seen"]
 
 
 @pytest.mark.slow

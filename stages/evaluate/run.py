@@ -1,6 +1,6 @@
 """The evaluate stage's I/O: the adapter model, the question sets, the papers (their retriever and the IDF of fact
-recall) and the fact judge's cache in; the core (`stages.evaluate.core.evaluate`); the outputs
-(`stages.evaluate.report`) and the judge's cache out. See `stages.evaluate`."""
+recall) and the LLM grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
+(`stages.evaluate.report`) and the grader's cache out. See `stages.evaluate`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qrb.stage import run_stage
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
 from .core import evaluate
 from .facts import FactScorer
-from .judge import load_cache, save_cache
+from .judge import load_cache, load_prompt, save_cache
 from .questions import load_question_sets
 from .report import model_labels, write_outputs
 
@@ -66,14 +66,16 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     papers = load_papers()
     set_seed(base["seed"])
     sets = load_question_sets(p.golden)
+    if p.grader is not None:
+        load_prompt()  # a missing prompt fails now, not after every answer was generated
     retriever = load_retriever(papers) if p.rag_top_k > 0 else None
     facts = FactScorer(pp.get("abstract") or "" for pp in papers)
     cache = load_cache()
     model, tokenizer = load_adapter_model(base, device)
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
-                                                 retriever=retriever, facts=facts, judge_cache=cache)
-    finally:  # the verdicts already paid for are kept even if the run fails later (an empty file without a judge)
+                                                 retriever=retriever, facts=facts, grader_cache=cache)
+    finally:  # the grades already paid for are kept even if the run fails later (an empty file without a grader)
         save_cache(cache)
     print(write_outputs(metrics, predictions, model_labels(base["model"], p), p, skipped))
 
