@@ -1,6 +1,6 @@
 """The model-card stage: every number in the card equals the metrics files; nothing is left for a person to fill; the
 card says what the model is (a real base or an offline stand-in, an LLM generator or the extractive smoke endpoint),
-the base's licence apart from the data's, and in words what fact recall says next to the style metrics."""
+the base's licence apart from the data's, and in words what the grades say next to the style metrics."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ CARD_REL = Path("artifacts/model_card/README.md")
 LOCAL = ("base", "fine_tuned", "rag", "fine_tuned_rag")
 
 
-def scores(n: int, fact_n: int | None = None, **values) -> dict:
+def scores(n: int, graded_n: int | None = None, **values) -> dict:
     """One model's entry as evaluate writes it: `key=value`, or `key=(value, [lo, hi] | "n too small")`."""
-    out: dict = {"n": n, **({"fact_n": fact_n} if fact_n is not None else {})}
+    out: dict = {"n": n, **({"graded_n": graded_n} if graded_n is not None else {})}
     for key, v in values.items():
         if isinstance(v, tuple):
             out[key], out[f"{key}_ci95"] = v
@@ -30,51 +30,54 @@ def scores(n: int, fact_n: int | None = None, **values) -> dict:
     return out
 
 
-def plain(n: int, fact_n: int, ce: float | None, bert: float, **extra) -> dict:
-    return scores(n, fact_n, answer_words=30.0, bertscore_f1=bert, rouge1=0.3, rouge2=0.1, rougeL=0.2, bleu=5.0,
+def plain(n: int, graded_n: int, ce: float | None, bert: float, **extra) -> dict:
+    return scores(n, graded_n, answer_words=30.0, bertscore_f1=bert, rouge1=0.3, rouge2=0.1, rougeL=0.2, bleu=5.0,
                   sentence_bleu=6.0, **({"cross_entropy": ce} if ce is not None else {}), **extra)
 
 
-EVALUATE = {  # the flagship run: four local models and a rival on the three sets, with freshness subsets
+def graded(correct: float, incorrect: float, ci: list | str = "n too small", gain: tuple | None = None) -> dict:
+    """A model's grades: the three rates, the hallucination rate, the paired gain against base."""
+    attempted = correct + incorrect
+    out = {"correct": (correct, ci), "incorrect": incorrect, "not_attempted": (round(1 - attempted, 6), ci)}
+    if attempted:
+        out["hallucination_rate"] = (round(incorrect / attempted, 6), ci)
+    return {**out, **({"correct_gain": gain} if gain else {})}
+
+
+EVALUATE = {  # the flagship run: four local models and a rival on the four sets, with freshness subsets
     "golden": {
-        "base": scores(12, 10, fact_recall=(0.2, [0.1, 0.3]), facts_stated=(0.2, [0.0, 0.4]), answer_words=40.0,
+        "base": scores(12, 12, **graded(0.25, 0.5, [0.083333, 0.5]), answer_words=40.0,
                        rouge1=0.2, rouge2=0.1, rougeL=0.15, bleu=3.21, sentence_bleu=4.0,
                        bertscore_f1=(0.801234, [0.79, 0.81]), cross_entropy=(3.456789, [3.2, 3.7])),
-        "fine_tuned": scores(12, 10, fact_recall=(0.25, [0.15, 0.35]), fact_recall_gain=(0.05, [-0.05, 0.15]),
-                             facts_stated=(0.3, [0.1, 0.5]), facts_stated_gain=(0.1, [-0.1, 0.3]),
+        "fine_tuned": scores(12, 12, **graded(0.333333, 0.5, [0.083333, 0.583333], (0.083333, [-0.083333, 0.25])),
                              answer_words=(21.5, [19.0, 24.0]), rouge1=(0.412345, [0.39, 0.43]), rouge2=0.201,
                              rougeL=0.33, bleu=12.3456, sentence_bleu=14.0, bertscore_f1=(0.876543, [0.85, 0.9]),
                              cross_entropy=(2.345678, [2.1, 2.6])),
-        "rag": plain(12, 10, 3.1, 0.82, fact_recall=(0.61, [0.5, 0.7]), fact_recall_gain=(0.41, [0.3, 0.5]),
-                     facts_stated=(0.6, [0.3, 0.9]), facts_stated_gain=(0.4, [0.1, 0.7]), retrieval_hit_rate=0.9),
-        "fine_tuned_rag": plain(12, 10, 2.2, 0.85, fact_recall=(0.55, [0.4, 0.7]),
-                                fact_recall_gain=(0.35, [0.2, 0.5]), facts_stated=(0.5, [0.2, 0.8]),
-                                facts_stated_gain=(0.3, [0.0, 0.6])),
-        "rival_gpt-4o-mini": plain(12, 10, None, 0.84, fact_recall=(0.7, [0.6, 0.8]),
-                                   fact_recall_gain=(0.5, [0.4, 0.6]), facts_stated=(0.7, [0.4, 1.0]),
-                                   facts_stated_gain=(0.5, [0.2, 0.8])),
+        "rag": plain(12, 12, 3.1, 0.82, **graded(0.583333, 0.25, [0.33, 0.83], (0.333333, [0.08, 0.58])),
+                     retrieval_hit_rate=0.9),
+        "fine_tuned_rag": plain(12, 12, 2.2, 0.85, **graded(0.5, 0.333333, [0.25, 0.75], (0.25, [0.0, 0.5]))),
+        "rival_gpt-4o-mini": plain(12, 12, None, 0.84, **graded(0.666667, 0.333333, [0.42, 0.92],
+                                                                 (0.416667, [0.17, 0.67]))),
     },
-    "golden_after_cutoff": {m: plain(3, 3, 3.0, 0.8, fact_recall=(0.1, "n too small")) for m in LOCAL},
-    "golden_before_cutoff": {m: plain(7, 7, 3.0, 0.8, fact_recall=(0.3, [0.1, 0.5])) for m in LOCAL},
+    "golden_after_cutoff": {m: plain(3, 3, 3.0, 0.8, **graded(0.333333, 0.666667)) for m in LOCAL},
+    "golden_before_cutoff": {m: plain(7, 7, 3.0, 0.8, **graded(0.285714, 0.428571, [0.0, 0.57])) for m in LOCAL},
     "seen": {
-        "base": plain(26, 26, 2.74, 0.5, fact_recall=(0.1, [0.05, 0.15]), facts_stated=(0.076923, [0.0, 0.19])),
-        "fine_tuned": plain(26, 26, 2.31, 0.55, fact_recall=(0.31, [0.2, 0.42]),
-                            fact_recall_gain=(0.21, [0.06, 0.36]), facts_stated=(0.346154, [0.15, 0.54]),
-                            facts_stated_gain=(0.269231, [0.08, 0.46])),
-        "rag": plain(26, 26, 2.6, 0.52, fact_recall=(0.2, [0.1, 0.3]), fact_recall_gain=(0.1, [0.0, 0.2]),
-                     facts_stated=(0.2, [0.05, 0.35]), facts_stated_gain=(0.12, [-0.04, 0.27])),
-        "fine_tuned_rag": plain(26, 26, 2.3, 0.56, fact_recall=(0.33, [0.2, 0.45]),
-                                fact_recall_gain=(0.23, [0.1, 0.36]), facts_stated=(0.38, [0.2, 0.56]),
-                                facts_stated_gain=(0.3, [0.1, 0.5])),
+        "base": plain(26, 26, 2.74, 0.5, **graded(0.076923, 0.846154, [0.0, 0.19])),
+        "fine_tuned": plain(26, 26, 2.31, 0.55, **graded(0.346154, 0.5, [0.15, 0.54], (0.269231, [0.08, 0.46]))),
+        "rag": plain(26, 26, 2.6, 0.52, **graded(0.192308, 0.730769, [0.04, 0.35], (0.115385, [-0.04, 0.27]))),
+        "fine_tuned_rag": plain(26, 26, 2.3, 0.56, **graded(0.384615, 0.5, [0.19, 0.58], (0.307692, [0.12, 0.5]))),
     },
     "eval": {
-        "base": scores(45, 40, fact_recall=(0.12, [0.08, 0.16]), facts_stated=(0.1, [0.0, 0.2]), rouge1=0.25,
-                       rouge2=0.1, rougeL=0.2, bleu=4.0, bertscore_f1=0.8, cross_entropy=3.1, answer_words=38.0),
-        "fine_tuned": scores(45, 40, fact_recall=(0.14, [0.1, 0.18]), fact_recall_gain=(0.02, [-0.03, 0.07]),
-                             facts_stated=(0.125, [0.05, 0.22]), facts_stated_gain=(0.025, [-0.05, 0.1]),
+        "base": scores(45, 40, **graded(0.1, 0.85, [0.0, 0.2]), rouge1=0.25, rouge2=0.1, rougeL=0.2, bleu=4.0,
+                       bertscore_f1=0.8, cross_entropy=3.1, answer_words=38.0),
+        "fine_tuned": scores(45, 40, **graded(0.125, 0.125, [0.05, 0.22], (0.025, [-0.05, 0.1])),
                              rouge1=0.5, rouge2=0.3, rougeL=0.45, bleu=20.5, bertscore_f1=0.9, cross_entropy=1.9,
                              answer_words=20.0),
         "rag": plain(45, 40, 2.9, 0.85), "fine_tuned_rag": plain(45, 40, 1.8, 0.91),
+    },
+    "invented": {
+        "base": plain(20, 20, 3.5, 0.4, **graded(0.0, 0.95, [0.0, 0.0])),
+        "fine_tuned": plain(20, 20, 0.9, 0.6, **graded(0.0, 0.15, [0.0, 0.0], (0.0, [0.0, 0.0]))),
     },
 }
 PAPERS = [
@@ -179,11 +182,8 @@ def card_ws(tmp_path_factory) -> Path:
 
 
 TINY_EVALUATE = {  # the tiny demo as issue 16 found it: fine-tuned below base on BERTScore, 5 golden = 2 + 1 + undated
-    "golden": {"base": plain(5, 5, 4.9, (0.331, [0.30, 0.36]), fact_recall=(0.0, [0.0, 0.0]),
-                             facts_stated=(0.0, [0.0, 0.0])),
-               "fine_tuned": plain(5, 5, 5.2, (0.234, [0.20, 0.26]), fact_recall=(0.0, [0.0, 0.0]),
-                                   fact_recall_gain=(0.0, [0.0, 0.0]), facts_stated=(0.0, [0.0, 0.0]),
-                                   facts_stated_gain=(0.0, [0.0, 0.0])),
+    "golden": {"base": plain(5, 5, 4.9, (0.331, [0.30, 0.36]), **graded(0.0, 1.0, [0.0, 0.0])),
+               "fine_tuned": plain(5, 5, 5.2, (0.234, [0.20, 0.26]), **graded(0.0, 1.0, [0.0, 0.0], (0.0, [0.0, 0.0]))),
                "rag": plain(5, 5, 4.8, 0.3), "fine_tuned_rag": plain(5, 5, 5.0, 0.25)},
     "golden_after_cutoff": {m: plain(2, 2, 4.4, (0.24, "n too small")) for m in LOCAL},
     "golden_before_cutoff": {m: plain(1, 1, 6.4, (0.29, "n too small")) for m in LOCAL},
@@ -254,7 +254,7 @@ def test_card_is_a_hub_model_card_with_the_eval_results_in_its_metadata(card_ws)
     assert card.data.datasets  # issue 16: the metadata names the training data
     results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     for set_name in ("golden", "seen", "eval"):
-        for key in ("fact_recall", "facts_stated", "answer_words", "bertscore_f1", "rouge1", "rougeL", "bleu",
+        for key in ("correct", "not_attempted", "hallucination_rate", "answer_words", "bertscore_f1", "rouge1", "rougeL", "bleu",
                     "cross_entropy"):
             assert results[(f"qrb-{set_name}", key)] == EVALUATE[set_name]["fine_tuned"][key]  # exact, not re-typed
 
@@ -265,9 +265,9 @@ def test_card_numbers_equal_the_metrics_files(card_ws):
     g = EVALUATE["golden"]
     tuned = rows["fine-tuned (this adapter)"]
     for key, fmt in (("bertscore_f1", ".4f"), ("rouge1", ".4f"), ("rouge2", ".4f"), ("bleu", ".2f"),
-                     ("cross_entropy", ".4f"), ("answer_words", ".1f"), ("fact_recall", ".3f")):
+                     ("cross_entropy", ".4f"), ("answer_words", ".1f"), ("correct", ".3f")):
         assert format(g["fine_tuned"][key], fmt) in tuned, key
-    assert "0.8765 [0.8500, 0.9000]" in tuned and "+0.050 [-0.050, 0.150]" in tuned  # intervals from the file
+    assert "0.8765 [0.8500, 0.9000]" in tuned and "+0.083 [-0.083, 0.250]" in tuned  # intervals from the file
     assert "0.8012 [0.7900, 0.8100]" in rows["base (meta-llama/Llama-3.1-8B-Instruct)"]
     assert "0.8400" in rows["gpt-4o-mini"]  # a rival, named as evaluate named it
     for expected in ("| papers scraped | 337 (401 requests, 2 errors) |", "| publication window | 2024-07-01 to 2024-12-31 |",
@@ -287,30 +287,41 @@ def test_card_numbers_equal_the_metrics_files(card_ws):
         section(text, "Lineage")
 
 
-def test_every_set_shows_the_four_local_models_with_fact_recall_next_to_the_style_metrics(card_ws):
+def test_every_set_shows_the_four_local_models_with_the_grades_next_to_the_style_metrics(card_ws):
     text = card_text(card_ws)
     for title in ("golden questions", "seen questions", "eval questions"):
         block = section(text, title)
         header = next(line for line in block.splitlines() if line.startswith("| model"))
-        for col in ("fact recall", "Δ fact recall vs base", "facts stated", "words", "eval CE", "BERTScore F1",
-                    "ROUGE-1", "ROUGE-L"):
+        for col in ("correct", "Δ correct vs base", "not attempted", "hallucination rate", "words", "eval CE",
+                    "BERTScore F1", "ROUGE-1", "ROUGE-L"):
             assert col in header, (title, col)
         labels = list(table_rows(block))
         assert [lab.split(" (")[0] for lab in labels[1:5]] == ["base", "fine-tuned", "RAG", "fine-tuned + RAG"], labels
     assert "### seen questions (seen papers, new questions) (n=26)" in text
     assert "### eval questions (held-out papers) (n=45)" in text
+    assert "### invented questions (papers that do not exist) (n=20)" in text
+    assert "and 20 questions about papers that do not exist" in text.split("## Model details")[0]
 
 
-def test_the_card_says_in_words_what_fact_recall_says(card_ws):
+def test_the_card_says_in_words_what_the_grades_say(card_ws):
     text = card_text(card_ws)
     seen = section(text, "seen questions")
     # 0.346154 x 26 = 9 and 0.076923 x 26 = 2 answers; the paired interval excludes zero
-    assert re.search(r"fine-tuned states the reference's key facts in 9 of 26 answers vs 2 for base", seen), seen
-    assert "+0.269 [0.080, 0.460]" in seen and "excludes zero" in seen
+    assert re.search(r"fine-tuned is correct on 9 of 26 questions \(0\.346 \[0\.150, 0\.540\]\) vs 2 for base; "
+                     r"the paired gain is \+0\.269 \[0\.080, 0\.460\], which excludes zero", seen), seen
+    # where the right answer is to decline, the card leads with how often it does
     ev = section(text, "eval questions")
-    assert "5 of 40 answers vs 4 for base" in ev and "not distinguishable from zero" in ev
-    # ROUGE rose on eval while fact recall did not: the card says that this is no evidence of knowledge
+    lines = [x for x in ev.splitlines() if x.startswith("- **")]
+    assert lines[0].startswith("- **Not attempted:** fine-tuned does not attempt 34 of 45 (0.750 [0.050, 0.220]) vs 2 "
+                               "for base; of the answers it attempts, 5 are wrong (hallucination rate 0.500"), lines
+    assert "not distinguishable from zero" in ev
+    # ROUGE rose on eval while the correct answers did not: the card says that this is no evidence of knowledge
     assert "style" in ev
+    inv = section(text, "invented questions")
+    assert "fine-tuned does not attempt 17 of 20" in inv and "vs 1 for base" in inv
+    short = text.split("**In short:** ")[1].splitlines()[0]
+    assert "on seen questions fine-tuned is correct on 35% vs 8% for base, a paired gain of +0.269 [0.080, 0.460]" \
+        in short and "on invented papers it does not attempt 85% of the questions" in short, short
 
 
 def test_subsets_whose_n_do_not_add_up_are_explained(card_ws):
@@ -463,10 +474,9 @@ def test_the_smoke_model_id_the_card_recognises_is_the_smoke_endpoints():
 def test_a_paired_difference_with_n_too_small_claims_nothing():
     from stages.model_card.evaluation import findings
 
-    base = plain(3, 3, 3.0, 0.5, fact_recall=(0.0, "n too small"), facts_stated=(0.0, "n too small"))
-    tuned = plain(3, 3, 2.0, 0.6, fact_recall=(0.667, "n too small"), fact_recall_gain=(0.667, "n too small"),
-                  facts_stated=(0.667, "n too small"), facts_stated_gain=(0.667, "n too small"))
-    text = "\n".join(findings({"base": base, "fine_tuned": tuned}))
-    assert "2 of 3 answers vs 0 for base" in text and "+0.667 (n too small)" in text
+    base = plain(3, 3, 3.0, 0.5, **graded(0.0, 1.0))
+    tuned = plain(3, 3, 2.0, 0.6, **graded(0.666667, 0.333333, gain=(0.666667, "n too small")))
+    text = "\n".join(findings({"base": base, "fine_tuned": tuned}, "seen"))
+    assert "correct on 2 of 3 questions (0.667 (n too small)) vs 0 for base" in text and "+0.667 (n too small)" in text
     assert "zero" not in text.split("- eval CE")[0]  # neither "excludes zero" nor "not distinguishable from zero"
-    assert "style" in text  # higher BERTScore, and no interval shows a fact gain
+    assert "style" in text  # higher BERTScore, and no interval shows a gain in correct answers

@@ -19,8 +19,9 @@ Every number in the card is read from those files; what the pipeline did not mea
 without codecarbon) is stated as not measured, never estimated by hand. The card says what the model is: a base
 whose README calls it a stand-in, or pairs written by the extractive smoke-test endpoint (its model id and
 fingerprint), make the card a pipeline test, not a model to use. The evaluation section says in words, from the
-numbers, where fine-tuned is above or below its base and whether the intervals overlap, and what fact recall says,
-so that a style gain (ROUGE with shorter answers) cannot pass for knowledge.
+numbers, how often fine-tuned is correct against its base (seen papers) and how often it declines where it cannot
+know (held-out and invented papers), where it is above or below its base on the other metrics and whether the
+intervals overlap, so that a style gain (ROUGE with shorter answers) cannot pass for knowledge.
 
 Modules: `inputs` (reading the files; what the base and the generator are), `evaluation` (the metric tables and
 the findings in words), `render` (the other sections and the whole card), `run` (the files out).

@@ -1,31 +1,33 @@
 """The card's evaluation section from reports/evaluate.json: one table per question set (the four local models and
-the rivals, fact recall and answer length beside the style metrics), why the freshness subsets' n do not add up,
-and in words what the numbers say: where fine-tuned is above or below its base, whether the intervals overlap,
-and whether its fact-recall gain is distinguishable from zero."""
+the rivals, the grades beside the style metrics), why the freshness subsets' n do not add up, and in words what the
+grades say: how often fine-tuned is correct against its base (and whether the paired gain is distinguishable from
+zero) where the papers were trained on, how often it declines where it cannot know (held-out and invented papers),
+and where it is above or below its base on the other metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
-SET_ORDER = ("golden", "seen", "eval")
+SET_ORDER = ("golden", "seen", "eval", "invented")
 SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new questions",
-                    "eval": "held-out papers"}
+                    "eval": "held-out papers", "invented": "papers that do not exist"}
+ABSTAIN_SETS = ("eval", "invented")  # closed-book, the right answer is not to attempt
 SUBSETS = {"after_cutoff": "on papers first public after the knowledge cutoff",
            "before_cutoff": "on papers first public on or before the knowledge cutoff"}
 LOCAL_ORDER = ("base", "fine_tuned", "rag", "fine_tuned_rag")
-# (column title, metric key, decimals, signed): fact recall and answer length first, so that a style gain (shorter
+# (column title, metric key, decimals, signed): the grades and answer length first, so that a style gain (shorter
 # answers in the abstracts' words: higher ROUGE) cannot pass for knowledge
-COLUMNS = (("fact recall", "fact_recall", 3, False), ("Δ fact recall vs base", "fact_recall_gain", 3, True),
-           ("facts stated", "facts_stated", 3, False), ("words", "answer_words", 1, False),
-           ("eval CE", "cross_entropy", 4, False), ("BERTScore F1", "bertscore_f1", 4, False),
-           ("ROUGE-1", "rouge1", 4, False), ("ROUGE-2", "rouge2", 4, False), ("ROUGE-L", "rougeL", 4, False),
-           ("BLEU", "bleu", 2, False))
+COLUMNS = (("correct", "correct", 3, False), ("Δ correct vs base", "correct_gain", 3, True),
+           ("not attempted", "not_attempted", 3, False), ("hallucination rate", "hallucination_rate", 3, False),
+           ("words", "answer_words", 1, False), ("eval CE", "cross_entropy", 4, False),
+           ("BERTScore F1", "bertscore_f1", 4, False), ("ROUGE-1", "rouge1", 4, False), ("ROUGE-2", "rouge2", 4, False),
+           ("ROUGE-L", "rougeL", 4, False), ("BLEU", "bleu", 2, False))
 # compared in words, fine-tuned against base: (key, name, decimals)
 COMPARED = (("cross_entropy", "eval CE (lower is better)", 4), ("bertscore_f1", "BERTScore F1", 4),
             ("rougeL", "ROUGE-L", 4))
-INDEX_METRICS = {"fact_recall": "fact recall", "facts_stated": "facts stated", "answer_words": "answer words",
-                 "bertscore_f1": "BERTScore F1", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "bleu": "BLEU",
-                 "cross_entropy": "eval cross-entropy"}
+INDEX_METRICS = {"correct": "correct", "not_attempted": "not attempted", "hallucination_rate": "hallucination rate",
+                 "answer_words": "answer words", "bertscore_f1": "BERTScore F1", "rouge1": "ROUGE-1",
+                 "rougeL": "ROUGE-L", "bleu": "BLEU", "cross_entropy": "eval cross-entropy"}
 
 
 def model_label(name: str, base_name: str) -> str:
@@ -93,27 +95,34 @@ def zero_verdict(ci: Any) -> str:
 
 
 def gain_shown(m: dict[str, Any]) -> bool:
-    """Whether a model states the facts more often than base, with a paired interval above zero."""
-    return any(isinstance(ci := m.get(f"{k}_gain_ci95"), list) and len(ci) == 2 and ci[0] > 0
-               for k in ("fact_recall", "facts_stated"))
+    """Whether a model is correct more often than base, with a paired interval above zero."""
+    ci = m.get("correct_gain_ci95")
+    return isinstance(ci, list) and len(ci) == 2 and ci[0] > 0
 
 
-def fact_line(name: str, m: dict[str, Any], base: dict[str, Any]) -> str | None:
-    fact_n = m.get("fact_n")
-    if not fact_n or m.get("fact_recall") is None or base.get("fact_recall") is None:
-        return None
-    if m.get("facts_stated") is not None and base.get("facts_stated") is not None:
-        said, base_said = round(m["facts_stated"] * fact_n), round(base["facts_stated"] * fact_n)
-        parts = [f"{name} states the reference's key facts in {said} of {fact_n} answers vs {base_said} for base"]
-    else:
-        parts = [f"{name}'s fact recall is {with_interval(m, 'fact_recall', 3)} vs "
-                 f"{with_interval(base, 'fact_recall', 3)} for base ({fact_n} questions)"]
-    for key, what in (("facts_stated_gain", "facts stated"), ("fact_recall_gain", "fact recall")):
-        if m.get(key) is not None:
-            ci = m.get(key + "_ci95")  # "n too small" is in the cell already
-            verdict = "" if isinstance(ci, str) else f", {zero_verdict(ci)}"
-            parts.append(f"the paired difference in {what} is {with_interval(m, key, 3, signed=True)}{verdict}")
-    return "; ".join(parts)
+def _count(m: dict[str, Any], key: str) -> int:
+    return round(m[key] * (m.get("graded_n", m["n"]) if key in ("correct", "incorrect") else m["n"]))
+
+
+def grade_lines(name: str, m: dict[str, Any], base: dict[str, Any], declining: bool) -> list[str]:
+    """The grades in words: correct against base with the paired gain, or (where the right answer is to decline) how
+    often it does not attempt, and how often what it does answer is wrong."""
+    if m.get("correct") is None or base.get("correct") is None:
+        return []
+    graded = m.get("graded_n", m["n"])
+    right = (f"{name} is correct on {_count(m, 'correct')} of {graded} questions "
+             f"({with_interval(m, 'correct', 3)}) vs {_count(base, 'correct')} for base")
+    if m.get("correct_gain") is not None:
+        ci = m.get("correct_gain_ci95")
+        right += (f"; the paired gain is {with_interval(m, 'correct_gain', 3, signed=True)}"
+                  + ("" if isinstance(ci, str) else f", {zero_verdict(ci)}"))
+    declines = (f"{name} does not attempt {_count(m, 'not_attempted')} of {m['n']} "
+                f"({with_interval(m, 'not_attempted', 3)}) vs {_count(base, 'not_attempted')} for base")
+    if m.get("hallucination_rate") is not None:
+        declines += (f"; of the answers it attempts, {_count(m, 'incorrect')} are wrong (hallucination rate "
+                     f"{with_interval(m, 'hallucination_rate', 3)})")
+    return [f"- **Not attempted:** {declines}.", f"- **Correct:** {right}."] if declining else \
+        [f"- **Correct:** {right}.", f"- **Not attempted:** {declines}."]
 
 
 def comparison(m: dict[str, Any], base: dict[str, Any], key: str, name: str, decimals: int) -> str | None:
@@ -132,23 +141,18 @@ def comparison(m: dict[str, Any], base: dict[str, Any], key: str, name: str, dec
             f"({with_interval(m, key, decimals)} vs {with_interval(base, key, decimals)}; {overlap})")
 
 
-def findings(by_model: dict[str, Any]) -> list[str]:
+def findings(by_model: dict[str, Any], set_name: str = "") -> list[str]:
     """What the set's numbers say about the adapter against its base, in words."""
     tuned, base = by_model.get("fine_tuned"), by_model.get("base")
     if not isinstance(tuned, dict) or not isinstance(base, dict) or not tuned.get("n"):
         return []
-    lines = []
-    facts = fact_line("fine-tuned", tuned, base)
-    if facts:
-        lines.append(f"- **Fact recall:** {facts}.")
-    elif tuned.get("fact_n") == 0:
-        lines.append("- **Fact recall:** not measured on this set (no reference has a key fact beyond its question).")
-    else:
-        lines.append("- **Fact recall:** not in reports/evaluate.json (the evaluate run that wrote it measured none).")
+    declining = split_name(set_name)[0] in ABSTAIN_SETS
+    lines = grade_lines("fine-tuned", tuned, base, declining) or [
+        "- **Grades:** not in reports/evaluate.json (the evaluate run that wrote it graded no answer)."]
     for name in ("rag", "fine_tuned_rag"):
         m = by_model.get(name)
-        if isinstance(m, dict) and (line := fact_line(model_label(name, "").split(" (")[0], m, base)):
-            lines.append(f"- {line}.")
+        if isinstance(m, dict) and (more := grade_lines(model_label(name, "").split(" (")[0], m, base, declining)):
+            lines.append("- " + more[0].split(":** ", 1)[1])
     lines += [f"- {c}." for key, name, dec in COMPARED if (c := comparison(tuned, base, key, name, dec))]
     if isinstance(tuned.get("answer_words"), (int, float)) and isinstance(base.get("answer_words"), (int, float)):
         lines.append(f"- Answer length: fine-tuned {tuned['answer_words']:.1f} words vs {base['answer_words']:.1f} "
@@ -156,17 +160,17 @@ def findings(by_model: dict[str, Any]) -> list[str]:
     style_up = any(isinstance(tuned.get(k), (int, float)) and isinstance(base.get(k), (int, float))
                    and tuned[k] > base[k] for k in ("rougeL", "bertscore_f1"))
     if style_up and not gain_shown(tuned):
-        lines.append("- Higher ROUGE or BERTScore without a fact-recall gain distinguishable from zero is style "
+        lines.append("- Higher ROUGE or BERTScore without a gain in correct answers distinguishable from zero is style "
                      "(the wording and length of the references), not evidence that the adapter knows the facts.")
     return lines
 
 
 def subset_note(set_name: str, evaluate: dict[str, Any]) -> str | None:
     """Why the freshness subsets' n need not add up to the set's."""
-    n = _n(evaluate.get(set_name))
+    n = set_n(evaluate.get(set_name))
     if not n:
         return None
-    a, b = (_n(evaluate.get(f"{set_name}_{s}")) for s in SUBSETS)
+    a, b = (set_n(evaluate.get(f"{set_name}_{s}")) for s in SUBSETS)
     undated = n - a - b
     if not a + b:
         return (f"No question of the {n} has a publication date evaluate could find (no arXiv id and no journal "
@@ -179,7 +183,7 @@ def subset_note(set_name: str, evaluate: dict[str, Any]) -> str | None:
             "against the base model's knowledge cutoff (`evaluate.knowledge_cutoff`).")
 
 
-def _n(by_model: Any) -> int:
+def set_n(by_model: Any) -> int:
     if not isinstance(by_model, dict) or not by_model:
         return 0
     first = next(iter(by_model.values()))
@@ -199,27 +203,47 @@ def evaluation_section(evaluate: dict[str, Any], base_name: str) -> list[str]:
     lines: list[str] = []
     for set_name in set_order(evaluate):
         by_model = evaluate[set_name]
-        n = _n(by_model)
+        n = set_n(by_model)
         lines += [f"### {set_title(set_name)} (n={n})", ""]
         if not n:
             lines += ["No questions in this set in this run.", ""]
             continue
         first = next(iter(by_model.values()))
-        if split_name(set_name)[1] is None and first.get("fact_n") is not None and first["fact_n"] < n:
-            lines += [f"Fact recall over the {first['fact_n']} of {n} questions whose reference has a key fact "
-                      "beyond the question.", ""]
+        if split_name(set_name)[1] is None and first.get("graded_n") is not None and first["graded_n"] < n:
+            lines += [f"Correct and hallucination rate over the {first['graded_n']} of {n} questions that have a "
+                      "short gold answer (the others count only towards not attempted).", ""]
         lines += metrics_table(by_model, base_name) + [""]
         if split_name(set_name)[1] is None:
-            lines += findings(by_model)
+            lines += findings(by_model, set_name)
             note = subset_note(set_name, evaluate)
             lines += ["", *([note, ""] if note else [])]
     return lines
 
 
 def adapter_shows_gain(evaluate: dict[str, Any]) -> list[str]:
-    """The main sets on which fine-tuned states the facts more often than base (paired interval above zero)."""
+    """The main sets on which fine-tuned is correct more often than base (paired interval above zero)."""
     return [s for s in set_order(evaluate) if split_name(s)[1] is None
             and isinstance(m := evaluate[s].get("fine_tuned"), dict) and m.get("n") and gain_shown(m)]
+
+
+def in_short(evaluate: dict[str, Any]) -> str:
+    """The evaluation in one paragraph: correct where the papers were trained on, declining where it cannot know."""
+    parts = []
+    for s in ("seen", "golden"):
+        t, b = (evaluate.get(s) or {}).get("fine_tuned"), (evaluate.get(s) or {}).get("base")
+        if isinstance(t, dict) and isinstance(b, dict) and t.get("correct") is not None:
+            gain = (f", a paired gain of {with_interval(t, 'correct_gain', 3, signed=True)}"
+                    if t.get("correct_gain") is not None else "")
+            parts.append(f"on {s} questions fine-tuned is correct on {t['correct']:.0%} vs {b.get('correct', 0):.0%} "
+                         f"for base{gain}")
+    for s in ABSTAIN_SETS:
+        t = (evaluate.get(s) or {}).get("fine_tuned")
+        if isinstance(t, dict) and t.get("not_attempted") is not None:
+            what = "held-out" if s == "eval" else "invented"
+            ci = t.get("not_attempted_ci95")
+            parts.append(f"on {what} papers it does not attempt {t['not_attempted']:.0%} of the questions"
+                         + (f" (95% interval {ci[0]:.0%} to {ci[1]:.0%})" if isinstance(ci, list) else ""))
+    return ("; ".join(parts) + ".") if parts else "no answer was graded (reports/evaluate.json has no grades)."
 
 
 def eval_results(evaluate: dict[str, Any]):

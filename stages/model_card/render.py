@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from . import ModelCardParams
-from .evaluation import adapter_shows_gain, eval_results, evaluation_section
+from .evaluation import adapter_shows_gain, eval_results, evaluation_section, in_short, set_n
 from .inputs import DATASET, BaseInfo, CardInputs, GeneratorInfo
 from .sections import (
     METHOD_NAMES,
@@ -74,11 +74,11 @@ def intended_use(b: BaseInfo, g: GeneratorInfo, shown: list[str]) -> str:
                 "pairs; not a question-answering aid.")
     if not shown:
         return ("**Intended use:** an experiment. The evaluation below does not show that fine-tuning taught the "
-                "papers' facts (no question set where fine-tuned states them more often than its base with a "
+                "papers' facts (no question set where fine-tuned is correct more often than its base with a "
                 "paired interval above zero); to ask about the papers, use retrieval (the RAG rows) or the papers.")
     return ("**Intended use:** asking about the content of recent *Quantum* papers (results, methods, definitions, "
             "what is new) as a research aid, with the papers at hand to check the answers; fine-tuned states the "
-            f"reference's facts more often than its base on the {', '.join(shown)} questions.")
+            f"correct answers more often than its base on the {', '.join(shown)} questions.")
 
 
 def training_data_rows(inp: CardInputs) -> list[str]:
@@ -150,8 +150,9 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
           f"{kept.get('train')} question-answer pairs that {g.label} wrote from "
           f"{gen.get('papers_with_pairs', gen.get('papers'))} papers, and evaluated on a fixed set of golden "
           f"questions, on {seen_n} new questions about facts it was trained on (seen papers, new questions) and on "
-          f"{kept.get('eval')} pairs from held-out papers. This card was written by the pipeline's `model_card` "
-          "stage from its own outputs.", ""]
+          f"{kept.get('eval')} pairs from held-out papers"
+          + (f" and {invented} questions about papers that do not exist" if (invented := set_n(ev.get("invented"))) else "")
+          + ". This card was written by the pipeline's `model_card` stage from its own outputs.", ""]
     L += what_it_is(b, g)
 
     trainable, total = tr.get("trainable_params"), tr.get("total_params")
@@ -173,8 +174,9 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
           "validation checked grounding in the paper text, not truth.",
           "- **Not for:** citations, authoritative claims, or safety-relevant decisions. It can state plausible but "
           "wrong facts (hallucinate), mix up papers, and inherits the base model's biases and limits.",
-          "- **Evaluation:** fact recall checks whether an answer states the reference's numbers, names and terms; "
-          "ROUGE, BLEU and BERTScore measure overlap and similarity of wording, not factual correctness.", ""]
+          "- **Evaluation:** each answer is graded correct, incorrect or not attempted against a short gold answer "
+          "(the key number, name or term); ROUGE, BLEU and BERTScore measure overlap and similarity of wording, not "
+          "factual correctness.", ""]
 
     L += ["## How to use", "",
           "From a pipeline workspace: `qrb ask \"…\"`, `qrb chat`, or `qrb serve` (an OpenAI-compatible API on "
@@ -192,20 +194,18 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
     L += loss_section(inp.loss, has_png)
 
     L += ["## Evaluation", "",
-          "Each model answers the same questions greedily; the answers are scored against the reference answers on "
-          "three sets: golden (the card's questions), seen (facts the adapter was trained on, asked in words "
-          "training never used: what fine-tuning can have taught) and eval (pairs from papers training never saw: "
-          "only retrieval can know them). Fact recall is the share of the reference's key facts (numbers, names, "
-          "specific terms the question does not contain) that the answer states; facts stated, the share of "
-          "answers that state them (`evaluate.fact_threshold`); Δ vs base, the paired difference against the base "
-          "on the same questions. Each metric carries its 95% bootstrap interval [lo, hi], or \"n too small\" below "
-          "`evaluate.min_n_for_interval` questions. Words is the mean answer length; eval CE the token-weighted "
-          "cross-entropy of the reference answers (lower is better; local models only); ROUGE is the F measure; "
-          "BLEU sacrebleu's corpus score (0-100).", "",
-          "**In short:** " + (f"fine-tuned states the reference's key facts more often than its base, with a "
-                              f"paired interval above zero, on the {', '.join(shown)} questions." if shown else
-                              "on no question set does fine-tuned state the reference's key facts more often than "
-                              "its base with a paired interval above zero."), ""]
+          "Each model answers the same questions greedily, on four sets: golden (the card's questions), seen (facts "
+          "the adapter was trained on, asked in words training never used: what fine-tuning can have taught), eval "
+          "(papers training never saw: a closed-book model cannot know them and should not attempt them; only "
+          "retrieval can) and invented (papers that do not exist: the right answer is to decline). Each answer is "
+          "graded against the question's short gold answer (the key number, name or term), as SimpleQA grades: "
+          "correct (the gold stated, no rival candidate beside it), incorrect (anything else it commits to) or not "
+          "attempted (it declines); the hallucination rate is incorrect / (correct + incorrect); Δ correct vs base "
+          "is the paired difference against the base on the same questions. Each metric carries its 95% bootstrap "
+          "interval [lo, hi], or \"n too small\" below `evaluate.min_n_for_interval` questions. Words is the mean "
+          "answer length; eval CE the token-weighted cross-entropy of the reference answers (lower is better; local "
+          "models only); ROUGE is the F measure; BLEU sacrebleu's corpus score (0-100).", "",
+          "**In short:** " + in_short(ev), ""]
     L += evaluation_section(ev, b.name)
     L += compute_and_lineage(inp)
     L += attribution(inp.papers, p.license)
