@@ -1,21 +1,23 @@
-"""Export stage: the adapter with its card, the adapter merged into the base, and an int8 variant for small devices.
+"""Export stage: the adapter with its card, the adapter merged into the base, and a GGUF of the merge for llama.cpp,
+Ollama and LM Studio.
 
     python -m stages.export           # from the repository (or workspace) root, after model_card
 
-Reads  params.yaml (`export:` and base.model/system_prompt/hf_offline), artifacts/train/adapter/,
-       artifacts/model_card/ (README.md, loss.png), artifacts/validate/eval.jsonl (for the metric drop).
+Reads  params.yaml (`export:` and base.model/system_prompt/hf_offline/max_length), artifacts/train/adapter/,
+       artifacts/model_card/ (README.md, loss.png), artifacts/validate/eval.jsonl (for the metric check).
 Writes artifacts/export/adapter/ (the PEFT adapter + tokenizer + the model card: what goes to the Hub),
        artifacts/export/merged/ (the adapter merged into the base loaded in `export.merge_precision`: bf16, fp16 or
-       fp32, never a 4-bit base; a plain transformers model folder; for a base that ties embed_tokens and lm_head,
-       an untied model: the trained embedding and the frozen lm_head, `tie_word_embeddings: false`),
-       artifacts/export/int8/ (the merged model with every Linear layer and the embeddings stored as int8 with one
-       scale per output channel / row; `load_exported` dequantizes on the fly, layer by layer, so weights stay int8 in
-       memory too), reports/export.json (sizes on disk and the token-weighted eval cross-entropy of the adapter, the
-       merge and the int8 variant: the merge must not move it, the int8 drop is reported), metrics/export.json (the
-       CEs, the int8 drop and size ratio).
+       fp32, never a 4-bit base; a plain transformers model folder, what `vllm serve` takes; for a base that ties
+       embed_tokens and lm_head, an untied model: the trained embedding and the frozen lm_head),
+       artifacts/export/gguf/ (`<base>-qrb-<type>.gguf`, the merge as Q8_0 or F16 per `export.gguf`, and an Ollama
+       `Modelfile`: `ollama create quantum-research-bot -f artifacts/export/gguf/Modelfile`; see docs/serving.md),
+       reports/export.json and metrics/export.json (sizes on disk and the token-weighted eval cross-entropy of the
+       adapter, the merge and the GGUF as transformers' GGUF loader reads it back: the merge must not move it, the
+       GGUF's change is reported).
 
-With `export.hub_repo_id` set and a token in the variable named by `export.hub_token_env`, the adapter folder is
-pushed to the Hugging Face Hub at the end (never with base.hf_offline).
+With `export.hub_repo_id` set, the adapter folder is pushed to the Hugging Face Hub at the end with the token in the
+variable named by `export.hub_token_env`; a missing token fails the stage before any work (never with
+base.hf_offline: then nothing is pushed).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Literal
 
 from qrb.chat import adapter_kind
 from qrb.errors import ConfigError, QrbError
-from qrb.int8 import load_exported, quantize_int8, save_int8
+from qrb.gguf_export import adds_special, load_gguf, modelfile, write_gguf
 from qrb.io import read_jsonl, write_metrics
 from qrb.stage import run_stage
 
@@ -45,13 +47,13 @@ OUT = Path("artifacts/export")
 ADAPTER_OUT = OUT / "adapter"
 METRICS = Path("metrics/export.json")  # the headline numbers (dvc metrics); the whole record in REPORT
 REPORT = Path("reports/export.json")
-HEADLINE = ("eval_ce.*", "int8_ce_drop", "int8_size_ratio")
+HEADLINE = ("eval_ce.*", "gguf_ce_delta", "gguf_size_ratio")
 
 
 @dataclass(frozen=True)
 class ExportParams:
     merge_precision: Literal["bf16", "fp16", "fp32"]  # no 4-bit option: merging into nf4 loses the adapter
-    quantize: Literal["int8", "none"]
+    gguf: Literal["q8_0", "f16", "none"]  # the GGUF's weights: Q8_0 (8.5 bits a weight), F16, or no GGUF
     eval_batch_size: int
     hub_repo_id: str | None
     hub_token_env: str
@@ -105,17 +107,17 @@ def weight_bytes(path: Path) -> int:
 
 def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], device: str,
            adapter_dir: Path = ADAPTER_DIR, card_dir: Path = CARD_DIR, out: Path = OUT) -> dict[str, Any]:
-    """Core: write out/{adapter,merged,int8} and return the metrics (sizes, eval CE of each form and the drops)."""
+    """Core: write out/{adapter,merged,gguf} and return the metrics (sizes, eval CE of each form and the deltas)."""
     import torch
 
     from qrb.chat import token_weighted_ce
 
-    def ce(model, what: str) -> dict[str, float]:
-        return token_weighted_ce(model, tokenizer, rows, base["system_prompt"], batch_size=p.eval_batch_size,
+    def ce(model, tok, what: str) -> dict[str, float]:
+        return token_weighted_ce(model, tok, rows, base["system_prompt"], batch_size=p.eval_batch_size,
                                  max_length=base["max_length"], desc=f"eval CE ({what})")
 
-    adapter_out, merged_out, int8_out = out / "adapter", out / "merged", out / "int8"
-    for d in (adapter_out, merged_out, int8_out):
+    adapter_out, merged_out, gguf_out = out / "adapter", out / "merged", out / "gguf"
+    for d in (adapter_out, merged_out, gguf_out):
         if d.exists():
             shutil.rmtree(d)
     shutil.copytree(adapter_dir, adapter_out)
@@ -124,19 +126,21 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
             shutil.copy2(card_dir / name, adapter_out / name)
 
     if adapter_kind(adapter_dir) == "loreft":  # a method comparison must not fail here: say why, export the rest
-        for d in (merged_out, int8_out):
+        for d in (merged_out, gguf_out):
             d.mkdir(parents=True)
             (d / "NOT_EXPORTED.md").write_text(f"Not exported: {LOREFT_NOT_MERGEABLE}.\n")
         log.warning("export: %s; only the adapter folder is exported", LOREFT_NOT_MERGEABLE)
         return {"merge_precision": p.merge_precision, "eval_rows": len(rows), "skipped": LOREFT_NOT_MERGEABLE,
                 "size_bytes": {"adapter": weight_bytes(adapter_dir)}}
     peft_model, tokenizer = load_base_and_adapter(base, p, adapter_dir, device)
-    ce_adapter = ce(peft_model, "adapter") if rows else None
+    ce_adapter = ce(peft_model, tokenizer, "adapter") if rows else None
     model = merge(peft_model, tokenizer)
     del peft_model
     model.save_pretrained(merged_out)
     tokenizer.save_pretrained(merged_out)
-    ce_merged = ce(model, "merged") if rows else None
+    ce_merged = ce(model, tokenizer, "merged") if rows else None
+    stop_ids = model.generation_config.eos_token_id if model.generation_config else None
+    del model
     metrics: dict[str, Any] = {
         "merge_precision": p.merge_precision, "eval_rows": len(rows),
         "eval_tokens": ce_merged["tokens"] if ce_merged else 0,
@@ -146,38 +150,46 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
     }
     if ce_merged:
         metrics["merge_ce_delta"] = ce_merged["cross_entropy"] - ce_adapter["cross_entropy"]
-    if p.quantize == "int8":
-        modules = quantize_int8(model)
-        save_int8(model, tokenizer, modules, p.merge_precision, int8_out)
-        del model
-        reloaded, _ = load_exported(int8_out)  # measured as a user would load it
-        reloaded.to(device)
-        ce_int8 = ce(reloaded, "int8") if rows else None
-        metrics["size_bytes"]["int8"] = weight_bytes(int8_out)
-        metrics["int8_size_ratio"] = metrics["size_bytes"]["int8"] / metrics["size_bytes"]["merged"]
-        metrics["int8_modules"] = len(modules)
-        metrics["eval_ce"]["int8"] = ce_int8 and ce_int8["cross_entropy"]
-        if ce_int8:
-            metrics["int8_ce_drop"] = ce_int8["cross_entropy"] - ce_merged["cross_entropy"]
-            metrics["int8_ce_drop_rel"] = metrics["int8_ce_drop"] / ce_merged["cross_entropy"]
-    else:
-        int8_out.mkdir(parents=True, exist_ok=True)  # a declared out: present and empty
+    gguf_out.mkdir(parents=True)  # a declared out: present (and empty with `export.gguf: none`)
+    if p.gguf != "none":
+        metrics.update(export_gguf(base, p, tokenizer, stop_ids, merged_out, gguf_out))
+        metrics["size_bytes"]["gguf"] = (gguf_out / metrics["gguf_file"]).stat().st_size
+        metrics["gguf_size_ratio"] = metrics["size_bytes"]["gguf"] / metrics["size_bytes"]["merged"]
+        if ce_merged:  # read back by an independent reader, with the GGUF's own tokenizer and chat template
+            reread, reread_tok = load_gguf(gguf_out / metrics["gguf_file"], merged_out)
+            metrics["eval_ce"]["gguf"] = ce(reread.to(device), reread_tok, f"gguf {p.gguf}")["cross_entropy"]
+            metrics["gguf_ce_delta"] = metrics["eval_ce"]["gguf"] - ce_merged["cross_entropy"]
+            del reread
     if device == "cuda":
         torch.cuda.empty_cache()
     return metrics
 
 
-def push_to_hub(base: dict[str, Any], p: ExportParams, folder: Path) -> str | None:
-    """Push the adapter folder when a repo id and a token are set; returns the repo id pushed to."""
+def export_gguf(base: dict[str, Any], p: ExportParams, tokenizer, stop_ids, merged: Path, out: Path) -> dict:
+    """The merge as <base>-qrb-<type>.gguf and the Ollama Modelfile beside it; returns its metrics."""
+    stops = [tokenizer.eos_token_id] + (stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids else [])
+    name = f"{Path(base['model']).name}-qrb-{p.gguf}.gguf"
+    counts = write_gguf(merged, out / name, p.gguf)
+    (out / "Modelfile").write_text(modelfile(name, tokenizer, adds_special(tokenizer)[0], base["system_prompt"],
+                                             base["max_length"], stops))
+    return {"gguf_file": name, "gguf_tensor_types": counts}
+
+
+def hub_token(base: dict[str, Any], p: ExportParams) -> str | None:
+    """The Hub token when the adapter is to be pushed: checked before any work, so a missing one costs nothing."""
     if not p.hub_repo_id:
-        return None
-    token = os.environ.get(p.hub_token_env)
-    if not token:
-        log.info("export: %s is not set: not pushing to %s", p.hub_token_env, p.hub_repo_id)
         return None
     if base["hf_offline"]:
         log.warning("export: base.hf_offline is set: not pushing to %s", p.hub_repo_id)
         return None
+    if not os.environ.get(p.hub_token_env):
+        raise ConfigError(f"export.hub_repo_id is {p.hub_repo_id} but ${p.hub_token_env} is not set: export a Hub "
+                          "write token in it, or set export.hub_repo_id: null")
+    return os.environ[p.hub_token_env]
+
+
+def push_to_hub(p: ExportParams, token: str, folder: Path) -> str:
+    """Push the adapter folder; returns the repo id pushed to."""
     from huggingface_hub import HfApi
 
     try:
@@ -187,13 +199,14 @@ def push_to_hub(base: dict[str, Any], p: ExportParams, folder: Path) -> str | No
                           commit_message="quantum-research-bot: adapter and model card")
     except Exception as e:  # network, auth, permissions: one line, the local export is already written
         raise QrbError(f"pushing to the Hub ({p.hub_repo_id}) failed: "
-                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                       f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return p.hub_repo_id
 
 
 def run(base: dict[str, Any], p: ExportParams, args) -> None:
     import torch
 
+    token = hub_token(base, p)
     if not (CARD_DIR / "README.md").exists():
         raise ConfigError(f"no model card in {CARD_DIR}: run the model_card stage first")
     if not EVAL_PAIRS.exists():
@@ -203,15 +216,13 @@ def run(base: dict[str, Any], p: ExportParams, args) -> None:
         log.info("export: merging in %s on the CPU (slower, same result)", p.merge_precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = export(base, p, rows, device)
-    metrics["pushed_to"] = push_to_hub(base, p, ADAPTER_OUT)
+    metrics["pushed_to"] = push_to_hub(p, token, ADAPTER_OUT) if token else None
     write_metrics(METRICS, REPORT, metrics, HEADLINE)
-    if "skipped" in metrics:
-        return
-    log.info("export: merged %.1f MB, int8 %s; eval CE merged %s, int8 %s (drop %s)",
-             metrics["size_bytes"]["merged"] / 1e6,
-             f"{metrics['size_bytes']['int8'] / 1e6:.1f} MB" if "int8" in metrics["size_bytes"] else "skipped",
-             metrics["eval_ce"]["merged"], metrics["eval_ce"].get("int8"), metrics.get("int8_ce_drop"))
-
+    if "skipped" not in metrics:
+        ce = metrics["eval_ce"]
+        log.info("export: merged %.1f MB, GGUF %s; eval CE merged %s, GGUF %s",
+                 metrics["size_bytes"]["merged"] / 1e6, metrics.get("gguf_file", "not written"),
+                 ce["merged"] and f"{ce['merged']:.4f}", ce.get("gguf") and f"{ce['gguf']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -105,14 +105,14 @@ def train_adapter(model_dir: Path, train_rows: list[dict], eval_rows: list[dict]
 
 
 def export_adapter(model_dir: Path, adapter_dir: Path, rows: list[dict], out: Path, *, max_length: int = 192) -> dict:
-    """The export stage's core (fp32 merge + int8) on an adapter; returns its metrics."""
+    """The export stage's core (fp32 merge + Q8_0 GGUF) on an adapter; returns its metrics."""
     from qrb.params import build
     from stages import export as ex
 
     card = out / "card"
     card.mkdir(parents=True, exist_ok=True)
     (card / "README.md").write_text("# card\n")
-    p = build(ex.ExportParams, {"merge_precision": "fp32", "quantize": "int8", "eval_batch_size": 4,
+    p = build(ex.ExportParams, {"merge_precision": "fp32", "gguf": "q8_0", "eval_batch_size": 4,
                                 "hub_repo_id": None, "hub_token_env": "HF_TOKEN", "hub_private": True}, "export")
     return ex.export({**base_of(model_dir), "max_length": max_length}, p, rows, "cpu", adapter_dir=adapter_dir,
                      card_dir=card, out=out)
@@ -148,14 +148,14 @@ def assert_embedding_trained_and_the_rest_frozen(model, model_dir: Path, tokeniz
 
 def assert_tied_export_is_correct(model_dir: Path, adapter_dir: Path, out: Path, metrics: dict) -> None:
     """Merge of an adapter that trained the embedding of a tied base: an untied model carrying both matrices (the
-    trained embedding, the base's lm_head) whose reloaded logits are the adapter's; int8 keeps them apart too."""
+    trained embedding, the base's lm_head) whose reloaded logits are the adapter's; the GGUF keeps them apart too."""
     import json
 
     import torch
     from safetensors.torch import load_file
 
-    from qrb.chat import load_with_adapter
-    from qrb.int8 import load_exported
+    from qrb.chat import load_causal_lm, load_with_adapter
+    from qrb.gguf_export import load_gguf
 
     assert json.loads((out / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     state: dict = {}
@@ -169,21 +169,21 @@ def assert_tied_export_is_correct(model_dir: Path, adapter_dir: Path, out: Path,
     assert torch.equal(head, base_head), "the merged lm_head must be the base's (frozen)"
     assert torch.equal(emb, ref.get_input_embeddings().modules_to_save["default"].weight.detach())
     assert not torch.equal(emb, head)
-    merged, _ = load_exported(out / "merged")
+    merged = load_causal_lm(str(out / "merged"))
     assert merged.get_output_embeddings().weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr()
-    int8, _ = load_exported(out / "int8")
-    assert not int8.config.tie_word_embeddings
+    gguf, _ = load_gguf(out / "gguf" / metrics["gguf_file"])
+    assert not gguf.config.tie_word_embeddings  # output.weight written: the frozen lm_head beside the trained embedding
     ids = tok("What is a qubit and how is it measured?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         want = ref(ids).logits
         assert torch.allclose(merged(ids).logits, want, atol=1e-4), "reloaded merge != adapter"
         with ref.disable_adapter():  # the adapter changed the model: the comparison means something
             assert not torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-3)
-        lm = int8.get_output_embeddings()
-        deq = lm.weight_int8.float() * lm.weight_scale[:, None]
-        assert torch.all((deq - head).abs() <= lm.weight_scale[:, None] / 2 + 1e-6), "int8 lm_head is not the base's"
+        step = head.abs().amax(dim=1, keepdim=True) / 127  # Q8_0: at most half a step of its 32-value block's scale
+        assert torch.all((gguf.get_output_embeddings().weight - head).abs() <= step), "GGUF lm_head is not the base's"
+        assert torch.all((gguf.get_input_embeddings().weight - emb).abs() <= emb.abs().amax(dim=1, keepdim=True) / 127)
     assert abs(metrics["merge_ce_delta"]) < 1e-4
-    assert abs(metrics["int8_ce_drop"]) < 0.05 and metrics["eval_ce"]["int8"] > 0
+    assert abs(metrics["gguf_ce_delta"]) < 0.02 and metrics["eval_ce"]["gguf"] > 0
 
 
 def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir: Path, **overrides) -> None:

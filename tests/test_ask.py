@@ -225,7 +225,7 @@ def test_serve_section_loads_in_both_profiles(tmp_path):
 # ---- the real model: SmolLM2 (tied embeddings; the adapter trains an untied copy of the input embedding) ----------
 
 def build_smol_workspace(ws: Path, smol_model_dir: Path) -> Path:
-    """A SmolLM2 adapter (2 steps on 4 pairs: enough to change its answers) and its merged and int8 exports, made by
+    """A SmolLM2 adapter (2 steps on 4 pairs: enough to change its answers) and its merged and GGUF exports, made by
     the train and export stages' own cores (~30 s)."""
     from datasets import Dataset, DatasetDict
 
@@ -264,15 +264,16 @@ SMOL_Q = "What does paper 2 report?"
 
 
 @pytest.mark.slow
-def test_smol_adapter_merged_int8_and_base_answer(smol_ws, smol_model_dir):
-    """`qrb ask` on the real tied-embedding model: the adapter, its merged and int8 exports, and `--base`."""
+def test_smol_adapter_merged_and_base_answer(smol_ws, smol_model_dir):
+    """`qrb ask` on the real tied-embedding model: the adapter, its merged export, and `--base`; the GGUF is for
+    Ollama and llama.cpp, and `qrb ask` says so in one line."""
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(smol_model_dir).pad_token == AutoTokenizer.from_pretrained(
         smol_model_dir).eos_token  # the base pads with eos: --base must generate right with it
     answers = {}
     for name, args in (("adapter", []), ("merged", ["--model", "artifacts/export/merged"]),
-                       ("int8", ["--model", "artifacts/export/int8"]), ("base", ["--base"])):
+                       ("base", ["--base"])):
         proc = qrb("ask", "--max-new-tokens", "8", *args, SMOL_Q, cwd=smol_ws, timeout=300)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         assert proc.stderr.strip() == "", f"{name}: a terminal answer, no library noise: {proc.stderr[-2000:]}"
@@ -280,12 +281,16 @@ def test_smol_adapter_merged_int8_and_base_answer(smol_ws, smol_model_dir):
         assert len(answers[name].split()) >= 3, (name, answers[name])
     assert answers["merged"] == answers["adapter"], answers  # the merge (an untied lm_head) loads as trained
     assert "Paper 2" in answers["adapter"] and answers["base"] != answers["adapter"], answers
+    from qrb.errors import EXIT_CONFIG
+
+    proc = qrb("ask", "--model", "artifacts/export/gguf", SMOL_Q, cwd=smol_ws, timeout=300)
+    assert proc.returncode == EXIT_CONFIG and "holds a GGUF: run it with Ollama" in one_line_error(proc, "qrb ask")
 
 
 @pytest.mark.slow
 def test_smol_base_bot_is_evaluates_base_and_streams_to_eos(smol_ws):
     """In process: SmolLM2's --base (pad = eos) answers what evaluate calls "base", stops at its end-of-turn, and
-    streams the same text; chat loads the int8 export."""
+    streams the same text; chat loads the merged export."""
     from qrb.app.bot import load_bot
 
     conv = [{"role": "user", "content": "What is 2 + 2? Answer with a number only."}]
@@ -305,6 +310,6 @@ def test_smol_base_bot_is_evaluates_base_and_streams_to_eos(smol_ws):
     assert "".join(pieces).strip() == reply.text == streamed.text and reply.text
     assert reply.finish_reason == streamed.finish_reason == "stop" and reply.completion_tokens < 24
     assert "4" in reply.text  # a real pretrained model: it answers
-    proc = qrb("chat", "--model", "artifacts/export/int8", "--max-new-tokens", "8", cwd=smol_ws,
+    proc = qrb("chat", "--model", "artifacts/export/merged", "--max-new-tokens", "8", cwd=smol_ws,
                input=f"{SMOL_Q}\n/exit\n", timeout=300)
     assert proc.returncode == 0 and proc.stdout.split("bot> ")[1].strip(), proc.stderr[-2000:]

@@ -62,9 +62,9 @@ def test_smol_trains_an_untied_embedding_copy_with_lm_head_frozen_and_reloads(sm
     assert metrics["eval_ce"] > 0
 
 
-def test_smol_merge_and_int8_export_keep_the_trained_embedding_and_the_frozen_lm_head(smol_model_dir, smol_adapter,
+def test_smol_merge_and_gguf_export_keep_the_trained_embedding_and_the_frozen_lm_head(smol_model_dir, smol_adapter,
                                                                                    rows, tmp_path):
     _, _, _, adapter = smol_adapter
     metrics = export_adapter(smol_model_dir, adapter, rows[1], tmp_path / "export", max_length=MAX_LENGTH)
     assert_tied_export_is_correct(smol_model_dir, adapter, tmp_path / "export", metrics)
-    assert metrics["size_bytes"]["int8"] < 0.5 * metrics["size_bytes"]["merged"]
+    assert metrics["size_bytes"]["gguf"] < 0.3 * metrics["size_bytes"]["merged"]  # Q8_0: 8.5 bits vs fp32's 32

@@ -2,7 +2,7 @@
 
     qrb ask "What is a surface code?"            # from a workspace (or repo) root, after the train stage
     qrb ask --base "What is a surface code?"     # the base model alone (no adapter), same template and system prompt
-    qrb ask --model artifacts/export/merged "…"   # an exported merged (or int8) model instead of base + adapter
+    qrb ask --model artifacts/export/merged "…"   # the merged export instead of base + adapter
 
 Errors are one line `qrb ask: …` with the kind's exit code (78 configuration, 65 bad input, 2 usage).
 """

@@ -251,7 +251,7 @@ def load_serve_params(path: str | Path = "params.yaml") -> tuple[Base, ServePara
 
 def load_bot(model_path: str | Path | None = None, params_path: str | Path = "params.yaml",
              device: str | None = None, base_only: bool = False, **overrides: Any) -> Bot:
-    """Base + adapter (the default), a folder holding an adapter, an exported (merged / int8) model folder, or with
+    """Base + adapter (the default), a folder holding an adapter, an exported (merged) model folder, or with
     `base_only` base.model alone (its own tokenizer, no adapter).
 
     `overrides` replace `serve:` values (e.g. max_new_tokens=16). Raises ConfigError when something is missing.
@@ -275,6 +275,9 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = Path(model_path) if model_path else DEFAULT_ADAPTER
+    if adapter_kind(base.model):  # transformers would fail deep inside, looking for weights an adapter lacks
+        raise ConfigError(f"base.model {base.model} is an adapter, not a model: set base.model to the base it was "
+                          "trained on (its adapter_config.json says which) and pass the adapter as --model")
     if base_only:  # the chat template is the base tokenizer's own: the one train rendered every pair with
         tokenizer = load_tokenizer(base.model)
         model = load_causal_lm(base.model, dtype=dtype)
@@ -282,15 +285,12 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     elif adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
         model, tokenizer = load_with_adapter(base.model, path, dtype=dtype)
         source = f"{path} on {base.model}"
-    elif (path / "config.json").exists():
-        from qrb.int8 import load_exported
-
-        try:
-            model, tokenizer = load_exported(path, dtype=dtype)
-        except OSError as e:
-            raise ConfigError(f"cannot load the exported model in {path}: "
-                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    elif (path / "config.json").exists():  # the merged export, or any transformers model folder
+        model, tokenizer = load_causal_lm(str(path), dtype=dtype), load_tokenizer(str(path))
         source = str(path)
+    elif any(path.glob("*.gguf")):
+        raise ConfigError(f"{path} holds a GGUF: run it with Ollama or llama.cpp (docs/serving.md); qrb serves the "
+                          "merged export (artifacts/export/merged) or an adapter")
     elif model_path is None:
         raise ConfigError(f"no adapter in {path}: run the pipeline first (dvc repro train), from the "
                           "workspace root, or pass --model (or --base for the base model alone)")
@@ -334,7 +334,7 @@ def app_parser(cmd: str, doc: str | None) -> argparse.ArgumentParser:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, metavar="DIR",
-                       help=f"adapter or exported model folder, e.g. artifacts/export/merged or artifacts/export/int8 "
+                       help=f"adapter or merged model folder, e.g. artifacts/export/merged or artifacts/export/adapter "
                             f"(default {DEFAULT_ADAPTER} on base.model)")
     which.add_argument("--base", action="store_true",
                        help="the base model alone (base.model, no adapter) with the same chat template and system "

@@ -2,7 +2,7 @@
 
     qrb chat                                  # from a workspace (or repo) root, after the train stage
     qrb chat --base                           # the base model alone (no adapter), same template and system prompt
-    qrb chat --model artifacts/export/int8    # an exported model
+    qrb chat --model artifacts/export/merged  # the merged export
 
 Old turns are dropped when the conversation outgrows `serve.max_input_tokens`. Ctrl-C stops the answer being
 written. Errors are one line `qrb chat: …` with the kind's exit code (78 configuration, 2 usage).
