@@ -91,10 +91,10 @@ THREADS_ENV = "QRB_CPU_THREADS"
 
 
 def cpu_threads() -> int:
-    """Torch threads for this process: `$QRB_CPU_THREADS`, else the cores that are idle now (cores minus the 1-minute
-    load average, at least 1). Measured on 2 cores (bench/bench_threads.py, BENCHMARKS.md): on a quiet machine 2
-    threads train SmolLM2 1.5x faster than 1, but beside other work 2 threads ran 3-8x SLOWER than 1, so a thread
-    per busy core is given up rather than fought over."""
+    """Torch threads for this process: `$QRB_CPU_THREADS`, else the cores this process may use (its CPU affinity)
+    minus those other work keeps busy now (`busy_cores`: /proc/stat over 0.3 s), rounded, at least 1. Why: single runs
+    on 2 cores (BENCHMARKS.md, threads; a same-run re-measurement with bench/bench_threads.py is pending) had 2
+    threads train SmolLM2 1.5x faster than 1 on a quiet machine but 3-8x SLOWER beside other work."""
     if os.environ.get(THREADS_ENV, "").strip():
         try:
             return max(1, int(os.environ[THREADS_ENV]))
