@@ -175,7 +175,7 @@ def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profi
     rt.dump(data, buf)
     where = f"+ profile {profile} " if profile else ""
     head = (f"# Written by flows.workspace from the repo's params.yaml {where}(the comments are the repo's: they\n"
-            "# describe the flagship recipe); edit it for experiments here.\n")
+            "# describe the flagship recipe); edit it for experiments here (a refresh then stops unless --force).\n")
     atomic_write_text(ws / "params.yaml", head + buf.getvalue())
 
 
