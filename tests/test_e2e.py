@@ -66,7 +66,7 @@ def test_demo_console_is_a_line_per_step_and_the_summary_once(demo_run):
 
 def test_demo_runs_all_five_stages_for_real(demo_run):
     ws, run, _, _ = demo_run
-    assert [r["stage"] for r in run["stages"]] == ["scrape", "generate", "validate", "train", "evaluate",
+    assert [r["stage"] for r in run["stages"]] == ["scrape", "index", "generate", "validate", "train", "evaluate",
                                                    "model_card", "export"]
     assert all(r["ran"] for r in run["stages"])
     papers = [json.loads(line) for line in (ws / "artifacts/scrape/papers.jsonl").read_text().splitlines()]

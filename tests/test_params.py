@@ -15,7 +15,7 @@ from flows.workspace import profile_params
 from qrb.params import Base, build, deep_merge, leaf_keys, load_params, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("scrape", "generate", "validate", "train", "evaluate", "model_card", "export")
+STAGES = ("scrape", "index", "generate", "validate", "train", "evaluate", "model_card", "export")
 
 
 def dvc_stages() -> dict:
