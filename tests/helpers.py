@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import re
+import shutil
+import tempfile
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,3 +280,70 @@ def set_args(nested: dict, prefix: str = "") -> list[str]:
         else:
             args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
     return args
+
+
+# ---- a served app and a headless browser (test_serve, test_rag) ----------------------------------------------------
+CHROMIUM_APT = "apt-get update && apt-get install -y chromium chromium-driver"
+
+
+@contextlib.contextmanager
+def running(app):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@contextlib.contextmanager
+def chromium():
+    found = _chromium()
+    if found is None:
+        browser_missing(f"chromium/chromedriver not installed: add `{CHROMIUM_APT}` to .ci/run")
+    if importlib.util.find_spec("selenium") is None:
+        browser_missing("selenium is not installed: pip install selenium (dev dependency)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = found
+    with tempfile.TemporaryDirectory(prefix="qrb-chromium-") as profile:
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = browser
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+            opts.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def ask_page(driver, question: str):
+    """Type a question, send it, and return the bubble it ends in (an answer or an error)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error"))
+    driver.find_element(By.ID, "input").send_keys(question)
+    driver.find_element(By.ID, "send").click()
+    done = WebDriverWait(driver, 120).until(
+        lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")[before:]
+                   if e.get_attribute("data-done") == "true"])
+    return done[0]

@@ -3,6 +3,8 @@
     qrb ask "What is a surface code?"            # from a workspace (or repo) root, after the train stage
     qrb ask --base "What is a surface code?"     # the base model alone (no adapter), same template and system prompt
     qrb ask --model artifacts/export/merged "…"   # the merged export instead of base + adapter
+    qrb ask --rag "What is a surface code?"      # answer from the papers retrieved from artifacts/index, then a
+                                                 # "Sources:" line naming them (title, DOI link)
 
 Errors are one line `qrb ask: …` with the kind's exit code (78 configuration, 65 bad input, 2 usage).
 """
@@ -14,6 +16,8 @@ import logging
 import sys
 
 from qrb.app.bot import add_model_args, app_parser, bot_from_args, run_app
+from qrb.retrieval import sources_line
+from qrb.schema import ABSTAIN_ANSWER
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,11 +29,15 @@ def parser() -> argparse.ArgumentParser:
 
 def ask(args: argparse.Namespace) -> None:
     bot = bot_from_args(args)
-    _, pieces = bot.stream([{"role": "user", "content": " ".join(args.question)}])
+    conv, cites = bot.ground([{"role": "user", "content": " ".join(args.question)}])
+    if cites is None:  # nothing relevant in the index: say so rather than invent
+        print(ABSTAIN_ANSWER)
+        return
+    _, pieces = bot.stream(conv)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write("\n" + (sources_line(cites) + "\n" if cites else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

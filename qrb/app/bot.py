@@ -45,6 +45,7 @@ class ServeParams:
     max_new_tokens: int  # the default and the cap for a reply's length
     max_request_bytes: int  # serve: larger request bodies are refused with 413
     temperature: float  # default; 0 = greedy (as evaluate)
+    rag: bool  # answer from the papers retrieved from artifacts/index (`retrieval:`) and cite them (--rag)
 
     def check(self) -> None:
         for key in ("max_input_tokens", "max_new_tokens", "max_request_bytes"):
@@ -90,7 +91,19 @@ class Bot:
     limits: ServeParams
     source: str = ""
     base_only: bool = False  # base.model without the adapter (`--base`)
+    retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index, and its `retrieval:` params
+    retrieval: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def ground(self, conversation: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list | None]:
+        """With rag: the last question carries the passages retrieved for it, plus the papers to cite (None: nothing
+        relevant was retrieved, abstain). Without: the conversation as it is, no citations."""
+        if self.retriever is None:
+            return list(conversation), []
+        from qrb.retrieval import ground
+
+        prompt, cites = ground(self.retriever, self.retrieval, [conversation[-1]["content"]])[0]
+        return [*conversation[:-1], {"role": "user", "content": prompt or ""}], cites or None
 
     # ---- special tokens -----------------------------------------------------------------------------------
     @property
@@ -268,6 +281,11 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
 
     set_hf_offline(base.hf_offline)
     set_cpu_threads()
+    retriever, retrieval = None, None
+    if limits.rag:
+        from qrb.retrieval import open_index
+
+        retriever, retrieval = open_index(params_path)
     import torch
 
     from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter
@@ -299,7 +317,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     model = model.to(device)
     model.eval()
     return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=source,
-               base_only=base_only)
+               base_only=base_only, retriever=retriever, retrieval=retrieval)
 
 
 # ---- the apps' command line --------------------------------------------------------------------------------------
@@ -345,6 +363,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="longest reply, in tokens (default serve.max_new_tokens; serve refuses a max_tokens above it)")
     ap.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
                     help="sampling temperature; 0 = greedy, as evaluate (default serve.temperature)")
+    ap.add_argument("--rag", action="store_const", const=True, default=None,
+                    help="answer from the papers retrieved from artifacts/index (the `retrieval:` params) and name "
+                         "them (title, DOI link); abstain when none is relevant (default serve.rag)")
 
 
 def quiet_libraries() -> None:
@@ -365,7 +386,7 @@ def quiet_libraries() -> None:
 def bot_from_args(args: argparse.Namespace) -> Bot:
     quiet_libraries()
     return load_bot(args.model, args.params, base_only=args.base, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature)
+                    temperature=args.temperature, rag=args.rag)
 
 
 def run_app(prog: str, body: Callable[[], None]) -> None:

@@ -3,6 +3,9 @@
 When the server needs an API key (QRB_SERVE_API_KEY), the page shows a key field; what the user types there is kept in
 the tab's sessionStorage (gone when the tab closes, never in localStorage or a cookie) and sent as
 `Authorization: Bearer <key>`. The served HTML only says *whether* a key is needed, never the key.
+
+With retrieval on (`qrb serve --rag`), a reply's `citations` (the delta of its sources chunk) are shown under it as
+links to the papers' DOIs, in place of that chunk's plain-text "Sources:" line.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import json
 KEY_STORE = "qrb-api-key"  # the sessionStorage item
 
 
-def page_html(model_id: str, max_tokens: int, *, key_required: bool, base_only: bool) -> str:
+def page_html(model_id: str, max_tokens: int, *, key_required: bool, base_only: bool, rag: bool = False) -> str:
     which = ("the base model alone (no fine-tuned adapter), for comparison with the fine-tuned model" if base_only
-             else "the fine-tuned model")
+             else "the fine-tuned model") + (", from the papers it retrieves (linked under each answer)" if rag else "")
     return (PAGE.replace("__MODEL_JS__", json.dumps(model_id)).replace("__MODEL__", html.escape(model_id))
             .replace("__MAX_TOKENS__", str(int(max_tokens))).replace("__WHICH__", which)
             .replace("__TITLE__", "Quantum Research Bot" + (" (base model)" if base_only else ""))
@@ -34,6 +37,7 @@ PAGE = """<!doctype html>
  .error{background:#fee2e2} form{display:flex;gap:.5rem} textarea{flex:1;font:inherit;padding:.5rem;min-height:3rem}
  button{font:inherit;padding:.5rem 1rem} small{color:#666} [hidden]{display:none !important}
  #key-row{margin-bottom:1rem} #api-key{font:inherit;padding:.3rem;width:20rem;max-width:100%}
+ .sources{font-size:.85rem;color:#444;margin-top:-.3rem}
 </style></head>
 <body>
 <h1>__TITLE__</h1>
@@ -62,6 +66,15 @@ keyInput.addEventListener('input', () => {
 function bubble(role, text) {
   const d = document.createElement('div'); d.className = 'msg ' + role; d.textContent = text;
   log.appendChild(d); d.scrollIntoView(); return d;
+}
+function sources(after, cites) {
+  const d = document.createElement('div'); d.className = 'sources'; d.append('Sources: ');
+  cites.forEach((c, i) => {
+    const a = document.createElement('a'); a.textContent = c.title || c.doi; a.target = '_blank'; a.rel = 'noopener';
+    if (/^https?:/.test(c.url || '')) a.href = c.url;
+    if (i) d.append('; '); d.append(a);
+  });
+  after.after(d);
 }
 async function ask(question) {
   history.push({role: 'user', content: question});
@@ -93,7 +106,8 @@ async function ask(question) {
         const data = line.slice(5).trim(); if (data === '[DONE]') continue;
         const obj = JSON.parse(data);
         if (obj.error) throw new Error(obj.error.message);
-        const c = obj.choices && obj.choices[0] && obj.choices[0].delta.content; if (c) out.textContent += c;
+        const d = (obj.choices && obj.choices[0] && obj.choices[0].delta) || {};
+        if (d.citations) sources(out, d.citations); else if (d.content) out.textContent += d.content;
       }
     }
     history.push({role: 'assistant', content: out.textContent});

@@ -3,6 +3,7 @@
     qrb serve                       # from a workspace (or repo) root; http://127.0.0.1:<serve.port>/
     qrb serve --port 0 --model artifacts/export/merged
     qrb serve --base --port 8001    # the base model alone (no adapter): open both pages side by side
+    qrb serve --rag                 # answers from the papers retrieved from artifacts/index, citing them
 
 Endpoints (FastAPI + uvicorn):
     GET  /                       a small chat page (static HTML + fetch to the API below, streaming)
@@ -17,6 +18,12 @@ the environment variable QRB_SERVE_API_KEY is set, /v1/ requests must carry it a
 sessionStorage (the key is never part of the served HTML). Limits (from `serve:`): request bodies over
 `max_request_bytes` get 413; a body that is not UTF-8 JSON, prompts over `max_input_tokens` and `max_tokens` over
 `max_new_tokens` get 400, all in OpenAI's error format. Generation is one request at a time (one model, one lock).
+
+With `--rag` (or serve.rag) the last question is answered from the passages retrieved for it, and the reply names its
+papers twice: as a "Sources: <title> (https://doi.org/<doi>); ..." paragraph appended to the content (the last
+content chunk when streaming) and as `citations: [{doi, title, url}]` on the message (on that chunk's delta), which
+the page shows as links. When no passage scores `retrieval.min_score` the reply is qrb.schema.ABSTAIN_ANSWER with
+`citations: []`.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from qrb.app.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
+from qrb.app.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, run_app
 from qrb.app.page import page_html
+from qrb.retrieval import sources_line
+from qrb.schema import ABSTAIN_ANSWER
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +150,7 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": limits.model_id, "base_only": bot.base_only}
+        return {"status": "ok", "model": limits.model_id, "base_only": bot.base_only, "rag": bot.retriever is not None}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -151,7 +160,7 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return page_html(limits.model_id, limits.max_new_tokens, key_required=api_key is not None,
-                         base_only=bot.base_only)
+                         base_only=bot.base_only, rag=bot.retriever is not None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -171,22 +180,28 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         if max_tokens is not None and not 1 <= max_tokens <= limits.max_new_tokens:
             raise ApiError(400, f"max_tokens must be between 1 and {limits.max_new_tokens} (serve.max_new_tokens)",
                            "max_tokens")
-        conv = conversation(req)
+        conv, cites = await run_in_threadpool(bot.ground, conversation(req))
         kw = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         try:
-            if not req.stream:
+            if cites is None:  # nothing relevant retrieved: say so rather than invent
+                reply, pieces = Reply(text=ABSTAIN_ANSWER), iter([ABSTAIN_ANSWER])
+            elif req.stream:
+                reply, pieces = bot.stream(conv, **kw)
+            else:
                 reply = await run_in_threadpool(bot.generate, conv, **kw)
+            if not req.stream:
+                message = {"role": "assistant", "content": reply.text + (f"\n\n{sources_line(cites)}" if cites else "")}
+                if bot.retriever is not None:
+                    message["citations"] = cites or []
                 return {"id": cid, "object": "chat.completion", "created": now, "model": limits.model_id,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                                     "finish_reason": reply.finish_reason, "logprobs": None}],
-                        "usage": usage(reply)}
-            reply, pieces = bot.stream(conv, **kw)
+                        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason,
+                                     "logprobs": None}], "usage": usage(reply)}
         except InputTooLong as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse(cid, now, limits.model_id, reply, pieces, include_usage),
+        return StreamingResponse(sse(cid, now, limits.model_id, reply, pieces, include_usage, cites),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -222,8 +237,10 @@ def usage(reply) -> dict[str, int]:
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], include_usage: bool) -> Iterator[str]:
-    """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, [usage chunk], [DONE]."""
+def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], include_usage: bool,
+        cites: list | None = None) -> Iterator[str]:
+    """OpenAI's chunk stream: a role chunk, content deltas, [the sources chunk], a finish chunk, [usage chunk],
+    [DONE]."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -236,6 +253,8 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
         yield chunk({"role": "assistant", "content": ""})
         for piece in pieces:
             yield chunk({"content": piece})
+        if cites:
+            yield chunk({"content": f"\n\n{sources_line(cites)}", "citations": cites})
         yield chunk({}, reply.finish_reason)
         if include_usage:
             obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],

