@@ -87,7 +87,8 @@ def metrics_markdown(workspace: Path) -> str:
             rows += [(rel, k, v) for k, v in flat]
     if rows:
         lines = ["| file | metric | value |", "|---|---|---|"]
-        lines += [f"| {f} | {k} | {v} |" for f, k, v in rows]
+        # 4 significant digits for a person (the files keep 6 decimals)
+        lines += [f"| {f} | {k} | {float(f'{v:.4g}') if isinstance(v, float) else v} |" for f, k, v in rows]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "(no metrics yet)"
 

@@ -85,8 +85,8 @@ def seconds(clock: str) -> int:
 class StageOutput:
     """What one stage's output means to the console: its progress bars and its own summary line."""
 
-    def __init__(self, stage: str):
-        self.stage, self.summary = stage, ""
+    def __init__(self, stage: str, on_progress: Any = None):
+        self.stage, self.summary, self.on_progress = stage, "", on_progress  # on_progress(bar match): e.g. Prefect's
         self.marks: dict[tuple[str, str], int] = {}
         self.shown_at = -GAP_S
 
@@ -98,8 +98,11 @@ class StageOutput:
             self.summary = LONG_DECIMAL.sub(lambda d: f"{float(d[0]):.4g}", msg)
             return
         bar = BAR.search(line)
-        if bar and _console is not None and seconds(bar["elapsed"]) >= LONG_S:
-            self.progress(bar)
+        if bar and seconds(bar["elapsed"]) >= LONG_S:
+            if self.on_progress is not None:
+                self.on_progress(bar)
+            if _console is not None:
+                self.progress(bar)
 
     def progress(self, bar: re.Match) -> None:
         assert _console is not None

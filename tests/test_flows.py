@@ -72,8 +72,10 @@ def validate(base, p, args):
 
 
 def train(base, p, args):
+    print("40%|####      | 4/10 [00:06<00:09,  1.50s/it]", flush=True)  # a long bar, as Trainer draws it
     Path("out/model.txt").write_text("weights\\n")
-    Path("metrics/train.json").write_text(json.dumps({"method": "lora", "eval_ce": round(2.5 * p.scale, 4)}))
+    Path("metrics/train.json").write_text(json.dumps({"method": "lora", "eval_ce": round(2.5 * p.scale, 4),
+                                                          "train_loss": 1.2345678}))
     Path("plots/loss.csv").write_text("step,loss\\n1,3.0\\n2,2.0\\n")
 
 
@@ -315,12 +317,39 @@ def test_artifacts_readable_through_api_with_metrics_diff(prefect_server, tmp_pa
     arts = artifacts(second.state_details.flow_run_id)
     assert {"qrb-metrics", "qrb-metrics-diff", "qrb-links", "qrb-data-docs", "qrb-plots"} <= set(arts)
     metrics = arts["qrb-metrics"].data
-    assert "| metrics/train.json | eval_ce | 5.0 |" in metrics
+    assert "| metrics/train.json | eval_ce | 5.0 |" in metrics and "| train_loss | 1.235 |" in metrics  # rounded
     diff = arts["qrb-metrics-diff"].data
     assert "metrics/train.json" in diff and "eval_ce" in diff and "2.5" in diff and "5.0" in diff
     assert (ws / fa.PLOTS_DIR / "index.html").exists()
     assert (ws / fa.PLOTS_DIR / "index.html").as_uri() in arts["qrb-plots"].data
     assert "[Data Docs](file://" in arts["qrb-links"].data
+
+
+def test_a_long_stage_moves_a_progress_artifact(prefect_server, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    from flows import console
+
+    def read(artifact_id):
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))[0]
+
+    @flow
+    def poll():  # the batch job's bar, as tqdm draws it
+        progress = pl.Progress("generate")
+        progress(console.BAR.search("batch batch_1: 40%|####      | 40/100 [01:07<01:40,  1.68s/request]"))
+        return progress.id
+
+    art = read(poll())
+    assert (art.key, art.type, art.data) == ("generate-progress", "progress", 40.0)
+    assert art.description == "generate: batch batch_1 40% (40/100), 01:07 elapsed, ~01:40 left"
+
+    state = pl.pipeline(str(make_toy(tmp_path)), return_state=True)
+    arts = artifacts(state.state_details.flow_run_id)
+    assert arts["train-progress"].data == 100.0 and arts["train-progress"].description.startswith("train: done in")
+    assert "scrape-progress" not in arts  # no long work: no progress artifact
 
 
 def test_parse_set_reads_values_as_yaml():

@@ -39,10 +39,16 @@ def online(tmp_path_factory):
         mp.undo()
 
 
-def test_batch_mode_gives_the_online_pairs_at_half_the_price_in_three_batches(online, tmp_path, monkeypatch):
+def test_batch_mode_gives_the_online_pairs_at_half_the_price_in_three_batches(online, tmp_path, monkeypatch, capsys):
+    from flows.console import BAR
+
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url, **ROUNDS, **BATCH)
         run_main(ws, monkeypatch)
+        # each job's polling is a tqdm bar: what the flow's progress artifact and the console read
+        bars = [b for b in map(BAR.search, re.split(r"[\r\n]", capsys.readouterr().err)) if b and b["desc"]]
+        done = {b["desc"] for b in bars if b["desc"].startswith("batch ") and b["n"] == b["total"] != "0"}
+        assert len(done) == 3, bars[-5:]
         assert ep.completions_count() == 0  # every request went through a batch
         assert batches_created(ep) == 3 and ep.count("POST", "/v1/files") == 3  # QA, augment, paraphrase in turn
         first = ep.request_count

@@ -189,7 +189,10 @@ class Batcher:
         return set(rec["keys"])
 
     async def wait(self, bid: str) -> Any:
+        from tqdm import tqdm
+
         delay = self.p.batch_poll_s
+        bar = tqdm(desc=f"batch {bid}", unit="request")  # a wait of up to 24 h: the flow shows where it is
         while True:
             try:
                 b = await self.call("polling the batch", self.r.client.batches.retrieve, bid)
@@ -200,7 +203,10 @@ class Batcher:
             counts = b.request_counts
             log.info("generate: batch %s %s (%s of %s done)", bid, b.status, getattr(counts, "completed", "?"),
                      getattr(counts, "total", "?"))
+            bar.total, bar.n = getattr(counts, "total", None) or None, getattr(counts, "completed", 0) or 0
+            bar.refresh()
             if b.status in FINISHED:
+                bar.close()
                 if b.status == "failed":
                     errs = [e.message for e in (getattr(b.errors, "data", None) or []) if e.message]
                     log.warning("generate: batch %s failed: %s", bid, "; ".join(errs[:3]) or "no reason given")
