@@ -29,6 +29,7 @@ from stages.evaluate.metrics import (
     aggregate,
     bertscore_model_path,
     bootstrap_indices,
+    paired_gains,
 )
 from stages.evaluate.questions import freshness_subsets
 from stages.evaluate.report import HEADLINE_METRICS, PLOT_METRICS
@@ -120,6 +121,50 @@ def test_no_cross_entropy_when_a_prompt_leaves_its_answer_no_tokens(scorer):
     rows[2].update(nll=0.0, answer_tokens=0)
     m = aggregate(rows, seed=3, samples=200)
     assert "cross_entropy" not in m and "cross_entropy_ci95" not in m
+
+
+def graded_rows(grades: list[str]) -> list[dict]:
+    """Scorer-shaped rows (the fields aggregate reads) with the given grades ("no_gold:<grade>": a fact row without
+    its short answer)."""
+    from stages.evaluate.core import grade_columns
+
+    style = {"rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.2, "bertscore_p": 0.8, "bertscore_r": 0.8, "bertscore_f1": 0.8,
+             "sentence_bleu": 5.0, "answer_words": 10.0, "bleu_stats": [3, 1, 0, 0, 6, 4, 3, 2, 5, 5]}
+    return [{**style, **grade_columns({"short_answer": "" if g.startswith("no_gold") else "56 qubits"},
+                                      g.removeprefix("no_gold:"))} for g in grades]
+
+
+def test_grade_rates_hallucination_and_paired_gains_use_the_same_resamples():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    kinds = ["correct", "incorrect", "not_attempted"]
+    base_g = [str(g) for g in rng.choice(kinds, 30, p=[0.1, 0.6, 0.3])]
+    model_g = [str(g) for g in rng.choice(kinds, 30, p=[0.7, 0.1, 0.2])]
+    base_g[3], model_g[3] = "no_gold:incorrect", "no_gold:not_attempted"  # no gold: only attempted or not
+    base, model = graded_rows(base_g), graded_rows(model_g)
+    mb, mm = aggregate(base, seed=7, samples=500), aggregate(model, seed=7, samples=500)
+    assert mb["graded_n"] == mm["graded_n"] == 29 and mb["n"] == 30 and model[3]["grade"] == "not_attempted"
+    graded = [g for i, g in enumerate(model_g) if i != 3]
+    c, w = graded.count("correct"), graded.count("incorrect")
+    assert mm["correct"] == pytest.approx(c / 29) and mm["incorrect"] == pytest.approx(w / 29)
+    assert mm["not_attempted"] == pytest.approx((graded.count("not_attempted") + 1) / 30)  # over every question
+    assert mm["hallucination_rate"] == pytest.approx(w / (c + w))
+    assert base[3]["grade"] == "no_gold" and base[3]["correct"] is None and base[3]["not_attempted"] == 0.0
+    gains = paired_gains(model, base, seed=7, samples=500)
+    diff = np.array([np.nan if m["correct"] is None else m["correct"] - b["correct"] for m, b in zip(model, base)])
+    assert gains["correct_gain"] == pytest.approx(np.nanmean(diff))
+    # the interval is over the same resamples as aggregate's (bootstrap_indices for this n and seed)
+    idx = bootstrap_indices(30, 500, seed=7)
+    assert gains["correct_gain_ci95"] == pytest.approx(list(np.percentile([np.nanmean(diff[i]) for i in idx],
+                                                                          [2.5, 97.5])))
+    lo, hi = gains["correct_gain_ci95"]
+    assert 0 < lo < gains["correct_gain"] < hi  # a consistent gain: its interval excludes zero
+    assert gains["not_attempted_gain"] == pytest.approx(mm["not_attempted"] - mb["not_attempted"])
+    small = paired_gains(model[:3], base[:3], seed=7, samples=500, min_n=5)
+    assert small["correct_gain_ci95"] == "n too small" and "correct_gain" in small
+    none = aggregate(graded_rows(["no_gold:incorrect", "no_gold:not_attempted"]), seed=1, samples=200)
+    assert none["graded_n"] == 0 and "correct" not in none and none["not_attempted"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +470,6 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base."""
     from qrb.retrieval import Retriever, passages_from_papers
     from stages.evaluate.core import evaluate
-    from stages.evaluate.facts import FactScorer
     from stages.evaluate.grade import grade
 
     model, tok = peft_tiny
@@ -445,8 +489,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     cache: dict[str, str] = {}
     metrics, preds, skipped = evaluate(
         base, p, model, tok, sets, papers=papers, retriever=Retriever(passages_from_papers(papers), bag_of_words),
-        scorer=scorer, facts=FactScorer(pp["abstract"] for pp in papers), grader_cache=cache,
-        env={"QRB_T_GRADER": "good-key"})
+        scorer=scorer, grader_cache=cache, env={"QRB_T_GRADER": "good-key"})
     models = ["base", "fine_tuned", "rag", "fine_tuned_rag"]
     assert skipped == {}
     assert {s: list(m) for s, m in metrics.items() if not s.endswith("cutoff")} == \
@@ -467,8 +510,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
         assert ev[name]["offline_agreement"] == pytest.approx(
             sum(r["grade"] == r["grade_offline"] for r in gold) / 3)
         assert rows[3]["grade"] in ("no_gold", "not_attempted") and "grade_offline" not in rows[3]
-        assert ev[name]["fact_recall"] == pytest.approx(sum(r["fact_recall"] for r in rows) / 4)
-        assert ("correct_gain" in ev[name]) == ("fact_recall_gain" in ev[name]) == (name != "base")
+        assert ("correct_gain" in ev[name]) == ("not_attempted_gain" in ev[name]) == (name != "base")
         inv = metrics["invented"][name]  # no gold: offline only, and any attempt is invented
         assert inv["correct"] == 0.0 and inv["incorrect"] + inv["not_attempted"] == pytest.approx(1.0)
         assert inv.get("hallucination_rate", 1.0) == 1.0
@@ -479,8 +521,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     # without rag_cross_entropy (a CPU profile's saving) the RAG rows answer but carry no CE; the others keep theirs
     lean, lean_preds, _ = evaluate(base, dataclasses.replace(p, rag_cross_entropy=False, grader=None), model, tok,
                                    {"eval": pairs}, papers=papers,
-                                   retriever=Retriever(passages_from_papers(papers), bag_of_words), scorer=scorer,
-                                   facts=FactScorer(pp["abstract"] for pp in papers))
+                                   retriever=Retriever(passages_from_papers(papers), bag_of_words), scorer=scorer)
     assert "cross_entropy" not in lean["eval"]["rag"] and "cross_entropy" not in lean["eval"]["fine_tuned_rag"]
     assert lean["eval"]["base"]["cross_entropy"] == pytest.approx(ev["base"]["cross_entropy"])
     assert all(r["grade"] == r2["grade_offline"] for r, r2 in zip(lean_preds, (r for r in preds if r["set"] == "eval"))
@@ -573,12 +614,12 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     assert metrics["golden_after_cutoff"]["base"]["rouge1_ci95"] == "n too small"
     for m in metrics["eval"].values():
         assert {"bertscore_f1", "rouge1", "rouge2", "rougeL", "bleu", "bleu_ci95", "bertscore_f1_ci95",
-                "sentence_bleu", "fact_recall", "fact_recall_ci95", "correct", "correct_ci95", "incorrect",
+                "sentence_bleu", "correct", "correct_ci95", "incorrect",
                 "not_attempted", "not_attempted_ci95", "answer_words"} <= set(m)
         assert m["graded_n"] == 4 and m["offline_agreement"] == 1.0  # the smoke endpoint grades as the offline grader
         assert m["correct"] + m["incorrect"] + m["not_attempted"] == pytest.approx(1.0)
     for name in models - {"base"}:
-        assert {"correct_gain", "correct_gain_ci95", "not_attempted_gain", "fact_recall_gain"} <= set(metrics["seen"][name])
+        assert {"correct_gain", "correct_gain_ci95", "not_attempted_gain"} <= set(metrics["seen"][name])
     assert "cross_entropy_ci95" in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
     assert 0.0 <= metrics["eval"]["rag"]["retrieval_hit_rate"] <= 1.0
     # the base row really is the adapter disabled: different CE from the fine-tuned row

@@ -32,8 +32,8 @@ def _evaluate(tmp_path, monkeypatch, capsys, train: dict) -> str:
 
 
 def test_evaluate_needs_the_gpu_its_adapter_was_trained_for_and_the_papers(tmp_path, monkeypatch, capsys):
-    """The flagship adapter (bf16, or qlora's nf4) is evaluated on a GPU as it was trained; the papers weigh fact
-    recall (IDF) whatever the RAG setting, so their absence is an error, not a warning."""
+    """The flagship adapter (bf16, or qlora's nf4) is evaluated on a GPU as it was trained; the papers date the
+    questions whatever the RAG setting, so their absence is an error, not a warning."""
     for train in ({"method": "lora", "precision": "bf16"}, {"method": "qlora", "precision": "fp32"}):
         assert "needs a CUDA GPU" in _evaluate(tmp_path, monkeypatch, capsys, train)
     err = _evaluate(tmp_path, monkeypatch, capsys, {"method": "lora", "precision": "fp32"})

@@ -7,8 +7,8 @@ Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max
        the question sets: the golden questions (`evaluate.golden`, in data/), artifacts/validate/seen.jsonl (seen
        papers, new questions), artifacts/validate/eval.jsonl (held-out papers) and artifacts/validate/invented.jsonl
        (papers that do not exist; a workspace from before it existed reads it as empty, with a note), each row with
-       its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the retrieval passages, paper dates, the IDF
-       of fact recall); the API keys of the rival endpoints and of the LLM grader from the environment variables that
+       its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the retrieval passages and paper dates); the
+       API keys of the rival endpoints and of the LLM grader from the environment variables that
        `evaluate.rivals[].api_key_env` / `grader.api_key_env` name; prompts/grade.txt and cache/evaluate/grader.jsonl
        (the LLM grader's prompt and cached grades; only with `evaluate.grader`).
 Writes reports/evaluate.json ({question set or subset: {model: {metric: value, metric_ci95: [lo, hi] or "n too
@@ -42,14 +42,13 @@ missing it counts as "no gold" (out of correct/incorrect). Per set and model: `c
 every model but base `correct_gain` / `not_attempted_gain`, the paired difference against base on the same questions.
 Beside them, from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
 mean of sentence BLEUs `sentence_bleu`, the card's "mean/avg"), bert-score (P/R/F1); token-weighted cross-entropy
-of the reference answers for local models; mean answer length in words; fact recall (stages/evaluate/facts.py: the
-IDF-weighted share of the reference's key facts the answer contains, a diagnostic, not a grade).
+of the reference answers for local models; mean answer length in words.
 Every metric has a 95% percentile bootstrap interval (`bootstrap_samples` resamples of the questions, the same
 resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample), or
 "n too small" below `min_n_for_interval` questions.
 
 This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `grade` grades
-offline, `judge` asks the LLM grader, `facts` finds key facts, `metrics` scores and bootstraps, `core.evaluate`
+offline (its word tables in `words`), `judge` asks the LLM grader, `metrics` scores and bootstraps, `core.evaluate`
 answers every set with every model, `report` renders and writes the outputs, `run` does the I/O around them.
 """
 

@@ -3,8 +3,7 @@ split.
 
 Pure apart from the models it is handed (tests pass a tiny Llama, a fake retriever, a fake endpoint's env). Three
 passes: every set answered by every model (rivals that fail anywhere are dropped everywhere); every answer graded
-(offline, and by the LLM grader, once, for all answers with a gold) and its key facts checked; then scores and
-bootstrap aggregates.
+(offline, and by the LLM grader, once, for all answers with a gold); then scores and bootstrap aggregates.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import Any
 from qrb.chat import generate_answers, token_nll_rows
 
 from . import EvaluateParams
-from .facts import FactScorer
 from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from .metrics import Scorer, aggregate, paired_gains
 from .questions import freshness_subsets
@@ -104,15 +102,10 @@ def grade_columns(row: dict[str, Any], g: str) -> dict[str, Any]:
             else float(g == INCORRECT)}
 
 
-def answer_rows(facts: FactScorer, rows: Sequence[dict[str, Any]],
-                answers: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
-    """Per model and question: the offline grade's columns, fact_recall, the key facts and those found."""
-    keyed = [facts.key_facts(r["question"], r["answer"]) for r in rows]
-    return {name: [{**grade_columns(r, grade(pred, r.get("short_answer") or "", r.get("aliases") or (),
-                                             r["question"])),
-                    **facts.score(r["question"], r["answer"], pred, k)}
-                   for r, k, pred in zip(rows, keyed, preds, strict=True)]
-            for name, preds in answers.items()}
+def answer_rows(rows: Sequence[dict[str, Any]], answers: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """Per model and question: the offline grade's columns."""
+    return {name: [grade_columns(r, grade(pred, r.get("short_answer") or "", r.get("aliases") or (), r["question"]))
+                   for r, pred in zip(rows, preds, strict=True)] for name, preds in answers.items()}
 
 
 def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: dict,
@@ -186,18 +179,17 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retriever=None, scorer: Scorer | None = None,
-             facts: FactScorer | None = None, grader_cache: dict[str, str] | None = None,
+             grader_cache: dict[str, str] | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
-    `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG rows when `rag_top_k` > 0; `facts` defaults to
-    a FactScorer over the papers' abstracts; `grader_cache` (the LLM grader's grades by key) is filled in place.
+    `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG rows when `rag_top_k` > 0; `grader_cache` (the
+    LLM grader's grades by key) is filled in place.
     """
     from qrb.rivals import ask_rival
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
-    facts = facts or FactScorer(pp.get("abstract") or "" for pp in papers)
     local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"])
     skipped: dict[str, str] = {}
     answered: dict[str, tuple] = {}
@@ -220,7 +212,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         for key in skipped:
             answers.pop(key, None)
 
-    graded = {s: answer_rows(facts, rows, answers) for s, (rows, answers, _) in answered.items()}
+    graded = {s: answer_rows(rows, answers) for s, (rows, answers, _) in answered.items()}
     if p.grader is not None and answered:
         if reason := apply_grader(p, answered, graded, {} if grader_cache is None else grader_cache, env):
             skipped["grader"] = reason

@@ -12,7 +12,7 @@ Numbers match by value within the gold's written precision (half its last digit;
 sides give one ("127 qubits" states "127 superconducting qubits"); "more than 56" is not 56; a value the question
 contains is context, not a rival. Names match by their distinctive words ("Madrid" states "University of Madrid";
 case, hyphens and plurals aside; a lone letter like "N" is no name), terms by Porter stem, a formula by its symbols in
-order. Pure: no I/O; the word tables, units and stemmer are fact recall's (`facts`).
+order. Pure: no I/O; the word tables, units and stemmer are in `words`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .facts import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
+from .words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
 
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not_attempted"
 GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED)
@@ -76,7 +76,7 @@ _ABSTAIN = re.compile(r"""\b(?:
 
 
 @dataclass(frozen=True)
-class Num:  # tol: how far another value may be and still be this one; unit: facts.unit_key ("%" or a stem)
+class Num:  # tol: how far another value may be and still be this one; unit: words.unit_key ("%" or a stem)
     value: float
     tol: float
     unit: str | None

@@ -14,9 +14,9 @@ MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "ber
                 "answer_words")
 # means over the questions where the row defines them (None elsewhere): the grades' shares over the graded questions
 # (`graded_n`; a fact row without its gold is not graded), hallucination_rate over the attempted ones (= incorrect /
-# (correct + incorrect)), fact recall over those whose reference has a key fact beyond the question (`fact_n`)
-RATE_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate", "fact_recall")
-GAIN_METRICS = ("correct", "not_attempted", "fact_recall")  # paired against base
+# (correct + incorrect))
+RATE_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
+GAIN_METRICS = ("correct", "not_attempted")  # paired against base
 TOO_SMALL = "n too small"  # in place of an interval below `evaluate.min_n_for_interval` questions
 
 
@@ -116,7 +116,7 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
 
     Means of per-question ROUGE / BERTScore / sentence BLEU / length; sacrebleu corpus BLEU from summed statistics
     (equal to `sacrebleu.corpus_bleu`); token-weighted CE = summed NLL / summed answer tokens (local models only);
-    the grades' rates and fact recall over the questions that define them (same resamples, undefined rows left out);
+    the grades' rates over the questions that define them (same resamples, undefined rows left out);
     where an LLM graded, `offline_agreement`: the share of its grades the offline grader agrees with.
     """
     import numpy as np
@@ -146,8 +146,8 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
     for key in RATE_METRICS:
         vals = _column(rows, key)
         defined = int(np.isfinite(vals).sum())
-        if key in ("correct", "fact_recall"):
-            out["graded_n" if key == "correct" else "fact_n"] = defined
+        if key == "correct":
+            out["graded_n"] = defined
         if defined:
             out[key] = float(np.nanmean(vals))
             out[f"{key}_ci95"] = _interval(_masked_means(vals, idx), defined, min_n)

@@ -28,8 +28,7 @@ PLOT_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
 # words: higher ROUGE) cannot pass for knowledge
 COLUMNS = (("correct", "correct", ".3f"), ("Δ correct vs base", "correct_gain", "+.3f"),
            ("not attempted", "not_attempted", ".3f"), ("incorrect", "incorrect", ".3f"),
-           ("hallucination rate", "hallucination_rate", ".3f"), ("fact recall", "fact_recall", ".3f"),
-           ("words", "answer_words", ".1f"), ("eval CE", "cross_entropy", ".3f"),
+           ("hallucination rate", "hallucination_rate", ".3f"), ("words", "answer_words", ".1f"), ("eval CE", "cross_entropy", ".3f"),
            ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"), ("ROUGE-2", "rouge2", ".3f"),
            ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"), ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
 
@@ -94,8 +93,7 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
         "(the gold stated, no rival candidate beside it), incorrect (anything else it commits to) or not attempted "
         "(it declines); hallucination rate = incorrect / (correct + incorrect); Δ correct vs base: the paired "
         "difference against the base model on the same questions. On held-out and invented papers the right answer "
-        "is not to attempt. Fact recall (a diagnostic): the IDF-weighted share of the reference's key facts the "
-        "answer contains. Words is the mean answer length: a ROUGE gain with shorter answers and no gain in correct "
+        "is not to attempt. Words is the mean answer length: a ROUGE gain with shorter answers and no gain in correct "
         "answers is style, not knowledge. ROUGE is the F measure (stemmed); BLEU (corpus) is sacrebleu's corpus "
         "score, BLEU (mean sentence) the mean of its sentence scores (the card's \"mean/avg\"), both 0-100; "
         "BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference answers (local models only). "

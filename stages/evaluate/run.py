@@ -1,5 +1,5 @@
-"""The evaluate stage's I/O: the adapter model, the question sets, the papers (their retriever and the IDF of fact
-recall) and the LLM grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
+"""The evaluate stage's I/O: the adapter model, the question sets, the papers (their retriever and dates) and the LLM
+grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
 (`stages.evaluate.report`) and the grader's cache out. See `stages.evaluate`."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
 from .core import evaluate
-from .facts import FactScorer
 from .judge import load_cache, load_prompt, save_cache
 from .questions import load_question_sets
 from .report import model_labels, write_outputs
@@ -34,8 +33,8 @@ def load_adapter_model(base: dict[str, Any], device: str):
 
 
 def load_papers() -> list[dict[str, Any]]:
-    if not PAPERS.exists():  # fact recall weighs words by their IDF over the papers; the RAG rows retrieve from them
-        raise ConfigError(f"{PAPERS} not found (fact recall's word weights and the RAG rows read it): run "
+    if not PAPERS.exists():  # the questions are dated by their papers; the RAG rows retrieve from them
+        raise ConfigError(f"{PAPERS} not found (the questions' dates and the RAG rows read it): run "
                           "`dvc repro scrape`")
     return list(read_jsonl(PAPERS))
 
@@ -69,12 +68,11 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     if p.grader is not None:
         load_prompt()  # a missing prompt fails now, not after every answer was generated
     retriever = load_retriever(papers) if p.rag_top_k > 0 else None
-    facts = FactScorer(pp.get("abstract") or "" for pp in papers)
     cache = load_cache()
     model, tokenizer = load_adapter_model(base, device)
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
-                                                 retriever=retriever, facts=facts, grader_cache=cache)
+                                                 retriever=retriever, grader_cache=cache)
     finally:  # the grades already paid for are kept even if the run fails later (an empty file without a grader)
         save_cache(cache)
     print(write_outputs(metrics, predictions, model_labels(base["model"], p), p, skipped))
