@@ -17,8 +17,7 @@ import pytest
 
 from qrb.params import load_params
 from qrb.rivals import Rival, ask_rival
-from qrb.schema import question_record
-from qrb.schema import ABSTAIN_ANSWER
+from qrb.schema import ABSTAIN_ANSWER, question_record
 from stages.evaluate import EvaluateParams, Grader
 from stages.evaluate.judge import SYSTEM as GRADER_SYSTEM
 from stages.evaluate.judge import Item, llm_grades, load_cache, parse_grade, save_cache
