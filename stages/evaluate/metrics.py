@@ -152,7 +152,8 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
             out[key] = float(np.nanmean(vals))
             out[f"{key}_ci95"] = _interval(_masked_means(vals, idx), defined, min_n)
     if any("grade_offline" in r for r in rows):
-        out["offline_agreement"] = float(np.mean([r["grade"] == r["grade_offline"] for r in rows if "grade_offline" in r]))
+        both = [r["grade"] == r["grade_offline"] for r in rows if "grade_offline" in r]
+        out["offline_agreement"] = float(np.mean(both))
     if any("retrieval_hit" in r for r in rows):
         hits = np.array([r["retrieval_hit"] for r in rows if r.get("retrieval_hit") is not None], dtype=float)
         if hits.size:

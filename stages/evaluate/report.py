@@ -28,9 +28,10 @@ PLOT_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
 # words: higher ROUGE) cannot pass for knowledge
 COLUMNS = (("correct", "correct", ".3f"), ("Δ correct vs base", "correct_gain", "+.3f"),
            ("not attempted", "not_attempted", ".3f"), ("incorrect", "incorrect", ".3f"),
-           ("hallucination rate", "hallucination_rate", ".3f"), ("words", "answer_words", ".1f"), ("eval CE", "cross_entropy", ".3f"),
-           ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"), ("ROUGE-2", "rouge2", ".3f"),
-           ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"), ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
+           ("hallucination rate", "hallucination_rate", ".3f"), ("words", "answer_words", ".1f"),
+           ("eval CE", "cross_entropy", ".3f"), ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"),
+           ("ROUGE-2", "rouge2", ".3f"), ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"),
+           ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
 
 
 def model_labels(base_model: str, p: EvaluateParams) -> dict[str, str]:
