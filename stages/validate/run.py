@@ -4,6 +4,7 @@ Lines) and the clean seen questions."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -68,7 +69,9 @@ def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: 
     datasets.disable_progress_bars()
     rows = train + eval_
     keys = list(PAIR_FIELDS) + sorted({k for r in rows for k in r} - set(PAIR_FIELDS))
-    cols = {k: [r.get(k) for r in rows] for k in keys}
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                for f in dataclasses.fields(QAPair) if f.default is not dataclasses.MISSING}
+    cols = {k: [r.get(k, defaults.get(k)) for r in rows] for k in keys}
     chunk_types = {type(v) for v in cols["chunk"]}
     if len(chunk_types) > 1:  # ints in some rows, strings in others: one arrow type for the column
         log.warning("validate: `chunk` mixes %s; stored as strings in the dataset",
@@ -78,7 +81,8 @@ def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: 
         full = datasets.Dataset.from_dict(cols)
     else:  # nothing to infer the types from: the schema's
         hints = typing.get_type_hints(QAPair)
-        feats = datasets.Features({k: datasets.Value("int64" if hints.get(k) is int else "string") for k in keys})
+        feats = datasets.Features({k: datasets.List(datasets.Value("string")) if k == "aliases"
+                                   else datasets.Value("int64" if hints.get(k) is int else "string") for k in keys})
         full = datasets.Dataset.from_dict({k: [] for k in keys}, features=feats)
     dd = datasets.DatasetDict({"train": _take(full, 0, len(train)), "eval": _take(full, len(train), len(rows))})
     out.parent.mkdir(parents=True, exist_ok=True)
