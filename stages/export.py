@@ -16,8 +16,9 @@ Writes artifacts/export/adapter/ (the PEFT adapter + tokenizer + the model card:
        GGUF's change is reported).
 
 With `export.hub_repo_id` set, the adapter folder is pushed to the Hugging Face Hub at the end with the token in the
-variable named by `export.hub_token_env`; a missing token fails the stage before any work (never with
-base.hf_offline: then nothing is pushed).
+variable named by `export.hub_token_env`, and the training pairs (artifacts/validate/openai/: OpenAI chat JSON Lines)
+to the dataset repo of the same id; a missing token fails the stage before any work (never with base.hf_offline:
+then nothing is pushed).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ BASE_KEYS = ("model", "system_prompt", "hf_offline", "max_length")
 ADAPTER_DIR = Path("artifacts/train/adapter")
 CARD_DIR = Path("artifacts/model_card")
 EVAL_PAIRS = Path("artifacts/validate/eval.jsonl")
+DATASET = Path("artifacts/validate/openai")  # train.jsonl, eval.jsonl: pushed beside the adapter
 OUT = Path("artifacts/export")
 ADAPTER_OUT = OUT / "adapter"
 METRICS = Path("metrics/export.json")  # the headline numbers (dvc metrics); the whole record in REPORT
@@ -188,8 +190,8 @@ def hub_token(base: dict[str, Any], p: ExportParams) -> str | None:
     return os.environ[p.hub_token_env]
 
 
-def push_to_hub(p: ExportParams, token: str, folder: Path) -> str:
-    """Push the adapter folder; returns the repo id pushed to."""
+def push_to_hub(p: ExportParams, token: str, folder: Path, dataset: Path = DATASET) -> str:
+    """Push the adapter folder, and the dataset folder as the dataset repo of the same id; returns the repo id."""
     from huggingface_hub import HfApi
 
     try:
@@ -197,6 +199,9 @@ def push_to_hub(p: ExportParams, token: str, folder: Path) -> str:
         api.create_repo(p.hub_repo_id, private=p.hub_private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=p.hub_repo_id,
                           commit_message="quantum-research-bot: adapter and model card")
+        api.create_repo(p.hub_repo_id, repo_type="dataset", private=p.hub_private, exist_ok=True)
+        api.upload_folder(folder_path=str(dataset), repo_id=p.hub_repo_id, repo_type="dataset",
+                          commit_message="quantum-research-bot: the training pairs as OpenAI chat JSON Lines")
     except Exception as e:  # network, auth, permissions: one line, the local export is already written
         raise QrbError(f"pushing to the Hub ({p.hub_repo_id}) failed: "
                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
