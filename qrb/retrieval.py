@@ -106,16 +106,12 @@ def model_path(model: str) -> str:
 
 def model_lineage(model: str) -> dict[str, Any]:
     """What names the embedding model exactly: the param, the package version, the weights' sha256."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import version
 
     path = Path(model_path(model))
-    weights = next((f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.exists()), None)
-    try:
-        ver = version(PACKAGED_MINILM) if model == PACKAGED_MINILM else None
-    except PackageNotFoundError:
-        ver = None
-    return {"model": model, "package_version": ver,
-            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None}
+    weights = [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.exists()]
+    return {"model": model, "package_version": version(PACKAGED_MINILM) if model == PACKAGED_MINILM else None,
+            "weights_sha256": hashlib.sha256(weights[0].read_bytes()).hexdigest() if weights else None}
 
 
 def minilm_encoder(model: str = PACKAGED_MINILM):

@@ -27,6 +27,7 @@ from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.params import Base, build, load_params, read_yaml
+from qrb.retrieval import ground, open_index
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Bot:
     limits: ServeParams
     source: str = ""
     base_only: bool = False  # base.model without the adapter (`--base`)
-    retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index, and its `retrieval:` params
+    retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index; `retrieval:` params below
     retrieval: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,8 +101,6 @@ class Bot:
         relevant was retrieved, abstain). Without: the conversation as it is, no citations."""
         if self.retriever is None:
             return list(conversation), []
-        from qrb.retrieval import ground
-
         prompt, cites = ground(self.retriever, self.retrieval, [conversation[-1]["content"]])[0]
         return [*conversation[:-1], {"role": "user", "content": prompt or ""}], cites or None
 
@@ -281,11 +280,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
 
     set_hf_offline(base.hf_offline)
     set_cpu_threads()
-    retriever, retrieval = None, None
-    if limits.rag:
-        from qrb.retrieval import open_index
-
-        retriever, retrieval = open_index(params_path)
+    retriever, retrieval = open_index(params_path) if limits.rag else (None, None)  # before the model: fail fast
     import torch
 
     from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter
