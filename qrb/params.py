@@ -163,18 +163,6 @@ def build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     return obj
 
 
-def leaf_keys(cls: type, prefix: str) -> list[str]:
-    """Dotted keys of every leaf field (what dvc.yaml should list for this section)."""
-    keys: list[str] = []
-    for f in dataclasses.fields(cls):
-        tp = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            keys += leaf_keys(tp, f"{prefix}.{f.name}")
-        else:
-            keys.append(f"{prefix}.{f.name}")
-    return keys
-
-
 def load_params(section: str, cls: type[T], base_keys: typing.Iterable[str] = (),
                 path: str | Path = PARAMS_FILE) -> tuple[dict[str, Any], T]:
     """Load `base:` (only `base_keys`, validated against `Base`) and the stage's own `section`.
