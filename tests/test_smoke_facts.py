@@ -65,9 +65,9 @@ def test_invented_papers_are_deterministic_and_never_a_real_title():
 
 
 def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_path, monkeypatch):
-    from qrb.offline.smoke.server import serve_smoke_endpoint
-
     from generate_helpers import make_workspace, read, run_main
+
+    from qrb.offline.smoke.server import serve_smoke_endpoint
 
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url, prompts=["facts"], pairs_per_prompt=2, augment_variants=4,

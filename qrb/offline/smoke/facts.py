@@ -179,7 +179,7 @@ def _parts(fact: dict[str, str]) -> tuple[str, str, str, str]:
 def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
     """`n` more wordings of a fact's question (the last one a reverse question when n >= 3), all with the same short
     answer except the reverse one, whose short answer is the paper's title."""
-    t, short = _short_title(fact.get("title", "")), fact.get("short_answer", "")
+    t = _short_title(fact.get("title", ""))
     topic = _key_phrase(t) or t
     left, wh, right, subject = _parts(fact)
     acronym = next((a for a in fact.get("aliases") or () if re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
