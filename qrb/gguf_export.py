@@ -12,6 +12,7 @@ transformers' GGUF loader (an independent reader: it undoes the permutation, so 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -114,22 +115,17 @@ def write_gguf(folder: Path, out_file: Path, kind: str) -> dict:
     qtype, ftype = {"q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
                     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16)}[kind]
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file and key at info level
     w = gguf.GGUFWriter(out_file, "llama")
-    w.add_name(out_file.stem)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(ftype)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (("name", out_file.stem), ("context_length", cfg.max_position_embeddings),
+                       ("embedding_length", cfg.hidden_size), ("block_count", cfg.num_hidden_layers),
+                       ("feed_forward_length", cfg.intermediate_size), ("head_count", heads),
+                       ("head_count_kv", kv_heads), ("key_length", head_dim), ("value_length", head_dim),
+                       ("rope_dimension_count", head_dim),
+                       ("rope_freq_base", float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))),
+                       ("layer_norm_rms_eps", cfg.rms_norm_eps), ("vocab_size", cfg.vocab_size),
+                       ("file_type", ftype), ("quantization_version", gguf.GGML_QUANT_VERSION)):
+        getattr(w, f"add_{key}")(value)  # llama.* keys, as llama.cpp's converter writes them
     add_tokenizer(w, AutoTokenizer.from_pretrained(folder), cfg.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
