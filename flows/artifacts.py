@@ -9,6 +9,7 @@
     qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page
                       (vega inlined: it draws offline), each also as its own link artifact (qrb-model-card,
                       qrb-data-docs, qrb-plots)
+    <stage>-progress  while a stage runs: where its long work is (StageProgress, fed by flows/pipeline.py)
 
 Everything here reads the workspace (and asks DVC); nothing decides how the pipeline runs.
 """
@@ -16,13 +17,20 @@ Everything here reads the workspace (and asks DVC); nothing decides how the pipe
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
 from flows.workspace import PLOTS_PAGE, dvc, plots_page, venv_env
 
@@ -145,6 +153,36 @@ def run_markdown(workspace: Path, results: list[dict[str, Any]], error: str | No
     label = (f"_The metrics below are from the last successful run of each stage (stages this run finished: "
              f"{done})._\n\n") if error else ""
     return status + stages_md + label + metrics_markdown(workspace)
+
+
+class StageProgress:
+    """`<stage>-progress`: a stage's long work as a progress artifact, one per stage run, moved by the tqdm bars of its
+    output that run for console.LONG_S or more (training steps, a batch job's polling), at most every `GAP_S`, and
+    done at the end. A failed update is logged, never fatal."""
+
+    GAP_S = 2.0
+
+    def __init__(self, stage: str):
+        self.stage, self.id, self.at = stage, None, 0.0
+
+    def __call__(self, bar: re.Match | None, done: str = "") -> None:
+        if not done and self.id is not None and time.monotonic() - self.at < self.GAP_S and bar["pct"] != "100":
+            return
+        self.at = time.monotonic()
+        if done:
+            pct, text = 100.0, done
+        else:
+            left = f", ~{bar['left']} left" if bar["left"] not in (None, "?") else ""
+            pct, text = float(bar["pct"]), " ".join(f"{bar['desc'] or ''} {bar['pct']}% ({bar['n']}/{bar['total']}), "
+                                                    f"{bar['elapsed']} elapsed{left}".split())
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(pct, key=f"{self.stage.replace('_', '-')}-progress",
+                                                   description=f"{self.stage}: {text}")
+            else:
+                update_progress_artifact(self.id, pct, description=f"{self.stage}: {text}")
+        except Exception as e:  # noqa: BLE001 - the UI's progress must never fail the stage
+            get_run_logger().debug("progress artifact: %s", e)
 
 
 @task(name="publish-artifacts")

@@ -44,9 +44,7 @@ GAP_S = 120.0  # ... and a stage's progress lines are this far apart at least
 WIDTH = 110  # a step's line is cut here (the whole line is in the log)
 SCREEN = 100  # the end-of-run screen's width
 LONG_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")  # 3.786388315473284: shown as 3.786
-# the grades a person reads first; older reports (no grades) fall back to the fact metrics
-GRADES = (("correct", "correct"), ("incorrect", "incorrect"), ("not attempted", "not_attempted"))
-FACTS = (("facts stated", "facts_stated"), ("fact recall", "fact_recall"), ("eval CE", "cross_entropy"))
+GRADES = (("correct", "correct"), ("incorrect", "incorrect"), ("not attempted", "not_attempted"))  # "–": none
 MODEL_NAMES = {"base": "base", "fine_tuned": "fine-tuned", "rag": "RAG", "fine_tuned_rag": "fine-tuned + RAG"}
 MAX_ROWS = 16  # set x model rows on the screen (4 x 4 in the demo); more: the rivals' rows stay in the reports
 
@@ -220,36 +218,33 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
 
 
 def _cell(m: dict[str, Any], key: str) -> str:
-    """54% [44, 63] (a rate and its 95% interval in percent), 3.79 [3.61, 3.95] for a CE; no interval below its n."""
+    """54% [44, 63]: a rate and its 95% interval in percent (no interval below the set's minimum n)."""
     v, ci = m.get(key), m.get(f"{key}_ci95")
     if not isinstance(v, (int, float)):
         return "–"
-    fmt = (lambda x: f"{x:.2f}") if key == "cross_entropy" else (lambda x: f"{100 * x:.0f}")
-    unit = "" if key == "cross_entropy" else "%"
-    return f"{fmt(v)}{unit}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if isinstance(ci, list) else "")
+    return f"{100 * v:.0f}%" + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if isinstance(ci, list) else "")
 
 
 def _name(model: str) -> str:
     return MODEL_NAMES.get(model, model.removeprefix("rival_"))
 
 
-def _changed(sets: dict[str, dict[str, Any]], cols: tuple) -> tuple[str | None, str]:
+def _changed(sets: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     """(the question set, one sentence on what fine-tuning changed there against base) for the screen."""
     both = [s for s, by in sets.items() if {"base", "fine_tuned"} <= set(by)]
     if not both:
         return None, ""
     name = "seen" if "seen" in both else both[0]
     ft, base = sets[name]["fine_tuned"], sets[name]["base"]
-    title, key = cols[0]
-    text = (f"Fine-tuned is correct on {_cell(ft, key)} of {name} questions vs base {_cell(base, key)}"
-            if key == "correct" else f"Fine-tuned: {title} {_cell(ft, key)} on {name} questions vs base "
-            f"{_cell(base, key)}")
-    gain, gci = ft.get(f"{key}_gain"), ft.get(f"{key}_gain_ci95")
+    if not isinstance(ft.get("correct"), (int, float)):
+        return name, ""  # a report without grades: the table's dashes say enough
+    text = f"Fine-tuned is correct on {_cell(ft, 'correct')} of {name} questions vs base {_cell(base, 'correct')}"
+    gain, gci = ft.get("correct_gain"), ft.get("correct_gain_ci95")
     if isinstance(gain, (int, float)):
         text += f" (paired gain {100 * gain:+.0f} points" + (
             f" [{100 * gci[0]:+.0f}, {100 * gci[1]:+.0f}])" if isinstance(gci, list) else ")")
     inv = sets.get("invented", {})
-    if key == "correct" and {"base", "fine_tuned"} <= set(inv):
+    if {"base", "fine_tuned"} <= set(inv):
         text += (f"; it declines {_cell(inv['fine_tuned'], 'not_attempted')} of questions about invented papers "
                  f"(base {_cell(inv['base'], 'not_attempted')})")
     return name, text + "."
@@ -286,7 +281,7 @@ def _example(predictions: Path, set_name: str) -> list[str]:
 
 def results(workspace: str | Path) -> list[str]:
     """The end of a run, for a person (at most ~30 lines of at most `SCREEN` columns): per question set each model's
-    grades (correct / incorrect / not attempted, or the fact metrics of an older report) with 95% intervals, what
+    grades (correct / incorrect / not attempted; "–" where a report has none) with 95% intervals, what
     fine-tuning changed in one sentence, and one question answered by base and fine-tuned side by side."""
     ws = Path(workspace)
     report = ws / "reports" / "evaluate.json"
@@ -294,16 +289,15 @@ def results(workspace: str | Path) -> list[str]:
         return ["No evaluation (reports/evaluate.json is missing)."]
     sets = {s: by for s, by in json.loads(report.read_text()).items()
             if by and not s.endswith(("_after_cutoff", "_before_cutoff"))}
-    cols = GRADES if any("correct" in m for by in sets.values() for m in by.values()) else FACTS
-    lines = [f"{'questions':<16}{'model':<18}" + "".join(f"{title:<17}" for title, _ in cols).rstrip()]
+    lines = [f"{'questions':<16}{'model':<18}" + "".join(f"{title:<17}" for title, _ in GRADES).rstrip()]
     rows = [(s, model, m) for s, by in sets.items() for model, m in by.items()]
     shown = rows if len(rows) <= MAX_ROWS else [r for r in rows if r[1] in MODEL_NAMES][:MAX_ROWS]
     for i, (s, model, m) in enumerate(shown):
         label = f"{s} (n={m.get('n', '?')})" if i == 0 or shown[i - 1][0] != s else ""
-        lines.append(f"{label:<16}{_name(model):<18}" + "".join(f"{_cell(m, key):<17}" for _, key in cols).rstrip())
+        lines.append(f"{label:<16}{_name(model):<18}" + "".join(f"{_cell(m, key):<17}" for _, key in GRADES).rstrip())
     more = f" ({len(rows) - len(shown)} more rows)" if len(rows) > len(shown) else ""
     lines.append(f"[lo, hi]: 95% interval (none for small sets); all metrics in reports/eval_table.md{more}")
-    name, sentence = _changed(sets, cols)
+    name, sentence = _changed(sets)
     if sentence:
         lines += ["", *textwrap.wrap(sentence, SCREEN)]
     if name:

@@ -46,11 +46,10 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import console
 from flows import overrides as ov
-from flows.artifacts import publish_artifacts
+from flows.artifacts import StageProgress, publish_artifacts
 from flows.workspace import dvc, venv_env
 from qrb.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, QrbError, kind_of_exit
 from qrb.params import parse_set
@@ -224,34 +223,6 @@ def _retry_note(failure: StageFailed) -> str:
     return f"; retrying ({left} {'retry' if left == 1 else 'retries'} left)" if left > 0 else ""
 
 
-class Progress:
-    """A stage's long work in the Prefect UI: one progress artifact per stage run (`<stage>-progress`), moved by the
-    tqdm bars of its output that run for console.LONG_S or more (training steps, a batch job's requests), at most
-    every `GAP_S`; a failed update is logged, never fatal."""
-
-    GAP_S = 2.0
-
-    def __init__(self, stage: str):
-        self.stage, self.id, self.at = stage, None, 0.0
-
-    def __call__(self, bar: re.Match, done: str | None = None) -> None:
-        now = time.monotonic()
-        if done is None and self.id is not None and now - self.at < self.GAP_S and bar["pct"] != "100":
-            return
-        self.at = now
-        pct = 100.0 if done else float(bar["pct"])
-        desc = done or (f"{(bar['desc'] or '').strip()} {bar['pct']}% ({bar['n']}/{bar['total']}), {bar['elapsed']} "
-                        f"elapsed" + (f", ~{bar['left']} left" if bar["left"] not in (None, "?") else "")).strip()
-        try:
-            if self.id is None:
-                self.id = create_progress_artifact(pct, key=f"{self.stage.replace('_', '-')}-progress",
-                                                   description=f"{self.stage}: {desc}")
-            else:
-                update_progress_artifact(self.id, pct, description=f"{self.stage}: {desc}")
-        except Exception as e:  # noqa: BLE001 - the UI's progress must never fail the stage
-            get_run_logger().debug("progress artifact: %s", e)
-
-
 @task(task_run_name="{stage}", log_prints=True)
 def run_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
     """`dvc --wait-for-lock repro <stage>` (`--force --single-item` when forced); output streamed to the task's log.
@@ -259,7 +230,7 @@ def run_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, fo
     logger = get_run_logger()
     args = ["--wait-for-lock", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
-    progress = Progress(stage)
+    progress = StageProgress(stage)
     output = console.StageOutput(stage, on_progress=progress)
     t0 = time.time()
     try:

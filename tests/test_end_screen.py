@@ -80,17 +80,13 @@ def test_the_demo_ends_in_one_screen_with_grades_a_sentence_and_an_example(tmp_p
     assert len(answers) == 3 and answers[-1].rstrip().endswith("…")  # a long answer is cut, not the screen
 
 
-def test_an_older_report_without_grades_shows_the_fact_metrics(tmp_path):
+def test_a_report_without_grades_shows_dashes_and_no_sentence(tmp_path):
     ws = tmp_path / "ws"
     (ws / "reports").mkdir(parents=True)
-    rec = {"n": 26, "facts_stated": 0.3076923, "facts_stated_ci95": [0.1538, 0.4615], "fact_recall": 0.21,
-           "cross_entropy": 2.87654321}
-    (ws / "reports/evaluate.json").write_text(json.dumps({"seen": {"base": {**rec, "facts_stated": 0.0, "facts_stated_ci95": [0.0, 0.0]},
-                                                                   "fine_tuned": rec}}))
+    rec = {"n": 26, "fact_recall": 0.21, "cross_entropy": 2.87654321}
+    (ws / "reports/evaluate.json").write_text(json.dumps({"seen": {"base": rec, "fine_tuned": rec}}))
     lines = console.results(ws)
-    assert lines[0].split()[:4] == ["questions", "model", "facts", "stated"]
-    assert lines[2].split() == ["fine-tuned", "31%", "[15,", "46]", "21%", "2.88"]
-    assert "Fine-tuned: facts stated 31% [15, 46] on seen questions vs base 0% [0, 0]." in " ".join(lines)
+    assert lines[2].split() == ["fine-tuned", "–", "–", "–"] and not any("Fine-tuned" in line for line in lines)
 
 
 def test_stage_summary_lines_show_long_decimals_rounded():

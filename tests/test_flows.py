@@ -338,7 +338,7 @@ def test_a_long_stage_moves_a_progress_artifact(prefect_server, tmp_path):
 
     @flow
     def poll():  # the batch job's bar, as tqdm draws it
-        progress = pl.Progress("generate")
+        progress = fa.StageProgress("generate")
         progress(console.BAR.search("batch batch_1: 40%|####      | 40/100 [01:07<01:40,  1.68s/request]"))
         return progress.id
 
