@@ -9,3 +9,6 @@ set is kept.
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the temporary server of a run without PREFECT_API_URL: Prefect waits 20 s for it, which a busy 2-core machine
+# misses (seen: the tiny demo failed at 22 s); its start is cheap, the wait only bounds a real failure
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
