@@ -5,7 +5,7 @@ from data/corpus (as `qrb tiny-model` does) unless `--model` names one, wraps it
 does (fine-tuned row), then answers the same golden-style questions greedily through the stage's own path
 (`qrb.chat.generate_answers`) with batch_size 8 and with batch_size 1, after one warm-up call each, in interleaved rounds (the fastest
 round of each counts, so a burst of load from other processes does not decide the ratio). Prints both wall times,
-the tokens generated and the ratio (the issue's bar: batch 8 >= 3x faster than one by one).
+the tokens generated and the ratio (the bar: batch 8 >= 3x faster than one by one).
 """
 
 from __future__ import annotations

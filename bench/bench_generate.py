@@ -1,7 +1,7 @@
 """Benchmark: generate-stage throughput at concurrency 16 vs 1 against the smoke endpoint with 200 ms latency.
 
 Run: `python bench/bench_generate.py [--requests 64] [--latency 0.2]`. Prints the wall time of each run and the
-ratio (the issue's bar: concurrency 16 >= 12x faster than concurrency 1). Both runs go through the stage's own
+ratio (the bar: concurrency 16 >= 12x faster than concurrency 1). Both runs go through the stage's own
 request loop (`stages.generate.client.Requester`: semaphore, rate limiter, retries, SQLite cache) with an empty
 cache.
 """

@@ -1,5 +1,5 @@
 """End to end on the real model: `qrb demo` (the smol profile, SmolLM2-135M-Instruct), narrowed to a quarter's papers
-so that CI pays ~5 minutes for it, and what issue 15 asks of it: on the seen-papers set (facts training taught, asked
+so that CI pays ~5 minutes for it, and what it must show: on the seen-papers set (facts training taught, asked
 in words it never saw) the fine-tuned model's reference-answer CE is below its base's with non-overlapping 95%
 intervals, and every model's answers are graded (correct, not attempted) with their intervals."""
 

@@ -674,7 +674,7 @@ def test_dvc_metrics_diff_shows_per_model_per_metric_deltas(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Issue 13: first-public dates, no interval below a minimum n, both BLEUs
+# First-public dates, no interval below a minimum n, both BLEUs
 
 def test_a_paper_is_dated_by_when_it_first_became_public():
     """A preprint public on arXiv in June 2023 that the journal published in 2024 is *before* a 2023-12-31 cutoff:

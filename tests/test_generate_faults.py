@@ -1,4 +1,4 @@
-"""Issue 13, generate: an endpoint that refuses `response_format: json_schema` (400, 422 or 500), the circuit
+"""Generate against a faulty endpoint: one that refuses `response_format: json_schema` (400, 422 or 500), the circuit
 breaker (the same error on K requests in a row stops the run with the server's message), 0 pairs is a failure, and
 the eval split capped by a share of papers."""
 

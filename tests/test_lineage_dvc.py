@@ -1,4 +1,4 @@
-"""Issue 16, "Lineage and DVC": the base model is a dependency of every stage that loads it (a local folder through
+"""Lineage and DVC: the base model is a dependency of every stage that loads it (a local folder through
 models/, a Hub id by its snapshot commit in lineage.json); `dvc plots show` draws offline, one chart per question set
 and no meaningless stage-level plots; `dvc metrics` holds each stage's headline numbers, the rest is a plain report."""
 

@@ -181,7 +181,7 @@ def card_ws(tmp_path_factory) -> Path:
     return built(ws)
 
 
-TINY_EVALUATE = {  # the tiny demo as issue 16 found it: fine-tuned below base on BERTScore, 5 golden = 2 + 1 + undated
+TINY_EVALUATE = {  # a tiny demo's numbers: fine-tuned below base on BERTScore, 5 golden = 2 + 1 + undated
     "golden": {"base": plain(5, 5, 4.9, (0.331, [0.30, 0.36]), **graded(0.0, 1.0, [0.0, 0.0])),
                "fine_tuned": plain(5, 5, 5.2, (0.234, [0.20, 0.26]), **graded(0.0, 1.0, [0.0, 0.0], (0.0, [0.0, 0.0]))),
                "rag": plain(5, 5, 4.8, 0.3), "fine_tuned_rag": plain(5, 5, 5.0, 0.25)},
@@ -251,7 +251,7 @@ def test_card_is_a_hub_model_card_with_the_eval_results_in_its_metadata(card_ws)
     card = load_card(card_ws)
     assert card.data.license == "llama3.1"  # params.yaml's model_card.license (the adapter's)
     assert card.data.base_model == "meta-llama/Llama-3.1-8B-Instruct" and card.data.library_name == "peft"
-    assert card.data.datasets  # issue 16: the metadata names the training data
+    assert card.data.datasets  # the metadata names the training data
     results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
     for set_name in ("golden", "seen", "eval"):
         for key in ("correct", "not_attempted", "hallucination_rate", "answer_words", "bertscore_f1", "rouge1", "rougeL", "bleu",

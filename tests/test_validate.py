@@ -520,7 +520,7 @@ def test_stage_bad_input_is_a_one_line_error(tmp_path, splits, papers):
 
 
 def test_stage_with_an_empty_eval_split_writes_a_dataset_that_loads_back(tmp_path, splits, papers):
-    """Issue 13: `min_eval_rows: 0` and no eval pairs passed the gate, then crashed with IndexError at the split."""
+    """`min_eval_rows: 0` and no eval pairs used to pass the gate, then crash with IndexError at the split."""
     train, _ = splits
     ws = make_workspace(tmp_path, papers, train, [], min_eval_rows=0)
     r = run_stage(ws)

@@ -1,4 +1,4 @@
-"""The validate stage's optional LLM judge (issue 14) against the smoke endpoint, which judges deterministically from
+"""The validate stage's optional LLM judge against the smoke endpoint, which judges deterministically from
 the paper text of a `Task: judge` prompt: planted wrong answers (answers of another paper) are quarantined with the
 judge's reason and the good pairs kept; verdicts are cached (a rerun sends no request), a `kill -9` resumes, and the
 cost cap stops the stage before it overspends, in one line. Real corpus papers; pairs written as the smoke endpoint

@@ -202,7 +202,7 @@ def test_every_part_imports_light():
 
 
 def test_save_dataset_writes_an_empty_eval_split_that_loads_back(tmp_path):
-    """Issue 13: an empty eval split (allowed by `min_eval_rows: 0`) crashed with IndexError at the split
+    """An empty eval split (allowed by `min_eval_rows: 0`) crashed with IndexError at the split
     (datasets 5.2's `select(range(n, n))` on n rows), and a 0-row split was saved with no shard at all, which
     `load_from_disk` cannot read back."""
     import datasets

@@ -1,4 +1,4 @@
-"""The validate stage with knowledge augmentation (issue 15): a fact's variants are never duplicates of each other,
+"""The validate stage with knowledge augmentation: a fact's variants are never duplicates of each other,
 the gate counts facts, and the seen split ("seen papers, new questions") is checked against the clean training
 pairs, passed on to evaluate and never put in the training dataset. Small hand-made papers, no corpus."""
 
