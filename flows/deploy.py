@@ -17,7 +17,7 @@ Both need a Prefect server that outlives the command (PREFECT_API_URL, e.g. a `p
 worker checks `--source` out for each run (a git URL: into a temporary folder it deletes afterwards, so the workspace,
 whose outputs, DVC cache and crawl seen-set must persist, is an absolute path on the worker; a local path: the code
 runs in place, and a relative workspace is inside it). Secrets go in the worker's environment, never `--env`.
-See the README section "Weekly refresh and GPU workers".
+The steps, server to worker: docs/orchestration.md ("Deployments").
 """
 
 from __future__ import annotations
