@@ -220,6 +220,31 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
         assert labels[n:] == [-100] * (len(ids) - n) and ids[n:] == [tokenizer.pad_token_id] * (len(ids) - n)
 
 
+def legacy_train_path():
+    """The train stage's trainer as it ran before its CPU speed work: trl's own loss (its fused LM head scores every
+    position on a CPU) and the per-parameter AdamW (not fused). A context manager, for equivalence tests and bench."""
+    import contextlib
+    from unittest import mock
+
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+    from trl import SFTTrainer
+
+    from stages.train import trainer as tr
+
+    class Legacy(tr._trainer_cls()):
+        compute_loss = SFTTrainer.compute_loss
+
+    def unfused(model, p):
+        return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=p.learning_rate,
+                                         loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
+
+    stack = contextlib.ExitStack()  # lora_plus hands its optimizer to the trainer: SFTConfig's `optim` is unused
+    stack.enter_context(mock.patch.object(tr, "_trainer_cls", lambda: Legacy))
+    stack.enter_context(mock.patch.object(tr, "build_optimizer", unfused))
+    return stack
+
+
 CHROMIUM_APT = "apt-get update && apt-get install -y chromium chromium-driver"
 
 

@@ -23,6 +23,7 @@ qrb.chat.encode_pair, as every eval CE is), length-grouped batches. NEFTune nois
 (unpadded) length, alpha/sqrt(L_i * d), as in the NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
 In bf16 every trainable tensor is an fp32 master (bf16 autocast computes); gradient checkpointing is a param. On a
 base that ties embed_tokens and lm_head (SmolLM2), the trained embedding copy unties the model: lm_head stays frozen.
+The loss is trl's; lm_head runs only on the labelled positions (see the trainer).
 
 This module stays light (no torch import). The parts: `model` (tokenizer, adapter configs, model, LoRA+
 optimizer), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage` (fingerprints, checkpoint key,
@@ -72,7 +73,7 @@ class TrainParams:
     batch_size: int
     grad_accum: int
     epochs: float
-    precision: Literal["bf16", "fp16", "fp32"]
+    precision: Literal["bf16", "fp16", "fp32", "bf16_cpu"]  # bf16_cpu: bf16 autocast without a GPU
     gradient_checkpointing: bool  # recompute activations in backward: less memory, ~30% more compute
     pad_token: str
     padding_side: Literal["right", "left"]
@@ -83,6 +84,10 @@ class TrainParams:
     checkpoint_steps: int
     emissions_country: str | None
     report_to: Literal["dvclive", "wandb", "mlflow", "tensorboard", "none"]  # DVCLive's files are written anyway
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision in ("bf16", "bf16_cpu")
 
     def check(self) -> None:
         if self.lora.r < 1:

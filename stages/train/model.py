@@ -64,8 +64,10 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(p.precision))
-    model = load_causal_lm(base["model"], dtype=torch_dtype(p.precision), **kwargs)
+            bnb_4bit_compute_dtype=torch_dtype(p.precision.removesuffix("_cpu")))
+    model = load_causal_lm(base["model"], dtype=torch_dtype(p.precision.removesuffix("_cpu")), **kwargs)
+    if device == "cpu" and p.bf16:
+        fp32_attention(model)
     resize_for_tokenizer(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if p.method == "qlora":
@@ -91,6 +93,25 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
     return model
 
 
+def fp32_attention(model) -> None:
+    """Attention in fp32 under bf16 autocast on a CPU: torch's CPU flash-attention backward takes ~2x longer in bf16
+    than in fp32 without AMX (48 vs 21 ms a SmolLM2 layer at batch 8 x 118); the projections stay bf16."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                  **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register("sdpa_fp32", sdpa_fp32)
+    AttentionMaskInterface.register("sdpa_fp32", sdpa_mask)
+    model.set_attn_implementation("sdpa_fp32")
+
+
 def upcast_trainable_(model) -> None:
     """Every trainable tensor in fp32, the frozen base in its load dtype (bf16 autocast computes in bf16).
 
@@ -113,7 +134,8 @@ def build_optimizer(model, p: TrainParams):
 
     if p.method != "lora_plus":
         return None  # Trainer builds AdamW with args.weight_decay
-    return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=p.learning_rate,
+    # fused: the same AdamW in one kernel per tensor; the embedding copy's dense step takes 24 ms instead of 400 on a CPU
+    return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=p.learning_rate, fused=True,
                                      loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
 
 

@@ -48,7 +48,7 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
 
     if p.report_to in ("wandb", "mlflow", "tensorboard") and importlib.util.find_spec(p.report_to) is None:
         raise ConfigError(f"`train.report_to: {p.report_to}` is not installed (pip install {p.report_to})")
-    device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision)
+    device = require_hardware(base["model"], "nf4" if p.method == "qlora" else p.precision)  # bf16_cpu: any device
     if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun-style ranks without a GPU: accelerate forms a gloo (MULTI_CPU) group only when told "cpu";
         # `accelerate launch --cpu` itself starts a single process in accelerate 1.15 (no mpirun hostfile)
