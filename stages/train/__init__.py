@@ -5,7 +5,8 @@
     accelerate launch --multi_gpu --num_processes 2 -m stages.train                   # CPU smoke: 2 gloo ranks
 
 Reads  params.yaml (`train:` and base.seed/model/system_prompt/hf_offline), artifacts/validate/dataset
-       (a datasets.DatasetDict with "train" and "eval" splits of question/answer pairs).
+       (a datasets.DatasetDict with "train" and "eval" splits of question/answer pairs), and with `train.text.share`
+       > 0 artifacts/scrape/papers.jsonl (the training papers' text: see `text`).
 Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added pad token + lineage.json; for
        loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, train loss, tokens/s,
        trainable parameters), reports/train.json (all of it: padding fraction, peak memory, steps, energy, the
@@ -23,11 +24,13 @@ qrb.chat.encode_pair, as every eval CE is), length-grouped batches. NEFTune nois
 (unpadded) length, alpha/sqrt(L_i * d), as in the NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
 In bf16 every trainable tensor is an fp32 master (bf16 autocast computes); gradient checkpointing is a param. On a
 base that ties embed_tokens and lm_head (SmolLM2), the trained embedding copy unties the model: lm_head stays frozen.
-The loss is trl's; lm_head runs only on the labelled positions (see the trainer).
+Optionally (`train.text`) the training papers' own text and rule-based rewrites of it train beside the QA rows, with
+the loss on every token. The loss is trl's; lm_head runs only on the labelled positions (see the trainer).
 
 This module stays light (no torch import). The parts: `model` (tokenizer, adapter configs, model, LoRA+
-optimizer), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage` (fingerprints, checkpoint key,
-energy meter, lineage.json), `run` (the files: dataset in; adapter, metrics, loss plots out).
+optimizer), `text` (the papers' text rows), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage`
+(fingerprints, checkpoint key, energy meter, lineage.json), `run` (the files: dataset in; adapter, metrics, loss
+plots out).
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ class LoreftParams:
 
 
 @dataclass(frozen=True)
+class TextParams:
+    share: float              # of the training rows, the papers' text (0 = off)
+    rewrites: int             # rule-based rewrites of each paper's text beside the original
+    order: Literal["mixed", "qa_first", "text_first"]
+
+
+@dataclass(frozen=True)
 class TrainParams:
     method: Literal["lora", "lora_plus", "dora", "qlora", "loreft"]
     lora: LoraParams
@@ -84,6 +94,7 @@ class TrainParams:
     checkpoint_steps: int
     emissions_country: str | None
     report_to: Literal["dvclive", "wandb", "mlflow", "tensorboard", "none"]  # DVCLive's files are written anyway
+    text: TextParams
 
     @property
     def bf16(self) -> bool:
@@ -105,6 +116,8 @@ class TrainParams:
             raise ValueError("params: `train.loreft.rank` must be a positive integer")
         if not re.match(r"^(all|f\d+\+l\d+)$", self.loreft.positions):
             raise ValueError("params: `train.loreft.positions` must be 'all' or 'f<n>+l<n>' (e.g. f7+l7)")
+        if not 0 <= self.text.share < 1 or self.text.rewrites < 0:
+            raise ValueError("params: `train.text.share` must be in [0, 1) and `train.text.rewrites` >= 0")
         if self.method == "qlora" and self.precision == "fp32":
             raise ValueError("params: `train.precision` must be bf16 or fp16 with method qlora (nf4 compute dtype)")
 

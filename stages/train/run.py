@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError
-from qrb.io import atomic_write_text, write_metrics
+from qrb.io import atomic_write_text, read_jsonl, write_metrics
 from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams
@@ -22,6 +22,7 @@ from .trainer import dvclive_callback, train
 log = logging.getLogger(__name__)
 
 DATASET_DIR = Path("artifacts/validate/dataset")
+PAPERS = Path("artifacts/scrape/papers.jsonl")
 ADAPTER_DIR = Path("artifacts/train/adapter")
 METRICS = Path("metrics/train.json")  # the headline numbers (dvc metrics); the whole record in REPORT
 REPORT = Path("reports/train.json")
@@ -55,12 +56,17 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if not DATASET_DIR.exists():
         raise ConfigError(f"{DATASET_DIR} not found: run the validate stage first (dvc repro validate)")
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
     # in memory: .map() would otherwise write cache files into validate's output folder and DVC would see it changed
     dataset = load_from_disk(str(DATASET_DIR), keep_in_memory=True)
     if len(dataset["train"]) == 0:
         raise DataError("the validated training split is empty")
+    if p.text.share > 0:  # the papers' text: the core keeps the training split's papers only
+        if not PAPERS.exists():
+            raise ConfigError(f"{PAPERS} not found (`train.text.share` > 0 trains on the papers' text): run scrape")
+        keys = ("doi", "title", "abstract", "full_text")
+        dataset["papers"] = Dataset.from_list([{k: r.get(k) or "" for k in keys} for r in read_jsonl(PAPERS)])
     CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)  # a DVC out (persist: true): must exist after the stage
     live = (dvclive_callback(LIVE_DIR),) if os.environ.get("RANK", "0") == "0" else ()  # rank 0 writes
     model, tokenizer, metrics, _ = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT, callbacks=live)

@@ -41,10 +41,11 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
     from trl import SFTConfig
 
     ckpt = p.checkpoint_steps > 0
+    staged = p.text.share > 0 and p.text.order != "mixed"  # the rows come with their epochs unrolled, in order
     return SFTConfig(
         output_dir=output_dir, seed=base["seed"], data_seed=base["seed"],
         per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.eval_batch_size,
-        gradient_accumulation_steps=p.grad_accum, num_train_epochs=p.epochs,
+        gradient_accumulation_steps=p.grad_accum, num_train_epochs=1.0 if staged else p.epochs,
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
         weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm, optim="adamw_torch_fused",  # one kernel: 16x on CPU
         neftune_noise_alpha=None,  # ours, per real sequence length: see neftune_per_length
@@ -53,7 +54,7 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         activation_checkpointing=p.gradient_checkpointing,
         max_length=base["max_length"], completion_only_loss=p.completion_only_loss, packing=False,
         pad_token=None, label_names=["labels"], logging_steps=p.logging_steps,
-        train_sampling_strategy="group_by_length" if p.group_by_length else "random",
+        train_sampling_strategy="sequential" if staged else "group_by_length" if p.group_by_length else "random",
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
         eval_strategy="epoch" if has_eval else "no",
         save_strategy="steps" if ckpt else "no", save_steps=p.checkpoint_steps if ckpt else 500,
@@ -208,6 +209,13 @@ def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, datase
     optimizer, and the callback that evaluates before an epoch-boundary checkpoint."""
     system, max_length = base["system_prompt"], base["max_length"]
     train_ds = tokenize_rows(dataset["train"], tokenizer, system, max_length)
+    if p.text.share > 0:  # the training papers' text beside the QA rows
+        from datasets import Dataset
+
+        from .text import order_rows, text_rows
+
+        text = text_rows(dataset, tokenizer, p.text, len(train_ds), max_length, base["seed"])
+        train_ds = Dataset.from_list(order_rows(list(train_ds), text, p.text, p.epochs, base["seed"]))
     eval_ds = tokenize_rows(dataset["eval"], tokenizer, system, max_length) if len(dataset.get("eval") or []) else None
     trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
                              train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
