@@ -46,6 +46,7 @@ SCREEN = 100  # the end-of-run screen's width
 LONG_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")  # 3.786388315473284: shown as 3.786
 GRADES = (("correct", "correct"), ("incorrect", "incorrect"), ("not attempted", "not_attempted"))  # "–": none
 MODEL_NAMES = {"base": "base", "fine_tuned": "fine-tuned", "rag": "RAG", "fine_tuned_rag": "fine-tuned + RAG"}
+SETS = ("golden", "seen", "eval", "invented")  # the screen's order (the report's keys are sorted)
 MAX_ROWS = 16  # set x model rows on the screen (4 x 4 in the demo); more: the rivals' rows stay in the reports
 
 _console: Console | None = None
@@ -231,13 +232,12 @@ def _name(model: str) -> str:
 
 def _changed(sets: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     """(the question set, one sentence on what fine-tuning changed there against base) for the screen."""
-    both = [s for s, by in sets.items() if {"base", "fine_tuned"} <= set(by)]
-    if not both:
+    graded = [s for s, by in sets.items() if isinstance(by.get("fine_tuned", {}).get("correct"), (int, float))
+              and "base" in by]  # a report without grades (or a set without questions): the dashes say enough
+    if not graded:
         return None, ""
-    name = "seen" if "seen" in both else both[0]
+    name = "seen" if "seen" in graded else graded[0]  # the seen set: what fine-tuning can teach
     ft, base = sets[name]["fine_tuned"], sets[name]["base"]
-    if not isinstance(ft.get("correct"), (int, float)):
-        return name, ""  # a report without grades: the table's dashes say enough
     text = f"Fine-tuned is correct on {_cell(ft, 'correct')} of {name} questions vs base {_cell(base, 'correct')}"
     gain, gci = ft.get("correct_gain"), ft.get("correct_gain_ci95")
     if isinstance(gain, (int, float)):
@@ -287,7 +287,9 @@ def results(workspace: str | Path) -> list[str]:
     report = ws / "reports" / "evaluate.json"
     if not report.exists():
         return ["No evaluation (reports/evaluate.json is missing)."]
-    sets = {s: by for s, by in json.loads(report.read_text()).items()
+    rank = {name: i for i, name in enumerate([*SETS, *MODEL_NAMES])}
+    sets = {s: dict(sorted(by.items(), key=lambda kv: rank.get(kv[0], 99)))
+            for s, by in sorted(json.loads(report.read_text()).items(), key=lambda kv: rank.get(kv[0], 99))
             if by and not s.endswith(("_after_cutoff", "_before_cutoff"))}
     lines = [f"{'questions':<16}{'model':<18}" + "".join(f"{title:<17}" for title, _ in GRADES).rstrip()]
     rows = [(s, model, m) for s, by in sets.items() for model, m in by.items()]

@@ -108,7 +108,7 @@ def summary(run: dict, log: Path) -> str:
     ws = Path(run["workspace"])
     rel = os.path.relpath(ws) if ws.is_relative_to(Path.cwd()) else str(ws)
     activate = Path(sys.executable).parent / "activate"
-    stages = ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" + ("" if r["ran"] else " (up to date)")
+    stages = ", ".join(f"{r['stage']} {r['wall_s']:.0f}s" + ("" if r["ran"] else " (up to date)")
                        for r in run["stages"])
     tail = [f"Stages: {stages}; total {run['wall_s']:.0f} s (profile {run['profile']}).",
             f"In {rel}/ (git + DVC): reports/ (every table and number, data_docs/), artifacts/ (data, adapter, "
