@@ -245,13 +245,16 @@ _HEADS_INV = ("bound", "protocol", "code", "algorithm", "ansatz", "channel")
 _CLAIMS = ("We realise {a} with {n} {u} for {b}.",
            "We show that {a} reaches a fidelity of {p}% in {b}.",
            "We introduce {N} {H} ({X}), a {c} scheme for {b}.",
-           "We express {a} in terms of the {N} {H}.")
+           "We express {a} in terms of the {N} {H}.",
+           "Our analysis of {b} yields a threshold of approximately {p}%.",
+           "We benchmark {a} on the {N} {H} with {n} {u}.",
+           "We develop a {c} {H} to analyse {b} beyond {a}.")
 
 
 def _invented_title(h: int, real: list[str]) -> tuple[str, str, str]:
-    """(title, subject a, subject b): half of the time two halves of real titles joined, so that only the whole
-    title is unfamiliar; else from fixed topic lists."""
-    if real and len(real) >= 2 and h % 2:
+    """(title, subject a, subject b): mostly two halves of real titles joined, so that only the whole title is
+    unfamiliar, as a real paper's the bot has not read; else from fixed topic lists."""
+    if real and len(real) >= 2 and h % 4:
         one, two = real[h % len(real)], real[(h >> 8) % len(real)]
         w1, w2 = one.split(), two.split()
         if one != two and len(w1) >= 4 and len(w2) >= 4:
