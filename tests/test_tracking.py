@@ -24,7 +24,8 @@ def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
-    """A tiny workspace at the point train starts: the base model tracked by DVC, validate's dataset, report_to none."""
+    """A tiny workspace at the point train starts: the base model tracked by DVC, validate's dataset and scrape's
+    papers, report_to none."""
     from datasets import Dataset, DatasetDict
 
     from flows.workspace import commit, prepare
@@ -36,6 +37,8 @@ def ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
     train, eval_ = split_rows(qa_rows(corpus_dir), 32, 8)
     DatasetDict(train=Dataset.from_list(train), eval=Dataset.from_list(eval_)).save_to_disk(
         str(ws / "artifacts/validate/dataset"))
+    (ws / "artifacts/scrape").mkdir(parents=True)
+    (ws / "artifacts/scrape/papers.jsonl").write_text("".join(p.read_text() for p in sorted(corpus_dir.glob("*.jsonl"))))
     commit(ws, "base model")
     return ws
 
@@ -55,6 +58,7 @@ def test_dvclive_curves_show_in_dvc_exp_show_and_plots_show(ws):
     assert show.returncode == 0, show.stderr
     header, *rows = show.stdout.splitlines()
     assert {"loss", "eval.loss", "learning_rate", "step"} <= set(header.split(",")), header
+    assert not {"eval.runtime", "total_flos", "train.samples_per_second"} & set(header.split(","))  # no curves
     assert "train.report_to" in header.split(",") and "dvclive" in rows[0].split(","), show.stdout
 
     [plot] = json.loads(dvc(ws, "plots", "show", "--json").stdout)["data"]["loss"]
@@ -91,11 +95,12 @@ def test_a_resumed_run_keeps_the_curve_before_its_checkpoint(tmp_path, monkeypat
     cb = dvclive_callback(tmp_path / "dvclive")
     cb.on_train_begin(args, state, TrainerControl())
     state.global_step = 10
-    cb.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "epoch": 2.5})
+    cb.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "epoch": 2.5, "train_runtime": 9.1})
 
     def rows(rel: str) -> list[tuple[int, float]]:
         text = (tmp_path / "dvclive/plots/metrics" / rel).read_text()
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(text.splitlines(), delimiter="\t")]
 
     assert rows("loss.tsv") == [(5, 3.0), (10, 2.5)] and rows("eval/loss.tsv") == [(8, 2.9)]
-    assert json.loads((tmp_path / "dvclive/metrics.json").read_text())["loss"] == 2.5
+    assert json.loads((tmp_path / "dvclive/metrics.json").read_text()) == {"loss": 2.5, "epoch": 2.5, "step": 10,
+                                                                           "eval": {"loss": 2.9}}

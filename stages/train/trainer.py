@@ -63,6 +63,10 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
 
 
+LIVE_SKIP = ("runtime", "per_second", "flos", "tokens_seen")  # Trainer's timings and counters: no curves (and each
+                                                              # would be one more `dvc exp show` column)
+
+
 def dvclive_callback(live_dir: Path):
     """transformers' DVCLive callback on a Live that writes `live_dir` only (DVCLive's defaults edit the repo's
     dvc.yaml and save a DVC experiment of their own: dvc.yaml declares these files instead), each value at the
@@ -81,7 +85,8 @@ def dvclive_callback(live_dir: Path):
 
         def log_at(self, args, state, control, step, logs):
             self.live.step = step
-            super().on_log(args, state, control, logs={k: v for k, v in logs.items() if k != "step"})
+            keep = {k: v for k, v in logs.items() if k != "step" and not any(w in k for w in LIVE_SKIP)}
+            super().on_log(args, state, control, logs=keep)
 
     return StepDVCLive(live=Live(str(live_dir), dvcyaml=None, save_dvc_exp=False))
 
