@@ -38,8 +38,8 @@ SMALL = {  # 2 papers, ~5 facts each: the gates opened, one train step, the chea
     "generate.pairs_per_prompt": 1, "generate.eval_size": 5, "generate.eval_max_paper_share": 1.0,
     "validate.min_rows": 1, "validate.max_paper_share": 1.0, "validate.min_eval_rows": 1,
     "validate.max_eval_fraction": 1.0, "validate.min_similarity": 0.0, "train.epochs": 1, "train.checkpoint_steps": 0,
-    "train.emissions_country": None, "evaluate.max_new_tokens": 4, "evaluate.rag_top_k": 0,
-    "evaluate.bootstrap_samples": 100, "evaluate.rag_cross_entropy": False}
+    "train.emissions_country": None, "evaluate.max_new_tokens": 4, "evaluate.rag": False,
+    "evaluate.bootstrap_samples": 100}
 UNTIL = {"until": "evaluate"}
 # what the stages after scrape write: rewritten when they run, untouched when DVC skips them
 OUTPUTS = {"generate": "artifacts/generate/train.jsonl", "validate": "artifacts/validate/train.jsonl",

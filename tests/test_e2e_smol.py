@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # A narrower run than `make demo`: the papers of July-September 2024 (15: 12 trained on, 3 held out), so the gate's
 # minimum is 10 facts; no RAG rows (retrieval does not change the CE margin asserted here, and its long prompts are
 # most of evaluate's time). The recipe is the profile's.
-NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10}, "evaluate": {"rag_top_k": 0}}
+NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10}, "evaluate": {"rag": False}}
 
 
 @pytest.fixture(scope="module")

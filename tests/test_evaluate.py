@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qrb.params import load_params
+from qrb.retrieval import PACKAGED_MINILM, RetrievalParams, Retriever, passages_from_papers
 from qrb.rivals import Rival, ask_rival
 from qrb.schema import ABSTAIN_ANSWER, question_record
 from stages.evaluate import EvaluateParams, Grader
@@ -31,7 +32,7 @@ from stages.evaluate.metrics import (
     paired_gains,
 )
 from stages.evaluate.questions import freshness_subsets
-from stages.evaluate.report import HEADLINE_METRICS, PLOT_METRICS
+from stages.evaluate.report import HEADLINE_METRICS, PLOT_METRICS, RAG_HEADLINE
 from stages.evaluate.run import main as run_evaluate_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -466,8 +467,8 @@ def bag_of_words(texts):
 def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tiny, scorer, corpus_dir, fake_openai):
     """base, fine_tuned, rag and fine_tuned_rag on golden, seen, eval and invented; an empty seen set is n=0, not a
     crash; every answer graded (the LLM grader where the row has a gold, the offline grade kept beside it; invented
-    papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base."""
-    from qrb.retrieval import Retriever, passages_from_papers
+    papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base,
+    the RAG rows' recall@k and citation accuracy."""
     from stages.evaluate.core import evaluate
     from stages.evaluate.grade import grade
 
@@ -482,21 +483,22 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
                  "aliases": [], "kind": "abstain"} for t in ("Quantum gravity in a teacup", "Photonic mayonnaise")]
     sets = {"golden": [{**g, "short_answer": g["answer"].split()[-1]} for g in golden[:3]], "seen": [],
             "eval": pairs, "invented": invented}
-    p = params(max_new_tokens=6, batch_size=4, bootstrap_samples=100, rag_top_k=2, rag_max_chars=80, rivals=(),
+    p = params(max_new_tokens=6, batch_size=4, bootstrap_samples=100, rag=True, rivals=(),
                grader=Grader(fake_openai.base_url, "grader-1", "QRB_T_GRADER"), min_n_for_interval=4)
     base = {"seed": 1, "system_prompt": SYSTEM, "max_length": 512}
+    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("dense", 2, -1.0, 80))
     cache: dict[str, str] = {}
-    metrics, preds, skipped = evaluate(
-        base, p, model, tok, sets, papers=papers, retriever=Retriever(passages_from_papers(papers), bag_of_words),
-        scorer=scorer, grader_cache=cache, env={"QRB_T_GRADER": "good-key"})
+    metrics, preds, skipped = evaluate(base, p, model, tok, sets, papers=papers, retrieval=retrieval, scorer=scorer,
+                                       grader_cache=cache, env={"QRB_T_GRADER": "good-key"})
     models = ["base", "fine_tuned", "rag", "fine_tuned_rag"]
     assert skipped == {}
     assert {s: list(m) for s, m in metrics.items() if not s.endswith("cutoff")} == \
         {"golden": models, "seen": models, "eval": models, "invented": models}
     assert metrics["seen"] == {m: {"n": 0} for m in models}
     ev = metrics["eval"]
-    assert ev["rag"]["retrieval_hit_rate"] == ev["fine_tuned_rag"]["retrieval_hit_rate"]
-    assert ev["fine_tuned_rag"]["cross_entropy"] != ev["rag"]["cross_entropy"]  # the adapter is on
+    assert ev["rag"]["recall_at_k"] == ev["fine_tuned_rag"]["recall_at_k"]  # the same passages
+    assert "cross_entropy" not in ev["rag"] and "recall_at_k" not in ev["base"]
+    assert "recall_at_k" not in metrics["invented"]["rag"]  # no paper to find
     for name in models:
         rows = [r for r in preds if r["set"] == "eval" and r["model"] == name]
         gold = [r for r in rows if r["short_answer"]]
@@ -517,18 +519,104 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     # intervals need min_n_for_interval (4) questions that define the rate: 3 graded, 4 that may not attempt
     assert ev["rag"]["correct_gain_ci95"] == ev["base"]["correct_ci95"] == "n too small"
     assert isinstance(ev["base"]["not_attempted_ci95"], list)
-    # without rag_cross_entropy (a CPU profile's saving) the RAG rows answer but carry no CE; the others keep theirs
-    lean, lean_preds, _ = evaluate(base, dataclasses.replace(p, rag_cross_entropy=False, grader=None), model, tok,
-                                   {"eval": pairs}, papers=papers,
-                                   retriever=Retriever(passages_from_papers(papers), bag_of_words), scorer=scorer)
-    assert "cross_entropy" not in lean["eval"]["rag"] and "cross_entropy" not in lean["eval"]["fine_tuned_rag"]
+    # without the grader, and without the RAG rows (evaluate.rag off): the offline grades, the same CE
+    lean, lean_preds, _ = evaluate(base, dataclasses.replace(p, rag=False, grader=None), model, tok,
+                                   {"eval": pairs}, papers=papers, scorer=scorer)
+    assert list(lean["eval"]) == ["base", "fine_tuned"]
     assert lean["eval"]["base"]["cross_entropy"] == pytest.approx(ev["base"]["cross_entropy"])
     assert all(r["grade"] == r2["grade_offline"] for r, r2 in zip(lean_preds, (r for r in preds if r["set"] == "eval"))
                if r["short_answer"])  # no grader: the offline grades
     assert metrics["golden"]["base"]["rouge1_ci95"] == "n too small"  # 3 < min_n_for_interval
     distinct = {(r["question"], r["short_answer"], r["prediction"]) for r in preds if r["short_answer"]}
     assert len(cache) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 3) // 2  # one grade per distinct
-    assert {r["model"] for r in preds if "retrieved" in r} == {"rag", "fine_tuned_rag"}
+    assert {r["model"] for r in preds if "cited" in r} == {"rag", "fine_tuned_rag"}
+
+
+def fake_local(monkeypatch, sent: dict[str, list[str]]):
+    """A LocalModel whose generation records each row's prompts (by its progress label) and answers "answer <i>"."""
+    import contextlib
+    import types
+
+    from stages.evaluate import core
+
+    def generate(model, tok, prompts, system, **kw):
+        sent[kw["desc"]] = list(prompts)
+        return [f"answer {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(core, "generate_answers", generate)
+    monkeypatch.setattr(core, "token_nll_rows", lambda model, tok, pairs, system, **kw: [(1.0, 1)] * len(pairs))
+    return core.LocalModel(types.SimpleNamespace(disable_adapter=contextlib.nullcontext), None, SYSTEM, params(), 512)
+
+
+def test_the_rag_rows_send_the_model_what_the_apps_send_it(monkeypatch, corpus_dir):
+    """For the same question, index and `retrieval:` params, both RAG rows hand the model the messages `qrb ask --rag`
+    renders (Bot.ground, then Bot.messages) and cite the papers the app lists as sources."""
+    from qrb.app.bot import Bot
+    from qrb.chat import prompt_messages
+    from stages.evaluate.core import local_answers
+
+    papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
+    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("hybrid", 2, -1.0, 120))
+    rows = [{"question": f"What does the paper \"{p['title']}\" show?", "answer": "-", "doi": p["doi"]}
+            for p in papers[:3]]
+    sent: dict[str, list[str]] = {}
+    answers, extras = local_answers(fake_local(monkeypatch, sent), "eval", rows, retrieval)
+    assert list(answers) == ["base", "fine_tuned", "rag", "fine_tuned_rag"]
+    assert sent["eval/base"] == sent["eval/fine_tuned"] == [r["question"] for r in rows]
+    bot = Bot(None, None, SYSTEM, None, retriever=retrieval[0], retrieval=retrieval[1])
+    for i, r in enumerate(rows):
+        conv, cites = bot.ground([{"role": "user", "content": r["question"]}])
+        assert "[1] " in conv[-1]["content"] and r["question"] in conv[-1]["content"]
+        for name in ("rag", "fine_tuned_rag"):
+            assert prompt_messages(SYSTEM, sent[f"eval/{name}"][i]) == bot.messages(conv)
+            assert extras[name][i]["cited"] == [c["doi"] for c in cites] and len(cites) == 2
+            assert answers[name][i] == f"answer {i}"
+
+
+def test_below_min_score_the_rag_rows_abstain_without_asking_the_model(monkeypatch, corpus_dir):
+    """A question no passage reaches retrieval.min_score for gets the apps' abstention, unasked and citing nothing
+    (graded not attempted: no citation accuracy, its paper not recalled); the question that does reach it is asked."""
+    from qrb.app.bot import Bot
+    from stages.evaluate.core import citation_columns, local_answers
+    from stages.evaluate.grade import grade
+
+    papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
+    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("dense", 1, 0.9, 120))
+    own = f"{papers[0]['title']}. {' '.join(papers[0]['abstract'].split())}"  # its passage's text: cosine 1
+    rows = [{"question": "Is photonic mayonnaise stable at noon?", "answer": "-", "doi": papers[1]["doi"]},
+            {"question": own, "answer": "-", "doi": papers[0]["doi"]}]
+    sent: dict[str, list[str]] = {}
+    answers, extras = local_answers(fake_local(monkeypatch, sent), "eval", rows, retrieval)
+    assert Bot(None, None, SYSTEM, None, retriever=retrieval[0], retrieval=retrieval[1]).ground(
+        [{"role": "user", "content": rows[0]["question"]}])[1] is None  # the app abstains on it too
+    for name in ("rag", "fine_tuned_rag"):
+        assert answers[name] == [ABSTAIN_ANSWER, "answer 0"] and len(sent[f"eval/{name}"]) == 1
+        assert [e["cited"] for e in extras[name]] == [[], [papers[0]["doi"]]]
+    g = grade(ABSTAIN_ANSWER, "56 qubits", (), rows[0]["question"])
+    assert g == "not_attempted"
+    assert citation_columns(rows[0], [], g) == {"recall_at_k": 0.0, "citation_accuracy": None}
+
+
+def test_recall_at_k_and_citation_accuracy_on_a_hand_made_case():
+    """recall@k: the question's paper (DOI, any case) among those cited, over questions with a DOI; citation accuracy:
+    the first cited paper is the question's, over attempted answers (citing nothing is wrong)."""
+    from stages.evaluate.core import citation_columns
+
+    a, b, c, d, e = (f"10.22331/q-2024-01-0{i}-{i}" for i in range(1, 6))
+    case = [({"doi": a}, [a.upper(), "x"], "correct"),  # recalled, cited first
+            ({"doi": b}, ["x", b], "incorrect"),  # recalled, cited second: a wrong citation
+            ({"doi": c}, [], "not_attempted"),  # nothing retrieved: abstained, out of citation accuracy
+            ({"doi": d}, [], "incorrect"),  # attempted, citing nothing: wrong
+            ({"doi": e}, ["y"], "not_attempted"),
+            ({"doi": None}, ["z"], "incorrect")]  # an invented paper: neither
+    cols = [citation_columns(row, cited, g) for row, cited, g in case]
+    assert [c["recall_at_k"] for c in cols] == [1.0, 1.0, 0.0, 0.0, 0.0, None]
+    assert [c["citation_accuracy"] for c in cols] == [1.0, 0.0, None, 0.0, None, None]
+    rows = [{**r, **col} for r, col in zip(graded_rows(["correct"] * 6), cols)]
+    m = aggregate(rows, seed=1, samples=200, min_n=2)
+    assert m["recall_at_k"] == pytest.approx(2 / 5) and m["citation_accuracy"] == pytest.approx(1 / 3)
+    assert isinstance(m["recall_at_k_ci95"], list) and isinstance(m["citation_accuracy_ci95"], list)
+    assert "recall_at_k" not in aggregate(graded_rows(["correct"] * 6), seed=1, samples=200)  # a row without RAG
 
 
 @pytest.mark.slow
@@ -547,6 +635,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     tok.save_pretrained(tmp_path / "artifacts/train/adapter")
     (tmp_path / "artifacts/scrape").mkdir(parents=True)
     (tmp_path / "artifacts/scrape/papers.jsonl").write_text("".join(json.dumps(p) + "\n" for p in papers))
+    Retriever(passages_from_papers(papers)).save(tmp_path / "artifacts/index", {"model": PACKAGED_MINILM})
     (tmp_path / "artifacts/validate").mkdir(parents=True)
     evals = [{"question": f"What does the paper \"{p['title']}\" study?", "answer": p["abstract"][:160],
               "short_answer": p["title"].split()[-1], "aliases": [], "kind": "fact",
@@ -575,11 +664,11 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
                     "system_prompt": SYSTEM, "hf_offline": True, "max_length": 4096},
            "evaluate": {"golden": "golden.jsonl", "bertscore_model": OFFLINE_BERTSCORE, "bertscore_num_layers": 6,
                         "max_new_tokens": 12, "batch_size": 8, "greedy": True, "bootstrap_samples": 200,
-                        "knowledge_cutoff": "2023-12-31", "rag_top_k": 2, "rag_max_chars": 200, "rag_cross_entropy": True,
-                        "rivals": rivals,
+                        "knowledge_cutoff": "2023-12-31", "rag": True, "rivals": rivals,
                         "rival_timeout_s": 5, "rival_max_retries": 0, "rival_concurrency": 2,
                         "min_n_for_interval": 2,
-                        "grader": {"base_url": None, "model": "qrb-smoke-extractive", "api_key_env": "QRB_T_KEY"}}}
+                        "grader": {"base_url": None, "model": "qrb-smoke-extractive", "api_key_env": "QRB_T_KEY"}},
+           "retrieval": {"method": "hybrid", "top_k": 2, "min_score": -1.0, "max_chars": 200}}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QRB_T_KEY", "good-key")
     monkeypatch.delenv("QRB_T_NONE", raising=False)
@@ -599,6 +688,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     head = json.loads(Path("metrics/evaluate.json").read_text())
     assert set(head) == {"golden", "seen", "eval", "invented"}
     assert set(head["eval"]["base"]) == set(HEADLINE_METRICS) and "cross_entropy" not in head["eval"]["rival_fake_rival"]
+    assert set(RAG_HEADLINE) <= set(head["eval"]["rag"]) and "recall_at_k" not in head["eval"]["fine_tuned"]
     assert all(head[s][m][k] == metrics[s][m][k] for s in head for m in head[s] for k in head[s][m])
     # seen: every paper of the corpus slice is from 2024, so no before-cutoff split; invented papers have no date
     assert set(metrics) == {"golden", "golden_after_cutoff", "golden_before_cutoff", "seen", "seen_after_cutoff",
@@ -619,8 +709,10 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
         assert m["correct"] + m["incorrect"] + m["not_attempted"] == pytest.approx(1.0)
     for name in models - {"base"}:
         assert {"correct_gain", "correct_gain_ci95", "not_attempted_gain"} <= set(metrics["seen"][name])
-    assert "cross_entropy_ci95" in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
-    assert 0.0 <= metrics["eval"]["rag"]["retrieval_hit_rate"] <= 1.0
+    assert "cross_entropy" not in metrics["eval"]["rag"] and "cross_entropy" not in metrics["eval"]["rival_fake_rival"]
+    # the index holds every question's paper and min_score lets all through: each is among the top 2
+    assert metrics["eval"]["rag"]["recall_at_k"] == metrics["seen"]["fine_tuned_rag"]["recall_at_k"] == 1.0
+    assert isinstance(metrics["eval"]["rag"]["recall_at_k_ci95"], list)
     # the base row really is the adapter disabled: different CE from the fine-tuned row
     assert metrics["eval"]["base"]["cross_entropy"] != metrics["eval"]["fine_tuned"]["cross_entropy"]
 
@@ -628,10 +720,10 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     assert len(preds) == 5 * (4 + 3 + 4 + 2)  # 4 golden + 3 seen + 4 eval + 2 invented questions, 5 scored models
     assert {r["grade"] for r in preds} <= {"correct", "incorrect", "not_attempted"}
     rag = [r for r in preds if r["model"] == "rag" and r["set"] == "eval"]
-    assert all(len(r["retrieved"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
+    assert all(len(r["cited"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
     table = Path("reports/eval_table.md").read_text()
-    assert "| RAG: base + top-2 abstracts (MiniLM retrieval) |" in table
-    assert "| fine-tuned + RAG: adapter + the same top-2 abstracts |" in table
+    assert "| RAG: base + the apps' retrieval (hybrid top-2, min score -1) |" in table
+    assert "| fine-tuned + RAG: adapter + the same passages |" in table
     assert "fake.rival (m1, endpoint)" in table
     assert "keyless (m1, endpoint): skipped** (API key variable QRB_T_NONE is not set)" in table
     assert "flaky (broken, endpoint): skipped** (HTTP 500" in table
@@ -639,7 +731,8 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
            "(n=3)" in table
     assert "### seen questions (seen papers, new questions) (n=3)" in table
     assert "### invented questions (papers that do not exist) (n=2)" in table
-    assert "| model | correct | Δ correct vs base | not attempted | incorrect | hallucination rate |" in table
+    assert "| model | correct | Δ correct vs base | not attempted | incorrect | hallucination rate | recall@k | " \
+           "citation accuracy |" in table
     assert "graded against the question's short gold answer by LLM grader (qrb-smoke-extractive at " in table
     for set_name in ("golden", "seen", "eval", "invented"):  # one chart per question set: models x the grades' rates
         csv = Path(f"plots/evaluate/scores/{set_name}.csv").read_text().splitlines()

@@ -33,7 +33,7 @@ def test_dvc_yaml_has_the_five_stages_in_order():
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_depends_on_the_stages_section_and_the_base_keys_it_reads(stage):
     mod = stage_module(stage)
-    expected = {mod.SECTION} | {f"base.{k}" for k in mod.BASE_KEYS}
+    expected = {mod.SECTION, *getattr(mod, "OTHER_SECTIONS", ())} | {f"base.{k}" for k in mod.BASE_KEYS}
     listed = set(dvc_stages()[stage].get("params", []))
     assert listed == expected, (f"dvc.yaml lists but stage does not read: {sorted(listed - expected)}; "
                                 f"stage reads but dvc.yaml does not list: {sorted(expected - listed)}")

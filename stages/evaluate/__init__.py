@@ -7,22 +7,25 @@ Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max
        the question sets: the golden questions (`evaluate.golden`, in data/), artifacts/validate/seen.jsonl (seen
        papers, new questions), artifacts/validate/eval.jsonl (held-out papers) and artifacts/validate/invented.jsonl
        (papers that do not exist; a workspace from before it existed reads it as empty, with a note), each row with
-       its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the retrieval passages and paper dates); the
+       its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the papers' dates); with `evaluate.rag`,
+       artifacts/index (the `index` stage's) and params.yaml `retrieval:` (how the apps search it); the
        API keys of the rival endpoints and of the LLM grader from the environment variables that
        `evaluate.rivals[].api_key_env` / `grader.api_key_env` name; prompts/grade.txt and cache/evaluate/grader.jsonl
        (the LLM grader's prompt and cached grades; only with `evaluate.grader`).
 Writes reports/evaluate.json ({question set or subset: {model: {metric: value, metric_ci95: [lo, hi] or "n too
        small"}}}), metrics/evaluate.json (its headline: per question set and model, correct, not_attempted,
-       hallucination_rate, cross_entropy; what `dvc metrics diff` and `dvc exp show` compare),
+       hallucination_rate, cross_entropy, and for the RAG rows recall_at_k and citation_accuracy; what
+       `dvc metrics diff` and `dvc exp show` compare),
        artifacts/evaluate/predictions.jsonl (per question and model: prediction, grade, scores), reports/eval_table.md
        (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each), cache/evaluate/grader.jsonl.
 
 Models, all answering the same questions with the same system prompt (greedy by default, `max_new_tokens`):
   base            the base model (the adapter disabled)
   fine_tuned      the base model + the trained adapter (batched generation, left padding)
-  rag             the base model given the top-k abstracts of the scraped papers closest to the question by MiniLM
-                  embedding similarity (`rag_top_k`; 0 leaves both RAG rows out)
-  fine_tuned_rag  the adapter given the same retrieved abstracts: does fine-tuning add to retrieval?
+  rag             the base model answering as `qrb ask --rag` does (`evaluate.rag`; false leaves both RAG rows out):
+                  the passages qrb.retrieval.ground finds in artifacts/index by the `retrieval:` params, in the same
+                  user message; where no passage reaches `retrieval.min_score`, the apps' abstention (no model call)
+  fine_tuned_rag  the adapter given the same passages: does fine-tuning add to retrieval?
   rival_<n>       each OpenAI-compatible endpoint of `evaluate.rivals` (skipped, with the reason, when its key is
                   missing or it keeps failing; the others are still scored)
 Question sets: `golden` (the card's questions), `seen` (facts that training taught, asked in words training never
@@ -40,9 +43,12 @@ graded attempted or not: on an invented paper (kind `abstain`) an attempt is inc
 missing it counts as "no gold" (out of correct/incorrect). Per set and model: `correct`, `incorrect`,
 `not_attempted` (shares of the graded questions), `hallucination_rate` = incorrect / (correct + incorrect), and for
 every model but base `correct_gain` / `not_attempted_gain`, the paired difference against base on the same questions.
+The RAG rows cite what the apps cite (the papers of the passages shown, best first): `recall_at_k`, the share of
+questions whose own paper (DOI) is among them, and `citation_accuracy`, the share of attempted answers whose first
+cited paper is the question's (an answer citing nothing is wrong); neither is defined without a DOI (invented papers).
 Beside them, from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
 mean of sentence BLEUs `sentence_bleu`, the card's "mean/avg"), bert-score (P/R/F1); token-weighted cross-entropy
-of the reference answers for local models; mean answer length in words.
+of the reference answers for the local models without retrieval; mean answer length in words.
 Every metric has a 95% percentile bootstrap interval (`bootstrap_samples` resamples of the questions, the same
 resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample), or
 "n too small" below `min_n_for_interval` questions.
@@ -77,9 +83,7 @@ class EvaluateParams:
     greedy: bool
     bootstrap_samples: int       # resamples for the 95% intervals
     knowledge_cutoff: dt.date    # the base model's (Llama-3.1: December 2023): the freshness split
-    rag_top_k: int               # abstracts given to the rag and fine_tuned_rag rows; 0 = neither row
-    rag_max_chars: int           # each abstract cut to this many characters in the prompt
-    rag_cross_entropy: bool      # also the reference's CE given the retrieved abstracts (a long prompt per question)
+    rag: bool                    # the rag and fine_tuned_rag rows (the apps' retrieval, `retrieval:` params)
     rivals: tuple[Rival, ...]    # OpenAI-compatible endpoints answering the same questions
     rival_timeout_s: float
     rival_max_retries: int       # the openai SDK's retries (429/5xx/timeouts, honouring Retry-After)
@@ -93,8 +97,6 @@ class EvaluateParams:
                              "`evaluate.bertscore_num_layers` must be positive integers")
         if self.bootstrap_samples < 100:
             raise ValueError("params: `evaluate.bootstrap_samples` must be at least 100 for a 95% interval")
-        if self.rag_top_k < 0 or self.rag_max_chars < 50:
-            raise ValueError("params: `evaluate.rag_top_k` must be >= 0 and `evaluate.rag_max_chars` >= 50")
         if self.rival_timeout_s <= 0 or self.rival_max_retries < 0 or self.rival_concurrency < 1:
             raise ValueError("params: `evaluate.rival_timeout_s` must be > 0, `evaluate.rival_max_retries` >= 0 "
                              "and `evaluate.rival_concurrency` >= 1")
@@ -111,7 +113,8 @@ class EvaluateParams:
 
 
 # What `qrb.stage.run_stage` wires (tests/test_params.py checks them against dvc.yaml): the params section, the
-# `base:` keys the stage reads, and their typed class.
+# `base:` keys the stage reads, and their typed class; OTHER_SECTIONS are read whole beside it (qrb.retrieval's).
 SECTION = "evaluate"
 BASE_KEYS = ("seed", "model", "system_prompt", "hf_offline", "max_length")
 PARAMS_CLASS = EvaluateParams
+OTHER_SECTIONS = ("retrieval",)

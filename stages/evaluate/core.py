@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qrb.chat import generate_answers, token_nll_rows
+from qrb.retrieval import ground
+from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
 from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
@@ -37,13 +39,13 @@ class LocalModel:
     p: EvaluateParams
     max_length: int  # base.max_length: the one limit every eval CE counts within
 
-    def answer(self, prompts: list[str], refs: list[str], desc: str,
-               ce: bool = True) -> tuple[list[str], list[dict[str, Any]]]:
-        """The answers to `prompts`, and per prompt the summed NLL and token count of its reference (for CE)."""
+    def answer(self, prompts: list[str], desc: str,
+               refs: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+        """The answers to `prompts`, and per prompt (given `refs`) the summed NLL and token count of its reference."""
         p = self.p
         answers = generate_answers(self.model, self.tokenizer, prompts, self.system, batch_size=p.batch_size,
-                                   max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc)
-        if not ce:
+                                   max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc) if prompts else []
+        if refs is None:
             return answers, [{} for _ in answers]
         pairs = [{"question": q, "answer": a} for q, a in zip(prompts, refs)]
         nll = token_nll_rows(self.model, self.tokenizer, pairs, self.system, batch_size=p.batch_size,
@@ -52,38 +54,43 @@ class LocalModel:
 
 
 def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any]],
-                  retriever=None) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
-    """The local rows of one set: base (adapter disabled), fine_tuned, and when `rag_top_k` > 0 rag (base + the
-    retrieved abstracts) and fine_tuned_rag (the adapter + the same abstracts). Returns (answers, per-question
-    extras: NLL, answer tokens, retrieval hit) by model, in LOCAL_MODELS order."""
-    from qrb.retrieval import rag_prompt
-
-    p = local.p
+                  retrieval=None) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
+    """The local rows of one set: base (adapter disabled), fine_tuned, and with `retrieval` (a Retriever and its
+    `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
+    apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score.
+    Returns (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs cited) by model."""
     questions = [r["question"] for r in rows]
     refs = [r["answer"] for r in rows]
+    grounded = ground(*retrieval, questions) if retrieval else []
+    shown = [i for i, (prompt, _) in enumerate(grounded) if prompt is not None]
     answers: dict[str, list[str]] = {}
     extras: dict[str, list[dict[str, Any]]] = {}
-    prompts: list[str] = []
-    if p.rag_top_k > 0:
-        if retriever is None:
-            raise ValueError("evaluate: rag_top_k > 0 needs a retriever")
-        hits = retriever.top_k(questions, p.rag_top_k)
-        prompts = [rag_prompt(q, h, p.rag_max_chars) for q, h in zip(questions, hits)]
-    answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, refs, f"{set_name}/fine_tuned")
-    if prompts:
-        answers["fine_tuned_rag"], extras["fine_tuned_rag"] = local.answer(prompts, refs, f"{set_name}/ft+rag",
-                                                                           ce=p.rag_cross_entropy)
+
+    def rag(name: str) -> None:
+        said = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
+        answers[name] = [said.get(i, ABSTAIN_ANSWER) for i in range(len(rows))]
+        extras[name] = [{"cited": [c["doi"] for c in cites]} for _, cites in grounded]
+
+    answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs)
+    if grounded:
+        rag("fine_tuned_rag")
     with local.model.disable_adapter():
-        answers["base"], extras["base"] = local.answer(questions, refs, f"{set_name}/base")
-        if prompts:
-            answers["rag"], extras["rag"] = local.answer(prompts, refs, f"{set_name}/rag", ce=p.rag_cross_entropy)
-    for name in RAG_MODELS if prompts else ():
-        for ex, r, h in zip(extras[name], rows, hits, strict=True):
-            doi = r.get("doi")
-            ex["retrieval_hit"] = (doi in {ps.doi for ps, _ in h}) if doi else None
-            ex["retrieved"] = [ps.doi for ps, _ in h]
+        answers["base"], extras["base"] = local.answer(questions, f"{set_name}/base", refs)
+        if grounded:
+            rag("rag")
     order = [m for m in LOCAL_MODELS if m in answers]
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
+
+
+def citation_columns(row: dict[str, Any], cited: Sequence[str], g: str) -> dict[str, float | None]:
+    """recall_at_k: the question's paper is among those cited (the passages shown); citation_accuracy, of an attempted
+    answer: its first citation is the question's paper (citing nothing is wrong). None without the row's DOI."""
+    doi = (row.get("doi") or "").lower()
+    cited = [c.lower() for c in cited]
+    if not doi:
+        return {"recall_at_k": None, "citation_accuracy": None}
+    return {"recall_at_k": float(doi in cited),
+            "citation_accuracy": None if g == NOT_ATTEMPTED else float(cited[:1] == [doi])}
 
 
 def has_gold(row: dict[str, Any]) -> bool:
@@ -142,7 +149,7 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
     for name, preds in answers.items():
         scored = scorer.rows(preds, refs)
         for s, ex in zip(scored, extras.get(name, [{}] * len(scored)), strict=True):
-            s.update({k: v for k, v in ex.items() if k != "retrieved"})
+            s.update(ex)
         per_row[name] = scored
         for i, (r, pred, s) in enumerate(zip(rows, preds, scored, strict=True)):
             predictions.append({
@@ -151,7 +158,6 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
                 "after_cutoff": None if dates[i] is None else dates[i] > cutoff,
                 "question": r["question"], "reference": r["answer"], "short_answer": r.get("short_answer") or "",
                 "prediction": pred,
-                **({"retrieved": extras[name][i]["retrieved"]} if name in RAG_MODELS else {}),
                 **{k: v for k, v in s.items() if k != "bleu_stats"}})
     return per_row, predictions
 
@@ -178,16 +184,19 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
-             papers: Sequence[dict[str, Any]] = (), retriever=None, scorer: Scorer | None = None,
+             papers: Sequence[dict[str, Any]] = (), retrieval=None, scorer: Scorer | None = None,
              grader_cache: dict[str, str] | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
-    `retriever` (a `qrb.retrieval.Retriever`) is needed for the RAG rows when `rag_top_k` > 0; `grader_cache` (the
-    LLM grader's grades by key) is filled in place.
+    `retrieval` ((Retriever, RetrievalParams), as `qrb.retrieval.open_index` returns them) is needed for the RAG rows
+    when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key) is filled in place.
     """
     from qrb.rivals import ask_rival
+
+    if p.rag and retrieval is None:
+        raise ValueError("evaluate: evaluate.rag needs the retrieval index (qrb.retrieval.open_index)")
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
     local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"])
@@ -196,7 +205,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
     for set_name, rows in sets.items():
         if not rows:
             continue
-        answers, extras = local_answers(local, set_name, rows, retriever)
+        answers, extras = local_answers(local, set_name, rows, retrieval if p.rag else None)
         for rival in p.rivals:
             if rival.key in skipped:
                 continue
@@ -217,7 +226,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         if reason := apply_grader(p, answered, graded, {} if grader_cache is None else grader_cache, env):
             skipped["grader"] = reason
 
-    models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag_top_k > 0]
+    models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag]
     models += [r.key for r in p.rivals if r.key not in skipped]
     metrics: dict[str, Any] = {}
     predictions: list[dict[str, Any]] = []
@@ -228,8 +237,8 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         _, answers, extras = answered[set_name]
         for name, fr in graded[set_name].items():
             extras.setdefault(name, [{} for _ in rows])
-            for ex, f in zip(extras[name], fr, strict=True):
-                ex.update(f)
+            for r, ex, f in zip(rows, extras[name], fr, strict=True):
+                ex.update(f, **(citation_columns(r, ex["cited"], f["grade"]) if "cited" in ex else {}))
         subsets, dates = freshness_subsets(rows, p.knowledge_cutoff, papers)
         per_row, set_predictions = score_set(scorer, set_name, rows, answers, extras, dates, p.knowledge_cutoff)
         predictions += set_predictions

@@ -14,8 +14,8 @@ MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "ber
                 "answer_words")
 # means over the questions where the row defines them (None elsewhere): the grades' shares over the graded questions
 # (`graded_n`; a fact row without its gold is not graded), hallucination_rate over the attempted ones (= incorrect /
-# (correct + incorrect))
-RATE_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
+# (correct + incorrect)); the RAG rows' recall_at_k over questions with a DOI, citation_accuracy over those attempted
+RATE_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate", "recall_at_k", "citation_accuracy")
 GAIN_METRICS = ("correct", "not_attempted")  # paired against base
 TOO_SMALL = "n too small"  # in place of an interval below `evaluate.min_n_for_interval` questions
 
@@ -154,10 +154,6 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
     if any("grade_offline" in r for r in rows):
         both = [r["grade"] == r["grade_offline"] for r in rows if "grade_offline" in r]
         out["offline_agreement"] = float(np.mean(both))
-    if any("retrieval_hit" in r for r in rows):
-        hits = np.array([r["retrieval_hit"] for r in rows if r.get("retrieval_hit") is not None], dtype=float)
-        if hits.size:
-            out["retrieval_hit_rate"] = float(hits.mean())
     return out
 
 

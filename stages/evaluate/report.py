@@ -22,22 +22,26 @@ SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new 
 SET_TITLES = {"after_cutoff": "on papers first public after the knowledge cutoff ({c})",
               "before_cutoff": "on papers first public on or before the knowledge cutoff ({c})"}
 HEADLINE_METRICS = ("correct", "not_attempted", "hallucination_rate", "cross_entropy")
+RAG_HEADLINE = ("recall_at_k", "citation_accuracy")  # the RAG rows' only
 # the chart's bars: the grades' rates (0-1)
 PLOT_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
 # (column title, metric key, format): the grades first, so that a style gain (shorter answers in the abstracts'
 # words: higher ROUGE) cannot pass for knowledge
 COLUMNS = (("correct", "correct", ".3f"), ("Δ correct vs base", "correct_gain", "+.3f"),
            ("not attempted", "not_attempted", ".3f"), ("incorrect", "incorrect", ".3f"),
-           ("hallucination rate", "hallucination_rate", ".3f"), ("words", "answer_words", ".1f"),
+           ("hallucination rate", "hallucination_rate", ".3f"), ("recall@k", "recall_at_k", ".3f"),
+           ("citation accuracy", "citation_accuracy", ".3f"), ("words", "answer_words", ".1f"),
            ("eval CE", "cross_entropy", ".3f"), ("BERTScore F1", "bertscore_f1", ".3f"), ("ROUGE-1", "rouge1", ".3f"),
            ("ROUGE-2", "rouge2", ".3f"), ("ROUGE-L", "rougeL", ".3f"), ("BLEU (corpus)", "bleu", ".2f"),
            ("BLEU (mean sentence)", "sentence_bleu", ".2f"))
 
 
-def model_labels(base_model: str, p: EvaluateParams) -> dict[str, str]:
+def model_labels(base_model: str, p: EvaluateParams, rp=None) -> dict[str, str]:
+    """Each row's label; `rp`: the `retrieval:` params the RAG rows ran with."""
+    how = f"{rp.method} top-{rp.top_k}, min score {rp.min_score:g}" if rp else "retrieval"
     labels = {"base": f"base ({base_model})", "fine_tuned": f"fine-tuned ({base_model} + adapter)",
-              "rag": f"RAG: base + top-{p.rag_top_k} abstracts (MiniLM retrieval)",
-              "fine_tuned_rag": f"fine-tuned + RAG: adapter + the same top-{p.rag_top_k} abstracts"}
+              "rag": f"RAG: base + the apps' retrieval ({how})",
+              "fine_tuned_rag": "fine-tuned + RAG: adapter + the same passages"}
     for r in p.rivals:
         labels[r.key] = f"{r.name} ({r.model}, endpoint)"
     if p.grader is not None:
@@ -97,8 +101,11 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
         "is not to attempt. Words is the mean answer length: a ROUGE gain with shorter answers and no gain in correct "
         "answers is style, not knowledge. ROUGE is the F measure (stemmed); BLEU (corpus) is sacrebleu's corpus "
         "score, BLEU (mean sentence) the mean of its sentence scores (the card's \"mean/avg\"), both 0-100; "
-        "BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference answers (local models only). "
-        "The RAG rows' retrieval hit rate (the question's paper among the retrieved) is in reports/evaluate.json.")
+        "BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference answers (local models without "
+        "retrieval). The RAG rows answer as `qrb ask --rag` does (the same passages, message and abstention) and cite "
+        "the papers of the passages shown: recall@k is the share of questions whose paper (DOI) is among them, "
+        "citation accuracy the share of attempted answers whose first cited paper is the question's (citing nothing "
+        "is wrong); neither is defined without a DOI.")
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +115,8 @@ def whole_sets(metrics: dict[str, Any]) -> list[str]:
 
 
 def headline_keys(metrics: dict[str, Any]) -> list[str]:
-    return [f"{s}.*.{key}" for s in whole_sets(metrics) for key in HEADLINE_METRICS]
+    return [f"{s}.{m}.{key}" for s in whole_sets(metrics) for m, keys in (("*", HEADLINE_METRICS), ("rag", RAG_HEADLINE),
+            ("fine_tuned_rag", RAG_HEADLINE)) for key in keys]
 
 
 def scores_csvs(metrics: dict[str, Any]) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The evaluate stage's I/O: the adapter model, the question sets, the papers (their retriever and dates) and the LLM
-grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
+"""The evaluate stage's I/O: the adapter model, the question sets, the papers' dates, the apps' retrieval index and
+the LLM grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
 (`stages.evaluate.report`) and the grader's cache out. See `stages.evaluate`."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qrb.errors import ConfigError, DataError
+from qrb.errors import ConfigError
 from qrb.io import read_jsonl
+from qrb.retrieval import open_index
 from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
@@ -33,9 +34,8 @@ def load_adapter_model(base: dict[str, Any], device: str):
 
 
 def load_papers() -> list[dict[str, Any]]:
-    if not PAPERS.exists():  # the questions are dated by their papers; the RAG rows retrieve from them
-        raise ConfigError(f"{PAPERS} not found (the questions' dates and the RAG rows read it): run "
-                          "`dvc repro scrape`")
+    if not PAPERS.exists():  # the questions are dated by their papers
+        raise ConfigError(f"{PAPERS} not found (the questions are dated by their papers): run `dvc repro scrape`")
     return list(read_jsonl(PAPERS))
 
 
@@ -48,16 +48,6 @@ def require_device(model: str) -> str:
     return require_hardware(model, "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32"))
 
 
-def load_retriever(papers: list[dict[str, Any]]):
-    """The RAG row's MiniLM retriever over the papers' abstracts."""
-    from qrb.retrieval import Retriever, passages_from_papers
-
-    passages = passages_from_papers(papers)
-    if not passages:
-        raise DataError(f"no paper in {PAPERS} has an abstract to retrieve (set rag_top_k: 0)")
-    return Retriever(passages)
-
-
 def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     from transformers import set_seed
 
@@ -67,15 +57,16 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     sets = load_question_sets(p.golden)
     if p.grader is not None:
         load_prompt()  # a missing prompt fails now, not after every answer was generated
-    retriever = load_retriever(papers) if p.rag_top_k > 0 else None
+    retrieval = open_index() if p.rag else None  # the apps' retriever and `retrieval:` params
     cache = load_cache()
     model, tokenizer = load_adapter_model(base, device)
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
-                                                 retriever=retriever, grader_cache=cache)
+                                                 retrieval=retrieval, grader_cache=cache)
     finally:  # the grades already paid for are kept even if the run fails later (an empty file without a grader)
         save_cache(cache)
-    print(write_outputs(metrics, predictions, model_labels(base["model"], p), p, skipped))
+    labels = model_labels(base["model"], p, retrieval[1] if retrieval else None)
+    print(write_outputs(metrics, predictions, labels, p, skipped))
 
 
 def main(argv: list[str] | None = None) -> None:
