@@ -19,6 +19,7 @@ LOCAL_ORDER = ("base", "fine_tuned", "rag", "fine_tuned_rag")
 # answers in the abstracts' words: higher ROUGE) cannot pass for knowledge
 COLUMNS = (("correct", "correct", 3, False), ("Δ correct vs base", "correct_gain", 3, True),
            ("not attempted", "not_attempted", 3, False), ("hallucination rate", "hallucination_rate", 3, False),
+           ("recall@k", "recall_at_k", 3, False), ("citation accuracy", "citation_accuracy", 3, False),
            ("words", "answer_words", 1, False), ("eval CE", "cross_entropy", 4, False),
            ("BERTScore F1", "bertscore_f1", 4, False), ("ROUGE-1", "rouge1", 4, False), ("ROUGE-2", "rouge2", 4, False),
            ("ROUGE-L", "rougeL", 4, False), ("BLEU", "bleu", 2, False))
@@ -32,8 +33,8 @@ INDEX_METRICS = {"correct": "correct", "not_attempted": "not attempted", "halluc
 
 def model_label(name: str, base_name: str) -> str:
     return {"base": f"base ({base_name})", "fine_tuned": "fine-tuned (this adapter)",
-            "rag": "RAG (base + retrieved abstracts)",
-            "fine_tuned_rag": "fine-tuned + RAG (this adapter + the same abstracts)"}.get(name,
+            "rag": "RAG (base + the passages qrb ask --rag retrieves)",
+            "fine_tuned_rag": "fine-tuned + RAG (this adapter + the same passages)"}.get(name,
                                                                                        name.removeprefix("rival_"))
 
 
@@ -153,6 +154,11 @@ def findings(by_model: dict[str, Any], set_name: str = "") -> list[str]:
         m = by_model.get(name)
         if isinstance(m, dict) and (more := grade_lines(model_label(name, "").split(" (")[0], m, base, declining)):
             lines.append("- " + more[0].split(":** ", 1)[1])
+        if isinstance(m, dict) and m.get("citation_accuracy") is not None:
+            lines.append(f"- {model_label(name, '').split(' (')[0]}: citation accuracy "
+                         f"{with_interval(m, 'citation_accuracy', 3)} (the share of its attempted answers whose first "
+                         f"cited paper is the question's), recall@k {with_interval(m, 'recall_at_k', 3)} (the share of "
+                         "questions whose paper was among those retrieved).")
     lines += [f"- {c}." for key, name, dec in COMPARED if (c := comparison(tuned, base, key, name, dec))]
     if isinstance(tuned.get("answer_words"), (int, float)) and isinstance(base.get("answer_words"), (int, float)):
         lines.append(f"- Answer length: fine-tuned {tuned['answer_words']:.1f} words vs {base['answer_words']:.1f} "
