@@ -22,7 +22,7 @@ SET_DESCRIPTIONS = {"golden": "the card's questions", "seen": "seen papers, new 
 SET_TITLES = {"after_cutoff": "on papers first public after the knowledge cutoff ({c})",
               "before_cutoff": "on papers first public on or before the knowledge cutoff ({c})"}
 HEADLINE_METRICS = ("correct", "not_attempted", "hallucination_rate", "cross_entropy")
-RAG_HEADLINE = ("recall_at_k", "citation_accuracy")  # the RAG rows' only
+RAG_HEADLINE = ("recall_at_k", "citation_accuracy")  # only the RAG rows have them
 # the chart's bars: the grades' rates (0-1)
 PLOT_METRICS = ("correct", "incorrect", "not_attempted", "hallucination_rate")
 # (column title, metric key, format): the grades first, so that a style gain (shorter answers in the abstracts'
@@ -115,8 +115,7 @@ def whole_sets(metrics: dict[str, Any]) -> list[str]:
 
 
 def headline_keys(metrics: dict[str, Any]) -> list[str]:
-    return [f"{s}.{m}.{key}" for s in whole_sets(metrics) for m, keys in (("*", HEADLINE_METRICS), ("rag", RAG_HEADLINE),
-            ("fine_tuned_rag", RAG_HEADLINE)) for key in keys]
+    return [f"{s}.*.{key}" for s in whole_sets(metrics) for key in HEADLINE_METRICS + RAG_HEADLINE]
 
 
 def scores_csvs(metrics: dict[str, Any]) -> dict[str, str]:
