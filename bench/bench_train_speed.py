@@ -4,7 +4,8 @@
 
 Every arm runs `stages.train.trainer.train()` (the stage's own path: counting trainer, per-length NEFTune, LoRA+ on
 the 7 projections + the embedding copy, batch 8) on SmolLM2-135M-Instruct with the smol profile's recipe, on the
-same rows (QA pairs from the corpus's abstract sentences, as tests/helpers.py builds them), `--steps` optimizer steps:
+same rows (QA pairs from the corpus's abstract sentences, as tests/helpers.py builds them, or a demo's validated
+rows with `--dataset`), `--steps` optimizer steps:
 - baseline: the path before the speed work: trl's fused LM head (on a CPU it scores every position, prompt and pad
   included, plus entropy and top-1 for its logs) and the per-parameter (unfused) AdamW, fp32;
 - fp32: today's path: lm_head on the answer positions only, fused AdamW, fp32;
@@ -68,11 +69,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm, arms rotating")
     ap.add_argument("--arms", nargs="+", default=["baseline", "fp32", "bf16"], choices=["baseline", "fp32", "bf16"])
+    ap.add_argument("--dataset", help="a validated dataset folder (artifacts/validate/dataset of a demo workspace): "
+                    "its train rows instead of the corpus's")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
     import torch
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, load_from_disk
     from transformers.utils import logging as hf_logging
 
     from flows.workspace import profile_params
@@ -89,7 +92,8 @@ def main() -> None:
             "model": str(model_dir)}
     p = dataclasses.replace(build(TrainParams, params["train"], "train"), epochs=1.0, checkpoint_steps=0,
                             emissions_country=None, logging_steps=1000)
-    rows = qa_rows(REPO / "data" / "corpus")[: args.steps * p.batch_size]
+    n = args.steps * p.batch_size
+    rows = list(load_from_disk(args.dataset)["train"])[:n] if args.dataset else qa_rows(REPO / "data" / "corpus")[:n]
     ds = DatasetDict(train=Dataset.from_list(rows))
     results: dict[str, list[dict]] = {a: [] for a in args.arms}
     for i in range(args.repeats):

@@ -175,12 +175,9 @@ def _trainer_cls():
             return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """trl's loss (summed NLL of the labelled next tokens / their count), lm_head on labelled positions only.
-
-            trl's fused head scores every position off Triton devices (prompt and pad too) and adds entropy and top-1
-            for its logs: ~40% of a SmolLM2 step on a CPU. The model runs through `model` (DDP's hooks stay) with
-            logits_to_keep=1; the decoder's final hidden states are taken by a forward hook.
-            """
+            """trl's loss with lm_head on the labelled positions only: trl's fused head scores every position off
+            Triton devices (prompt and pad too), plus entropy and top-1 for its logs: ~40% of a SmolLM2 CPU step.
+            The forward runs through `model` (DDP's hooks stay), logits_to_keep=1; a hook takes the hidden states."""
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             import torch.nn.functional as F
@@ -188,12 +185,12 @@ def _trainer_cls():
             core = self.accelerator.unwrap_model(model)
             core = core.get_base_model() if hasattr(core, "get_base_model") else core
             seen = []
-            handle = core.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
+            hook = core.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
             try:
                 model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1,
                       use_cache=False)
             finally:
-                handle.remove()
+                hook.remove()
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
             head = core.get_output_embeddings()  # outside the forward's autocast: in the frozen head's dtype
@@ -201,9 +198,9 @@ def _trainer_cls():
             loss = F.cross_entropy(logits, labels[mask], reduction="sum")
             if num_items_in_batch is None:
                 return loss / mask.sum().clamp(min=1)
-            # as trl: num_items_in_batch counts every rank's tokens and DDP averages the gradients over ranks
-            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            return loss * scale / num_items_in_batch
+            # as trl: num_items_in_batch counts every rank's tokens, and DDP averages the gradients over the ranks
+            return loss * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1) \
+                / num_items_in_batch
 
     return CountingSFTTrainer
 
