@@ -1,7 +1,8 @@
 """End to end on the real model: `qrb demo` (the smol profile, SmolLM2-135M-Instruct), narrowed to a quarter's papers
-so that CI pays ~5 minutes for it, and what it must show: on the seen-papers set (facts training taught, asked
-in words it never saw) the fine-tuned model's reference-answer CE is below its base's with non-overlapping 95%
-intervals, and every model's answers are graded (correct, not attempted) with their intervals."""
+so that CI pays minutes for it, and what it must show: on the seen-papers set (facts training taught, asked in words
+it never saw) the fine-tuned model is correct more often than its base (the paired gain's interval above zero) and
+its reference-answer CE is below its base's with non-overlapping 95% intervals; on invented papers it declines more
+often than its base; every model's answers are graded (correct, not attempted) with their intervals."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ def test_smol_demo_trains_the_real_model_on_every_fact_in_several_wordings(smol_
     papers = (ws / "artifacts/scrape/papers.jsonl").read_text().splitlines()
     gen = json.loads((ws / "metrics/generate.json").read_text())
     assert 10 <= len(papers) <= 20 and 1 <= gen["eval_pairs"] <= 5
-    assert gen["train_pairs"] >= 3 * (len(papers) - 3)  # K=3 wordings of each training paper's fact
+    assert gen["train_pairs"] >= 5 * (len(papers) - 3)  # several wordings of each training paper's fact
+    assert gen["abstain_pairs"] >= 1 and gen["invented_kept"] >= 10  # abstention rows, the invented set
     lineage = json.loads((ws / "artifacts/train/adapter/lineage.json").read_text())
     assert "smollm2" in json.dumps(lineage).lower()
     card = (ws / "artifacts/model_card/README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "hallucination rate" in card.lower()
-    assert "| fine-tuned" in proc.stdout  # the tables are printed
+    assert "fine-tuned" in proc.stdout and "not attempted" in proc.stdout  # the end screen
 
 
 def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_intervals(smol_demo):
@@ -64,3 +66,11 @@ def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_interva
     for model in ("base", "fine_tuned"):  # every model: graded, with intervals, over the questions with a gold
         assert len(full[model]["correct_ci95"]) == 2 and full[model]["graded_n"] >= 8, full[model]
         assert {"correct", "not_attempted"} <= set(m[model])  # the grades are the headline
+
+
+def test_fine_tuned_knows_the_seen_facts_and_declines_invented_papers(smol_demo):
+    ws, _ = smol_demo
+    full = json.loads((ws / "reports/evaluate.json").read_text())
+    seen, invented = full["seen"]["fine_tuned"], full["invented"]
+    assert seen["correct_gain_ci95"][0] > 0, seen
+    assert invented["fine_tuned"]["not_attempted"] > invented["base"]["not_attempted"], invented

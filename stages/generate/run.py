@@ -39,7 +39,8 @@ CACHE_DIR = Path("cache/generate")
 CACHE_DB = CACHE_DIR / "responses.sqlite"
 METRICS = Path("metrics/generate.json")  # the headline numbers (dvc metrics); the whole record in REPORT
 REPORT = Path("reports/generate.json")
-HEADLINE = ("facts", "pairs", "train_pairs", "eval_pairs", "seen_kept", "requests", "requests_failed", "cost_usd")
+HEADLINE = ("facts", "pairs", "train_pairs", "eval_pairs", "seen_kept", "abstain_pairs", "invented_kept", "requests",
+            "requests_failed", "cost_usd")
 
 
 def load_papers(path: Path = PAPERS) -> list[dict[str, Any]]:
