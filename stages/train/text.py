@@ -47,8 +47,8 @@ def training_papers(papers, train_dois: set[str], eval_dois: set[str]) -> list[d
 
 def text_rows(dataset, tokenizer, p: TextParams, n_qa: int, max_length: int, seed: int) -> list[dict]:
     """`p.share` of the training rows beside n_qa QA rows: every version of every training paper (the dataset's
-    `papers` split), cut into rows of at most max_length tokens, drawn in a seeded order (the pool repeats when it is
-    smaller than the count asked for), each with the loss on all its tokens."""
+    `papers` split), cut into near-equal rows of at most max_length tokens, drawn in a seeded order (the pool
+    repeats when it is smaller than the count asked for), each with the loss on all its tokens."""
     if "papers" not in dataset:
         raise ValueError("`train.text.share` > 0 needs the papers' text (a `papers` split of the dataset)")
     eval_dois = set(dataset["eval"]["doi"]) if len(dataset.get("eval") or []) else set()
@@ -56,7 +56,9 @@ def text_rows(dataset, tokenizer, p: TextParams, n_qa: int, max_length: int, see
     for paper in training_papers(dataset["papers"], set(dataset["train"]["doi"]), eval_dois):
         for text in versions(paper, p.rewrites, seed):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            pool += [ids[i:i + max_length] for i in range(0, len(ids) - 1, max_length)]
+            pieces = -(-len(ids) // max_length)  # the fewest rows of <= max_length tokens, of near-equal lengths
+            size = -(-len(ids) // max(pieces, 1))
+            pool += [ids[i:i + size] for i in range(0, len(ids) - 1, size)]
     if not pool:
         raise DataError("`train.text`: no training paper's text in artifacts/scrape/papers.jsonl (DOIs differ?)")
     n, rows, rng = round(n_qa * p.share / (1 - p.share)), [], random.Random(seed)
