@@ -56,6 +56,17 @@ def test_wordings_vary_and_end_with_a_reverse_question():
     assert max(_jaccard(seen, w["question"]) for w in words + [fact]) < 0.6
 
 
+def test_no_new_wording_gives_its_answer_away():
+    acr = ("The gauge theory of measurement-based quantum computation",
+           "Measurement-Based Quantum Computation (MBQC) is a model of quantum computation, which uses local "
+           "measurements instead of unitary gates.")
+    for title, abstract in (acr, SURFACE, GAUSS):
+        for f in extract_facts(title, abstract, 5):
+            fact = {**f, "title": title}
+            assert f["short_answer"].lower() not in new_wording(fact).lower(), (f, new_wording(fact))
+            assert all(f["short_answer"].lower() not in w["question"].lower() for w in fact_wordings(fact, 7)[:-1])
+
+
 def test_invented_papers_are_deterministic_and_never_a_real_title():
     a, b = invented_questions("seed", 12), invented_questions("seed", 12)
     assert a == b and len(a) == 12 and a != invented_questions("other", 12)

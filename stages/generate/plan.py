@@ -45,7 +45,7 @@ def _invent_round(n_rows: int, p: GenerateParams, papers: list[dict[str, Any]], 
     n_abstain = round(p.abstain_share * n_rows)
     if n_abstain + p.invented_questions == 0:
         return []
-    units = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 5, fact_templates.get(INVENT, ""),
+    units = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 2 + 5, fact_templates.get(INVENT, ""),
                          system, p, seed)
     return [Round(INVENT, exact, estimate(units, cached if exact else set(), p))]
 

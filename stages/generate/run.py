@@ -142,8 +142,8 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
                                 system, p, seed)
         await one(para, PARAPHRASE, 1)
     n_abstain = round(p.abstain_share * len(train))
-    # a few more than wanted: an invented title too close to a real one is dropped
-    inv = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 5, fact_templates.get(INVENT, ""),
+    # more than wanted: an invented title too close to a real one (or a repeated question) is dropped
+    inv = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 2 + 5, fact_templates.get(INVENT, ""),
                        system, p, seed)
     if inv:
         await one(inv, INVENT, 10)

@@ -102,6 +102,8 @@ def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], in
         m = _VERB_OBJECT.search(sentence)
         if m and 2 <= len(m.group(1).split()) <= 6 and m.group(1).lower() not in low_title:
             out.append(("term", m.group(1), [], m.start(1), m.end(1)))
+    # a fact the title states (an acronym spelt out in it) tests nothing: any titled question gives it away
+    out = [c for c in out if (c[2][0] if c[0] == "acronym" else c[1]).lower() not in low_title]
     rank = {"acronym": 0, "percent": 1, "count": 2, "name": 3, "term": 5}
     return sorted(out, key=lambda c: (rank[c[0]] + (c[0] == "name" and " " not in c[1]), c[3]))
 
@@ -176,13 +178,20 @@ def _parts(fact: dict[str, str]) -> tuple[str, str, str, str]:
     return left, _wh(kind, short), right, _key_phrase(left) or _key_phrase(right) or _key_phrase(evidence)
 
 
+def _acronym(fact: dict) -> str:
+    """The acronym an acronym fact asks to expand (its short answer the expansion, an alias the acronym), or ""."""
+    words = fact.get("short_answer", "").split()
+    return next((a for a in fact.get("aliases") or () if len(words) >= 2
+                 and re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
+
+
 def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
     """`n` more wordings of a fact's question (the last one a reverse question when n >= 3), all with the same short
     answer except the reverse one, whose short answer is the paper's title."""
     t = _short_title(fact.get("title", ""))
     topic = _key_phrase(t) or t
     left, wh, right, subject = _parts(fact)
-    acronym = next((a for a in fact.get("aliases") or () if re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
+    acronym = _acronym(fact)
     cloze = f"{left} {_BLANK} {right}".strip()
     ask = f"{left} {wh} {right}".strip()
     low_ask = ask if ask[:2].isupper() else ask[:1].lower() + ask[1:]
@@ -194,7 +203,7 @@ def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
         f"Which words does the abbreviation {acronym} abbreviate in research on {topic}?",
         f"What is the expansion of {acronym}, as used in \"{t}\"?",
         f"{acronym}: what does this abbreviation mean in the work on {topic}?",
-    ] if acronym and "acronym" in fact.get("question", "") else [
+    ] if acronym else [
         f"What fills the blank in \"{cloze}\", according to \"{t}\"?",
         f"{ask[:1].upper() + ask[1:]}?",
         f"In the paper on {topic}, {low_ask}?",
@@ -219,11 +228,14 @@ def new_wording(fact: dict[str, str]) -> str:
     """A question for the fact's short answer in a frame that no training wording uses."""
     t = _short_title(fact.get("title", ""))
     left, wh, right, subject = _parts(fact)
-    acronym = next((a for a in fact.get("aliases") or () if re.fullmatch(r"[A-Z][\w\-]*[A-Z][\w\-]*s?", a)), "")
-    if acronym and "acronym" in fact.get("question", ""):
+    acronym = _acronym(fact)
+    if acronym:
         return f"Spell out {acronym}, a term from research on {_key_phrase(t) or t}?"
-    other = _key_phrase(right) if right and _key_phrase(right) != subject else _key_phrase(left[len(left) // 2:])
-    other = other or subject
+    short = fact.get("short_answer", "").lower()
+    candidates = [_key_phrase(right), _key_phrase(left[len(left) // 2:]), subject, _key_phrase(left)]
+    # a phrase that names the fact's subject without giving its answer away
+    other = next((c for c in candidates if c and c != subject and short not in c.lower()), "") or \
+        next((c for c in candidates if c and short not in c.lower()), "its main result")
     frames = (f"Tell me {wh} goes with {other}, as given by the authors of \"{t}\"?",
               f"Speaking of {other} in research on {_key_phrase(t) or t}: {wh}?")
     return frames[_digest(t, fact.get("answer", "")) % len(frames)].replace("  ", " ")
