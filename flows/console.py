@@ -41,7 +41,7 @@ ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # e.g. tqdm's cursor-up between
 LONG_S = 5  # a bar shows once its work has taken this long: data maps and short eval passes never do
 STEPS = (20, 40, 60, 80)  # off a terminal, a bar's progress is one line at each of these percentages,
 GAP_S = 120.0  # ... and a stage's progress lines are this far apart at least
-WIDTH = 110  # a step's line is cut here (the whole line is in the log)
+WIDTH = 100  # a step's line is cut here (the whole line is in the log)
 SCREEN = 100  # the end-of-run screen's width
 LONG_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")  # 3.786388315473284: shown as 3.786
 GRADES = (("correct", "correct"), ("incorrect", "incorrect"), ("not attempted", "not_attempted"))  # "–": none
@@ -270,7 +270,7 @@ def _example(predictions: Path, set_name: str) -> list[str]:
 
     def column(text: str) -> list[str]:
         lines = textwrap.wrap(" ".join(str(text).split()) or "(empty)", half) or [""]
-        return lines[:2] + ([clip(" ".join(lines[2:]), half)] if len(lines) > 2 else [])
+        return lines[:1] + ([clip(" ".join(lines[1:]), half)] if len(lines) > 1 else [])
 
     out = textwrap.wrap(f"Example ({set_name}, {why}): {pick['base']['question']}", SCREEN)[:2]
     out += [clip(f"  gold: {gold}", SCREEN), f"  {'base':<{half}}  fine-tuned"]

@@ -96,7 +96,7 @@ def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dic
     build_base_model(ws)
     params = read_yaml(Path(ws) / "params.yaml")
     with services.stand_ins(Path(ws)):
-        console.say(get_run_logger(), "  %-10s %5s    journal mirror %s, smoke endpoint %s", "services", "",
+        console.say(get_run_logger(), "  %-10s %5s    mirror %s, smoke endpoint %s", "services", "",
                     params["scrape"]["start_urls"][0], params["generate"]["base_url"])
         results = pipeline(ws)
     commit_run(ws)
@@ -113,8 +113,7 @@ def summary(run: dict, log: Path) -> str:
     tail = [f"Stages: {stages}; total {run['wall_s']:.0f} s (profile {run['profile']}).",
             f"In {rel}/ (git + DVC): reports/ (every table and number, data_docs/), artifacts/ (data, adapter, "
             f"model_card/, export/: merged + GGUF), metrics/, plots/ (dvc plots show); the log: {log}",
-            f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff",
-            f"Re-run scrape or generate with the stand-ins up: qrb services --workspace {rel} -- dvc repro -f scrape"]
+            f"Try: cd {rel} && source {activate} && dvc exp run -S train.lora.r=4 && dvc metrics diff"]
     wrapped = [w for t in tail for w in textwrap.wrap(t, console.SCREEN, subsequent_indent="  ",
                                                       break_long_words=False, break_on_hyphens=False)]
     return "\n".join(["", *console.results(ws), "", *wrapped])

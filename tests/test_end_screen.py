@@ -77,7 +77,7 @@ def test_the_demo_ends_in_one_screen_with_grades_a_sentence_and_an_example(tmp_p
     assert "number 2" in example and "one fine-tuned got right and base did not" in example
     answers = example.splitlines()[4:]  # below the question (2 lines), the gold answer and the column titles
     assert "The processor used 56 qubits." in answers[0] and answers[0].startswith("  The paper discusses")
-    assert len(answers) == 3 and answers[-1].rstrip().endswith("…")  # a long answer is cut, not the screen
+    assert len(answers) == 2 and answers[-1].rstrip().endswith("…")  # a long answer is cut, not the screen
 
 
 def test_a_report_without_grades_shows_dashes_and_no_sentence(tmp_path):
