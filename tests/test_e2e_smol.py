@@ -18,10 +18,11 @@ from qrb.offline.services import free_ports, port_overrides
 
 pytestmark = pytest.mark.slow
 
-# A narrower run than `make demo`: the papers of July-September 2024 (15: 12 trained on, 3 held out), so the gate's
-# minimum is 10 facts; no RAG rows (retrieval does not change the CE margin asserted here, and its long prompts are
+# A narrower run than `make demo`: the papers of July-September 2024 (15: 12 trained on, 2-3 held out), so the
+# gate's minimums are 10 facts and 2 held-out questions; no RAG rows (retrieval does not change the CE margin asserted here, and its long prompts are
 # most of evaluate's time). The recipe is the profile's.
-NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10}, "evaluate": {"rag": False}}
+NARROW = {"scrape": {"date_to": "2024-09-30"}, "validate": {"min_rows": 10, "min_eval_rows": 2},
+          "evaluate": {"rag": False}}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,11 @@ def test_on_seen_papers_fine_tuned_ce_is_below_base_with_non_overlapping_interva
     m = json.loads((ws / "metrics/evaluate.json").read_text())["seen"]
     full = json.loads((ws / "reports/evaluate.json").read_text())["seen"]  # with the intervals
     base, tuned = full["base"], full["fine_tuned"]
-    assert base["n"] >= 8
+    assert base["n"] >= 6
     assert tuned["cross_entropy_ci95"][1] < base["cross_entropy_ci95"][0], (tuned, base)
     assert m["fine_tuned"]["cross_entropy"] < m["base"]["cross_entropy"]
     for model in ("base", "fine_tuned"):  # every model: graded, with intervals, over the questions with a gold
-        assert len(full[model]["correct_ci95"]) == 2 and full[model]["graded_n"] >= 8, full[model]
+        assert len(full[model]["correct_ci95"]) == 2 and full[model]["graded_n"] >= 6, full[model]
         assert {"correct", "not_attempted"} <= set(m[model])  # the grades are the headline
 
 

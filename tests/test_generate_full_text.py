@@ -78,7 +78,8 @@ def test_full_text_scraped_from_the_mirror_yields_pairs_beyond_the_abstract(tmp_
         make_workspace(ws, ep.base_url, papers=papers, eval_size=0)
         run_main(ws, monkeypatch)
         # the abstract once per paper and template, the body once more for the 4 papers with full text
-        assert ep.completions_count() == (6 + 4) * len(params["generate"]["prompts"])
+        n_templates = len(yaml.safe_load((ws / "params.yaml").read_text())["generate"]["prompts"])
+        assert ep.completions_count() == (6 + 4) * n_templates
     rows = read(ws / "artifacts/generate/train.jsonl")
     beyond = [r for r in rows if r["chunk"] > 0]
     # from the body of most papers (a body pair whose question duplicates an abstract pair's is dropped, as ever)

@@ -67,6 +67,7 @@ def test_a_changed_local_base_model_makes_train_stale(tiny_ws):
     ws = tiny_ws
     # train's deps and outs as a finished run leaves them, recorded in dvc.lock
     put(ws, "artifacts/validate/dataset/dataset_dict.json", '{"splits": ["train", "eval"]}')
+    put(ws, "artifacts/scrape/papers.jsonl", "")  # the papers' text (train.text)
     put(ws, "artifacts/train/adapter/adapter_config.json", "{}")
     put(ws, "cache/train/.keep", "")
     for rel in ("metrics/train.json", "reports/train.json"):

@@ -154,6 +154,12 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
 INVENT_PER_REQUEST = 10  # invented papers asked for per `invent` request
 
 
+def with_spare(n_abstain: int) -> int:
+    """Invented papers to ask for to keep `n_abstain` abstention rows: an invented title too close to a real one,
+    or a repeated question, is dropped."""
+    return n_abstain + (n_abstain // 2 + 5 if n_abstain else 0)
+
+
 def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, template: str, system: str,
                  p: GenerateParams, seed: int) -> list[Unit]:
     """Requests for questions about invented papers, INVENT_PER_REQUEST a request: `n_eval` for the invented question

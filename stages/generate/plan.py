@@ -10,7 +10,7 @@ from typing import Any
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams, tokens
 from .assemble import collect_facts, with_variants
-from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample
+from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .replies import parse_pairs
 from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cost_usd, est_tokens, estimate, mode_factor
 
@@ -45,8 +45,8 @@ def _invent_round(n_rows: int, p: GenerateParams, papers: list[dict[str, Any]], 
     n_abstain = round(p.abstain_share * n_rows)
     if n_abstain + p.invented_questions == 0:
         return []
-    units = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 2 + 5, fact_templates.get(INVENT, ""),
-                         system, p, seed)
+    units = invent_units(papers, p.invented_questions, with_spare(n_abstain), fact_templates.get(INVENT, ""), system,
+                         p, seed)
     return [Round(INVENT, exact, estimate(units, cached if exact else set(), p))]
 
 

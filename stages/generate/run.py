@@ -22,7 +22,7 @@ from .assemble import Assembled, assemble, collect_facts, with_variants
 from .batch import Batcher
 from .cache import ResponseCache
 from .client import Requester
-from .facts import augment_units, invent_units, paraphrase_units, seen_sample
+from .facts import augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .outcomes import RunStats, error_kind
 from .plan import describe, plan, total
 from .replies import parse_pairs
@@ -142,9 +142,8 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
                                 system, p, seed)
         await one(para, PARAPHRASE, 1)
     n_abstain = round(p.abstain_share * len(train))
-    # more than wanted: an invented title too close to a real one (or a repeated question) is dropped
-    inv = invent_units(papers, p.invented_questions, n_abstain + n_abstain // 2 + 5, fact_templates.get(INVENT, ""),
-                       system, p, seed)
+    inv = invent_units(papers, p.invented_questions, with_spare(n_abstain), fact_templates.get(INVENT, ""), system, p,
+                       seed)
     if inv:
         await one(inv, INVENT, 10)
     return aug, para, inv, n_abstain
