@@ -8,6 +8,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -252,7 +254,6 @@ def browser_missing(reason: str) -> None:
     """A browser test without its browser skips, except in CI (CI=true: .ci/run installs it), where it fails."""
     import os
 
-    import pytest
 
     (pytest.fail if os.environ.get("CI", "").lower() in ("true", "1") else pytest.skip)(reason)
 
@@ -265,7 +266,6 @@ def headless_chromium(offline: bool = True):
     import shutil
     import tempfile
 
-    import pytest
 
     @contextlib.contextmanager
     def run():
@@ -372,3 +372,26 @@ def ask_page(driver, question: str):
         lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")[before:]
                    if e.get_attribute("data-done") == "true"])
     return done[0]
+
+
+def validate_workspace(root: Path, validate: dict, papers: list, train: list, eval_: list, seen: list | None) -> Path:
+    """A folder the validate stage runs in: params (`validate:` as given), the papers and generate's outputs (seen
+    and invented written unless `seen` is None, as an older generate would have left them)."""
+    import yaml
+
+    from qrb.io import write_jsonl
+
+    root.mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parent.parent
+    base = yaml.safe_load((repo / "params.yaml").read_text())["base"]
+    (root / "params.yaml").write_text(yaml.safe_dump({"base": base, "validate": validate}))
+    write_jsonl(root / "artifacts/scrape/papers.jsonl", papers)
+    for name, rows in (("train", train), ("eval", eval_)) + ((("seen", seen), ("invented", [])) if seen is not None
+                                                              else ()):
+        write_jsonl(root / f"artifacts/generate/{name}.jsonl", list(rows))
+    return root
+
+
+def run_validate(ws: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.validate"], cwd=ws, capture_output=True, text=True,
+                          timeout=120)

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from qrb.io import write_jsonl
+from helpers import run_validate, validate_workspace
 from qrb.schema import PAIR_FIELDS
 from stages.validate import ValidateParams
 from stages.validate.core import validate
@@ -404,21 +403,10 @@ def test_module_import_is_light():
 # The stage as a subprocess in a workspace
 
 def make_workspace(root: Path, papers: list[dict], train: list, eval_: list, seen: list = (), **overrides) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = {"base": params["base"], "validate": {**dataclasses.asdict(P), **overrides}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    write_jsonl(root / "artifacts/scrape/papers.jsonl", papers)
-    write_jsonl(root / "artifacts/generate/train.jsonl", train)
-    write_jsonl(root / "artifacts/generate/eval.jsonl", eval_)
-    write_jsonl(root / "artifacts/generate/seen.jsonl", list(seen))   # generate always writes it, maybe empty
-    write_jsonl(root / "artifacts/generate/invented.jsonl", [])
-    return root
+    return validate_workspace(root, {**dataclasses.asdict(P), **overrides}, papers, train, eval_, seen)
 
 
-def run_stage(ws: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.validate"], cwd=ws, capture_output=True, text=True,
-                          timeout=120)
+run_stage = run_validate
 
 
 def read_jsonl(path: Path) -> list:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from qrb.io import write_jsonl
+from helpers import run_validate, validate_workspace
 from stages.validate import ValidateParams
 from stages.validate.core import validate
 from stages.validate.features import dataset_columns, row_features, seen_columns
@@ -282,22 +279,10 @@ def test_seen_columns_judge_against_clean_training_rows_only():
 # the stage
 
 def workspace(root: Path, train: list, eval_: list, seen: list | None, **overrides) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump({"base": params["base"],
-                                                      "validate": {**dataclasses.asdict(P), **overrides}}))
-    write_jsonl(root / "artifacts/scrape/papers.jsonl", PAPERS)
-    write_jsonl(root / "artifacts/generate/train.jsonl", train)
-    write_jsonl(root / "artifacts/generate/eval.jsonl", eval_)
-    if seen is not None:
-        write_jsonl(root / "artifacts/generate/seen.jsonl", seen)
-        write_jsonl(root / "artifacts/generate/invented.jsonl", [])
-    return root
+    return validate_workspace(root, {**dataclasses.asdict(P), **overrides}, PAPERS, train, eval_, seen)
 
 
-def run_stage(ws: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.validate"], cwd=ws, capture_output=True, text=True,
-                          timeout=120)
+run_stage = run_validate
 
 
 def lines(path: Path) -> list:
