@@ -5,7 +5,7 @@
 Every arm runs `stages.train.trainer.train()` (the stage's own path: counting trainer, per-length NEFTune, LoRA+ on
 the 7 projections + the embedding copy, batch 8) on SmolLM2-135M-Instruct with the smol profile's recipe, on the
 same rows (QA pairs from the corpus's abstract sentences, as tests/helpers.py builds them, or a demo's validated
-rows with `--dataset`), `--steps` optimizer steps:
+rows with `--dataset`), `--steps` optimizer steps (batches of the length-grouped rows):
 - baseline: the path before the speed work: trl's fused LM head (on a CPU it scores every position, prompt and pad
   included, plus entropy and top-1 for its logs) and the per-parameter (unfused) AdamW, fp32;
 - fp32: today's path: lm_head on the answer positions only, fused AdamW, fp32;
@@ -92,8 +92,9 @@ def main() -> None:
             "model": str(model_dir)}
     p = dataclasses.replace(build(TrainParams, params["train"], "train"), epochs=1.0, checkpoint_steps=0,
                             emissions_country=None, logging_steps=1000)
-    n = args.steps * p.batch_size
-    rows = list(load_from_disk(args.dataset)["train"])[:n] if args.dataset else qa_rows(REPO / "data" / "corpus")[:n]
+    rows = list(load_from_disk(args.dataset)["train"]) if args.dataset else qa_rows(REPO / "data" / "corpus")
+    # all the rows, `--steps` batches of them: length grouping sees the whole set, as in a real run
+    p = dataclasses.replace(p, epochs=args.steps * p.batch_size / len(rows))
     ds = DatasetDict(train=Dataset.from_list(rows))
     results: dict[str, list[dict]] = {a: [] for a in args.arms}
     for i in range(args.repeats):
