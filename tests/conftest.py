@@ -82,27 +82,17 @@ def adapter_ws(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def bot(adapter_ws):
-    from qrb.app.bot import load_bot
+    from helpers import bot_in
 
-    cwd = os.getcwd()
-    os.chdir(adapter_ws)  # the workspace's params.yaml and artifacts/ are read from cwd, as the CLI does
-    try:
-        return load_bot()
-    finally:
-        os.chdir(cwd)
+    return bot_in(adapter_ws)
 
 
 @pytest.fixture(scope="session")
 def base_bot(adapter_ws):
     """The same workspace with `--base`: base.model alone, its own tokenizer, no adapter."""
-    from qrb.app.bot import load_bot
+    from helpers import bot_in
 
-    cwd = os.getcwd()
-    os.chdir(adapter_ws)
-    try:
-        return load_bot(base_only=True)
-    finally:
-        os.chdir(cwd)
+    return bot_in(adapter_ws, base_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -395,3 +395,18 @@ def validate_workspace(root: Path, validate: dict, papers: list, train: list, ev
 def run_validate(ws: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stages.validate"], cwd=ws, capture_output=True, text=True,
                           timeout=120)
+
+
+def bot_in(ws: Path, **kwargs):
+    """`qrb.app.bot.load_bot(**kwargs)` run from `ws`: the workspace's params.yaml and artifacts/ are read from cwd,
+    as the CLI does."""
+    import os
+
+    from qrb.app.bot import load_bot
+
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        return load_bot(**kwargs)
+    finally:
+        os.chdir(cwd)

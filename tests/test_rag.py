@@ -136,14 +136,9 @@ def test_index_stage_records_the_embedding_model(rag_ws, tmp_path):
 
 @pytest.fixture(scope="module")
 def rag_bot(rag_ws):
-    from qrb.app.bot import load_bot
+    from helpers import bot_in
 
-    cwd = os.getcwd()
-    os.chdir(rag_ws)
-    try:
-        return load_bot(rag=True)
-    finally:
-        os.chdir(cwd)
+    return bot_in(rag_ws, rag=True)
 
 
 def test_rag_bot_answers_from_the_papers_it_retrieves(rag_bot):
