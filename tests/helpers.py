@@ -224,7 +224,8 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
 
 def legacy_train_path():
     """The train stage's trainer as it ran before its CPU speed work: trl's own loss (its fused LM head scores every
-    position on a CPU) and the per-parameter AdamW (not fused). A context manager, for equivalence tests and bench."""
+    position on a CPU), the per-parameter AdamW (not fused) and torch's dropout. A context manager, for equivalence
+    tests and bench."""
     import contextlib
     from unittest import mock
 
@@ -232,6 +233,7 @@ def legacy_train_path():
     from peft.optimizers import create_loraplus_optimizer
     from trl import SFTTrainer
 
+    from stages.train import model as tm
     from stages.train import trainer as tr
 
     class Legacy(tr._trainer_cls()):
@@ -244,6 +246,7 @@ def legacy_train_path():
     stack = contextlib.ExitStack()  # lora_plus hands its optimizer to the trainer: SFTConfig's `optim` is unused
     stack.enter_context(mock.patch.object(tr, "_trainer_cls", lambda: Legacy))
     stack.enter_context(mock.patch.object(tr, "build_optimizer", unfused))
+    stack.enter_context(mock.patch.object(tm, "word_dropout_", lambda model: None))
     return stack
 
 

@@ -45,11 +45,15 @@ def test_the_loss_is_trls_with_lm_head_on_the_labelled_positions_only(tiny_model
 
 
 def test_the_fast_path_trains_the_same_adapter_as_trls_loss_and_unfused_adamw(tiny_model_dir, dataset):
+    """Without dropout (its masks come from other random draws now: see the next test), the same adapter."""
+    import dataclasses
+
     from helpers import legacy_train_path
     from stages.train.trainer import train
 
     ds = dataset
     p = cpu_recipe(epochs=1.0, batch_size=4, checkpoint_steps=0, emissions_country=None)
+    p = dataclasses.replace(p, lora=dataclasses.replace(p.lora, dropout=0.0))
     with legacy_train_path():
         before, _, m_before, h_before = train(base_of(tiny_model_dir), p, ds, "cpu")
     after, _, m_after, h_after = train(base_of(tiny_model_dir), p, ds, "cpu")
@@ -59,6 +63,27 @@ def test_the_fast_path_trains_the_same_adapter_as_trls_loss_and_unfused_adamw(ti
     assert min(float(t.abs().max()) for n, t in a.items() if "lora_B" in n) > 1e-4, "B moved from zero"
     assert abs(m_before["train_loss"] - m_after["train_loss"]) < 1e-5 and m_before["eval_ce"] == \
         pytest.approx(m_after["eval_ce"], abs=1e-5)
+
+
+def test_word_dropout_drops_p_of_the_elements_scales_the_rest_and_is_off_in_eval(tiny_model_dir):
+    from qrb.chat import load_tokenizer
+    from stages.train.model import build_model, prepare_tokenizer
+
+    p = cpu_recipe()
+    tok, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
+    drops = [m for m in build_model(base_of(tiny_model_dir), p, tok, "cpu").modules()
+             if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 2 * 7 and all(type(m).__name__ == "WordDropout" and m.p == 0.1 for m in drops)
+    drop = drops[0].train()
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    assert abs(float((y == 0).float().mean()) - 0.1) < 0.002 and y.unique().tolist() == pytest.approx([0, 1 / 0.9])
+    assert torch.equal(x.grad, y.detach()), "the gradient is the mask, scaled"
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y), "the global RNG draws it: seeded runs repeat"
+    assert drop.eval()(x) is x
 
 
 def test_bf16_cpu_autocasts_on_a_cpu_with_fp32_attention_and_masters(tiny_model_dir, dataset):

@@ -87,6 +87,8 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
                      "lm_head keeps the frozen original (the model is untied; merge and export write it so)",
                      ", ".join(p.lora.modules_to_save))
     upcast_trainable_(model)
+    if device == "cpu":
+        word_dropout_(model)
     if device == "cuda" and p.method != "qlora":
         model = model.to("cuda")
     torch.manual_seed(base["seed"])
@@ -110,6 +112,25 @@ def fp32_attention(model) -> None:
     AttentionInterface.register("sdpa_fp32", sdpa_fp32)
     AttentionMaskInterface.register("sdpa_fp32", sdpa_mask)
     model.set_attn_implementation("sdpa_fp32")
+
+
+def word_dropout_(model) -> None:
+    """The model's dropouts (LoRA's) with masks cut from 64-bit random words, two elements a word: torch's CPU
+    bernoulli_ draws one number an element on one thread (3.4 vs 2.0 ms fwd+bwd at SmolLM2's 8 x 87 x 576). Drop
+    probability p to 1e-9, the same 1/(1-p) scaling, the same global RNG (seeded, saved in checkpoints)."""
+    import torch
+
+    class WordDropout(torch.nn.Dropout):
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                return x
+            words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64, device=x.device)
+            keep = words.view(torch.int32)[:x.numel()].view(x.shape) >= round(self.p * 2**32) - 2**31
+            return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+    for m in model.modules():
+        if type(m) is torch.nn.Dropout:
+            m.__class__ = WordDropout
 
 
 def upcast_trainable_(model) -> None:
