@@ -7,14 +7,14 @@ the 7 projections + the embedding copy, batch 8) on SmolLM2-135M-Instruct with t
 same rows (QA pairs from the corpus's abstract sentences, as tests/helpers.py builds them, or a demo's validated
 rows with `--dataset`), `--steps` optimizer steps (batches of the length-grouped rows):
 - baseline: the path before the speed work: trl's fused LM head (on a CPU it scores every position, prompt and pad
-  included, plus entropy and top-1 for its logs) and the per-parameter (unfused) AdamW, fp32;
-- fp32: today's path: lm_head on the answer positions only, fused AdamW, fp32;
+  included, plus entropy and top-1 for its logs), the per-parameter (unfused) AdamW and torch's dropout, fp32;
+- fp32: today's path: lm_head on the answer positions only, fused AdamW, word-cut dropout masks, fp32;
 - bf16: today's path under bf16 autocast, fp32 masters (`train.precision: bf16_cpu`: the base loaded in bf16,
   attention in fp32).
 Tokens/s = real (non-pad) tokens stepped on / wall seconds of `trainer.train()`, and per CPU-second of this process
 (steadier on a shared machine); the arms rotate order each repeat, all with the same torch threads ($QRB_CPU_THREADS,
 else 1). The train loss of each arm is printed beside it:
-baseline and fp32 compute the same math and must agree to rounding.
+baseline and fp32 compute the same math (their dropout masks are other draws of the same distribution).
 """
 
 from __future__ import annotations
