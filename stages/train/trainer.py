@@ -111,12 +111,6 @@ def neftune_per_length(alpha: float, pad_id: int):
     return hook
 
 
-def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-
-
 def _peak_memory(device: str) -> dict[str, Any]:
     import torch
 
@@ -251,6 +245,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
     key resumes from the last one (the run dir is removed after success); without it, a temp dir (no resume).
     """
     import torch
+    from transformers.trainer_utils import get_last_checkpoint
 
     from qrb.chat import load_tokenizer, token_weighted_ce
 
@@ -266,7 +261,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qrb-train-")))
         else:
             run_dir = Path(checkpoint_root) / key
-        resume = last_checkpoint(run_dir) if p.checkpoint_steps > 0 else None
+        resume = get_last_checkpoint(str(run_dir)) if p.checkpoint_steps > 0 and run_dir.is_dir() else None
         if resume:
             log.info("resuming from %s (same params, data and base model: key %s)", resume, key)
         trainer = build_trainer(base, p, model, tokenizer, dataset, run_dir, callbacks)
