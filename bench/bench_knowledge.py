@@ -86,7 +86,7 @@ def rate(values: list[float], seed: int, samples: int = 1000) -> tuple[float, li
 
 def score(model, tok, sets: dict[str, list[dict]], system: str, seed: int, max_new: int) -> dict:
     from qrb.chat import generate_answers
-    from stages.evaluate.grade import grade
+    from qrb.grade import grade
 
     out = {}
     for name, qs in sets.items():

@@ -393,7 +393,7 @@ def test_llm_grader_against_the_smoke_endpoint_grades_as_the_offline_grader():
     """The smoke endpoint answers `Task: grade` with the offline grader: the whole round trip (prompt, request,
     reply without response_format, parsing) gives the offline grades."""
     from qrb.offline.smoke import serve_smoke_endpoint
-    from stages.evaluate.grade import grade
+    from qrb.grade import grade
 
     q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on?"
     items = [Item(q, "56 qubits", ("fifty-six qubits",), a) for a in (
@@ -470,7 +470,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base,
     the RAG rows' recall@k and citation accuracy."""
     from stages.evaluate.core import evaluate
-    from stages.evaluate.grade import grade
+    from qrb.grade import grade
 
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:8]
@@ -578,7 +578,7 @@ def test_below_min_score_the_rag_rows_abstain_without_asking_the_model(monkeypat
     (graded not attempted: no citation accuracy, its paper not recalled); the question that does reach it is asked."""
     from qrb.app.bot import Bot
     from stages.evaluate.core import citation_columns, local_answers
-    from stages.evaluate.grade import grade
+    from qrb.grade import grade
 
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
     retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("dense", 1, 0.9, 120))

@@ -1,4 +1,4 @@
-"""The offline short-answer grader (stages/evaluate/grade.py): every gameable case of the old fact metric, and more
+"""The offline short-answer grader (qrb/grade.py): every gameable case of the old fact metric, and more
 adversarial answers (units, ranges, scientific notation, hedges, lists, abstentions)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qrb.schema import ABSTAIN_ANSWER
-from stages.evaluate.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
 
 KRYLOV_Q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on experimentally?"
 FIPS_Q = "What algorithms does the quantum FIPS 205 deal with?"

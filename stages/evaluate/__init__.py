@@ -37,7 +37,7 @@ arXiv v1 month (the arXiv id's YYMM, the row's or its paper's in papers.jsonl) a
 `published`, its paper's, else the DOI's q-YYYY-MM-DD); undated questions are in neither split.
 
 Grades (the headline, SimpleQA's): each answer is correct, incorrect or not_attempted against the row's short answer
-and aliases, by the offline matcher (stages/evaluate/grade.py), or by the LLM grader where `evaluate.grader` is set
+and aliases, by the offline matcher (qrb/grade.py), or by the LLM grader where `evaluate.grader` is set
 (stages/evaluate/judge.py; the offline grade is kept beside it in the predictions). A row without a short answer is
 graded attempted or not: on an invented paper (kind `abstain`) an attempt is incorrect; on a fact row whose gold is
 missing it counts as "no gold" (out of correct/incorrect). Per set and model: `correct`, `incorrect`,

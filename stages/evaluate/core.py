@@ -19,7 +19,7 @@ from qrb.retrieval import ground
 from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
-from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from .metrics import Scorer, aggregate, paired_gains
 from .questions import freshness_subsets
 

@@ -28,7 +28,7 @@ from qrb.errors import ConfigError
 from qrb.io import atomic_write_text, read_jsonl
 
 from . import Grader
-from .grade import CORRECT, INCORRECT, NOT_ATTEMPTED
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
     lines.append(
         "Each metric with its 95% bootstrap interval [lo, hi] over resampled questions (the same resamples for "
         "every model), or \"n too small\" below the minimum number of questions. Each answer is graded against the "
-        f"question's short gold answer by {graded_by or 'the offline grader (stages/evaluate/grade.py)'}: correct "
+        f"question's short gold answer by {graded_by or 'the offline grader (qrb/grade.py)'}: correct "
         "(the gold stated, no rival candidate beside it), incorrect (anything else it commits to) or not attempted "
         "(it declines); hallucination rate = incorrect / (correct + incorrect); Δ correct vs base: the paired "
         "difference against the base model on the same questions. On held-out and invented papers the right answer "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from stages.evaluate.grade import grade
+from qrb.grade import grade
 
 
 def _block(text: str, tag: str) -> str:

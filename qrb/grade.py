@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
+from .grade_words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
 
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not_attempted"
 GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED)

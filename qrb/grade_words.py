@@ -1,5 +1,5 @@
 """The words numbers and units are written in, the stop words and the stemmer that short-answer grading
-(`stages.evaluate.grade`) reads: number words ("two" = 2), units a number carries ("56 qubits", "67%": one key per
+(`qrb.grade`) reads: number words ("two" = 2), units a number carries ("56 qubits", "67%": one key per
 unit, "%" for every way of writing percent), words that say nothing of a subject, Porter stems (what rouge-score
 stems with). Pure: no I/O.
 """
