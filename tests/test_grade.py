@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qrb.schema import ABSTAIN_ANSWER
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
+from qrb.schema import ABSTAIN_ANSWER
 
 KRYLOV_Q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on experimentally?"
 FIPS_Q = "What algorithms does the quantum FIPS 205 deal with?"

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from qrb.chat import generate_answers, token_nll_rows
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from qrb.retrieval import ground
 from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
-from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from .metrics import Scorer, aggregate, paired_gains
 from .questions import freshness_subsets
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrb.errors import ConfigError
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED
 from qrb.io import atomic_write_text, read_jsonl
 
 from . import Grader
-from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED
 
 log = logging.getLogger(__name__)
 
