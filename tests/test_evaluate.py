@@ -392,8 +392,8 @@ def test_llm_grader_grades_caches_and_skips_with_a_reason(fake_openai, tmp_path)
 def test_llm_grader_against_the_smoke_endpoint_grades_as_the_offline_grader():
     """The smoke endpoint answers `Task: grade` with the offline grader: the whole round trip (prompt, request,
     reply without response_format, parsing) gives the offline grades."""
-    from qrb.offline.smoke import serve_smoke_endpoint
     from qrb.grade import grade
+    from qrb.offline.smoke import serve_smoke_endpoint
 
     q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on?"
     items = [Item(q, "56 qubits", ("fifty-six qubits",), a) for a in (
@@ -469,8 +469,8 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
     crash; every answer graded (the LLM grader where the row has a gold, the offline grade kept beside it; invented
     papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base,
     the RAG rows' recall@k and citation accuracy."""
-    from stages.evaluate.core import evaluate
     from qrb.grade import grade
+    from stages.evaluate.core import evaluate
 
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:8]
@@ -577,8 +577,8 @@ def test_below_min_score_the_rag_rows_abstain_without_asking_the_model(monkeypat
     """A question no passage reaches retrieval.min_score for gets the apps' abstention, unasked and citing nothing
     (graded not attempted: no citation accuracy, its paper not recalled); the question that does reach it is asked."""
     from qrb.app.bot import Bot
-    from stages.evaluate.core import citation_columns, local_answers
     from qrb.grade import grade
+    from stages.evaluate.core import citation_columns, local_answers
 
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
     retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("dense", 1, 0.9, 120))

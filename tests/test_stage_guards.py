@@ -7,9 +7,8 @@ import json
 import pytest
 import yaml
 
-from qrb.errors import ConfigError
-
 from helpers import REPO
+from qrb.errors import ConfigError
 
 
 def _evaluate(tmp_path, monkeypatch, capsys, train: dict) -> str:

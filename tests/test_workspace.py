@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from flows import workspace as wsp
-from qrb.errors import ConfigError
-
 from helpers import REPO
+from qrb.errors import ConfigError
 
 
 def git(ws, *args) -> str:
