@@ -38,8 +38,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
-from flows.sweep_table import (TECHNIQUE_KEY, best_per_technique, best_run, dotted, fmt_value, read_report,
-                               table_markdown)
+from flows.sweep_table import (
+    TECHNIQUE_KEY,
+    best_per_technique,
+    best_run,
+    dotted,
+    fmt_value,
+    read_report,
+    table_markdown,
+)
 from flows.workspace import dvc
 from qrb.errors import ConfigError
 from qrb.offline.services import port_overrides
