@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 
-from .writer import _key_phrase, _short_title, split_sentences
+from .rewriter import _digest
+from .writer import _GARBLED, _key_phrase, _short_title, split_sentences
 
 _NUM_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
               "seventeen eighteen nineteen twenty thirty forty fifty hundred thousand").split()
@@ -37,7 +37,6 @@ _INTRO = re.compile(r"\b(?:called|named|dubbed|known as|coined|in terms of|based
                     r"introduces|present|presents|dataset,? called)\s+(?:the |a |an )?"
                     r"((?:[A-Z][\w\-]*|[a-z]+ [A-Z][\w\-]*)(?: [A-Z][\w\-]*){0,2})")
 _LATEX = re.compile(r"\$[^$]*\$")
-_GARBLED = re.compile(r"start_ARG|end_ARG|\\[a-z]+|[{}<>]")
 _VERB_OBJECT = re.compile(r"\b(?:introduce|propose|present|develop|derive|construct|design|employ|obtain|prove|"
                           r"provide|identify|define)s?d?\s+(?:a |an |the |two |several |new )?"
                           r"([a-z][\w\-]*(?: [\w\-]+){1,5}?)(?=[,.;]| that | which | to | for | with | in | of a)")
@@ -46,10 +45,6 @@ _OPENER = re.compile(r"^(?:here|in this (?:work|paper|article|letter)|moreover|f
 # "the authors" alone is a question leaning on an unnamed source (validate quarantines it): researchers is not
 _PRONOUNS = ((r"\bWe\b", "Researchers"), (r"\bwe\b", "researchers"), (r"\bOur\b", "Their"), (r"\bour\b", "their"),
              (r"\bus\b", "them"))
-
-
-def _digest(*parts: str) -> int:
-    return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
 
 
 def _clean(sentence: str) -> str:
