@@ -37,26 +37,16 @@ def measure(setting: str, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    import dataclasses
 
     from datasets import Dataset, DatasetDict
     from transformers.utils import logging as hf_logging
 
-    from flows.workspace import profile_params
-    from helpers import qa_rows
+    from helpers import qa_rows, smol_recipe
     from qrb.chat import generate_answers
-    from qrb.offline import smol_model
-    from qrb.params import build
-    from stages.train import TrainParams
     from stages.train.trainer import train
 
     hf_logging.set_verbosity_error()
-    params = profile_params("smol", REPO)
-    model_dir = smol_model.build(Path.home() / ".cache" / "qrb-tests" / "smollm2-135m-instruct")
-    base = {**{k: params["base"][k] for k in ("seed", "system_prompt", "hf_offline", "max_length")},
-            "model": str(model_dir)}
-    p = dataclasses.replace(build(TrainParams, params["train"], "train"), epochs=1.0, checkpoint_steps=0,
-                            emissions_country=None, report_to="none")
+    base, p = smol_recipe(epochs=1.0, checkpoint_steps=0, emissions_country=None, report_to="none")
     rows = qa_rows(REPO / "data" / "corpus")[: steps * p.batch_size]
     model, tok, metrics, _ = train(base, p, DatasetDict(train=Dataset.from_list(rows)), "cpu")
     t0 = time.time()

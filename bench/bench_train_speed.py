@@ -78,20 +78,11 @@ def main() -> None:
     from datasets import Dataset, DatasetDict, load_from_disk
     from transformers.utils import logging as hf_logging
 
-    from flows.workspace import profile_params
-    from helpers import qa_rows
-    from qrb.offline import smol_model
-    from qrb.params import build
-    from stages.train import TrainParams
+    from helpers import qa_rows, smol_recipe
     threads = int(os.environ.get("QRB_CPU_THREADS", "1"))
     torch.set_num_threads(threads)
     hf_logging.set_verbosity_error()
-    params = profile_params("smol", REPO)
-    model_dir = smol_model.build(Path.home() / ".cache" / "qrb-tests" / "smollm2-135m-instruct")
-    base = {**{k: params["base"][k] for k in ("seed", "system_prompt", "hf_offline", "max_length")},
-            "model": str(model_dir)}
-    p = dataclasses.replace(build(TrainParams, params["train"], "train"), epochs=1.0, checkpoint_steps=0,
-                            emissions_country=None, logging_steps=1000)
+    base, p = smol_recipe(epochs=1.0, checkpoint_steps=0, emissions_country=None, logging_steps=1000)
     rows = list(load_from_disk(args.dataset)["train"]) if args.dataset else qa_rows(REPO / "data" / "corpus")
     # all the rows, `--steps` batches of them: length grouping sees the whole set, as in a real run
     p = dataclasses.replace(p, epochs=args.steps * p.batch_size / len(rows))

@@ -413,3 +413,19 @@ def bot_in(ws: Path, **kwargs):
         return load_bot(**kwargs)
     finally:
         os.chdir(cwd)
+
+
+def smol_recipe(**train_overrides):
+    """(base, TrainParams) of the smol profile on the shared SmolLM2 build, for benches timing the train stage."""
+    from flows.workspace import profile_params
+    from qrb.offline import smol_model
+    from qrb.params import build
+    from stages.train import TrainParams
+
+    repo = Path(__file__).resolve().parent.parent
+    params = profile_params("smol", repo)
+    model_dir = smol_model.build(Path.home() / ".cache" / "qrb-tests" / "smollm2-135m-instruct")
+    base = {**{k: params["base"][k] for k in ("seed", "system_prompt", "hf_offline", "max_length")},
+            "model": str(model_dir)}
+    return base, dataclasses.replace(build(TrainParams, params["train"], "train"), **train_overrides)
+
