@@ -50,8 +50,9 @@ def measure(setting: str, steps: int) -> dict:
     rows = qa_rows(REPO / "data" / "corpus")[: steps * p.batch_size]
     model, tok, metrics, _ = train(base, p, DatasetDict(train=Dataset.from_list(rows)), "cpu")
     t0 = time.time()
-    answers = generate_answers(model, tok, [r["question"] for r in rows[:8]], base["system_prompt"], batch_size=8,
-                               max_new_tokens=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bf16_cpu"):  # the base is in bf16 then
+        answers = generate_answers(model, tok, [r["question"] for r in rows[:8]], base["system_prompt"], batch_size=8,
+                                   max_new_tokens=32)
     new_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
     return {"setting": setting, "threads": threads, **state, "train_tokens_per_s": metrics["tokens_per_s"],
             "generate_tokens_per_s": round(new_tokens / (time.time() - t0), 1)}
