@@ -51,9 +51,17 @@ def build_sets(papers: list[dict], facts_per_paper: int, held_out: int, seed: in
             train.append({**f, "wordings": fact_wordings(f, 7)})
             seen.append({"question": new_wording(f), "short_answer": f["short_answer"], "aliases": f["aliases"]})
     titles = [r["title"] for r in papers]
+    train_papers = [r for r in papers if r["doi"] not in held]
     invented = [{"question": q["question"], "short_answer": "", "aliases": [], "title": q["title"]}
-                for q in invented_questions(f"bench-eval:{seed}", n_invented, set(), titles)]
-    return train, seen, heldq, invented, [r for r in papers if r["doi"] not in held]
+                for q in invented_questions(f"bench-eval:{seed}", n_invented, set(), titles, openings(train_papers))]
+    return train, seen, heldq, invented, train_papers
+
+
+def openings(papers: list[dict]) -> list[str]:
+    """What generate's invent requests list of the training papers (their abstracts' opening sentences)."""
+    from stages.generate.facts import _opening
+
+    return [_opening(r["abstract"]) for r in papers]
 
 
 def qa_rows(train: list[dict], k: int) -> list[dict]:
@@ -67,11 +75,12 @@ def qa_rows(train: list[dict], k: int) -> list[dict]:
     return rows
 
 
-def abstain_rows(n: int, seed: int, titles: list[str], avoid: set[str]) -> list[dict]:
+def abstain_rows(n: int, seed: int, titles: list[str], avoid: set[str], train_papers: list[dict]) -> list[dict]:
     from qrb.offline.smoke.facts import invented_questions
     from qrb.schema import ABSTAIN_ANSWER
 
-    found = invented_questions(f"bench-train:{seed}", n + 20, {t.lower() for t in avoid}, titles)
+    found = invented_questions(f"bench-train:{seed}", n + 20, {t.lower() for t in avoid}, titles,
+                               openings(train_papers))
     return [{"question": q["question"], "answer": ABSTAIN_ANSWER, "doi": ""} for q in found[:n]]
 
 
@@ -84,14 +93,17 @@ def rate(values: list[float], seed: int, samples: int = 1000) -> tuple[float, li
     return float(v.mean()), [round(float(np.percentile(means, 2.5)), 3), round(float(np.percentile(means, 97.5)), 3)]
 
 
-def score(model, tok, sets: dict[str, list[dict]], system: str, seed: int, max_new: int) -> dict:
+def score(model, tok, sets: dict[str, list[dict]], system: str, seed: int, max_new: int, bf16: bool) -> dict:
+    import torch
+
     from qrb.chat import generate_answers
     from qrb.grade import grade
 
     out = {}
     for name, qs in sets.items():
-        answers = generate_answers(model, tok, [q["question"] for q in qs], system, batch_size=16,
-                                   max_new_tokens=max_new, greedy=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16_cpu loads the base in bf16
+            answers = generate_answers(model, tok, [q["question"] for q in qs], system, batch_size=16,
+                                       max_new_tokens=max_new, greedy=True)
         grades = [grade(a, q["short_answer"], q["aliases"], q["question"]) for a, q in zip(answers, qs)]
         out[name] = {"grades": grades, "answers": answers}
     return out
@@ -151,27 +163,29 @@ def main() -> None:
     for arm in args.arms:
         kind, abstain = arm.removesuffix("_abstain"), arm.endswith("_abstain")
         k = {"qa_k1": 1, "qa_k5": 5, "qa_k8": 8, "text_qa": 5}.get(kind, 0)
-        rows = qa_rows(train_facts, k) if k else []
+        # text alone: one empty row per training paper names the papers whose text it reads
+        rows = qa_rows(train_facts, k) if k else [{"question": "", "answer": "", "doi": r["doi"]} for r in train_papers]
         tp = {**params["train"], "checkpoint_steps": 0, "emissions_country": None, "report_to": "none"}
         if args.epochs:
             tp["epochs"] = args.epochs
         if kind.startswith("text"):
-            tp["text"] = {**tp["text"], "share": 0.5 if rows else 0.999}
+            tp["text"] = {**tp["text"], "share": 0.5 if k else 0.9}
         if abstain:
             rows += abstain_rows(round(share * max(len(rows), len(train_facts) * 5)), seed,
-                                 [r["title"] for r in papers], {q["title"] for q in invented})
+                                 [r["title"] for r in papers], {q["title"] for q in invented}, train_papers)
         p = build(TrainParams, tp, "train")
-        dd = {"train": Dataset.from_list(rows or [{"question": "", "answer": "", "doi": train_papers[0]["doi"]}]),
+        dd = {"train": Dataset.from_list(rows),
               "eval": Dataset.from_list([])}
         if kind.startswith("text"):
             dd["papers"] = train_papers
         t0 = time.time()
         model, tok, metrics, _ = train(base, p, DatasetDict(dd) if "papers" not in dd else dd, "cpu")
         wall = time.time() - t0
-        graded = score(model, tok, sets, base["system_prompt"], seed, max_new)
+        bf16 = p.precision == "bf16_cpu"
+        graded = score(model, tok, sets, base["system_prompt"], seed, max_new, bf16)
         if "base" not in results:
             with model.disable_adapter():
-                base_scored = score(model, tok, sets, base["system_prompt"], seed, max_new)
+                base_scored = score(model, tok, sets, base["system_prompt"], seed, max_new, bf16)
             results["base"] = summarise(base_scored, None, seed)
             results["base_grades"] = {n: g["grades"] for n, g in base_scored.items()}
         base_graded = {n: {"grades": g} for n, g in results["base_grades"].items()}

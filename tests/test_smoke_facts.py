@@ -75,11 +75,38 @@ def test_invented_papers_are_deterministic_and_never_a_real_title():
     assert all(q["question"].endswith("?") for q in a)
 
 
+def test_invented_claims_splice_real_sentences_when_abstracts_are_listed():
+    abstracts = [SURFACE[1], GAUSS[1]]
+    spliced = invented_questions("seed", 8, real=["A title of four words", "Another title of five words"],
+                                 abstracts=abstracts)
+    templated = invented_questions("seed", 8)
+    vocab = {w.lower() for a in abstracts for w in re.findall(r"[A-Za-z]{5,}", a)}
+
+    def real_words(q):  # share of a question's long words found in the real abstracts
+        words = [w.lower() for w in re.findall(r"[A-Za-z]{5,}", q["question"])]
+        return sum(w in vocab for w in words) / max(len(words), 1)
+    assert len(spliced) == 8 and spliced == invented_questions("seed", 8, real=["A title of four words",
+                                                                              "Another title of five words"],
+                                                               abstracts=abstracts)
+    assert sum(map(real_words, spliced)) / 8 > sum(map(real_words, templated)) / 8 + 0.2
+    sentences = {s.lower() for a in abstracts for s in re.split(r"(?<=\.) ", a)}
+    assert not any(q["question"].lower().rstrip("?") in sentences for q in spliced)
+
+
 def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_path, monkeypatch):
     from generate_helpers import make_workspace, read, run_main
 
     from qrb.offline.smoke.server import serve_smoke_endpoint
 
+    import stages.generate.run as generate_run
+
+    listed_to_invent = []
+
+    def recording(papers, *args):
+        listed_to_invent.append(papers)
+        return invent_units(papers, *args)
+    invent_units = generate_run.invent_units
+    monkeypatch.setattr(generate_run, "invent_units", recording)
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url, prompts=["facts"], pairs_per_prompt=2, augment_variants=4,
                             seen_questions=50, abstain_share=0.25, invented_questions=12, eval_size=4)
@@ -99,3 +126,5 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     metrics = json.loads((ws / "reports/generate.json").read_text())
     assert metrics["abstain_pairs"] == len(abstain) and metrics["invented_kept"] == len(invented)
     assert all(re.search(r"\?$", r["question"]) for r in seen)
+    listed = {pp["doi"] for papers in listed_to_invent for pp in papers}
+    assert listed and not listed & {r["doi"] for r in evals}  # no held-out paper's words teach abstention

@@ -152,6 +152,8 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
 
 
 INVENT_PER_REQUEST = 10  # invented papers asked for per `invent` request
+INVENT_LISTED = 12  # real papers an `invent` request lists: enough variety to write like, ~2k prompt tokens
+INVENT_ABSTRACT_CHARS = 600  # of each listed abstract: its opening claims, which is what the questions ask about
 
 
 def with_spare(n_abstain: int) -> int:
@@ -160,18 +162,28 @@ def with_spare(n_abstain: int) -> int:
     return n_abstain + (n_abstain // 2 + 5 if n_abstain else 0)
 
 
+def _opening(abstract: str) -> str:
+    """The abstract's whole sentences within INVENT_ABSTRACT_CHARS (its first words if one sentence is longer)."""
+    if len(abstract) <= INVENT_ABSTRACT_CHARS:
+        return abstract
+    cut = abstract[:INVENT_ABSTRACT_CHARS]
+    return cut[:cut.rfind(". ") + 1] if ". " in cut else cut.rsplit(" ", 1)[0]
+
+
 def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, template: str, system: str,
                  p: GenerateParams, seed: int) -> list[Unit]:
     """Requests for questions about invented papers, INVENT_PER_REQUEST a request: `n_eval` for the invented question
     set, then `n_train` for abstention rows (apart, so that the set is the same whatever the share of abstention
-    rows); each lists a seeded sample of real titles to stay unlike."""
-    titles = sorted(clean(pp.get("title") or "") for pp in papers if pp.get("title"))
+    rows); each lists a seeded sample of real papers (title, the start of the abstract) to stay unlike and to write
+    like. `papers`: the training papers only, so that no held-out paper's words teach the abstention answer."""
+    listed = sorted((clean(pp["title"]), _opening(clean(pp.get("abstract") or ""))) for pp in papers if pp.get("title"))
     units = []
     for group, n in (("eval", n_eval), ("train", n_train)):
         for i in range(0, n, INVENT_PER_REQUEST):
-            sample = random.Random(f"invent:{seed}:{group}:{i}").sample(titles, min(20, len(titles)))
+            sample = random.Random(f"invent:{seed}:{group}:{i}").sample(listed, min(INVENT_LISTED, len(listed)))
             block = "\n".join(["<paper>", f"Request: {group} {i // INVENT_PER_REQUEST}",
-                               *(f"Title: {t}" for t in sample), "</paper>"])
+                               *(line for t, a in sample for line in (f"Title: {t}", f"Abstract: {a}")),
+                               "</paper>"])
             fact = {"doi": "", "title": "", "published": None, "chunk": 0,
                     "fact_id": f"invent-{group}-{i // INVENT_PER_REQUEST}"}
             units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))

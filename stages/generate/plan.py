@@ -73,7 +73,9 @@ def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]
                                     fact_templates[PARAPHRASE], system, p, seed)
             rounds.append(Round(PARAPHRASE, exact, estimate(para, cached if exact else set(), p)))
         n_rows = len(train) if exact else len(facts.train) * p.augment_variants
-        return rounds + _invent_round(n_rows, p, list(papers), system, fact_templates, seed, cached, exact)
+        held = {f["doi"] for f in facts.eval}
+        return rounds + _invent_round(n_rows, p, [pp for pp in papers if pp.get("doi") not in held], system,
+                                      fact_templates, seed, cached, exact)
     n_facts = sum(min(len(parse_pairs(known[u.key]["content"])), p.pairs_per_prompt) if u.key in known
                   else p.pairs_per_prompt for u in units)
     train_facts = max(0, n_facts - p.eval_size)

@@ -142,8 +142,9 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
                                 system, p, seed)
         await one(para, PARAPHRASE, 1)
     n_abstain = round(p.abstain_share * len(train))
-    inv = invent_units(papers, p.invented_questions, with_spare(n_abstain), fact_templates.get(INVENT, ""), system, p,
-                       seed)
+    held = {f["doi"] for f in facts.eval}
+    inv = invent_units([pp for pp in papers if pp.get("doi") not in held], p.invented_questions,
+                       with_spare(n_abstain), fact_templates.get(INVENT, ""), system, p, seed)
     if inv:
         await one(inv, INVENT, 10)
     return aug, para, inv, n_abstain

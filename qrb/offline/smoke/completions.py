@@ -66,7 +66,8 @@ def write_pairs(user: str) -> list[dict[str, object]]:
     req = parse_user_message(user)
     if task == "invent":
         real = [t.strip() for t in re.findall(r"^Title:[ \t]*(.+)$", user, re.M)]
-        found = invented_questions(user, req["n"], {t.lower() for t in real}, real)
+        abstracts = [a.strip() for a in re.findall(r"^Abstract:[ \t]*(.+)$", user, re.M)]
+        found = invented_questions(user, req["n"], {t.lower() for t in real}, real, abstracts)
         return _with_fact([{"question": q["question"], "answer": q["title"], "short_answer": q["title"]}
                            for q in found], {})
     if task in ("augment", "paraphrase"):

@@ -272,10 +272,21 @@ def _invented_title(h: int, real: list[str]) -> tuple[str, str, str]:
     return title, a, b
 
 
-def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset(), real: list[str] = ()
-                       ) -> list[dict[str, str]]:
+def _spliced_claim(h: int, sentences: list[str]) -> str:
+    """A statement no paper makes: the first half of one real sentence joined to the second half of another, so an
+    invented paper's question reads like a real one in every word and only the whole is unfamiliar."""
+    one, two = sentences[h % len(sentences)], sentences[(h >> 12) % len(sentences)]
+    w1, w2 = one.split(), two.split()
+    return " ".join(w1[:len(w1) // 2] + w2[len(w2) // 2:]) if one != two else ""
+
+
+def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset(), real: list[str] = (),
+                       abstracts: list[str] = ()) -> list[dict[str, str]]:
     """`n` questions about papers that do not exist (never a title in `avoid`; `real`: real titles whose halves
-    may be joined), worded by the same extractor and wordings as the real facts; deterministic in `seed_text`."""
+    may be joined; `abstracts`: real abstracts whose sentences are spliced into the invented claims, else fixed
+    templates), worded by the same extractor and wordings as the real facts; deterministic in `seed_text`."""
+    sentences = sorted({s for a in abstracts for s in split_sentences(a)
+                        if len(s) >= 40 and not _GARBLED.search(_LATEX.sub("", s))})
     out: list[dict[str, str]] = []
     i = 0
     while len(out) < n and i < 50 * n:
@@ -285,7 +296,7 @@ def invented_questions(seed_text: str, n: int, avoid: set[str] = frozenset(), re
         if a == b or t.lower() in avoid or any(t.lower() == r.lower() for r in real):
             continue
         name, head = _NAMES[(h >> 28) % len(_NAMES)], _HEADS_INV[(h >> 36) % len(_HEADS_INV)]
-        claim = _CLAIMS[(h >> 32) % len(_CLAIMS)].format(
+        claim = _spliced_claim(h >> 20, sentences) if len(sentences) >= 2 else _CLAIMS[(h >> 32) % len(_CLAIMS)].format(
             a=a, b=b, n=2 + (h >> 40) % 30, u=_UNITS[(h >> 44) % len(_UNITS)], p=90 + (h >> 48) % 10,
             N=name, H=head, X=f"{name[0]}{head[0].upper()}{b[:1].upper()}", c=_ADJ[(h >> 52) % len(_ADJ)])
         facts = extract_facts(t, claim, 1)
