@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from helpers import SYSTEM, qa_rows
-from stages.validate.openai_format import write_openai
+from stages.validate.run import write_openai
 
 
 def test_openai_jsonl_loads_with_datasets_and_trains_with_trl(tmp_path, corpus_dir, tiny_model_dir):

@@ -21,8 +21,7 @@ import pytest
 from helpers import run_validate, validate_workspace
 from qrb.schema import PAIR_FIELDS
 from stages.validate import ValidateParams
-from stages.validate.core import validate
-from stages.validate.report import summary
+from stages.validate.core import summary, validate
 from stages.validate.suite import ROW_SUITE, row_checks
 
 REPO = Path(__file__).resolve().parent.parent

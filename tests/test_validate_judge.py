@@ -25,9 +25,8 @@ from qrb.offline.smoke import Faults, extractive_pairs, serve_smoke_endpoint
 from qrb.offline.smoke.rewriter import judge_verdict
 from stages.validate import JudgeEndpoint, JudgeParams, ValidateParams
 from stages.validate import judge as judge_mod
-from stages.validate.core import validate
+from stages.validate.core import summary, validate
 from stages.validate.judge import Judge
-from stages.validate.report import summary
 from stages.validate.verdicts import VerdictCache, make_item, messages, parse_verdict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from stages.validate import ValidateParams
-from stages.validate import text as T
-from stages.validate.core import Outcome
+from stages.validate import features as T
+from stages.validate.core import Outcome, summary, write_index_html
 from stages.validate.features import dataset_columns, row_features
-from stages.validate.report import summary, write_index_html
 from stages.validate.suite import DATASET_SUITE, CheckResult, GxRunner, dataset_checks, row_checks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +195,7 @@ def test_save_dataset_keeps_columns_and_order_and_stores_mixed_chunks_as_strings
 
 def test_every_part_imports_light():
     """`python -m stages.validate --help` imports them all: GX, datasets and torch load only when used."""
-    code = ("import sys, stages.validate.run, stages.validate.text; heavy = [m for m in ('great_expectations', "
+    code = ("import sys, stages.validate.run, stages.validate.features; heavy = [m for m in ('great_expectations', "
             "'datasets', 'torch', 'sentence_transformers', 'pandas') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
 

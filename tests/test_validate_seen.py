@@ -13,9 +13,8 @@ import pytest
 
 from helpers import run_validate, validate_workspace
 from stages.validate import ValidateParams
-from stages.validate.core import validate
+from stages.validate.core import summary, validate
 from stages.validate.features import dataset_columns, row_features, seen_columns
-from stages.validate.report import summary
 
 REPO = Path(__file__).resolve().parent.parent
 

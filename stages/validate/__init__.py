@@ -61,16 +61,15 @@ not trained on.
 
 # The parts, each readable and testable on its own (this module stays light: no great-expectations, datasets or
 # torch import, so `--help` and tests/test_params.py import it cheaply):
-#   text      pure text checks and the pattern lists (normalisation, stems, English, is-a-question, names-its-paper)
-#   features  the computed columns the suites check (per row: grounding, MiniLM similarity; per seen row; per
-#             dataset row)
+#   features  pure text checks and the pattern lists (normalisation, stems, English, is-a-question,
+#             names-its-paper), and the computed columns the suites check (per row: grounding, MiniLM similarity;
+#             per seen row; per dataset row)
 #   suite     the expectation lists built from params, and the great-expectations runner
 #   verdicts  the LLM judge's prompt blocks, its tolerant reply parser and the verdict cache (no openai import)
 #   judge     the LLM judge's requests: cache first, the cost cap, bounded retries, one-line errors
-#   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs)
-#   report    the stderr summary and the Data Docs entry page
-#   openai_format  the clean pairs as OpenAI chat fine-tuning JSON Lines
-#   run       the files: read the inputs, write the outputs, `main()`
+#   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs); the
+#             stderr summary and the Data Docs entry page
+#   run       the files: read the inputs, write the outputs (the OpenAI-format copy among them), `main()`
 
 from __future__ import annotations
 

@@ -41,11 +41,9 @@ from . import (
     TRAIN_OUT,
     ValidateParams,
 )
-from .core import validate
+from .core import summary, validate, write_index_html
+from .features import is_question
 from .judge import Judge
-from .openai_format import write_openai
-from .report import summary, write_index_html
-from .text import is_question
 from .verdicts import VerdictCache
 
 log = logging.getLogger(__name__)
@@ -108,6 +106,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def write_openai(out_dir: Path, splits: dict[str, list[dict[str, Any]]], system_prompt: str) -> None:
+    """The clean pairs in the format other trainers read: OpenAI chat fine-tuning JSON Lines, one conversation a
+    line, `{"messages": [system, user, assistant]}` with the system prompt train uses (OpenAI's fine-tuning API,
+    trl's SFTTrainer, LLaMA-Factory with `formatting: sharegpt` and OpenAI tags, axolotl's `type: chat_template`).
+    `messages` alone, as OpenAI's format defines a line; the provenance stays in train.jsonl / eval.jsonl."""
+    for name, rows in splits.items():
+        write_jsonl(out_dir / f"{name}.jsonl", [{"messages": [
+            {"role": "system", "content": system_prompt}, {"role": "user", "content": r["question"]},
+            {"role": "assistant", "content": r["answer"]}]} for r in rows])
 
 
 def load_judge_template(path: Path = JUDGE_PROMPT) -> str:

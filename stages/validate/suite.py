@@ -14,7 +14,7 @@ from typing import Any
 from qrb.schema import PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS
 
 from . import ValidateParams
-from .text import MARKUP_PATTERNS, PROMPT_LEAK_PATTERNS, REFUSAL_PATTERNS
+from .features import MARKUP_PATTERNS, PROMPT_LEAK_PATTERNS, REFUSAL_PATTERNS
 
 # ---------------------------------------------------------------------------------------------------------------
 # Expectation suites (built from params)

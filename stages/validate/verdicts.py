@@ -14,7 +14,7 @@ from typing import Any
 
 from qrb.io import open_sqlite
 
-from .text import content_tokens
+from .features import content_tokens
 
 SYSTEM = ("You check question-answer pairs against the paper they were written from, before they are used for "
           "training. You reply with JSON only.")
