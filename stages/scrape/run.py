@@ -72,8 +72,8 @@ def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Pa
         "HTTPCACHE_EXPIRATION_SECS": 0,
         "LOG_LEVEL": log_level,
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
-        "ITEM_PIPELINES": {"stages.scrape.pipelines.CleanPipeline": 100,
-                           "stages.scrape.pipelines.CollectPipeline": 900},
+        "ITEM_PIPELINES": {"stages.scrape.spider.CleanPipeline": 100,
+                           "stages.scrape.spider.CollectPipeline": 900},
         "QRB_MAX_PAGES": p.max_pages,
         # the page cap (the one cap: CLOSESPIDER_PAGECOUNT would count cache hits) after HttpCacheMiddleware (900):
         # an answer from the cache costs the site nothing

@@ -11,6 +11,10 @@ them in a row, then the branch stops. `scrape.max_discovery_pages` caps how many
 crawl fetches, and `scrape.max_pages` every request. A page whose URL has another shape but whose content is a paper
 (highwire `citation_title`/`citation_doi` meta tags) is parsed as one. Offsite links are never followed; robots.txt
 applies to every request (`ROBOTSTXT_OBEY`).
+
+Beside the spider: why a request failed (the reason key of its error record: `http_404`, `timeout`,
+`robots_disallowed`, ...), and the item pipelines that clean every paper record, then collect papers (deduplicated
+by DOI) and error records on the crawler, where `stages.scrape.run` picks them up after the crawl.
 """
 
 from __future__ import annotations
@@ -24,18 +28,20 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from scrapy import Request, Spider
+from scrapy.exceptions import IgnoreRequest
 from scrapy.http import HtmlResponse, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
+from scrapy.spidermiddlewares.httperror import HttpError
 from scrapy.utils.sitemap import Sitemap
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError
+from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.python.failure import Failure
 from w3lib.url import canonicalize_url
 
 from qrb.schema import ErrorItem, PaperItem
 
 from . import ScrapeParams
-from .failures import QUIET_LINK_FAILURES, failure_reason, original_url
-from .parse import PAPER_PATH_RE, paper_id_from_url, parse_full_text_html, parse_paper_html
-from .pipelines import Collector
+from .parse import PAPER_PATH_RE, norm, paper_id_from_url, parse_full_text_html, parse_paper_html
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,96 @@ PAPER_URL_PATTERN = r"/papers/q-\d{4}-\d{2}-\d{2}-\d+/?$"
 DENY_LINKS = (r"/pdf/?$", r"/feed/?$", r"/wp-admin/", r"/wp-login\.php", r"/xmlrpc\.php")
 ARXIV_HTML_URL = "https://arxiv.org/html/{arxiv_id}"
 PAPER_PRIORITY = 1  # scrapy's default is 0: listing and other pages
+
+
+# failures of a followed (non-paper) link that say only "nothing here": counted, not recorded as errors
+QUIET_LINK_FAILURES = ("http_404", "http_410", "robots_disallowed", "offsite", "offsite_redirect")
+
+
+def failure_reason(failure: Failure) -> tuple[str, str]:
+    """(reason key, detail) for a failed request."""
+    exc = failure.value
+    request = getattr(failure, "request", None)
+    if isinstance(exc, HttpError):
+        return f"http_{exc.response.status}", f"HTTP {exc.response.status}"
+    if isinstance(exc, IgnoreRequest):
+        msg = str(exc)
+        if msg.startswith("Offsite redirect"):
+            return "offsite_redirect", msg
+        if msg.startswith("Page cap reached"):
+            return "page_cap", msg
+        if "robots.txt" in msg:
+            return "robots_disallowed", msg
+        if "offsite" in msg.lower():
+            redirected = bool(request is not None and request.meta.get("redirect_urls"))
+            return ("offsite_redirect" if redirected else "offsite"), f"{msg} ({request.url if request else ''})"
+        return "ignored", msg
+    name = type(exc).__name__  # scrapy >= 2.14 wraps Twisted's errors in its own Download*Error classes
+    if isinstance(exc, (TxTimeoutError, TCPTimedOutError)) or "Timeout" in name or name == "TimeoutError":
+        return "timeout", f"{name}: {exc}"
+    if isinstance(exc, DNSLookupError) or name == "CannotResolveHostError":
+        return "dns_error", f"{name}: {exc}"
+    if isinstance(exc, ConnectionRefusedError) or name == "DownloadConnectionRefusedError":
+        return "connection_refused", f"{name}: {exc}"
+    if name == "ResponseDataLossError":
+        return "data_loss", f"{name}: {exc}"
+    return "download_error", f"{type(exc).__name__}: {exc}"
+
+
+def original_url(request: Request) -> str:
+    return (request.meta.get("redirect_urls") or [request.url])[0]
+
+
+class CleanPipeline:
+    """Normalise whitespace in every string field and list entry; drop empty list entries and empty optionals."""
+
+    def process_item(self, item: Any) -> Any:
+        if isinstance(item, PaperItem):
+            for name in ("doi", "url", "title", "abstract", "published", "volume", "page", "arxiv", "citation",
+                         "license"):
+                value = getattr(item, name)
+                if value is not None:
+                    setattr(item, name, norm(value) or None)
+            item.authors = [a for a in (norm(x) for x in item.authors) if a]
+            item.affiliations = [a for a in (norm(x) for x in item.affiliations) if a]
+        return item
+
+
+class Collector:
+    """What the crawl produced: papers by DOI and error records."""
+
+    def __init__(self) -> None:
+        self.papers: dict[str, PaperItem] = {}
+        self.errors: list[ErrorItem] = []
+        self.duplicates = 0
+
+
+class CollectPipeline:
+    """Store items on the spider's `collector` (a `Collector`)."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> "CollectPipeline":
+        return cls(crawler)
+
+    def process_item(self, item: Any) -> Any:
+        spider = self.crawler.spider
+        c = getattr(spider, "collector", None)
+        if c is None:
+            c = spider.collector = Collector()
+        if isinstance(item, PaperItem):
+            old = c.papers.get(item.doi)
+            if old is not None:
+                c.duplicates += 1
+                # same paper reached at two URLs: keep one, deterministically
+                if item.url >= old.url:
+                    return item
+            c.papers[item.doi] = item
+        elif isinstance(item, ErrorItem):
+            c.errors.append(item)
+        return item
 
 
 def section(url: str) -> str:
