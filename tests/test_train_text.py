@@ -9,7 +9,7 @@ import pytest
 
 from helpers import SYSTEM, abstract_sentences, base_of, cpu_recipe, qa_rows
 from stages.train import TextParams
-from stages.train.text import order_rows, text_rows, third_person, versions
+from stages.train.trainer import order_rows, text_rows, third_person, versions
 
 PAPER = {"doi": "10.22331/q-2024-01-01-1", "title": "Shallow circuits",
          "abstract": "We prove a bound. Our method uses 56 qubits. The US grid is not involved. Numerics confirm it.",

@@ -6,7 +6,7 @@
 
 Reads  params.yaml (`train:` and base.seed/model/system_prompt/hf_offline), artifacts/validate/dataset
        (a datasets.DatasetDict with "train" and "eval" splits of question/answer pairs), and with `train.text.share`
-       > 0 artifacts/scrape/papers.jsonl (the training papers' text: see `text`).
+       > 0 artifacts/scrape/papers.jsonl (the training papers' text: see `trainer`).
 Writes artifacts/train/adapter/ (standard PEFT folder + tokenizer with the added pad token + lineage.json; for
        loreft the native qrb.loreft layout instead of PEFT's), metrics/train.json (eval CE, train loss, tokens/s,
        trainable parameters), reports/train.json (all of it: padding fraction, peak memory, steps, energy, the
@@ -28,7 +28,7 @@ Optionally (`train.text`) the training papers' own text and rule-based rewrites 
 the loss on every token. The loss is trl's; lm_head runs only on the labelled positions (see the trainer).
 
 This module stays light (no torch import). The parts: `model` (tokenizer, adapter configs, model, LoRA+
-optimizer), `text` (the papers' text rows), `trainer` (SFTConfig, NEFTune hook, the `train()` core), `lineage`
+optimizer), `trainer` (the QA and papers' text rows, SFTConfig, NEFTune hook, the `train()` core), `lineage`
 (fingerprints, checkpoint key, energy meter, lineage.json), `run` (the files: dataset in; adapter, metrics, loss
 plots out).
 """
