@@ -20,6 +20,7 @@ from qrb.retrieval import PACKAGED_MINILM, RetrievalParams, Retriever, passages_
 from qrb.rivals import Rival, ask_rival
 from qrb.schema import ABSTAIN_ANSWER, question_record
 from stages.evaluate import EvaluateParams, Grader
+from stages.evaluate.core import freshness_subsets
 from stages.evaluate.judge import SYSTEM as GRADER_SYSTEM
 from stages.evaluate.judge import Item, llm_grades, load_cache, parse_grade, save_cache
 from stages.evaluate.metrics import (
@@ -31,7 +32,6 @@ from stages.evaluate.metrics import (
     bootstrap_indices,
     paired_gains,
 )
-from stages.evaluate.questions import freshness_subsets
 from stages.evaluate.report import HEADLINE_METRICS, PLOT_METRICS, RAG_HEADLINE
 from stages.evaluate.run import main as run_evaluate_stage
 
@@ -188,7 +188,7 @@ def test_paper_dates_and_freshness_split():
 
 def test_question_sets_a_missing_seen_file_is_an_error_an_empty_one_is_n0(tmp_path, monkeypatch):
     from qrb.errors import ConfigError, DataError
-    from stages.evaluate.questions import load_question_sets
+    from stages.evaluate.run import load_question_sets
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts/validate").mkdir(parents=True)

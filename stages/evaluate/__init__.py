@@ -53,9 +53,10 @@ Every metric has a 95% percentile bootstrap interval (`bootstrap_samples` resamp
 resamples for every model: corpus BLEU and CE are recomputed from summed per-question statistics per resample), or
 "n too small" below `min_n_for_interval` questions.
 
-This module stays light (no torch, no metric libraries): `questions` loads the sets and dates them, `grade` grades
-offline (its word tables in `words`), `judge` asks the LLM grader, `metrics` scores and bootstraps, `core.evaluate`
-answers every set with every model, `report` renders and writes the outputs, `run` does the I/O around them.
+This module stays light (no torch, no metric libraries): `judge` asks the LLM grader (the offline grader is
+`qrb.grade`), `metrics` scores and bootstraps, `core.evaluate` answers every set with every model and dates the
+questions for the freshness split, `report` renders and writes the outputs, `run` does the I/O around them (the
+question sets read).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The evaluate core: every question set answered by every model, graded, scored, aggregated per set and freshness
-split.
+split (each question dated by when its paper first became public).
 
 Pure apart from the models it is handed (tests pass a tiny Llama, a fake retriever, a fake endpoint's env). Three
 passes: every set answered by every model (rivals that fail anywhere are dropped everywhere); every answer graded
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +22,14 @@ from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
 from .metrics import Scorer, aggregate, paired_gains
-from .questions import freshness_subsets
 
 log = logging.getLogger(__name__)
 
 LOCAL_MODELS = ("base", "fine_tuned", "rag", "fine_tuned_rag")  # the tables' order; rivals follow
 RAG_MODELS = ("rag", "fine_tuned_rag")
+_DOI_DATE = re.compile(r"q-(\d{4})-(\d{2})-(\d{2})-\d+")
+_ARXIV_NEW = re.compile(r"^(\d{2})(\d{2})\.\d{4,5}$")                    # 2306.08595 (since April 2007)
+_ARXIV_OLD = re.compile(r"^[a-z-]+(?:\.[a-z]{2})?/(\d{2})(\d{2})\d{3}$")  # quant-ph/0601001 (before)
 
 
 @dataclass(frozen=True)
@@ -252,3 +255,61 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# When a question's paper became public: the freshness split
+
+def _arxiv_base(arxiv: str | None) -> str | None:
+    if not arxiv:
+        return None
+    return re.sub(r"v\d+$", "", str(arxiv).strip().lower().removeprefix("arxiv:").strip())
+
+
+def arxiv_v1_month(arxiv: str | None) -> dt.date | None:
+    """The first day of the month the preprint's v1 appeared: an arXiv id's YYMM is its v1 month (new and old style
+    ids); None for anything else."""
+    base = _arxiv_base(arxiv)
+    m = (_ARXIV_NEW.match(base) or _ARXIV_OLD.match(base)) if base else None
+    if not m:
+        return None
+    yy, mm = int(m.group(1)), int(m.group(2))
+    if not 1 <= mm <= 12:
+        return None
+    return dt.date((1900 if yy >= 91 else 2000) + yy, mm, 1)  # arXiv started in August 1991
+
+
+def _iso(value: Any) -> dt.date | None:
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value)[:10])
+    except (TypeError, ValueError):
+        return None
+
+
+def paper_date(row: dict[str, Any], papers: Sequence[dict[str, Any]] = ()) -> dt.date | None:
+    """When the question's paper first became public: the earliest of its arXiv v1 month and its journal date.
+
+    A journal date (the row's `published`, its paper's in papers.jsonl matched by DOI or arXiv id, else the DOI's
+    q-YYYY-MM-DD) is often months after the preprint; the arXiv id (the row's or its paper's) dates v1 to the month.
+    """
+    doi = row.get("doi")
+    arxiv = _arxiv_base(row.get("arxiv"))
+    paper = next((p for p in papers if (doi and p.get("doi") == doi)
+                  or (arxiv and _arxiv_base(p.get("arxiv")) == arxiv)), None)
+    journal = _iso(row.get("published")) or (_iso(paper.get("published")) if paper else None)
+    if journal is None and doi and (m := _DOI_DATE.search(str(doi))):
+        journal = _iso("-".join(m.groups()))
+    preprint = arxiv_v1_month(arxiv) or (arxiv_v1_month(paper.get("arxiv")) if paper else None)
+    known = [d for d in (journal, preprint) if d is not None]
+    return min(known) if known else None
+
+
+def freshness_subsets(rows: Sequence[dict[str, Any]], cutoff: dt.date,
+                      papers: Sequence[dict[str, Any]] = ()) -> tuple[dict[str, list[int]], list[dt.date | None]]:
+    """Indices of the questions after / on-or-before the cutoff (undated ones are in neither), and the dates."""
+    dates = [paper_date(r, papers) for r in rows]
+    subsets = {"after_cutoff": [i for i, d in enumerate(dates) if d is not None and d > cutoff],
+               "before_cutoff": [i for i, d in enumerate(dates) if d is not None and d <= cutoff]}
+    return subsets, dates

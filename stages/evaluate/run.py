@@ -1,26 +1,68 @@
-"""The evaluate stage's I/O: the adapter model, the question sets, the papers' dates, the apps' retrieval index and
-the LLM grader's prompt and cache in; the core (`stages.evaluate.core.evaluate`); the outputs
-(`stages.evaluate.report`) and the grader's cache out. See `stages.evaluate`."""
+"""The evaluate stage's I/O: the adapter model, the question sets (golden, seen papers / new questions, held-out
+eval pairs, invented papers), the papers' dates, the apps' retrieval index and the LLM grader's prompt and cache in;
+the core (`stages.evaluate.core.evaluate`); the outputs (`stages.evaluate.report`) and the grader's cache out. See
+`stages.evaluate`."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from qrb.errors import ConfigError
+from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl
 from qrb.retrieval import open_index
+from qrb.schema import question_record
 from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
 from .core import evaluate
 from .judge import load_cache, load_prompt, save_cache
-from .questions import load_question_sets
 from .report import model_labels, write_outputs
+
+log = logging.getLogger(__name__)
 
 ADAPTER_DIR = Path("artifacts/train/adapter")
 PAPERS = Path("artifacts/scrape/papers.jsonl")
+EVAL_PAIRS = Path("artifacts/validate/eval.jsonl")
+SEEN_PAIRS = Path("artifacts/validate/seen.jsonl")
+INVENTED = Path("artifacts/validate/invented.jsonl")  # questions about papers that do not exist
+
+
+def _read_set(name: str, path: Path) -> list[dict[str, Any]]:
+    rows = [question_record(r) for r in read_jsonl(path)]
+    for i, r in enumerate(rows):
+        if not r.get("question") or not r.get("answer"):
+            raise DataError(f"{path}:{i + 1}: each row needs a non-empty question and answer")
+    return rows
+
+
+def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
+    """{golden, seen, eval, invented}: rows with a question and a reference answer (and, where written, its
+    short_answer, aliases and kind).
+
+    Every file must exist (validate always writes seen.jsonl and eval.jsonl, possibly empty: a missing one is a
+    stale workspace) but invented.jsonl, which workspaces from before it was written lack (an empty set, noted).
+    The golden file is the user's and must not be empty; an empty seen, eval or invented split is scored as n=0.
+    """
+    sets = {}
+    for name, path in (("golden", Path(golden_path)), ("seen", SEEN_PAIRS), ("eval", EVAL_PAIRS),
+                       ("invented", INVENTED)):
+        if name == "invented" and not path.exists():
+            log.warning("no %s (a workspace from before validate wrote it): the invented set is empty", path)
+            sets[name] = []
+            continue
+        if not path.exists():
+            hint = "" if name == "golden" else " (validate writes it, possibly empty: run `dvc repro validate`)"
+            raise ConfigError(f"question set {name!r} not found at {path}{hint}")
+        rows = _read_set(name, path)
+        if not rows:
+            if name == "golden":
+                raise DataError(f"question set {name!r} at {path} is empty")
+            log.warning("question set %r at %s is empty: reported as n=0", name, path)
+        sets[name] = rows
+    return sets
 
 
 def load_adapter_model(base: dict[str, Any], device: str):
