@@ -113,7 +113,7 @@ def test_the_flagship_hub_id_keeps_the_same_dvc_yaml_valid(tmp_path):
 def test_lineage_records_the_exact_base_weights(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from stages.model_card.sections import base_revision
+    from stages.model_card.render import base_revision
     from stages.train.lineage import model_revision
 
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -77,7 +77,7 @@ def test_lineage_names_the_projects_commit_and_ignores_run_outputs(tmp_path, mon
 
 
 def test_the_model_card_names_the_project_commit_and_the_workspaces():
-    from stages.model_card.sections import built_from
+    from stages.model_card.render import built_from
 
     ws_run = {"git_commit": "0a077e6", "git_dirty": False, "project_commit": "f5f2b5f", "project_dirty": True}
     assert built_from(ws_run) == ("`f5f2b5f` (with uncommitted changes), run in a scratch workspace at its commit "

@@ -12,8 +12,7 @@ from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, ModelCardParams
 from .inputs import read_inputs
-from .render import render
-from .sections import LOSS_PNG_NAME
+from .render import LOSS_PNG_NAME, render
 
 log = logging.getLogger(__name__)
 
