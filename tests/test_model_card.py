@@ -486,3 +486,18 @@ def test_a_paired_difference_with_n_too_small_claims_nothing():
     assert "correct on 2 of 3 questions (0.667 (n too small)) vs 0 for base" in text and "+0.667 (n too small)" in text
     assert "zero" not in text.split("- eval CE")[0]  # neither "excludes zero" nor "not distinguishable from zero"
     assert "style" in text  # higher BERTScore, and no interval shows a gain in correct answers
+
+
+def test_the_hyper_parameter_table_is_the_recorded_train_section():
+    """A key added to `train:` shows in the card with no change to the card's code; what the method does not use
+    (the other adapter's sub-section, LoRA+'s ratio) does not."""
+    from stages.model_card.render import hyperparameter_rows
+
+    train = {"method": "lora", "lora": {"r": 8}, "loreft": {"rank": 4}, "loraplus_lr_ratio": 8.0,
+             "learning_rate": 1e-4, "a_new_knob": 3, "text": {"share": 0.0}}
+    assert hyperparameter_rows(train, {"max_length": 512}) == [
+        ("method", "LoRA"), ("lora.r", 8), ("learning_rate", 1e-4), ("a_new_knob", 3), ("text.share", 0.0),
+        ("max_length", 512)]
+    rows = dict(hyperparameter_rows({**train, "method": "loreft"}))
+    assert rows["loreft.rank"] == 4 and "lora.r" not in rows and "loraplus_lr_ratio" not in rows
+    assert dict(hyperparameter_rows({**train, "method": "lora_plus"}))["loraplus_lr_ratio"] == 8.0

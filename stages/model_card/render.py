@@ -68,19 +68,15 @@ def cell(v: Any) -> str:
 
 
 def hyperparameter_rows(train: dict[str, Any], base: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [("method", METHOD_NAMES.get(train.get("method"), train.get("method")))]
+    """The recipe's `train:` section as the run recorded it, key by key (a sub-section as `section.key`), leaving out
+    what the method does not use: the other adapter's sub-section, LoRA+'s ratio on another method."""
     method = train.get("method")
-    if method == "loreft" and isinstance(train.get("loreft"), dict):
-        rows += [(f"loreft.{k}", v) for k, v in train["loreft"].items()]
-    elif isinstance(train.get("lora"), dict):
-        rows += [(f"lora.{k}", v) for k, v in train["lora"].items()]
-    if method == "lora_plus":
-        rows.append(("loraplus_lr_ratio", train.get("loraplus_lr_ratio")))
-    for key in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
-                "neftune_noise_alpha", "batch_size", "grad_accum", "epochs", "precision", "pad_token",
-                "padding_side", "completion_only_loss", "max_length", "group_by_length"):
-        if key in train:
-            rows.append((key, train[key]))
+    unused = {"lora" if method == "loreft" else "loreft", *(["loraplus_lr_ratio"] * (method != "lora_plus"))}
+    rows: list[tuple[str, Any]] = [("method", METHOD_NAMES.get(method, method))]
+    for key, value in train.items():
+        if key in unused or key == "method":
+            continue
+        rows += [(f"{key}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
     if "max_length" in (base or {}):  # one conversation-length limit for training and every eval CE
         rows.append(("max_length", base["max_length"]))
     return rows
