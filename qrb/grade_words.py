@@ -20,6 +20,7 @@ UNITS = PERCENT | set(
     "t mt bit bits qubit qubits qudit qudits qutrit qutrits photon photons ebit ebits mode modes layer layers gate "
     "gates ion ions atom atoms round rounds copy copies dimension dimensions times fold".split())
 
+# not validate's stop words (stages/validate/features.py), on purpose: each list is tuned to what it measures
 STOPWORDS = frozenset("""
 a about above after again against all almost along also although always am among an and another any are around as
 at be because been before being below between both but by can cannot could did do does doing done down during each

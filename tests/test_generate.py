@@ -38,8 +38,7 @@ from qrb.schema import PAIR_FIELDS
 from stages.generate import GenerateParams
 from stages.generate.assemble import assemble, dedup_questions, split_by_paper
 from stages.generate.cache import ResponseCache
-from stages.generate.client import Requester
-from stages.generate.outcomes import Outcome
+from stages.generate.client import Outcome, Requester
 from stages.generate.replies import parse_pairs
 from stages.generate.run import load_templates, main
 from stages.generate.units import build_units, failure_row

@@ -12,7 +12,7 @@ import openai  # noqa: F401 - imported by the first request otherwise, which wou
 import pytest
 from generate_helpers import ROOT, fake_papers, recipe, reply
 
-from stages.generate import tokens
+from qrb import llm
 from stages.generate.client import RateLimiter, Requester
 from stages.generate.run import load_templates
 from stages.generate.units import build_units
@@ -89,17 +89,17 @@ def test_offline_without_a_cached_encoding_the_estimate_counts_and_nothing_is_do
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(requests, "get", lambda *a, **k: pytest.fail("tiktoken tried to download an encoding"))
-    tokens.counter.cache_clear()
+    llm.counter.cache_clear()
     try:
-        assert tokens.load_encoding("gpt-4-turbo") is None
-        name, count = tokens.counter("gpt-4-turbo")
-        assert name == tokens.ESTIMATE and count("x" * 41) == 11
+        assert llm.load_encoding("gpt-4-turbo") is None
+        name, count = llm.counter("gpt-4-turbo")
+        assert name == llm.ESTIMATE and count("x" * 41) == 11
         p = recipe(prompts=["results"])
         u = units_of(p, 1)[0]
         text = "".join(m["content"] for m in u.messages)
         assert u.est_prompt_tokens == -(-len(text) // 4) + 8
     finally:
-        tokens.counter.cache_clear()
+        llm.counter.cache_clear()
 
 
 def test_with_tiktokens_encoding_the_prompt_is_counted_by_it(monkeypatch):
@@ -107,14 +107,14 @@ def test_with_tiktokens_encoding_the_prompt_is_counted_by_it(monkeypatch):
     # a byte-level encoding (one token per UTF-8 byte): what it counts differs from the estimate on any text
     enc = tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={})
-    monkeypatch.setattr(tokens, "load_encoding", lambda model: enc if model == "gpt-4-turbo" else None)
-    tokens.counter.cache_clear()
+    monkeypatch.setattr(llm, "load_encoding", lambda model: enc if model == "gpt-4-turbo" else None)
+    llm.counter.cache_clear()
     try:
-        assert tokens.counter("gpt-4-turbo")[0] == "tiktoken:bytes" and tokens.count("héllo", "gpt-4-turbo") == 6
-        assert tokens.counter("llama-3-8b")[0] == tokens.ESTIMATE  # not an OpenAI model: the estimate
+        assert llm.counter("gpt-4-turbo")[0] == "tiktoken:bytes" and llm.count("héllo", "gpt-4-turbo") == 6
+        assert llm.counter("llama-3-8b")[0] == llm.ESTIMATE  # not an OpenAI model: the estimate
         p = recipe(prompts=["results"])
         u = units_of(p, 1)[0]
         text = "".join(m["content"] for m in u.messages)
         assert u.est_prompt_tokens == len(text.encode()) + 8 != -(-len(text) // 4) + 8
     finally:
-        tokens.counter.cache_clear()
+        llm.counter.cache_clear()

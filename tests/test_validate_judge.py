@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qrb import llm
 from qrb.errors import ConfigError, TransientError
 from qrb.io import write_jsonl
 from qrb.offline.smoke import Faults, extractive_pairs, serve_smoke_endpoint
@@ -26,8 +27,7 @@ from qrb.offline.smoke.rewriter import judge_verdict
 from stages.validate import JudgeEndpoint, JudgeParams, ValidateParams
 from stages.validate import judge as judge_mod
 from stages.validate.core import summary, validate
-from stages.validate.judge import Judge
-from stages.validate.verdicts import VerdictCache, make_item, messages, parse_verdict
+from stages.validate.judge import Judge, make_item, messages, parse_verdict
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = (REPO / "prompts/judge.txt").read_text(encoding="utf-8").strip()
@@ -139,7 +139,7 @@ def test_the_judge_quarantines_planted_wrong_answers_and_a_rerun_sends_no_reques
                 "answer": eval_[0]["answer"], "response_id": "r-seen-bad"}      # another paper's answer
     with serve_smoke_endpoint(port=0) as ep:
         p = with_judge(ep.base_url, concurrency=4)
-        cache = VerdictCache(tmp_path / "judge.sqlite")
+        cache = llm.Cache(tmp_path / "judge.sqlite")
         judge = Judge(p.judge, TEMPLATE, cache, env=ENV)
         outcome = validate(train, eval_, PAPERS, p, seen=[seen_good, seen_bad], judge=judge)
         n_rows = len(train) + len(eval_) + 2
@@ -161,7 +161,7 @@ def test_the_judge_quarantines_planted_wrong_answers_and_a_rerun_sends_no_reques
         assert "judge_incorrect" in summary(outcome) and "judge: the text addresses" in summary(outcome)
         cache.close()
 
-        cache = VerdictCache(tmp_path / "judge.sqlite")                 # a rerun: every verdict from the cache
+        cache = llm.Cache(tmp_path / "judge.sqlite")                 # a rerun: every verdict from the cache
         again = Judge(p.judge, TEMPLATE, cache, env={})                 # (no key needed: nothing to send)
         rerun = validate(train, eval_, PAPERS, p, seen=[seen_good, seen_bad], judge=again)
         cache.close()
@@ -180,7 +180,7 @@ def test_a_reply_without_a_verdict_is_asked_again_then_quarantined_uncached(tmp_
     train = good_pairs(TRAIN_PAPERS[:2])
     with serve_smoke_endpoint(port=0, faults=Faults(rate_invalid_json=1.0)) as ep:
         p = with_judge(ep.base_url, max_retries=1)
-        cache = VerdictCache(tmp_path / "judge.sqlite")
+        cache = llm.Cache(tmp_path / "judge.sqlite")
         judge = Judge(p.judge, TEMPLATE, cache, env=ENV)
         outcome = validate(train, [], PAPERS, p, judge=judge)
         cache.close()
@@ -188,20 +188,20 @@ def test_a_reply_without_a_verdict_is_asked_again_then_quarantined_uncached(tmp_
         assert all(why == ["judge_failed"] for why in outcome.reasons.values()) and len(outcome.reasons) == len(train)
         assert "holds no verdict" in outcome.quarantine[0]["judge"]["reason"]
         with sqlite3.connect(tmp_path / "judge.sqlite") as con:               # nothing cached: a rerun asks again
-            assert con.execute("SELECT COUNT(*) FROM verdicts").fetchone() == (0,)
+            assert con.execute("SELECT COUNT(*) FROM replies").fetchone() == (0,)
 
 
 def test_an_endpoint_that_keeps_failing_stops_with_one_line_and_keeps_the_verdicts(tmp_path):
     train = good_pairs(TRAIN_PAPERS[:2])
     with serve_smoke_endpoint(port=0, faults=Faults(rate_500=1.0)) as ep:
         p = with_judge(ep.base_url, max_retries=0)
-        judge = Judge(p.judge, TEMPLATE, VerdictCache(tmp_path / "judge.sqlite"), env=ENV)
-        with pytest.raises(TransientError, match=r"^the judge: HTTP 500 after the SDK's retries.*a rerun resumes\)$"):
+        judge = Judge(p.judge, TEMPLATE, llm.Cache(tmp_path / "judge.sqlite"), env=ENV)
+        with pytest.raises(TransientError, match=r"^the judge: HTTP 500 server error: .*a rerun resumes\)$"):
             validate(train, [], PAPERS, p, judge=judge)
         assert ep.completions_count() <= p.judge.concurrency     # stopped at the first failures, not one per row
     with serve_smoke_endpoint(port=0, api_key="right-key") as ep:
         p = with_judge(ep.base_url)
-        judge = Judge(p.judge, TEMPLATE, VerdictCache(tmp_path / "judge2.sqlite"), env=ENV)
+        judge = Judge(p.judge, TEMPLATE, llm.Cache(tmp_path / "judge2.sqlite"), env=ENV)
         with pytest.raises(ConfigError, match="rejected the API key") as e:
             validate(train, [], PAPERS, p, judge=judge)
         assert SECRET not in str(e.value)
@@ -209,14 +209,14 @@ def test_an_endpoint_that_keeps_failing_stops_with_one_line_and_keeps_the_verdic
 
 def test_the_running_cost_guard_sends_no_request_that_could_pass_the_cap(tmp_path, monkeypatch):
     train = good_pairs(TRAIN_PAPERS[:3])
-    monkeypatch.setattr(judge_mod, "est_tokens", lambda text: 1)   # an estimate far below the real usage
+    monkeypatch.setattr(llm, "estimate", lambda text: 1)   # an estimate far below the real usage
     with serve_smoke_endpoint(port=0) as ep:
         p = with_judge(ep.base_url, concurrency=1, max_tokens=10)
-        one = judge_mod.Judge(p.judge, TEMPLATE, VerdictCache(tmp_path / "probe.sqlite"), env=ENV)
+        one = judge_mod.Judge(p.judge, TEMPLATE, llm.Cache(tmp_path / "probe.sqlite"), env=ENV)
         one([make_item("x", train[0], PAPERS[0])])
         cap = one.spent * 2.5                                          # room for two requests, not three
         capped = dataclasses.replace(p.judge, max_cost_usd=cap)
-        judge = judge_mod.Judge(capped, TEMPLATE, VerdictCache(tmp_path / "judge.sqlite"), env=ENV)
+        judge = judge_mod.Judge(capped, TEMPLATE, llm.Cache(tmp_path / "judge.sqlite"), env=ENV)
         with pytest.raises(ConfigError, match=r"validate\.judge\.max_cost_usd .* reached"):
             validate(train, [], PAPERS, dataclasses.replace(p, judge=capped), judge=judge)
         assert judge.requests == 3 and judge.spent <= cap + one.spent  # stopped at the first request past the cap
@@ -255,7 +255,7 @@ def cached(ws: Path) -> int:
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+            return con.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
     except sqlite3.OperationalError:  # the table is not created yet
         return 0
 

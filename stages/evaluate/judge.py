@@ -1,6 +1,6 @@
 """The optional LLM grader: SimpleQA's grading shape (question, gold target, predicted answer -> CORRECT / INCORRECT /
 NOT_ATTEMPTED) through any OpenAI-compatible endpoint (`evaluate.grader`: base_url, model, api_key_env), with the
-rivals' timeout, bounded retries (the SDK's own, honouring Retry-After) and concurrency.
+rivals' timeout, bounded retries (the SDK's own, honouring Retry-After) and concurrency, through `qrb.llm`.
 
 The prompt is prompts/grade.txt (`{{question}}`, `{{target}}`, `{{aliases}}`, `{{answer}}`). The reply is read from
 its last JSON object with a "grade", else from its last line, and only when that line names exactly one grade: never
@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrb import llm
 from qrb.errors import ConfigError
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED
 from qrb.io import atomic_write_text, read_jsonl
@@ -108,48 +107,30 @@ class Grades:
 
 def llm_grades(grader: Grader, items: Sequence[Item], cache: dict[str, str], *, timeout_s: float, max_retries: int,
                concurrency: int, env: Mapping[str, str] | None = None, template: str | None = None) -> Grades:
-    """Every item's grade (from `cache`, else the endpoint; new ones are added to `cache`), or the skip reason.
-    Never raises for endpoint trouble."""
-    import openai
-
-    from qrb.rivals import failure_reason
-
+    """Every item's grade (from `cache`, else the endpoint; new ones are added to `cache`), or the skip reason (after
+    one request failed for good, no more are spent on the grader). Never raises for endpoint trouble."""
     template = load_prompt() if template is None else template
     keys = [cache_key(grader, template, it) for it in items]
     todo = sorted({k: it for k, it in zip(keys, items) if k not in cache}.items())
     if todo:
-        env = os.environ if env is None else env
-        api_key = env.get(grader.api_key_env)
+        api_key = llm.api_key(grader.api_key_env, env)
         if not api_key:
             return Grades(skipped=f"API key variable {grader.api_key_env} is not set ({len(todo)} grades not cached)")
-        client = openai.OpenAI(base_url=grader.base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
-        failed: list[str] = []
-        sent: list[str] = []
 
-        def one(key_item: tuple[str, Item]) -> None:
+        def one(key_item: tuple[str, Item]) -> str:
             key, it = key_item
-            if failed:  # one failed for good: spend no more requests on a skipped grader
-                return
-            sent.append(key)
-            try:
-                r = client.chat.completions.create(
-                    model=grader.model, temperature=0.0, max_tokens=256,
-                    messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": render(template, it)}])
-            except Exception as e:  # noqa: BLE001 - any failure after retries skips the grader, with its reason
-                failed.append(failure_reason(e))
-                return
-            reply = (r.choices[0].message.content or "") if r.choices else ""
-            if (g := parse_grade(reply)) is None:
-                failed.append(f"a reply with no grade: {' '.join(reply.split())[:80]!r}")
-            else:
-                cache[key] = g
+            r = client.chat.completions.create(
+                model=grader.model, temperature=0.0, max_tokens=256,
+                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": render(template, it)}])
+            if (g := parse_grade(reply := llm.reply_text(r))) is None:
+                raise ValueError(f"a reply with no grade: {' '.join(reply.split())[:80]!r}")
+            cache[key] = g
+            return key
 
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-                list(pool.map(one, todo))
-        finally:
-            client.close()
-        if failed:
-            log.warning("grader %s at %s skipped: %s", grader.model, grader.base_url, failed[0])
-            return Grades(skipped=failed[0], requests=len(sent))
+        with llm.client(grader.base_url, api_key, timeout_s, max_retries) as client:
+            sent, raised = llm.fan_out(one, todo, concurrency)
+        if raised:
+            reason = llm.failure(raised[0], api_key, timeout_s).reason
+            log.warning("grader %s at %s skipped: %s", grader.model, grader.base_url, reason)
+            return Grades(skipped=reason, requests=len(sent) - sent.count(None) + len(raised))
     return Grades(grades=[cache[k] for k in keys], requests=len(todo))

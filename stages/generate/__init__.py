@@ -43,7 +43,7 @@ download its output and error files) at `batch_price_factor` of the price, then 
 (failed lines, the rest of an expired job); the job ids are kept in the response cache, so a rerun resumes a running
 job and never submits one twice, and online and batch replies share the cache. `--dry-run` prices the mode's
 requests. Prompt tokens (rate limits, estimate) are counted by tiktoken where the model's encoding is cached
-(`tokens`; never downloaded), else as ~4 characters per token.
+(`qrb.llm`; never downloaded), else as ~4 characters per token.
 
 The `response_format` is negotiated once per endpoint: JSON schema, else `json_object`, else instructions only,
 whatever status code carries the refusal. The run stops with one line and a non-zero exit (outputs left as they
@@ -53,9 +53,9 @@ with 0 pairs (DataError).
 
 The API key is read from the environment only and is never written anywhere (not even in a failure reason).
 
-The parts, each usable alone: `units` (the requests to make, the cost estimate), `tokens` (prompt token counts),
-`replies` (the tolerant reply parser), `cache` (the crash-safe response cache), `client` (rate limiter + request
-loop), `batch` (batch mode), `assemble` (pure: responses -> train/eval rows, failures, metrics), `run` (the I/O).
+The parts, each usable alone: `units` (the requests to make, the cost estimate), `replies` (the tolerant reply
+parser), `cache` (the crash-safe response cache), `client` (rate limiter + request loop over `qrb.llm`), `batch`
+(batch mode), `assemble` (pure: responses -> train/eval rows, failures, metrics), `run` (the I/O).
 This module stays light (no openai import).
 """
 

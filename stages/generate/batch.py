@@ -28,10 +28,10 @@ import json
 import logging
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, TransientError
 
-from .client import RESPONSE_FORMATS, Requester, judge_reply
-from .outcomes import Outcome, error_kind, scrub, status_outcome
+from .client import RESPONSE_FORMATS, Outcome, Requester, judge_reply
 from .units import Unit
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,14 @@ class Batcher:
         for attempt in range(retries + 1):
             try:
                 return await fn(*args, timeout=timeout, **kwargs)
-            except openai.APIStatusError as e:
-                outcome = status_outcome(e, "none", self.r.secret)
-                if not outcome.transient:
-                    raise ConfigError(f"batch mode: {what}: {outcome.reason}" + hint) from None
-            except openai.APIConnectionError as e:  # time-outs included
-                outcome = Outcome(reason=f"connection error: {scrub(e, self.r.secret)}", transient=True)
+            except (openai.APIConnectionError, openai.APIStatusError) as e:  # time-outs included
+                f = llm.failure(e, self.r.secret, timeout)
+                if not f.transient:
+                    raise ConfigError(f"batch mode: {what}: {f.reason}" + hint) from None
             if attempt == retries:
-                raise TransientError(f"batch mode: {what} failed {attempt + 1} times: {outcome.reason}")
+                raise TransientError(f"batch mode: {what} failed {attempt + 1} times: {f.reason}")
             self.r.stats.retries += 1
-            await asyncio.sleep(max(outcome.retry_after or 0.0, self.r.backoff(attempt)))
+            await asyncio.sleep(max(f.retry_after or 0.0, self.r.backoff(attempt)))
         raise AssertionError("unreachable")
 
     async def run(self, units: list[Unit]) -> None:
@@ -234,7 +232,7 @@ class Batcher:
                 try:
                     outcome, pt, ct = judge_reply(ChatCompletion.model_validate(body), self.p)
                 except ValueError as e:
-                    outcome, pt, ct = Outcome(reason=f"unreadable reply: {scrub(e, None)}"), 0, 0
+                    outcome, pt, ct = Outcome(reason=f"unreadable reply: {llm.scrub(e)}"), 0, 0
                 self.r.stats.batch_prompt_tokens += pt
                 self.r.stats.batch_completion_tokens += ct
                 if outcome.value is not None and key in todo:
@@ -247,10 +245,10 @@ class Batcher:
                     status, err = row["error"].get("code") or "failed", row["error"]
                 elif status:
                     status = f"HTTP {status}"
-                reasons[key] = f"{status or 'failed'}: {scrub(err.get('message') or '', self.r.secret)}"
+                reasons[key] = f"{status or 'failed'}: {llm.scrub(err.get('message') or '', self.r.secret)}"
         answered = {u.key for u, _ in results}
         for key in keys:
             if key in todo and key not in answered:
                 reason = reasons.get(key, f"no result in batch {b.id} ({b.status})")
-                self.r.stats.errors["batch: " + error_kind(reason)] += 1
+                self.r.stats.errors["batch: " + llm.error_kind(reason)] += 1
         return results

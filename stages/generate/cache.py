@@ -15,32 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qrb.io import open_sqlite
+from qrb import llm
 
 from .units import Unit
 
 
-class ResponseCache:
-    """SQLite (WAL, synchronous=FULL). During a run, one writer thread owns the writes and commits them in groups
-    (all replies that arrived during the previous fsync), so fsyncs neither stall the event loop nor serialise the
-    requests; a reply counts as done only once its commit has returned."""
+class ResponseCache(llm.Cache):
+    """The layer's reply cache (table `responses`). During a run, one writer thread owns the writes and commits them
+    in groups (all replies that arrived during the previous fsync), so fsyncs neither stall the event loop nor
+    serialise the requests; a reply counts as done only once its commit has returned."""
 
     def __init__(self, path: Path) -> None:
-        self.db = open_sqlite(path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, created REAL NOT NULL, "
-                        "doi TEXT, prompt_id TEXT, chunk INTEGER, value TEXT NOT NULL)")
+        super().__init__(path, "responses")
         # state: submitting (no id yet: a crash here leaves a job to look up by tag), open, done
         self.db.execute("CREATE TABLE IF NOT EXISTS batches (tag TEXT PRIMARY KEY, created REAL NOT NULL, "
                         "state TEXT NOT NULL, batch_id TEXT, input_file_id TEXT, status TEXT, keys TEXT NOT NULL)")
         self.db.commit()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
-
-    def keys(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT key FROM responses")}
-
-    def get_many(self, keys: set[str]) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM responses") if k in keys}
 
     def open_batches(self) -> list[dict[str, Any]]:
         """The batch jobs not done yet, oldest first: {tag, state, batch_id, input_file_id, keys}."""
@@ -58,14 +50,8 @@ class ResponseCache:
     def finish_batch(self, tag: str, status: str, results: list[tuple[Unit, dict[str, Any]]]) -> None:
         """Store a finished batch's replies and mark it done, in one transaction."""
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                                [self._row(u, v) for u, v in results])
+            self.write((u.key, v) for u, v in results)
             self.db.execute("UPDATE batches SET state = 'done', status = ? WHERE tag = ?", (status, tag))
-
-    @staticmethod
-    def _row(unit: Unit, value: dict[str, Any]) -> tuple:
-        return (unit.key, time.time(), unit.doi, unit.prompt_id, unit.chunk,
-                json.dumps(value, ensure_ascii=False, sort_keys=True))
 
     def _writer(self) -> None:
         while True:
@@ -79,8 +65,7 @@ class ResponseCache:
             error: BaseException | None = None
             if items:
                 try:
-                    self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                                        [self._row(u, v) for u, v, _, _ in items])
+                    self.write((u.key, v) for u, v, _, _ in items)
                     self.db.commit()
                 except BaseException as e:  # handed to the waiting requests
                     error = e
@@ -107,10 +92,7 @@ class ResponseCache:
             self.queue.put(None)
             self.thread.join()
             self.thread = None
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            self.db.close()
+        super().close()
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:

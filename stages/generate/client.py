@@ -4,45 +4,99 @@ and the budget, with bounded retries (exponential backoff with jitter, at least 
 `Requester` holds one run's state, across the rounds of a run (QA, augment, paraphrase: `run` once per round); one
 method per concern: `attempt` (one request and what it came to), `settle` (the response_format, negotiated once per
 endpoint and remembered for the run: JSON schema, else json_object, else instructions only; a request the endpoint
-refused is resent at once in the next mode, not counted as a retry), `retry_delay`, `record_failure` (and the circuit breaker: `max_consecutive_failures` requests in a row failing with
-the same error stop the run), `answer` (the loop for one unit) and `run` (all units). openai is imported only when a
-request is made (`--dry-run` and `--help` stay light).
+refused is resent at once in the next mode, not counted as a retry), `retry_delay`, `record_failure` (and the circuit
+breaker: `max_consecutive_failures` requests in a row failing with the same error stop the run), `answer` (the loop
+for one unit) and `run` (all units). What an attempt came to is an `Outcome` (read by `qrb.llm.failure`, the layer
+every LLM call shares); the run's counters are `RunStats`. openai is imported only when a request is made
+(`--dry-run` and `--help` stay light).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, QrbError, TransientError
 
 from . import GenerateParams
 from .cache import ResponseCache
-from .outcomes import FORMAT_MODES, Outcome, RunStats, error_kind, scrub, status_outcome
 from .replies import PAIR_SCHEMA, parse_pairs
-from .units import Unit, unit_failure
+from .units import Unit, cost_usd, unit_failure
 
 log = logging.getLogger(__name__)
+
+# The response_format modes, best first: the endpoint's refusal of one moves the run to the next, once
+FORMAT_MODES = ("json_schema", "json_object", "none")
+_FORMAT_WORDS = ("response_format", "response format", "json_schema", "json_object")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to: a reply to keep (`value`), or why not."""
+
+    value: dict[str, Any] | None = None
+    reason: str = ""
+    final: bool = False           # no retry can help (400, auth, unknown model): stop trying this unit
+    again: bool = False           # try again at once, not counted as a retry (the response_format fallback)
+    rate_limited: bool = False    # HTTP 429: wait at least `retry_after` (when the server named one)
+    retry_after: float | None = None
+    transient: bool = False       # the network or the endpoint failed (a later try may pass), not the request
+    fatal: bool = False           # stop the whole run (bad key, unknown model)
+    refused_format: bool = False  # the endpoint refused the response_format this attempt was sent with
+
+
+@dataclasses.dataclass
+class RunStats:
+    api_requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0       # billed this run, failed attempts included
+    completion_tokens: int = 0
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    batches_submitted: int = 0   # batch mode: Batch API jobs created this run (a resumed one is not counted)
+    batch_requests: int = 0      # ... requests sent in them
+    batch_answered: int = 0      # ... replies kept from them
+    batch_failed: int = 0        # ... requests they reported failed or left undone (then sent online)
+    batch_prompt_tokens: int = 0  # billed by batches this run, at `batch_price_factor`
+    batch_completion_tokens: int = 0
+
+    def cost(self, p: GenerateParams) -> float:
+        return (cost_usd(self.prompt_tokens, self.completion_tokens, p)
+                + cost_usd(self.batch_prompt_tokens, self.batch_completion_tokens, p, p.batch_price_factor))
+
+    def summary(self, p: GenerateParams) -> dict[str, Any]:
+        """This run's own counters (the `this_run` metrics, less what the cache answered)."""
+        return {"api_requests": self.api_requests, "retries": self.retries, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": round(self.cost(p), 6),
+                "errors": dict(sorted(self.errors.items())),
+                **({"batch": {"submitted": self.batches_submitted, "requests": self.batch_requests,
+                              "answered": self.batch_answered, "failed": self.batch_failed,
+                              "prompt_tokens": self.batch_prompt_tokens,
+                              "completion_tokens": self.batch_completion_tokens}} if p.mode == "batch" else {})}
+
+
+def read_failure(e: BaseException, mode_sent: str, secret: str | None, timeout_s: float) -> Outcome:
+    """A request's exception as an Outcome: retry, give up, stop the run, or a refusal of the `response_format` (an
+    error naming it, whatever status code carried it)."""
+    f = llm.failure(e, secret, timeout_s)
+    if f.status and f.status != 429 and mode_sent != "none" and any(w in f.message.lower() for w in _FORMAT_WORDS):
+        return Outcome(reason=f"HTTP {f.status} refused response_format {mode_sent}: {f.message}",
+                       refused_format=True)
+    return Outcome(reason=f.reason, transient=f.transient, rate_limited=f.kind == "rate_limited",
+                   retry_after=f.retry_after, final=f.kind in ("config", "request"), fatal=f.kind == "config")
+
 
 RESPONSE_FORMATS: dict[str, dict[str, Any] | None] = {
     "json_schema": {"type": "json_schema", "json_schema": {"name": "qa_pairs", "strict": True, "schema": PAIR_SCHEMA}},
     "json_object": {"type": "json_object"},  # the system prompt says "JSON" (OpenAI requires it for this mode)
     "none": None,                            # instructions only; the tolerant parser reads the reply
 }
-RESPONSE_FORMAT = RESPONSE_FORMATS["json_schema"]
-
-
-class FatalError(ConfigError):
-    """An error no retry can fix (bad key, unknown model): the run stops, outputs untouched."""
-
-
-class BreakerError(TransientError):
-    """The endpoint is down or keeps failing: the same error on many requests in a row."""
 
 
 class RateLimiter:
@@ -76,9 +130,7 @@ class RateLimiter:
 def judge_reply(resp: Any, p: GenerateParams) -> tuple[Outcome, int, int]:
     """A chat.completion (online or from a batch's output file): (kept if it holds pairs and was not cut off, or
     why not; its prompt and completion tokens, billed either way)."""
-    usage = getattr(resp, "usage", None)
-    pt = int(getattr(usage, "prompt_tokens", 0) or 0)
-    ct = int(getattr(usage, "completion_tokens", 0) or 0)
+    pt, ct = llm.usage(resp)
     choice = resp.choices[0] if resp.choices else None
     content = choice.message.content if choice else None
     finish = choice.finish_reason if choice else None
@@ -119,8 +171,7 @@ class Requester:
         return self.mode == "json_schema"
 
     def backoff(self, attempt: int) -> float:
-        d = min(self.p.backoff_max_s, self.p.backoff_base_s * 2 ** attempt)
-        return d / 2 + self.rng.uniform(0, d / 2)
+        return llm.backoff(attempt, self.p.backoff_base_s, self.p.backoff_max_s, self.rng)
 
     def stop_reason(self) -> str | None:
         """Why no further request may be sent (the run stopped, or the budget is spent), or None."""
@@ -154,15 +205,10 @@ class Requester:
             resp = await self.client.chat.completions.create(
                 model=p.model, messages=unit.messages, temperature=p.temperature,
                 max_tokens=p.max_tokens, seed=self.seed, timeout=p.timeout_s, **kwargs)
-        except openai.APITimeoutError:
-            return self.settle(Outcome(reason=f"timed out after {p.timeout_s:g} s", transient=True), mode_sent)
-        except openai.APIConnectionError as e:
-            return self.settle(Outcome(reason=f"connection error: {scrub(e, self.secret)}", transient=True),
-                               mode_sent)
-        except openai.APIStatusError as e:
-            outcome = self.settle(status_outcome(e, mode_sent, self.secret), mode_sent)
+        except (openai.APIConnectionError, openai.APIStatusError) as e:  # time-outs included
+            outcome = self.settle(read_failure(e, mode_sent, self.secret, p.timeout_s), mode_sent)
             if outcome.fatal:
-                self.stopped.append(FatalError(outcome.reason))
+                self.stopped.append(ConfigError(outcome.reason))  # no retry can fix it: outputs untouched
                 return Outcome(reason="run stopped: " + outcome.reason, final=True)
             return outcome
         return self.settle(self.read_reply(resp), mode_sent)
@@ -177,10 +223,9 @@ class Requester:
     def retry_delay(self, outcome: Outcome, attempt: int) -> float | None:
         """Seconds to wait before the next try after failed attempt number `attempt` (0-based), or None when no
         retry is left. A 429 waits at least the server's Retry-After."""
-        delay = max(outcome.retry_after or 0.0, self.backoff(attempt)) if outcome.rate_limited else None
         if attempt + 1 > self.p.max_retries:
             return None
-        return delay if delay is not None else self.backoff(attempt)
+        return max(outcome.retry_after or 0.0, self.backoff(attempt)) if outcome.rate_limited else self.backoff(attempt)
 
     def record_failure(self, unit: Unit, attempts: int, outcome: Outcome) -> None:
         """A unit that ended without a reply; the same error on `max_consecutive_failures` units in a row stops the
@@ -188,13 +233,13 @@ class Requester:
         self.failures.append(unit_failure(unit, outcome.reason, attempts))
         if self.stopped or not attempts or outcome.reason.startswith(("run stopped", "budget exhausted")):
             return
-        kind = error_kind(outcome.reason)
+        kind = llm.error_kind(outcome.reason)
         n = self.streak[1] + 1 if self.streak[0] == kind else 1
         self.streak = (kind, n)
         if n >= self.p.max_consecutive_failures:
             what = (f"{n} requests in a row failed with the same error (generate.max_consecutive_failures): "
                     f"{outcome.reason}")
-            self.stopped.append(BreakerError(what + "; the endpoint is down or keeps failing") if outcome.transient
+            self.stopped.append(TransientError(what + "; the endpoint is down or keeps failing") if outcome.transient
                                 else ConfigError(what))
 
     def count_attempt(self, outcome: Outcome) -> None:
@@ -203,11 +248,11 @@ class Requester:
         max_retries)) stops the run before every request has burnt its retries."""
         if not outcome.transient or outcome.rate_limited or self.stopped:
             return
-        kind = error_kind(outcome.reason)
+        kind = llm.error_kind(outcome.reason)
         n = self.attempt_streak[1] + 1 if self.attempt_streak[0] == kind else 1
         self.attempt_streak = (kind, n)
         if n >= self.p.max_consecutive_failures * (1 + self.p.max_retries):
-            self.stopped.append(BreakerError(f"{n} attempts in a row failed with the same error "
+            self.stopped.append(TransientError(f"{n} attempts in a row failed with the same error "
                                              f"(generate.max_consecutive_failures x (1 + max_retries)): "
                                              f"{outcome.reason}; the endpoint is down or keeps failing"))
 
@@ -241,7 +286,7 @@ class Requester:
                 continue
             if outcome.final:
                 break
-            self.stats.errors[error_kind(outcome.reason)] += 1
+            self.stats.errors[llm.error_kind(outcome.reason)] += 1
             delay = self.retry_delay(outcome, attempt)
             attempt += 1
             if delay is not None:
@@ -259,7 +304,7 @@ class Requester:
     async def run(self, units: list[Unit], progress: Progress | None = None
                   ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], RunStats]:
         """Answer every unit. Returns (responses by key, failure rows, stats), accumulated over this requester's
-        rounds; raises the QrbError that stopped the run (FatalError, the breaker's) if one did."""
+        rounds; raises the QrbError that stopped the run (a ConfigError no retry can fix, the breaker's) if one did."""
         self.preloaded = self.cache.get_many({u.key for u in units})
         await asyncio.gather(*(self._tracked(u, progress or self.progress) for u in units))
         if self.stopped:

@@ -8,7 +8,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams, tokens
+from qrb import llm
+
+from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .assemble import collect_facts, with_variants
 from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .replies import parse_pairs
@@ -28,11 +30,11 @@ class Round:
 def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str) -> dict[str, Any]:
     """An estimate for `n` fact-level requests whose facts are not known yet."""
     if name == AUGMENT:
-        prompt = est_tokens(system + template, p.model) + tokens.estimate("x" * EST_PAIR_CHARS) + 8
+        prompt = est_tokens(system + template, p.model) + llm.estimate("x" * EST_PAIR_CHARS) + 8
         out = min(p.max_tokens, (p.augment_variants - 1) * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     else:
         chars = EST_PAIR_CHARS + p.augment_variants * EST_QUESTION_CHARS
-        prompt = est_tokens(system + template, p.model) + tokens.estimate("x" * chars) + 8
+        prompt = est_tokens(system + template, p.model) + llm.estimate("x" * chars) + 8
         out = min(p.max_tokens, EST_OUTPUT_TOKENS_PER_PAIR + 20)
     pt, ct = n * prompt, n * out
     return {"requests": n, "requests_cached": 0, "requests_to_send": n, "est_prompt_tokens": pt,
@@ -102,7 +104,7 @@ def describe(rounds: list[Round], p: GenerateParams, n_papers: int) -> str:
     lines = [f"generate: {n_papers} papers x {len(p.prompts)} prompts -> {t['requests']} requests "
              f"({t['requests_cached']} cached, {t['requests_to_send']} to send) to {p.model} at {p.base_url}; "
              + (f"mode batch: the Batch API at {p.batch_price_factor:g} x the online price" if p.mode == "batch"
-                else "mode online") + f"; prompt tokens counted by {tokens.counter(p.model)[0]}"]
+                else "mode online") + f"; prompt tokens counted by {llm.counter(p.model)[0]}"]
     what = {"qa": "QA pairs", AUGMENT: f"augment: {p.augment_variants - 1} rewordings per training fact "
                                           f"(augment_variants {p.augment_variants})",
             PARAPHRASE: f"paraphrase: a new question for up to {p.seen_questions} training facts (seen_questions)",

@@ -8,11 +8,11 @@ import argparse
 import asyncio
 import collections
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.stage import run_stage
@@ -21,9 +21,8 @@ from . import AUGMENT, BASE_KEYS, INVENT, PARAMS_CLASS, PARAPHRASE, SECTION, SYS
 from .assemble import Assembled, assemble, collect_facts, with_variants
 from .batch import Batcher
 from .cache import ResponseCache
-from .client import Requester
+from .client import Requester, RunStats
 from .facts import augment_units, invent_units, paraphrase_units, seen_sample, with_spare
-from .outcomes import RunStats, error_kind
 from .plan import describe, plan, total
 from .replies import parse_pairs
 from .units import Unit, build_units, reply_cost
@@ -151,7 +150,7 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
 
 
 def _no_pairs(out: Assembled) -> DataError:
-    reasons = collections.Counter(error_kind(f["reason"]) for f in out.failures)
+    reasons = collections.Counter(llm.error_kind(f["reason"]) for f in out.failures)
     top = "; ".join(f"{k} x{n}" for k, n in reasons.most_common(2))
     example = next((f["reason"] for f in out.failures if f["reason"].startswith(reasons.most_common(1)[0][0])), "") \
         if reasons else ""
@@ -185,15 +184,11 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
         cache.close()
         raise ConfigError(f"estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
                           f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts/variants")
-    secret = os.environ.get(p.api_key_env) or None
+    secret = llm.api_key(p.api_key_env)
     if est["requests_to_send"] and not secret:
         cache.close()
-        raise ConfigError(f"environment variable {p.api_key_env} is not set "
-                          f"(generate.api_key_env names the variable holding the API key for {p.base_url})")
-
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=p.base_url, api_key=secret or "unused", max_retries=0, timeout=p.timeout_s)
+        raise llm.missing_key(p.api_key_env, "generate.api_key_env", p.base_url)
+    client = llm.client(p.base_url, secret or "unused", p.timeout_s, 0, asynchronous=True)  # the loop retries
     requester = Requester(p, seed, client, cache, secret)
     try:
         aug, para, inv, n_abstain = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))

@@ -12,7 +12,9 @@ import json
 import re
 from typing import Any
 
-from . import GenerateParams, tokens
+from qrb import llm
+
+from . import GenerateParams
 
 CHUNK_CHARS = 8000              # full text (when the scrape stage fetched it) is sent in chunks of about this size
 EST_OUTPUT_TOKENS_PER_PAIR = 90  # for the cost estimate: a pair is ~60-120 tokens of JSON
@@ -58,7 +60,7 @@ def _hash(text: str) -> str:
 
 def est_tokens(text: str, model: str) -> int:
     """The prompt's tokens: tiktoken's count where the model's encoding is cached, else ~4 characters per token."""
-    return tokens.count(text, model)
+    return llm.count(text, model)
 
 
 _DELIM = re.compile(r"<\s*/?\s*paper\s*>", re.I)

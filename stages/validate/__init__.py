@@ -65,8 +65,8 @@ not trained on.
 #             names-its-paper), and the computed columns the suites check (per row: grounding, MiniLM similarity;
 #             per seen row; per dataset row)
 #   suite     the expectation lists built from params, and the great-expectations runner
-#   verdicts  the LLM judge's prompt blocks, its tolerant reply parser and the verdict cache (no openai import)
-#   judge     the LLM judge's requests: cache first, the cost cap, bounded retries, one-line errors
+#   judge     the LLM judge: its prompt blocks, its tolerant reply parser, and its requests through `qrb.llm` (cache
+#             first, the cost cap, bounded retries, one-line errors)
 #   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs); the
 #             stderr summary and the Data Docs entry page
 #   run       the files: read the inputs, write the outputs (the OpenAI-format copy among them), `main()`

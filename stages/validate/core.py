@@ -19,8 +19,8 @@ from typing import Any
 
 from . import DOCS_OUT, QUARANTINE_OUT, REPORT_OUT, ValidateParams
 from .features import dataset_columns, fact_of, row_features, seen_columns
+from .judge import Item, Verdict, make_item
 from .suite import DATASET_SUITE, JUDGE_SUITE, ROW_SUITE, SEEN_SUITE, CheckResult, GxRunner
-from .verdicts import Item, Verdict, make_item
 
 JudgeFn = Callable[[list[Item]], "dict[str, Verdict]"]
 

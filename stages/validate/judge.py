@@ -13,8 +13,11 @@ nothing), so a rerun sends no request and a `kill -9` loses nothing that was ans
 the stage refuses to start when the estimate of the requests to send (prompt characters / 4 + max_tokens each)
 exceeds `max_cost_usd`, and never sends a request whose bound could take this run's spend past it. The key is read
 from the environment only and never written; a bad key, an unknown model or an endpoint still failing after the
-SDK's bounded retries stops the stage with one line (verdicts so far stay cached). openai is imported only when a
-request is made.
+SDK's bounded retries stops the stage with one line (verdicts so far stay cached). Requests, errors, cache and token
+estimate: `qrb.llm` (imports no openai until a request is made).
+
+Here: what the judge reads (the paper and pair blocks of its prompt), the tolerant reply parser, and `Judge` (the
+requests: cache first, the cost cap, bounded retries, one-line errors).
 """
 
 from __future__ import annotations
@@ -22,58 +25,139 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, QrbError, TransientError
 
 from . import JudgeParams
-from .verdicts import SYSTEM, Item, Verdict, VerdictCache, messages, parse_verdict
+from .features import content_tokens
 
 log = logging.getLogger(__name__)
 
+SYSTEM = ("You check question-answer pairs against the paper they were written from, before they are used for "
+          "training. You reply with JSON only.")
+EXCERPT_CHARS = 6000  # of the full text, around the passage the answer draws on (pairs written from a full-text chunk)
+_DELIM = re.compile(r"<\s*/?\s*(?:paper|pair)\s*>", re.I)
 
-def est_tokens(text: str) -> int:
-    """A tokenizer-free estimate (~4 characters per token for English), as generate's."""
-    return max(1, math.ceil(len(text) / 4))
+
+def clean(text: Any) -> str:
+    """One line that cannot open or close a `<paper>` or `<pair>` block."""
+    return _DELIM.sub("[data]", " ".join(str(text or "").split()))
 
 
-def read_error(e: BaseException, secret: str | None) -> tuple[str, str]:
-    """(kind, one line without the key) for a request that failed after the SDK's retries: kind "config" (no retry
-    can fix it: bad key, no access, unknown model or URL), "transient" (the endpoint is down, slow or rate limiting)
-    or "pair" (the endpoint refused this one request, e.g. too long)."""
-    import openai
+def excerpt(full_text: str, answer: str, limit: int = EXCERPT_CHARS) -> str:
+    """The paragraphs of the full text around the one sharing most content words with the answer."""
+    paras = [p for p in re.split(r"\n\s*\n", full_text) if p.strip()]
+    if not paras:
+        return ""
+    want = set(content_tokens(answer))
+    best = max(range(len(paras)), key=lambda i: (len(want & set(content_tokens(paras[i]))), -i))
+    lo = hi = best
+    size = len(paras[best])
+    while True:  # widen alternately after and before the best paragraph while it fits
+        grown = False
+        for j in (hi + 1, lo - 1):
+            if 0 <= j < len(paras) and size + len(paras[j]) <= limit:
+                size += len(paras[j])
+                lo, hi = min(lo, j), max(hi, j)
+                grown = True
+        if not grown:
+            break
+    return clean(" ".join(paras[lo:hi + 1]))[:limit]
 
-    def line(text: Any) -> str:
-        text = " ".join(str(text).split())
-        return (text.replace(secret, "***") if secret else text)[:200]
 
-    if isinstance(e, openai.APITimeoutError):
-        return "transient", "requests time out (after the SDK's retries)"
-    if isinstance(e, openai.APIConnectionError):
-        cause = type(e.__cause__).__name__ if e.__cause__ else "connection error"
-        return "transient", f"cannot connect ({cause}) after the SDK's retries"
-    if isinstance(e, openai.APIStatusError):
-        code = e.status_code
-        msg = line(e.body.get("message") if isinstance(e.body, dict) and e.body.get("message") else e.message)
-        if code in (401, 403):
-            return "config", f"the endpoint rejected the API key (HTTP {code}): {msg}"
-        if code == 404:
-            return "config", f"HTTP 404 (unknown model or URL): {msg}"
-        if code in (408, 409, 429) or code >= 500:
-            return "transient", f"HTTP {code} after the SDK's retries: {msg}"
-        return "pair", f"the endpoint refused the request (HTTP {code}): {msg}"
-    return "transient", f"{type(e).__name__}: {line(e)}"
+def paper_block(paper: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """What the judge reads of the paper: title, DOI, abstract, and for a pair written from the full text (chunk >
+    0), the passage of the full text it draws on."""
+    lines = ["<paper>", f"Title: {clean(paper.get('title'))}", f"DOI: {clean(paper.get('doi'))}", "Abstract:",
+             clean(paper.get("abstract"))]
+    full = paper.get("full_text")
+    if row.get("chunk") not in (0, "0", None) and isinstance(full, str) and full.strip():
+        lines += ["Excerpt of the full text:", excerpt(full, str(row.get("answer") or ""))]
+    return "\n".join(lines + ["</paper>"])
+
+
+def pair_block(question: str, answer: str) -> str:
+    return "\n".join(["<pair>", f"Question: {clean(question)}", f"Answer: {clean(answer)}", "</pair>"])
+
+
+@dataclass(frozen=True)
+class Item:
+    row_id: str
+    doi: str
+    question: str
+    answer: str
+    paper: str  # the rendered paper block
+
+
+@dataclass(frozen=True)
+class Verdict:
+    answerable: int | None  # 1-5; None when the judge gave no readable verdict
+    correct: int | None
+    reason: str             # the judge's reason, or why there is no verdict
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.answerable is not None and self.correct is not None
+
+
+def make_item(row_id: str, row: Mapping[str, Any], paper: Mapping[str, Any]) -> Item:
+    return Item(row_id, str(row.get("doi") or ""), str(row.get("question") or ""), str(row.get("answer") or ""),
+                paper_block(paper, row))
+
+
+def messages(template: str, item: Item) -> list[dict[str, str]]:
+    user = template.replace("{{paper}}", item.paper).replace("{{pair}}", pair_block(item.question, item.answer))
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_LINE = {k: re.compile(rf"\b{k}\b\W{{0,4}}([1-5])\b", re.I) for k in ("answerable", "correct")}
+_REASON = re.compile(r"\breason\b\W{0,4}(.+)", re.I)
+
+
+def _score(v: Any) -> int | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(round(f)) if 1 <= f <= 5 else None
+
+
+def parse_verdict(text: str | None) -> tuple[int, int, str] | None:
+    """(answerable, correct, reason) from a reply, or None when it holds no readable verdict."""
+    text = _THINK.sub(" ", text or "")
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = dec.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            low = {str(k).lower(): v for k, v in obj.items()}
+            a, c = _score(low.get("answerable")), _score(low.get("correct"))
+            if a is not None and c is not None:
+                return a, c, " ".join(str(low.get("reason") or "").split())[:500]
+    found = {k: p.search(text) for k, p in _LINE.items()}
+    if all(found.values()):
+        reason = _REASON.search(text)
+        return (int(found["answerable"].group(1)), int(found["correct"].group(1)),
+                " ".join(reason.group(1).split())[:500] if reason else "")
+    return None
+
 
 
 class Judge:
     """One run's judge: `judge(items)` -> {row_id: Verdict}; `summary()` its counters for the metrics."""
 
-    def __init__(self, jp: JudgeParams, template: str, cache: VerdictCache,
+    def __init__(self, jp: JudgeParams, template: str, cache: llm.Cache,
                  env: Mapping[str, str] | None = None) -> None:
         if jp.endpoint is None:
             raise ValueError("Judge needs validate.judge.endpoint")
@@ -101,7 +185,7 @@ class Judge:
 
     def bound(self, msgs: list[dict[str, str]]) -> float:
         """The most one request may cost: its estimated prompt and a full `max_tokens` reply."""
-        return self.cost(sum(est_tokens(m["content"]) for m in msgs), self.jp.max_tokens)
+        return self.cost(sum(llm.estimate(m["content"]) for m in msgs), self.jp.max_tokens)
 
     def __call__(self, items: Sequence[Item]) -> dict[str, Verdict]:
         keys = {it.row_id: self.key(it) for it in items}
@@ -124,10 +208,9 @@ class Judge:
                 raise ConfigError(f"the judge's {len(todo)} requests are estimated at up to ${est:.4f}, above "
                                   f"validate.judge.max_cost_usd ${self.jp.max_cost_usd:.4f}: raise the limit or judge "
                                   "fewer pairs (no request was sent)")
-            secret = self.env.get(self.ep.api_key_env)
+            secret = llm.api_key(self.ep.api_key_env, self.env)
             if not secret:
-                raise ConfigError(f"environment variable {self.ep.api_key_env} is not set (validate.judge.endpoint."
-                                  f"api_key_env names the variable holding the API key for {self.ep.base_url})")
+                raise llm.missing_key(self.ep.api_key_env, "validate.judge.endpoint.api_key_env", self.ep.base_url)
             got = self._send(list(todo.items()), secret)
             for it in items:
                 if it.row_id not in out:
@@ -136,19 +219,9 @@ class Judge:
         return out
 
     def _send(self, todo: list[tuple[str, Item]], secret: str) -> dict[str, Verdict]:
-        import openai
-
-        client = openai.OpenAI(base_url=self.ep.base_url, api_key=secret, timeout=self.jp.timeout_s,
-                               max_retries=self.jp.max_retries)
-        got: dict[str, Verdict] = {}
-        try:
-            with ThreadPoolExecutor(max_workers=self.jp.concurrency) as pool:
-                for key, verdict in zip((k for k, _ in todo), pool.map(lambda t: self._one(client, *t, secret),
-                                                                       todo)):
-                    if verdict is not None:
-                        got[key] = verdict
-        finally:
-            client.close()
+        with llm.client(self.ep.base_url, secret, self.jp.timeout_s, self.jp.max_retries) as client:
+            verdicts, _ = llm.fan_out(lambda t: self._one(client, *t, secret), todo, self.jp.concurrency)
+        got = {key: v for (key, _), v in zip(todo, verdicts) if v is not None}
         if self.stopped:
             n = sum(v.ok for v in got.values())
             raise type(self.stopped[0])(f"{self.stopped[0]} ({n} new verdicts cached: a rerun resumes)")
@@ -174,17 +247,18 @@ class Judge:
                 resp = client.chat.completions.create(model=self.ep.model, messages=msgs, temperature=0.0,
                                                       max_tokens=self.jp.max_tokens)
             except Exception as e:  # noqa: BLE001 - read into a per-pair failure or a stop of the run
-                kind, msg = read_error(e, secret)
+                f = llm.failure(e, secret)
                 with self.lock:
                     self.reserved -= bound
-                    if kind == "pair":
-                        return Verdict(None, None, msg)
-                    self.stopped.append((ConfigError if kind == "config" else TransientError)(f"the judge: {msg}"))
+                    if f.kind == "request":
+                        return Verdict(None, None, f.reason)
+                    self.stopped.append((ConfigError if f.kind == "config" else TransientError)(f"the judge: "
+                                                                                              f"{f.reason}"))
                 return None
-            content = (resp.choices[0].message.content or "") if resp.choices else ""
-            usage = getattr(resp, "usage", None)  # billed as estimated where the endpoint reports no usage
-            pt = int(getattr(usage, "prompt_tokens", 0) or 0) or sum(est_tokens(m["content"]) for m in msgs)
-            ct = int(getattr(usage, "completion_tokens", 0) or 0) if usage is not None else est_tokens(content)
+            content = llm.reply_text(resp)
+            pt, ct = llm.usage(resp)  # billed as estimated where the endpoint reports no usage
+            pt = pt or sum(llm.estimate(m["content"]) for m in msgs)
+            ct = ct if getattr(resp, "usage", None) is not None else llm.estimate(content)
             with self.lock:
                 self.reserved -= bound
                 self.prompt_tokens += pt
@@ -192,7 +266,7 @@ class Judge:
                 self.cost_total += self.cost(pt, ct)
             parsed = parse_verdict(content)
             if parsed is not None:
-                self.cache.put(key, item.doi, parsed, pt, ct, str(getattr(resp, "id", "") or ""))
+                self.cache.put(key, [*parsed, pt, ct])
                 return Verdict(*parsed)
             why = f"the judge's reply holds no verdict: {' '.join(content.split())[:120]!r}"
         return Verdict(None, None, why)

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.schema import PAIR_FIELDS, QAPair
@@ -44,7 +45,6 @@ from . import (
 from .core import summary, validate, write_index_html
 from .features import is_question
 from .judge import Judge
-from .verdicts import VerdictCache
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     docs_tmp.mkdir(parents=True)
     judge = None
     template = load_judge_template() if p.judge.endpoint is not None else ""
-    cache = VerdictCache(JUDGE_CACHE)  # created even without a judge: cache/validate is a DVC out
+    cache = llm.Cache(JUDGE_CACHE)  # created even without a judge: cache/validate is a DVC out
     if p.judge.endpoint is not None:
         judge = Judge(p.judge, template, cache)
     try:
