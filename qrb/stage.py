@@ -92,9 +92,9 @@ THREADS_ENV = "QRB_CPU_THREADS"
 
 def cpu_threads() -> int:
     """Torch threads for this process: `$QRB_CPU_THREADS`, else the cores this process may use (its CPU affinity)
-    minus those other work keeps busy now (`busy_cores`: /proc/stat over 0.3 s), rounded, at least 1. Why: single runs
-    on 2 cores (BENCHMARKS.md, threads; a same-run re-measurement with bench/bench_threads.py is pending) had 2
-    threads train SmolLM2 1.5x faster than 1 on a quiet machine but 3-8x SLOWER beside other work."""
+    minus those other work keeps busy now (`busy_cores`: /proc/stat over 0.3 s), rounded, at least 1. Why: on 2
+    cores 2 threads train SmolLM2 faster than 1 when idle but about half as fast beside other work (BENCHMARKS.md,
+    threads per process)."""
     if os.environ.get(THREADS_ENV, "").strip():
         try:
             return max(1, int(os.environ[THREADS_ENV]))
