@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -56,6 +57,11 @@ def scrub(text: Any, secret: str | None = None) -> str:
     """One line of at most 300 characters, without the key."""
     text = " ".join(str(text).split())
     return (text.replace(secret, "***") if secret else text)[:300]
+
+
+def key(*parts: Any) -> str:
+    """A cache key: the SHA-256 of the parts as JSON (what a reply depends on)."""
+    return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()
 
 
 def error_kind(reason: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qrb.llm import Cache
 from qrb.params import load_params
 from qrb.retrieval import PACKAGED_MINILM, RetrievalParams, Retriever, passages_from_papers
 from qrb.rivals import Rival, ask_rival
@@ -22,7 +23,7 @@ from qrb.schema import ABSTAIN_ANSWER, question_record
 from stages.evaluate import EvaluateParams, Grader
 from stages.evaluate.core import freshness_subsets
 from stages.evaluate.judge import SYSTEM as GRADER_SYSTEM
-from stages.evaluate.judge import Item, llm_grades, load_cache, parse_grade, save_cache
+from stages.evaluate.judge import Item, llm_grades, parse_grade
 from stages.evaluate.metrics import (
     MEAN_METRICS,
     OFFLINE_BERTSCORE,
@@ -357,7 +358,7 @@ def test_llm_grader_grades_caches_and_skips_with_a_reason(fake_openai, tmp_path)
     grader = Grader(fake_openai.base_url, "grader-1", "FAKE_KEY")
     items = [Item("How many qubits?", "56 qubits", ("fifty-six qubits",), a)
              for a in ("56 qubits.", "On 53 or 56 qubits.", "No idea.")]
-    cache: dict[str, str] = {}
+    cache = Cache(tmp_path / "grader.sqlite")
     res = llm_grades(grader, items, cache, env={"FAKE_KEY": "good-key"}, **kw)
     # the fake grades by the gold's last word, after reasoning that names the other grade first
     assert res.skipped is None and res.grades == ["correct", "correct", "incorrect"] and res.requests == 3
@@ -368,24 +369,26 @@ def test_llm_grader_grades_caches_and_skips_with_a_reason(fake_openai, tmp_path)
     assert user.startswith("Task: grade") and "<gold_target>\n56 qubits\n</gold_target>" in user
     assert "<also_accepted>\nfifty-six qubits\n</also_accepted>" in user and "{{" not in user
     # cached on disk: a rerun sends no request and needs no key
-    save_cache(cache, tmp_path / "grader.jsonl")
-    again = llm_grades(grader, items, load_cache(tmp_path / "grader.jsonl"), env={}, **kw)
+    cache.close()
+    cache = Cache(tmp_path / "grader.sqlite")
+    again = llm_grades(grader, items, cache, env={}, **kw)
     assert again.grades == res.grades and again.requests == 0 and len(fake_openai.requests) == 3
     # a new answer is one request; another grader model or another prompt shares no grade
     more = llm_grades(grader, items + [Item("q", "PyTorch", (), "pytorch")], cache, env={"FAKE_KEY": "good-key"}, **kw)
     assert more.grades[-1] == "correct" and more.requests == 1
     other = Grader(fake_openai.base_url, "grader-2", "FAKE_KEY")
-    assert llm_grades(other, items[:1], dict(cache), env={"FAKE_KEY": "good-key"}, **kw).requests == 1
-    assert llm_grades(grader, items[:1], dict(cache), env={"FAKE_KEY": "good-key"},
+    assert llm_grades(other, items[:1], cache, env={"FAKE_KEY": "good-key"}, **kw).requests == 1
+    assert llm_grades(grader, items[:1], cache, env={"FAKE_KEY": "good-key"},
                       **{**kw, "template": kw["template"] + "\nBe strict."}).requests == 1
     # skipped, with the reason, and never an exception
-    keyless = llm_grades(other, items[1:], {}, env={}, **kw)
+    cache.close()
+    keyless = llm_grades(other, items[1:], None, env={}, **kw)
     assert keyless.grades is None and keyless.skipped.startswith("API key variable FAKE_KEY is not set")
-    broken = llm_grades(Grader(fake_openai.base_url, "broken", "FAKE_KEY"), items, {},
+    broken = llm_grades(Grader(fake_openai.base_url, "broken", "FAKE_KEY"), items, None,
                         env={"FAKE_KEY": "good-key"}, **{**kw, "concurrency": 1})
     assert broken.skipped.startswith("HTTP 500 server error: ") and "upstream exploded" in broken.skipped
     assert broken.requests == 1
-    babble = llm_grades(Grader(fake_openai.base_url, "babbler", "FAKE_KEY"), items[:1], {},
+    babble = llm_grades(Grader(fake_openai.base_url, "babbler", "FAKE_KEY"), items[:1], None,
                         env={"FAKE_KEY": "good-key"}, **kw)
     assert "a reply with no grade" in babble.skipped and "Hard to say" in babble.skipped
 
@@ -465,7 +468,8 @@ def bag_of_words(texts):
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
-def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tiny, scorer, corpus_dir, fake_openai):
+def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tiny, scorer, corpus_dir, fake_openai,
+                                                                       tmp_path):
     """base, fine_tuned, rag and fine_tuned_rag on golden, seen, eval and invented; an empty seen set is n=0, not a
     crash; every answer graded (the LLM grader where the row has a gold, the offline grade kept beside it; invented
     papers and rows without a gold offline only), the rates, the hallucination rate, the paired gains against base,
@@ -488,7 +492,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
                grader=Grader(fake_openai.base_url, "grader-1", "QRB_T_GRADER"), min_n_for_interval=4)
     base = {"seed": 1, "system_prompt": SYSTEM, "max_length": 512}
     retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("dense", 2, -1.0, 80))
-    cache: dict[str, str] = {}
+    cache = Cache(tmp_path / "grader.sqlite")
     metrics, preds, skipped = evaluate(base, p, model, tok, sets, papers=papers, retrieval=retrieval, scorer=scorer,
                                        grader_cache=cache, env={"QRB_T_GRADER": "good-key"})
     models = ["base", "fine_tuned", "rag", "fine_tuned_rag"]
@@ -529,7 +533,7 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
                if r["short_answer"])  # no grader: the offline grades
     assert metrics["golden"]["base"]["rouge1_ci95"] == "n too small"  # 3 < min_n_for_interval
     distinct = {(r["question"], r["short_answer"], r["prediction"]) for r in preds if r["short_answer"]}
-    assert len(cache) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 3) // 2  # one grade per distinct
+    assert len(cache.keys()) == len(fake_openai.requests) == len(distinct) > 4 * (3 + 3) // 2  # one grade per distinct
     assert {r["model"] for r in preds if "cited" in r} == {"rag", "fine_tuned_rag"}
 
 
@@ -679,7 +683,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
         run_evaluate_stage([])  # not pytest's own argv
         graded = len(ep.requests)
         # the grades are cached: the rerun sends the rival its questions again, the grader nothing
-        assert graded == len(load_cache(Path("cache/evaluate/grader.jsonl"))) > 0
+        assert graded == len(Cache(Path("cache/evaluate/grader.sqlite")).keys()) > 0
         metrics = json.loads(Path("reports/evaluate.json").read_text())
         run_evaluate_stage([])
         assert len(ep.requests) == graded

@@ -38,7 +38,7 @@ from qrb.schema import PAIR_FIELDS
 from stages.generate import GenerateParams
 from stages.generate.assemble import assemble, dedup_questions, split_by_paper
 from stages.generate.cache import ResponseCache
-from stages.generate.client import Outcome, Requester
+from stages.generate.client import Attempt, Requester
 from stages.generate.replies import parse_pairs
 from stages.generate.run import load_templates, main
 from stages.generate.units import build_units, failure_row
@@ -196,7 +196,7 @@ def test_requester_falls_back_when_the_endpoint_rejects_json_schema(tmp_path):
     requester = Requester(p, 1, client, cache)
     responses, failures, stats = asyncio.run(requester.run(units))
     cache.close()
-    assert units[0].key in responses and not failures and not requester.use_schema
+    assert units[0].key in responses and not failures and requester.mode != "json_schema"
     assert client.calls[0]["response_format"]["type"] == "json_schema"
     assert client.calls[1]["response_format"] == {"type": "json_object"}  # the next mode down
     assert (stats.api_requests, stats.retries, dict(stats.errors)) == (2, 0, {})  # not counted as a retry
@@ -207,12 +207,12 @@ def test_requester_falls_back_when_the_endpoint_rejects_json_schema(tmp_path):
 def test_retry_delay_honours_retry_after_and_the_retry_limit():
     p = recipe(max_retries=2, backoff_base_s=0.5, backoff_max_s=1.0)
     r = Requester(p, 1, ScriptedClient(), None)
-    assert r.retry_delay(Outcome(reason="HTTP 429 rate limited", rate_limited=True, retry_after=7.0), 0) == 7.0
-    delays = [r.retry_delay(Outcome(reason="HTTP 500 server error"), a) for a in range(3)]
+    assert r.retry_delay(Attempt(reason="HTTP 429 rate limited", rate_limited=True, retry_after=7.0), 0) == 7.0
+    delays = [r.retry_delay(Attempt(reason="HTTP 500 server error"), a) for a in range(3)]
     assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0 and delays[2] is None  # capped, then none left
     r2 = Requester(p, 1, ScriptedClient(), None)
-    r2.retry_delay(Outcome(reason="HTTP 429 rate limited", rate_limited=True, retry_after=7.0), 0)
-    assert [r2.retry_delay(Outcome(reason="HTTP 500 server error"), a) for a in range(3)] == delays  # seeded
+    r2.retry_delay(Attempt(reason="HTTP 429 rate limited", rate_limited=True, retry_after=7.0), 0)
+    assert [r2.retry_delay(Attempt(reason="HTTP 500 server error"), a) for a in range(3)] == delays  # seeded
 
 
 # ------------------------------------------------------------------------------------------------ stage runs

@@ -10,14 +10,14 @@ Reads  params.yaml (`evaluate:` and base.seed/model/system_prompt/hf_offline/max
        its `short_answer` and `aliases`; artifacts/scrape/papers.jsonl (the papers' dates); with `evaluate.rag`,
        artifacts/index (the `index` stage's) and params.yaml `retrieval:` (how the apps search it); the
        API keys of the rival endpoints and of the LLM grader from the environment variables that
-       `evaluate.rivals[].api_key_env` / `grader.api_key_env` name; prompts/grade.txt and cache/evaluate/grader.jsonl
+       `evaluate.rivals[].api_key_env` / `grader.api_key_env` name; prompts/grade.txt and cache/evaluate/grader.sqlite
        (the LLM grader's prompt and cached grades; only with `evaluate.grader`).
 Writes reports/evaluate.json ({question set or subset: {model: {metric: value, metric_ci95: [lo, hi] or "n too
        small"}}}), metrics/evaluate.json (its headline: per question set and model, correct, not_attempted,
        hallucination_rate, cross_entropy, and for the RAG rows recall_at_k and citation_accuracy; what
        `dvc metrics diff` and `dvc exp show` compare),
        artifacts/evaluate/predictions.jsonl (per question and model: prediction, grade, scores), reports/eval_table.md
-       (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each), cache/evaluate/grader.jsonl.
+       (shaped like the card's table), plots/evaluate/scores/<set>.csv (a DVC plot each), cache/evaluate/grader.sqlite.
 
 Models, all answering the same questions with the same system prompt (greedy by default, `max_new_tokens`):
   base            the base model (the adapter disabled)

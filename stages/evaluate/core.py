@@ -17,6 +17,7 @@ from typing import Any
 
 from qrb.chat import generate_answers, token_nll_rows
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
+from qrb.llm import Cache
 from qrb.retrieval import ground
 from qrb.schema import ABSTAIN_ANSWER
 
@@ -118,7 +119,7 @@ def answer_rows(rows: Sequence[dict[str, Any]], answers: dict[str, list[str]]) -
                    for r, pred in zip(rows, preds, strict=True)] for name, preds in answers.items()}
 
 
-def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: dict,
+def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: Cache | None,
                  env) -> str | None:
     """Let the LLM grader grade every answer with a short gold answer, in every set (the offline grade is kept as
     grade_offline). Returns the reason it was skipped (the offline grades then stand everywhere), or None."""
@@ -188,13 +189,13 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retrieval=None, scorer: Scorer | None = None,
-             grader_cache: dict[str, str] | None = None,
+             grader_cache: Cache | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
     `retrieval` ((Retriever, RetrievalParams), as `qrb.retrieval.open_index` returns them) is needed for the RAG rows
-    when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key) is filled in place.
+    when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key; None keeps none) gets each new grade.
     """
     from qrb.rivals import ask_rival
 
@@ -226,7 +227,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
 
     graded = {s: answer_rows(rows, answers) for s, (rows, answers, _) in answered.items()}
     if p.grader is not None and answered:
-        if reason := apply_grader(p, answered, graded, {} if grader_cache is None else grader_cache, env):
+        if reason := apply_grader(p, answered, graded, grader_cache, env):
             skipped["grader"] = reason
 
     models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag]

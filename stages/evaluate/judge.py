@@ -6,15 +6,14 @@ The prompt is prompts/grade.txt (`{{question}}`, `{{target}}`, `{{aliases}}`, `{
 its last JSON object with a "grade", else from its last line, and only when that line names exactly one grade: never
 from the first grade word anywhere, so a reply that quotes the question or reasons "this is not INCORRECT because..."
 is decided by its conclusion. No response_format is sent (not every server supports one). Grades are cached in
-cache/evaluate/grader.jsonl (a persistent DVC out), keyed by endpoint, model, prompt and the texts: a rerun on the
-same answers sends no request. A grader whose key is missing, that rejects it, keeps failing or replies no grade is
-*skipped* with the reason (the grades it gave stay cached) and the offline grades stand for every model: a grader
-that decided only some answers could not be compared across models.
+cache/evaluate/grader.sqlite (`qrb.llm.Cache`, a persistent DVC out), keyed by endpoint, model, prompt and the texts:
+a rerun on the same answers sends no request. A grader whose key is missing, that rejects it, keeps failing or
+replies no grade is *skipped* with the reason (the grades it gave stay cached) and the offline grades stand for every
+model: a grader that decided only some answers could not be compared across models.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -25,13 +24,12 @@ from pathlib import Path
 from qrb import llm
 from qrb.errors import ConfigError
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED
-from qrb.io import atomic_write_text, read_jsonl
 
 from . import Grader
 
 log = logging.getLogger(__name__)
 
-CACHE = Path("cache/evaluate/grader.jsonl")
+CACHE = Path("cache/evaluate/grader.sqlite")
 PROMPT = Path("prompts/grade.txt")
 SYSTEM = "You grade a research assistant's answers against a gold target. You reply with JSON only."
 _WORDS = {"CORRECT": CORRECT, "INCORRECT": INCORRECT, "NOT_ATTEMPTED": NOT_ATTEMPTED, "A": CORRECT, "B": INCORRECT,
@@ -58,20 +56,6 @@ def render(template: str, item: Item) -> str:
     fields = {"question": item.question, "target": item.target, "aliases": "\n".join(item.aliases) or "(none)",
               "answer": item.answer}
     return re.sub(r"\{\{(\w+)\}\}", lambda m: fields.get(m.group(1), m.group()), template)
-
-
-def cache_key(grader: Grader, template: str, item: Item) -> str:
-    blob = json.dumps([grader.base_url, grader.model, SYSTEM, template, item.question, item.target,
-                       list(item.aliases), item.answer])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def load_cache(path: Path = CACHE) -> dict[str, str]:
-    return {r["key"]: r["grade"] for r in read_jsonl(path)} if path.exists() else {}
-
-
-def save_cache(cache: Mapping[str, str], path: Path = CACHE) -> None:
-    atomic_write_text(path, "".join(json.dumps({"key": k, "grade": v}) + "\n" for k, v in sorted(cache.items())))
 
 
 def _word(text: str) -> str | None:
@@ -105,13 +89,15 @@ class Grades:
     requests: int = 0                 # sent this run (0 when every grade was cached)
 
 
-def llm_grades(grader: Grader, items: Sequence[Item], cache: dict[str, str], *, timeout_s: float, max_retries: int,
+def llm_grades(grader: Grader, items: Sequence[Item], cache: llm.Cache | None, *, timeout_s: float, max_retries: int,
                concurrency: int, env: Mapping[str, str] | None = None, template: str | None = None) -> Grades:
-    """Every item's grade (from `cache`, else the endpoint; new ones are added to `cache`), or the skip reason (after
-    one request failed for good, no more are spent on the grader). Never raises for endpoint trouble."""
+    """Every item's grade (from `cache`, else the endpoint; each new one is committed to `cache` as it comes), or the
+    skip reason (after one request failed for good, none more is sent). Never raises for endpoint trouble."""
     template = load_prompt() if template is None else template
-    keys = [cache_key(grader, template, it) for it in items]
-    todo = sorted({k: it for k, it in zip(keys, items) if k not in cache}.items())
+    keys = [llm.key(grader.base_url, grader.model, SYSTEM, template, it.question, it.target, list(it.aliases),
+                    it.answer) for it in items]
+    have = cache.get_many(set(keys)) if cache else {}
+    todo = sorted({k: it for k, it in zip(keys, items) if k not in have}.items())
     if todo:
         api_key = llm.api_key(grader.api_key_env, env)
         if not api_key:
@@ -124,7 +110,9 @@ def llm_grades(grader: Grader, items: Sequence[Item], cache: dict[str, str], *, 
                 messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": render(template, it)}])
             if (g := parse_grade(reply := llm.reply_text(r))) is None:
                 raise ValueError(f"a reply with no grade: {' '.join(reply.split())[:80]!r}")
-            cache[key] = g
+            if cache:
+                cache.put(key, g)
+            have[key] = g
             return key
 
         with llm.client(grader.base_url, api_key, timeout_s, max_retries) as client:
@@ -133,4 +121,4 @@ def llm_grades(grader: Grader, items: Sequence[Item], cache: dict[str, str], *, 
             reason = llm.failure(raised[0], api_key, timeout_s).reason
             log.warning("grader %s at %s skipped: %s", grader.model, grader.base_url, reason)
             return Grades(skipped=reason, requests=len(sent) - sent.count(None) + len(raised))
-    return Grades(grades=[cache[k] for k in keys], requests=len(todo))
+    return Grades(grades=[have[k] for k in keys], requests=len(todo))

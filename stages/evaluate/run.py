@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qrb import llm
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl
 from qrb.retrieval import open_index
@@ -18,7 +19,7 @@ from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, EvaluateParams
 from .core import evaluate
-from .judge import load_cache, load_prompt, save_cache
+from .judge import CACHE, load_prompt
 from .report import model_labels, write_outputs
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,13 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     if p.grader is not None:
         load_prompt()  # a missing prompt fails now, not after every answer was generated
     retrieval = open_index() if p.rag else None  # the apps' retriever and `retrieval:` params
-    cache = load_cache()
+    cache = llm.Cache(CACHE)  # created even without a grader: cache/evaluate is a DVC out
     model, tokenizer = load_adapter_model(base, device)
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
                                                  retrieval=retrieval, grader_cache=cache)
-    finally:  # the grades already paid for are kept even if the run fails later (an empty file without a grader)
-        save_cache(cache)
+    finally:  # every grade paid for was committed as it came, whatever happens later
+        cache.close()
     labels = model_labels(base["model"], p, retrieval[1] if retrieval else None)
     print(write_outputs(metrics, predictions, labels, p, skipped))
 

@@ -23,7 +23,6 @@ too, while the online path finishes them now, within `max_cost_usd` (at the onli
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 from qrb import llm
 from qrb.errors import ConfigError, TransientError
 
-from .client import RESPONSE_FORMATS, Outcome, Requester, judge_reply
+from .client import RESPONSE_FORMATS, Attempt, Requester, judge_reply
 from .units import Unit
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,7 @@ class Batcher:
         self.p = requester.p
 
     def tag(self, keys: list[str]) -> str:
-        return hashlib.sha256(json.dumps([self.p.base_url.rstrip("/"), self.p.model, sorted(keys)]).encode()
-                              ).hexdigest()[:32]
+        return llm.key(self.p.base_url.rstrip("/"), self.p.model, sorted(keys))[:32]
 
     def line(self, unit: Unit) -> dict[str, Any]:
         """The job's line for a unit: the body the online path sends (`Requester.attempt`)."""
@@ -232,7 +230,7 @@ class Batcher:
                 try:
                     outcome, pt, ct = judge_reply(ChatCompletion.model_validate(body), self.p)
                 except ValueError as e:
-                    outcome, pt, ct = Outcome(reason=f"unreadable reply: {llm.scrub(e)}"), 0, 0
+                    outcome, pt, ct = Attempt(reason=f"unreadable reply: {llm.scrub(e)}"), 0, 0
                 self.r.stats.batch_prompt_tokens += pt
                 self.r.stats.batch_completion_tokens += ct
                 if outcome.value is not None and key in todo:

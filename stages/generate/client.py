@@ -6,7 +6,7 @@ method per concern: `attempt` (one request and what it came to), `settle` (the r
 endpoint and remembered for the run: JSON schema, else json_object, else instructions only; a request the endpoint
 refused is resent at once in the next mode, not counted as a retry), `retry_delay`, `record_failure` (and the circuit
 breaker: `max_consecutive_failures` requests in a row failing with the same error stop the run), `answer` (the loop
-for one unit) and `run` (all units). What an attempt came to is an `Outcome` (read by `qrb.llm.failure`, the layer
+for one unit) and `run` (all units). What an attempt came to is an `Attempt` (read by `qrb.llm.failure`, the layer
 every LLM call shares); the run's counters are `RunStats`. openai is imported only when a request is made
 (`--dry-run` and `--help` stay light).
 """
@@ -38,7 +38,7 @@ _FORMAT_WORDS = ("response_format", "response format", "json_schema", "json_obje
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
+class Attempt:
     """What one attempt came to: a reply to keep (`value`), or why not."""
 
     value: dict[str, Any] | None = None
@@ -81,14 +81,14 @@ class RunStats:
                               "completion_tokens": self.batch_completion_tokens}} if p.mode == "batch" else {})}
 
 
-def read_failure(e: BaseException, mode_sent: str, secret: str | None, timeout_s: float) -> Outcome:
-    """A request's exception as an Outcome: retry, give up, stop the run, or a refusal of the `response_format` (an
+def read_failure(e: BaseException, mode_sent: str, secret: str | None, timeout_s: float) -> Attempt:
+    """A request's exception as an Attempt: retry, give up, stop the run, or a refusal of the `response_format` (an
     error naming it, whatever status code carried it)."""
     f = llm.failure(e, secret, timeout_s)
     if f.status and f.status != 429 and mode_sent != "none" and any(w in f.message.lower() for w in _FORMAT_WORDS):
-        return Outcome(reason=f"HTTP {f.status} refused response_format {mode_sent}: {f.message}",
+        return Attempt(reason=f"HTTP {f.status} refused response_format {mode_sent}: {f.message}",
                        refused_format=True)
-    return Outcome(reason=f.reason, transient=f.transient, rate_limited=f.kind == "rate_limited",
+    return Attempt(reason=f.reason, transient=f.transient, rate_limited=f.kind == "rate_limited",
                    retry_after=f.retry_after, final=f.kind in ("config", "request"), fatal=f.kind == "config")
 
 
@@ -127,7 +127,7 @@ class RateLimiter:
                 await asyncio.sleep(max(self.events[0][0] + self.window_s - now, 0.01))
 
 
-def judge_reply(resp: Any, p: GenerateParams) -> tuple[Outcome, int, int]:
+def judge_reply(resp: Any, p: GenerateParams) -> tuple[Attempt, int, int]:
     """A chat.completion (online or from a batch's output file): (kept if it holds pairs and was not cut off, or
     why not; its prompt and completion tokens, billed either way)."""
     pt, ct = llm.usage(resp)
@@ -135,11 +135,11 @@ def judge_reply(resp: Any, p: GenerateParams) -> tuple[Outcome, int, int]:
     content = choice.message.content if choice else None
     finish = choice.finish_reason if choice else None
     if finish == "length":
-        return Outcome(reason=f"truncated reply (finish_reason=length at max_tokens={p.max_tokens}); "
+        return Attempt(reason=f"truncated reply (finish_reason=length at max_tokens={p.max_tokens}); "
                               "raise generate.max_tokens"), pt, ct
     if not parse_pairs(content):
-        return Outcome(reason="reply is not valid JSON with question/answer pairs"), pt, ct
-    return Outcome(value={"response_id": resp.id, "model": resp.model or p.model, "content": content,
+        return Attempt(reason="reply is not valid JSON with question/answer pairs"), pt, ct
+    return Attempt(value={"response_id": resp.id, "model": resp.model or p.model, "content": content,
                           "finish_reason": finish, "prompt_tokens": pt, "completion_tokens": ct}), pt, ct
 
 
@@ -166,10 +166,6 @@ class Requester:
         self.attempt_streak: tuple[str, int] = ("", 0)  # ... and attempts in a row failing alike (endpoint down)
         self.preloaded: dict[str, dict[str, Any]] = {}
 
-    @property
-    def use_schema(self) -> bool:
-        return self.mode == "json_schema"
-
     def backoff(self, attempt: int) -> float:
         return llm.backoff(attempt, self.p.backoff_base_s, self.p.backoff_max_s, self.rng)
 
@@ -181,7 +177,7 @@ class Requester:
             return f"budget exhausted: spent ${self.stats.cost(self.p):.4f} > generate.max_cost_usd"
         return None
 
-    def settle(self, outcome: Outcome, mode_sent: str) -> Outcome:
+    def settle(self, outcome: Attempt, mode_sent: str) -> Attempt:
         """On a refusal of the mode in use, move down the response_format list, once for the run (the requests in
         flight with the same mode, refused too, are only resent), and resend."""
         if not outcome.refused_format:
@@ -190,9 +186,9 @@ class Requester:
             self.mode = FORMAT_MODES[FORMAT_MODES.index(self.mode) + 1]
             self.refusals.append({"response_format": mode_sent, "reason": outcome.reason})
             log.warning("generate: %s; falling back to response_format %s", outcome.reason, self.mode)
-        return Outcome(again=True)
+        return Attempt(again=True)
 
-    async def attempt(self, unit: Unit) -> Outcome:
+    async def attempt(self, unit: Unit) -> Attempt:
         """One request (the caller holds a concurrency slot) and what it came to."""
         import openai
 
@@ -209,25 +205,21 @@ class Requester:
             outcome = self.settle(read_failure(e, mode_sent, self.secret, p.timeout_s), mode_sent)
             if outcome.fatal:
                 self.stopped.append(ConfigError(outcome.reason))  # no retry can fix it: outputs untouched
-                return Outcome(reason="run stopped: " + outcome.reason, final=True)
+                return Attempt(reason="run stopped: " + outcome.reason, final=True)
             return outcome
-        return self.settle(self.read_reply(resp), mode_sent)
-
-    def read_reply(self, resp: Any) -> Outcome:
-        """Bill the usage; keep the reply if it holds pairs and was not cut off."""
-        outcome, pt, ct = judge_reply(resp, self.p)
+        outcome, pt, ct = judge_reply(resp, p)  # billed either way
         self.stats.prompt_tokens += pt
         self.stats.completion_tokens += ct
-        return outcome
+        return self.settle(outcome, mode_sent)
 
-    def retry_delay(self, outcome: Outcome, attempt: int) -> float | None:
+    def retry_delay(self, outcome: Attempt, attempt: int) -> float | None:
         """Seconds to wait before the next try after failed attempt number `attempt` (0-based), or None when no
         retry is left. A 429 waits at least the server's Retry-After."""
         if attempt + 1 > self.p.max_retries:
             return None
         return max(outcome.retry_after or 0.0, self.backoff(attempt)) if outcome.rate_limited else self.backoff(attempt)
 
-    def record_failure(self, unit: Unit, attempts: int, outcome: Outcome) -> None:
+    def record_failure(self, unit: Unit, attempts: int, outcome: Attempt) -> None:
         """A unit that ended without a reply; the same error on `max_consecutive_failures` units in a row stops the
         run (a ConfigError when no retry could fix it, a TransientError when the endpoint is down or failing)."""
         self.failures.append(unit_failure(unit, outcome.reason, attempts))
@@ -242,7 +234,7 @@ class Requester:
             self.stopped.append(TransientError(what + "; the endpoint is down or keeps failing") if outcome.transient
                                 else ConfigError(what))
 
-    def count_attempt(self, outcome: Outcome) -> None:
+    def count_attempt(self, outcome: Attempt) -> None:
         """An endpoint that is down fails every attempt of every request while their retries interleave: the same
         transient error (429 aside: rate limits are waited out) on K requests' worth of attempts in a row (K x (1 +
         max_retries)) stops the run before every request has burnt its retries."""
@@ -261,17 +253,17 @@ class Requester:
         if unit.key in self.preloaded:
             self.responses[unit.key] = self.preloaded[unit.key]
             return
-        outcome, attempts, attempt = Outcome(reason="not attempted"), 0, 0
+        outcome, attempts, attempt = Attempt(reason="not attempted"), 0, 0
         while attempt <= self.p.max_retries:
             stop = self.stop_reason()
             if stop:
-                outcome = Outcome(reason=stop)
+                outcome = Attempt(reason=stop)
                 break
             await self.limiter.acquire(unit.est_prompt_tokens + self.p.max_tokens)
             async with self.sem:
                 stop = self.stop_reason()  # again: the run may have stopped while this unit waited for a slot
                 if stop:
-                    outcome = Outcome(reason=stop)
+                    outcome = Attempt(reason=stop)
                     break
                 attempts += 1
                 outcome = await self.attempt(unit)

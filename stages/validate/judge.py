@@ -46,7 +46,7 @@ EXCERPT_CHARS = 6000  # of the full text, around the passage the answer draws on
 _DELIM = re.compile(r"<\s*/?\s*(?:paper|pair)\s*>", re.I)
 
 
-def clean(text: Any) -> str:
+def one_line(text: Any) -> str:
     """One line that cannot open or close a `<paper>` or `<pair>` block."""
     return _DELIM.sub("[data]", " ".join(str(text or "").split()))
 
@@ -69,14 +69,14 @@ def excerpt(full_text: str, answer: str, limit: int = EXCERPT_CHARS) -> str:
                 grown = True
         if not grown:
             break
-    return clean(" ".join(paras[lo:hi + 1]))[:limit]
+    return one_line(" ".join(paras[lo:hi + 1]))[:limit]
 
 
 def paper_block(paper: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     """What the judge reads of the paper: title, DOI, abstract, and for a pair written from the full text (chunk >
     0), the passage of the full text it draws on."""
-    lines = ["<paper>", f"Title: {clean(paper.get('title'))}", f"DOI: {clean(paper.get('doi'))}", "Abstract:",
-             clean(paper.get("abstract"))]
+    lines = ["<paper>", f"Title: {one_line(paper.get('title'))}", f"DOI: {one_line(paper.get('doi'))}", "Abstract:",
+             one_line(paper.get("abstract"))]
     full = paper.get("full_text")
     if row.get("chunk") not in (0, "0", None) and isinstance(full, str) and full.strip():
         lines += ["Excerpt of the full text:", excerpt(full, str(row.get("answer") or ""))]
@@ -84,7 +84,7 @@ def paper_block(paper: Mapping[str, Any], row: Mapping[str, Any]) -> str:
 
 
 def pair_block(question: str, answer: str) -> str:
-    return "\n".join(["<pair>", f"Question: {clean(question)}", f"Answer: {clean(answer)}", "</pair>"])
+    return "\n".join(["<pair>", f"Question: {one_line(question)}", f"Answer: {one_line(answer)}", "</pair>"])
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,6 @@ def parse_verdict(text: str | None) -> tuple[int, int, str] | None:
     return None
 
 
-
 class Judge:
     """One run's judge: `judge(items)` -> {row_id: Verdict}; `summary()` its counters for the metrics."""
 
@@ -172,9 +171,8 @@ class Judge:
         self.stopped: list[QrbError] = []
 
     def key(self, item: Item) -> str:
-        blob = json.dumps([self.ep.base_url.rstrip("/"), self.ep.model, self.prompt_id, self.jp.max_tokens,
-                           item.question, item.answer, item.paper])
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return llm.key(self.ep.base_url.rstrip("/"), self.ep.model, self.prompt_id, self.jp.max_tokens, item.question,
+                       item.answer, item.paper)
 
     def cost(self, pt: int, ct: int) -> float:
         return (pt * self.jp.price_input_per_1m + ct * self.jp.price_output_per_1m) / 1e6
@@ -220,7 +218,9 @@ class Judge:
 
     def _send(self, todo: list[tuple[str, Item]], secret: str) -> dict[str, Verdict]:
         with llm.client(self.ep.base_url, secret, self.jp.timeout_s, self.jp.max_retries) as client:
-            verdicts, _ = llm.fan_out(lambda t: self._one(client, *t, secret), todo, self.jp.concurrency)
+            verdicts, raised = llm.fan_out(lambda t: self._one(client, *t, secret), todo, self.jp.concurrency)
+        if raised:  # `_one` reads every request's failure itself: this is a bug, shown as it is
+            raise raised[0]
         got = {key: v for (key, _), v in zip(todo, verdicts) if v is not None}
         if self.stopped:
             n = sum(v.ok for v in got.values())
@@ -252,8 +252,8 @@ class Judge:
                     self.reserved -= bound
                     if f.kind == "request":
                         return Verdict(None, None, f.reason)
-                    self.stopped.append((ConfigError if f.kind == "config" else TransientError)(f"the judge: "
-                                                                                              f"{f.reason}"))
+                    error = ConfigError if f.kind == "config" else TransientError
+                    self.stopped.append(error(f"the judge: {f.reason}"))
                 return None
             content = llm.reply_text(resp)
             pt, ct = llm.usage(resp)  # billed as estimated where the endpoint reports no usage
