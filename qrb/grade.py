@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .grade_words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
+from .words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
 
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not_attempted"
 GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED)
@@ -86,14 +86,15 @@ class Num:  # tol: how far another value may be and still be this one; unit: wor
     cite: bool = False    # "Ref. [56]", "Eq. (3)": a pointer, not a value
 
 
-def clean(text: str) -> str:
+def plain(text: str) -> str:
+    """The text as grading reads it: NFKC, superscripts as ^n, typographic dashes, quotes and signs as ASCII."""
     text = re.sub(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+", lambda m: "^" + m.group().translate(_SUPERSCRIPT), text or "")
     return unicodedata.normalize("NFKC", text).translate(_PLAIN)
 
 
 def is_abstention(answer: str) -> bool:
     """Does the answer decline ("I don't know that paper", "I'm not sure", "the paper does not say")?"""
-    return bool(_ABSTAIN.search(clean(answer)))
+    return bool(_ABSTAIN.search(plain(answer)))
 
 
 def _unit(text: str, end: int) -> tuple[str | None, int]:
@@ -225,7 +226,7 @@ class Gold:
 
     @classmethod
     def parse(cls, gold: str, qstems: set[str]) -> Gold:
-        text = clean(gold).strip()
+        text = plain(gold).strip()
         nums = tuple(n for n in numbers(text) if not n.cite)
         rest = text
         for n in reversed(nums):
@@ -254,7 +255,7 @@ def _rival_beside(text: str, start: int, end: int, golds: Sequence[Gold], qstems
 
 def grade(answer: str, short_answer: str, aliases: Sequence[str] = (), question: str = "") -> str:
     """correct / incorrect / not_attempted of `answer` against the gold `short_answer` (or any of its `aliases`)."""
-    text, q = clean(answer), clean(question)
+    text, q = plain(answer), plain(question)
     if not text.strip():
         return NOT_ATTEMPTED
     targets = [t for t in (short_answer, *aliases) if t and t.strip()]

@@ -13,11 +13,11 @@ import zlib
 from typing import Any
 
 from qrb.schema import QAPair
+from qrb.words import norm_words
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .facts import fact_id, invented_rows, seen_rows, variants_of
 from .replies import parse_pairs
-from .text import norm_words
 from .units import Unit, failure_row, reply_cost
 
 log = logging.getLogger(__name__)

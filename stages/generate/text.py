@@ -1,16 +1,4 @@
-"""The word sets questions are compared by (dedup across facts, the seen questions' Jaccard check)."""
+"""The word sets questions are compared by (dedup across facts, the seen questions' Jaccard check): the project's one
+normaliser, `qrb.words`, here for facts.py's import."""
 
-from __future__ import annotations
-
-import re
-import unicodedata
-
-
-def norm_words(text: str) -> list[str]:
-    """Casefolded words (NFKC), punctuation dropped."""
-    return re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", text).lower())
-
-
-def word_set(text: str) -> frozenset[str]:
-    words = norm_words(text)
-    return frozenset(words) or frozenset([text.strip().lower()])
+from qrb.words import norm_words, word_set  # noqa: F401 - re-exported

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
+from qrb.words import norm_words
 
 from . import ValidateParams
 
@@ -114,9 +115,8 @@ _SUFFIXES = ("ations", "ation", "ings", "ing", "edly", "ed", "ies", "es", "s", "
 
 
 def normalize_text(text: str) -> str:
-    """Casefolded words only (LaTeX markers, punctuation and spacing dropped): the key for near-duplicates."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_WORD.findall(text.replace("\\", " ")))
+    """The key for near-duplicates: the project's normalised words (`qrb.words.norm_words`), space-joined."""
+    return " ".join(norm_words(text))
 
 
 def _stem(word: str) -> str:

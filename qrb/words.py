@@ -1,12 +1,24 @@
-"""The words numbers and units are written in, the stop words and the stemmer that short-answer grading
-(`qrb.grade`) reads: number words ("two" = 2), units a number carries ("56 qubits", "67%": one key per
-unit, "%" for every way of writing percent), words that say nothing of a subject, Porter stems (what rouge-score
-stems with). Pure: no I/O.
+"""Words: the project's one text normaliser (`norm_words`: what questions, titles and near-duplicates are compared
+by, in generate and validate), and the tables short-answer grading (`qrb.grade`) reads: number words ("two" = 2),
+units a number carries ("56 qubits", "67%": one key per unit, "%" for every way of writing percent), words that say
+nothing of a subject, Porter stems (what rouge-score stems with). Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from functools import lru_cache
+
+
+def norm_words(text: str) -> list[str]:
+    """Casefolded words (NFKC), punctuation, spacing and LaTeX markers dropped."""
+    return re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", text).casefold())
+
+
+def word_set(text: str) -> frozenset[str]:
+    return frozenset(norm_words(text)) or frozenset([text.strip().lower()])
+
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
