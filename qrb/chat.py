@@ -6,6 +6,7 @@ trained on: system prompt + user question -> assistant answer, rendered by the t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -197,12 +198,46 @@ def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_p
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": total_tokens}
 
 
+GATE_FILE = "gate.json"  # beside an adapter: the confidence below which it declines (train calibrates it)
+
+
+def read_gate(adapter_dir: str | Path) -> float | None:
+    """The adapter's calibrated `min_prob` (gate.json), or None: no gate (none calibrated, or an older adapter)."""
+    path = Path(adapter_dir) / GATE_FILE
+    return json.loads(path.read_text()).get("min_prob") if path.exists() else None
+
+
+def token_confidence(logits: Sequence, new_ids, stop_ids: set[int]) -> list[float]:
+    """Per answer: the probability of its least likely token, up to and including its end token (the model's own
+    unwarped distribution: `logits` as generate(output_logits=True) returns them, one tensor per step)."""
+    import torch
+
+    probs = torch.stack([torch.softmax(step.float(), -1) for step in logits], 1)  # batch, steps, vocab
+    chosen = probs.gather(2, new_ids[:, :probs.shape[1]].unsqueeze(-1)).squeeze(-1)
+    out = []
+    for row, ids in zip(chosen, new_ids.tolist()):
+        n = next((k + 1 for k, t in enumerate(ids) if t in stop_ids), len(ids))
+        out.append(float(row[:n].min()) if n else 1.0)
+    return out
+
+
+def gate(answer: str, confidence: float, min_prob: float | None) -> str:
+    """The answer, or the abstention answer when the model was less sure of it than `min_prob`."""
+    from qrb.schema import ABSTAIN_ANSWER
+
+    return ABSTAIN_ANSWER if min_prob is not None and confidence < min_prob else answer
+
+
 def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: str, *, batch_size: int,
-                     max_new_tokens: int, greedy: bool = True, desc: str = "generate") -> list[str]:
-    """Batched generation with left padding (right padding would put pads between prompt and answer)."""
+                     max_new_tokens: int, greedy: bool = True, desc: str = "generate", min_prob: float | None = None,
+                     confidences: list[float] | None = None) -> list[str]:
+    """Batched generation with left padding (right padding would put pads between prompt and answer). `min_prob`:
+    decline an answer below that confidence (`token_confidence`); `confidences`: a list to append each answer's to."""
     import torch
     from tqdm.auto import tqdm
 
+    scored = min_prob is not None or confidences is not None
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -214,9 +249,16 @@ def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: 
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                                     pad_token_id=tokenizer.pad_token_id, output_logits=scored,
+                                     return_dict_in_generate=True)
+            new = out.sequences[:, enc["input_ids"].shape[1]:]
+            texts = [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            if scored:
+                conf = token_confidence(out.logits, new, stop_ids)
+                texts = [gate(t, c, min_prob) for t, c in zip(texts, conf)]
+                if confidences is not None:
+                    confidences += conf
+            answers += texts
     finally:
         tokenizer.padding_side = side
     return answers

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qrb.chat import adapter_kind
+from qrb.chat import GATE_FILE, adapter_kind
 from qrb.errors import ConfigError, QrbError
 from qrb.gguf_export import adds_special, load_gguf, modelfile, write_gguf
 from qrb.io import read_jsonl, write_metrics
@@ -140,6 +140,8 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
     del peft_model
     model.save_pretrained(merged_out)
     tokenizer.save_pretrained(merged_out)
+    if (adapter_dir / GATE_FILE).exists():  # `qrb serve --model` on the merged model declines as the adapter does
+        shutil.copy2(adapter_dir / GATE_FILE, merged_out / GATE_FILE)
     ce_merged = ce(model, tokenizer, "merged") if rows else None
     stop_ids = model.generation_config.eos_token_id if model.generation_config else None
     del model

@@ -94,6 +94,7 @@ class Bot:
     base_only: bool = False  # base.model without the adapter (`--base`)
     retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index; `retrieval:` params below
     retrieval: Any = None
+    min_prob: float | None = None  # the adapter's confidence gate (qrb.chat.read_gate): closed-book replies only
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ground(self, conversation: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list | None]:
@@ -184,13 +185,27 @@ class Bot:
         ids = self.prompt_ids(conversation)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
         device = next(self.model.parameters()).device
+        gated = self.gated
         with self.lock, torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids], device=device),
-                                      attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device), **kw)
-        new = out[0, len(ids):].tolist()
+                                      attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                                      output_logits=gated, return_dict_in_generate=True, **kw)
+        new = out.sequences[0, len(ids):].tolist()
         reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt_tokens=len(ids))
+        if gated:
+            from qrb.chat import gate, token_confidence
+
+            stops = self.eos_token_ids | {self.pad_token_id} - {None}
+            reply.text = gate(reply.text, token_confidence(out.logits, out.sequences[:, len(ids):], stops)[0],
+                              self.min_prob)
         self._finish(reply, new, kw["max_new_tokens"])
         return reply
+
+    @property
+    def gated(self) -> bool:
+        """Replies pass the confidence gate: an adapter that has one, answering closed-book (with rag the passages
+        and `retrieval.min_score` decide)."""
+        return self.min_prob is not None and self.retriever is None
 
     def stream(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
@@ -199,6 +214,10 @@ class Bot:
 
         The returned Reply is complete once the iterator is exhausted. Closing the iterator early stops generation.
         """
+        if self.gated:  # a gated reply is known only once whole: one piece
+            reply = self.generate(conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed)
+            return reply, iter([reply.text] if reply.text else [])
         ids = self.prompt_ids(conversation)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
         reply = Reply(prompt_tokens=len(ids))
@@ -283,8 +302,9 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     retriever, retrieval = open_index(params_path) if limits.rag else (None, None)  # before the model: fail fast
     import torch
 
-    from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter
+    from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter, read_gate
 
+    min_prob = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = Path(model_path) if model_path else DEFAULT_ADAPTER
@@ -298,9 +318,11 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     elif adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
         model, tokenizer = load_with_adapter(base.model, path, dtype=dtype)
         source = f"{path} on {base.model}"
+        min_prob = read_gate(path)
     elif (path / "config.json").exists():  # the merged export, or any transformers model folder
         model, tokenizer = load_causal_lm(str(path), dtype=dtype), load_tokenizer(str(path))
         source = str(path)
+        min_prob = read_gate(path)  # the export copies the adapter's gate
     elif any(path.glob("*.gguf")):
         raise ConfigError(f"{path} holds a GGUF: run it with Ollama or llama.cpp (docs/serving.md); qrb serves the "
                           "merged export (artifacts/export/merged) or an adapter")
@@ -312,7 +334,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     model = model.to(device)
     model.eval()
     return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=source,
-               base_only=base_only, retriever=retriever, retrieval=retrieval)
+               base_only=base_only, retriever=retriever, retrieval=retrieval, min_prob=min_prob)
 
 
 # ---- the apps' command line --------------------------------------------------------------------------------------

@@ -42,13 +42,16 @@ class LocalModel:
     system: str
     p: EvaluateParams
     max_length: int  # base.max_length: the one limit every eval CE counts within
+    min_prob: float | None = None  # the adapter's confidence gate (qrb.chat.read_gate): its closed-book answers only
 
-    def answer(self, prompts: list[str], desc: str,
-               refs: list[str] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
-        """The answers to `prompts`, and per prompt (given `refs`) the summed NLL and token count of its reference."""
+    def answer(self, prompts: list[str], desc: str, refs: list[str] | None = None,
+               gated: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
+        """The answers to `prompts` (`gated`: through the adapter's confidence gate), and per prompt (given `refs`)
+        the summed NLL and token count of its reference."""
         p = self.p
         answers = generate_answers(self.model, self.tokenizer, prompts, self.system, batch_size=p.batch_size,
-                                   max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc) if prompts else []
+                                   max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc,
+                                   min_prob=self.min_prob if gated else None) if prompts else []
         if refs is None:
             return answers, [{} for _ in answers]
         pairs = [{"question": q, "answer": a} for q, a in zip(prompts, refs)]
@@ -75,7 +78,7 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
         answers[name] = [said.get(i, ABSTAIN_ANSWER) for i in range(len(rows))]
         extras[name] = [{"cited": [c["doi"] for c in cites]} for _, cites in grounded]
 
-    answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs)
+    answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
     if grounded:
         rag("fine_tuned_rag")
     with local.model.disable_adapter():
@@ -189,13 +192,14 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retrieval=None, scorer: Scorer | None = None,
-             grader_cache: Cache | None = None,
+             grader_cache: Cache | None = None, min_prob: float | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
     `retrieval` ((Retriever, RetrievalParams), as `qrb.retrieval.open_index` returns them) is needed for the RAG rows
-    when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key; None keeps none) gets each new grade.
+    when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key; None keeps none) gets each new grade;
+    `min_prob`: the adapter's confidence gate, applied to its closed-book answers as the apps apply it.
     """
     from qrb.rivals import ask_rival
 
@@ -203,7 +207,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         raise ValueError("evaluate: evaluate.rag needs the retrieval index (qrb.retrieval.open_index)")
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
-    local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"])
+    local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"], min_prob)
     skipped: dict[str, str] = {}
     answered: dict[str, tuple] = {}
     for set_name, rows in sets.items():

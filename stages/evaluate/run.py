@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb import llm
+from qrb.chat import read_gate
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl
 from qrb.retrieval import open_index
@@ -105,7 +106,8 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     model, tokenizer = load_adapter_model(base, device)
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
-                                                 retrieval=retrieval, grader_cache=cache)
+                                                 retrieval=retrieval, grader_cache=cache,
+                                                 min_prob=read_gate(ADAPTER_DIR))
     finally:  # every grade paid for was committed as it came, whatever happens later
         cache.close()
     labels = model_labels(base["model"], p, retrieval[1] if retrieval else None)

@@ -95,6 +95,7 @@ class TrainParams:
     emissions_country: str | None
     report_to: Literal["dvclive", "wandb", "mlflow", "tensorboard", "none"]  # DVCLive's files are written anyway
     text: TextParams
+    gate: bool  # hold back a few rows, then calibrate the confidence below which the adapter declines (train/gate.py)
 
     @property
     def bf16(self) -> bool:

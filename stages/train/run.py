@@ -15,7 +15,7 @@ from qrb.errors import ConfigError, DataError
 from qrb.io import atomic_write_text, read_jsonl, write_metrics
 from qrb.stage import run_stage
 
-from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams
+from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams, gate
 from .lineage import lineage
 from .trainer import dvclive_callback, train
 
@@ -67,12 +67,25 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
             raise ConfigError(f"{PAPERS} not found (`train.text.share` > 0 trains on the papers' text): run scrape")
         keys = ("doi", "title", "abstract", "full_text")
         dataset["papers"] = Dataset.from_list([{k: r.get(k) or "" for k in keys} for r in read_jsonl(PAPERS)])
+    rows = dataset["train"].to_list()
+    keep, known, unknown = gate.hold_back(rows, base["seed"]) if p.gate else (range(len(rows)), [], [])
+    dataset["train"] = dataset["train"].select(keep)
     CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)  # a DVC out (persist: true): must exist after the stage
     live = (dvclive_callback(LIVE_DIR),) if os.environ.get("RANK", "0") == "0" else ()  # rank 0 writes
     model, tokenizer, metrics, _ = train(base, p, dataset, device, checkpoint_root=CHECKPOINT_ROOT, callbacks=live)
     if not metrics.pop("is_main_process"):
         return  # multi-process: only rank 0 writes
     save_adapter(model, tokenizer, p, ADAPTER_DIR)
+    if p.gate:
+        import torch
+
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=p.bf16):  # as the base was trained
+            found = gate.calibrate(model, tokenizer, rows, known, unknown, base["system_prompt"], p.eval_batch_size,
+                                   ADAPTER_DIR)
+        metrics.update({f"gate_{k}": v for k, v in found.items()})
+        log.info("confidence gate: min_prob %.3f; held back %d known facts (%d kept right), %d invented papers "
+                 "(%d declined)", found["min_prob"], found["known"], found["known_kept_right"], found["unknown"],
+                 found["unknown_declined"])
     atomic_write_text(ADAPTER_DIR / "lineage.json", json.dumps(lineage(base, p, metrics), indent=2, default=str) + "\n")
     write_metrics(METRICS, REPORT, metrics, HEADLINE)
     log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),

@@ -1,0 +1,70 @@
+"""The confidence gate: the adapter declines what it is unsure of, at a threshold calibrated on questions it did not
+train on. Before training, one wording of each fact that has several is held back (a known fact in words it has not
+seen, as users ask) and so is every HOLD_ABSTAIN_EVERY-th abstention row (a paper that does not exist). After
+training the model answers both; the threshold on its answer's least likely token (`qrb.chat.token_confidence`) is
+the one that scores best: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline. `qrb.chat.gate`
+applies it wherever the adapter answers closed-book (evaluate, the apps)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HOLD_ABSTAIN_EVERY = 4  # a quarter of the abstention rows: enough unfamiliar questions to calibrate on, most still train
+MAX_NEW_TOKENS = 32  # a short answer and the abstention answer fit
+
+
+def hold_back(rows: list[dict[str, Any]], seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(indices to train on, known facts held back, unknown papers held back): one wording (not the first) of each
+    fact with at least 3 wordings, chosen by a seeded hash; every HOLD_ABSTAIN_EVERY-th abstention row."""
+    def rank(i: int) -> str:
+        return hashlib.sha256(f"{seed}\x00{rows[i]['question']}".encode()).hexdigest()
+
+    wordings: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.get("kind") == "fact" and r.get("variant"):
+            wordings[r["fact_id"]].append(i)
+    known = sorted(min(ix, key=rank) for ix in wordings.values() if len(ix) >= 2)
+    unknown = [i for i, r in enumerate(rows) if r.get("kind") == "abstain"][::HOLD_ABSTAIN_EVERY]
+    held = set(known) | set(unknown)
+    return [i for i in range(len(rows)) if i not in held], known, unknown
+
+
+def threshold(known: list[tuple[float, str]], unknown: list[tuple[float, bool]]) -> tuple[float, int]:
+    """(min_prob, its score). `known`: (confidence, grade) per held-back fact; `unknown`: (confidence, declined by
+    the model itself) per held-back invented paper. The lowest of the best-scoring thresholds: answer when unsure
+    which is better."""
+    def score(t: float) -> int:
+        s = sum((1 if g == "correct" else -1) for c, g in known if g != "not_attempted" and c >= t)
+        return s - sum(1 for c, declined in unknown if not declined and c >= t)
+
+    candidates = [0.0] + sorted({round(c + 1e-6, 6) for c, _ in known + unknown})
+    best = max(candidates, key=lambda t: (score(t), -t))
+    return best, score(best)
+
+
+def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], unknown: list[int], system: str,
+              batch_size: int, out_dir: Path) -> dict[str, Any]:
+    """Answer the held-back rows, choose the threshold, write it to `out_dir`/gate.json; returns what it wrote."""
+    from qrb.chat import GATE_FILE, generate_answers
+    from qrb.grade import NOT_ATTEMPTED, grade
+    from qrb.schema import ABSTAIN_ANSWER
+
+    conf: list[float] = []
+    held = [rows[i] for i in known + unknown]
+    answers = generate_answers(model, tokenizer, [r["question"] for r in held], system, batch_size=batch_size,
+                               max_new_tokens=MAX_NEW_TOKENS, confidences=conf, desc="gate")
+    k = len(known)
+    graded = [(c, grade(a, r.get("short_answer") or "", r.get("aliases") or [], r["question"]))
+              for c, a, r in zip(conf[:k], answers[:k], held[:k])]
+    invented = [(c, grade(a, "", [], r["question"]) == NOT_ATTEMPTED or a == ABSTAIN_ANSWER)
+                for c, a, r in zip(conf[k:], answers[k:], held[k:])]
+    min_prob, score = threshold(graded, invented)
+    out = {"min_prob": min_prob, "score": score, "known": k, "unknown": len(unknown),
+           "known_kept_right": sum(g == "correct" and c >= min_prob for c, g in graded),
+           "unknown_declined": sum(d or c < min_prob for c, d in invented)}
+    (out_dir / GATE_FILE).write_text(json.dumps(out, indent=2) + "\n")
+    return out
