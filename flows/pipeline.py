@@ -224,7 +224,7 @@ def _retry_note(failure: StageFailed) -> str:
 
 
 @task(task_run_name="{stage}", log_prints=True)
-def run_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
+def repro_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
     """`dvc --wait-for-lock repro <stage>` (`--force --single-item` when forced); output streamed to the task's log.
     `ran`: the stage's command ran (it reported an outcome), i.e. DVC found it stale or was forced."""
     logger = get_run_logger()
@@ -263,8 +263,8 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 def stage_task(stage: str, retries: dict[str, int] | None = None, delay_s: float = RETRY_DELAY_S):
     retries_n = (NETWORK_STAGES if retries is None else retries).get(stage, 0)
     if not retries_n:
-        return run_stage
-    return run_stage.with_options(retries=retries_n, retry_delay_seconds=delay_s, retry_jitter_factor=RETRY_JITTER,
+        return repro_stage
+    return repro_stage.with_options(retries=retries_n, retry_delay_seconds=delay_s, retry_jitter_factor=RETRY_JITTER,
                                   retry_condition_fn=retry_transient)
 
 
