@@ -11,10 +11,10 @@ import re
 from typing import Any
 
 from qrb.schema import ABSTAIN_ANSWER, QAPair
+from qrb.words import norm_words, word_set
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
-from .text import norm_words, word_set
 from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cache_key, clean, est_tokens
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
