@@ -9,7 +9,7 @@ import re
 
 from qrb.offline.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 from qrb.schema import ABSTAIN_ANSWER
-from stages.generate.text import word_set
+from qrb.words import word_set
 
 SURFACE = ("Improved Pairwise Measurement-Based Surface Code",
            "We devise a new realization of the surface code on a rectangular lattice of qubits utilizing single-qubit "
