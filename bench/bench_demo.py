@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows.workspace import profile_params, venv_env  # noqa: E402
-from qrb.offline.services import free_ports, port_overrides  # noqa: E402
+from standins.services import free_ports, port_overrides  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, repeats: int) -> float:

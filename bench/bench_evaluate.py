@@ -48,7 +48,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from qrb.chat import generate_answers, load_causal_lm, load_tokenizer, resize_for_tokenizer
-    from qrb.offline import tiny_model
+    from standins import tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

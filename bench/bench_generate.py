@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qrb.offline.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
+from standins.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
 from stages.generate import GenerateParams  # noqa: E402
 from stages.generate.cache import ResponseCache  # noqa: E402
 from stages.generate.client import run_requests  # noqa: E402

@@ -36,7 +36,7 @@ ARMS = ("qa_k1", "qa_k5", "qa_k8", "text", "text_qa")
 
 def build_sets(papers: list[dict], facts_per_paper: int, held_out: int, seed: int, n_invented: int):
     """(training facts with their wordings, seen, held-out, invented, training papers)."""
-    from qrb.offline.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
+    from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 
     order = sorted(papers, key=lambda r: r["doi"])
     random.Random(seed).shuffle(order)
@@ -76,7 +76,7 @@ def qa_rows(train: list[dict], k: int) -> list[dict]:
 
 
 def abstain_rows(n: int, seed: int, titles: list[str], avoid: set[str], train_papers: list[dict]) -> list[dict]:
-    from qrb.offline.smoke.facts import invented_questions
+    from standins.smoke.facts import invented_questions
     from qrb.schema import ABSTAIN_ANSWER
 
     found = invented_questions(f"bench-train:{seed}", n + 20, {t.lower() for t in avoid}, titles,

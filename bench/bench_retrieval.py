@@ -47,7 +47,7 @@ def untitled(question: str) -> str:
 
 
 def question_sets(ws: Path, papers: list[dict]) -> dict[str, list[tuple[str, str]]]:
-    from qrb.offline.smoke.writer import extractive_pairs
+    from standins.smoke.writer import extractive_pairs
 
     sets = {name: [(r["question"], r["doi"]) for r in read_jsonl(ws / f"artifacts/validate/{name}.jsonl")
                    if r.get("doi")] for name in ("seen", "eval")}

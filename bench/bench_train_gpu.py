@@ -53,7 +53,7 @@ def word_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from qrb.offline.tiny_model import BOS, CHAT_TEMPLATE, EOS, EOT, HEADER_END, HEADER_START, SPECIAL_TOKENS
+    from standins.tiny_model import BOS, CHAT_TEMPLATE, EOS, EOT, HEADER_END, HEADER_START, SPECIAL_TOKENS
 
     fixed = [*SPECIAL_TOKENS, "[UNK]", *ROLES]
     vocab = {t: i for i, t in enumerate(fixed)}

@@ -103,7 +103,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from flows.workspace import profile_params
-    from qrb.offline import smol_model
+    from standins import smol_model
     from qrb.params import build
     from stages.train import TrainParams
 

@@ -34,14 +34,14 @@ from flows import server as srv
 from flows import workspace as wsp
 from flows.pipeline import exit_code, pipeline, stream
 from qrb.errors import ConfigError
-from qrb.offline import services
+from standins import services
 from qrb.params import nested, parse_set, read_yaml
 
 DEFAULT_PROFILE = "smol"
 # the offline base models a profile may name (base.model), and the command that builds each in the workspace
 OFFLINE_MODELS = {
-    "models/smollm2-135m-instruct": ["-m", "qrb.offline.smol_model", "--out", "models/smollm2-135m-instruct"],
-    "models/tiny-llama": ["-m", "qrb.offline.tiny_model", "--corpus", "data/corpus", "--out", "models/tiny-llama"],
+    "models/smollm2-135m-instruct": ["-m", "standins.smol_model", "--out", "models/smollm2-135m-instruct"],
+    "models/tiny-llama": ["-m", "standins.tiny_model", "--corpus", "data/corpus", "--out", "models/tiny-llama"],
 }
 BUILD_TIMEOUT_S = 1800
 

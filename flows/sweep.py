@@ -41,7 +41,7 @@ from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
 from flows.workspace import dvc
 from qrb.errors import ConfigError
-from qrb.offline.services import port_overrides
+from standins.services import port_overrides
 from qrb.params import nested, parse_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -338,7 +338,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
     workspace even over edits made there since its last refresh.
     """
     from flows.demo import build_base_model
-    from qrb.offline.services import stand_ins
+    from standins.services import stand_ins
 
     cfg = load_config(config, trials)
     logger = get_run_logger()

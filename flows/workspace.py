@@ -2,8 +2,8 @@
 
     qrb workspace DIR [--profile tiny] [-S key=value ...] [--force]     create or refresh one
 
-A workspace is its own git + DVC repository holding copies of the pipeline code (dvc.yaml, stages/, qrb/,
-prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So the same dvc.yaml
+A workspace is its own git + DVC repository holding copies of the pipeline code (CODE: dvc.yaml, stages/, qrb/,
+standins/, prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So dvc.yaml
 runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
 params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC remote (no network needed).
 `dvc plots show` there needs no network either: the page template (`plots.html_template`) has vega inlined.
@@ -33,8 +33,9 @@ from qrb.params import deep_merge, nested, parse_set, read_yaml
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# models/README.md keeps models/ (a dep of the stages that load the base model) in a workspace whose base is a hub id
-CODE = ("dvc.yaml", "stages", "qrb", "prompts", "data.dvc", ".dvcignore", "models/README.md")
+# models/README.md keeps models/ (a dep of the stages that load the base model) in a workspace whose base is a hub id;
+# standins/: the stand-ins and base-model builders run there (`python -m standins.smoke` in the workspace)
+CODE = ("dvc.yaml", "stages", "qrb", "standins", "prompts", "data.dvc", ".dvcignore", "models/README.md")
 # data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc. logs/: what `qrb demo` /
 # `qrb run` wrote; dvc_plots/: `dvc plots show`'s page
 # artifacts/ and cache/ are DVC's outs: a stage that fails (a validate gate) leaves files there that DVC has not yet

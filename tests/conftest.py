@@ -58,7 +58,7 @@ def corpus_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
-    from qrb.offline import tiny_model
+    from standins import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tiny_model.build(corpus_dir, out, seed=0, pretrain_steps=150)
@@ -102,7 +102,7 @@ def smol_model_dir() -> Path:
     from filelock import FileLock
 
     from qrb.errors import ConfigError
-    from qrb.offline import smol_model
+    from standins import smol_model
 
     out = Path(os.environ.get("QRB_TEST_CACHE", Path.home() / ".cache" / "qrb-tests")) / "smollm2-135m-instruct"
     out.parent.mkdir(parents=True, exist_ok=True)

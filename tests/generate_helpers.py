@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import yaml
 
-from qrb.offline.smoke import MODEL_ID
+from standins.smoke import MODEL_ID
 from qrb.params import build, deep_merge
 from stages.generate import GenerateParams
 from stages.generate.run import load_templates, main

@@ -110,7 +110,7 @@ def test_qrb_run_bad_override_is_one_line_and_changes_nothing(override, expected
 
 def test_qrb_services_serves_the_workspace_stand_ins_for_a_command(tmp_path):
     from flows.workspace import profile_params
-    from qrb.offline.services import free_ports, port_overrides
+    from standins.services import free_ports, port_overrides
 
     params = profile_params("tiny", REPO, port_overrides(profile_params("tiny", REPO), *free_ports(2)))
     ws = tmp_path / "ws"

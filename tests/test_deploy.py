@@ -14,7 +14,7 @@ import pytest
 
 from flows import deploy
 from qrb.errors import EXIT_CONFIG, ConfigError
-from qrb.offline.services import free_ports
+from standins.services import free_ports
 
 
 def qrb_deploy(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

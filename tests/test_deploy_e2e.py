@@ -82,7 +82,7 @@ def prefect(tmp_path_factory):
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from flows.server import healthy, using
-    from qrb.offline.services import SMOKE_KEY_VALUE, free_ports
+    from standins.services import SMOKE_KEY_VALUE, free_ports
 
     root = tmp_path_factory.mktemp("deploy")
     url = f"http://127.0.0.1:{free_ports(1)[0]}/api"
@@ -138,8 +138,8 @@ def tiny(tmp_path_factory, tiny_model_dir, prefect):
     """A tiny-profile workspace crawling a 2-paper mirror (in this process, so the test can add papers and count
     requests) and generating from the smoke endpoint."""
     from flows import workspace as wsp
-    from qrb.offline.mirror import serve_mirror
-    from qrb.offline.services import background, free_ports, port_overrides
+    from standins.mirror import serve_mirror
+    from standins.services import background, free_ports, port_overrides
     from qrb.params import deep_merge, nested
 
     root = tmp_path_factory.mktemp("tiny")
@@ -154,7 +154,7 @@ def tiny(tmp_path_factory, tiny_model_dir, prefect):
         params = deep_merge(params, port_overrides(params, int(mirror.url.rsplit(":", 1)[1]), endpoint_port))
         params = deep_merge(params, nested({**SMALL, "base.model": str(tiny_model_dir)}))
         ws = wsp.prepare(root / "ws", "tiny", overrides=params)
-        with background("smoke-test endpoint", ["-m", "qrb.offline.smoke", "--port", str(endpoint_port)],
+        with background("smoke-test endpoint", ["-m", "standins.smoke", "--port", str(endpoint_port)],
                         params["generate"]["base_url"], ws):
             yield SimpleNamespace(ws=ws, mirror=mirror, more=window[2:])
 

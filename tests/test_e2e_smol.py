@@ -14,7 +14,7 @@ import pytest
 
 from flows.workspace import profile_params
 from helpers import set_args
-from qrb.offline.services import free_ports, port_overrides
+from standins.services import free_ports, port_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -397,7 +397,7 @@ def test_llm_grader_against_the_smoke_endpoint_grades_as_the_offline_grader():
     """The smoke endpoint answers `Task: grade` with the offline grader: the whole round trip (prompt, request,
     reply without response_format, parsing) gives the offline grades."""
     from qrb.grade import grade
-    from qrb.offline.smoke import serve_smoke_endpoint
+    from standins.smoke import serve_smoke_endpoint
 
     q = "As of September 2024, how many qubits has the quantum Krylov algorithm been demonstrated on?"
     items = [Item(q, "56 qubits", ("fifty-six qubits",), a) for a in (
@@ -631,7 +631,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     server, a rival without a key and one that keeps failing (skipped, the rest still scored), the four question
     sets and their freshness splits, grades by the LLM grader at the smoke endpoint whose cached grades make a rerun
     send no grading request, all outputs."""
-    from qrb.offline.smoke import serve_smoke_endpoint
+    from standins.smoke import serve_smoke_endpoint
 
     model, tok = peft_tiny
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:12]

@@ -223,7 +223,7 @@ def test_llama31_rope_scaling_is_written_as_rope_freqs(tiny_model_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def tied_tiny_dir(tmp_path_factory, corpus_dir):
-    from qrb.offline import tiny_model
+    from standins import tiny_model
 
     return tiny_model.build(corpus_dir, tmp_path_factory.mktemp("tied-tiny"), seed=0, pretrain_steps=40,
                             tie_word_embeddings=True)

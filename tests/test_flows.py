@@ -496,7 +496,7 @@ def test_persistent_server_is_started_once_and_sends_no_telemetry(tmp_path, monk
     import time
 
     from flows import server as srv
-    from qrb.offline.services import free_ports
+    from standins.services import free_ports
 
     [port] = free_ports(1)
     url = f"http://127.0.0.1:{port}/api"

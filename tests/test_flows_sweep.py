@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from flows import sweep as sw
-from qrb.offline.services import free_ports
+from standins.services import free_ports
 
 CONFIG = """
 target: train

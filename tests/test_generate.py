@@ -32,7 +32,7 @@ from generate_helpers import (
 )
 
 from qrb.errors import EXIT_CONFIG
-from qrb.offline.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
+from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 from qrb.params import build
 from qrb.schema import PAIR_FIELDS
 from stages.generate import GenerateParams

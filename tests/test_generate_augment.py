@@ -17,7 +17,7 @@ import time
 import pytest
 from generate_helpers import KEY_ENV, MARKER, ROOT, fake_papers, make_workspace, outputs, read, recipe, run_main
 
-from qrb.offline.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
+from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 from qrb.schema import PAIR_FIELDS
 from qrb.words import word_set
 from stages.generate.assemble import assemble, collect_facts, dedup_questions, with_variants

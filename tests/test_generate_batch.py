@@ -15,7 +15,7 @@ import pytest
 from generate_helpers import KEY_ENV, MARKER, ROOT, make_workspace, outputs, read, record, run_main
 
 from qrb.errors import ConfigError
-from qrb.offline.smoke import Faults, serve_smoke_endpoint
+from standins.smoke import Faults, serve_smoke_endpoint
 from stages.generate.cache import ResponseCache
 
 BATCH = {"mode": "batch", "batch_poll_s": 0.01, "batch_poll_max_s": 0.05}

@@ -13,7 +13,7 @@ import pytest
 from generate_helpers import MARKER, ROOT, ScriptedClient, fake_papers, make_workspace, read, recipe, reply, run_main
 
 from qrb.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TRANSIENT
-from qrb.offline.smoke import Faults, serve_smoke_endpoint
+from standins.smoke import Faults, serve_smoke_endpoint
 from stages.generate.assemble import split_by_paper
 from stages.generate.cache import ResponseCache
 from stages.generate.client import Requester

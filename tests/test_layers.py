@@ -1,7 +1,7 @@
 """The house rules the folders stand for, checked from the code's own imports (walked with `ast`, lazy imports inside
 functions included):
 
-- layers run one way: qrb/ (the library stages import) <- stages/ <- qrb/offline/, qrb/app/ <- flows/ <- qrb/cli.py;
+- layers run one way: qrb/ (the library stages import) <- stages/ <- standins/, qrb/app/ <- flows/ <- qrb/cli.py;
   the qrb/ library imports no stage or flow (the CLI entry point imports flows), stages never import each other;
 - every stage in dvc.yaml lists, as deps, every project module it imports (transitively), and no Python file it
   does not import: a change to any module a stage runs makes that stage stale, and nothing else.
@@ -21,7 +21,7 @@ import yaml
 
 from helpers import REPO
 
-PROJECT = ("qrb", "stages", "flows")
+PROJECT = ("qrb", "stages", "standins", "flows")
 CLI_ENTRY = "qrb/cli.py"
 
 
@@ -146,10 +146,10 @@ def layer_of(rel: str) -> str:
 ALLOWED = {
     "qrb": {"qrb"},
     "stages": {"qrb", "stages"},
-    "qrb/offline": {"qrb", "qrb/offline"},
+    "standins": {"qrb", "standins"},
     "qrb/app": {"qrb", "qrb/app"},
-    "flows": {"qrb", "qrb/offline", "flows"},
-    "cli": {"qrb", "qrb/offline", "qrb/app", "flows", "cli"},
+    "flows": {"qrb", "standins", "flows"},
+    "cli": {"qrb", "standins", "qrb/app", "flows", "cli"},
 }
 
 
@@ -190,13 +190,18 @@ def copy(tmp_path) -> Path:
 
 
 def test_the_layer_check_catches_an_upward_import(copy):
-    (copy / "qrb" / "chat.py").write_text((copy / "qrb" / "chat.py").read_text() + "\n\ndef _x():\n"
-                                          "    from flows.pipeline import pipeline  # noqa\n")
-    (copy / "qrb" / "offline" / "mirror" / "server.py").write_text(
-        (copy / "qrb" / "offline" / "mirror" / "server.py").read_text() + "\nfrom qrb.app import bot  # noqa\n")
+    def append(rel: str, line: str) -> None:
+        (copy / rel).write_text((copy / rel).read_text() + line)
+
+    append("qrb/chat.py", "\n\ndef _x():\n    from flows.pipeline import pipeline  # noqa\n")
+    append("standins/mirror/server.py", "\nfrom qrb.app import bot  # noqa\n")
+    append("stages/model_card/inputs.py", "\n\ndef _y():\n    from standins.smoke import MODEL_ID  # noqa\n")
+    append("qrb/io.py", "\nimport standins.services  # noqa\n")
     problems = layer_problems(copy)
     assert any(p.startswith("qrb/chat.py (qrb) imports flows/pipeline.py") for p in problems), problems
-    assert any(p.startswith("qrb/offline/mirror/server.py (qrb/offline) imports qrb/app/bot.py") for p in problems)
+    assert any(p.startswith("standins/mirror/server.py (standins) imports qrb/app/bot.py") for p in problems)
+    assert any(p.startswith("stages/model_card/inputs.py (stages) imports standins/smoke/") for p in problems)
+    assert "qrb/io.py (qrb) imports standins/services.py (standins)" in problems, problems
 
 
 def test_the_dep_check_catches_a_removed_dep_and_a_new_import(copy):

@@ -1,4 +1,4 @@
-"""The offline quantum-journal.org mirror (qrb.offline.mirror): pages, robots/sitemap, request counts, injected faults."""
+"""The offline quantum-journal.org mirror (standins.mirror): pages, robots/sitemap, request counts, injected faults."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.mirror import DEFAULT_FAULTS, Fault, Mirror, load_corpus, page_record, serve_mirror
+from standins.mirror import DEFAULT_FAULTS, Fault, Mirror, load_corpus, page_record, serve_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
@@ -201,7 +201,7 @@ def test_cli_serves_until_killed():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qrb.offline.mirror", "--corpus", str(CORPUS), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "standins.mirror", "--corpus", str(CORPUS), "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = ""

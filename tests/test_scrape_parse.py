@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.mirror import load_corpus, page_record, render_malformed, render_paper
+from standins.mirror import load_corpus, page_record, render_malformed, render_paper
 from qrb.schema import PAPER_KEYS, ErrorItem, PaperItem
 from stages.scrape import ScrapeParams
 from stages.scrape.parse import norm, paper_id_from_url, parse_paper_html

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from qrb.offline.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
+from standins.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
 from qrb.schema import PAPER_KEYS
 from stages.scrape import SECTION
 

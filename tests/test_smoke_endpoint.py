@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.smoke import (
+from standins.smoke import (
     FINGERPRINT,
     MODEL_ID,
     Faults,
@@ -178,7 +178,7 @@ def test_cli_serves_until_killed():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qrb.offline.smoke", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "standins.smoke", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "QRB_SMOKE_API_KEY": "anything"})
     try:

@@ -9,7 +9,7 @@ import json
 import pytest
 from openai import BadRequestError, OpenAI
 
-from qrb.offline.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
+from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 
 USER = ("Question focus: results\nWrite {n} pairs.\n<paper>\nTitle: A surface code decoder\nDOI: 10.1/x\nAbstract:\n"
         "We show that the decoder reaches a threshold of 1.1% under circuit-level noise. The decoder runs in "

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qrb.offline.smoke import MODEL_ID, Faults, completion, extractive_pairs, serve_smoke_endpoint
-from qrb.offline.smoke.rewriter import AUGMENT_STEMS, PARAPHRASE_STEMS
-from qrb.offline.smoke.writer import _STEMS
+from standins.smoke import MODEL_ID, Faults, completion, extractive_pairs, serve_smoke_endpoint
+from standins.smoke.rewriter import AUGMENT_STEMS, PARAPHRASE_STEMS
+from standins.smoke.writer import _STEMS
 from stages.generate.facts import fact_block
 from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 
@@ -163,6 +163,6 @@ def test_bad_request_fault_and_cli_flags():
     with serve_smoke_endpoint(port=0, faults=Faults(rate_400=1.0)) as ep:
         code, data = post(ep.base_url, body("augment"))
     assert code == 400 and "max_tokens" in data["error"]["message"]
-    out = subprocess.run([sys.executable, "-m", "qrb.offline.smoke", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "standins.smoke", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--refuse-format" in out and "--refuse-status" in out and "--rate-400" in out

@@ -63,7 +63,7 @@ def test_on_a_tied_base_the_embedding_copy_trains_and_lm_head_stays_frozen(corpu
     """One matrix for embed_tokens and lm_head (SmolLM2's layout): modules_to_save trains a copy of the input
     embedding and lm_head keeps the frozen original, i.e. the adapter unties the model."""
     from helpers import assert_embedding_trained_and_the_rest_frozen, train_adapter
-    from qrb.offline import tiny_model
+    from standins import tiny_model
 
     tied = tiny_model.build(corpus_dir, tmp_path / "tied", seed=0, pretrain_steps=20, tie_word_embeddings=True)
     rows = list(dataset["train"].select(range(8)))

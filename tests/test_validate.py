@@ -300,7 +300,7 @@ def test_clean_dataset_passes_untouched(splits, papers):
 
 def test_smoke_endpoint_pairs_from_the_whole_corpus_pass(papers):
     """What the offline demo feeds the stage: every pair the extractive smoke endpoint writes must pass."""
-    from qrb.offline.smoke import extractive_pairs
+    from standins.smoke import extractive_pairs
 
     pairs = []
     for p in papers:

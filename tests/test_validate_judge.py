@@ -22,8 +22,8 @@ import yaml
 from qrb import llm
 from qrb.errors import ConfigError, TransientError
 from qrb.io import write_jsonl
-from qrb.offline.smoke import Faults, extractive_pairs, serve_smoke_endpoint
-from qrb.offline.smoke.rewriter import judge_verdict
+from standins.smoke import Faults, extractive_pairs, serve_smoke_endpoint
+from standins.smoke.rewriter import judge_verdict
 from stages.validate import JudgeEndpoint, JudgeParams, ValidateParams
 from stages.validate import judge as judge_mod
 from stages.validate.core import summary, validate

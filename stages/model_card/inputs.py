@@ -30,7 +30,7 @@ DATASET = "artifacts/validate/dataset"  # the training set as DVC tracks it (its
 DVC_LOCK = Path("dvc.lock")
 NOT_DATA = ("metrics/", "cache/", "reports/", "plots/")  # outs that are not data (the lineage table skips them)
 # How the offline smoke-test endpoint labels every reply: its model id and a word of its `system_fingerprint`
-# (qrb/offline/smoke; a stage may not import qrb.offline, so the label is repeated here and a test keeps it equal).
+# (standins/smoke; a stage may not import standins, so the label is repeated here and a test keeps it equal).
 SMOKE_MARKERS = ("qrb-smoke-extractive", "smoke-test")
 STAND_IN_WORDS = ("stand-in", "stands in for", "stand in for")  # what a stand-in's README says of itself
 

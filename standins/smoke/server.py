@@ -245,10 +245,10 @@ def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import qrb.offline.smoke
+    import standins.smoke
 
     ap = argparse.ArgumentParser(prog="qrb smoke-endpoint",
-                                 description=qrb.offline.smoke.__doc__.split("\n\n")[0])
+                                 description=standins.smoke.__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8732, help="port (default 8732, what profiles/tiny.yaml names)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")

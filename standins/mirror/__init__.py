@@ -26,7 +26,7 @@ and arrival time (`.times`), and can inject bad cases
 
 Python:
 
-    from qrb.offline.mirror import serve_mirror, DEFAULT_FAULTS
+    from standins.mirror import serve_mirror, DEFAULT_FAULTS
     with serve_mirror("data/corpus", port=0, faults=DEFAULT_FAULTS) as m:
         m.url            # "http://127.0.0.1:<port>"
         m.start_url      # m.url + "/papers/" (the front page "/" in the other layouts)
@@ -35,7 +35,7 @@ Python:
 
 CLI (serves until killed; the demo flow uses port 8731, see profiles/tiny.yaml):
 
-    python -m qrb.offline.mirror --corpus data/corpus --port 8731 [--faults] [--layout archive] [--no-sitemap]
+    python -m standins.mirror --corpus data/corpus --port 8731 [--faults] [--layout archive] [--no-sitemap]
                                  [--crawl-delay 1.5]
 
 Layout: `site` (corpus loading, page records, HTML rendering; pure), `faults` (the bad cases), `server` (the

@@ -1,6 +1,6 @@
 """Build the tiny Llama that stands in for Llama-3.1-8B-Instruct offline.
 
-    python -m qrb.offline.tiny_model --corpus data/corpus --out models/tiny-llama
+    python -m standins.tiny_model --corpus data/corpus --out models/tiny-llama
 
 Reads the paper snapshot (`*.jsonl` with `title` and `abstract`), trains a byte-level BPE tokenizer on it with
 `tokenizers`, builds a 2-layer `LlamaConfig` model with Llama-3-style special tokens and chat template (and, like
@@ -109,7 +109,7 @@ def build(corpus_dir: str | Path, out_dir: str | Path, *, seed: int = 0, vocab_s
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(
-        "# tiny-llama (offline stand-in)\n\nA 2-layer Llama built by `python -m qrb.offline.tiny_model` from the paper "
+        "# tiny-llama (offline stand-in)\n\nA 2-layer Llama built by `python -m standins.tiny_model` from the paper "
         "snapshot in data/corpus (Quantum papers, CC BY 4.0). It stands in for Llama-3.1-8B-Instruct in the "
         "offline profile only; it is not a useful model.\n")
     log.info("tiny model (%d params, vocab %d) written to %s", model.num_parameters(), len(tokenizer), out)

@@ -113,11 +113,11 @@ def stand_ins(ws: Path, params: dict | None = None) -> contextlib.ExitStack:
     params = params or read_yaml(ws / "params.yaml")
     stack = contextlib.ExitStack()
     start = params["scrape"]["start_urls"][0]
-    stack.enter_context(background("journal mirror", ["-m", "qrb.offline.mirror", "--corpus", "data/corpus",
+    stack.enter_context(background("journal mirror", ["-m", "standins.mirror", "--corpus", "data/corpus",
                                                       "--port", str(host_port(start)[1])], start, ws))
     gen = params["generate"]
     os.environ.setdefault(gen["api_key_env"], SMOKE_KEY_VALUE)
-    stack.enter_context(background("smoke-test endpoint", ["-m", "qrb.offline.smoke", "--port",
+    stack.enter_context(background("smoke-test endpoint", ["-m", "standins.smoke", "--port",
                                                            str(host_port(gen["base_url"])[1])], gen["base_url"], ws))
     return stack
 

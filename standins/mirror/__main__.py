@@ -1,4 +1,4 @@
-"""`python -m qrb.offline.mirror` (and `qrb mirror`): serve the mirror until killed (see qrb/offline/mirror/__init__)."""
+"""`python -m standins.mirror` (and `qrb mirror`): serve the mirror until killed (see standins/mirror/__init__)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-import qrb.offline.mirror as mirror_pkg
+import standins.mirror as mirror_pkg
 from qrb.io import setup_logging
 
 from .faults import DEFAULT_FAULTS
@@ -32,15 +32,15 @@ def main(argv: list[str] | None = None) -> None:
         with serve_mirror(args.corpus, port=args.port, host=args.host, per_page=args.per_page,
                           faults=DEFAULT_FAULTS if args.faults else None, layout=args.layout, sitemap=args.sitemap,
                           crawl_delay=args.crawl_delay) as m:
-            print(f"qrb.offline.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
+            print(f"standins.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
             for kind, path in sorted(m.fault_paths().items()):
-                print(f"qrb.offline.mirror: fault {kind}: {m.url}{path}", flush=True)
+                print(f"standins.mirror: fault {kind}: {m.url}{path}", flush=True)
             while not stop.wait(0.5):
                 pass
     except KeyboardInterrupt:
         pass
     except (OSError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"qrb.offline.mirror: {exc}") from None
+        raise SystemExit(f"standins.mirror: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]
     judging = task_of(user) in ("judge", "grade")
     pairs = [] if judging else write_pairs(user)
     rf = body.get("response_format")
-    verdict = grade_reply if task_of(user) == "grade" else judge_verdict  # Task: grade -> qrb/offline/smoke/grader.py
+    verdict = grade_reply if task_of(user) == "grade" else judge_verdict  # Task: grade -> standins/smoke/grader.py
     payload = json.dumps(verdict(user) if judging else {_array_key(rf): pairs}, ensure_ascii=False)
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
         content = payload

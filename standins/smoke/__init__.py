@@ -1,6 +1,6 @@
 """Smoke-test stand-in for an OpenAI-compatible chat-completions endpoint (NOT a language model).
 
-Run it:  `python -m qrb.offline.smoke --port 8732`  (serves on 127.0.0.1 until killed; the offline profile
+Run it:  `python -m standins.smoke --port 8732`  (serves on 127.0.0.1 until killed; the offline profile
 `profiles/tiny.yaml` points `generate.base_url` at http://127.0.0.1:8732/v1, any API key is accepted).
 In tests:
 
