@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from standins.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
 from stages.generate import GenerateParams  # noqa: E402
 from stages.generate.cache import ResponseCache  # noqa: E402
 from stages.generate.client import run_requests  # noqa: E402
 from stages.generate.run import load_templates  # noqa: E402
 from stages.generate.units import build_units  # noqa: E402
+from standins.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
 
 
 def papers(n: int) -> list[dict]:

@@ -76,8 +76,8 @@ def qa_rows(train: list[dict], k: int) -> list[dict]:
 
 
 def abstain_rows(n: int, seed: int, titles: list[str], avoid: set[str], train_papers: list[dict]) -> list[dict]:
-    from standins.smoke.facts import invented_questions
     from qrb.schema import ABSTAIN_ANSWER
+    from standins.smoke.facts import invented_questions
 
     found = invented_questions(f"bench-train:{seed}", n + 20, {t.lower() for t in avoid}, titles,
                                openings(train_papers))

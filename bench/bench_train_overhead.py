@@ -103,9 +103,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from flows.workspace import profile_params
-    from standins import smol_model
     from qrb.params import build
     from stages.train import TrainParams
+    from standins import smol_model
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()

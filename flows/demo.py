@@ -34,8 +34,8 @@ from flows import server as srv
 from flows import workspace as wsp
 from flows.pipeline import exit_code, pipeline, stream
 from qrb.errors import ConfigError
-from standins import services
 from qrb.params import nested, parse_set, read_yaml
+from standins import services
 
 DEFAULT_PROFILE = "smol"
 # the offline base models a profile may name (base.model), and the command that builds each in the workspace

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import yaml
 
-from standins.smoke import MODEL_ID
 from qrb.params import build, deep_merge
 from stages.generate import GenerateParams
 from stages.generate.run import load_templates, main
 from stages.generate.units import build_units
+from standins.smoke import MODEL_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "sk-MARKER-7c1d9e0f-never-write-me"

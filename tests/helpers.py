@@ -418,9 +418,9 @@ def bot_in(ws: Path, **kwargs):
 def smol_recipe(**train_overrides):
     """(base, TrainParams) of the smol profile on the shared SmolLM2 build, for benches timing the train stage."""
     from flows.workspace import profile_params
-    from standins import smol_model
     from qrb.params import build
     from stages.train import TrainParams
+    from standins import smol_model
 
     repo = Path(__file__).resolve().parent.parent
     params = profile_params("smol", repo)

@@ -138,9 +138,9 @@ def tiny(tmp_path_factory, tiny_model_dir, prefect):
     """A tiny-profile workspace crawling a 2-paper mirror (in this process, so the test can add papers and count
     requests) and generating from the smoke endpoint."""
     from flows import workspace as wsp
+    from qrb.params import deep_merge, nested
     from standins.mirror import serve_mirror
     from standins.services import background, free_ports, port_overrides
-    from qrb.params import deep_merge, nested
 
     root = tmp_path_factory.mktemp("tiny")
     records = [json.loads(line) for line in (REPO_ROOT / "data/corpus/quantum-papers.jsonl").read_text().splitlines()

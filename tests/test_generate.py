@@ -32,7 +32,6 @@ from generate_helpers import (
 )
 
 from qrb.errors import EXIT_CONFIG
-from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 from qrb.params import build
 from qrb.schema import PAIR_FIELDS
 from stages.generate import GenerateParams
@@ -42,6 +41,7 @@ from stages.generate.client import Attempt, Requester
 from stages.generate.replies import parse_pairs
 from stages.generate.run import load_templates, main
 from stages.generate.units import build_units, failure_row
+from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 
 # ------------------------------------------------------------------------------------------------ pure functions
 

@@ -17,13 +17,13 @@ import time
 import pytest
 from generate_helpers import KEY_ENV, MARKER, ROOT, fake_papers, make_workspace, outputs, read, recipe, run_main
 
-from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 from qrb.schema import PAIR_FIELDS
 from qrb.words import word_set
 from stages.generate.assemble import assemble, collect_facts, dedup_questions, with_variants
 from stages.generate.facts import augment_units, paraphrase_units, seen_sample
 from stages.generate.run import load_fact_templates, load_templates
 from stages.generate.units import build_units, unit_failure
+from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
 
 K, SEEN = 4, 12
 

@@ -15,8 +15,8 @@ import pytest
 from generate_helpers import KEY_ENV, MARKER, ROOT, make_workspace, outputs, read, record, run_main
 
 from qrb.errors import ConfigError
-from standins.smoke import Faults, serve_smoke_endpoint
 from stages.generate.cache import ResponseCache
+from standins.smoke import Faults, serve_smoke_endpoint
 
 BATCH = {"mode": "batch", "batch_poll_s": 0.01, "batch_poll_max_s": 0.05}
 ROUNDS = {"augment_variants": 3, "seen_questions": 8, "max_cost_usd": 50.0}

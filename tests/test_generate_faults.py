@@ -13,12 +13,12 @@ import pytest
 from generate_helpers import MARKER, ROOT, ScriptedClient, fake_papers, make_workspace, read, recipe, reply, run_main
 
 from qrb.errors import EXIT_CONFIG, EXIT_DATA, EXIT_TRANSIENT
-from standins.smoke import Faults, serve_smoke_endpoint
 from stages.generate.assemble import split_by_paper
 from stages.generate.cache import ResponseCache
 from stages.generate.client import Requester
 from stages.generate.run import load_templates
 from stages.generate.units import build_units
+from standins.smoke import Faults, serve_smoke_endpoint
 
 GOOD = '{"pairs": [{"question": "What is A?", "answer": "A is a."}]}'
 

@@ -11,9 +11,9 @@ import sys
 import yaml
 from generate_helpers import ROOT, fake_papers, make_workspace, read, record, run_main
 
+from stages.generate.units import CHUNK_CHARS, clean, paper_chunks
 from standins.mirror import serve_mirror
 from standins.smoke import serve_smoke_endpoint, split_sentences
-from stages.generate.units import CHUNK_CHARS, clean, paper_chunks
 
 FACT = "Our decoder eliminated 87.5% of the logical errors that the baseline decoder left uncorrected."
 

@@ -471,8 +471,8 @@ def test_measured_energy_is_reported_from_lineage(tmp_path):
 
 def test_the_smoke_model_id_the_card_recognises_is_the_smoke_endpoints():
     """stages may not import standins (layers), so the card keeps its own copy of the label: it must not drift."""
-    from standins.smoke.completions import FINGERPRINT, MODEL_ID
     from stages.model_card.inputs import SMOKE_MARKERS
+    from standins.smoke.completions import FINGERPRINT, MODEL_ID
 
     assert MODEL_ID in SMOKE_MARKERS and any(m in FINGERPRINT for m in SMOKE_MARKERS)
 

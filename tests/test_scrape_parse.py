@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from standins.mirror import load_corpus, page_record, render_malformed, render_paper
 from qrb.schema import PAPER_KEYS, ErrorItem, PaperItem
 from stages.scrape import ScrapeParams
 from stages.scrape.parse import norm, paper_id_from_url, parse_paper_html
 from stages.scrape.run import assemble, seen_dois
+from standins.mirror import load_corpus, page_record, render_malformed, render_paper
 
 REPO = Path(__file__).resolve().parents[1]
 URL = "https://quantum-journal.org/papers/q-2024-07-04-1397/"

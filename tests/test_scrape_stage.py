@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from standins.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
 from qrb.schema import PAPER_KEYS
 from stages.scrape import SECTION
+from standins.mirror import DEFAULT_FAULTS, Fault, load_corpus, page_record, serve_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"

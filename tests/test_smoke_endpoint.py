@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 from standins.smoke import (
     FINGERPRINT,
     MODEL_ID,
@@ -23,7 +24,6 @@ from standins.smoke import (
     serve_smoke_endpoint,
     split_sentences,
 )
-from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["factual", "results", "methods", "novelty", "definitions"]

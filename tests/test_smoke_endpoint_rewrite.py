@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from stages.generate.facts import fact_block
+from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 from standins.smoke import MODEL_ID, Faults, completion, extractive_pairs, serve_smoke_endpoint
 from standins.smoke.rewriter import AUGMENT_STEMS, PARAPHRASE_STEMS
 from standins.smoke.writer import _STEMS
-from stages.generate.facts import fact_block
-from stages.generate.replies import PAIR_SCHEMA, parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = (ROOT / "prompts/system.txt").read_text()

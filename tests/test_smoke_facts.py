@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 from qrb.schema import ABSTAIN_ANSWER
 from qrb.words import word_set
+from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 
 SURFACE = ("Improved Pairwise Measurement-Based Surface Code",
            "We devise a new realization of the surface code on a rectangular lattice of qubits utilizing single-qubit "
@@ -96,9 +96,8 @@ def test_invented_claims_splice_real_sentences_when_abstracts_are_listed():
 def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_path, monkeypatch):
     from generate_helpers import make_workspace, read, run_main
 
-    from standins.smoke.server import serve_smoke_endpoint
-
     import stages.generate.run as generate_run
+    from standins.smoke.server import serve_smoke_endpoint
 
     listed_to_invent = []
 

@@ -22,12 +22,12 @@ import yaml
 from qrb import llm
 from qrb.errors import ConfigError, TransientError
 from qrb.io import write_jsonl
-from standins.smoke import Faults, extractive_pairs, serve_smoke_endpoint
-from standins.smoke.rewriter import judge_verdict
 from stages.validate import JudgeEndpoint, JudgeParams, ValidateParams
 from stages.validate import judge as judge_mod
 from stages.validate.core import summary, validate
 from stages.validate.judge import Judge, make_item, messages, parse_verdict
+from standins.smoke import Faults, extractive_pairs, serve_smoke_endpoint
+from standins.smoke.rewriter import judge_verdict
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = (REPO / "prompts/judge.txt").read_text(encoding="utf-8").strip()
