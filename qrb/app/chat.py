@@ -3,7 +3,7 @@
     qrb chat                                  # from a workspace (or repo) root, after the train stage
     qrb chat --base                           # the base model alone (no adapter), same template and system prompt
     qrb chat --model artifacts/export/merged  # the merged export
-    qrb chat --rag                            # each answer from the papers retrieved for it, with a "Sources:" line
+    qrb chat --rag                            # answers from the papers retrieved, a "Sources:" line for those cited
 
 Old turns are dropped when the conversation outgrows `serve.max_input_tokens`. Ctrl-C stops the answer being
 written. Errors are one line `qrb chat: …` with the kind's exit code (78 configuration, 2 usage).
@@ -16,7 +16,7 @@ import logging
 import sys
 
 from qrb.app.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
-from qrb.retrieval import sources_line
+from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
 
 
@@ -39,8 +39,8 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
             write("(conversation cleared)\n")
             continue
         history = [*history, {"role": "user", "content": line}]
-        conv, cites = bot.ground(history)  # history keeps the plain question; only this turn carries passages
-        if cites is None:
+        conv, shown = bot.ground(history)  # history keeps the plain question; only this turn carries passages
+        if shown is None:
             write(f"bot> {ABSTAIN_ANSWER}\n")
             history.append({"role": "assistant", "content": ABSTAIN_ANSWER})
             continue
@@ -61,6 +61,7 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
         except KeyboardInterrupt:
             pieces.close()
             write(" (interrupted)")
+        cites = cite(reply.text, shown)[1]
         write("\n" + (sources_line(cites) + "\n" if cites else ""))
         history.append({"role": "assistant", "content": reply.text})
 

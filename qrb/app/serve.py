@@ -19,11 +19,12 @@ sessionStorage (the key is never part of the served HTML). Limits (from `serve:`
 `max_request_bytes` get 413; a body that is not UTF-8 JSON, prompts over `max_input_tokens` and `max_tokens` over
 `max_new_tokens` get 400, all in OpenAI's error format. Generation is one request at a time (one model, one lock).
 
-With `--rag` (or serve.rag) the last question is answered from the passages retrieved for it, and the reply names its
-papers twice: as a "Sources: <title> (https://doi.org/<doi>); ..." paragraph appended to the content (the last
-content chunk when streaming) and as `citations: [{doi, title, url}]` on the message (on that chunk's delta), which
-the page shows as links. When no passage scores `retrieval.min_score` the reply is qrb.schema.ABSTAIN_ANSWER with
-`citations: []`.
+With `--rag` (or serve.rag) the last question is answered from the passages retrieved for it, and the reply names the
+papers of the excerpts it cites ([n] in its text, qrb.retrieval.cite) twice: as a "Sources: <title>
+(https://doi.org/<doi>); ..." paragraph appended to the content (the last content chunk when streaming) and as
+`citations: [{doi, title, url}]` on the message (on that chunk's delta), which the page shows as links; an answer
+citing no excerpt has `citations: []` and no such paragraph. When no passage scores `retrieval.min_score` the reply
+is qrb.schema.ABSTAIN_ANSWER with `citations: []`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from qrb.app.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, run_app
 from qrb.app.page import page_html
-from qrb.retrieval import sources_line
+from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
 
 log = logging.getLogger(__name__)
@@ -180,18 +181,19 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         if max_tokens is not None and not 1 <= max_tokens <= limits.max_new_tokens:
             raise ApiError(400, f"max_tokens must be between 1 and {limits.max_new_tokens} (serve.max_new_tokens)",
                            "max_tokens")
-        conv, cites = await run_in_threadpool(bot.ground, conversation(req))
+        conv, shown = await run_in_threadpool(bot.ground, conversation(req))
         kw = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         try:
-            if cites is None:  # nothing relevant retrieved: say so rather than invent
+            if shown is None:  # nothing relevant retrieved: say so rather than invent
                 reply, pieces = Reply(text=ABSTAIN_ANSWER), iter([ABSTAIN_ANSWER])
             elif req.stream:
                 reply, pieces = bot.stream(conv, **kw)
             else:
                 reply = await run_in_threadpool(bot.generate, conv, **kw)
             if not req.stream:
+                cites = cite(reply.text, shown or [])[1]
                 message = {"role": "assistant", "content": reply.text + (f"\n\n{sources_line(cites)}" if cites else "")}
                 if bot.retriever is not None:
                     message["citations"] = cites or []
@@ -201,7 +203,7 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         except InputTooLong as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse(cid, now, limits.model_id, reply, pieces, include_usage, cites),
+        return StreamingResponse(sse(cid, now, limits.model_id, reply, pieces, include_usage, shown or []),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -238,9 +240,9 @@ def usage(reply) -> dict[str, int]:
 
 
 def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], include_usage: bool,
-        cites: list | None = None) -> Iterator[str]:
-    """OpenAI's chunk stream: a role chunk, content deltas, [the sources chunk], a finish chunk, [usage chunk],
-    [DONE]."""
+        shown: list = ()) -> Iterator[str]:
+    """OpenAI's chunk stream: a role chunk, content deltas, [the sources chunk: the papers of the `shown` passages
+    the answer cites], a finish chunk, [usage chunk], [DONE]."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -253,7 +255,7 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
         yield chunk({"role": "assistant", "content": ""})
         for piece in pieces:
             yield chunk({"content": piece})
-        if cites:
+        if cites := cite(reply.text, shown)[1]:
             yield chunk({"content": f"\n\n{sources_line(cites)}", "citations": cites})
         yield chunk({}, reply.finish_reason)
         if include_usage:

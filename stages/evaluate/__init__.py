@@ -43,9 +43,10 @@ graded attempted or not: on an invented paper (kind `abstain`) an attempt is inc
 missing it counts as "no gold" (out of correct/incorrect). Per set and model: `correct`, `incorrect`,
 `not_attempted` (shares of the graded questions), `hallucination_rate` = incorrect / (correct + incorrect), and for
 every model but base `correct_gain` / `not_attempted_gain`, the paired difference against base on the same questions.
-The RAG rows cite what the apps cite (the papers of the passages shown, best first): `recall_at_k`, the share of
-questions whose own paper (DOI) is among them, and `citation_accuracy`, the share of attempted answers whose first
-cited paper is the question's (an answer citing nothing is wrong); neither is defined without a DOI (invented papers).
+The RAG rows cite what the apps cite (the papers of the excerpts the answer names as [n], qrb.retrieval.cite; graded
+without those markers): `recall_at_k`, the share of questions whose own paper (DOI) is among the passages shown, and
+`citation_accuracy`, the share of attempted answers whose first cited paper is the question's (an answer citing
+nothing is wrong); neither is defined without a DOI (invented papers).
 Beside them, from their reference libraries: rouge-score (F, stemming on), sacrebleu (corpus BLEU `bleu`, and the
 mean of sentence BLEUs `sentence_bleu`, the card's "mean/avg"), bert-score (P/R/F1); token-weighted cross-entropy
 of the reference answers for the local models without retrieval; mean answer length in words.

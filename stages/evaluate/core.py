@@ -18,7 +18,7 @@ from typing import Any
 from qrb.chat import generate_answers, token_nll_rows
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from qrb.llm import Cache
-from qrb.retrieval import ground
+from qrb.retrieval import cite, ground
 from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
@@ -65,7 +65,8 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     """The local rows of one set: base (adapter disabled), fine_tuned, and with `retrieval` (a Retriever and its
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
     apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score.
-    Returns (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs cited) by model."""
+    Returns (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and
+    of those the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
     questions = [r["question"] for r in rows]
     refs = [r["answer"] for r in rows]
     grounded = ground(*retrieval, questions) if retrieval else []
@@ -75,8 +76,10 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
 
     def rag(name: str) -> None:
         said = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
-        answers[name] = [said.get(i, ABSTAIN_ANSWER) for i in range(len(rows))]
-        extras[name] = [{"cited": [c["doi"] for c in cites]} for _, cites in grounded]
+        cited = [cite(said.get(i, ABSTAIN_ANSWER), passages) for i, (_, passages) in enumerate(grounded)]
+        answers[name] = [text for text, _ in cited]
+        extras[name] = [{"shown": [x.doi for x in passages], "cited": [c["doi"] for c in cites]}
+                        for (_, passages), (_, cites) in zip(grounded, cited)]
 
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
     if grounded:
@@ -89,14 +92,15 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
 
 
-def citation_columns(row: dict[str, Any], cited: Sequence[str], g: str) -> dict[str, float | None]:
-    """recall_at_k: the question's paper is among those cited (the passages shown); citation_accuracy, of an attempted
-    answer: its first citation is the question's paper (citing nothing is wrong). None without the row's DOI."""
+def citation_columns(row: dict[str, Any], shown: Sequence[str], cited: Sequence[str],
+                     g: str) -> dict[str, float | None]:
+    """recall_at_k: the question's paper is among the passages shown; citation_accuracy, of an attempted answer: the
+    first paper it cites is the question's (citing nothing is wrong). None without the row's DOI."""
     doi = (row.get("doi") or "").lower()
     cited = [c.lower() for c in cited]
     if not doi:
         return {"recall_at_k": None, "citation_accuracy": None}
-    return {"recall_at_k": float(doi in cited),
+    return {"recall_at_k": float(doi in [s.lower() for s in shown]),
             "citation_accuracy": None if g == NOT_ATTEMPTED else float(cited[:1] == [doi])}
 
 
@@ -246,7 +250,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         for name, fr in graded[set_name].items():
             extras.setdefault(name, [{} for _ in rows])
             for r, ex, f in zip(rows, extras[name], fr, strict=True):
-                ex.update(f, **(citation_columns(r, ex["cited"], f["grade"]) if "cited" in ex else {}))
+                ex.update(f, **(citation_columns(r, ex["shown"], ex["cited"], f["grade"]) if "cited" in ex else {}))
         subsets, dates = freshness_subsets(rows, p.knowledge_cutoff, papers)
         per_row, set_predictions = score_set(scorer, set_name, rows, answers, extras, dates, p.knowledge_cutoff)
         predictions += set_predictions

@@ -103,9 +103,9 @@ def markdown_table(metrics: dict[str, Any], labels: dict[str, str], cutoff: dt.d
         "score, BLEU (mean sentence) the mean of its sentence scores (the card's \"mean/avg\"), both 0-100; "
         "BERTScore is F1; eval CE is the token-weighted cross-entropy of the reference answers (local models without "
         "retrieval). The RAG rows answer as `qrb ask --rag` does (the same passages, message and abstention) and cite "
-        "the papers of the passages shown: recall@k is the share of questions whose paper (DOI) is among them, "
-        "citation accuracy the share of attempted answers whose first cited paper is the question's (citing nothing "
-        "is wrong); neither is defined without a DOI.")
+        "the excerpts their answer names ([n]): recall@k is the share of questions whose paper (DOI) is among the "
+        "passages shown, citation accuracy the share of attempted answers whose first cited paper is the "
+        "question's (citing nothing is wrong); neither is defined without a DOI.")
     return "\n".join(lines) + "\n"
 
 

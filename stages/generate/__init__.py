@@ -18,6 +18,11 @@ and answer reworded, numbers, names and terms kept); (3) "seen papers, new quest
 training facts (a seeded sample, one fact per train paper in turn), one `paraphrase` request writes a new question
 for the fact's answer, kept only if its word-set Jaccard with every training question is < `seen_max_jaccard`.
 
+RAFT rows (`raft`, no request): `raft_gold_share` of the training facts are also asked as the apps ask with
+retrieval (the user message `qrb.retrieval.rag_prompt` renders from `retrieval.top_k` abstracts cut to
+`retrieval.max_chars`: the fact's paper among distractors from other training papers) and answer citing its
+excerpt ([n]); `raft_distractor_share` more with distractors only, answered from memory, citing nothing.
+
 Writes (exactly the outs of the `generate` stage in dvc.yaml):
 - `artifacts/generate/train.jsonl`, `artifacts/generate/eval.jsonl`: one pair per line,
   `{question, answer, doi, title, published, prompt_id, model, response_id, chunk, fact_id, variant}`; `fact_id` =
@@ -66,6 +71,7 @@ import re
 
 SECTION = "generate"
 BASE_KEYS = ("seed",)
+OTHER_SECTIONS = ("retrieval.top_k", "retrieval.max_chars")  # the RAFT rows' excerpts, shown as the apps show them
 SYSTEM_PROMPT = "system"  # prompts/system.txt: the system message of every request (not a template id)
 AUGMENT, PARAPHRASE, INVENT = "augment", "paraphrase", "invent"  # prompts/<these>.txt: the fact-level templates
 MODES = ("online", "batch")
@@ -95,6 +101,8 @@ class GenerateParams:
     seen_max_jaccard: float     # a reworded question is kept only below this word-set Jaccard with every train one
     abstain_share: float        # abstention rows (questions about invented papers) per training row; 0 = none
     invented_questions: int     # the `invented` question set's size (scored, never trained); 0 = none
+    raft_gold_share: float      # training facts also asked with their paper's excerpt among distractors (RAFT)
+    raft_distractor_share: float  # ... with distractor excerpts only; the two shares pick disjoint facts
     max_consecutive_failures: int  # circuit breaker: this many requests in a row failing alike stop the run
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
@@ -138,6 +146,10 @@ class GenerateParams:
             raise ValueError("params: `generate.near_duplicate_jaccard` must be in (0, 1]")
         if not 0 < self.seen_max_jaccard < 1:
             raise ValueError("params: `generate.seen_max_jaccard` must be in (0, 1)")
+        if not (0 <= self.raft_gold_share <= 1 and 0 <= self.raft_distractor_share <= 1
+                and self.raft_gold_share + self.raft_distractor_share <= 1):
+            raise ValueError("params: `generate.raft_gold_share` and `generate.raft_distractor_share` are shares of "
+                             "the training facts: each in 0..1, together at most 1")
         if not 0 < self.eval_max_paper_share <= 1:
             raise ValueError("params: `generate.eval_max_paper_share` must be in (0, 1]")
         if not re.match(r"https?://", self.base_url):

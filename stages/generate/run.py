@@ -15,7 +15,8 @@ from typing import Any
 from qrb import llm
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.io import read_jsonl, write_jsonl, write_metrics
-from qrb.stage import run_stage
+from qrb.retrieval import RetrievalParams
+from qrb.stage import load_section, run_stage
 
 from . import AUGMENT, BASE_KEYS, INVENT, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
 from .assemble import Assembled, assemble, collect_facts, with_variants
@@ -24,6 +25,7 @@ from .cache import ResponseCache
 from .client import Requester, RunStats
 from .facts import augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .plan import describe, plan, total
+from .raft import raft_rows
 from .replies import parse_pairs
 from .units import Unit, build_units, reply_cost
 
@@ -202,6 +204,12 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
                    augment=aug, paraphrase=para, invent=inv, n_abstain=n_abstain)
     if not out.train and not out.eval:
         raise _no_pairs(out)
+    if p.raft_gold_share or p.raft_distractor_share:  # excerpts shown as the apps show `retrieval:`'s passages
+        _, rp = load_section("retrieval", RetrievalParams)
+        raft, counts = raft_rows(out.train, {r["doi"] for r in out.eval}, papers, p.raft_gold_share,
+                                 p.raft_distractor_share, rp.top_k, rp.max_chars, seed)
+        out.train += raft
+        out.metrics.update(counts, train_pairs=len(out.train), pairs=len(out.train) + len(out.eval))
     write_jsonl(TRAIN, out.train)
     write_jsonl(EVAL, out.eval)
     write_jsonl(SEEN, out.seen)

@@ -383,9 +383,9 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
           "interval [lo, hi], or \"n too small\" below `evaluate.min_n_for_interval` questions. Words is the mean "
           "answer length; eval CE the token-weighted cross-entropy of the reference answers (lower is better; local "
           "models without retrieval); ROUGE is the F measure; BLEU sacrebleu's corpus score (0-100). The RAG rows "
-          "answer as `qrb ask --rag` does and cite the papers of the passages shown: recall@k is the share of "
-          "questions whose paper is among them, citation accuracy the share of attempted answers whose first cited "
-          "paper is the question's (citing nothing counts as wrong).", "",
+          "answer as `qrb ask --rag` does and cite the excerpts their answer names ([n]): recall@k is the share of "
+          "questions whose paper is among the passages shown, citation accuracy the share of attempted answers whose "
+          "first cited paper is the question's (citing nothing counts as wrong).", "",
           "**In short:** " + in_short(ev), ""]
     L += evaluation_section(ev, b.name)
     L += compute_and_lineage(inp)

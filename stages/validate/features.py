@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from qrb.retrieval import cite, excerpts, rag_question
 from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
 from qrb.words import norm_words
 
@@ -244,11 +245,18 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
     first_exact: dict[tuple[str, str], str] = {}
     first_norm: dict[tuple[str, str], str] = {}
     rows_seen: set[tuple[str, ...]] = set()  # (scope, question, answer) exact and normalised
+    held_out = {normalize_text(r["title"]) for s, _, r in rows if s == "eval" and isinstance(r, dict)
+                and isinstance(r.get("title"), str)}
     feats = []
     for split, line, row in rows:
         obj = row if isinstance(row, dict) else {}
         q = obj.get("question") if isinstance(obj.get("question"), str) else ""
         a = obj.get("answer") if isinstance(obj.get("answer"), str) else ""
+        # a RAFT row's question is the apps' whole RAG message (papers' excerpts): the text checks read the question
+        # it asks and the answer without its [n]; duplicates are still judged on the whole message
+        raft = obj.get("kind") == "raft"
+        shown = excerpts(q) if raft else []
+        asked, said = (rag_question(q), cite(a, shown)[0]) if raft else (q, a)
         doi = obj.get("doi") if isinstance(obj.get("doi"), str) else ""
         title = obj.get("title") if isinstance(obj.get("title"), str) else ""
         fact = fact_of(obj)
@@ -278,26 +286,28 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         feats.append({
             "row_id": f"{split}:{line}",
             "split": split,
-            "question": q,
-            "answer": a,
+            "question": asked,
+            "answer": said,
             "doi": doi,
             "fact_id": fact,
-            "qa_text": q if abstain else f"{q}\n{a}",
+            "qa_text": asked if abstain else f"{asked}\n{said}",
             "has_required_fields": all(k in obj for k in REQUIRED_PAIR_FIELDS),
             "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
-            "is_question": is_question(q),
+            "is_question": is_question(asked),
             "first_exact": exact_first,
             "first_normalised": norm_first,
-            "is_english": is_english(q) and is_english(a),
+            "is_english": is_english(asked) and is_english(said),
             "provenance_ok": provenance_ok,
             "paper_known": paper is not None or abstain,
             "doi_ok": abstain or bool(re.match(DOI_REGEX, doi)),
             "title_matches": (paper is None or not paper_title
                               or normalize_text(title) == normalize_text(paper_title)),
-            "grounding": (round(overlap_score(a, paper_tokens[doi]), 4) if paper is not None
+            "grounding": (round(overlap_score(said, paper_tokens[doi]), 4) if paper is not None
                           else 1.0 if abstain else 0.0),
-            "names_its_subject": not leans_on_unnamed_source(q, paper_title or title, doi),
-            "answer_differs": not nq or normalize_text(a) != nq,
+            "names_its_subject": not leans_on_unnamed_source(asked, paper_title or title, doi),
+            "answer_differs": not normalize_text(asked) or normalize_text(said) != normalize_text(asked),
+            # a RAFT message is the apps' and shows no held-out paper: training never sees an eval paper's text
+            "raft_ok": not raft or (bool(shown) and not any(normalize_text(x.title) in held_out for x in shown)),
         })
     if p.min_similarity > 0:
         # a short answer ("Three auxiliary qubits.") embeds as little: its evidence sentence stands for it, and the

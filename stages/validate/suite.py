@@ -75,6 +75,8 @@ def row_checks(p: ValidateParams) -> list[Check]:
         _flag("unnamed_reference", "names_its_subject",
               "the question does not lean on 'this paper', 'the text' or 'the authors' without naming the paper"),
         _flag("answer_repeats_question", "answer_differs", "the answer is not the question again"),
+        _flag("raft_malformed", "raft_ok", "a RAFT row's question is the apps' RAG message and shows no held-out "
+              "(eval) paper's excerpt"),
     ]
     return checks
 
