@@ -1,14 +1,8 @@
-"""Prefect flows: they wire DVC stages together; logic lives in stages/.
-
-Importing any flow sets the environment its Prefect servers and child processes start with (flows/workspace.py's
-`venv_env` passes the same to every command): Prefect's server sends anonymous usage data at each start, which
-offline logs "Failed to send telemetry" as an error, and nothing of this project calls out unasked. A value the user
-set is kept.
-"""
+"""Prefect flows: they wire DVC stages together; logic lives in stages/ (docs/orchestration.md)."""
 
 import os
 
+# for the servers and child processes the flows start (a value the user set is kept): offline, Prefect's telemetry
+# logs an error at each start, and its temporary server's 20 s start-up wait is missed on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# the temporary server of a run without PREFECT_API_URL: Prefect waits 20 s for it, which a busy 2-core machine
-# misses (seen: the tiny demo failed at 22 s); its start is cheap, the wait only bounds a real failure
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -1,18 +1,7 @@
-"""What a pipeline run publishes to Prefect (readable in the UI and through the API), also when a stage failed:
-
-    qrb-metrics       a failed run's cause first, the stages' wall times, the card's eval table and every metric file
-                      dvc.yaml declares (the stages' headline numbers; the whole records are reports/<stage>.json),
-                      flattened (file | metric | value); after a failure labelled as the last successful run's
-                      numbers for the stages this run did not finish
-    qrb-metrics-diff  `dvc metrics diff --md` against the workspace's last commit (the previous committed run), or
-                      "No metric changed"
-    qrb-links         file:// links to the model card, great-expectations Data Docs and the `dvc plots show` page
-                      (vega inlined: it draws offline), each also as its own link artifact (qrb-model-card,
-                      qrb-data-docs, qrb-plots)
-    <stage>-progress  while a stage runs: where its long work is (StageProgress, fed by flows/pipeline.py)
-
-Everything here reads the workspace (and asks DVC); nothing decides how the pipeline runs.
-"""
+"""What a pipeline run publishes to Prefect, also when a stage failed: `qrb-metrics` (a failure's cause, the stages'
+wall times, the eval table, every metric dvc.yaml declares), `qrb-metrics-diff` (`dvc metrics diff` against the last
+commit), `qrb-links` (model card, Data Docs, the offline plots page; each also a link artifact) and `<stage>-progress`
+while a stage runs. It only reads the workspace and asks DVC."""
 
 from __future__ import annotations
 
@@ -32,7 +21,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.workspace import PLOTS_PAGE, dvc, plots_page, venv_env
+from flows.workspace import PLOTS_PAGE, dvc, dvc_stages, paths, plots_page, venv_env
 
 PLOTS_DIR = "reports/plots"  # `dvc plots show -o` target (index.html)
 DATA_DOCS = "reports/data_docs/index.html"
@@ -56,25 +45,19 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
-def _name(entry: Any) -> str:
-    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
-
-
 def declared(workspace: Path, kind: str) -> list[str]:
     """Paths dvc.yaml declares under `kind` (metrics, plots, outs) across its stages."""
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    return [_name(entry) for spec in stages.values() for entry in spec.get(kind) or []]
+    return [p for spec in dvc_stages(workspace).values() for p in paths(spec.get(kind))]
 
 
 def plot_sources(workspace: Path) -> list[str]:
-    """The files and folders dvc.yaml's plots draw: a stage's `plots` outs, and each top-level plot's id or the files
-    its `y` names."""
-    paths = declared(workspace, "plots")
+    """What dvc.yaml's plots draw: the stages' `plots` outs, and each top-level plot's files (`y`) or id."""
+    found = declared(workspace, "plots")
     for entry in (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("plots") or []:
         props = next(iter(entry.values())) if isinstance(entry, dict) else None
         y = props.get("y") if isinstance(props, dict) else None
-        paths += list(y) if isinstance(y, dict) else [_name(entry)]
-    return paths
+        found += list(y) if isinstance(y, dict) else paths([entry])
+    return found
 
 
 def metrics_markdown(workspace: Path) -> str:
@@ -124,8 +107,7 @@ def model_card(workspace: Path) -> Path | None:
 
 
 def render_plots(workspace: Path) -> Path | None:
-    """`dvc plots show -o reports/plots` on the offline page template (written when the workspace lacks it); the
-    HTML page, or None when there is nothing to plot."""
+    """`dvc plots show -o reports/plots` on the offline page template; the page, or None when nothing is plotted."""
     if not any((workspace / p).exists() for p in plot_sources(workspace)):
         return None
     template = workspace / ".dvc" / PLOTS_PAGE
@@ -156,9 +138,8 @@ def run_markdown(workspace: Path, results: list[dict[str, Any]], error: str | No
 
 
 class StageProgress:
-    """`<stage>-progress`: a stage's long work as a progress artifact, one per stage run, moved by the tqdm bars of its
-    output that run for console.LONG_S or more (training steps, a batch job's polling), at most every `GAP_S`, and
-    done at the end. A failed update is logged, never fatal."""
+    """`<stage>-progress`: one per stage run, moved by its long tqdm bars at most every `GAP_S`; a failed update is
+    logged, never fatal."""
 
     GAP_S = 2.0
 
@@ -187,9 +168,7 @@ class StageProgress:
 
 @task(name="publish-artifacts")
 def publish_artifacts(workspace: str, results: list[dict[str, Any]], error: str | None = None) -> dict[str, str]:
-    """The run's artifacts: metrics table, metrics diff against the previous run, links. Returns their keys.
-
-    error: the failure's message (its first line, the headline, is shown), None for a run that completed."""
+    """The run's artifacts (`error`: the failure's message, None for a run that completed); returns their keys."""
     ws = Path(workspace)
     keys = {"metrics": create_markdown_artifact(
         key="qrb-metrics", markdown=run_markdown(ws, results, error), description=f"Metrics of the pipeline in {ws}")}

@@ -1,20 +1,6 @@
-"""What a person at the terminal sees of a run (`qrb demo`, `qrb run`), and where everything else goes.
-
-The console shows one line per step as it ends (name, what it did, seconds), the progress of long work (a bar that
-has run for `LONG_S`: one updating line on a terminal; otherwise a line when a bar passes a 20% step, at most one
-every `GAP_S` per stage (evaluate runs dozens of one-minute bars), so a log file of the console
-stays readable), a failure's cause in one line, and the command's summary. Everything else (each stage's whole
-output, DVC's and Prefect's messages, library warnings) goes to the Prefect run's logs (the UI) and to a log file
-that the command names at its start and end.
-
-A step's "what it did" is the stage's own last summary line: the last INFO line a `stages.*` logger wrote, in the
-format of `qrb.io.LOG_FORMAT`. It is shown (its long decimals rounded), never interpreted (failures are read from the
-status file, see flows/pipeline.py).
-
-`results(workspace)` is the end of a run for a person: per question set each model's grades with their intervals,
-one sentence on what fine-tuning changed, and one question answered by base and fine-tuned side by side, within
-`SCREEN` columns; every table stays in reports/ (and the Prefect artifacts).
-"""
+"""What a person at the terminal sees of a run (`qrb demo`, `qrb run`): one line per step (the stage's own last summary
+line, shown, never interpreted), the progress of long work, a failure's cause in one line and the end-of-run screen
+(`results`). Everything else goes to the Prefect run's logs and a log file the command names (`quiet`)."""
 
 from __future__ import annotations
 
@@ -40,7 +26,7 @@ BAR = re.compile(r"(?:(?P<desc>[^|]*?):\s*)?(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<n>\
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # e.g. tqdm's cursor-up between nested bars
 LONG_S = 5  # a bar shows once its work has taken this long: data maps and short eval passes never do
 STEPS = (20, 40, 60, 80)  # off a terminal, a bar's progress is one line at each of these percentages,
-GAP_S = 120.0  # ... and a stage's progress lines are this far apart at least
+GAP_S = 120.0  # ... at least this far apart per stage (evaluate runs dozens of one-minute bars)
 WIDTH = 100  # a step's line is cut here (the whole line is in the log)
 SCREEN = 100  # the end-of-run screen's width
 LONG_DECIMAL = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")  # 3.786388315473284: shown as 3.786
@@ -75,10 +61,7 @@ def clip(text: str, width: int = WIDTH) -> str:
 
 
 def seconds(clock: str) -> int:
-    total = 0
-    for part in clock.split(":"):
-        total = total * 60 + int(part)
-    return total
+    return sum(int(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
 
 
 class StageOutput:
@@ -92,9 +75,7 @@ class StageOutput:
     def feed(self, line: str) -> None:
         m = SUMMARY.match(line)
         if m:
-            msg = m["msg"]
-            msg = msg[len(self.stage) + 2:] if msg.startswith(f"{self.stage}: ") else msg
-            self.summary = LONG_DECIMAL.sub(lambda d: f"{float(d[0]):.4g}", msg)
+            self.summary = LONG_DECIMAL.sub(lambda d: f"{float(d[0]):.4g}", m["msg"].removeprefix(f"{self.stage}: "))
             return
         bar = BAR.search(line)
         if bar and seconds(bar["elapsed"]) >= LONG_S:
@@ -124,10 +105,7 @@ class Console:
     """The terminal (or whatever stderr is): lines, and on a terminal one progress line rewritten in place."""
 
     def __init__(self, stream: TextIO):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.pending = False
-        self.last_update = 0.0
+        self.stream, self.tty, self.pending, self.last_update = stream, stream.isatty(), False, 0.0
 
     def update(self, text: str) -> None:
         now = time.monotonic()
@@ -173,10 +151,9 @@ def _console_handlers() -> list[tuple[logging.Logger, logging.Handler]]:
 
 @contextlib.contextmanager
 def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
-    """For the block: the console shows only what `say` marks (and progress); every record of INFO and above, and
-    warnings, go to `log_file` (overwritten). Prefect's console handlers are detached and put back afterwards, unless
-    `restore` is false (a command that ends with the block: what Prefect logs at exit, stopping its temporary server,
-    then goes to the log file too)."""
+    """For the block: the console shows only what `say` marks (and progress); INFO and up, and warnings, go to
+    `log_file`. Prefect's console handlers come back afterwards unless not `restore` (a command that ends with the
+    block: what Prefect logs at exit then goes to the log file too)."""
     global _console
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +228,8 @@ def _changed(sets: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
 
 
 def _example(predictions: Path, set_name: str) -> list[str]:
-    """One question of `set_name` answered by base and by fine-tuned, side by side: one that fine-tuned got right
-    and base did not if there is one (and the screen says so), else the first."""
+    """One question of `set_name` answered by base and fine-tuned side by side: one only fine-tuned got right, else
+    the first."""
     pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
     if predictions.exists():
         for line in predictions.read_text(encoding="utf-8").splitlines():
@@ -280,9 +257,9 @@ def _example(predictions: Path, set_name: str) -> list[str]:
 
 
 def results(workspace: str | Path) -> list[str]:
-    """The end of a run, for a person (at most ~30 lines of at most `SCREEN` columns): per question set each model's
-    grades (correct / incorrect / not attempted; "–" where a report has none) with 95% intervals, what
-    fine-tuning changed in one sentence, and one question answered by base and fine-tuned side by side."""
+    """The end of a run (~30 lines of `SCREEN` columns): each set's grades per model with 95% intervals ("–": none),
+    what fine-tuning changed in one sentence, and one question answered by base and fine-tuned (every table stays in
+    reports/)."""
     ws = Path(workspace)
     report = ws / "reports" / "evaluate.json"
     if not report.exists():

@@ -1,18 +1,10 @@
 """The main job: the whole pipeline offline on a CPU, through Prefect, in a scratch DVC workspace.
 
-    qrb demo [--workspace demo] [--profile smol] [-S key=value ...] [--server] [--force]
-    (`make demo` sets up the venv and runs this; `make demo PROFILE=tiny` the fast stand-in; `make demo-ui` --server)
+    qrb demo [--workspace demo] [--profile smol] [-S key=value ...] [--server] [--force]      (`make demo`)
 
-Wires: prepare the workspace (pipeline code + params.yaml overlaid with the profile + data/ pulled from the in-repo
-DVC remote) -> build the profile's base model when it is a known offline model the workspace lacks (SmolLM2 converted
-from its GGUF, or the tiny Llama), tracked by DVC -> start the journal mirror and the smoke-test OpenAI endpoint on
-127.0.0.1 -> the pipeline flow (one task per DVC stage) -> commit the run in the workspace's git, so that
-`dvc exp run -S ...` and `dvc metrics diff` work there right away.
-
-The console shows one line per step and the progress of long ones; everything else is in `<workspace>/logs/demo.log`
-(named at the start and the end), the run's summary as JSON in `<workspace>/logs/demo.json`. Without a Prefect server
-the run goes to a temporary one that stops with the command; `--server` uses (or starts, in the background, and
-leaves running) a persistent one and prints the run's page in its UI.
+Wires: prepare the workspace -> build the profile's offline base model if it lacks it (tracked by DVC) -> start the
+stand-ins -> the pipeline flow -> commit the run in the workspace's git (so `dvc exp run`, `dvc metrics diff` work
+there). The console shows one line per step; the rest is in <workspace>/logs/demo.log, the summary in demo.json.
 """
 
 from __future__ import annotations

@@ -2,22 +2,10 @@
 
     qrb deploy serve [--workspace .] [--cron "0 6 * * 1"] [--timezone UTC]
     qrb deploy pool --pool gpu --source https://github.com/<you>/quantum-research-bot.git --workspace /abs/path/on/worker
-    (also `python -m flows.deploy ...`)
 
-Both need a Prefect server that outlives the command (PREFECT_API_URL, e.g. a `prefect server start` on
-127.0.0.1:4200): without one Prefect would register them in a temporary server that is gone when the command ends.
-
-`serve` registers two deployments and runs them in this process until Ctrl-C:
-  - `qrb-pipeline/weekly-refresh`, on the cron schedule: `dvc repro -f scrape` (the crawler is incremental, so a
-    forced crawl fetches only new papers), then the other stages as `dvc repro`, which re-runs generate, validate,
-    train and evaluate only if papers.jsonl changed. Generate then needs its key, so the variable
-    `generate.api_key_env` names must be set here (the runs inherit this process's environment);
-  - `qrb-pipeline/on-demand`, no schedule: `prefect deployment run qrb-pipeline/on-demand -p params='{...}'`.
-`pool` registers `qrb-pipeline/gpu` on a work pool instead, so a worker on another machine (the GPU box) runs it: the
-worker checks `--source` out for each run (a git URL: into a temporary folder it deletes afterwards, so the workspace,
-whose outputs, DVC cache and crawl seen-set must persist, is an absolute path on the worker; a local path: the code
-runs in place, and a relative workspace is inside it). Secrets go in the worker's environment, never `--env`.
-The steps, server to worker: docs/orchestration.md ("Deployments").
+`serve` runs `qrb-pipeline/weekly-refresh` (`dvc repro -f scrape`, then what changed) and `qrb-pipeline/on-demand` in
+this process; `pool` registers `qrb-pipeline/gpu` for a worker. Both need a Prefect server that outlives the command
+(PREFECT_API_URL). The steps and why: docs/orchestration.md ("Deployments").
 """
 
 from __future__ import annotations
@@ -46,7 +34,7 @@ def refresh_parameters(workspace: str) -> dict[str, Any]:
 
 
 def require_server() -> str:
-    """The URL of the Prefect server the deployments go to; a ConfigError when none is configured or answering."""
+    """The URL of the Prefect server the deployments go to; a ConfigError when none answers."""
     from prefect.settings import PREFECT_API_URL
 
     from flows.server import healthy
@@ -87,16 +75,14 @@ def build_deployments(workspace: str = ".", cron: str = WEEKLY_CRON, timezone: s
 
 
 def is_git(source: str) -> bool:
-    """A git URL (https/ssh/git, scp-like `git@host:path`, or a path ending in .git), not a folder the worker reads.
-    Prefect itself takes an https URL without `.git` for a plain HTTP download, so git is made explicit here."""
+    """A git URL (https/ssh/git, `git@host:path`, or ending in .git; Prefect would download a bare https URL)."""
     u = urlparse(source)
     return (u.scheme in ("http", "https", "ssh", "git") or source.rstrip("/").endswith(".git")
             or (not u.scheme and "@" in source.split(":", 1)[0] and ":" in source))
 
 
 def worker_workspace(source: str, workspace: str) -> str:
-    """The workspace path the worker's runs use: absolute for a git source (its checkout is temporary), else inside
-    the local source folder (the code runs in place there)."""
+    """The worker's workspace: absolute for a git source (its checkout is temporary), else inside the local source."""
     if is_git(source):
         if not PurePosixPath(workspace).is_absolute():
             raise ConfigError(f"--workspace {workspace!r}: with a git --source it must be an absolute path on the "
@@ -119,8 +105,7 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 def deploy_to_pool(pool: str, source: str = str(REPO_ROOT), workspace: str = ".", cron: str | None = None,
                    timezone: str = "UTC", env: dict[str, str] | None = None) -> Any:
-    """Register `qrb-pipeline/gpu` on work pool `pool`; a worker checks out `source` (a git URL, or a folder it can
-    read) for each run, which uses `workspace` there (see `worker_workspace`)."""
+    """Register `qrb-pipeline/gpu` on work pool `pool`; a worker checks out `source` for each run."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.runner.storage import GitRepository

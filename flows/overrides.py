@@ -1,13 +1,6 @@
-"""Param overrides (`-S key=value`, the pipeline flow's `params`): `dvc exp run -S` semantics, checked before anything
-is written.
-
-A key must exist in the workspace's params.yaml (a typo must not silently add a key; the message says which key was
-meant), and the overlaid params must build through the params dataclass of the stage that reads that section
-(`stages.<section>.PARAMS_CLASS`, with `qrb.params.Base` for `base.*`), so a bad value (`generate.concurrency=abc`)
-fails here, in one line, rather than inside its stage after params.yaml was rewritten and that stage's outputs
-removed by DVC. Only then is params.yaml rewritten, its comments and layout kept (ruamel's round trip, no re-wrapping),
-so `git diff` / `dvc params diff` show the changed lines and nothing else.
-"""
+"""Param overrides (`-S key=value`, as `dvc exp run -S`), checked before anything is written: the key exists (else
+"did you mean") and the overlaid section builds through its stage's params dataclass, so a bad value fails in one
+line before DVC removes any output; then params.yaml is rewritten with its comments and layout kept."""
 
 from __future__ import annotations
 
@@ -19,8 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from flows.workspace import dvc_stages
 from qrb.errors import ConfigError
 from qrb.params import Base, build, read_yaml
 
@@ -39,8 +31,7 @@ def _unknown(key: str, known: list[str], where: str, override: str) -> ConfigErr
 
 
 def overlay(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`params` (as read from params.yaml) with dotted-key `overrides` set; a key params.yaml lacks is a ConfigError
-    naming the key meant."""
+    """`params` with dotted-key `overrides` set; a key params.yaml lacks is a ConfigError naming the key meant."""
     out = copy.deepcopy(params)
     for key, value in overrides.items():
         node, parts = out, key.split(".")
@@ -60,9 +51,8 @@ def overlay(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
 
 def stage_classes(workspace: Path) -> dict[str, tuple[type, tuple[str, ...]]]:
     """section -> (params dataclass, base keys) for each project stage dvc.yaml runs (`python -m stages.<x>`)."""
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
     out = {}
-    for spec in stages.values():
+    for spec in dvc_stages(workspace).values():
         m = STAGE_MODULE.search(str((spec or {}).get("cmd", "")))
         if not m:
             continue  # not one of ours (a toy stage, a shell step): its params are checked when it runs
@@ -74,8 +64,7 @@ def stage_classes(workspace: Path) -> dict[str, tuple[type, tuple[str, ...]]]:
 
 
 def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The workspace's params (or `params`, checked against the stages of the workspace's dvc.yaml) with `overrides`
-    applied, validated; raises ConfigError (one line), writes nothing."""
+    """The workspace's params (or `params`) with `overrides` applied and checked; a ConfigError, nothing written."""
     ws = Path(workspace)
     if params is None:
         try:
@@ -96,8 +85,7 @@ def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, An
 
 
 def round_trip() -> Any:
-    """ruamel's round-trip YAML, set to write params.yaml back as it was written: its indents, its quotes, long
-    lines unwrapped, `null` spelled out (ruamel writes an empty value otherwise)."""
+    """ruamel's round-trip YAML writing params.yaml back as written: indents, quotes, long lines, `null` spelled out."""
     from ruamel.yaml import YAML
     from ruamel.yaml.representer import RoundTripRepresenter
 
@@ -114,8 +102,7 @@ def round_trip() -> Any:
 
 
 def apply(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Write dotted-key overrides into params.yaml (comments and layout kept); returns {key: (old, new)} of changes.
-    Call `check` first: this only writes."""
+    """Write checked (`check`) dotted-key overrides into params.yaml; returns {key: (old, new)} of the changes."""
     rt = round_trip()
     data = rt.load(params_file.read_text())
     changes = {}

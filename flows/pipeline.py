@@ -1,33 +1,10 @@
-"""Prefect flow: the DVC pipeline, one task per stage, in the order dvc.yaml defines.
+"""Prefect flow: the DVC pipeline, one task per stage (`dvc --wait-for-lock repro <stage>`), connected as the DVC DAG.
 
     qrb run [--workspace DIR] [-S train.lora.r=4 ...] [--until validate] [--force scrape]
-    (also `python -m flows.pipeline ...`)
 
-DVC decides what is stale (a task for an up-to-date stage finishes at once); Prefect runs the stages, retries the
-transient failures of the network stages (scrape, generate), and shows every run in its UI (`prefect server start`,
-then http://127.0.0.1:4200; without a server a temporary local one is used). Flows only wire: each task runs
-`dvc --wait-for-lock repro <stage>` and streams its output into the Prefect logs; the tqdm bars of a long stage
-(training, a batch job's polling) move a progress artifact (`<stage>-progress`). Each task waits for the tasks of the
-stages it depends on in dvc.yaml (a dep that is another stage's output, as `dvc dag` draws it), so the run's graph in
-the UI is the DVC DAG.
-
-Param overrides (`-S key=value`, the flow parameter `params`) follow `dvc exp run -S` (dotted keys, values read as
-YAML) and are checked before anything is written (flows/overrides.py: the key exists, the value builds through its
-stage's params dataclass); then they are written into the workspace's params.yaml, so each stage stays its own task
-(`dvc exp run` would run the whole DAG in one process) and params.yaml, dvc.lock and the outputs agree afterwards
-(`dvc params diff` / `dvc metrics diff` show the change). A bad override fails the run before any stage, changing
-nothing.
-
-Failures are classified by what the stage reports, never by its output text: each run of a stage gets a fresh status
-file (`QRB_STATUS_FILE`), where `qrb.stage.run_stage` writes its exit code, kind and one-line message (DVC itself
-exits 255 whatever the command did). Only a transient failure (exit 75: the network, an endpoint) of a network stage
-is retried; config (78), data (65, the validate gate), a crash (1) and a failure with no status (DVC failed before
-the command ran) are not; the local stages have no retries at all. The stage's message is the cause shown in the
-task's state and in the artifacts, which each run publishes, also when a stage or an override failed (see
-flows/artifacts.py).
-
-On the console `qrb run` shows one line per stage, the progress of long ones and a failure's cause in one line; the
-stages' whole output is in the Prefect logs and in `<workspace>/logs/run.log` (flows/console.py).
+DVC decides what is stale. Overrides are checked, then written into params.yaml (flows/overrides.py), so each stage
+stays its own task. A failure is read from the status file its stage writes (`qrb.stage`), never from its output;
+only a transient one of a network stage is retried. Runs, retries, artifacts, the console: docs/orchestration.md.
 """
 
 from __future__ import annotations
@@ -44,23 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 
 from flows import console
 from flows import overrides as ov
 from flows.artifacts import StageProgress, publish_artifacts
-from flows.workspace import dvc, venv_env
+from flows.workspace import dvc, dvc_stages, paths, venv_env
 from qrb.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, QrbError, kind_of_exit
 from qrb.params import parse_set
 from qrb.stage import STATUS_ENV
 
-__all__ = ["StageFailed", "pipeline", "read_status", "run_reported", "stage_failure", "stage_order", "stream"]
-
 NETWORK_STAGES = {"scrape": 3, "generate": 3}  # stage -> retries of transient failures; other stages: none
-# One delay, not a growing list: Prefect's UI shows a list of delays as "NaN s". The stages already back off per
-# request inside (generate.backoff_*, scrape.retry_times); this retry is the coarse second line (an endpoint that was
-# down for a minute), so a fixed ~30 s (± 50% jitter) between whole-stage attempts is enough.
+# the coarse second line behind the stages' own per-request backoff; one delay (Prefect's UI shows a list as "NaN s")
 RETRY_DELAY_S = 30.0
 RETRY_JITTER = 0.5
 STAGE_TIMEOUT_S = 6 * 3600
@@ -74,28 +46,23 @@ def stage_order(workspace: Path) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"no pipeline at {workspace} (no dvc.yaml): make a workspace with "
                           f"`qrb workspace {workspace} --profile tiny`, or pass --workspace . from the repo root")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    stages = dvc_stages(workspace)
     if not stages:
         raise ConfigError(f"{path} defines no stages")
     return list(stages)
 
 
-def _paths(entries: Any) -> list[str]:
-    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or []]
-
-
 def stage_edges(workspace: Path) -> dict[str, list[str]]:
-    """stage -> the stages it depends on: a dep of it that is an output (out, metric or plot) of another stage, or a
-    folder above or below one. These are the edges `dvc dag` draws between stages."""
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    outs = {name: [p.rstrip("/") for kind in ("outs", "metrics", "plots") for p in _paths((spec or {}).get(kind))]
+    """stage -> the stages whose outputs (or a folder above or below one) it depends on: the edges of `dvc dag`."""
+    stages = dvc_stages(workspace)
+    outs = {name: [p.rstrip("/") for kind in ("outs", "metrics", "plots") for p in paths((spec or {}).get(kind))]
             for name, spec in stages.items()}
 
     def overlap(a: str, b: str) -> bool:
         return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
     return {name: [up for up in stages if up != name
-                   and any(overlap(d.rstrip("/"), o) for d in _paths((spec or {}).get("deps")) for o in outs[up])]
+                   and any(overlap(d.rstrip("/"), o) for d in paths((spec or {}).get("deps")) for o in outs[up])]
             for name, spec in stages.items()}
 
 
@@ -111,9 +78,7 @@ def plan(workspace: Path, until: str | None = None, force: list[str] | None = No
 
 
 class StageFailed(RuntimeError):
-    """A stage (or an experiment) failed. `kind` is what the stage reported in its status file (`qrb.errors`: config,
-    data, transient, failed, usage), "dvc" when it reported nothing (DVC failed around its command), or "timeout".
-    Only a transient failure is retried (and only for the stages given retries)."""
+    """A stage (or experiment) failed; `kind`: what its status file says (`qrb.errors`), "dvc" (none) or "timeout"."""
 
     def __init__(self, what: str, kind: str, exit_code: int | None, cause: str = "", details: Any = ()):
         self.what, self.kind, self.exit_code, self.cause, self.details = what, kind, exit_code, cause, list(details)
@@ -134,16 +99,13 @@ def read_status(path: Path) -> dict[str, Any] | None:
     """The outcome a stage wrote (`qrb.stage.run_stage`), or None when its command never ran."""
     try:
         status = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # half-written (the stage was killed while writing): as if it reported nothing
+    except (OSError, ValueError):  # none, or half-written (the stage was killed while writing): nothing reported
         return None
     return status if isinstance(status, dict) else None
 
 
 def stage_failure(what: str, rc: int, status: dict[str, Any] | None, tail: list[str]) -> StageFailed:
-    """Why `what` ("stage train", "experiment lora-r4") exited `rc`, from the status its stage wrote, never from its
-    output text (DVC exits 255 whatever the command's code was)."""
+    """Why `what` ("stage train", "experiment x") exited `rc`, from its stage's status (DVC exits 255 whatever)."""
     code = status.get("exit_code") if status else None
     if isinstance(code, int) and code != 0:
         stage, message = status.get("stage", ""), status.get("message", "")
@@ -156,9 +118,8 @@ def stage_failure(what: str, rc: int, status: dict[str, Any] | None, tail: list[
 
 def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
            env: dict[str, str] | None = None, output: console.StageOutput | None = None) -> tuple[int, list[str]]:
-    """Run `cmd`, each output line to `logger` (progress bars: their 100% line only; a warning repeated verbatim:
-    once); returns (exit code, last lines). `output` sees every line (the console's progress and summary). A watchdog
-    kills it after `timeout_s` (a sync task's timeout can't interrupt a blocking subprocess)."""
+    """Run `cmd`, each line to `logger` (a bar: its 100% line; a repeated warning: once) and to `output`; returns
+    (exit code, last lines). A watchdog kills it after `timeout_s` (a task's timeout can't stop a blocking read)."""
     tail: list[str] = []
     finished: tuple[str | None, str] | None = None
     warned: set[str] = set()
@@ -225,8 +186,7 @@ def _retry_note(failure: StageFailed) -> str:
 
 @task(task_run_name="{stage}", log_prints=True)
 def repro_stage(stage: str, workspace: str, timeout_s: float = STAGE_TIMEOUT_S, force: bool = False) -> dict[str, Any]:
-    """`dvc --wait-for-lock repro <stage>` (`--force --single-item` when forced); output streamed to the task's log.
-    `ran`: the stage's command ran (it reported an outcome), i.e. DVC found it stale or was forced."""
+    """`dvc repro <stage>` (`--force --single-item` when forced); `ran`: its command ran (it reported an outcome)."""
     logger = get_run_logger()
     args = ["--wait-for-lock", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
@@ -283,12 +243,8 @@ def set_params(workspace: str, overrides: dict[str, Any]) -> dict[str, Any]:
 def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: str | None = None,
              force: list[str] | None = None, retries: dict[str, int] | None = None,
              retry_delay_s: float = RETRY_DELAY_S, stage_timeout_s: float = STAGE_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Run the stages of dvc.yaml in order (up to `until`), after writing `params` overrides; publish artifacts.
-
-    params: dotted-key overrides (`{"train.lora.r": 4}`), as `dvc exp run -S`. force: stages re-run even when
-    unchanged (the weekly refresh forces `scrape`; DVC then re-runs downstream stages only if the data changed).
-    retries: stage -> retries for transient failures (default: scrape and generate, 3 each).
-    """
+    """The stages of dvc.yaml up to `until`, after writing `params` (dotted keys, as `dvc exp run -S`); `force`: stages
+    re-run even when unchanged; `retries`: stage -> retries of transient failures. Artifacts published at the end."""
     ws = Path(workspace).resolve()
     results: list[dict[str, Any]] = []
     error = None
@@ -318,7 +274,7 @@ def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: 
 
 
 def exit_code(e: BaseException) -> int:
-    """The exit code a failed run ends the command with: the failed stage's own (78 config, 65 data, 75 transient)."""
+    """The exit code a failed run ends with: the failed stage's own (78 config, 65 data, 75 transient)."""
     if isinstance(e, StageFailed) and isinstance(e.exit_code, int) and 0 < e.exit_code < 255:
         return e.exit_code
     return e.exit_code if isinstance(e, QrbError) else EXIT_FAILED
@@ -332,8 +288,7 @@ def fail(prog: str, e: BaseException, code: int | None = None) -> None:
 
 
 def check_args(workspace: Path, until: str | None, force: list[str], set_param: list[str]) -> dict[str, Any]:
-    """What `qrb run` checks before Prefect starts (one line and an exit code each): the workspace, the stage names
-    (usage, exit 2), the overrides (config, exit 78). Returns the overrides."""
+    """Before Prefect starts: the workspace and stage names (exit 2), the overrides (exit 78); returns the overrides."""
     try:
         plan(workspace, until, force)
     except ConfigError as e:

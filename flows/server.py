@@ -1,11 +1,6 @@
-"""A persistent Prefect server for runs that should stay readable after the command ends (`qrb demo --server`).
-
-Without a server Prefect starts a temporary one per command and stops it at exit, taking the run's UI with it. Here:
-the server at `PREFECT_API_URL` (or http://127.0.0.1:4200/api) is used if it answers; otherwise `prefect server
-start` is launched in the background, in its own session (a Ctrl-C on the demo does not stop it), with its database
-in PREFECT_HOME (~/.prefect), its output in PREFECT_HOME/qrb-server.log, and left running. Stop it with the `kill`
-command it prints.
-"""
+"""A persistent Prefect server for runs that stay readable after the command ends (`qrb demo --server`): the one at
+PREFECT_API_URL (or 127.0.0.1:4200) if it answers, else `prefect server start` in the background, in its own session,
+left running (its output in PREFECT_HOME/qrb-server.log). docs/orchestration.md ("Servers")."""
 
 from __future__ import annotations
 
@@ -42,8 +37,8 @@ def home() -> Path:
 
 
 def ensure(api_url: str | None = None, startup_s: float = STARTUP_S) -> tuple[str, int | None]:
-    """The API URL of a running server: `api_url`, else PREFECT_API_URL, else the default, started if it does not
-    answer (local URLs only). Returns (api_url, pid of the server started here or None)."""
+    """(API URL of a running server: `api_url`, PREFECT_API_URL or the default, started here if local and silent,
+    pid of the server started here or None)."""
     url = api_url or os.environ.get("PREFECT_API_URL") or DEFAULT_API
     if healthy(url):
         return url, None
@@ -79,6 +74,4 @@ def using(api_url: str) -> Iterator[None]:
 
 def ui_url(api_url: str, flow_run_id: object) -> str:
     """The UI page of a flow run on the server at `api_url` (the UI is served beside the API)."""
-    base = api_url.rstrip("/")
-    base = base[:-len("/api")] if base.endswith("/api") else base
-    return f"{base}/runs/flow-run/{flow_run_id}"
+    return f"{api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"

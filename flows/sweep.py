@@ -1,30 +1,18 @@
 """Prefect flow: the card's technique x hyper-parameter sweep as DVC experiments, narrowed by Optuna.
 
-    python -m flows.sweep [--workspace DIR] [--config flows/sweep.yaml] [--trials N] [-S key=value ...]
-    python -m flows.sweep --workspace /tmp/sweep-ws --profile tiny      # offline, on a CPU (tiny Llama, stand-ins)
+    qrb sweep [--workspace DIR] [--config flows/sweep.yaml] [--trials N] [-S key=value ...] [--profile tiny]
 
-The grid and the search space come from a flow-level YAML (flows/sweep.yaml: `grid`, `search`, `fixed`, `target`,
-`metric`), not from params.yaml, whose sections belong to stages. Steps:
-
-1. the pipeline flow brings the stages before `target` (scrape, generate, validate) up to date, so every experiment
-   shares them (with `--profile` it first prepares a scratch workspace, builds the tiny model and starts the offline
-   stand-ins, as `qrb demo` does);
-2. phase 1, the grid (methods x rank x learning rate): one `dvc exp run -n <name> -S ... <target>` per point, in the
-   workspace one after the other (`mode: sequential`, the default: the experiment sees the workspace's local model
-   folder and runs nothing twice), or queued (`mode: queue`: `dvc exp run --queue`, `dvc queue start -j <jobs>`;
-   queued experiments run in temporary copies that hold only what git and DVC track, so `base.model` must then be a
-   hub id, an absolute path or a DVC-tracked `models/<name>`, as the demo's is);
-3. phase 2, Bayesian search: per technique an Optuna TPE study over `search.space`, seeded with that technique's grid
-   results, proposes `search.trials` more experiments (round-robin over techniques) in the promising region;
-4. the card's table "best eval cross-entropy per technique" (printed, and a Prefect markdown artifact `qrb-sweep`).
-   Every run stays a DVC experiment: `dvc exp show`, `dvc exp apply <name>`; with `--apply-best` the workspace ends
-   on the best one.
+The pipeline brings the stages before the config's `target` up to date once (with `--profile`, in a scratch
+workspace with its stand-ins, as `qrb demo`); then the grid as named experiments (`mode: sequential` in the workspace,
+or `queue`), then per technique an Optuna TPE study seeded with its grid results proposes `search.trials` more; the
+end is the table "best eval cross-entropy per technique" (artifact `qrb-sweep`). docs/orchestration.md#sweeps.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -41,13 +29,14 @@ from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
 from flows.workspace import dvc
 from qrb.errors import ConfigError
+from qrb.params import deep_merge, nested, parse_set
 from standins.services import port_overrides
-from qrb.params import nested, parse_set
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"
 EXPERIMENT_TIMEOUT_S = 12 * 3600
 TECHNIQUE_KEY = "train.method"
+CONFIG_KEYS = {"target", "metric", "mode", "jobs", "fixed", "grid", "search", "report", "card"}
 
 
 @dataclass
@@ -74,43 +63,34 @@ def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
     """Read and check a sweep YAML; a mistake is a ValueError naming the key."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
-    known = {"target", "metric", "mode", "jobs", "fixed", "grid", "search", "report", "card"}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown key `{sorted(unknown)[0]}`; keys: {', '.join(sorted(known))}")
-    grid = data.get("grid") or {}
-    if not isinstance(grid, dict) or not grid.get(TECHNIQUE_KEY):
-        raise ValueError(f"{path}: `grid` must list the techniques under `{TECHNIQUE_KEY}`")
+
+    def need(ok: Any, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: {message}")
+
+    unknown = sorted(set(data) - CONFIG_KEYS)
+    need(not unknown, f"unknown key `{''.join(unknown[:1])}`; keys: {', '.join(sorted(CONFIG_KEYS))}")
+    grid, metric, search = data.get("grid") or {}, data.get("metric") or {}, data.get("search") or {}
+    need(isinstance(grid, dict) and grid.get(TECHNIQUE_KEY), f"`grid` must list the techniques under `{TECHNIQUE_KEY}`")
     for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{path}: `grid.{key}` must be a non-empty list")
-    metric = data.get("metric") or {}
-    report = data.get("report") or []
-    if not isinstance(report, list) or any(not isinstance(r, dict) or set(r) != {"name", "file", "key"}
-                                           for r in report):
-        raise ValueError(f"{path}: `report` must be a list of {{name, file, key}} (a metrics file and a dotted key)")
-    card = data.get("card") or {}
-    if not isinstance(card, dict) or any(not isinstance(v, (int, float)) for v in card.values()):
-        raise ValueError(f"{path}: `card` must map a technique to a number, e.g. {{lora: 0.4603}}")
-    search = data.get("search") or {}
-    mode = data.get("mode", "sequential")
-    if mode not in ("sequential", "queue"):
-        raise ValueError(f"{path}: `mode` must be sequential or queue, got {mode!r}")
+        need(isinstance(values, list) and values, f"`grid.{key}` must be a non-empty list")
+    report, card, mode = data.get("report") or [], data.get("card") or {}, data.get("mode", "sequential")
+    need(isinstance(report, list) and all(isinstance(r, dict) and set(r) == {"name", "file", "key"} for r in report),
+         "`report` must be a list of {name, file, key} (a metrics file and a dotted key)")
+    need(isinstance(card, dict) and all(isinstance(v, (int, float)) for v in card.values()),
+         "`card` must map a technique to a number, e.g. {lora: 0.4603}")
+    need(mode in ("sequential", "queue"), f"`mode` must be sequential or queue, got {mode!r}")
     space = search.get("space") or {}
     for key, spec in space.items():
-        if key == TECHNIQUE_KEY:
-            raise ValueError(f"{path}: `search.space.{key}`: the techniques come from `grid.{TECHNIQUE_KEY}`")
-        if spec.get("type", "float") not in ("int", "float") or not spec.get("low") or not spec.get("high") \
-                or float(spec["low"]) >= float(spec["high"]):
-            raise ValueError(f"{path}: `search.space.{key}` needs type int|float and 0 < low < high")
-    cfg = SweepConfig(grid=grid, target=data.get("target", "train"),
+        need(key != TECHNIQUE_KEY, f"`search.space.{key}`: the techniques come from `grid.{TECHNIQUE_KEY}`")
+        need(spec.get("type", "float") in ("int", "float") and spec.get("low") and spec.get("high")
+             and float(spec["low"]) < float(spec["high"]), f"`search.space.{key}` needs type int|float and 0 < low < high")
+    need(space or not (search.get("trials", 0) if trials is None else trials), "`search.trials` needs `search.space`")
+    return SweepConfig(grid=grid, target=data.get("target", "train"),
                       metric_file=metric.get("file", "metrics/train.json"), metric_key=metric.get("key", "eval_ce"),
                       mode=mode, jobs=int(data.get("jobs", 1)), fixed=dict(data.get("fixed") or {}),
                       trials=int(search.get("trials", 0) if trials is None else trials), seed=int(search.get("seed", 0)),
                       space=space, report=report, card={k: float(v) for k, v in card.items()})
-    if cfg.trials and not space:
-        raise ValueError(f"{path}: `search.trials` needs `search.space`")
-    return cfg
 
 
 def grid_points(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -128,23 +108,19 @@ def read_metric(workspace: Path, cfg: SweepConfig) -> float | None:
     return None if value is None else float(value)
 
 
-# --- experiments ---------------------------------------------------------------------------------------------------
-
 @task(task_run_name="{name}")
-def run_experiment(name: str, overrides: dict[str, Any], workspace: str, target: str, metric_file: str,
-                   metric_key: str, timeout_s: float = EXPERIMENT_TIMEOUT_S,
-                   report: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def run_experiment(name: str, overrides: dict[str, Any], workspace: str, cfg: SweepConfig,
+                   timeout_s: float = EXPERIMENT_TIMEOUT_S) -> dict[str, Any]:
     """`dvc exp run -n <name> -S ... <target>` in the workspace; returns the run with its metric."""
     logger = get_run_logger()
-    args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), target]
+    args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), cfg.target]
     logger.info("$ dvc %s", " ".join(args))
     t0 = time.time()
     rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger)
     if rc != 0:
         raise stage_failure(f"experiment {name}", rc, status, tail)
-    cfg = SweepConfig(grid={}, metric_file=metric_file, metric_key=metric_key)
     return {"name": name, "params": overrides, "metric": read_metric(Path(workspace), cfg),
-            "report": read_report(Path(workspace), report or []), "wall_s": round(time.time() - t0, 1)}
+            "report": read_report(Path(workspace), cfg.report), "wall_s": round(time.time() - t0, 1)}
 
 
 def _find_revs(node: Any, names: set[str], out: dict[str, dict]) -> None:
@@ -152,11 +128,9 @@ def _find_revs(node: Any, names: set[str], out: dict[str, dict]) -> None:
     if isinstance(node, dict):
         if node.get("name") in names and isinstance(node.get("data"), dict):
             out[node["name"]] = node["data"]
-        for value in node.values():
-            _find_revs(value, names, out)
-    elif isinstance(node, list):
-        for value in node:
-            _find_revs(value, names, out)
+        node = list(node.values())
+    for value in node if isinstance(node, list) else ():
+        _find_revs(value, names, out)
 
 
 @task(name="queued-experiments")
@@ -196,17 +170,13 @@ def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: Sw
     return runs
 
 
-# --- Bayesian narrowing --------------------------------------------------------------------------------------------
-
 def distributions(cfg: SweepConfig) -> dict[str, Any]:
     from optuna.distributions import FloatDistribution, IntDistribution
 
     out = {}
     for key, spec in cfg.space.items():
-        if spec.get("type", "float") == "int":
-            out[key] = IntDistribution(int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)))
-        else:
-            out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)))
+        cls, cast = (IntDistribution, int) if spec.get("type", "float") == "int" else (FloatDistribution, float)
+        out[key] = cls(cast(spec["low"]), cast(spec["high"]), log=bool(spec.get("log", False)))
     return out
 
 
@@ -232,25 +202,16 @@ def make_studies(cfg: SweepConfig, runs: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def suggest(study: Any, cfg: SweepConfig) -> tuple[Any, dict[str, Any]]:
-    trial = study.ask(distributions(cfg))
-    params = {}
-    for key, value in trial.params.items():
-        params[key] = float(f"{value:.3g}") if isinstance(value, float) else value  # readable -S values
-    return trial, params
+    trial = study.ask(distributions(cfg))  # 3 significant digits: readable -S values
+    return trial, {k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in trial.params.items()}
 
-
-# --- the table ----------------------------------------------------------------------------------------------------
-# best eval cross-entropy per technique, the config's extra columns (`report`) and a published figure beside each
-# technique (`card`), read from each experiment's metrics files
 
 def fmt_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def dotted(data: Any, key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
+    return functools.reduce(lambda node, part: node[part], key.split("."), data)
 
 
 def read_report(workspace: Path, report: list[dict[str, str]]) -> dict[str, float | None]:
@@ -283,11 +244,12 @@ def best_per_technique(runs: list[dict[str, Any]], methods: list[str]) -> list[d
 
 
 def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
-    keys = [k for k in [*cfg.grid, *cfg.space] if k != TECHNIQUE_KEY]
-    keys = list(dict.fromkeys(keys))
+    """Best eval cross-entropy per technique, the config's extra columns and the card's published figure beside it."""
+    keys = list(dict.fromkeys(k for k in [*cfg.grid, *cfg.space] if k != TECHNIQUE_KEY))
     extra = [col["name"] for col in cfg.report]
-    card = ["card"] if cfg.card else []
-    head = ["technique", f"best eval cross-entropy ({cfg.metric_key})", *card, *extra, *keys, "experiment", "runs"]
+    card = (lambda t: [f"{cfg.card[t]:.4f}" if t in cfg.card else "–"]) if cfg.card else (lambda t: [])
+    head = ["technique", f"best eval cross-entropy ({cfg.metric_key})", *(["card"] if cfg.card else []), *extra,
+            *keys, "experiment", "runs"]
     lines = ["Best eval cross-entropy per technique (lower is better)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -295,57 +257,35 @@ def table_markdown(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
         cells = [row["technique"]]
         if best:
             got = best.get("report") or {}
-            cells += [f"{best['metric']:.4f}", *_card(cfg, row["technique"]),
+            cells += [f"{best['metric']:.4f}", *card(row["technique"]),
                       *("–" if got.get(x) is None else f"{got[x]:.3f}" for x in extra),
                       *(fmt_value(best["params"].get(k, "")) for k in keys), best["name"]]
         else:
             what = "no eval set" if row["runs"] > row["failed"] else "failed"  # ran, but with no metric: null
-            cells += [what, *_card(cfg, row["technique"]), *([""] * (len(extra) + len(keys))), ""]
+            cells += [what, *card(row["technique"]), *([""] * (len(extra) + len(keys))), ""]
         cells.append(f"{row['runs']}" + (f" ({row['failed']} failed)" if row["failed"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _card(cfg: SweepConfig, technique: str) -> list[str]:
-    if not cfg.card:
-        return []
-    return [f"{cfg.card[technique]:.4f}" if technique in cfg.card else "–"]
-
-
-# --- the flow ------------------------------------------------------------------------------------------------------
-
-@task
-def prepare_workspace(workspace: str, profile: str, ports: list[int] | None, params: dict[str, Any] | None,
-                      force: bool = False) -> str:
-    """A scratch workspace for the profile, with the stand-ins' ports and the baseline params written in."""
-    from qrb.params import deep_merge
-
-    overrides = port_overrides(wsp.profile_params(profile), *ports) if ports else {}
-    if params:
-        overrides = deep_merge(wsp.profile_params(profile, overrides=overrides), nested(params))
-    return str(wsp.prepare(workspace, profile, overrides=overrides or None, force=force))
 
 
 @flow(name="qrb-sweep", log_prints=True)
 def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str | None = None,
           params: dict[str, Any] | None = None, trials: int | None = None, ports: list[int] | None = None,
           apply_best: bool = False, force: bool = False) -> dict[str, Any]:
-    """Grid + Optuna search as DVC experiments; returns {"runs": [...], "table": markdown}.
-
-    profile: prepare `workspace` as a scratch workspace for this profile first (tiny: offline stand-ins on
-    127.0.0.1, on `ports` [mirror, endpoint] if given). params: overrides written before the sweep (baseline).
-    trials: Optuna trials after the grid (default: the config's `search.trials`). force: refresh the profile's
-    workspace even over edits made there since its last refresh.
-    """
-    from flows.demo import build_base_model
+    """Grid + Optuna search as DVC experiments; returns {"runs": [...], "table": markdown}. `profile`: first prepare
+    `workspace` for it (its stand-ins on `ports` [mirror, endpoint]); `params`: the baseline overrides."""
+    from flows.demo import build_base_model, prepare_workspace
     from standins.services import stand_ins
 
     cfg = load_config(config, trials)
     logger = get_run_logger()
     with contextlib.ExitStack() as stack:
-        if profile:
-            baseline_params = {**cfg.fixed, **(params or {})}
-            workspace = prepare_workspace(workspace, profile, ports, baseline_params, force)
+        if profile:  # a scratch workspace with the stand-ins' ports and the baseline params written in
+            overrides = port_overrides(wsp.profile_params(profile), *ports) if ports else {}
+            fixed = nested({**cfg.fixed, **(params or {})})
+            if fixed:
+                overrides = deep_merge(wsp.profile_params(profile, overrides=overrides), fixed)
+            workspace = prepare_workspace(workspace, profile, overrides or None, force)
             build_base_model(workspace)
             url = wsp.read_yaml(Path(workspace) / "params.yaml")["scrape"]["start_urls"][0]
             if "//127.0.0.1" in url or "//localhost" in url:
@@ -366,8 +306,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
 
     def attempt(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         try:
-            run = run_experiment(name, overrides, str(ws), cfg.target, cfg.metric_file, cfg.metric_key,
-                                 report=cfg.report)
+            run = run_experiment(name, overrides, str(ws), cfg)
         except Exception as e:  # noqa: BLE001 - one failed point must not end the sweep
             logger.warning("experiment %s failed: %s", name, str(e).splitlines()[0])
             run = {"name": name, "params": overrides, "metric": None, "error": str(e).splitlines()[0]}

@@ -1,14 +1,9 @@
-"""Scratch DVC workspaces for profiles (the offline `tiny` demo, tests, sweeps).
+"""Scratch DVC workspaces: a git + DVC repo holding copies of the pipeline code (CODE) and a params.yaml = the repo's
+overlaid with a profile, so dvc.yaml runs there unchanged and the repo's params.yaml stays the flagship recipe.
 
     qrb workspace DIR [--profile tiny] [-S key=value ...] [--force]     create or refresh one
 
-A workspace is its own git + DVC repository holding copies of the pipeline code (CODE: dvc.yaml, stages/, qrb/,
-standins/, prompts/, data.dvc) and a `params.yaml` = the repo's params.yaml overlaid with a profile. So dvc.yaml
-runs unchanged, `dvc repro` / `dvc exp run` / `dvc metrics diff` work there as in the repo, and the repo's
-params.yaml stays the flagship recipe. `data/` is pulled from the repo's DVC remote (no network needed).
-`dvc plots show` there needs no network either: the page template (`plots.html_template`) has vega inlined.
-A refresh records what it wrote (a hash per file, and the project's commit: lineage names it) in .qrb-workspace.json;
-one that would overwrite an edit made since (params, code, a new file) stops and names it, unless --force.
+A refresh records what it wrote (MANIFEST) and stops before overwriting an edit made since, unless --force.
 """
 
 from __future__ import annotations
@@ -26,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from qrb.errors import ConfigError
 from qrb.io import atomic_write_text, write_json
 from qrb.params import deep_merge, nested, parse_set, read_yaml
@@ -36,10 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # models/README.md keeps models/ (a dep of the stages that load the base model) in a workspace whose base is a hub id;
 # standins/: the stand-ins and base-model builders run there (`python -m standins.smoke` in the workspace)
 CODE = ("dvc.yaml", "stages", "qrb", "standins", "prompts", "data.dvc", ".dvcignore", "models/README.md")
-# data/ is DVC's (data.dvc); DVC adds its own entries for stage outputs and models/*.dvc. logs/: what `qrb demo` /
-# `qrb run` wrote; dvc_plots/: `dvc plots show`'s page
-# artifacts/ and cache/ are DVC's outs: a stage that fails (a validate gate) leaves files there that DVC has not yet
-# listed in its own .gitignore, and committing them made every later run fail ("already tracked by SCM")
+# data/: DVC's (data.dvc); logs/, dvc_plots/: the commands'; artifacts/, cache/: a failed stage leaves files there DVC
+# has not git-ignored yet, and committing them made every later run fail ("already tracked by SCM")
 WORKSPACE_GITIGNORE = ("/data", "__pycache__/", ".prefect/", "/logs", "/dvc_plots", "/artifacts", "/cache")
 PLOT_TEMPLATES = Path(".dvc/plots")  # custom vega-lite templates dvc.yaml names (bars_from_zero)
 PLOTS_PAGE = "plots/page.html"  # plots.html_template, relative to .dvc/ as DVC reads it
@@ -73,6 +68,16 @@ def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return params
+
+
+def dvc_stages(ws: Path) -> dict[str, Any]:
+    """dvc.yaml's stages, name -> spec."""
+    return (yaml.safe_load((ws / "dvc.yaml").read_text()) or {}).get("stages") or {}
+
+
+def paths(entries: Any) -> list[str]:
+    """The paths of a dvc.yaml list (deps, outs, metrics, plots), whose entries may be `{path: options}`."""
+    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries or []]
 
 
 def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -115,9 +120,8 @@ def _page_stamp() -> str:
 
 
 def plots_page() -> str:
-    """DVC's plots page with vega, vega-lite and vega-embed inlined (BSD-3-Clause; the bundle vl-convert-python
-    ships), so `dvc plots show` draws offline. No `{scripts}` placeholder: DVC puts its CDN <script> tags there.
-    Bundling takes vl-convert 10-20 s: the page is kept in this repo's .dvc/plots/ (git-ignored there) and copied."""
+    """DVC's plots page with vega inlined (vl-convert-python's bundle), so `dvc plots show` draws offline (no
+    `{scripts}`: DVC puts CDN tags there). Kept in the repo's .dvc/plots/ (git-ignored): bundling takes 10-20 s."""
     kept = REPO_ROOT / ".dvc" / PLOTS_PAGE
     if kept.exists():
         text = kept.read_text(encoding="utf-8")
@@ -165,8 +169,7 @@ def _set_leaves(node: Any, values: dict[str, Any]) -> None:
 
 
 def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profile: str | Path | None = None) -> None:
-    """The workspace's params.yaml: the repo's, with its comments and layout, holding the values of `params` (the
-    repo's overlaid with a profile), so `-S` overrides and edits there diff line by line."""
+    """The repo's params.yaml (comments, layout) holding the values of `params`, so edits there diff line by line."""
     from flows.overrides import round_trip
 
     rt = round_trip()
@@ -191,8 +194,8 @@ def written_files(root: Path) -> dict[str, str]:
 
 
 def edits(ws: Path) -> list[str]:
-    """What a refresh would overwrite that it did not write: files changed, added or removed since the last refresh
-    (its manifest); uncommitted ones in a workspace older than the manifest; any of them in a folder that is none."""
+    """Files changed, added or removed since the last refresh (its manifest; else the uncommitted ones; in a folder
+    that is no workspace, all)."""
     now = written_files(ws)
     if (ws / MANIFEST).exists():
         before = json.loads((ws / MANIFEST).read_text())["files"]
@@ -204,8 +207,7 @@ def edits(ws: Path) -> list[str]:
 
 
 def check_target(ws: str | Path, repo: Path = REPO_ROOT, force: bool = False) -> Path:
-    """The workspace folder, refused in one line when it is (or holds, or lies in the code of) the project, or when
-    a refresh would lose an edit (unless `force`)."""
+    """The workspace folder; refused when it is, holds or lies in the project's code, or a refresh would lose an edit."""
     ws, repo = Path(ws).resolve(), repo.resolve()
     if repo.is_relative_to(ws) or any(ws.is_relative_to(repo / name) for name in CODE):
         raise ConfigError(f"workspace {ws} is the project {repo} itself, holds it or lies in its code: a workspace is "
@@ -219,7 +221,7 @@ def check_target(ws: str | Path, repo: Path = REPO_ROOT, force: bool = False) ->
 
 
 def project_source(repo: Path = REPO_ROOT) -> dict[str, Any]:
-    """The project's commit and whether what a workspace copies from it (code, params, profiles) differs from it."""
+    """The project's commit, and whether what a workspace copies (code, params, profiles) differs from it."""
     head = run(["git", "rev-parse", "HEAD"], repo, check=False)
     status = run(["git", "status", "--porcelain", "--", *CODE, "params.yaml", "profiles"], repo, check=False)
     ok = head.returncode == 0 and status.returncode == 0
@@ -228,8 +230,7 @@ def project_source(repo: Path = REPO_ROOT) -> dict[str, Any]:
 
 def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT,
             overrides: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """Create or refresh a workspace; idempotent (an unchanged workspace stays unchanged for DVC). Stops before
-    writing anything when a refresh would lose an edit (`check_target`), unless `force`."""
+    """Create or refresh a workspace; idempotent (unchanged for DVC when nothing changed)."""
     ws = check_target(ws, repo, force)
     params = profile_params(profile, repo, overrides)
     ws.mkdir(parents=True, exist_ok=True)
