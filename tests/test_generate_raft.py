@@ -141,3 +141,28 @@ def test_validate_lets_raft_rows_through_and_quarantines_one_showing_a_held_out_
     assert "raft_malformed" in outcome.reasons[f"train:{n + 2}"]  # no excerpt (nor, then, a marker to read)
     assert not {f"train:{i}" for i in range(len(train) + 1, n + 1)} & set(outcome.reasons)  # the RAFT rows pass
     assert outcome.train[-len(rows):] == rows
+
+
+def test_reading_papers_leave_closed_book_training_and_come_back_only_as_retrieval_rows():
+    from qrb.schema import ABSTAIN_ANSWER
+    from stages.generate.raft import reading_rows
+
+    papers = fake_papers()[:14]
+    held = {papers[3]["doi"]}
+    train, _ = facts_of(papers, held)
+    seen = [{**r, "question": "reworded " + r["question"]} for r in train if r["variant"] == 0 and r["kind"] == "fact"]
+    out, seen_out, counts = reading_rows(train, seen, held, papers, 0.25, 2, 120, seed=5)
+    assert (out, seen_out, counts) == reading_rows(train, seen, held, papers, 0.25, 2, 120, seed=5)
+    read = {r["doi"] for r in out if r["kind"] == "raft"}
+    assert counts == {"reading_papers": 3, "reading_rows": 6} and len(read) == 3 and not read & held
+    assert not any(r["doi"] in read for r in out if r["kind"] != "raft")  # never asked closed-book
+    assert not any(r["doi"] in read for r in seen_out) and len(seen_out) == len(seen) - 2 * 3  # 2 facts a paper
+    by_title = {pp["title"]: pp["doi"] for pp in papers}
+    for r in (r for r in out if r["kind"] == "raft"):
+        shown = [by_title[t] for t in shown_titles(r["question"])]
+        assert not set(shown) & held
+        if r["doi"] in shown:  # its excerpt is shown: the answer cites it
+            assert cite(r["answer"], [Passage(d, "", "") for d in shown])[1][0]["doi"] == r["doi"]
+        else:  # only other papers: it declines, citing none
+            assert r["answer"] == ABSTAIN_ANSWER
+    assert [r for r in out if r["kind"] != "raft"] == [r for r in train if r["doi"] not in read]

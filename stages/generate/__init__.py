@@ -103,6 +103,7 @@ class GenerateParams:
     invented_questions: int     # the `invented` question set's size (scored, never trained); 0 = none
     raft_gold_share: float      # training facts also asked with their paper's excerpt among distractors (RAFT)
     raft_distractor_share: float  # ... with distractor excerpts only; the two shares pick disjoint facts
+    raft_reading_share: float   # training papers learnt only by reading: their facts in RAFT rows alone (raft.py)
     max_consecutive_failures: int  # circuit breaker: this many requests in a row failing alike stop the run
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
@@ -146,6 +147,8 @@ class GenerateParams:
             raise ValueError("params: `generate.near_duplicate_jaccard` must be in (0, 1]")
         if not 0 < self.seen_max_jaccard < 1:
             raise ValueError("params: `generate.seen_max_jaccard` must be in (0, 1)")
+        if not 0 <= self.raft_reading_share < 1:
+            raise ValueError("params: `generate.raft_reading_share` is a share of the training papers: 0 <= it < 1")
         if not (0 <= self.raft_gold_share <= 1 and 0 <= self.raft_distractor_share <= 1
                 and self.raft_gold_share + self.raft_distractor_share <= 1):
             raise ValueError("params: `generate.raft_gold_share` and `generate.raft_distractor_share` are shares of "

@@ -29,12 +29,13 @@ def eligible(train: list[dict[str, Any]], held_out: set[str], abstracts: dict[st
 
 
 def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list[dict[str, Any]], gold_share: float,
-              distractor_share: float, top_k: int, max_chars: int, seed: int
+              distractor_share: float, top_k: int, max_chars: int, seed: int, shown_from: set[str] | None = None
               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """RAFT rows for `gold_share` and `distractor_share` (disjoint, seeded) of the eligible training facts, and their
-    counts. `held_out`: the eval split's DOIs, never shown; `papers`: the scraped papers (their abstracts)."""
+    counts. `held_out`: the eval split's DOIs, never shown; `papers`: the scraped papers (their abstracts);
+    `shown_from`: the DOIs whose abstracts may be shown (default: the papers of `train`)."""
     held = set(held_out)
-    on_train = {r["doi"] for r in train if r.get("doi")} - held
+    on_train = (shown_from or {r["doi"] for r in train if r.get("doi")}) - held
     abstracts = {x.doi: x for x in passages_from_papers([pp for pp in papers if pp.get("doi") in on_train])}
     facts = sorted(eligible(train, held, abstracts), key=lambda r: r["fact_id"])
     rng = random.Random(f"raft:{seed}")
@@ -70,3 +71,28 @@ def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list
         chars += len(prompt) + len(answer)
     return rows, {"raft_eligible_facts": len(facts), "raft_gold_rows": n_gold,
                   "raft_distractor_rows": len(rows) - n_gold, "raft_chars": chars}
+
+
+def reading_rows(train: list[dict[str, Any]], seen: list[dict[str, Any]], held_out: Iterable[str],
+                 papers: list[dict[str, Any]], share: float, top_k: int, max_chars: int, seed: int
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """`share` of the training papers (seeded) become papers the model only READS: their facts leave closed-book
+    training and the seen set, and come back as RAFT rows only, one with the paper's excerpt among distractors (the
+    answer, citing it) and one over distractors only (the abstention answer, citing nothing). A held-out paper asked
+    with retrieval is such a paper: unknown, with its excerpt shown. Returns (train, seen, counts)."""
+    from qrb.schema import ABSTAIN_ANSWER
+
+    held = set(held_out)
+    papers_on = sorted({r["doi"] for r in train if r.get("kind") == "fact" and r.get("doi")} - held)
+    chosen = set(random.Random(f"reading:{seed}").sample(papers_on, round(share * len(papers_on))))
+    facts = [r for r in train if r["doi"] in chosen and r.get("variant") == 0 and r.get("kind") == "fact"]
+    kept = [r for r in train if r.get("doi") not in chosen]
+    pool = set(papers_on)
+    gold, _ = raft_rows(facts, held, papers, 1.0, 0.0, top_k, max_chars, seed, pool)
+    blind, _ = raft_rows(facts, held, papers, 0.0, 1.0, top_k, max_chars, seed, pool)
+    for r in blind:  # nothing shown states it and it was never learnt: decline
+        r.update(answer=ABSTAIN_ANSWER, short_answer="", aliases=[], evidence="", variant=r["variant"] + 1)
+    rows = gold + blind
+    return kept + rows, [r for r in seen if r.get("doi") not in chosen], {
+        "reading_papers": len(chosen), "reading_rows": len(rows)}
+

@@ -25,7 +25,7 @@ from .cache import ResponseCache
 from .client import Requester, RunStats
 from .facts import augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .plan import describe, plan, total
-from .raft import raft_rows
+from .raft import raft_rows, reading_rows
 from .replies import parse_pairs
 from .units import Unit, build_units, reply_cost
 
@@ -204,10 +204,15 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
                    augment=aug, paraphrase=para, invent=inv, n_abstain=n_abstain)
     if not out.train and not out.eval:
         raise _no_pairs(out)
-    if p.raft_gold_share or p.raft_distractor_share:  # excerpts shown as the apps show `retrieval:`'s passages
+    if p.raft_gold_share or p.raft_distractor_share or p.raft_reading_share:  # excerpts as the apps show them
         _, rp = load_section("retrieval", RetrievalParams)
-        raft, counts = raft_rows(out.train, {r["doi"] for r in out.eval}, papers, p.raft_gold_share,
-                                 p.raft_distractor_share, rp.top_k, rp.max_chars, seed)
+        held = {r["doi"] for r in out.eval}
+        if p.raft_reading_share:
+            out.train, out.seen, counts = reading_rows(out.train, out.seen, held, papers, p.raft_reading_share,
+                                                       rp.top_k, rp.max_chars, seed)
+            out.metrics.update(counts, seen_kept=len(out.seen))
+        raft, counts = raft_rows(out.train, held, papers, p.raft_gold_share, p.raft_distractor_share, rp.top_k,
+                                 rp.max_chars, seed)
         out.train += raft
         out.metrics.update(counts, train_pairs=len(out.train), pairs=len(out.train) + len(out.eval))
     write_jsonl(TRAIN, out.train)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qrb.retrieval import cite, excerpts, rag_question
-from qrb.schema import DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
+from qrb.schema import ABSTAIN_ANSWER, DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
 from qrb.words import norm_words
 
 from . import ValidateParams
@@ -263,6 +263,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         paper = papers.get(doi) if doi else None
         # an abstention row asks about an invented paper on purpose: no DOI, nothing to ground, a refusal as answer
         abstain = obj.get("kind") == "abstain"
+        # ... as does a RAFT row over excerpts that do not state the fact about a paper only read (generate's raft)
+        declines = abstain or (raft and said.strip() == ABSTAIN_ANSWER)
         if paper is not None and doi not in paper_tokens:
             paper_tokens[doi] = set(content_tokens(paper_text(paper)))
         nq = normalize_text(q)
@@ -290,7 +292,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "answer": said,
             "doi": doi,
             "fact_id": fact,
-            "qa_text": asked if abstain else f"{asked}\n{said}",
+            "qa_text": asked if declines else f"{asked}\n{said}",
             "has_required_fields": all(k in obj for k in REQUIRED_PAIR_FIELDS),
             "types_ok": all(pair_field_ok(k, obj[k]) for k in PAIR_FIELDS if k in obj),
             "is_question": is_question(asked),
@@ -303,7 +305,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "title_matches": (paper is None or not paper_title
                               or normalize_text(title) == normalize_text(paper_title)),
             "grounding": (round(overlap_score(said, paper_tokens[doi]), 4) if paper is not None
-                          else 1.0 if abstain else 0.0),
+                          else 1.0 if abstain else 0.0) if not declines else 1.0,
             "names_its_subject": not leans_on_unnamed_source(asked, paper_title or title, doi),
             "answer_differs": not normalize_text(asked) or normalize_text(said) != normalize_text(asked),
             # a RAFT message is the apps' and shows no held-out paper: training never sees an eval paper's text
@@ -316,7 +318,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
                  or f["answer"] for f, (_, _, row) in zip(feats, rows)]
         sims = semantic_similarity(texts, [f["doi"] for f in feats], papers)
         for f, s, (_, _, row) in zip(feats, sims, rows):
-            f["similarity"] = 1.0 if isinstance(row, dict) and row.get("kind") == "abstain" else round(s, 4)
+            f["similarity"] = 1.0 if isinstance(row, dict) and (row.get("kind") == "abstain" or (
+                row.get("kind") == "raft" and row.get("answer") == ABSTAIN_ANSWER)) else round(s, 4)
     return feats
 
 
