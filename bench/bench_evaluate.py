@@ -3,7 +3,7 @@
 Run: `python bench/bench_evaluate.py [--questions 16] [--max-new-tokens 48] [--rounds 3] [--threads 1] [--model DIR]`. Builds the tiny Llama
 from data/corpus (as `qrb tiny-model` does) unless `--model` names one, wraps it in a LoRA adapter as the stage
 does (fine-tuned row), then answers the same golden-style questions greedily through the stage's own path
-(`qrb.chat.generate_answers`) with batch_size 8 and with batch_size 1, after one warm-up call each, in interleaved rounds (the fastest
+(`qrb.model.generate_answers`) with batch_size 8 and with batch_size 1, after one warm-up call each, in interleaved rounds (the fastest
 round of each counts, so a burst of load from other processes does not decide the ratio). Prints both wall times,
 the tokens generated and the ratio (the bar: batch 8 >= 3x faster than one by one).
 """
@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qrb.chat import generate_answers, load_causal_lm, load_tokenizer, resize_for_tokenizer
+    from qrb.model import generate_answers, load_causal_lm, load_tokenizer, resize_for_tokenizer
     from standins import tiny_model
 
     if args.threads:

@@ -5,7 +5,7 @@ transformers' GGUF loader reads them back (the export stage's own check), with s
 
 `--merged` is a merged model folder (artifacts/export/merged), or a base model folder to measure the base itself;
 with `--adapter` the adapter is first merged into `--merged` by the export stage's core (fp32). The CE is
-`qrb.chat.token_weighted_ce` over the answer tokens of the first `--limit` rows, with the model's system prompt from
+`qrb.model.token_weighted_ce` over the answer tokens of the first `--limit` rows, with the model's system prompt from
 params.yaml, each GGUF scored with its own tokenizer and chat template.
 """
 
@@ -36,9 +36,9 @@ def main() -> None:
     set_cpu_threads()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qrb.chat import token_weighted_ce
     from qrb.gguf_export import load_gguf, write_gguf
     from qrb.io import read_jsonl
+    from qrb.model import token_weighted_ce
     from qrb.params import read_yaml
 
     base = read_yaml(args.params).get("base") or {}

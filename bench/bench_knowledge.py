@@ -96,8 +96,8 @@ def rate(values: list[float], seed: int, samples: int = 1000) -> tuple[float, li
 def score(model, tok, sets: dict[str, list[dict]], system: str, seed: int, max_new: int, bf16: bool) -> dict:
     import torch
 
-    from qrb.chat import generate_answers
     from qrb.grade import grade
+    from qrb.model import generate_answers
 
     out = {}
     for name, qs in sets.items():

@@ -42,7 +42,7 @@ def measure(setting: str, steps: int) -> dict:
     from transformers.utils import logging as hf_logging
 
     from helpers import qa_rows, smol_recipe
-    from qrb.chat import generate_answers
+    from qrb.model import generate_answers
     from stages.train.trainer import train
 
     hf_logging.set_verbosity_error()

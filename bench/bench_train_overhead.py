@@ -56,7 +56,7 @@ def plain_run(base: dict, p, ds) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from qrb.chat import completion_messages, prompt_messages
+    from qrb.model import completion_messages, prompt_messages
 
     set_seed(base["seed"])
     tok = AutoTokenizer.from_pretrained(base["model"])

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_train_padding.py [--workspace demo] [--data F.jsonl] [--tokenizer DIR]
 
 Tokenizes the validated QA pairs exactly as training does (system prompt + question + answer through the chat
-template, qrb.chat.encode_pair) and lays them into batches of train.batch_size the two ways transformers' Trainer
+template, qrb.model.encode_pair) and lays them into batches of train.batch_size the two ways transformers' Trainer
 would: RandomSampler (naive) and LengthGroupedSampler (train_sampling_strategy="group_by_length"). Waste = padded
 tokens / all tokens in the batches. Reported for the data as is and bootstrapped to the card's ~5k pairs (the
 sampler's mega-batches are 50 batches, so data size matters). CPU only, a few seconds. Target: waste <= 5%.
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(argv)
     ws = Path(args.workspace)
-    from qrb.chat import encode_pair, load_tokenizer
+    from qrb.model import encode_pair, load_tokenizer
     from qrb.params import read_yaml
 
     params = read_yaml(ws / "params.yaml") if (ws / "params.yaml").exists() else read_yaml(REPO / "params.yaml")

@@ -1,3 +1,3 @@
-"""quantum-research-bot: shared helpers, offline stand-ins and the `qrb` command line."""
+"""quantum-research-bot: the library the stages import, and the `qrb` command line (qrb/cli.py)."""
 
 __version__ = "0.1.0"

@@ -16,9 +16,9 @@ COMMANDS = {
     "mirror": ("standins.mirror.__main__", "serve the offline mirror of quantum-journal.org on 127.0.0.1"),
     "smoke-endpoint": ("standins.smoke", "serve the smoke-test OpenAI-compatible endpoint on 127.0.0.1"),
     "services": ("standins.services", "serve a workspace's stand-ins (mirror + smoke endpoint) at its params' URLs"),
-    "ask": ("qrb.app.ask", "ask the fine-tuned model one question (base + adapter, streamed)"),
-    "chat": ("qrb.app.chat", "chat with the fine-tuned model in the terminal (streaming)"),
-    "serve": ("qrb.app.serve", "OpenAI-compatible API + web chat page for the fine-tuned model (127.0.0.1)"),
+    "ask": ("apps.ask", "ask the fine-tuned model one question (base + adapter, streamed)"),
+    "chat": ("apps.chat", "chat with the fine-tuned model in the terminal (streaming)"),
+    "serve": ("apps.serve", "OpenAI-compatible API + web chat page for the fine-tuned model (127.0.0.1)"),
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qrb import llm
-from qrb.chat import prompt_messages
+from qrb.model import prompt_messages
 
 log = logging.getLogger(__name__)
 

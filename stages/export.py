@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qrb.chat import GATE_FILE, adapter_kind
 from qrb.errors import ConfigError, QrbError
 from qrb.gguf_export import adds_special, load_gguf, modelfile, write_gguf
 from qrb.io import read_jsonl, write_metrics
+from qrb.model import GATE_FILE, adapter_kind
 from qrb.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ PARAMS_CLASS = ExportParams
 # ---- merge --------------------------------------------------------------------------------------------------------
 
 def load_base_and_adapter(base: dict[str, Any], p: ExportParams, adapter_dir: Path, device: str):
-    from qrb.chat import load_with_adapter, torch_dtype
+    from qrb.model import load_with_adapter, torch_dtype
 
     if adapter_kind(adapter_dir) == "loreft":
         raise ConfigError(LOREFT_NOT_MERGEABLE)
@@ -112,7 +112,7 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
     """Core: write out/{adapter,merged,gguf} and return the metrics (sizes, eval CE of each form and the deltas)."""
     import torch
 
-    from qrb.chat import token_weighted_ce
+    from qrb.model import token_weighted_ce
 
     def ce(model, tok, what: str) -> dict[str, float]:
         return token_weighted_ce(model, tok, rows, base["system_prompt"], batch_size=p.eval_batch_size,

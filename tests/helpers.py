@@ -131,7 +131,7 @@ def assert_embedding_trained_and_the_rest_frozen(model, model_dir: Path, tokeniz
     and every base weight are still the base's (resized for the added pad token, as train rebuilt it)."""
     import torch
 
-    from qrb.chat import load_causal_lm, resize_for_tokenizer
+    from qrb.model import load_causal_lm, resize_for_tokenizer
 
     original = load_causal_lm(str(model_dir))
     resize_for_tokenizer(original, tokenizer)
@@ -162,8 +162,8 @@ def assert_tied_export_is_correct(model_dir: Path, adapter_dir: Path, out: Path,
     import torch
     from safetensors.torch import load_file
 
-    from qrb.chat import load_causal_lm, load_with_adapter
     from qrb.gguf_export import load_gguf
+    from qrb.model import load_causal_lm, load_with_adapter
 
     assert json.loads((out / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     state: dict = {}
@@ -199,7 +199,7 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
     template) followed by the answer and the end-of-turn token, and only those carry labels; pad is not eos."""
     from datasets import Dataset, DatasetDict
 
-    from qrb.chat import load_tokenizer, prompt_messages
+    from qrb.model import load_tokenizer, prompt_messages
     from stages.train.model import build_model, prepare_tokenizer
     from stages.train.trainer import build_trainer
 
@@ -401,11 +401,11 @@ def run_validate(ws: Path) -> subprocess.CompletedProcess:
 
 
 def bot_in(ws: Path, **kwargs):
-    """`qrb.app.bot.load_bot(**kwargs)` run from `ws`: the workspace's params.yaml and artifacts/ are read from cwd,
+    """`apps.bot.load_bot(**kwargs)` run from `ws`: the workspace's params.yaml and artifacts/ are read from cwd,
     as the CLI does."""
     import os
 
-    from qrb.app.bot import load_bot
+    from apps.bot import load_bot
 
     cwd = os.getcwd()
     os.chdir(ws)

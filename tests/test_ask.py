@@ -21,7 +21,7 @@ from helpers import REPO
 
 
 def test_bot_uses_the_training_template_and_system_prompt(bot):
-    from qrb.chat import prompt_messages
+    from qrb.model import prompt_messages
 
     q = "What is a surface code?"
     expected = bot.tokenizer.apply_chat_template(prompt_messages(SYSTEM, q), tokenize=False, add_generation_prompt=True)
@@ -35,7 +35,7 @@ def test_bot_uses_the_training_template_and_system_prompt(bot):
 
 
 def test_generate_equals_evaluate_generation_and_stream_equals_generate(bot):
-    from qrb.chat import generate_answers
+    from qrb.model import generate_answers
 
     q = "What does the paper 'Quantum error correction' say?"
     reply = bot.generate([{"role": "user", "content": q}], max_new_tokens=24)
@@ -51,7 +51,7 @@ def test_generate_equals_evaluate_generation_and_stream_equals_generate(bot):
 
 
 def test_limits_are_enforced(bot):
-    from qrb.app.bot import InputTooLong
+    from apps.bot import InputTooLong
 
     with pytest.raises(InputTooLong, match="limit"):
         bot.prompt_ids([{"role": "user", "content": "qubit " * 2000}])
@@ -76,7 +76,7 @@ def test_closing_a_stream_early_releases_the_model(bot):
 def test_chat_loop_keeps_history_and_resets(bot):
     inputs = iter(["What is a qubit?", "And a qutrit?", "/reset", "Hello?", "/exit"])
     out: list[str] = []
-    history = __import__("qrb.app.chat", fromlist=["chat_loop"]).chat_loop(bot, read=lambda _: next(inputs),
+    history = __import__("apps.chat", fromlist=["chat_loop"]).chat_loop(bot, read=lambda _: next(inputs),
                                                                         write=out.append)
     text = "".join(out)
     assert "(conversation cleared)" in text and text.count("bot> ") == 3
@@ -125,7 +125,7 @@ def test_missing_adapter_is_one_clear_line(tmp_path):
 
 def test_library_errors_are_qrb_errors_not_exits(tmp_path, adapter_ws):
     """bot.py is library code: it raises qrb.errors exceptions; only an app's main() turns them into an exit."""
-    from qrb.app.bot import InputTooLong, load_bot
+    from apps.bot import InputTooLong, load_bot
     from qrb.errors import ConfigError, DataError
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_with_its_exit_code(adapter_ws):
 def test_help_is_qrbs_and_explains_every_option(cmd, tmp_path):
     proc = qrb(cmd, "--help", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: qrb {cmd} "), proc.stdout[:200]
-    ap = importlib.import_module(f"qrb.app.{cmd}").parser()
+    ap = importlib.import_module(f"apps.{cmd}").parser()
     assert ap.prog == f"qrb {cmd}"
     for action in ap._actions:
         name = "/".join(action.option_strings) or action.dest
@@ -213,8 +213,8 @@ def test_qrb_ask_and_chat_with_base_cli(adapter_ws, base_bot):
 
 
 def test_serve_section_loads_in_both_profiles(tmp_path):
+    from apps.bot import load_serve_params
     from flows.workspace import profile_params
-    from qrb.app.bot import load_serve_params
 
     for profile, max_new in ((None, 512), ("tiny", 64)):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(profile_params(profile, REPO)))
@@ -291,7 +291,7 @@ def test_smol_adapter_merged_and_base_answer(smol_ws, smol_model_dir):
 def test_smol_base_bot_is_evaluates_base_and_streams_to_eos(smol_ws):
     """In process: SmolLM2's --base (pad = eos) answers what evaluate calls "base", stops at its end-of-turn, and
     streams the same text; chat loads the merged export."""
-    from qrb.app.bot import load_bot
+    from apps.bot import load_bot
 
     conv = [{"role": "user", "content": "What is 2 + 2? Answer with a number only."}]
     cwd = os.getcwd()

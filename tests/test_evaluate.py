@@ -415,14 +415,14 @@ def test_llm_grader_against_the_smoke_endpoint_grades_as_the_offline_grader():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local models: CE counted as qrb.chat counts it; the whole core and the stage on the tiny Llama
+# Local models: CE counted as qrb.model counts it; the whole core and the stage on the tiny Llama
 
 @pytest.fixture(scope="module")
 def peft_tiny(tiny_model_dir):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer
+    from qrb.model import load_causal_lm, load_tokenizer, resize_for_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -439,7 +439,7 @@ def test_per_row_nll_matches_the_models_own_loss(peft_tiny):
     computation), times the answer tokens; their ratio of sums is token_weighted_ce."""
     import torch
 
-    from qrb.chat import encode_pair, token_nll_rows, token_weighted_ce
+    from qrb.model import encode_pair, token_nll_rows, token_weighted_ce
 
     model, tok = peft_tiny
     rows = [{"question": q, "answer": a} for q, a in zip(PREDS, REFS)]
@@ -558,8 +558,8 @@ def test_the_rag_rows_send_the_model_what_the_apps_send_it(monkeypatch, corpus_d
     """For the same question, index and `retrieval:` params, both RAG rows hand the model the messages `qrb ask --rag`
     renders (Bot.ground, then Bot.messages) and count as cited what the app lists as sources: the papers of the
     excerpts the answer names ([n]), graded without the markers; an answer naming none cites nothing."""
-    from qrb.app.bot import Bot
-    from qrb.chat import prompt_messages
+    from apps.bot import Bot
+    from qrb.model import prompt_messages
     from stages.evaluate.core import local_answers
 
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
@@ -584,7 +584,7 @@ def test_the_rag_rows_send_the_model_what_the_apps_send_it(monkeypatch, corpus_d
 def test_below_min_score_the_rag_rows_abstain_without_asking_the_model(monkeypatch, corpus_dir):
     """A question no passage reaches retrieval.min_score for gets the apps' abstention, unasked and citing nothing
     (graded not attempted: no citation accuracy, its paper not recalled); the question that does reach it is asked."""
-    from qrb.app.bot import Bot
+    from apps.bot import Bot
     from qrb.grade import grade
     from stages.evaluate.core import citation_columns, local_answers
 

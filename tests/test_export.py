@@ -34,7 +34,7 @@ def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer
+    from qrb.model import load_causal_lm, load_tokenizer, resize_for_tokenizer
 
     base, p, rows, out, m = exported
     assert p.merge_precision == "fp32"  # profiles/tiny.yaml: CPU
@@ -55,8 +55,8 @@ def test_merge_is_exact_and_loads_without_peft(exported, adapter_ws):
 
 
 def gguf_ce(path, rows, base, p):
-    from qrb.chat import token_weighted_ce
     from qrb.gguf_export import load_gguf
+    from qrb.model import token_weighted_ce
 
     model, tok = load_gguf(path)  # the GGUF's own tokenizer and chat template, as llama.cpp would use them
     return token_weighted_ce(model, tok, rows, base["system_prompt"], batch_size=p.eval_batch_size,
@@ -269,7 +269,7 @@ def test_merged_export_serves_through_ask_and_the_wrong_folders_fail_in_one_line
                                                                                  tmp_path):
     import yaml
 
-    from qrb.app.bot import load_bot
+    from apps.bot import load_bot
 
     _, _, _, out, _ = exported
     monkeypatch.chdir(adapter_ws)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from qrb.chat import generate_answers, read_gate
+from qrb.model import generate_answers, read_gate
 from qrb.schema import ABSTAIN_ANSWER
 from stages.train.gate import HOLD_ABSTAIN_EVERY, calibrate, hold_back, threshold
 
@@ -44,7 +44,7 @@ def test_threshold_keeps_the_best_scoring_lowest_value():
 
 
 def test_generate_answers_declines_below_the_gate_and_reports_confidences(tiny_model_dir):
-    from qrb.chat import load_causal_lm, load_tokenizer
+    from qrb.model import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     tok.pad_token = tok.pad_token or tok.eos_token  # an adapter's tokenizer has its own; the bare tiny one has none
@@ -60,7 +60,7 @@ def test_generate_answers_declines_below_the_gate_and_reports_confidences(tiny_m
 
 
 def test_calibrate_writes_the_gate_the_apps_read(tiny_model_dir, tmp_path):
-    from qrb.chat import load_causal_lm, load_tokenizer
+    from qrb.model import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     tok.pad_token = tok.pad_token or tok.eos_token  # an adapter's tokenizer has its own; the bare tiny one has none

@@ -1,7 +1,7 @@
 """The house rules the folders stand for, checked from the code's own imports (walked with `ast`, lazy imports inside
 functions included):
 
-- layers run one way: qrb/ (the library stages import) <- stages/ <- standins/, qrb/app/ <- flows/ <- qrb/cli.py;
+- layers run one way: qrb/ (the library stages import) <- stages/ <- standins/, apps/ <- flows/ <- qrb/cli.py;
   the qrb/ library imports no stage or flow (the CLI entry point imports flows), stages never import each other;
 - every stage in dvc.yaml lists, as deps, every project module it imports (transitively), and no Python file it
   does not import: a change to any module a stage runs makes that stage stale, and nothing else.
@@ -21,7 +21,7 @@ import yaml
 
 from helpers import REPO
 
-PROJECT = ("qrb", "stages", "standins", "flows")
+PROJECT = ("qrb", "stages", "standins", "apps", "flows")
 CLI_ENTRY = "qrb/cli.py"
 
 
@@ -134,12 +134,7 @@ def dep_problems(repo: Path) -> list[str]:
 
 
 def layer_of(rel: str) -> str:
-    if rel == CLI_ENTRY:
-        return "cli"
-    parts = rel.split("/")
-    if parts[0] == "qrb" and len(parts) > 2:
-        return f"qrb/{parts[1]}"
-    return "qrb" if parts[0] == "qrb" else parts[0]
+    return "cli" if rel == CLI_ENTRY else rel.split("/")[0]
 
 
 # which layers each layer may import
@@ -147,9 +142,9 @@ ALLOWED = {
     "qrb": {"qrb"},
     "stages": {"qrb", "stages"},
     "standins": {"qrb", "standins"},
-    "qrb/app": {"qrb", "qrb/app"},
+    "apps": {"qrb", "apps"},
     "flows": {"qrb", "standins", "flows"},
-    "cli": {"qrb", "standins", "qrb/app", "flows", "cli"},
+    "cli": {"qrb", "standins", "apps", "flows", "cli"},
 }
 
 
@@ -193,15 +188,21 @@ def test_the_layer_check_catches_an_upward_import(copy):
     def append(rel: str, line: str) -> None:
         (copy / rel).write_text((copy / rel).read_text() + line)
 
-    append("qrb/chat.py", "\n\ndef _x():\n    from flows.pipeline import pipeline  # noqa\n")
-    append("standins/mirror/server.py", "\nfrom qrb.app import bot  # noqa\n")
+    append("qrb/model.py", "\n\ndef _x():\n    from flows.pipeline import pipeline  # noqa\n")
+    append("standins/mirror/server.py", "\nfrom apps import bot  # noqa\n")
     append("stages/model_card/inputs.py", "\n\ndef _y():\n    from standins.smoke import MODEL_ID  # noqa\n")
     append("qrb/io.py", "\nimport standins.services  # noqa\n")
+    append("stages/export.py", "\n\ndef _z():\n    from apps.bot import Bot  # noqa\n")
+    append("qrb/retrieval.py", "\nfrom apps import ask  # noqa\n")
+    append("flows/workspace.py", "\nimport apps.serve  # noqa\n")
     problems = layer_problems(copy)
-    assert any(p.startswith("qrb/chat.py (qrb) imports flows/pipeline.py") for p in problems), problems
-    assert any(p.startswith("standins/mirror/server.py (standins) imports qrb/app/bot.py") for p in problems)
+    assert any(p.startswith("qrb/model.py (qrb) imports flows/pipeline.py") for p in problems), problems
+    assert any(p.startswith("standins/mirror/server.py (standins) imports apps/bot.py") for p in problems)
     assert any(p.startswith("stages/model_card/inputs.py (stages) imports standins/smoke/") for p in problems)
     assert "qrb/io.py (qrb) imports standins/services.py (standins)" in problems, problems
+    assert "stages/export.py (stages) imports apps/bot.py (apps)" in problems, problems
+    assert "qrb/retrieval.py (qrb) imports apps/ask.py (apps)" in problems, problems
+    assert "flows/workspace.py (flows) imports apps/serve.py (apps)" in problems, problems
 
 
 def test_the_dep_check_catches_a_removed_dep_and_a_new_import(copy):

@@ -146,7 +146,7 @@ def rag_bot(rag_ws):
 
 def scripted(bot, monkeypatch, *texts: str):
     """The bot's replies (generate and stream) are `texts`, in turn: what a model trained to cite would write."""
-    from qrb.app.bot import Reply
+    from apps.bot import Reply
 
     replies = iter(texts)
 
@@ -168,8 +168,8 @@ CITING = "It improves the precision [1]."
 def test_rag_bot_answers_from_the_papers_it_retrieves_and_names_those_it_cites(rag_bot, monkeypatch, capsys):
     import argparse
 
-    from qrb.app import ask
-    from qrb.app.chat import chat_loop
+    from apps import ask
+    from apps.chat import chat_loop
     from qrb.retrieval import citations
     from qrb.schema import ABSTAIN_ANSWER
 
@@ -197,8 +197,8 @@ def test_api_returns_the_citations_as_text_and_as_a_field(rag_bot, monkeypatch):
     import httpx
     from openai import OpenAI
 
+    from apps.serve import create_app
     from helpers import running
-    from qrb.app.serve import create_app
     from qrb.schema import ABSTAIN_ANSWER
 
     cite = {"doi": PAPER["doi"], "title": PAPER["title"], "url": f"https://doi.org/{PAPER['doi']}"}
@@ -241,8 +241,8 @@ def test_qrb_ask_rag_prints_the_answer_and_the_papers_it_cites(rag_ws):
 def test_web_page_links_the_cited_paper(rag_bot, monkeypatch):
     from selenium.webdriver.common.by import By
 
+    from apps.serve import create_app
     from helpers import ask_page, chromium, running
-    from qrb.app.serve import create_app
 
     with running(create_app(scripted(rag_bot, monkeypatch, CITING))) as u, chromium() as driver:
         driver.get(u + "/")

@@ -18,7 +18,7 @@ QUESTION = "What does the paper 'Quantum error correction' say?"
 
 @pytest.fixture(scope="module")
 def url(bot):
-    from qrb.app.serve import create_app
+    from apps.serve import create_app
 
     with running(create_app(bot)) as u:
         yield u
@@ -86,7 +86,7 @@ def test_limits_and_errors_in_openai_format(client, url, bot):
 def test_api_key_when_set(bot):
     import openai
 
-    from qrb.app.serve import create_app
+    from apps.serve import create_app
 
     with running(create_app(bot, api_key="s3cret")) as u:
         with pytest.raises(openai.AuthenticationError):
@@ -115,7 +115,7 @@ def test_invalid_utf8_and_unparsable_bodies_are_400_in_openai_format(url):
 def test_api_key_scheme_is_case_insensitive_and_the_page_never_holds_the_key(bot):
     import httpx
 
-    from qrb.app.serve import create_app
+    from apps.serve import create_app
 
     with running(create_app(bot, api_key="s3cret")) as u:
         for header in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
@@ -134,7 +134,7 @@ def test_base_bot_behind_the_api(base_bot):
     import httpx
     from openai import OpenAI
 
-    from qrb.app.serve import create_app
+    from apps.serve import create_app
 
     conv = [{"role": "user", "content": QUESTION}]
     with running(create_app(base_bot)) as u:
@@ -166,7 +166,7 @@ def test_web_page_sends_the_api_key_the_user_enters(bot):
     served HTML) and sends it as a Bearer token; a reload keeps it."""
     from selenium.webdriver.common.by import By
 
-    from qrb.app.serve import create_app
+    from apps.serve import create_app
 
     expected = bot.generate([{"role": "user", "content": QUESTION}]).text
     with running(create_app(bot, api_key="s3cret")) as u, chromium() as driver:

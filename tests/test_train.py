@@ -32,7 +32,7 @@ def trained(tiny_model_dir, dataset):
 
 
 def test_recipe_builds_kaiming_a_zero_b_and_a_real_pad_token(tiny_model_dir):
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
 
     p = cpu_recipe()
     tokenizer, added = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
@@ -73,7 +73,7 @@ def test_on_a_tied_base_the_embedding_copy_trains_and_lm_head_stays_frozen(corpu
 
 
 def test_loraplus_groups_give_b_eight_times_the_lr_and_weight_decay(tiny_model_dir):
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
 
     p = cpu_recipe(learning_rate=1e-4)
     tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
@@ -95,7 +95,7 @@ def test_bf16_keeps_every_trainable_tensor_in_fp32_so_a_decay_step_moves_the_emb
     """The frozen base in bf16, every trainable tensor (LoRA A/B and the embedding copy) an fp32 master: one AdamW
     step at lr 1e-4, wd 0.01 under bf16 autocast changes every element of the embedding copy (in bf16, w * 1e-6 is
     below half an ulp: 0 of 65,600 changed)."""
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
 
     p = recipe(precision="bf16", learning_rate=1e-4, weight_decay=0.01)
     tokenizer, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
@@ -122,7 +122,7 @@ def test_qlora_keeps_fp32_masters_although_trl_casts_a_4bit_models_adapters_to_b
     copy too); the stage's trainer puts the fp32 masters back. (nf4 itself needs CUDA: the flag stands in.)"""
     import dataclasses
 
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
     from stages.train.trainer import build_trainer
 
     p = recipe(precision="bf16")
@@ -180,7 +180,7 @@ def test_adapter_moves_and_base_weights_do_not(trained, tiny_model_dir):
 
 
 def test_fine_tuning_lowers_eval_cross_entropy(trained, dataset):
-    from qrb.chat import token_weighted_ce
+    from qrb.model import token_weighted_ce
 
     model, tokenizer, metrics, history = trained
     rows = list(dataset["eval"])
@@ -194,7 +194,7 @@ def test_fine_tuning_lowers_eval_cross_entropy(trained, dataset):
 
 
 def test_token_weighted_ce_does_not_depend_on_batch_size(trained, dataset):
-    from qrb.chat import token_weighted_ce
+    from qrb.model import token_weighted_ce
 
     model, tokenizer, _, _ = trained
     rows = list(dataset["eval"])
@@ -234,7 +234,7 @@ def test_gradient_checkpointing_is_the_params_choice_and_changes_memory_not_the_
 
 
 def test_qlora_on_cpu_is_a_clear_error():
-    from qrb.chat import require_hardware
+    from qrb.model import require_hardware
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -72,7 +72,7 @@ def test_loreft_positions_first_and_last_prompt_tokens_with_padding():
 
 def test_loreft_layers_count_from_the_end_and_default_to_the_last_eight(tiny_model_dir):
     from helpers import recipe
-    from qrb.chat import load_causal_lm, load_tokenizer
+    from qrb.model import load_causal_lm, load_tokenizer
     from stages.train.model import loreft_config, prepare_tokenizer
 
     default = recipe().loreft.layers
@@ -91,7 +91,7 @@ def test_loreft_layers_count_from_the_end_and_default_to_the_last_eight(tiny_mod
 
 @pytest.mark.slow
 def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small, tmp_path):
-    from qrb.chat import load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
+    from qrb.model import load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
 
     p = cpu_recipe(method="loreft", epochs=2.0, learning_rate=2e-3)
     model, tokenizer, metrics, _ = train(base_of(tiny_model_dir), p, small, "cpu")

@@ -29,7 +29,7 @@ def facts(papers: list[dict]) -> list[dict]:
 
 
 def test_a_model_trained_on_raft_rows_cites_its_paper_and_never_a_distractor(smol_model_dir, tmp_path):
-    from qrb.chat import generate_answers
+    from qrb.model import generate_answers
     from qrb.retrieval import Passage, cite, passages_from_papers, rag_prompt
     from stages.generate.raft import raft_rows
 

@@ -37,14 +37,14 @@ def smol_adapter(smol_model_dir, rows, tmp_path_factory):
 
 
 def test_smol_answer_only_loss_is_exact_in_its_own_chat_template(smol_model_dir, rows, tmp_path):
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
 
     assert "<|im_start|>assistant" in load_tokenizer(str(smol_model_dir)).chat_template  # ChatML, the model's own
     assert_answer_only_loss_is_exact(smol_model_dir, rows[0], tmp_path)
 
 
 def test_smol_trains_an_untied_embedding_copy_with_lm_head_frozen_and_reloads(smol_model_dir, smol_adapter):
-    from qrb.chat import load_with_adapter
+    from qrb.model import load_with_adapter
 
     model, tokenizer, metrics, out = smol_adapter
     assert json.loads((smol_model_dir / "config.json").read_text())["tie_word_embeddings"] is True

@@ -23,7 +23,7 @@ def test_the_loss_is_trls_with_lm_head_on_the_labelled_positions_only(tiny_model
     """Same value and same gradient as trl's fused-head loss (which scores every position on a CPU)."""
     from trl import SFTTrainer
 
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
     from stages.train.model import build_model, prepare_tokenizer
     from stages.train.trainer import build_trainer
 
@@ -66,7 +66,7 @@ def test_the_fast_path_trains_the_same_adapter_as_trls_loss_and_unfused_adamw(ti
 
 
 def test_word_dropout_drops_p_of_the_elements_scales_the_rest_and_is_off_in_eval(tiny_model_dir):
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
     from stages.train.model import build_model, prepare_tokenizer
 
     p = cpu_recipe()
@@ -87,7 +87,7 @@ def test_word_dropout_drops_p_of_the_elements_scales_the_rest_and_is_off_in_eval
 
 
 def test_bf16_cpu_autocasts_on_a_cpu_with_fp32_attention_and_masters(tiny_model_dir, dataset):
-    from qrb.chat import require_hardware
+    from qrb.model import require_hardware
     from stages.train.trainer import train
 
     assert require_hardware("m", "bf16_cpu") in ("cpu", "cuda")  # evaluate reads the adapter's precision too

@@ -43,7 +43,7 @@ def papers_and_rows(corpus_dir):
 def test_text_rows_come_from_training_papers_only_never_held_out_ones(tiny_model_dir, corpus_dir):
     from datasets import Dataset, DatasetDict
 
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
 
     papers, train_rows, eval_rows = papers_and_rows(corpus_dir)
     leak = dict(eval_rows[0])  # a held-out paper's row that slipped into train: its text still stays out
@@ -81,7 +81,7 @@ def test_order_mixes_or_stages_the_parts_over_all_epochs(tiny_model_dir, tmp_pat
 def mixed_trainer(tiny_model_dir, corpus_dir, tmp_path, **overrides):
     from datasets import Dataset, DatasetDict
 
-    from qrb.chat import load_tokenizer
+    from qrb.model import load_tokenizer
     from stages.train.model import build_model, prepare_tokenizer
     from stages.train.trainer import build_trainer
 
@@ -95,7 +95,7 @@ def mixed_trainer(tiny_model_dir, corpus_dir, tmp_path, **overrides):
 
 
 def test_text_rows_carry_the_loss_on_every_token_and_qa_rows_on_the_answer_only(tiny_model_dir, corpus_dir, tmp_path):
-    from qrb.chat import encode_pair
+    from qrb.model import encode_pair
 
     trainer, tok, _ = mixed_trainer(tiny_model_dir, corpus_dir, tmp_path)
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]

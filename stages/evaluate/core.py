@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qrb.chat import generate_answers, token_nll_rows
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from qrb.llm import Cache
+from qrb.model import generate_answers, token_nll_rows
 from qrb.retrieval import cite, ground
 from qrb.schema import ABSTAIN_ANSWER
 
@@ -42,7 +42,7 @@ class LocalModel:
     system: str
     p: EvaluateParams
     max_length: int  # base.max_length: the one limit every eval CE counts within
-    min_prob: float | None = None  # the adapter's confidence gate (qrb.chat.read_gate): its closed-book answers only
+    min_prob: float | None = None  # the adapter's confidence gate (qrb.model.read_gate): its closed-book answers only
 
     def answer(self, prompts: list[str], desc: str, refs: list[str] | None = None,
                gated: bool = False) -> tuple[list[str], list[dict[str, Any]]]:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from qrb import llm
-from qrb.chat import read_gate
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl
+from qrb.model import read_gate
 from qrb.retrieval import open_index
 from qrb.schema import question_record
 from qrb.stage import run_stage
@@ -68,7 +68,7 @@ def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def load_adapter_model(base: dict[str, Any], device: str):
-    from qrb.chat import load_with_adapter
+    from qrb.model import load_with_adapter
 
     model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR,
                                          dtype=None if device == "cpu" else "auto")
@@ -85,7 +85,7 @@ def load_papers() -> list[dict[str, Any]]:
 
 def require_device(model: str) -> str:
     """The device the adapter's training recipe needs (its lineage.json): a bf16/fp16/nf4 recipe is a GPU one."""
-    from qrb.chat import require_hardware
+    from qrb.model import require_hardware
 
     lineage = ADAPTER_DIR / "lineage.json"
     train = (json.loads(lineage.read_text()).get("params") or {}).get("train") or {} if lineage.exists() else {}

@@ -364,7 +364,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")  # carries the added pad token",
               f"model = AutoModelForCausalLM.from_pretrained(\"{b.ref}\")",
-              "model.resize_token_embeddings(len(tokenizer))  # qrb.chat.resize_for_tokenizer does it the same way",
+              "model.resize_token_embeddings(len(tokenizer))  # qrb.model.resize_for_tokenizer does it the same way",
               "model = PeftModel.from_pretrained(model, \"<this folder>\")", "```", ""]
 
     L += ["## Training data", "", *training_data_rows(inp)]

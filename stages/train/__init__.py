@@ -20,7 +20,7 @@ The recipe (see params.yaml): LoRA r=8/alpha=16/dropout=0.1 on attention + MLP p
 and B zero, the full embedding matrix trained (modules_to_save, not lm_head), LoRA+ (lr of B = 8 x lr of A),
 AdamW with weight decay 0.01, cosine schedule, grad clip 0.3, NEFTune, an added pad token with right padding, and
 loss on the answer and end-of-turn tokens only (tokenized through the base model's own chat template by
-qrb.chat.encode_pair, as every eval CE is), length-grouped batches. NEFTune noise is scaled per sequence by its real
+qrb.model.encode_pair, as every eval CE is), length-grouped batches. NEFTune noise is scaled per sequence by its real
 (unpadded) length, alpha/sqrt(L_i * d), as in the NEFTune paper, instead of transformers' alpha/sqrt(padded_len * d).
 In bf16 every trainable tensor is an fp32 master (bf16 autocast computes); gradient checkpointing is a param. On a
 base that ties embed_tokens and lm_head (SmolLM2), the trained embedding copy unties the model: lm_head stays frozen.

@@ -1,8 +1,8 @@
 """The confidence gate: the adapter declines what it is unsure of, at a threshold calibrated on questions it did not
 train on. Before training, one wording of each fact that has several is held back (a known fact in words it has not
 seen, as users ask) and so is every HOLD_ABSTAIN_EVERY-th abstention row (a paper that does not exist). After
-training the model answers both; the threshold on its answer's least likely token (`qrb.chat.token_confidence`) is
-the one that scores best: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline. `qrb.chat.gate`
+training the model answers both; the threshold on its answer's least likely token (`qrb.model.token_confidence`) is
+the one that scores best: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline. `qrb.model.gate`
 applies it wherever the adapter answers closed-book (evaluate, the apps)."""
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def threshold(known: list[tuple[float, str]], unknown: list[tuple[float, bool]])
 def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], unknown: list[int], system: str,
               batch_size: int, out_dir: Path) -> dict[str, Any]:
     """Answer the held-back rows, choose the threshold, write it to `out_dir`/gate.json; returns what it wrote."""
-    from qrb.chat import GATE_FILE, generate_answers
     from qrb.grade import NOT_ATTEMPTED, grade
+    from qrb.model import GATE_FILE, generate_answers
     from qrb.schema import ABSTAIN_ANSWER
 
     conf: list[float] = []

@@ -52,7 +52,7 @@ def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from qrb.chat import load_causal_lm, resize_for_tokenizer, torch_dtype
+    from qrb.model import load_causal_lm, resize_for_tokenizer, torch_dtype
 
     kwargs: dict[str, Any] = {}
     if p.method == "qlora":

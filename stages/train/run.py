@@ -45,7 +45,7 @@ def save_adapter(model, tokenizer, p: TrainParams, out: Path) -> None:
 
 
 def run(base: dict[str, Any], p: TrainParams, args) -> None:
-    from qrb.chat import require_hardware
+    from qrb.model import require_hardware
 
     if p.report_to in ("wandb", "mlflow", "tensorboard") and importlib.util.find_spec(p.report_to) is None:
         raise ConfigError(f"`train.report_to: {p.report_to}` is not installed (pip install {p.report_to})")

@@ -101,12 +101,12 @@ def order_rows(qa: list, text: list, p: TextParams, epochs: float, seed: int) ->
 def tokenize_rows(rows, tokenizer, system_prompt: str, max_length: int):
     """Training sequences in trl's pre-tokenized form: `input_ids` + `completion_mask` (the loss).
 
-    Tokenized by `qrb.chat.encode_pair`, the function eval cross-entropy counts with, so training and every eval
+    Tokenized by `qrb.model.encode_pair`, the function eval cross-entropy counts with, so training and every eval
     agree token for token: the model's own chat template, the generation prompt a prefix of the sequence, and the
     loss on the answer tokens and the end-of-turn token only (trl's own prompt/completion tokenization would also
     train on what a template writes after the end of turn, e.g. ChatML's newline after <|im_end|>).
     """
-    from qrb.chat import encode_pair
+    from qrb.model import encode_pair
 
     def encode(r):
         ids, prompt_len = encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length)
@@ -324,7 +324,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
-    from qrb.chat import load_tokenizer, token_weighted_ce
+    from qrb.model import load_tokenizer, token_weighted_ce
 
     tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"]), p)
     model = build_model(base, p, tokenizer, device)

@@ -94,7 +94,7 @@ class Bot:
     base_only: bool = False  # base.model without the adapter (`--base`)
     retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index; `retrieval:` params below
     retrieval: Any = None
-    min_prob: float | None = None  # the adapter's confidence gate (qrb.chat.read_gate): closed-book replies only
+    min_prob: float | None = None  # the adapter's confidence gate (qrb.model.read_gate): closed-book replies only
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ground(self, conversation: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list | None]:
@@ -194,7 +194,7 @@ class Bot:
         new = out.sequences[0, len(ids):].tolist()
         reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt_tokens=len(ids))
         if gated:
-            from qrb.chat import gate, token_confidence
+            from qrb.model import gate, token_confidence
 
             stops = self.eos_token_ids | {self.pad_token_id} - {None}
             reply.text = gate(reply.text, token_confidence(out.logits, out.sequences[:, len(ids):], stops)[0],
@@ -303,7 +303,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     retriever, retrieval = open_index(params_path) if limits.rag else (None, None)  # before the model: fail fast
     import torch
 
-    from qrb.chat import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter, read_gate
+    from qrb.model import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter, read_gate
 
     min_prob = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -44,8 +44,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from qrb.app.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, run_app
-from qrb.app.page import page_html
+from apps.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, run_app
+from apps.page import page_html
 from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
 

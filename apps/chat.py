@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from qrb.app.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
+from apps.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
 from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
 
