@@ -168,8 +168,10 @@ def main() -> None:
         tp = {**params["train"], "checkpoint_steps": 0, "emissions_country": None, "report_to": "none"}
         if args.epochs:
             tp["epochs"] = args.epochs
-        if kind.startswith("text"):
-            tp["text"] = {**tp["text"], "share": 0.5 if k else 0.9}
+        if kind.startswith("text"):  # text + QA: as many text rows as QA rows; text alone: each version once an epoch
+            n_text = len(train_papers) * (tp["text"]["rewrites"] + 1)
+            qa_like = len(rows) + (round(share * max(len(rows), len(train_facts) * 5)) if abstain else 0)
+            tp["text"] = {**tp["text"], "share": 0.5 if k else round(n_text / (n_text + qa_like), 4)}
         if abstain:
             rows += abstain_rows(round(share * max(len(rows), len(train_facts) * 5)), seed,
                                  [r["title"] for r in papers], {q["title"] for q in invented}, train_papers)
