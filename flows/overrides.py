@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flows.workspace import dvc_stages
+from flows.workspace import dvc_stages, round_trip
 from qrb.errors import ConfigError
 from qrb.params import Base, build, read_yaml
 
 STAGE_MODULE = re.compile(r"-m\s+(stages\.\w+)")  # a dvc.yaml cmd that runs a project stage
-YAML_WIDTH = 4096  # ruamel re-wraps long strings past its width: never, so a diff shows only what changed
 
 
 def _unknown(key: str, known: list[str], where: str, override: str) -> ConfigError:
@@ -82,23 +81,6 @@ def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, An
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return merged
-
-
-def round_trip() -> Any:
-    """ruamel's round-trip YAML writing params.yaml back as written: indents, quotes, long lines, `null` spelled out."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.representer import RoundTripRepresenter
-
-    class Representer(RoundTripRepresenter):
-        pass
-
-    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    rt = YAML(typ="rt")
-    rt.Representer = Representer
-    rt.width = YAML_WIDTH
-    rt.preserve_quotes = True
-    rt.indent(mapping=2, sequence=4, offset=2)
-    return rt
 
 
 def apply(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -168,10 +168,28 @@ def _set_leaves(node: Any, values: dict[str, Any]) -> None:
             node[key] = value
 
 
+YAML_WIDTH = 4096  # ruamel re-wraps long strings past its width: never, so a diff shows only what changed
+
+
+def round_trip() -> Any:
+    """ruamel's round-trip YAML writing params.yaml back as written: indents, quotes, long lines, `null` spelled out."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):
+        pass
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    rt = YAML(typ="rt")
+    rt.Representer = Representer
+    rt.width = YAML_WIDTH
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    return rt
+
+
 def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profile: str | Path | None = None) -> None:
     """The repo's params.yaml (comments, layout) holding the values of `params`, so edits there diff line by line."""
-    from flows.overrides import round_trip
-
     rt = round_trip()
     data = rt.load((repo / "params.yaml").read_text())
     _set_leaves(data, params)
