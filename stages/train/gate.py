@@ -51,7 +51,6 @@ def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], un
     """Answer the held-back rows, choose the threshold, write it to `out_dir`/gate.json; returns what it wrote."""
     from qrb.grade import NOT_ATTEMPTED, grade
     from qrb.model import GATE_FILE, generate_answers
-    from qrb.schema import ABSTAIN_ANSWER
 
     conf: list[float] = []
     held = [rows[i] for i in known + unknown]
@@ -60,7 +59,7 @@ def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], un
     k = len(known)
     graded = [(c, grade(a, r.get("short_answer") or "", r.get("aliases") or [], r["question"]))
               for c, a, r in zip(conf[:k], answers[:k], held[:k])]
-    invented = [(c, grade(a, "", [], r["question"]) == NOT_ATTEMPTED or a == ABSTAIN_ANSWER)
+    invented = [(c, grade(a, "", [], r["question"]) == NOT_ATTEMPTED)
                 for c, a, r in zip(conf[k:], answers[k:], held[k:])]
     min_prob, score = threshold(graded, invented)
     out = {"min_prob": min_prob, "score": score, "known": k, "unknown": len(unknown),

@@ -244,6 +244,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
     # (seen vs train is the seen suite's check, against clean training rows only)
     first_exact: dict[tuple[str, str], str] = {}
     first_norm: dict[tuple[str, str], str] = {}
+    declining: set[str] = set()  # rows whose answer is a decline on purpose: nothing to ground or compare
     rows_seen: set[tuple[str, ...]] = set()  # (scope, question, answer) exact and normalised
     held_out = {normalize_text(r["title"]) for s, _, r in rows if s == "eval" and isinstance(r, dict)
                 and isinstance(r.get("title"), str)}
@@ -265,6 +266,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         abstain = obj.get("kind") == "abstain"
         # ... as does a RAFT row over excerpts that do not state the fact about a paper only read (generate's raft)
         declines = abstain or (raft and said.strip() == ABSTAIN_ANSWER)
+        if declines:
+            declining.add(f"{split}:{line}")
         if paper is not None and doi not in paper_tokens:
             paper_tokens[doi] = set(content_tokens(paper_text(paper)))
         nq = normalize_text(q)
@@ -304,8 +307,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
             "doi_ok": abstain or bool(re.match(DOI_REGEX, doi)),
             "title_matches": (paper is None or not paper_title
                               or normalize_text(title) == normalize_text(paper_title)),
-            "grounding": (round(overlap_score(said, paper_tokens[doi]), 4) if paper is not None
-                          else 1.0 if abstain else 0.0) if not declines else 1.0,
+            "grounding": 1.0 if declines else (round(overlap_score(said, paper_tokens[doi]), 4) if paper is not None
+                                                else 0.0),
             "names_its_subject": not leans_on_unnamed_source(asked, paper_title or title, doi),
             "answer_differs": not normalize_text(asked) or normalize_text(said) != normalize_text(asked),
             # a RAFT message is the apps' and shows no held-out paper: training never sees an eval paper's text
@@ -317,9 +320,8 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
         texts = [(row.get("evidence") if isinstance(row, dict) and isinstance(row.get("evidence"), str) else "")
                  or f["answer"] for f, (_, _, row) in zip(feats, rows)]
         sims = semantic_similarity(texts, [f["doi"] for f in feats], papers)
-        for f, s, (_, _, row) in zip(feats, sims, rows):
-            f["similarity"] = 1.0 if isinstance(row, dict) and (row.get("kind") == "abstain" or (
-                row.get("kind") == "raft" and row.get("answer") == ABSTAIN_ANSWER)) else round(s, 4)
+        for f, s in zip(feats, sims):
+            f["similarity"] = 1.0 if f["row_id"] in declining else round(s, 4)
     return feats
 
 
