@@ -143,9 +143,9 @@ def test_validate_lets_raft_rows_through_and_quarantines_one_showing_a_held_out_
     assert outcome.train[-len(rows):] == rows
 
 
-def test_reading_papers_leave_closed_book_training_and_come_back_only_as_retrieval_rows():
+def test_reading_papers_are_declined_closed_book_and_answered_only_from_their_excerpt():
     from qrb.schema import ABSTAIN_ANSWER
-    from stages.generate.raft import reading_rows
+    from stages.generate.raft import READ_WORDINGS, reading_rows
 
     papers = fake_papers()[:14]
     held = {papers[3]["doi"]}
@@ -154,9 +154,15 @@ def test_reading_papers_leave_closed_book_training_and_come_back_only_as_retriev
     out, seen_out, counts = reading_rows(train, seen, held, papers, 0.25, 2, 120, seed=5)
     assert (out, seen_out, counts) == reading_rows(train, seen, held, papers, 0.25, 2, 120, seed=5)
     read = {r["doi"] for r in out if r["kind"] == "raft"}
-    assert counts == {"reading_papers": 3, "reading_rows": 6} and len(read) == 3 and not read & held
-    assert not any(r["doi"] in read for r in out if r["kind"] != "raft")  # never asked closed-book
+    # per paper: its 3 closed-book rows declined, 2 abstract-fact wordings over its excerpt, 1 over distractors only
+    assert READ_WORDINGS >= 2 and counts == {"reading_papers": 3, "reading_rows": 3 * (3 + 2 + 1)} and len(read) == 3
+    assert not read & held
+    closed = [r for r in out if r["doi"] in read and r["kind"] != "raft"]
+    assert sorted(r["question"] for r in closed) == sorted(r["question"] for r in train if r["doi"] in read)
+    assert all(r["kind"] == "abstain" and r["answer"] == ABSTAIN_ANSWER and not r["short_answer"] for r in closed)
     assert not any(r["doi"] in read for r in seen_out) and len(seen_out) == len(seen) - 2 * 3  # 2 facts a paper
+    variants = [(r["fact_id"], r["variant"]) for r in out if r["kind"] == "raft"]
+    assert len(variants) == len(set(variants))  # every row of a fact its own variant
     by_title = {pp["title"]: pp["doi"] for pp in papers}
     for r in (r for r in out if r["kind"] == "raft"):
         shown = [by_title[t] for t in shown_titles(r["question"])]
@@ -165,4 +171,4 @@ def test_reading_papers_leave_closed_book_training_and_come_back_only_as_retriev
             assert cite(r["answer"], [Passage(d, "", "") for d in shown])[1][0]["doi"] == r["doi"]
         else:  # only other papers: it declines, citing none
             assert r["answer"] == ABSTAIN_ANSWER
-    assert [r for r in out if r["kind"] != "raft"] == [r for r in train if r["doi"] not in read]
+    assert [r for r in out if r["doi"] not in read] == [r for r in train if r["doi"] not in read]

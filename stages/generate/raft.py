@@ -20,24 +20,28 @@ from qrb.retrieval import Passage, passage_text, passages_from_papers, rag_promp
 from qrb.schema import QAPair
 
 RAFT = "raft"  # the rows' prompt_id and kind
+READ_WORDINGS = 3  # a read paper's fact asked over its excerpt in this many wordings: reading is the skill taught
 
 
-def eligible(train: list[dict[str, Any]], held_out: set[str], abstracts: dict[str, Passage]) -> list[dict[str, Any]]:
-    """The training facts RAFT rows may ask: variant 0 of an abstract fact with a short answer, on a training paper."""
-    return [r for r in train if r.get("variant") == 0 and r.get("kind", "fact") == "fact" and r.get("chunk") == 0
+def eligible(train: list[dict[str, Any]], held_out: set[str], abstracts: dict[str, Passage],
+             wordings: int = 1) -> list[dict[str, Any]]:
+    """The training facts RAFT rows may ask: the first `wordings` variants of an abstract fact with a short answer,
+    on a training paper."""
+    return [r for r in train if r.get("variant", 0) < wordings and r.get("kind", "fact") == "fact" and r.get("chunk") == 0
             and (r.get("short_answer") or "").strip() and r["doi"] in abstracts and r["doi"] not in held_out]
 
 
 def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list[dict[str, Any]], gold_share: float,
-              distractor_share: float, top_k: int, max_chars: int, seed: int, shown_from: set[str] | None = None
-              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """RAFT rows for `gold_share` and `distractor_share` (disjoint, seeded) of the eligible training facts, and their
-    counts. `held_out`: the eval split's DOIs, never shown; `papers`: the scraped papers (their abstracts);
-    `shown_from`: the DOIs whose abstracts may be shown (default: the papers of `train`)."""
+              distractor_share: float, top_k: int, max_chars: int, seed: int, shown_from: set[str] | None = None,
+              wordings: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """RAFT rows for `gold_share` and `distractor_share` (disjoint, seeded) of the eligible training facts (each of
+    its first `wordings` wordings a row), and their counts. `held_out`: the eval split's DOIs, never shown; `papers`:
+    the scraped papers (their abstracts); `shown_from`: the DOIs whose abstracts may be shown (default: the papers
+    of `train`)."""
     held = set(held_out)
     on_train = (shown_from or {r["doi"] for r in train if r.get("doi")}) - held
     abstracts = {x.doi: x for x in passages_from_papers([pp for pp in papers if pp.get("doi") in on_train])}
-    facts = sorted(eligible(train, held, abstracts), key=lambda r: r["fact_id"])
+    facts = sorted(eligible(train, held, abstracts, wordings), key=lambda r: (r["fact_id"], r.get("variant", 0)))
     rng = random.Random(f"raft:{seed}")
     rng.shuffle(facts)
     n_gold = round(gold_share * len(facts))
@@ -66,7 +70,8 @@ def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list
         prompt = rag_prompt(f["question"], [(x, 0.0) for x in shown], max_chars)
         rows.append(QAPair(question=prompt, answer=answer, doi=f["doi"], title=f["title"], published=f["published"],
                            prompt_id=RAFT, model=f["model"], response_id=f["response_id"], chunk=0,
-                           fact_id=f["fact_id"], variant=last[f["fact_id"]] + 1, short_answer=f["short_answer"],
+                           fact_id=f["fact_id"], variant=last[f["fact_id"]] + 1 + f.get("variant", 0),
+                           short_answer=f["short_answer"],
                            aliases=tuple(f.get("aliases") or ()), evidence=f.get("evidence", ""), kind=RAFT).record())
         chars += len(prompt) + len(answer)
     return rows, {"raft_eligible_facts": len(facts), "raft_gold_rows": n_gold,
@@ -76,23 +81,24 @@ def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list
 def reading_rows(train: list[dict[str, Any]], seen: list[dict[str, Any]], held_out: Iterable[str],
                  papers: list[dict[str, Any]], share: float, top_k: int, max_chars: int, seed: int
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """`share` of the training papers (seeded) become papers the model only READS: their facts leave closed-book
-    training and the seen set, and come back as RAFT rows only, one with the paper's excerpt among distractors (the
-    answer, citing it) and one over distractors only (the abstention answer, citing nothing). A held-out paper asked
-    with retrieval is such a paper: unknown, with its excerpt shown. Returns (train, seen, counts)."""
+    """`share` of the training papers (seeded) become papers the model only READS, the held-out paper's case: asked
+    closed-book (every wording it had), it declines; asked with the paper's excerpt among distractors
+    (`READ_WORDINGS` wordings a fact), it answers citing it; over distractors only, it declines. They leave the seen
+    set. Returns (train, seen, counts)."""
     from qrb.schema import ABSTAIN_ANSWER
 
     held = set(held_out)
     papers_on = sorted({r["doi"] for r in train if r.get("kind") == "fact" and r.get("doi")} - held)
     chosen = set(random.Random(f"reading:{seed}").sample(papers_on, round(share * len(papers_on))))
-    facts = [r for r in train if r["doi"] in chosen and r.get("variant") == 0 and r.get("kind") == "fact"]
-    kept = [r for r in train if r.get("doi") not in chosen]
+    read = [r for r in train if r.get("doi") in chosen and r.get("kind") in ("fact", "reverse")]
     pool = set(papers_on)
-    gold, _ = raft_rows(facts, held, papers, 1.0, 0.0, top_k, max_chars, seed, pool)
-    blind, _ = raft_rows(facts, held, papers, 0.0, 1.0, top_k, max_chars, seed, pool)
+    gold, _ = raft_rows(read, held, papers, 1.0, 0.0, top_k, max_chars, seed, pool, wordings=READ_WORDINGS)
+    blind, _ = raft_rows(read, held, papers, 0.0, 1.0, top_k, max_chars, seed, pool)
+    declined = dict(answer=ABSTAIN_ANSWER, short_answer="", aliases=[], evidence="")
+    # R-Tuning's "unsure" target on real questions about a real paper: invented papers alone do not teach it
+    unknown = [{**r, **declined, "kind": "abstain"} for r in read]
     for r in blind:  # nothing shown states it and it was never learnt: decline
-        r.update(answer=ABSTAIN_ANSWER, short_answer="", aliases=[], evidence="", variant=r["variant"] + 1)
-    rows = gold + blind
-    return kept + rows, [r for r in seen if r.get("doi") not in chosen], {
-        "reading_papers": len(chosen), "reading_rows": len(rows)}
-
+        r.update(declined, variant=r["variant"] + READ_WORDINGS)
+    kept = [r for r in train if r.get("doi") not in chosen]
+    return kept + unknown + gold + blind, [r for r in seen if r.get("doi") not in chosen], {
+        "reading_papers": len(chosen), "reading_rows": len(unknown) + len(gold) + len(blind)}
