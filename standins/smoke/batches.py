@@ -1,15 +1,12 @@
-"""The smoke endpoint's Files and Batch API (the part of OpenAI's the generate stage's batch mode uses), in memory:
-`POST /v1/files` (multipart, purpose `batch`), `GET /v1/files/<id>/content`, `POST /v1/batches`,
-`GET /v1/batches/<id>`, `GET /v1/batches` (newest first, `limit`/`after`), `POST /v1/batches/<id>/cancel`.
+"""The smoke endpoint's Files and Batch API (what generate's batch mode uses), in memory: `POST /v1/files`
+(multipart, purpose `batch`), `GET /v1/files/<id>/content`, `POST /v1/batches`, `GET /v1/batches[/<id>]`,
+`POST /v1/batches/<id>/cancel`.
 
 Deterministic: a batch is `validating` when created, `in_progress` from its first poll, and done at its
-`batch_polls`-th poll (`Faults.batch_polls`), when every line of its input file is answered by the same writer as
-`POST /v1/chat/completions` (`completions.completion`). Then, as OpenAI does, the replies go to an output file and
-the failed lines to an error file (`{"custom_id", "response": {"status_code", "body": {"error"}}, "error"}`).
-Injectable (`Faults`): `batch_error_rate` (a seeded share of lines fail: HTTP 500 in the error file),
-`batch_expire` (the batch expires with only that share of its lines done, in file order; the rest are in the error
-file with code `batch_expired`), `batch_fail` (the batch fails validation: no output at all), and the per-request
-faults 429/500/400 (error lines) and invalid_json/truncated (in the reply), drawn per line.
+`batch_polls`-th poll, each line answered by `completions.completion`; as OpenAI does, the replies go to an output
+file and the failed lines to an error file. `Faults` inject `batch_error_rate` (seeded failed lines),
+`batch_expire` (only that share done, in file order; the rest `batch_expired`), `batch_fail` (no output at all), and
+the per-request faults, drawn per line.
 """
 
 from __future__ import annotations
@@ -23,15 +20,11 @@ import threading
 import time
 from typing import Any
 
-from .completions import MODEL_ID, completion
+from .completions import MODEL_ID, completion, error_body
 
 ENDPOINT = "/v1/chat/completions"
 EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window "
                                                "expired (injected by the smoke endpoint)."}
-
-
-def _error(message: str, type_: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
 def form_parts(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
@@ -63,7 +56,7 @@ class BatchStore:
                 return self.upload(content_type, raw)
             if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and method == "GET":
                 f = self.files.get(parts[1])
-                return (200, f["data"]) if f else (404, _error(f"No such file: {parts[1]}"))
+                return (200, f["data"]) if f else (404, error_body(f"No such file: {parts[1]}"))
             if parts == ["batches"] and method == "POST":
                 return self.create(raw)
             if parts == ["batches"] and method == "GET":
@@ -73,11 +66,11 @@ class BatchStore:
             if len(parts) == 3 and parts[0] == "batches" and parts[2] == "cancel" and method == "POST":
                 b = self.batches.get(parts[1])
                 if b is None:
-                    return 404, _error(f"No such batch: {parts[1]}")
+                    return 404, error_body(f"No such batch: {parts[1]}")
                 if b["status"] in ("validating", "in_progress"):
                     self._finish(b, "cancelled")
                 return 200, self.public(b)
-        return 404, _error(f"Unknown route {method} {path}")
+        return 404, error_body(f"Unknown route {method} {path}")
 
     # -- files --------------------------------------------------------------------------------------------------
     def _file(self, data: bytes, purpose: str, filename: str) -> dict[str, Any]:
@@ -90,7 +83,7 @@ class BatchStore:
         fields = form_parts(content_type, raw)
         purpose = fields.get("purpose", (None, b""))[1].decode()
         if "file" not in fields or purpose != "batch":
-            return 400, _error("Expected a multipart upload with `file` and purpose `batch`.")
+            return 400, error_body("Expected a multipart upload with `file` and purpose `batch`.")
         name, data = fields["file"]
         f = self._file(data, purpose, name or "upload.jsonl")
         return 200, {k: v for k, v in f.items() if k != "data"}
@@ -104,19 +97,19 @@ class BatchStore:
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
-            return 400, _error("Invalid JSON body.")
+            return 400, error_body("Invalid JSON body.")
         if body.get("endpoint") != ENDPOINT or body.get("completion_window") != "24h":
-            return 400, _error(f"This smoke endpoint batches {ENDPOINT} with completion_window 24h only.")
+            return 400, error_body(f"This smoke endpoint batches {ENDPOINT} with completion_window 24h only.")
         f = self.files.get(body.get("input_file_id") or "")
         if f is None or f["purpose"] != "batch":
-            return 400, _error(f"No batch input file {body.get('input_file_id')!r}.")
+            return 400, error_body(f"No batch input file {body.get('input_file_id')!r}.")
         try:
             lines = [json.loads(x) for x in f["data"].decode().splitlines() if x.strip()]
         except ValueError:
-            return 400, _error("The input file is not JSONL.")
+            return 400, error_body("The input file is not JSONL.")
         ids = [x.get("custom_id") for x in lines]
         if not lines or len(set(ids)) != len(ids) or any(x.get("url") != ENDPOINT for x in lines):
-            return 400, _error(f"Every line needs a unique custom_id and url {ENDPOINT}.")
+            return 400, error_body(f"Every line needs a unique custom_id and url {ENDPOINT}.")
         bid = f"batch_smoke_{len(self.batches) + 1:04d}_{hashlib.sha256(f['data']).hexdigest()[:12]}"
         now = int(time.time())
         self.batches[bid] = {"id": bid, "object": "batch", "endpoint": ENDPOINT, "errors": None,
@@ -141,7 +134,7 @@ class BatchStore:
     def poll(self, bid: str) -> tuple[int, dict[str, Any]]:
         b = self.batches.get(bid)
         if b is None:
-            return 404, _error(f"No such batch: {bid}")
+            return 404, error_body(f"No such batch: {bid}")
         if b["status"] in ("validating", "in_progress"):
             b["_polls"] += 1
             b["status"] = "in_progress"
@@ -165,14 +158,14 @@ class BatchStore:
                           "response": {"status_code": status, "request_id": rid, "body": err}, "error": None}
 
         if body.get("model") != MODEL_ID:
-            return failed(404, _error(f"The model `{body.get('model')}` does not exist.", code="model_not_found"))
+            return failed(404, error_body(f"The model `{body.get('model')}` does not exist.", code="model_not_found"))
         if self._line_fails(cid):
-            return failed(500, _error("Internal server error (injected by the smoke endpoint).", "server_error"))
+            return failed(500, error_body("Internal server error (injected by the smoke endpoint).", "server_error"))
         fault = self.faults.draw(json.dumps(body, sort_keys=True).encode(), 0)
         if fault in ("429", "500"):
-            return failed(int(fault), _error(f"HTTP {fault} (injected by the smoke endpoint).", "server_error"))
+            return failed(int(fault), error_body(f"HTTP {fault} (injected by the smoke endpoint).", "server_error"))
         if fault == "400":
-            return failed(400, _error("Invalid request (injected by the smoke endpoint).", code="invalid_value"))
+            return failed(400, error_body("Invalid request (injected by the smoke endpoint).", code="invalid_value"))
         reply = completion(body, fault if fault in ("invalid_json", "truncated") else None)
         return {"id": f"batch_req_{rid[10:]}", "custom_id": cid,
                 "response": {"status_code": 200, "request_id": rid, "body": reply}, "error": None}, None

@@ -1,27 +1,25 @@
-"""The chat-completions wire format of the smoke endpoint: a request body -> a `chat.completion` object (pure; the
-same body gives the same reply, `created` aside). Every reply is labelled: model id `qrb-smoke-extractive` and a
-`system_fingerprint` saying that it is a smoke-test endpoint.
+"""The smoke endpoint's chat-completions wire format: a request body -> a `chat.completion` object (pure; the same
+body gives the same reply, `created` aside).
 
-The user message's `Task:` line picks the writer: none (the QA templates) = extractive pairs from the paper;
-`Task: augment` = rewordings of the pair it carries; `Task: paraphrase` = one new question for the pair's answer;
-`Task: judge` = a verdict `{"reason", "answerable", "correct"}` on the pair it carries, from the paper text it
-carries (`rewriter`); `Task: grade` = `{"grade"}` of the answer it carries, by evaluate's offline grader (`grader`).
-
-`response_format` with a JSON schema is honoured (the content is JSON matching the schema); without it the JSON
-comes inside a Markdown code fence after a line of prose, as some endpoints do, to exercise tolerant parsers.
+The user message's `Task:` line picks the writer: none (the QA templates) = extractive pairs (`writer`, or `facts`
+for the facts focus); `augment` / `paraphrase` / `invent` = `rewriter` or `facts`; `judge` = a verdict
+`{"reason", "answerable", "correct"}` (`rewriter`); `grade` = `{"grade"}` by evaluate's offline grader. A JSON-schema
+`response_format` is honoured; without one the JSON comes in a Markdown fence after a line of prose, as some
+endpoints do, to exercise tolerant parsers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 from typing import Any
 
+from qrb.grade import grade
+from qrb.llm import estimate
+
 from .facts import extract_facts, fact_wordings, invented_questions, new_wording
-from .grader import grade_reply
 from .rewriter import augment_variants, judge_verdict, paraphrase_question, parse_fact_block
 from .writer import extractive_pairs, parse_user_message
 
@@ -40,17 +38,29 @@ def _array_key(response_format: dict[str, Any] | None) -> str:
     return "pairs"
 
 
-def _tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4))
-
-
 _TASK = re.compile(r"^Task:\s*([a-z_]+)", re.M | re.I)
 
 
 def task_of(user: str) -> str:
-    """`augment`, `paraphrase`, `judge` or `qa` (no `Task:` line)."""
+    """`augment`, `paraphrase`, `invent`, `judge`, `grade` or `qa` (no `Task:` line)."""
     m = _TASK.search(user)
     return m.group(1).lower() if m else "qa"
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def _block(text: str, tag: str) -> str:
+    found = re.findall(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.S)
+    return found[-1].strip() if found else ""  # the last: the prompt's own examples come before the data
+
+
+def grade_reply(user: str) -> dict[str, str]:
+    """`Task: grade` (prompts/grade.txt), in the LLM grader's reply shape {"grade": "CORRECT" | ...}."""
+    aliases = [a for a in _block(user, "also_accepted").splitlines() if a.strip() and a.strip() != "(none)"]
+    return {"grade": grade(_block(user, "predicted_answer"), _block(user, "gold_target"), aliases,
+                           _block(user, "question")).upper()}
 
 
 def _with_fact(pairs: list[dict], fact: dict) -> list[dict[str, object]]:
@@ -92,10 +102,11 @@ def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]
     messages = body.get("messages") or []
     user = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
     prompt_text = "\n".join(str(m.get("content", "")) for m in messages)
-    judging = task_of(user) in ("judge", "grade")
+    task = task_of(user)
+    judging = task in ("judge", "grade")
     pairs = [] if judging else write_pairs(user)
     rf = body.get("response_format")
-    verdict = grade_reply if task_of(user) == "grade" else judge_verdict  # Task: grade -> standins/smoke/grader.py
+    verdict = grade_reply if task == "grade" else judge_verdict
     payload = json.dumps(verdict(user) if judging else {_array_key(rf): pairs}, ensure_ascii=False)
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
         content = payload
@@ -109,7 +120,7 @@ def completion(body: dict[str, Any], fault: str | None = None) -> dict[str, Any]
         content = content[: max(1, len(content) // 2)]
         finish = "length"
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
-    pt, ct = _tokens(prompt_text), _tokens(content)
+    pt, ct = estimate(prompt_text), estimate(content)
     return {
         "id": f"chatcmpl-smoke-{digest}",
         "object": "chat.completion",

@@ -1,12 +1,9 @@
 """Atomic facts with short answers for the smoke endpoint (pure and deterministic; NOT a language model).
 
-- `extract_facts` (the `facts` QA template): the key facts of an abstract, each a short answer found in one sentence
-  (a count with its noun, a percentage or value, an acronym's expansion, a name or term the sentence introduces),
-  the sentence as evidence, and a question that asks for the short answer in the sentence's own words.
-- `fact_wordings` (`Task: augment` of such a fact): K-1 more wordings of its question, of several types (with and
-  without the paper's title, fill-in-the-blank, by the subject it is about) and one reverse question ("which paper
-  reports ...?", answered by the title).
-- `new_wording` (`Task: paraphrase`): a question for the same short answer in a frame no training wording uses.
+- `extract_facts` (the `facts` QA template): short answers an abstract's sentences state (a count, a percentage, an
+  acronym's expansion, a name or term), each with its sentence as evidence and a question in the sentence's words.
+- `fact_wordings` (`Task: augment`): more wordings of a fact's question, and one reverse question ("which paper
+  reports ...?", answered by the title); `new_wording` (`Task: paraphrase`): a frame no training wording uses.
 - `invented_questions` (`Task: invent`): questions about papers that do not exist, worded as the real facts' are.
 """
 
@@ -14,13 +11,13 @@ from __future__ import annotations
 
 import re
 
+from qrb.words import NUMBER_WORDS
+
 from .rewriter import _digest
 from .writer import _GARBLED, _key_phrase, _short_title, split_sentences
 
 _NUM_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
               "seventeen eighteen nineteen twenty thirty forty fifty hundred thousand").split()
-_DIGITS = {w: str(i + 1) for i, w in enumerate(_NUM_WORDS[:20])}
-_DIGITS.update(thirty="30", forty="40", fifty="50", hundred="100", thousand="1000")
 _STOPNOUN = {"of", "the", "a", "an", "and", "or", "in", "on", "for", "to", "with", "by", "at", "from", "is", "are",
              "which", "that", "we", "as", "than", "per", "when", "while", "can", "be", "it", "its", "our", "this"}
 _NUM = r"(?:\d+(?:[.,]\d+)*|" + "|".join(_NUM_WORDS) + r")"
@@ -81,7 +78,7 @@ def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], in
         if (not noun or noun.lower() in ("percent", "%") or len(noun) < 3 or noun[0].isupper()
                 or number.lower() == "one" or not (number[0].isdigit() or noun.split()[-1].endswith("s"))):
             continue
-        aliases = [f"{_DIGITS[number.lower()]} {noun}"] if number.lower() in _DIGITS else []
+        aliases = [f"{NUMBER_WORDS[number.lower()]} {noun}"] if number.lower() in NUMBER_WORDS else []
         out.append(("count", f"{number} {noun}", aliases, m.start(), m.start() + len(number) + 1 + len(noun)))
     low_title = title.lower()
     taken = [(c[3], c[4]) for c in out]

@@ -1,20 +1,11 @@
-"""Deterministic rewordings for the smoke endpoint's `Task: augment` and `Task: paraphrase` prompts, and verdicts for
-its `Task: judge` prompts (pure; NOT a language model).
+"""Deterministic rewordings and verdicts for the smoke endpoint (pure; NOT a language model).
 
-- `augment_variants`: K-1 rewordings of one question/answer pair. Each question names the title and the key phrase
-  of the answer (with the aspect the original question asked for: the result on, the method for, ...) in a wording
-  that no QA stem (`writer._STEMS`) uses and no other variant uses; 2 of every 5 pairs of
-  a fact (variant 0 counted) get a reworded answer ("The paper reports that ...", "In \"<title>\", ...") that keeps
-  every number, name and term of the sentence (only the lead-in and first-person pronouns change).
-- `paraphrase_question`: one new question for a pair's answer, in a wording that shares (almost) no word with the QA
-  stems or the augment stems, so that a word-set Jaccard check against the training questions passes for typical
-  titles; it names the title and a phrase of the answer that the questions already asked do not contain, where the
-  answer has one.
-- `judge_verdict` (`Task: judge`, prompts/judge.txt): a verdict on one pair from the paper text the prompt carries,
-  as the validate stage's LLM judge asks for it: the answer is correct (5) when each of its sentences has its content
-  words in one sentence of the text (a sentence of another paper does not), the question answerable when the subject
-  it names occurs in the text and it quotes no other paper's title; lower scores come with a reason naming what is
-  missing.
+- `augment_variants` (`Task: augment`): K-1 rewordings of a pair, each naming the title and the answer's key phrase in
+  a wording that no QA stem and no other variant uses; 2 of every 5 get a reworded answer ("The paper reports that
+  ...") that keeps every number, name and term of the sentence.
+- `paraphrase_question` (`Task: paraphrase`): one new question, in a wording that shares (almost) no word with the QA
+  or augment stems, so a word-set Jaccard check against the training questions passes for typical titles.
+- `judge_verdict` (`Task: judge`, prompts/judge.txt): a verdict on one pair from the paper text the prompt carries.
 """
 
 from __future__ import annotations
@@ -22,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .writer import _STEMS, _STOP, _key_phrase, _short_title, split_sentences
+from .writer import _STEMS, _STOP, _key_phrase, _short_title, last_block, split_sentences
 
 AUGMENT_STEMS = (
     "What do we learn about {k} from \"{t}\"?",
@@ -139,14 +130,12 @@ def _phrases(sentence: str) -> list[str]:
 
 
 _LINE = re.compile(r"^(Title|Question|Answer|Asked|Short answer|Alias|Evidence):[ \t]*(.*)$", re.M)
-_BLOCK = re.compile(r"<paper>\s*(.*?)\s*</paper>", re.S | re.I)
 
 
 def parse_fact_block(text: str) -> dict[str, object]:
     """The pair an augment or paraphrase prompt carries (its last `<paper>` block): title, question, answer, and
     the questions already asked of it (`Asked:` lines)."""
-    blocks = list(_BLOCK.finditer(text))
-    block = blocks[-1].group(1) if blocks else text
+    block = last_block(text, "paper", default=text)
     out: dict[str, object] = {"title": "", "question": "", "answer": "", "asked": [], "aliases": []}
     for key, value in _LINE.findall(block):
         if key in ("Asked", "Alias"):
@@ -159,7 +148,6 @@ def parse_fact_block(text: str) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------------------
 # `Task: judge` (prompts/judge.txt): a verdict on one pair against the paper text the prompt carries
 
-_PAIR = re.compile(r"<pair>\s*(.*?)\s*</pair>", re.S | re.I)
 _QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”")
 # the words the question stems and the answer lead-ins bring, which name no subject of the paper
 _FRAME = _words(" ".join([*(s for stems in _STEMS.values() for s in stems), *AUGMENT_STEMS, *PARAPHRASE_STEMS,
@@ -180,13 +168,11 @@ def judge_verdict(text: str) -> dict[str, object]:
     correct as far as each of its sentences has its content words in one sentence of the paper; the question is
     answerable as far as the subject it names (its content words beyond the stem's and a quoted title) occurs in the
     paper, and not when it quotes another paper's title."""
-    blocks = list(_BLOCK.finditer(text))
-    paper = blocks[-1].group(1) if blocks else ""
+    paper = last_block(text, "paper")
     title_m = re.search(r"^Title:[ \t]*(.*)$", paper, re.M)
     title = title_m.group(1).strip() if title_m else ""
     body = re.split(r"^Abstract:[ \t]*$", paper, maxsplit=1, flags=re.M)[-1]
-    pairs = list(_PAIR.finditer(text))
-    pair = pairs[-1].group(1) if pairs else ""
+    pair = last_block(text, "pair")
     q_m = re.search(r"^Question:[ \t]*(.*)$", pair, re.M)
     a_m = re.search(r"^Answer:[ \t]*(.*)$", pair, re.M)
     question, answer = (q_m.group(1).strip() if q_m else ""), (a_m.group(1).strip() if a_m else "")

@@ -1,13 +1,9 @@
 """The smoke endpoint's HTTP server: routes (`POST /v1/chat/completions`, `GET /v1/models`, the Files and Batch API
-of `batches`), the API-key check,
-injectable faults, `SmokeEndpoint` / `serve_smoke_endpoint` for tests and `main` for the command line.
+of `batches`), the API-key check, injectable faults (`Faults`), `serve_smoke_endpoint` and the command line.
 
-Faults and latency are injectable (`Faults`): rates of 429 (with Retry-After), 500, 400 (a bad request no retry can
-fix), stalls (the reply comes after `stall_s`, past a client's timeout), invalid JSON content and truncated replies
-(`finish_reason: "length"`). The draw for each request is seeded and depends only on the request body and how many
-times that same body was seen, so a run's faults do not depend on thread scheduling. `refuse_formats` plays a server
-that does not support some `response_format` types: it answers them with `refuse_status` and `refuse_message` (by
-default as llama-cpp-python answers `json_schema`: HTTP 500, "Input should be 'text' or 'json_object'").
+A request's fault draw is seeded and depends only on its body and how many times that body was seen, so a run's
+faults do not depend on thread scheduling. `refuse_formats` plays a server that does not support some
+`response_format` types (by default as llama-cpp-python answers `json_schema`: HTTP 500).
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import threading
 import time
 import urllib.parse
@@ -27,9 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from qrb.io import setup_logging
+from standins import serve_in_thread
 
 from .batches import BatchStore
-from .completions import MODEL_ID, completion
+from .completions import MODEL_ID, completion, error_body
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class Faults:
     stall_s: float = 5.0            # a stalled reply comes after this long
     rate_invalid_json: float = 0.0
     rate_truncated: float = 0.0
-    rate_400: float = 0.0
+    rate_400: float = 0.0           # a bad request that no retry can fix
     seed: int = 0
     refuse_formats: tuple[str, ...] = ()   # response_format types this server rejects (e.g. ("json_schema",))
     refuse_status: int = 500
@@ -94,35 +92,15 @@ class SmokeEndpoint:
     """A running smoke endpoint: `.base_url` (ends in /v1), `.requests` (one dict per request seen: n, method, path,
     fault, time, and the `response_format` type of a chat-completions request)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
-                 api_key: str | None = None) -> None:
+    def __init__(self, faults: Faults | None = None, api_key: str | None = None) -> None:
         self.faults = faults or Faults()
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.batches = BatchStore(self.faults)
+        self.host, self.port = "", 0
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
-            server_version = "qrb-smoke-endpoint"
-
-            def log_message(self, fmt: str, *args: Any) -> None:  # no stderr noise, never headers
-                log.debug("%s %s", self.address_string(), fmt % args)
-
-            def do_GET(self) -> None:  # noqa: N802
-                endpoint._handle(self, "GET")
-
-            def do_POST(self) -> None:  # noqa: N802
-                endpoint._handle(self, "POST")
-
-        self._server = _Server((host, port), Handler)
-        self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="smoke-endpoint", daemon=True)
+        self.stopping = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -142,18 +120,6 @@ class SmokeEndpoint:
         with self._lock:
             return sum(r["method"] == method and r["path"] == path for r in self.requests)
 
-    def start(self) -> SmokeEndpoint:
-        log.info(BANNER, MODEL_ID)
-        log.info("qrb smoke endpoint: serving %s (faults: %s)", self.base_url, self.faults)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    # -- request handling ---------------------------------------------------------------------------------------
     def _send(self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
         try:
@@ -167,29 +133,25 @@ class SmokeEndpoint:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (e.g. after a stall)
 
-    @staticmethod
-    def _error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-        return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+    def handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         path, _, qs = h.path.partition("?")
         path = path.rstrip("/")
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         auth = h.headers.get("Authorization", "")
+        digest = hashlib.sha256(raw).hexdigest()
         with self._lock:
             n = len(self.requests) + 1
-            occurrence = self._seen.get(hashlib.sha256(raw).hexdigest(), 0)
-            self._seen[hashlib.sha256(raw).hexdigest()] = occurrence + 1
+            occurrence = self._seen.get(digest, 0)
+            self._seen[digest] = occurrence + 1
             fault = self.faults.draw(raw, occurrence) if path.endswith("/chat/completions") else None
             record = {"n": n, "method": method, "path": path, "fault": fault, "time": time.time()}
             self.requests.append(record)
         log.info("smoke endpoint: request #%d %s %s%s", n, method, path, f" [fault: {fault}]" if fault else "")
         if self.faults.latency_s:
-            self._stop.wait(self.faults.latency_s)
+            self.stopping.wait(self.faults.latency_s)
         if not auth.startswith("Bearer ") or (self.api_key is not None and auth != f"Bearer {self.api_key}"):
-            return self._send(h, 401, self._error("Missing or invalid API key.", "invalid_request_error",
-                                                  "invalid_api_key"))
+            return self._send(h, 401, error_body("Missing or invalid API key.", code="invalid_api_key"))
         if method == "GET" and path in ("/v1/models", "/models"):
             return self._send(h, 200, {"object": "list", "data": [
                 {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "qrb-smoke-endpoint"}]})
@@ -200,48 +162,69 @@ class SmokeEndpoint:
             query = dict(urllib.parse.parse_qsl(qs))
             return self._send(h, *self.batches.handle(method, path, query, raw, h.headers.get("Content-Type", "")))
         if not (method == "POST" and path.endswith("/chat/completions")):
-            return self._send(h, 404, self._error(f"Unknown route {method} {path}", "invalid_request_error"))
+            return self._send(h, 404, error_body(f"Unknown route {method} {path}"))
         try:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 raise ValueError("`messages` must be a list")
         except ValueError as e:
-            return self._send(h, 400, self._error(f"Invalid request body: {e}", "invalid_request_error"))
+            return self._send(h, 400, error_body(f"Invalid request body: {e}"))
         if body.get("model") != MODEL_ID:
-            return self._send(h, 404, self._error(
+            return self._send(h, 404, error_body(
                 f"The model `{body.get('model')}` does not exist; this smoke endpoint serves `{MODEL_ID}`.",
-                "invalid_request_error", "model_not_found"))
+                code="model_not_found"))
         rf = body.get("response_format")
         with self._lock:
             record["response_format"] = rf.get("type") if isinstance(rf, dict) else None
         if isinstance(rf, dict) and rf.get("type") in self.faults.refuse_formats:
-            return self._send(h, self.faults.refuse_status, self._error(self.faults.refuse_message,
-                                                                        "invalid_request_error"))
+            return self._send(h, self.faults.refuse_status, error_body(self.faults.refuse_message))
         if fault == "400":
-            return self._send(h, 400, self._error(BAD_REQUEST, "invalid_request_error", "invalid_value"))
+            return self._send(h, 400, error_body(BAD_REQUEST, code="invalid_value"))
         if fault == "429":
             ra = self.faults.retry_after_s
-            return self._send(h, 429, self._error("Rate limit reached (injected by the smoke endpoint).",
-                                                  "rate_limit_error", "rate_limit_exceeded"),
+            return self._send(h, 429, error_body("Rate limit reached (injected by the smoke endpoint).",
+                                                 "rate_limit_error", "rate_limit_exceeded"),
                               {"Retry-After": str(math.ceil(ra)), "retry-after-ms": str(int(ra * 1000))})
         if fault == "500":
-            return self._send(h, 500, self._error("Internal server error (injected by the smoke endpoint).",
-                                                  "server_error"))
-        if fault == "stall":
-            if self._stop.wait(self.faults.stall_s):
-                return
+            return self._send(h, 500, error_body("Internal server error (injected by the smoke endpoint).",
+                                                 "server_error"))
+        if fault == "stall" and self.stopping.wait(self.faults.stall_s):
+            return
         return self._send(h, 200, completion(body, fault))
+
+
+def _handler(endpoint: SmokeEndpoint) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
+        server_version = "qrb-smoke-endpoint"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # no stderr noise, never headers
+            log.debug("%s %s", self.address_string(), fmt % args)
+
+        def do_GET(self) -> None:  # noqa: N802
+            endpoint.handle(self, "GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            endpoint.handle(self, "POST")
+
+    return Handler
 
 
 @contextlib.contextmanager
 def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str = "127.0.0.1",
                          api_key: str | None = None) -> Iterator[SmokeEndpoint]:
     """Serve the smoke endpoint in a background thread for the duration of the `with` block."""
-    ep = SmokeEndpoint(host=host, port=port, faults=faults, api_key=api_key).start()
-    try:
-        yield ep
-    finally:
-        ep.stop()
+    ep = SmokeEndpoint(faults=faults, api_key=api_key)
+    server = _Server((host, port), _handler(ep))
+    ep.host, ep.port = server.server_address[:2]
+    log.info(BANNER, MODEL_ID)
+    log.info("qrb smoke endpoint: serving %s (faults: %s)", ep.base_url, ep.faults)
+    with serve_in_thread(server, "smoke-endpoint"):
+        try:
+            yield ep
+        finally:
+            ep.stopping.set()  # a stalled reply returns at once
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                                  description=standins.smoke.__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8732, help="port (default 8732, what profiles/tiny.yaml names)")
-    ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    ap.add_argument("--latency", type=float, default=0.0, dest="latency_s", metavar="LATENCY",
+                    help="seconds added to every request")
     for name in ("429", "500", "400", "stall", "invalid_json", "truncated"):
         ap.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}",
                         metavar="P", help=f"fraction of requests answered with the fault {name!r} (default 0)")
@@ -259,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retry-after-s", type=float, default=0.05, help="the Retry-After a 429 sends (default 0.05)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
     ap.add_argument("--refuse-format", action="append", default=[], choices=("json_schema", "json_object"),
-                    help="answer this response_format type with --refuse-status (repeatable)")
+                    dest="refuse_formats", help="answer this response_format type with --refuse-status (repeatable)")
     ap.add_argument("--refuse-status", type=int, default=500, help="HTTP status of a refusal (default 500)")
     ap.add_argument("--refuse-message", default=LLAMA_CPP_REFUSAL, help="error message of a refusal (llama.cpp's)")
     ap.add_argument("--batch-polls", type=int, default=2, help="a batch is done at this status poll (default 2)")
@@ -273,25 +257,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if args.quiet:
         log.setLevel(logging.WARNING)
-        logging.getLogger(__name__).warning(BANNER, MODEL_ID)
-    faults = Faults(latency_s=args.latency, rate_429=args.rate_429, rate_500=args.rate_500,
-                    rate_stall=args.rate_stall, stall_s=args.stall_s, rate_invalid_json=args.rate_invalid_json,
-                    rate_truncated=args.rate_truncated, rate_400=args.rate_400, retry_after_s=args.retry_after_s,
-                    seed=args.seed, refuse_formats=tuple(args.refuse_format), refuse_status=args.refuse_status,
-                    refuse_message=args.refuse_message, batch_polls=args.batch_polls,
-                    batch_error_rate=args.batch_error_rate, batch_expire=args.batch_expire, batch_fail=args.batch_fail)
+        log.warning(BANNER, MODEL_ID)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Faults)}
+    faults = Faults(**{**fields, "refuse_formats": tuple(args.refuse_formats)})
     try:
-        ep = SmokeEndpoint(host=args.host, port=args.port, faults=faults).start()
+        with serve_smoke_endpoint(args.port, faults, args.host) as ep:
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+            log.info("smoke endpoint: stopped after %d requests", ep.request_count)
     except OSError as e:
         raise SystemExit(f"smoke endpoint: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ep.stop()
-        log.info("smoke endpoint: stopped after %d requests", len(ep.requests))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,6 @@
-"""Extractive question/answer writing for the smoke endpoint (pure and deterministic; NOT a language model).
-
-`parse_user_message` reads what the generate stage put in its user message (the `<paper> ... </paper>` block with
-`Title:` and `Abstract:` lines, the `Question focus:` line, the number of pairs); `extractive_pairs` writes the pairs:
-the answers are sentences of the abstract, the questions name the paper's title and a phrase of the answer sentence,
-worded by the focus.
-"""
+"""Extractive question/answer writing for the smoke endpoint (pure and deterministic; NOT a language model):
+`parse_user_message` reads generate's user message, `extractive_pairs` writes pairs whose answers are sentences of
+the abstract and whose questions name the title and a phrase of the answer, worded by the focus."""
 
 from __future__ import annotations
 
@@ -153,13 +149,15 @@ def extractive_pairs(title: str, abstract: str, focus: str, n: int) -> list[dict
     return pairs
 
 
-_PAPER = re.compile(r"<paper>\s*(.*?)\s*</paper>", re.S | re.I)
+def last_block(text: str, tag: str, default: str = "") -> str:
+    """The content of the last `<tag>...</tag>` block (text before it may name the markers too)."""
+    blocks = re.findall(rf"<{tag}>\s*(.*?)\s*</{tag}>", text, re.S | re.I)
+    return blocks[-1] if blocks else default
 
 
 def parse_user_message(text: str) -> dict[str, Any]:
     """What the generate stage put in its user message: title, abstract, focus, number of pairs."""
-    blocks = list(_PAPER.finditer(text))  # the last block: text before the paper may name the markers too
-    block = blocks[-1].group(1) if blocks else text
+    block = last_block(text, "paper", default=text)
     title = re.search(r"^Title:\s*(.+)$", block, re.M)
     abstract = re.search(r"^(?:Abstract|Text):\s*(.*)", block, re.M | re.S)
     focus = re.search(r"Question focus:\s*([A-Za-z_]+)", text)
