@@ -9,8 +9,7 @@ import threading
 import standins.mirror as mirror_pkg
 from qrb.io import setup_logging
 
-from .faults import DEFAULT_FAULTS
-from .server import serve_mirror
+from .server import DEFAULT_FAULTS, serve_mirror
 from .site import LAYOUTS
 
 

@@ -1,5 +1,5 @@
-"""The mirror's server: its state (`Mirror`: papers, request counts, injected faults), the HTTP handler and
-`serve_mirror`, which runs it in a background thread."""
+"""The mirror's server: its injected faults (`Fault`), its state (`Mirror`: papers, request counts), the HTTP
+handler and `serve_mirror`, which runs it in a background thread."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .faults import SYNTHETIC, Fault
+from standins import serve_in_thread
+
 from .site import (
     LAYOUTS,
     load_corpus,
@@ -37,7 +38,42 @@ from .site import (
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------------- the server
+# Bad cases. Each is tied to one path; `paper` faults break a real snapshot paper's page (and the crawl must still
+# get it), the others are extra listing entries that must become error records.
+FAULT_KINDS = {
+    "not_found": "listed paper URL answers 404",
+    "error_once": "a real paper answers 500 once, then 200 (a retry gets it)",
+    "slow": "a real paper answers after `delay_s` seconds (default 1.0)",
+    "malformed": "listed paper page whose HTML is broken beyond recovery (no title, no abstract)",
+    "no_abstract": "listed paper page with every block but the Abstract",
+    "offsite_redirect": "listed paper URL that redirects (302) to another host (localhost vs 127.0.0.1)",
+    "disallowed": "listed paper URL under a path robots.txt disallows",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    kind: str
+    path: str | None = None  # None: the mirror picks (a real paper for error_once/slow, a synthetic path otherwise)
+    delay_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"mirror: unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
+
+
+DEFAULT_FAULTS: tuple[Fault, ...] = tuple(Fault(k) for k in FAULT_KINDS)
+
+# Synthetic paper ids of the extra (bad) listing entries: inside the card's 2024 H2 window, page numbers no real
+# paper has.
+SYNTHETIC = {
+    "not_found": "q-2024-09-30-9001",
+    "malformed": "q-2024-10-30-9002",
+    "no_abstract": "q-2024-11-29-9003",
+    "offsite_redirect": "q-2024-12-30-9004",
+    "disallowed": "q-2024-08-30-9005",
+}
+
 # How long a client may reuse a page without asking again (`Cache-Control`), as a journal's CDN might say it: a
 # published paper's page hardly changes, a listing, the sitemap and robots.txt change with every new paper (clients
 # revalidate them with the ETag every page carries, and get 304 when nothing changed).
@@ -46,11 +82,8 @@ REVALIDATE = "no-cache"
 
 
 class Mirror:
-    """The mirror's state; `serve_mirror` wraps it in a server.
-
-    `layout` is where the paper listing lives (`LAYOUTS`): "papers" is the live site's; "archive" and "issues" put it
-    elsewhere, behind a front page `/` that shows no paper. `sitemap=False` serves no sitemap (and robots.txt names
-    none); `crawl_delay` adds a `Crawl-delay:` line to robots.txt."""
+    """The mirror's state; `serve_mirror` wraps it in a server. `layout`: where the paper listing lives (`LAYOUTS`);
+    `sitemap=False` serves no sitemap (and robots.txt names none); `crawl_delay` adds a `Crawl-delay:` line."""
 
     def __init__(self, records: Iterable[dict[str, Any]], faults: Iterable[Fault] | None = None,
                  per_page: int = 5, layout: str = "papers", sitemap: bool = True,
@@ -86,6 +119,7 @@ class Mirror:
         with self._lock:
             self.papers[path] = p
         return path
+
     def _add_fault(self, f: Fault) -> None:
         if f.kind in ("error_once", "slow"):
             path = f.path
@@ -218,12 +252,12 @@ class Mirror:
                 return 200, html_t, page_doc(hit[0]["title"], "", body).encode(), 0.0
         return self._not_found()
 
-    def record(self, host: str, path: str, status: int, ua: str, t: float | None = None) -> None:
+    def record(self, host: str, path: str, status: int, ua: str, t: float) -> None:
         with self._lock:
             self.counts[path] += 1
             self.host_counts[host] += 1
             self.log.append((host, path, status))
-            self.times.append((time.monotonic() if t is None else t, path))
+            self.times.append((t, path))
             self.user_agents[ua] += 1
 
     @property
@@ -277,18 +311,11 @@ class _Server(ThreadingHTTPServer):
 def serve_mirror(corpus_dir: str | Path, port: int = 0, faults: Iterable[Fault] | None = None,
                  host: str = "127.0.0.1", per_page: int = 5, layout: str = "papers", sitemap: bool = True,
                  crawl_delay: float | None = None) -> Iterator[Mirror]:
-    """Serve the mirror in a background thread; yields the `Mirror` (`.url`, `.counts`, `add_record`, ...).
-    `layout`, `sitemap`, `crawl_delay`: see `Mirror`."""
+    """Serve the mirror in a background thread; yields the `Mirror` (`.url`, `.counts`, `add_record`, ...)."""
     mirror = Mirror(load_corpus(corpus_dir), faults=faults, per_page=per_page, layout=layout, sitemap=sitemap,
                     crawl_delay=crawl_delay)
     server = _Server((host, port), _handler(mirror))
     mirror.url = f"http://{host}:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="qrb-mirror", daemon=True)
-    thread.start()
-    try:
+    with serve_in_thread(server, "qrb-mirror"):
         yield mirror
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
+
+from qrb.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def load_corpus(corpus_dir: str | Path) -> list[dict[str, Any]]:
     if not files:
         raise FileNotFoundError(f"mirror: no {' or '.join(CORPUS_FILES)} in {corpus_dir}")
     for f in files:
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
+        for rec in read_jsonl(f):
             if not DOI_RE.match(rec.get("doi") or ""):
                 log.info("mirror: skipping record without a Quantum DOI: %s", rec.get("title"))
                 continue
@@ -150,7 +148,6 @@ def listing_entry(p: dict[str, Any]) -> str:
             f"<p>{e(', '.join(p['authors']))}</p><p>{e(p['citation'])} "
             f"<a href=\"https://doi.org/{e(p['doi'])}\">https://doi.org/{e(p['doi'])}</a> "
             f"<a href=\"/papers/{pid}/pdf/\">pdf</a></p></div>\n")
-
 
 
 def render_listing(chunk: list[dict[str, Any]], n: int, pages: int, base: str, nav: str) -> str:
