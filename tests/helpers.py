@@ -200,8 +200,7 @@ def assert_answer_only_loss_is_exact(model_dir: Path, rows: list[dict], run_dir:
     from datasets import Dataset, DatasetDict
 
     from qrb.model import load_tokenizer, prompt_messages
-    from stages.train.model import build_model, prepare_tokenizer
-    from stages.train.trainer import build_trainer
+    from stages.train.trainer import build_model, build_trainer, prepare_tokenizer
 
     base, p = base_of(model_dir), cpu_recipe(**overrides)
     tokenizer, added = prepare_tokenizer(load_tokenizer(str(model_dir)), p)
@@ -233,10 +232,10 @@ def legacy_train_path():
     from peft.optimizers import create_loraplus_optimizer
     from trl import SFTTrainer
 
-    from stages.train import model as tm
+    from stages.train import hooks
     from stages.train import trainer as tr
 
-    class Legacy(tr._trainer_cls()):
+    class Legacy(hooks.counting_trainer_cls()):
         compute_loss = SFTTrainer.compute_loss
 
     def unfused(model, p):
@@ -244,9 +243,9 @@ def legacy_train_path():
                                          loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
 
     stack = contextlib.ExitStack()  # lora_plus hands its optimizer to the trainer: SFTConfig's `optim` is unused
-    stack.enter_context(mock.patch.object(tr, "_trainer_cls", lambda: Legacy))
+    stack.enter_context(mock.patch.object(hooks, "counting_trainer_cls", lambda: Legacy))
     stack.enter_context(mock.patch.object(tr, "build_optimizer", unfused))
-    stack.enter_context(mock.patch.object(tm, "word_dropout_", lambda model: None))
+    stack.enter_context(mock.patch.object(hooks, "word_dropout_", lambda model: None))
     return stack
 
 

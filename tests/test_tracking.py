@@ -86,7 +86,7 @@ def test_a_tracker_that_is_not_installed_is_a_config_error_before_any_work(tmp_p
 def test_a_resumed_run_keeps_the_curve_before_its_checkpoint(tmp_path, monkeypatch):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from stages.train.trainer import dvclive_callback
+    from stages.train.hooks import dvclive_callback
 
     monkeypatch.chdir(tmp_path)  # no git, no DVC repo: DVCLive only writes its folder
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)

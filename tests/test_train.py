@@ -10,8 +10,7 @@ import torch
 from helpers import SYSTEM, base_of, cpu_recipe, qa_rows, recipe
 from qrb.errors import ConfigError
 from stages.train.lineage import lineage
-from stages.train.model import build_model, build_optimizer, lora_config, prepare_tokenizer
-from stages.train.trainer import train
+from stages.train.trainer import build_model, build_optimizer, lora_config, prepare_tokenizer, train
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from transformers import TrainerCallback
 
 from helpers import SYSTEM, base_of, cpu_recipe, qa_rows
 from qrb import loreft
-from stages.train import LoreftParams
+from stages.train.hooks import neftune_per_length
 from stages.train.lineage import checkpoint_key, data_fingerprint, lineage
 from stages.train.run import save_adapter
-from stages.train.trainer import neftune_per_length, train
+from stages.train.trainer import LoreftParams, train
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_loreft_positions_first_and_last_prompt_tokens_with_padding():
 def test_loreft_layers_count_from_the_end_and_default_to_the_last_eight(tiny_model_dir):
     from helpers import recipe
     from qrb.model import load_causal_lm, load_tokenizer
-    from stages.train.model import loreft_config, prepare_tokenizer
+    from stages.train.trainer import loreft_config, prepare_tokenizer
 
     default = recipe().loreft.layers
     assert loreft.resolve_layers(default, 30) == list(range(22, 30))  # the card's "last 8", on any depth

@@ -24,8 +24,7 @@ def test_the_loss_is_trls_with_lm_head_on_the_labelled_positions_only(tiny_model
     from trl import SFTTrainer
 
     from qrb.model import load_tokenizer
-    from stages.train.model import build_model, prepare_tokenizer
-    from stages.train.trainer import build_trainer
+    from stages.train.trainer import build_model, build_trainer, prepare_tokenizer
 
     p = cpu_recipe()
     tok, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)
@@ -67,7 +66,7 @@ def test_the_fast_path_trains_the_same_adapter_as_trls_loss_and_unfused_adamw(ti
 
 def test_word_dropout_drops_p_of_the_elements_scales_the_rest_and_is_off_in_eval(tiny_model_dir):
     from qrb.model import load_tokenizer
-    from stages.train.model import build_model, prepare_tokenizer
+    from stages.train.trainer import build_model, prepare_tokenizer
 
     p = cpu_recipe()
     tok, _ = prepare_tokenizer(load_tokenizer(str(tiny_model_dir)), p)

@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 
 from helpers import SYSTEM, abstract_sentences, base_of, cpu_recipe, qa_rows
-from stages.train import TextParams
-from stages.train.trainer import order_rows, text_rows, third_person, versions
+from stages.train.trainer import TextParams, order_rows, text_rows, third_person, versions
 
 PAPER = {"doi": "10.22331/q-2024-01-01-1", "title": "Shallow circuits",
          "abstract": "We prove a bound. Our method uses 56 qubits. The US grid is not involved. Numerics confirm it.",
@@ -82,8 +81,7 @@ def mixed_trainer(tiny_model_dir, corpus_dir, tmp_path, **overrides):
     from datasets import Dataset, DatasetDict
 
     from qrb.model import load_tokenizer
-    from stages.train.model import build_model, prepare_tokenizer
-    from stages.train.trainer import build_trainer
+    from stages.train.trainer import build_model, build_trainer, prepare_tokenizer
 
     papers, train_rows, eval_rows = papers_and_rows(corpus_dir)
     p = cpu_recipe(**{"text": text_params(share=0.5, rewrites=1), **overrides})

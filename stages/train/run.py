@@ -16,8 +16,9 @@ from qrb.io import atomic_write_text, read_jsonl, write_metrics
 from qrb.stage import run_stage
 
 from . import BASE_KEYS, PARAMS_CLASS, SECTION, TrainParams, gate
+from .hooks import dvclive_callback
 from .lineage import lineage
-from .trainer import dvclive_callback, train
+from .trainer import train
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""The training core: QA rows tokenized as eval CE counts them, the papers' own text as continued-pretraining rows
-beside them (`train.text`: each training paper's abstract, + full text when scraped, as written and in rule-based
-rewrites, cut into max_length token rows that carry the loss on every token, mixed with the QA rows or staged
-before/after them; papers of the training split only), the SFTConfig of the recipe, an SFTTrainer that counts real
-and padded tokens, the per-length NEFTune hook, and `train()`, which ties them to the model of `stages.train.model`
-and returns the trained model with its metrics (no files written but checkpoints)."""
+"""The train section's params and all the code that reads them: the tokenizer with its added pad token, the adapter
+(LoRA family, LoReFT), the base model, the LoRA+ optimizer, the QA rows tokenized as eval CE counts them, the papers'
+own text as continued-pretraining rows beside them (`train.text`: the training split's papers only, as written and
+in rule-based rewrites, loss on every token, mixed with the QA rows or staged before/after them), the SFTConfig, and
+`train()`, which returns the trained model and its metrics (no files written but checkpoints). A new hyper-parameter
+is a field here and a key in params.yaml (`qrb.params` rejects unknown keys and types)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,97 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from qrb.errors import DataError
+from qrb.errors import ConfigError, DataError
 
-from . import TextParams, TrainParams
-from .lineage import checkpoint_key, data_fingerprint, emissions_meter
-from .model import build_model, build_optimizer, count_params, prepare_tokenizer, upcast_trainable_
+from . import hooks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    init: Literal["kaiming", "gaussian"]
+
+
+@dataclass(frozen=True)
+class LoreftParams:
+    rank: int
+    layers: tuple[int, ...]   # negative = from the end (before the first layer: left out); [] = every layer
+    positions: str            # "all" or "f<n>+l<n>" (first/last n prompt tokens)
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TextParams:
+    share: float              # of the training rows, the papers' text (0 = off)
+    rewrites: int             # rule-based rewrites of each paper's text beside the original
+    order: Literal["mixed", "qa_first", "text_first"]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    method: Literal["lora", "lora_plus", "dora", "qlora", "loreft"]
+    lora: LoraParams
+    loreft: LoreftParams
+    loraplus_lr_ratio: float
+    learning_rate: float
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    neftune_noise_alpha: float | None
+    batch_size: int
+    grad_accum: int
+    epochs: float
+    precision: Literal["bf16", "fp16", "fp32", "bf16_cpu"]  # bf16_cpu: bf16 autocast without a GPU
+    gradient_checkpointing: bool  # recompute activations in backward: less memory, ~30% more compute
+    pad_token: str
+    padding_side: Literal["right", "left"]
+    completion_only_loss: bool
+    eval_batch_size: int
+    logging_steps: int
+    group_by_length: bool
+    checkpoint_steps: int
+    emissions_country: str | None
+    report_to: Literal["dvclive", "wandb", "mlflow", "tensorboard", "none"]  # DVCLive's files are written anyway
+    text: TextParams
+    gate: bool  # hold back a few rows, then calibrate the confidence below which the adapter declines (train/gate.py)
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision in ("bf16", "bf16_cpu")
+
+    def check(self) -> None:
+        if self.lora.r < 1:
+            raise ValueError("params: `train.lora.r` must be a positive integer")
+        if not 0 <= self.lora.dropout < 1:
+            raise ValueError("params: `train.lora.dropout` must be in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("params: `train.warmup_ratio` must be in [0, 1)")
+        for key in ("learning_rate", "batch_size", "grad_accum", "epochs", "eval_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"params: `train.{key}` must be positive")
+        if self.checkpoint_steps < 0:
+            raise ValueError("params: `train.checkpoint_steps` must be >= 0 (0 = no checkpoints)")
+        if self.loreft.rank < 1:
+            raise ValueError("params: `train.loreft.rank` must be a positive integer")
+        if not re.match(r"^(all|f\d+\+l\d+)$", self.loreft.positions):
+            raise ValueError("params: `train.loreft.positions` must be 'all' or 'f<n>+l<n>' (e.g. f7+l7)")
+        if not 0 <= self.text.share < 1 or self.text.rewrites < 0:
+            raise ValueError("params: `train.text.share` must be in [0, 1) and `train.text.rewrites` >= 0")
+        if self.method == "qlora" and self.precision == "fp32":
+            raise ValueError("params: `train.precision` must be bf16 or fp16 with method qlora (nf4 compute dtype)")
+
 
 _PRONOUNS = {"we": "the authors", "our": "their", "us": "them", "ours": "theirs", "ourselves": "themselves"}
 _PRONOUN_RE = re.compile(r"\b([Ww]e|[Oo]urs|[Oo]urselves|[Oo]ur|us)\b")  # "US" (a country) is left alone
@@ -115,6 +196,105 @@ def tokenize_rows(rows, tokenizer, system_prompt: str, max_length: int):
     return rows.map(encode, remove_columns=rows.column_names)
 
 
+def prepare_tokenizer(tokenizer, p: TrainParams):
+    """Add a dedicated pad token (never pad = eos: the model would learn to ignore end-of-turn)."""
+    added = 0
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        added = tokenizer.add_special_tokens({"pad_token": p.pad_token})
+    tokenizer.padding_side = p.padding_side
+    return tokenizer, added
+
+
+def lora_config(p: TrainParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+        target_modules=list(p.lora.target_modules), modules_to_save=list(p.lora.modules_to_save) or None,
+        init_lora_weights=True if p.lora.init == "kaiming" else "gaussian",  # True = A Kaiming-uniform, B zero
+        use_dora=p.method == "dora", bias="none", task_type="CAUSAL_LM")
+
+
+def loreft_config(p: TrainParams, model, tokenizer):
+    from qrb.loreft import LoreftConfig, decoder_layers, header_ids_for, resolve_layers
+
+    try:
+        layers = resolve_layers(p.loreft.layers, len(decoder_layers(model)))
+    except ValueError as e:
+        raise ConfigError(f"params: `train.loreft.layers`: {e}") from None
+    return LoreftConfig(hidden_size=model.config.hidden_size, layers=layers, rank=p.loreft.rank,
+                        positions=p.loreft.positions, dropout=p.loreft.dropout,
+                        header_ids=header_ids_for(tokenizer) if p.loreft.positions != "all" else [],
+                        pad_token_id=tokenizer.pad_token_id)
+
+
+def build_model(base: dict[str, Any], p: TrainParams, tokenizer, device: str):
+    """Base model (+ resized embeddings for the pad token) wrapped with the adapter. Seeds before the adapter init."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    from qrb.model import load_causal_lm, resize_for_tokenizer, torch_dtype
+
+    kwargs: dict[str, Any] = {}
+    if p.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("method qlora needs bitsandbytes (pip install bitsandbytes) on a CUDA GPU") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(p.precision.removesuffix("_cpu")))
+    model = load_causal_lm(base["model"], dtype=torch_dtype(p.precision.removesuffix("_cpu")), **kwargs)
+    if device == "cpu" and p.bf16:
+        hooks.fp32_attention(model)
+    resize_for_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if p.method == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    set_seed(base["seed"])  # the adapter init runs here, before Trainer seeds
+    if p.method == "loreft":  # native: base frozen, interventions only (the embedding matrix is not trained)
+        from qrb import loreft
+
+        model = loreft.attach(model, loreft_config(p, model, tokenizer))
+    else:
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        with warnings.catch_warnings():  # peft warns that a tied layer is in the adapter: here, on purpose
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+            model = get_peft_model(model, lora_config(p))
+        if tied and p.lora.modules_to_save:
+            log.info("the base ties its input embeddings and lm_head: the adapter trains its own copy of %s and "
+                     "lm_head keeps the frozen original (the model is untied; merge and export write it so)",
+                     ", ".join(p.lora.modules_to_save))
+    hooks.upcast_trainable_(model)
+    if device == "cpu":
+        hooks.word_dropout_(model)
+    if device == "cuda" and p.method != "qlora":
+        model = model.to("cuda")
+    torch.manual_seed(base["seed"])
+    return model
+
+
+def build_optimizer(model, p: TrainParams):
+    """LoRA+: B matrices at loraplus_lr_ratio x lr; peft takes weight decay from loraplus_weight_decay."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    if p.method != "lora_plus":
+        return None  # Trainer builds AdamW with args.weight_decay
+    # fused: the same AdamW in one kernel per tensor; the embedding copy's dense step takes 24 ms instead of 400 on a CPU
+    return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=p.learning_rate, fused=True,
+                                     loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
+
+
+def count_params(model) -> dict[str, int]:
+    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    total = sum(t.numel() for t in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
 def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: bool):
     import torch
     from trl import SFTConfig
@@ -142,142 +322,6 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
 
 
-LIVE_SKIP = ("runtime", "per_second", "flos", "tokens_seen")  # Trainer's timings and counters: no curves (and each
-                                                              # would be one more `dvc exp show` column)
-
-
-def dvclive_callback(live_dir: Path):
-    """transformers' DVCLive callback on a Live that writes `live_dir` only (DVCLive's defaults edit the repo's
-    dvc.yaml and save a DVC experiment of their own: dvc.yaml declares these files instead), each value at the
-    optimizer step (DVCLive counts log calls), a resumed run's history before its checkpoint included."""
-    from dvclive import Live
-    from transformers.integrations import DVCLiveCallback
-
-    class StepDVCLive(DVCLiveCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            super().on_train_begin(args, state, control, **kwargs)
-            for logs in state.log_history:  # restored from a checkpoint (DVC removed the files of the killed run)
-                self.log_at(args, state, control, logs.get("step", 0), logs)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.log_at(args, state, control, state.global_step, logs)
-
-        def log_at(self, args, state, control, step, logs):
-            self.live.step = step
-            keep = {k: v for k, v in logs.items() if k != "step" and not any(w in k for w in LIVE_SKIP)}
-            super().on_log(args, state, control, logs=keep)
-
-    return StepDVCLive(live=Live(str(live_dir), dvcyaml=None, save_dvc_exp=False))
-
-
-def neftune_per_length(alpha: float, pad_id: int):
-    """NEFTune forward hook with noise alpha/sqrt(L_i * d) per sequence, L_i its real (unpadded) length.
-
-    transformers' hook uses the padded length of the whole batch, so padding (and length grouping) would change
-    the noise each sequence gets; pad positions get none.
-    """
-    import torch
-
-    def hook(module, args, output):
-        if not module.training or not args:
-            return output
-        real = (args[0] != pad_id)
-        lengths = real.sum(dim=1).clamp(min=1).to(torch.float32)
-        mag = (alpha / torch.sqrt(lengths * output.size(-1))).to(output.dtype)
-        noise = torch.zeros_like(output).uniform_(-1, 1) * mag[:, None, None] * real.unsqueeze(-1).to(output.dtype)
-        return output + noise
-
-    return hook
-
-
-def _peak_memory(device: str) -> dict[str, Any]:
-    import torch
-
-    if device == "cuda" and torch.cuda.is_available():
-        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_mem_kind": "cuda_allocated"}
-    import resource
-
-    return {"peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_mem_kind": "cpu_max_rss"}
-
-
-def _eval_before_boundary_save():
-    """A callback that moves the per-epoch evaluation before the checkpoint of an epoch's last step.
-
-    Trainer saves at the step's end and evaluates at the epoch's end, after it: the evaluation draws from the global
-    RNG (each DataLoader iterator takes a seed from it), so the saved RNG state was not the one epoch 2 started
-    with, and a run resumed from that checkpoint skips the evaluation and diverges (mid-epoch checkpoints resumed
-    exactly). Evaluating first, in the same `_maybe_log_save_evaluate` call, puts the checkpoint after it: the RNG
-    state and the log history it saves are those the next epoch starts from. The uninterrupted run draws the same
-    numbers in the same order as before.
-    """
-    from transformers import TrainerCallback
-
-    class EvalBeforeBoundarySave(TrainerCallback):
-        evaluated_at: int | None = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if args.eval_strategy == "epoch" and control.should_save and float(state.epoch).is_integer():
-                control.should_evaluate = True
-                self.evaluated_at = state.global_step
-            return control
-
-        def on_epoch_end(self, args, state, control, **kwargs):  # runs after DefaultFlowCallback's
-            if self.evaluated_at == state.global_step:
-                control.should_evaluate = False  # done just before the checkpoint
-            return control
-
-    return EvalBeforeBoundarySave()
-
-
-def _trainer_cls():
-    from trl import SFTTrainer
-
-    class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that counts real and padded tokens of the training batches it steps on."""
-
-        real_tokens = 0
-        padded_tokens = 0
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            if mask is None:
-                mask = inputs["input_ids"] != self.processing_class.pad_token_id
-            self.real_tokens += int(mask.sum())
-            self.padded_tokens += int(mask.numel())
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """trl's loss with lm_head on the labelled positions only: trl's fused head scores every position off
-            Triton devices (prompt and pad too), plus entropy and top-1 for its logs: ~40% of a SmolLM2 CPU step.
-            The forward runs through `model` (DDP's hooks stay), logits_to_keep=1; a hook takes the hidden states."""
-            if return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch.nn.functional as F
-
-            core = self.accelerator.unwrap_model(model)
-            core = core.get_base_model() if hasattr(core, "get_base_model") else core
-            seen = []
-            hook = core.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
-            try:
-                model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1,
-                      use_cache=False)
-            finally:
-                hook.remove()
-            labels = inputs["labels"][:, 1:]
-            mask = labels != -100
-            head = core.get_output_embeddings()  # outside the forward's autocast: in the frozen head's dtype
-            logits = head(seen[0][:, :-1][mask].to(head.weight.dtype)).float()
-            loss = F.cross_entropy(logits, labels[mask], reduction="sum")
-            if num_items_in_batch is None:
-                return loss / mask.sum().clamp(min=1)
-            # as trl: num_items_in_batch counts every rank's tokens, and DDP averages the gradients over the ranks
-            return loss * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1) \
-                / num_items_in_batch
-
-    return CountingSFTTrainer
-
-
 def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, dataset, run_dir: Path,
                   callbacks: tuple = ()):
     """The stage's SFTTrainer on `model` (from `build_model`): tokenized rows, the recipe's SFTConfig, the LoRA+
@@ -290,13 +334,13 @@ def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, datase
         text = text_rows(dataset, tokenizer, p.text, len(train_ds), max_length, base["seed"])
         train_ds = Dataset.from_list(order_rows(list(train_ds), text, p.text, p.epochs, base["seed"]))
     eval_ds = tokenize_rows(dataset["eval"], tokenizer, system, max_length) if len(dataset.get("eval") or []) else None
-    trainer = _trainer_cls()(model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None),
-                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                             optimizers=(build_optimizer(model, p), None),
-                             callbacks=[_eval_before_boundary_save(), *callbacks])
+    trainer = hooks.counting_trainer_cls()(
+        model=model, args=sft_config(base, p, str(run_dir), eval_ds is not None), train_dataset=train_ds,
+        eval_dataset=eval_ds, processing_class=tokenizer, optimizers=(build_optimizer(model, p), None),
+        callbacks=[hooks.eval_before_boundary_save(), *callbacks])
     # SFTTrainer casts every trainable tensor of a 4-bit model (qlora) to bf16, the embedding copy included, where
     # small AdamW steps vanish: the fp32 masters go back (the optimizer holds the same Parameter objects, no state yet)
-    upcast_trainable_(model)
+    hooks.upcast_trainable_(model)
     return trainer
 
 
@@ -307,7 +351,7 @@ def neftune(trainer, p: TrainParams, pad_id: int):
         yield
         return
     emb = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
-    handle = emb.register_forward_hook(neftune_per_length(p.neftune_noise_alpha, pad_id))
+    handle = emb.register_forward_hook(hooks.neftune_per_length(p.neftune_noise_alpha, pad_id))
     try:
         yield
     finally:
@@ -325,6 +369,8 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
     from transformers.trainer_utils import get_last_checkpoint
 
     from qrb.model import load_tokenizer, token_weighted_ce
+
+    from .lineage import checkpoint_key, data_fingerprint, emissions_meter  # lineage imports this package's params
 
     tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"]), p)
     model = build_model(base, p, tokenizer, device)
@@ -364,7 +410,7 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
         "padding_fraction": round(1 - real / padded, 4) if padded else None,
         "world_size": trainer.accelerator.num_processes,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else None,
-        "checkpoint_key": key, "data_sha256": data_sha, **_peak_memory(device),
+        "checkpoint_key": key, "data_sha256": data_sha, **hooks.peak_memory(device),
         "emissions": emissions or None,
     }
     if "eval" in dataset and is_main:
