@@ -1,12 +1,10 @@
 """The offline stand-in services (journal mirror, smoke-test OpenAI endpoint) as child processes.
 
-    qrb services [--workspace demo] [-- COMMAND ...]      (inside demo/: qrb services [-- COMMAND ...])
+    qrb services [--workspace demo] [-- COMMAND ...]
 
 serves both at the URLs the workspace's params.yaml names (`scrape.start_urls`, `generate.base_url`; 127.0.0.1
-only) until Ctrl-C, so scrape and generate can be re-run there (`dvc repro -f scrape`, `dvc exp run -S
-generate.pairs_per_prompt=2`). The smoke endpoint accepts any API key, but generate insists on the variable that
-`generate.api_key_env` names: with a COMMAND it is set for the command (run in the workspace, then the services
-stop); without one the line to export it in another shell is printed. `qrb demo` starts the same services.
+only). With a COMMAND, it runs in the workspace with `generate.api_key_env` set (the smoke endpoint accepts any key),
+then the services stop; without one they serve until Ctrl-C (docs/orchestration.md).
 """
 
 from __future__ import annotations
@@ -52,8 +50,6 @@ def free_ports(n: int) -> list[int]:
 
 def port_overrides(params: dict, mirror_port: int, endpoint_port: int) -> dict:
     """Params overrides that move the offline stand-ins (journal mirror, smoke endpoint) to other ports."""
-    from urllib.parse import urlparse
-
     def move(url: str, port: int) -> str:
         u = urlparse(url)
         return u._replace(netloc=f"{u.hostname}:{port}").geturl()

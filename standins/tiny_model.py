@@ -2,11 +2,10 @@
 
     python -m standins.tiny_model --corpus data/corpus --out models/tiny-llama
 
-Reads the paper snapshot (`*.jsonl` with `title` and `abstract`), trains a byte-level BPE tokenizer on it with
-`tokenizers`, builds a 2-layer `LlamaConfig` model with Llama-3-style special tokens and chat template (and, like
-Llama 3.1, no pad token: the train stage adds one), then pre-trains it briefly on the abstracts so that it is a
-(very small) language model rather than noise. Seeded and deterministic on CPU. Writes a standard transformers
-model folder (safetensors + tokenizer + chat template), a few hundred KB.
+Trains a byte-level BPE tokenizer on the paper snapshot's titles and abstracts, builds a 2-layer Llama with Llama-3's
+special tokens and chat template (and, like Llama 3.1, no pad token: the train stage adds one), and pre-trains it
+briefly on the abstracts, so it is a (very small) language model rather than noise. Seeded and deterministic on CPU;
+writes a standard transformers model folder of a few hundred KB.
 """
 
 from __future__ import annotations
