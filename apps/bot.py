@@ -1,18 +1,11 @@
-"""The model behind `qrb ask`, `qrb chat` and `qrb serve`: base + adapter (or an exported model, or the base alone)
-with the training chat template and system prompt, the `serve:` params (limits, defaults) the three apps share, and
-their command-line opening and error path.
+"""The model behind `qrb ask`, `qrb chat` and `qrb serve`, the `serve:` params they share (limits, defaults) and their
+command line and error path.
 
-Loads the base model named by `base.model` in ./params.yaml plus the adapter (artifacts/train/adapter by default)
-exactly as evaluate does: the adapter folder's tokenizer (with the added pad token), embeddings resized the same
-way, the same chat template and the same system prompt (`base.system_prompt`). With `--base`, base.model alone with
-its own tokenizer (whose pad may be its eos, or missing) and the same template and system prompt: the model evaluate
-scores as "base", to put beside the fine-tuned answers. Limits and defaults come from the `serve:` section
-(max_input_tokens, max_new_tokens, temperature).
-
-Library code here raises `qrb.errors` exceptions; each app's `main()` hands its body to `run_app`, which turns them
-into one line `qrb <cmd>: <message>` and the error kind's exit code, as stages do.
+The model is base.model + the adapter (artifacts/train/adapter) loaded exactly as evaluate loads it (the adapter's
+tokenizer and chat template, `base.system_prompt`), an exported model folder, or with `--base` base.model alone with
+the same template and system prompt: the model evaluate scores as "base" (docs/using.md). Errors are `qrb.errors`
+exceptions; `run_app` turns them into one line `qrb <cmd>: <message>` and the kind's exit code, as stages do.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -340,24 +333,23 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
 
 # ---- the apps' command line --------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+def bounded(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `cast(text)` where `ok` holds it, else a usage error saying what was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # nan fails `x >= 0`: refused like any other non-number
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = -1.0
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return x
+positive_int = bounded(int, lambda n: n >= 1, "a positive integer")
+non_negative_float = bounded(float, lambda x: x >= 0, "a number >= 0")
 
 
 def app_parser(cmd: str, doc: str | None) -> argparse.ArgumentParser:

@@ -56,8 +56,7 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
         try:
             for piece in pieces:
                 write(piece)
-                if hasattr(sys.stdout, "flush"):
-                    sys.stdout.flush()
+                sys.stdout.flush()
         except KeyboardInterrupt:
             pieces.close()
             write(" (interrupted)")

@@ -1,13 +1,9 @@
 """The web chat page `qrb serve` serves at `/`: static HTML + a script that streams from /v1/chat/completions.
 
-When the server needs an API key (QRB_SERVE_API_KEY), the page shows a key field; what the user types there is kept in
-the tab's sessionStorage (gone when the tab closes, never in localStorage or a cookie) and sent as
-`Authorization: Bearer <key>`. The served HTML only says *whether* a key is needed, never the key.
-
-With retrieval on (`qrb serve --rag`), a reply's `citations` (the delta of its sources chunk) are shown under it as
-links to the papers' DOIs, in place of that chunk's plain-text "Sources:" line.
+An API key the user types is kept in the tab's sessionStorage only (gone when the tab closes; never localStorage or a
+cookie) and sent as `Authorization: Bearer <key>`: the served HTML says only *whether* a key is needed. With `--rag`,
+a reply's `citations` (its sources chunk's delta) show under it as DOI links in place of the plain "Sources:" line.
 """
-
 from __future__ import annotations
 
 import html

@@ -11,22 +11,12 @@ Endpoints (FastAPI + uvicorn):
     POST /v1/chat/completions    OpenAI chat completions, `stream: true` (server-sent events) or not
     GET  /health
 
-The model is loaded as `qrb ask` loads it (base + adapter, the training chat template and system prompt; a client's
-own system message replaces the default one). Bound to 127.0.0.1 unless `--host`/`serve.host` says otherwise; when
-the environment variable QRB_SERVE_API_KEY is set, /v1/ requests must carry it as `Authorization: Bearer <key>`
-(the scheme in any case); the page then shows a key field and keeps what the user types in the tab's
-sessionStorage (the key is never part of the served HTML). Limits (from `serve:`): request bodies over
-`max_request_bytes` get 413; a body that is not UTF-8 JSON, prompts over `max_input_tokens` and `max_tokens` over
-`max_new_tokens` get 400, all in OpenAI's error format. Generation is one request at a time (one model, one lock).
-
-With `--rag` (or serve.rag) the last question is answered from the passages retrieved for it, and the reply names the
-papers of the excerpts it cites ([n] in its text, qrb.retrieval.cite) twice: as a "Sources: <title>
-(https://doi.org/<doi>); ..." paragraph appended to the content (the last content chunk when streaming) and as
-`citations: [{doi, title, url}]` on the message (on that chunk's delta), which the page shows as links; an answer
-citing no excerpt has `citations: []` and no such paragraph. When no passage scores `retrieval.min_score` the reply
-is qrb.schema.ABSTAIN_ANSWER with `citations: []`.
+The model is loaded as `qrb ask` loads it; a client's own system message replaces the default one. Bound to 127.0.0.1
+unless `--host`/`serve.host` says otherwise; with QRB_SERVE_API_KEY set, /v1/ requests need `Authorization: Bearer
+<key>`. Requests over the `serve:` limits get 400 or 413 in OpenAI's error format; one request generates at a time.
+With `--rag` a reply names the papers it cites as a "Sources:" paragraph and `citations: [{doi, title, url}]`, and
+abstains when nothing relevant is retrieved (docs/using.md).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -44,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from apps.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, run_app
+from apps.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, bounded, run_app
 from apps.page import page_html
 from qrb.retrieval import cite, sources_line
 from qrb.schema import ABSTAIN_ANSWER
@@ -66,16 +56,12 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
+        if not isinstance(self.content, list):
+            return self.content or ""
         for p in self.content:
             if p.type != "text":
                 raise ValueError(f"content parts of type {p.type!r} are not supported (text only)")
-            parts.append(p.text or "")
-        return "".join(parts)
+        return "".join(p.text or "" for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -106,8 +92,13 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body over {limit} bytes (serve.max_request_bytes)", code="request_too_large")
 
 
 def conversation(req: ChatRequest) -> list[dict[str, str]]:
@@ -133,20 +124,17 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
             if api_key is not None and not authorized(request.headers.get("authorization", ""), api_key):
-                return JSONResponse(ApiError(401, "invalid or missing API key", code="invalid_api_key",
-                                             type_="authentication_error").body(), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return ApiError(401, "invalid or missing API key", code="invalid_api_key",
+                                type_="authentication_error").response({"WWW-Authenticate": "Bearer"})
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-                return JSONResponse(ApiError(413, f"request body over {limits.max_request_bytes} bytes "
-                                                  "(serve.max_request_bytes)", code="request_too_large").body(),
-                                    status_code=413)
+                return too_large(limits.max_request_bytes).response()
         return await call_next(request)
 
     @app.get("/health")
@@ -167,8 +155,7 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         body = await request.body()  # chunked uploads carry no content-length: measure what arrived
         if len(body) > limits.max_request_bytes:
-            raise ApiError(413, f"request body over {limits.max_request_bytes} bytes (serve.max_request_bytes)",
-                           code="request_too_large")
+            raise too_large(limits.max_request_bytes)
         req = parse_request(body)
         if req.model not in (None, limits.model_id):
             raise ApiError(404, f"model {req.model!r} not found; this server has {limits.model_id!r}", "model",
@@ -244,9 +231,10 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
     """OpenAI's chunk stream: a role chunk, content deltas, [the sources chunk: the papers of the `shown` passages
     the answer cites], a finish chunk, [usage chunk], [DONE]."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+               **extra}
         if include_usage and "usage" not in extra:
             obj["usage"] = None
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -259,9 +247,7 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
             yield chunk({"content": f"\n\n{sources_line(cites)}", "citations": cites})
         yield chunk({}, reply.finish_reason)
         if include_usage:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                   "usage": usage(reply)}
-            yield f"data: {json.dumps(obj)}\n\n"
+            yield chunk(None, usage=usage(reply))
         yield "data: [DONE]\n\n"
     except Exception as e:  # headers are sent: report in-band, as OpenAI does
         log.exception("generation failed")
@@ -272,22 +258,12 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
             close()  # a client that went away stops generation
 
 
-def port_number(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {text!r}")
-    return n
-
-
 def parser() -> argparse.ArgumentParser:
     ap = app_parser("serve", __doc__)
     add_model_args(ap)
     ap.add_argument("--host", default=None,
                     help="bind address (default serve.host, 127.0.0.1; another needs QRB_SERVE_API_KEY set)")
-    ap.add_argument("--port", type=port_number, default=None,
+    ap.add_argument("--port", type=bounded(int, lambda n: 0 <= n < 65536, "a port in 0..65535"), default=None,
                     help="port (default serve.port; 0 = any free port, printed by uvicorn)")
     return ap
 
