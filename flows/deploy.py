@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
 from prefect.schedules import Cron
 
-from flows.pipeline import pipeline
+from flows.pipeline import fail, pipeline
 from qrb.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         deployment_id = deploy_to_pool(args.pool, args.source, args.workspace, args.cron, args.timezone,
                                        parse_env(args.env))
     except ConfigError as e:
-        print(f"qrb deploy: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail("qrb deploy", e)
     print(f"deployment qrb-pipeline/gpu ({deployment_id}) on work pool {args.pool!r} at {url}; start a worker with\n"
           f"  prefect worker start --pool {args.pool}")
 
