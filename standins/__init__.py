@@ -5,9 +5,31 @@ background services."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1, the access log at debug level (never headers), and `reply`, which a client that gave up (a time-out,
+    a stall) does not break."""
+
+    protocol_version = "HTTP/1.1"
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        logging.getLogger(type(self).__module__).debug("%s %s", self.address_string(), fmt % args)
 
 
 @contextlib.contextmanager

@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from html import escape as e
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from standins import serve_in_thread
+from standins import Handler, serve_in_thread
 
 from .site import (
     LAYOUTS,
@@ -265,9 +265,8 @@ class Mirror:
         return f"{self.url}{self.nav}" if self.layout == "papers" else f"{self.url}/"
 
 
-def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _handler(mirror: Mirror) -> type[Handler]:
+    class MirrorHandler(Handler):
         server_version = "qrb-mirror/0.1"
 
         def do_GET(self) -> None:  # noqa: N802
@@ -286,20 +285,9 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
             mirror.record(host, path, status, self.headers.get("User-Agent", ""), t)
             if delay:
                 time.sleep(delay)
-            try:
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (time-out)
-                pass
+            self.reply(status, {**headers, "Content-Length": str(len(body))}, body)
 
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.debug("mirror: " + fmt, *args)
-
-    return Handler
+    return MirrorHandler
 
 
 class _Server(ThreadingHTTPServer):

@@ -20,11 +20,11 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from qrb.io import setup_logging
-from standins import serve_in_thread
+from standins import Handler, serve_in_thread
 
 from .batches import BatchStore
 from .completions import MODEL_ID, completion, error_body
@@ -120,20 +120,12 @@ class SmokeEndpoint:
         with self._lock:
             return sum(r["method"] == method and r["path"] == path for r in self.requests)
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    def _send(self, h: Handler, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
-        try:
-            h.send_response(status)
-            h.send_header("Content-Type", "application/octet-stream" if isinstance(obj, bytes) else "application/json")
-            h.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (e.g. after a stall)
+        h.reply(status, {"Content-Type": "application/octet-stream" if isinstance(obj, bytes) else "application/json",
+                         "Content-Length": str(len(data)), **(headers or {})}, data)
 
-    def handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+    def handle(self, h: Handler, method: str) -> None:
         path, _, qs = h.path.partition("?")
         path = path.rstrip("/")
         length = int(h.headers.get("Content-Length") or 0)
@@ -193,14 +185,10 @@ class SmokeEndpoint:
         return self._send(h, 200, completion(body, fault))
 
 
-def _handler(endpoint: SmokeEndpoint) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _handler(endpoint: SmokeEndpoint) -> type[Handler]:
+    class SmokeHandler(Handler):
         disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
         server_version = "qrb-smoke-endpoint"
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # no stderr noise, never headers
-            log.debug("%s %s", self.address_string(), fmt % args)
 
         def do_GET(self) -> None:  # noqa: N802
             endpoint.handle(self, "GET")
@@ -208,7 +196,7 @@ def _handler(endpoint: SmokeEndpoint) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             endpoint.handle(self, "POST")
 
-    return Handler
+    return SmokeHandler
 
 
 @contextlib.contextmanager
