@@ -50,7 +50,7 @@ class BatchStore:
 
     def handle(self, method: str, path: str, query: dict[str, str], raw: bytes, content_type: str
                ) -> tuple[int, dict[str, Any] | bytes]:
-        parts = [s for s in path.split("/") if s][1:] if path.startswith("/v1/") else [s for s in path.split("/") if s]
+        parts = [s for s in path.removeprefix("/v1/").split("/") if s]
         with self.lock:
             if parts == ["files"] and method == "POST":
                 return self.upload(content_type, raw)

@@ -144,12 +144,11 @@ class SmokeEndpoint:
             self.stopping.wait(self.faults.latency_s)
         if not auth.startswith("Bearer ") or (self.api_key is not None and auth != f"Bearer {self.api_key}"):
             return self._send(h, 401, error_body("Missing or invalid API key.", code="invalid_api_key"))
+        model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "qrb-smoke-endpoint"}
         if method == "GET" and path in ("/v1/models", "/models"):
-            return self._send(h, 200, {"object": "list", "data": [
-                {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "qrb-smoke-endpoint"}]})
+            return self._send(h, 200, {"object": "list", "data": [model]})
         if method == "GET" and path in (f"/v1/models/{MODEL_ID}", f"/models/{MODEL_ID}"):
-            return self._send(h, 200, {"id": MODEL_ID, "object": "model", "created": 0,
-                                       "owned_by": "qrb-smoke-endpoint"})
+            return self._send(h, 200, model)
         if path.startswith(("/v1/files", "/v1/batches", "/files", "/batches")):
             query = dict(urllib.parse.parse_qsl(qs))
             return self._send(h, *self.batches.handle(method, path, query, raw, h.headers.get("Content-Type", "")))
