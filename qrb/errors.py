@@ -16,8 +16,6 @@ EXIT_DATA = 65        # EX_DATAERR
 EXIT_TRANSIENT = 75   # EX_TEMPFAIL
 EXIT_CONFIG = 78      # EX_CONFIG
 
-RETRYABLE_EXIT_CODES = frozenset({EXIT_TRANSIENT})
-
 
 class QrbError(Exception):
     """A failure the project explains in one line (no traceback)."""

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from qrb.errors import ConfigError
 
-KINDS = ("q8_0", "f16")
 NOT_LLAMA = "GGUF export writes the Llama architecture only (set `export.gguf: none` for other bases)"
 # the Llama-3 split regex (its tokenizer.json and llama.cpp's "llama-bpe" pre-tokenizer)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

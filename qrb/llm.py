@@ -1,14 +1,11 @@
 """The OpenAI-compatible client layer every LLM call goes through: generate's request loop (its own retries, under its
 rate limits), the validate judge, the evaluate grader and the rivals (the SDK's bounded retries, honouring
-Retry-After). Here: the API key from the environment, what a failed request came to (`failure`), backoff, the SQLite
-reply cache, token counts and `fan_out` (requests on threads; none started after the first failure). openai is
-imported only when a request is made.
+Retry-After). openai is imported only when a request is made.
 
-Token counts are tiktoken's where the model's encoding is in tiktoken's local cache (`TIKTOKEN_CACHE_DIR`), else ~4
-characters per token; the encoding is never downloaded (tiktoken's download has no timeout: an offline run would
-hang). To count with it, cache it once on a machine with internet (`python -c "import tiktoken;
-tiktoken.encoding_for_model('gpt-4-turbo')"`, same `TIKTOKEN_CACHE_DIR`). Models tiktoken does not know (vLLM,
-Ollama, the smoke endpoint) are counted by the estimate: their tokenizer is not OpenAI's.
+Token counts are tiktoken's where the model's encoding is in tiktoken's local cache (`TIKTOKEN_CACHE_DIR`; cache it
+once with `python -c "import tiktoken; tiktoken.encoding_for_model('gpt-4-turbo')"`), else ~4 characters per token:
+the encoding is never downloaded (tiktoken's download has no timeout: an offline run would hang), and models tiktoken
+does not know (vLLM, Ollama, the smoke endpoint) have a tokenizer that is not OpenAI's.
 """
 
 from __future__ import annotations
@@ -199,14 +196,6 @@ def estimate(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
-def _cached_only(read_file: Callable[[str], bytes]) -> Callable[[str], bytes]:
-    def read(blobpath: str) -> bytes:
-        if "://" in blobpath:
-            raise FileNotFoundError(f"{blobpath} is not in tiktoken's cache (not downloaded: runs are offline)")
-        return read_file(blobpath)
-    return read
-
-
 def load_encoding(model: str) -> Any | None:
     """tiktoken's encoding for `model` from its local cache, or None (no tiktoken, an unknown model, not cached)."""
     try:
@@ -219,7 +208,13 @@ def load_encoding(model: str) -> Any | None:
     except KeyError:
         return None
     original = tiktoken.load.read_file
-    tiktoken.load.read_file = _cached_only(original)
+
+    def cached_only(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            raise FileNotFoundError(f"{blobpath} is not in tiktoken's cache (not downloaded: runs are offline)")
+        return original(blobpath)
+
+    tiktoken.load.read_file = cached_only
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # noqa: BLE001 - whatever stops it, the estimate stands in

@@ -11,13 +11,8 @@ linear projection. The base model is frozen; only R, W, b train (~2 * rank * hid
 Positions: "all" (every real token), or "f<n>+l<n>" (the first n and the last n tokens of the prompt, as in the
 paper). The prompt's end is found from the token ids of the chat template's assistant header, so no extra inputs
 are needed at train, eval or generation time; decode steps after the prompt (KV cache) are not intervened on,
-exactly as in pyreft's generation.
-
-    resolve_layers(spec, n)    -> the layer indices of an n-layer model ([-8..-1] = the last 8, or all if fewer)
-    attach(model, config)      -> interventions as `model.loreft` (a submodule) + forward hooks
-    save(model, dir)           -> dir/loreft_config.json + dir/loreft_weights.safetensors (+ nothing of the base)
-    load(model, dir)           -> attach + load weights (evaluate/serve)
-    is_loreft_adapter(dir), disabled(model) == model.disable_adapter() (context manager: the base model)
+exactly as in pyreft's generation. An adapter is saved as loreft_config.json + loreft_weights.safetensors (nothing
+of the base); `disabled(model)` (also `model.disable_adapter()`, PeftModel's name) gives the base model's behaviour.
 """
 
 from __future__ import annotations
@@ -203,16 +198,13 @@ def attach(model, cfg: LoreftConfig):
     return model
 
 
-def trainable_state_dict(model) -> dict[str, Any]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.loreft.state_dict().items()}
-
-
 def save(model, directory: str | Path) -> None:
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state_dict(model), str(d / WEIGHTS_NAME))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.loreft.state_dict().items()}
+    save_file(weights, str(d / WEIGHTS_NAME))
     (d / CONFIG_NAME).write_text(json.dumps({"method": "loreft", **asdict(model.loreft_config)}, indent=2) + "\n")
 
 

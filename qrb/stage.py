@@ -33,22 +33,17 @@ STATUS_ENV = "QRB_STATUS_FILE"
 
 
 class StageParser(argparse.ArgumentParser):
-    """argparse, with a usage error also reported in the status file."""
+    """The stage's arguments: its docstring is the help; a usage error is also reported in the status file."""
 
-    section = ""
+    def __init__(self, doc: str | None, section: str) -> None:
+        head, _, rest = (doc or "").strip().partition("\n\n")
+        super().__init__(prog=f"python -m stages.{section}", description=head, epilog=rest or None,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.section = section
 
     def error(self, message: str):  # type: ignore[override]
         write_status(self.section, EXIT_USAGE, message)
         super().error(message)
-
-
-def parser(doc: str | None, section: str) -> argparse.ArgumentParser:
-    doc = (doc or "").strip()
-    head, _, rest = doc.partition("\n\n")
-    ap = StageParser(prog=f"python -m stages.{section}", description=head, epilog=rest or None,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.section = section
-    return ap
 
 
 def write_status(section: str, exit_code: int, message: str = "") -> None:
@@ -140,7 +135,7 @@ def set_cpu_threads(n: int | None = None) -> int:
 def run_stage(doc: str | None, section: str, params_cls: type, base_keys: Iterable[str],
               body: Callable[[dict[str, Any], Any, argparse.Namespace], None], argv: list[str] | None = None,
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
-    ap = parser(doc, section)
+    ap = StageParser(doc, section)
     if add_arguments is not None:
         add_arguments(ap)
     args = ap.parse_args(argv)
