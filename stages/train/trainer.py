@@ -135,11 +135,6 @@ def versions(paper: dict, rewrites: int, seed: int) -> list[str]:
     return out
 
 
-def training_papers(papers, train_dois: set[str], eval_dois: set[str]) -> list[dict]:
-    """The papers of the training split, never one an eval row asks about (held-out papers stay unseen)."""
-    return [r for r in papers if r["doi"] in train_dois and r["doi"] not in eval_dois]
-
-
 def text_rows(dataset, tokenizer, p: TextParams, n_qa: int, max_length: int, seed: int) -> list[dict]:
     """`p.share` of the training rows beside n_qa QA rows: every version of every training paper (the dataset's
     `papers` split), cut into near-equal rows of at most max_length tokens, drawn in a seeded order (the pool
@@ -148,7 +143,8 @@ def text_rows(dataset, tokenizer, p: TextParams, n_qa: int, max_length: int, see
         raise ValueError("`train.text.share` > 0 needs the papers' text (a `papers` split of the dataset)")
     eval_dois = set(dataset["eval"]["doi"]) if len(dataset.get("eval") or []) else set()
     pool = []
-    for paper in training_papers(dataset["papers"], set(dataset["train"]["doi"]), eval_dois):
+    train_dois = set(dataset["train"]["doi"]) - eval_dois  # never a paper an eval row asks about: held-out stay unseen
+    for paper in (r for r in dataset["papers"] if r["doi"] in train_dois):
         for text in versions(paper, p.rewrites, seed):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             pieces = -(-len(ids) // max_length)  # the fewest rows of <= max_length tokens, of near-equal lengths
