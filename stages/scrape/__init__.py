@@ -73,12 +73,8 @@ class ScrapeParams:
         for key in ("max_pages", "concurrent_requests_per_domain"):
             if getattr(self, key) < 1:
                 raise ValueError(f"params: `scrape.{key}` must be at least 1, got {getattr(self, key)}")
-        for key in ("max_depth", "max_discovery_pages"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"params: `scrape.{key}` must be 0 or more, got {getattr(self, key)}")
-        if self.retry_times < 0:
-            raise ValueError(f"params: `scrape.retry_times` must be 0 or more, got {self.retry_times}")
-        for key in ("download_delay_s", "autothrottle_start_delay_s", "autothrottle_max_delay_s"):
+        for key in ("max_depth", "max_discovery_pages", "retry_times", "download_delay_s",
+                    "autothrottle_start_delay_s", "autothrottle_max_delay_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"params: `scrape.{key}` must be 0 or more, got {getattr(self, key)}")
         if self.timeout_s <= 0:

@@ -72,8 +72,7 @@ def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Pa
         "HTTPCACHE_EXPIRATION_SECS": 0,
         "LOG_LEVEL": log_level,
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
-        "ITEM_PIPELINES": {"stages.scrape.spider.CleanPipeline": 100,
-                           "stages.scrape.spider.CollectPipeline": 900},
+        "ITEM_PIPELINES": {"stages.scrape.spider.CollectPipeline": 900},
         "QRB_MAX_PAGES": p.max_pages,
         # the page cap (the one cap: CLOSESPIDER_PAGECOUNT would count cache hits) after HttpCacheMiddleware (900):
         # an answer from the cache costs the site nothing
@@ -119,9 +118,8 @@ def crawl(p: ScrapeParams, seen: set[str]) -> CrawlResult:
         "page_cap_refused": int(st.get("qrb/page_cap_refused", 0)),
         "spider_exceptions": int(sum(v for k, v in st.items() if k.startswith("spider_exceptions/"))),
     })
-    c = spider.collector
-    return CrawlResult(papers=[it.record(with_full_text=p.full_text) for it in c.papers.values()],
-                       errors=[e.record() for e in c.errors], stats=stats)
+    return CrawlResult(papers=[it.record(with_full_text=p.full_text) for it in spider.papers.values()],
+                       errors=[e.record() for e in spider.errors], stats=stats)
 
 
 def load_cache(path: Path = CACHE_RECORDS) -> dict[str, dict[str, Any]]:
@@ -159,33 +157,25 @@ def assemble(cache: dict[str, dict[str, Any]], new: list[dict[str, Any]], errors
     return papers, errs_sorted, dict(sorted(merged.items()))
 
 
+# the crawl's counters the metrics carry as they are (0 when the crawl never counted one)
+CRAWL_COUNTS = ("pages_fetched", "requests", "retries", "listing_pages_fetched", "other_pages_fetched",
+                "sitemaps_fetched", "paper_pages_fetched", "full_text_fetched", "skipped_by_date", "skipped_seen",
+                "offsite_filtered", "robots_forbidden", "http_cache_hits", "http_cache_revalidated")
+
+
 def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict[str, Any]],
             n_cached: int, p: ScrapeParams) -> dict[str, Any]:
     s = result.stats
-    return {
-        "pages_fetched": s.get("pages_fetched", 0),
-        "requests": s.get("requests", 0),
-        "retries": s.get("retries", 0),
-        "listing_pages_fetched": s.get("listing_pages_fetched", 0),
-        "other_pages_fetched": s.get("other_pages_fetched", 0),
-        "sitemaps_fetched": s.get("sitemaps_fetched", 0),
-        "paper_pages_fetched": s.get("paper_pages_fetched", 0),
-        "full_text_fetched": s.get("full_text_fetched", 0),
+    return {k: s.get(k, 0) for k in CRAWL_COUNTS} | {
         "papers_kept": len(papers),
         "papers_new": len(result.papers),
         "papers_from_cache": len({r["doi"] for r in papers} - {r["doi"] for r in result.papers}),
         "papers_in_cache": n_cached,
-        "skipped_by_date": s.get("skipped_by_date", 0),
-        "skipped_seen": s.get("skipped_seen", 0),
         "errors": len(errors),
         "errors_by_reason": dict(sorted(Counter(e["reason"] for e in errors).items())),
-        "offsite_filtered": s.get("offsite_filtered", 0),
-        "robots_forbidden": s.get("robots_forbidden", 0),
         "finish_reason": s.get("finish_reason", ""),
         "page_cap_hit": page_cap_hit(s),
         "discovery_cap_hit": s.get("discovery_cap_refused", 0) > 0,
-        "http_cache_hits": s.get("http_cache_hits", 0),
-        "http_cache_revalidated": s.get("http_cache_revalidated", 0),
         "crawl_delay_s": s.get("crawl_delay_s"),
         "date_from": p.date_from.isoformat(),
         "date_to": p.date_to.isoformat(),

@@ -1,20 +1,8 @@
-"""The quantum-journal.org spider: discovery by following in-site links and the robots.txt sitemap; date-window and
-seen-set filtering before any paper page is fetched; one item per paper page (a `PaperItem` or an `ErrorItem`).
-
-Discovery needs no knowledge of where the site keeps its listing. From each start URL the spider follows in-site
-links: a link whose URL has the paper shape (`/papers/q-YYYY-MM-DD-N/`) is a paper (filtered by the date in it and
-the seen-set, never followed further); any other page is fetched and read. A page that links to papers is a listing:
-from it only the links in its own section (first path segment: its pagination, its sibling volumes) are followed,
-not the site's menus, and they start the hop count afresh, so a long chain of "older papers" pages costs no depth.
-A page that links to no paper (a front page, an index of volumes, an About page) is a hop: `scrape.max_depth` of
-them in a row, then the branch stops. `scrape.max_discovery_pages` caps how many such pages (listings included) one
-crawl fetches, and `scrape.max_pages` every request. A page whose URL has another shape but whose content is a paper
-(highwire `citation_title`/`citation_doi` meta tags) is parsed as one. Offsite links are never followed; robots.txt
-applies to every request (`ROBOTSTXT_OBEY`).
-
-Beside the spider: why a request failed (the reason key of its error record: `http_404`, `timeout`,
-`robots_disallowed`, ...), and the item pipelines that clean every paper record, then collect papers (deduplicated
-by DOI) and error records on the crawler, where `stages.scrape.run` picks them up after the crawl.
+"""The quantum-journal.org spider: discovery by following in-site links and the robots.txt sitemap (the rules are
+in `stages.scrape`'s docstring); date-window and seen-set filtering before any paper page is fetched; one item per
+paper page (a `PaperItem` or an `ErrorItem`). Beside it: why a request failed (the reason key of its error record:
+`http_404`, `timeout`, `robots_disallowed`, ...) and the pipeline that keeps the items on the spider, where
+`stages.scrape.run` picks them up after the crawl.
 """
 
 from __future__ import annotations
@@ -41,11 +29,10 @@ from w3lib.url import canonicalize_url
 from qrb.schema import ErrorItem, PaperItem
 
 from . import ScrapeParams
-from .parse import PAPER_PATH_RE, norm, paper_id_from_url, parse_full_text_html, parse_paper_html
+from .parse import PAPER_PATH_RE, paper_id_from_url, parse_full_text_html, parse_paper_html
 
 log = logging.getLogger(__name__)
 
-PAPER_URL_PATTERN = r"/papers/q-\d{4}-\d{2}-\d{2}-\d+/?$"
 # never worth a request while looking for paper pages (LinkExtractor's default deny_extensions covers files with a
 # suffix: .pdf, images, archives)
 DENY_LINKS = (r"/pdf/?$", r"/feed/?$", r"/wp-admin/", r"/wp-login\.php", r"/xmlrpc\.php")
@@ -91,32 +78,8 @@ def original_url(request: Request) -> str:
     return (request.meta.get("redirect_urls") or [request.url])[0]
 
 
-class CleanPipeline:
-    """Normalise whitespace in every string field and list entry; drop empty list entries and empty optionals."""
-
-    def process_item(self, item: Any) -> Any:
-        if isinstance(item, PaperItem):
-            for name in ("doi", "url", "title", "abstract", "published", "volume", "page", "arxiv", "citation",
-                         "license"):
-                value = getattr(item, name)
-                if value is not None:
-                    setattr(item, name, norm(value) or None)
-            item.authors = [a for a in (norm(x) for x in item.authors) if a]
-            item.affiliations = [a for a in (norm(x) for x in item.affiliations) if a]
-        return item
-
-
-class Collector:
-    """What the crawl produced: papers by DOI and error records."""
-
-    def __init__(self) -> None:
-        self.papers: dict[str, PaperItem] = {}
-        self.errors: list[ErrorItem] = []
-        self.duplicates = 0
-
-
 class CollectPipeline:
-    """Store items on the spider's `collector` (a `Collector`)."""
+    """Keep the items on the spider: papers by DOI (a paper reached at two URLs once), error records in order."""
 
     def __init__(self, crawler: Any) -> None:
         self.crawler = crawler
@@ -127,19 +90,12 @@ class CollectPipeline:
 
     def process_item(self, item: Any) -> Any:
         spider = self.crawler.spider
-        c = getattr(spider, "collector", None)
-        if c is None:
-            c = spider.collector = Collector()
         if isinstance(item, PaperItem):
-            old = c.papers.get(item.doi)
-            if old is not None:
-                c.duplicates += 1
-                # same paper reached at two URLs: keep one, deterministically
-                if item.url >= old.url:
-                    return item
-            c.papers[item.doi] = item
+            old = spider.papers.get(item.doi)
+            if old is None or item.url < old.url:  # same paper at two URLs: keep one, deterministically
+                spider.papers[item.doi] = item
         elif isinstance(item, ErrorItem):
-            c.errors.append(item)
+            spider.errors.append(item)
         return item
 
 
@@ -167,7 +123,8 @@ class QuantumSpider(Spider):
         self.allowed_domains = sorted(set(self.site_hosts) | {h for h in extra if h})
         self.seen = set(seen)  # DOIs already fetched by an earlier crawl (full records in the cache)
         self.stats_local: Counter[str] = Counter()
-        self.collector = Collector()
+        self.papers: dict[str, PaperItem] = {}  # what the crawl produced (CollectPipeline)
+        self.errors: list[ErrorItem] = []
         self._counted: set[str] = set()
         self._pages: set[str] = set()  # canonical URLs of the non-paper pages requested so far
         # (LinkExtractor's allow_domains compares host:port, so in-site filtering is done in onsite_links)
@@ -182,7 +139,7 @@ class QuantumSpider(Spider):
             if origin not in origins:
                 origins.append(origin)
             if paper_id_from_url(url):
-                req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
+                req = self.paper_request(url)
             else:
                 req = self.page_request(url, hops=0, start=True)
             if req is not None:
@@ -216,7 +173,7 @@ class QuantumSpider(Spider):
         for u in urls:
             url = urljoin(base_url, u.strip())
             if urlsplit(url).hostname in self.site_hosts:
-                yield Request(url, callback=self.parse_sitemap, errback=self.listing_failed,
+                yield Request(url, callback=self.parse_sitemap, errback=self.failed,
                               meta={"qrb_kind": "sitemap"})
 
     # -- discovery ----------------------------------------------------------------------------------------------
@@ -235,11 +192,13 @@ class QuantumSpider(Spider):
         self._pages.add(key)
         if not start:
             self.stats_local["discovery_requests"] += 1
-        return Request(url, callback=self.parse_page, errback=self.listing_failed if start else self.link_failed,
+        return Request(url, callback=self.parse_page, errback=self.failed if start else self.link_failed,
                        meta={"qrb_kind": "listing" if start else "link", "qrb_hops": hops})
 
     def parse_page(self, response: Response) -> Iterable[Any]:
-        """A start URL or a followed link: a paper (by content), a listing (links papers) or a hop."""
+        """A start URL or a followed link: a paper (by content), a listing (links papers) or a hop. From a listing
+        only the links in its own section (its pagination, its sibling volumes; not the site's menus) are followed,
+        and they start the hop count afresh, so a long chain of "older papers" pages costs no depth."""
         if not isinstance(response, HtmlResponse):  # a feed, a file: nothing to read or follow
             self.stats_local["other_pages_fetched"] += 1
             return
@@ -251,7 +210,7 @@ class QuantumSpider(Spider):
         listing = bool(papers)
         self.stats_local["listing_pages_fetched" if listing else "other_pages_fetched"] += 1
         for url in papers:
-            req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
+            req = self.paper_request(url)
             if req is not None:
                 yield req
         hops = 1 if listing else response.meta.get("qrb_hops", 0) + 1
@@ -264,9 +223,10 @@ class QuantumSpider(Spider):
                 if req is not None:
                     yield req
 
-    def filter_paper(self, request: Request, response: Response | None) -> Request | None:
-        """Drop paper requests outside the date window or already seen, before anything is fetched."""
-        pid = paper_id_from_url(request.url)
+    def paper_request(self, url: str) -> Request | None:
+        """The request for a paper page; None for a URL of another shape, outside the date window or already seen
+        (nothing is fetched for those)."""
+        pid = paper_id_from_url(url)
         if pid is None:
             return None
         pid_str, day = pid
@@ -282,11 +242,11 @@ class QuantumSpider(Spider):
                 self.stats_local["skipped_seen"] += 1
             return None
         # canonical form: scheme://host/papers/<id>/ (no query, fragment or missing slash)
-        parts = urlsplit(request.url)
+        parts = urlsplit(url)
         canon = f"{parts.scheme}://{parts.netloc}{PAPER_PATH_RE.sub('', parts.path)}/papers/{pid_str}/"
-        request.meta["qrb_kind"] = "paper"
         # papers before more discovery: what a capped crawl spends its requests on first
-        return request.replace(url=canon, priority=PAPER_PRIORITY)
+        return Request(canon, callback=self.parse_paper, errback=self.failed, meta={"qrb_kind": "paper"},
+                       priority=PAPER_PRIORITY)
 
     def parse_robots(self, response: Response) -> Iterable[Request]:
         text = response.text if isinstance(response, TextResponse) else response.body.decode("utf-8", "replace")
@@ -314,12 +274,10 @@ class QuantumSpider(Spider):
             if urlsplit(url).hostname not in self.site_hosts:
                 continue
             if sm.type == "sitemapindex":
-                yield Request(url, callback=self.parse_sitemap, errback=self.listing_failed,
+                yield Request(url, callback=self.parse_sitemap, errback=self.failed,
                               meta={"qrb_kind": "sitemap"})
-            elif re.search(PAPER_URL_PATTERN, urlsplit(url).path):
-                req = self.filter_paper(Request(url, callback=self.parse_paper, errback=self.paper_failed), None)
-                if req is not None:
-                    yield req
+            elif (req := self.paper_request(url)) is not None:
+                yield req
 
     # -- paper pages ----------------------------------------------------------------------------------------------
     def parse_paper(self, response: Response) -> Iterable[Any]:
@@ -353,18 +311,13 @@ class QuantumSpider(Spider):
         yield item
 
     def full_text_failed(self, failure: Failure) -> Iterable[Any]:
-        reason, detail = failure_reason(failure)
         self.stats_local["full_text_failed"] += 1
-        log.warning("scrape: full text not fetched (%s): %s", reason, failure.request.url)
-        item = failure.request.cb_kwargs["item"]
-        yield item  # the paper record stands without its full text
+        log.warning("scrape: full text not fetched (%s): %s", failure_reason(failure)[0], failure.request.url)
+        yield failure.request.cb_kwargs["item"]  # the paper record stands without its full text
 
     # -- failures -------------------------------------------------------------------------------------------------
-    def paper_failed(self, failure: Failure) -> Iterable[Any]:
-        reason, detail = failure_reason(failure)
-        yield ErrorItem(url=original_url(failure.request), reason=reason, detail=detail, kind="paper")
-
-    def listing_failed(self, failure: Failure) -> Iterable[Any]:
+    def failed(self, failure: Failure) -> Iterable[Any]:
+        """A start URL, sitemap or paper page: recorded with its kind."""
         reason, detail = failure_reason(failure)
         kind = failure.request.meta.get("qrb_kind", "listing")
         yield ErrorItem(url=original_url(failure.request), reason=reason, detail=detail, kind=kind)
