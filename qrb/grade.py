@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from .words import CONNECTORS, NUMBER_WORDS, STOPWORDS, UNITS, stem, unit_key
 
 CORRECT, INCORRECT, NOT_ATTEMPTED = "correct", "incorrect", "not_attempted"
-GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED)
 
 _SMALL = {w: int(v) for w, v in NUMBER_WORDS.items() if int(v) < 100}
 _SCALES = {"thousand": 1e3, "million": 1e6, "billion": 1e9}

@@ -190,10 +190,9 @@ def attach(model, cfg: LoreftConfig):
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
         return hook
 
-    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     for i in cfg.layers:
-        handles.append(layers[i].register_forward_hook(layer_hook(model.loreft[str(i)])))
-    model._loreft_handles = handles
+        layers[i].register_forward_hook(layer_hook(model.loreft[str(i)]))
     model.disable_adapter = lambda: disabled(model)  # PeftModel's name: evaluate's base-model comparison works as is
     return model
 

@@ -1,9 +1,5 @@
 """The opening and closing every stage's `main()` shares: arguments, logging, params, the offline switch, and the
 one error path (a `QrbError` or `ValueError` becomes one line on stderr and an exit code; see `qrb.errors`).
-
-    def main(argv=None):
-        run_stage(__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, body, argv)
-
 `--help` prints the stage's docstring and exits 0; an unknown argument exits 2 (argparse). When the environment names
 a status file (`QRB_STATUS_FILE`, set by the Prefect flow), the outcome is also written there as JSON
 `{stage, exit_code, kind, message}`, so an orchestrator decides retries by the kind, not by matching message text.
