@@ -38,14 +38,11 @@ def port_open(host: str, port: int) -> bool:
 
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports on 127.0.0.1 that nothing listens on now (tests and benchmarks beside `qrb demo`)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
         for s in socks:  # all bound at once, so the kernel cannot hand out the same port twice
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def port_overrides(params: dict, mirror_port: int, endpoint_port: int) -> dict:
