@@ -51,11 +51,6 @@ def line(text: str) -> None:
         logging.getLogger(__name__).info(text, extra={CONSOLE: "whole"})  # not clipped: it names paths
 
 
-def clean(line: str) -> str:
-    """A line of a child's output without terminal control sequences."""
-    return ESCAPES.sub("", line).strip()
-
-
 def clip(text: str, width: int = WIDTH) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 

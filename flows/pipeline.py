@@ -131,7 +131,7 @@ def stream(cmd: list[str], workspace: str | Path, timeout_s: float, logger: Any,
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = console.clean(raw)
+            line = console.ESCAPES.sub("", raw).strip()  # no terminal control sequences
             if output is not None:
                 output.feed(line)
             m = PROGRESS_BAR.match(line)
@@ -220,14 +220,6 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, StageFailed) and exc.retryable
 
 
-def stage_task(stage: str, retries: dict[str, int] | None = None, delay_s: float = RETRY_DELAY_S):
-    retries_n = (NETWORK_STAGES if retries is None else retries).get(stage, 0)
-    if not retries_n:
-        return repro_stage
-    return repro_stage.with_options(retries=retries_n, retry_delay_seconds=delay_s, retry_jitter_factor=RETRY_JITTER,
-                                  retry_condition_fn=retry_transient)
-
-
 @task(name="set-params", task_run_name="set-params")
 def set_params(workspace: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Check the overrides (nothing written when one is bad), then write them into params.yaml."""
@@ -258,9 +250,11 @@ def pipeline(workspace: str = ".", params: dict[str, Any] | None = None, until: 
             first[0].result()  # a bad override: the run fails here, nothing written
         for stage in order:
             wait = [states[up] for up in edges.get(stage, []) if up in states] or first
-            states[stage] = stage_task(stage, retries, retry_delay_s)(
-                stage, str(ws), timeout_s=stage_timeout_s, force=stage in (force or []), wait_for=wait,
-                return_state=True)
+            retried = repro_stage.with_options(
+                retries=(NETWORK_STAGES if retries is None else retries).get(stage, 0),
+                retry_delay_seconds=retry_delay_s, retry_jitter_factor=RETRY_JITTER, retry_condition_fn=retry_transient)
+            states[stage] = retried(stage, str(ws), timeout_s=stage_timeout_s, force=stage in (force or []),
+                                    wait_for=wait, return_state=True)
             results.append(states[stage].result())
     except Exception as e:
         error = e.headline if isinstance(e, StageFailed) else str(e)
