@@ -27,12 +27,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
-from flows.workspace import dvc
+from flows.workspace import REPO_ROOT, dvc
 from qrb.errors import ConfigError
 from qrb.params import deep_merge, nested, parse_set
 from standins.services import port_overrides
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"
 EXPERIMENT_TIMEOUT_S = 12 * 3600
 TECHNIQUE_KEY = "train.method"
