@@ -106,36 +106,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad()
         return build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
+    if tp in (bool, int, str):  # as written: true is no integer here, and 1 no string
+        if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
             return value
         raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if tp is _dt.date:
-        if isinstance(value, _dt.date):
-            return value
-        if isinstance(value, str):
-            try:
-                return _dt.date.fromisoformat(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
+    if tp in (float, _dt.date):
+        if isinstance(value, (int, float) if tp is float else _dt.date) and not isinstance(value, bool):
+            return float(value) if tp is float else value
+        if not isinstance(value, str):
+            raise bad()
+        try:  # YAML 1.1 reads "1e-4" as a string, and a date may be quoted
+            return float(value) if tp is float else _dt.date.fromisoformat(value)
+        except ValueError:
+            raise bad() from None
     raise TypeError(f"unsupported params type {tp!r} for `{key}`")
 
 
