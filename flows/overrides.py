@@ -7,12 +7,11 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
-import io
 import re
 from pathlib import Path
 from typing import Any
 
-from flows.workspace import dvc_stages, round_trip
+from flows.workspace import dvc_stages, edit_params
 from qrb.errors import ConfigError
 from qrb.params import Base, build, read_yaml
 
@@ -85,19 +84,19 @@ def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, An
 
 def apply(params_file: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Write checked (`check`) dotted-key overrides into params.yaml; returns {key: (old, new)} of the changes."""
-    rt = round_trip()
-    data = rt.load(params_file.read_text())
     changes = {}
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if node[leaf] != value:
-            changes[key] = (node[leaf], value)
-            node[leaf] = value
+
+    def set_keys(data: Any) -> None:
+        for key, value in overrides.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            if node[leaf] != value:
+                changes[key] = (node[leaf], value)
+                node[leaf] = value
+
+    text = edit_params(params_file.read_text(), set_keys)
     if changes:
-        buf = io.StringIO()
-        rt.dump(data, buf)
-        params_file.write_text(buf.getvalue())
+        params_file.write_text(text)
     return changes

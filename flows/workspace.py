@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,9 @@ def _set_leaves(node: Any, values: dict[str, Any]) -> None:
 YAML_WIDTH = 4096  # ruamel re-wraps long strings past its width: never, so a diff shows only what changed
 
 
-def round_trip() -> Any:
-    """ruamel's round-trip YAML writing params.yaml back as written: indents, quotes, long lines, `null` spelled out."""
+def edit_params(text: str, edit: Callable[[Any], None]) -> str:
+    """params.yaml `text` after `edit` on its ruamel round-trip data, written back as it was written: comments,
+    indents, quotes, long lines, `null` spelled out."""
     from ruamel.yaml import YAML
     from ruamel.yaml.representer import RoundTripRepresenter
 
@@ -185,20 +187,20 @@ def round_trip() -> Any:
     rt.width = YAML_WIDTH
     rt.preserve_quotes = True
     rt.indent(mapping=2, sequence=4, offset=2)
-    return rt
+    data = rt.load(text)
+    edit(data)
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    return buf.getvalue()
 
 
 def write_params(ws: Path, params: dict[str, Any], repo: Path = REPO_ROOT, profile: str | Path | None = None) -> None:
     """The repo's params.yaml (comments, layout) holding the values of `params`, so edits there diff line by line."""
-    rt = round_trip()
-    data = rt.load((repo / "params.yaml").read_text())
-    _set_leaves(data, params)
-    buf = io.StringIO()
-    rt.dump(data, buf)
+    text = edit_params((repo / "params.yaml").read_text(), lambda data: _set_leaves(data, params))
     where = f"+ profile {profile} " if profile else ""
     head = (f"# Written by flows.workspace from the repo's params.yaml {where}(the comments are the repo's: they\n"
             "# describe the flagship recipe); edit it for experiments here (a refresh then stops unless --force).\n")
-    atomic_write_text(ws / "params.yaml", head + buf.getvalue())
+    atomic_write_text(ws / "params.yaml", head + text)
 
 
 def written_files(root: Path) -> dict[str, str]:
