@@ -59,17 +59,9 @@ metrics and Data Docs are written either way. A failing seen row never closes th
 not trained on.
 """
 
-# The parts, each readable and testable on its own (this module stays light: no great-expectations, datasets or
-# torch import, so `--help` and tests/test_params.py import it cheaply):
-#   features  pure text checks and the pattern lists (normalisation, stems, English, is-a-question,
-#             names-its-paper), and the computed columns the suites check (per row: grounding, MiniLM similarity;
-#             per seen row; per dataset row)
-#   suite     the expectation lists built from params, and the great-expectations runner
-#   judge     the LLM judge: its prompt blocks, its tolerant reply parser, and its requests through `qrb.llm` (cache
-#             first, the cost cap, bounded retries, one-line errors)
-#   core      `validate()`: pairs + papers -> clean rows, quarantine, gate, metrics (writes only Data Docs); the
-#             stderr summary and the Data Docs entry page
-#   run       the files: read the inputs, write the outputs (the OpenAI-format copy among them), `main()`
+# The parts (this module stays light: no great-expectations, datasets or torch import, so `--help` and the params
+# test import it cheaply): features (the text checks and computed columns), suite (the expectations and the GX
+# runner), judge (the LLM judge), core (`validate()`, the summary, the Data Docs page), run (the files).
 
 from __future__ import annotations
 

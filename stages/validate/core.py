@@ -1,10 +1,6 @@
-"""The pure core of the validate stage: `validate()` checks the pairs (and the seen questions) against their papers,
-splits them into clean rows and quarantine, judges the dataset (the gate) and computes the metrics; then what it tells
-a person: the short summary printed to stderr and the Data Docs entry page (index.html: what failed at a glance,
-then links to GX's own pages). It writes nothing but Data Docs (when given a folder); the files are
-`stages.validate.run`'s business, and so are the LLM judge's requests: `validate()` takes the judge as a function
-(row items -> verdicts) and asks it only about the rows that passed the row checks (the cheap checks first: every
-verdict is a paid request)."""
+"""The pure core of the validate stage: `validate()` (pairs, seen questions and papers -> clean rows, quarantine,
+gate, metrics; it writes only Data Docs, and asks the judge, a function, only about rows that passed the row checks:
+every verdict is a paid request), the stderr summary and the Data Docs entry page."""
 
 from __future__ import annotations
 
@@ -57,26 +53,27 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
     rows = [(s, i, r) for s, part in (("train", train), ("eval", eval_), (SEEN, seen)) for i, r in enumerate(part, 1)]
     feats = row_features(rows, paper_map, p)
     runner = GxRunner(p, docs_dir)
-    row_cols = {k: [f[k] for f in feats] for k in (feats[0] if feats else _empty_row_columns(p))}
-    row_results = runner.run(ROW_SUITE, row_cols)
     reasons: dict[str, list[str]] = {}
-    for cr in row_results:
-        for rid in cr.unexpected:
-            reasons.setdefault(rid, []).append(cr.reason)
+
+    def check(suite: str, columns: dict[str, list[Any]]) -> list[CheckResult]:
+        """Run one suite and note each failing row's reason."""
+        results = runner.run(suite, columns)
+        for cr in results:
+            for rid in cr.unexpected:
+                reasons.setdefault(rid, []).append(cr.reason)
+        return results
+
+    row_cols = ({k: [f[k] for f in feats] for k in feats[0]} if feats else  # no rows: the columns the checks read
+                {k: [] for k in ("row_id", *(c.kwargs["column"] for c in runner.checks[ROW_SUITE]))})
+    row_results = check(ROW_SUITE, row_cols)
     verdicts: dict[str, Verdict] = {}
     judge_results: list[CheckResult] = []
     if judge is not None and p.judge.endpoint is not None:
         verdicts = judge([make_item(f["row_id"], row, paper_map[f["doi"]]) for (_, _, row), f in zip(rows, feats)
                           if f["row_id"] not in reasons and f["doi"] in paper_map])
-        judge_results = runner.run(JUDGE_SUITE, judge_columns(verdicts))
-        for cr in judge_results:
-            for rid in cr.unexpected:
-                reasons.setdefault(rid, []).append(cr.reason)
+        judge_results = check(JUDGE_SUITE, judge_columns(verdicts))
     # the seen rows are judged against the training rows that survived the row (and judge) checks
-    seen_results = runner.run(SEEN_SUITE, seen_columns(feats, [f["row_id"] in reasons for f in feats]))
-    for cr in seen_results:
-        for rid in cr.unexpected:
-            reasons.setdefault(rid, []).append(cr.reason)
+    seen_results = check(SEEN_SUITE, seen_columns(feats, [f["row_id"] in reasons for f in feats]))
     failed = [f["row_id"] in reasons for f in feats]
     pairs = [i for i, f in enumerate(feats) if f["split"] in SPLITS]
     dataset_results = runner.run(DATASET_SUITE, dataset_columns([feats[i] for i in pairs], [failed[i] for i in pairs]))
@@ -114,16 +111,6 @@ def judge_columns(verdicts: dict[str, Verdict]) -> dict[str, list[Any]]:
     return {"row_id": list(verdicts), "judge_ok": [v.ok for v in verdicts.values()],
             "judge_answerable": [v.answerable for v in verdicts.values()],
             "judge_correct": [v.correct for v in verdicts.values()]}
-
-
-def _empty_row_columns(p: ValidateParams) -> dict[str, Any]:
-    cols = dict.fromkeys(("row_id", "split", "question", "answer", "doi", "fact_id", "qa_text",
-                          "has_required_fields", "types_ok", "is_question", "first_exact", "first_normalised",
-                          "is_english", "provenance_ok", "paper_known", "doi_ok", "title_matches", "grounding",
-                          "names_its_subject", "answer_differs"))
-    if p.min_similarity > 0:
-        cols["similarity"] = None
-    return cols
 
 
 def _metrics(rows_in, clean, quarantine, row_results, dataset_results, gate, feats) -> dict[str, Any]:

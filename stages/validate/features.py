@@ -1,9 +1,6 @@
-"""What the validate suites check, row by row: the pure text checks and pattern lists (the patterns GX matches on
-"question <newline> answer", normalisation and stems, the English and is-a-question heuristics, whether a question
-names its paper, the text of a paper an answer may draw on), and the computed columns built from them: one dict per
-row (`row_features`, with token grounding and, when `min_similarity` > 0, MiniLM similarity), the seen rows' view
-against the clean training rows (`seen_columns`) and the per-row view the dataset suite aggregates
-(`dataset_columns`). Pure but for the MiniLM model, loaded only when an answer needs it."""
+"""What the validate suites check, row by row: the pattern lists GX matches on "question <newline> answer", the pure
+text checks, and the computed columns (`row_features` per row, with MiniLM similarity when `min_similarity` > 0;
+`seen_columns`; `dataset_columns`). Pure but for the MiniLM model, loaded only when an answer needs it."""
 
 from __future__ import annotations
 

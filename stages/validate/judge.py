@@ -1,23 +1,14 @@
-"""The optional LLM judge of the validate stage (`validate.judge`): through any OpenAI-compatible endpoint, each pair
-that passed the row checks is rated 1-5 for being answerable from its paper and for its answer being correct; a
-pair below `threshold` on either is quarantined with the judge's own reason (the judge suite, `suite.judge_checks`).
+"""The optional LLM judge (`validate.judge`): each pair that passed the row checks is rated 1-5 for being answerable
+from its paper and for its answer being correct by it, through any OpenAI-compatible endpoint (`qrb.llm`).
 
-As distilabel, instructlab and augmentoolkit do, the judge writes its reason before its scores (the verdict follows
-from the reasoning, not the other way round) and the reply is read tolerantly: JSON (bare, fenced or inside prose),
-else `answerable: N` / `correct: N` lines. No `response_format` is sent: not every server takes one. A reply that
-holds no readable verdict is asked again (up to `max_retries`), then the pair is quarantined as `judge_failed`.
-
-Cached and resumable like generate: every verdict is committed to cache/validate/judge.sqlite (a persistent DVC out)
-as it arrives, keyed by endpoint, model, prompt and the texts judged (not the threshold: re-thresholding costs
-nothing), so a rerun sends no request and a `kill -9` loses nothing that was answered. Cost = usage x prices:
-the stage refuses to start when the estimate of the requests to send (prompt characters / 4 + max_tokens each)
-exceeds `max_cost_usd`, and never sends a request whose bound could take this run's spend past it. The key is read
-from the environment only and never written; a bad key, an unknown model or an endpoint still failing after the
-SDK's bounded retries stops the stage with one line (verdicts so far stay cached). Requests, errors, cache and token
-estimate: `qrb.llm` (imports no openai until a request is made).
-
-Here: what the judge reads (the paper and pair blocks of its prompt), the tolerant reply parser, and `Judge` (the
-requests: cache first, the cost cap, bounded retries, one-line errors).
+The judge writes its reason before its scores (the verdict follows from the reasoning, as distilabel and instructlab
+ask), and the reply is read tolerantly (JSON bare, fenced or in prose, else `answerable: N` lines): no
+`response_format` is sent, as not every server takes one. A reply without a readable verdict is asked again (up to
+`max_retries`), then the pair fails as `judge_failed`. Verdicts are cached as they arrive, keyed by endpoint, model,
+prompt and texts (not the threshold: re-thresholding costs nothing). The stage refuses to start when the estimated
+cost (prompt characters / 4 + max_tokens a request) is above `max_cost_usd`, and never sends a request that could
+take this run's spend past it. A bad key, an unknown model or an endpoint that keeps failing stops the stage with
+one line; the verdicts so far stay cached (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -90,7 +81,6 @@ def pair_block(question: str, answer: str) -> str:
 @dataclass(frozen=True)
 class Item:
     row_id: str
-    doi: str
     question: str
     answer: str
     paper: str  # the rendered paper block
@@ -101,7 +91,6 @@ class Verdict:
     answerable: int | None  # 1-5; None when the judge gave no readable verdict
     correct: int | None
     reason: str             # the judge's reason, or why there is no verdict
-    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -109,8 +98,7 @@ class Verdict:
 
 
 def make_item(row_id: str, row: Mapping[str, Any], paper: Mapping[str, Any]) -> Item:
-    return Item(row_id, str(row.get("doi") or ""), str(row.get("question") or ""), str(row.get("answer") or ""),
-                paper_block(paper, row))
+    return Item(row_id, str(row.get("question") or ""), str(row.get("answer") or ""), paper_block(paper, row))
 
 
 def messages(template: str, item: Item) -> list[dict[str, str]]:
@@ -165,7 +153,7 @@ class Judge:
         self.prompt_id = hashlib.sha256((SYSTEM + "\x00" + template).encode()).hexdigest()[:16]
         self.lock = threading.Lock()
         self.requests = self.reasks = self.prompt_tokens = self.completion_tokens = 0
-        self.cached = self.judged = 0
+        self.cached = 0
         self.cost_total = 0.0
         self.reserved = 0.0
         self.stopped: list[QrbError] = []
@@ -193,7 +181,7 @@ class Judge:
         for it in items:
             hit = have.get(keys[it.row_id])
             if hit is not None:
-                out[it.row_id] = Verdict(hit[0], hit[1], hit[2], cached=True)
+                out[it.row_id] = Verdict(*hit[:3])
                 self.cached += 1
                 self.cost_total += self.cost(hit[3], hit[4])
             else:
@@ -213,7 +201,6 @@ class Judge:
             for it in items:
                 if it.row_id not in out:
                     out[it.row_id] = got[keys[it.row_id]]
-        self.judged += len(items)
         return out
 
     def _send(self, todo: list[tuple[str, Item]], secret: str) -> dict[str, Verdict]:

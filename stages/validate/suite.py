@@ -1,7 +1,5 @@
-"""The validate stage's expectations: the row, judge, seen and dataset check lists (built from params) and
-`GxRunner`, which runs them through great-expectations 1.x (ephemeral context, analytics off; one suite per level:
-rows, the LLM judge's verdicts (when configured), seen rows, dataset; each through a validation definition and a
-checkpoint whose action builds Data Docs). GX is imported only when a runner is built."""
+"""The validate stage's expectations (row, judge, seen and dataset check lists, built from params) and `GxRunner`,
+which runs each list as a great-expectations suite. GX is imported only when a runner is built."""
 
 from __future__ import annotations
 
