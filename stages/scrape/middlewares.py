@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
+from scrapy.exceptions import IgnoreRequest
 from scrapy.extensions.httpcache import RFC2616Policy, parse_cachecontrol
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,8 @@ class OffsiteRedirectMiddleware:
         return cls(crawler)
 
     def process_response(self, request: Any, response: Any) -> Any:
-        from urllib.parse import urljoin, urlsplit
-
-        from scrapy.exceptions import IgnoreRequest
-
-        if response.status not in (301, 302, 303, 307, 308) or b"Location" not in response.headers:
-            return response
-        if request.meta.get("dont_redirect"):
+        if (response.status not in (301, 302, 303, 307, 308) or b"Location" not in response.headers
+                or request.meta.get("dont_redirect")):
             return response
         target = urljoin(request.url, response.headers[b"Location"].decode("latin-1"))
         host = (urlsplit(target).hostname or "").lower()
@@ -95,8 +92,6 @@ class PageCapMiddleware:
         return cls(crawler, crawler.settings.getint("QRB_MAX_PAGES", 0))
 
     def process_request(self, request: Any) -> None:
-        from scrapy.exceptions import IgnoreRequest
-
         if self.cap and self.sent >= self.cap:
             self.crawler.stats.inc_value("qrb/page_cap_refused")
             raise IgnoreRequest(f"Page cap reached ({self.cap} requests)")
@@ -130,10 +125,7 @@ class CrawlDelayMiddleware:
         return cls(crawler)
 
     def on_robots_parsed(self, robotparser: Any, request: Any) -> None:
-        try:
-            delay = robotparser.crawl_delay(self.user_agent)
-        except (AttributeError, NotImplementedError, ValueError):  # a parser without Crawl-delay support
-            delay = None
+        delay = robotparser.crawl_delay(self.user_agent)
         if not delay or delay <= 0:
             return
         downloader = self.crawler.engine.downloader

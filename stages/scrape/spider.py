@@ -63,7 +63,7 @@ def failure_reason(failure: Failure) -> tuple[str, str]:
             return ("offsite_redirect" if redirected else "offsite"), f"{msg} ({request.url if request else ''})"
         return "ignored", msg
     name = type(exc).__name__  # scrapy >= 2.14 wraps Twisted's errors in its own Download*Error classes
-    if isinstance(exc, (TxTimeoutError, TCPTimedOutError)) or "Timeout" in name or name == "TimeoutError":
+    if isinstance(exc, (TxTimeoutError, TCPTimedOutError)) or "Timeout" in name:
         return "timeout", f"{name}: {exc}"
     if isinstance(exc, DNSLookupError) or name == "CannotResolveHostError":
         return "dns_error", f"{name}: {exc}"
@@ -158,15 +158,8 @@ class QuantumSpider(Spider):
         return spider
 
     def on_robots_parsed(self, robotparser: Any, request: Request) -> None:
-        """Follow the Sitemap: lines of a robots.txt that RobotsTxtMiddleware parsed."""
-        sitemaps = getattr(getattr(robotparser, "rp", None), "sitemaps", None)
-        if sitemaps is None:  # another ROBOTSTXT_PARSER: fetch robots.txt ourselves
-            parts = urlsplit(request.url)
-            reqs = [Request(f"{parts.scheme}://{parts.netloc}/robots.txt", callback=self.parse_robots,
-                            errback=self.quiet_failure, meta={"qrb_kind": "robots"}, priority=-1)]
-        else:
-            reqs = list(self._sitemap_requests(request.url, list(sitemaps)))
-        for req in reqs:
+        """Follow the Sitemap: lines of a robots.txt that RobotsTxtMiddleware parsed (scrapy's Protego parser)."""
+        for req in self._sitemap_requests(request.url, list(robotparser.rp.sitemaps)):
             self.crawler.engine.crawl(req)
 
     def _sitemap_requests(self, base_url: str, urls: list[str]) -> Iterable[Request]:
