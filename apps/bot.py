@@ -298,7 +298,6 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
 
     from qrb.model import adapter_kind, load_causal_lm, load_tokenizer, load_with_adapter, read_gate
 
-    min_prob = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = Path(model_path) if model_path else DEFAULT_ADAPTER
@@ -312,11 +311,9 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
     elif adapter_kind(path):  # a PEFT or LoReFT adapter on base.model
         model, tokenizer = load_with_adapter(base.model, path, dtype=dtype)
         source = f"{path} on {base.model}"
-        min_prob = read_gate(path)
     elif (path / "config.json").exists():  # the merged export, or any transformers model folder
         model, tokenizer = load_causal_lm(str(path), dtype=dtype), load_tokenizer(str(path))
         source = str(path)
-        min_prob = read_gate(path)  # the export copies the adapter's gate
     elif any(path.glob("*.gguf")):
         raise ConfigError(f"{path} holds a GGUF: run it with Ollama or llama.cpp (docs/serving.md); qrb serves the "
                           "merged export (artifacts/export/merged) or an adapter")
@@ -325,6 +322,7 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
                           "workspace root, or pass --model (or --base for the base model alone)")
     else:
         raise ConfigError(f"{path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+    min_prob = None if base_only else read_gate(path)  # an adapter's confidence gate; the export copies it
     model = model.to(device)
     model.eval()
     return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=source,
