@@ -64,7 +64,3 @@ def run(base: dict[str, Any], p: ModelCardParams, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     run_stage(stages.model_card.__doc__, SECTION, PARAMS_CLASS, BASE_KEYS, run, argv)
-
-
-if __name__ == "__main__":
-    main()

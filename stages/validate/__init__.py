@@ -72,25 +72,10 @@ from pathlib import Path
 SECTION = "validate"
 BASE_KEYS = ("system_prompt",)  # the OpenAI-format files carry it
 
-PAPERS_IN = Path("artifacts/scrape/papers.jsonl")
-TRAIN_IN = Path("artifacts/generate/train.jsonl")
-EVAL_IN = Path("artifacts/generate/eval.jsonl")
-SEEN_IN = Path("artifacts/generate/seen.jsonl")
-INVENTED_IN = Path("artifacts/generate/invented.jsonl")
-OUT_DIR = Path("artifacts/validate")
-DATASET_OUT = OUT_DIR / "dataset"
-TRAIN_OUT = OUT_DIR / "train.jsonl"
-EVAL_OUT = OUT_DIR / "eval.jsonl"
-SEEN_OUT = OUT_DIR / "seen.jsonl"
-INVENTED_OUT = OUT_DIR / "invented.jsonl"  # questions about invented papers: passed through, questions checked
-QUARANTINE_OUT = OUT_DIR / "quarantine.jsonl"
-OPENAI_OUT = OUT_DIR / "openai"
+# the outputs the summary and the Data Docs page point to (the other paths: stages.validate.run)
+QUARANTINE_OUT = Path("artifacts/validate/quarantine.jsonl")
 DOCS_OUT = Path("reports/data_docs")
-METRICS_OUT = Path("metrics/validate.json")  # the headline numbers (dvc metrics)
 REPORT_OUT = Path("reports/validate.json")  # the whole record
-JUDGE_PROMPT = Path("prompts/judge.txt")
-JUDGE_CACHE = Path("cache/validate/judge.sqlite")
-
 
 @dataclasses.dataclass(frozen=True)
 class JudgeEndpoint:

