@@ -100,7 +100,7 @@ def crawl(p: ScrapeParams, seen: set[str]) -> CrawlResult:
     for name in ("scrapy", "twisted", "protego", "py.warnings"):
         logging.getLogger(name).setLevel(logging.INFO)
     crawler = process.create_crawler(QuantumSpider)
-    process.crawl(crawler, params=p, seen=seen, full_text_url=p.full_text_url)
+    process.crawl(crawler, params=p, seen=seen)
     process.start()
     spider = crawler.spider
     st = crawler.stats.get_stats() if crawler.stats else {}

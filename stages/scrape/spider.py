@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 # never worth a request while looking for paper pages (LinkExtractor's default deny_extensions covers files with a
 # suffix: .pdf, images, archives)
 DENY_LINKS = (r"/pdf/?$", r"/feed/?$", r"/wp-admin/", r"/wp-login\.php", r"/xmlrpc\.php")
-ARXIV_HTML_URL = "https://arxiv.org/html/{arxiv_id}"
 PAPER_PRIORITY = 1  # scrapy's default is 0: listing and other pages
 
 
@@ -112,14 +111,12 @@ def looks_like_paper(response: Response) -> bool:
 class QuantumSpider(Spider):
     name = "quantum-journal"
 
-    def __init__(self, params: ScrapeParams, seen: Iterable[str] = (), full_text_url: str = ARXIV_HTML_URL,
-                 **kwargs: Any) -> None:
+    def __init__(self, params: ScrapeParams, seen: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.params = params
         self.start_urls = list(params.start_urls)
         self.site_hosts = sorted({urlsplit(u).hostname for u in params.start_urls if urlsplit(u).hostname})
-        self.full_text_url = full_text_url
-        extra = [urlsplit(full_text_url.format(arxiv_id="x")).hostname] if params.full_text else []
+        extra = [urlsplit(params.full_text_url.format(arxiv_id="x")).hostname] if params.full_text else []
         self.allowed_domains = sorted(set(self.site_hosts) | {h for h in extra if h})
         self.seen = set(seen)  # DOIs already fetched by an earlier crawl (full records in the cache)
         self.stats_local: Counter[str] = Counter()
@@ -292,7 +289,7 @@ class QuantumSpider(Spider):
             return
         if self.params.full_text and item.arxiv:
             arxiv_id = item.arxiv.removeprefix("arXiv:")
-            yield Request(self.full_text_url.format(arxiv_id=arxiv_id), callback=self.parse_full_text,
+            yield Request(self.params.full_text_url.format(arxiv_id=arxiv_id), callback=self.parse_full_text,
                           errback=self.full_text_failed, cb_kwargs={"item": item}, meta={"qrb_kind": "full_text"})
             return
         yield item
