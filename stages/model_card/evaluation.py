@@ -1,8 +1,6 @@
-"""The card's evaluation section from reports/evaluate.json: one table per question set (the four local models and
-the rivals, the grades beside the style metrics), why the freshness subsets' n do not add up, and in words what the
-grades say: how often fine-tuned is correct against its base (and whether the paired gain is distinguishable from
-zero) where the papers were trained on, how often it declines where it cannot know (held-out and invented papers),
-and where it is above or below its base on the other metrics."""
+"""The card's evaluation section from reports/evaluate.json: one table per question set (the local models and the
+rivals, the grades beside the style metrics), why the freshness subsets' n need not add up, and what the grades say
+in words (see `stages.model_card`)."""
 
 from __future__ import annotations
 
