@@ -20,7 +20,7 @@ from qrb.retrieval import Passage, passage_text, passages_from_papers, rag_promp
 from qrb.schema import QAPair
 
 RAFT = "raft"  # the rows' prompt_id and kind
-READ_WORDINGS = 3  # a read paper's fact asked over its excerpt in this many wordings: reading is the skill taught
+READ_WORDINGS = 2  # a read paper's fact asked over its excerpt in this many wordings: reading is the skill taught
 
 
 def eligible(train: list[dict[str, Any]], held_out: set[str], abstracts: dict[str, Passage],
