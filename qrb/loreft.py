@@ -207,10 +207,6 @@ def save(model, directory: str | Path) -> None:
     (d / CONFIG_NAME).write_text(json.dumps({"method": "loreft", **asdict(model.loreft_config)}, indent=2) + "\n")
 
 
-def is_loreft_adapter(directory: str | Path) -> bool:
-    return (Path(directory) / CONFIG_NAME).exists()
-
-
 def load(model, directory: str | Path):
     """Attach the interventions saved in `directory` to a (resized) base model."""
     from safetensors.torch import load_file

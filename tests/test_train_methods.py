@@ -91,7 +91,7 @@ def test_loreft_layers_count_from_the_end_and_default_to_the_last_eight(tiny_mod
 
 @pytest.mark.slow
 def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small, tmp_path):
-    from qrb.model import load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
+    from qrb.model import adapter_kind, load_causal_lm, load_tokenizer, resize_for_tokenizer, token_weighted_ce
 
     p = cpu_recipe(method="loreft", epochs=2.0, learning_rate=2e-3)
     model, tokenizer, metrics, _ = train(base_of(tiny_model_dir), p, small, "cpu")
@@ -106,7 +106,7 @@ def test_loreft_trains_only_interventions_and_round_trips(tiny_model_dir, small,
     assert metrics["eval_ce"] == pytest.approx(tuned["cross_entropy"], rel=1e-5)
 
     save_adapter(model, tokenizer, p, tmp_path / "adapter")
-    assert loreft.is_loreft_adapter(tmp_path / "adapter")
+    assert adapter_kind(tmp_path / "adapter") == "loreft"
     fresh_tok = load_tokenizer(str(tmp_path / "adapter"))
     fresh = load_causal_lm(str(tiny_model_dir))
     resize_for_tokenizer(fresh, fresh_tok)
