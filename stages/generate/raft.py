@@ -27,8 +27,9 @@ def eligible(train: list[dict[str, Any]], held_out: set[str], abstracts: dict[st
              wordings: int = 1) -> list[dict[str, Any]]:
     """The training facts RAFT rows may ask: the first `wordings` variants of an abstract fact with a short answer,
     on a training paper."""
-    return [r for r in train if r.get("variant", 0) < wordings and r.get("kind", "fact") == "fact" and r.get("chunk") == 0
-            and (r.get("short_answer") or "").strip() and r["doi"] in abstracts and r["doi"] not in held_out]
+    return [r for r in train if r.get("variant", 0) < wordings and r.get("kind", "fact") == "fact"
+            and r.get("chunk") == 0 and (r.get("short_answer") or "").strip() and r["doi"] in abstracts
+            and r["doi"] not in held_out]
 
 
 def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list[dict[str, Any]], gold_share: float,

@@ -1,9 +1,9 @@
 """The confidence gate: the adapter declines what it is unsure of, at a threshold calibrated on questions it did not
 train on. Before training, one wording of each fact that has several is held back (a known fact in words it has not
-seen, as users ask) and so is every HOLD_ABSTAIN_EVERY-th abstention row (a paper that does not exist). After
+seen, as users ask) and so is every HOLD_ABSTAIN_EVERY-th abstention row (an invented or only-read paper). After
 training the model answers both; the threshold on its answer's least likely token (`qrb.model.token_confidence`) is
-the lowest within a row of the best score: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline. `qrb.model.gate`
-applies it wherever the adapter answers closed-book (evaluate, the apps)."""
+the lowest within SLACK of the best score: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline.
+`qrb.model.gate` applies it wherever the adapter answers closed-book (evaluate, the apps)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SLACK = 1  # keep the lowest threshold within this many rows of the best score: a row is noise on a few dozen, and
-# the held-back wordings are nearer the training ones than users' questions, so their confidence runs high
+SLACK = 1  # rows of score given up for a lower threshold: held-back wordings run more confident than users' questions
 HOLD_ABSTAIN_EVERY = 4  # a quarter of the abstention rows: enough unfamiliar questions to calibrate on, most still train
 MAX_NEW_TOKENS = 32  # a short answer and the abstention answer fit
 
