@@ -33,6 +33,17 @@ def test_hold_back_one_later_wording_per_fact_and_a_share_of_abstention_rows():
     assert any(hold_back(rows, seed=s)[1] != known for s in range(8))  # the seed picks the wording
 
 
+def test_hold_back_takes_an_unknown_paper_whole():
+    # a read paper's closed-book wordings share its DOI: holding one back while its siblings train would calibrate
+    # on a decline learnt by rote, not on an unfamiliar paper
+    rows = _rows()[:13] + [{"question": f"read{p}-{v}", "answer": ABSTAIN_ANSWER, "kind": "abstain", "doi": f"10/{p}",
+                            "fact_id": f"r{p}-{v}", "variant": v} for p in range(8) for v in range(3)]
+    _, _, unknown = hold_back(rows, seed=7)
+    held = {rows[i]["doi"] for i in unknown}
+    assert len(held) == 8 // HOLD_ABSTAIN_EVERY
+    assert sorted(unknown) == sorted(i for i, r in enumerate(rows) if r.get("doi") in held)  # every wording of each
+
+
 def test_threshold_keeps_the_lowest_value_within_a_row_of_the_best_score():
     known = [(0.95, "correct"), (0.7, "correct"), (0.5, "incorrect"), (0.2, "not_attempted")]
     unknown = [(0.6, False), (0.9, False), (0.3, True)]

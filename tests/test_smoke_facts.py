@@ -8,7 +8,7 @@ import json
 import re
 
 from qrb.schema import ABSTAIN_ANSWER
-from qrb.words import word_set
+from qrb.words import names_paper, word_set
 from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 
 SURFACE = ("Improved Pairwise Measurement-Based Surface Code",
@@ -73,6 +73,9 @@ def test_invented_papers_are_deterministic_and_never_a_real_title():
     avoid = {a[0]["title"].lower()}
     assert all(q["title"].lower() not in avoid for q in invented_questions("seed", 12, avoid))
     assert all(q["question"].endswith("?") for q in a)
+    # untitled, a question about an invented claim spliced from real sentences would ask a real paper's fact
+    assert all(names_paper(q["question"], q["title"]) for q in a + invented_questions("x", 30, real=[
+        "A title of four words", "Another title of five words"], abstracts=[SURFACE[1], GAUSS[1]]))
 
 
 def test_invented_claims_splice_real_sentences_when_abstracts_are_listed():
@@ -119,6 +122,7 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     assert any(r["kind"] == "reverse" for r in facts)
     assert len(abstain) == round(0.25 * len(facts))
     assert all(r["answer"] == ABSTAIN_ANSWER and r["doi"] == "" for r in abstain + invented)
+    assert all(names_paper(r["question"], r["title"]) for r in abstain + invented)
     assert invented and not {r["title"] for r in invented} & {r["title"] for r in abstain}
     real = {r["title"] for r in facts + evals}
     assert not {r["title"] for r in invented + abstain} & real
@@ -127,3 +131,19 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     assert all(re.search(r"\?$", r["question"]) for r in seen)
     listed = {pp["doi"] for papers in listed_to_invent for pp in papers}
     assert listed and not listed & {r["doi"] for r in evals}  # no held-out paper's words teach abstention
+
+
+def test_an_invented_question_that_does_not_name_its_paper_is_dropped():
+    from stages.generate.facts import invented_rows
+    from stages.generate.units import Unit
+
+    pairs = [{"question": 'In "Certified trapped-ion lattices", how many qubits were used?',
+              "answer": "Certified trapped-ion lattices", "short_answer": "Certified trapped-ion lattices"},
+             {"question": "How many qubits were used?",  # a real paper's fact as often as not: no paper named
+              "answer": "Scalable fermionic braids", "short_answer": "Scalable fermionic braids"}]
+    unit = Unit("", "", None, "invent", 0, [], "k", 0, 0, fact_id="invent-train-0")
+    reply = {"content": json.dumps({"pairs": pairs}), "model": "m", "response_id": "r"}
+    train, invented, dropped = invented_rows([unit], {"k": reply}, ["A real title"], 10, 0.8)
+    assert [r["title"] for r in train] == ["Certified trapped-ion lattices"] and not invented and dropped == 1
+    assert names_paper("In the paper on certified trapped-ion lattices, what?", "Certified trapped-ion lattices")
+    assert not names_paper("What does the certified code reach?", "Certified trapped-ion lattices")

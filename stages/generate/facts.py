@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from qrb.schema import ABSTAIN_ANSWER, QAPair
-from qrb.words import norm_words, word_set
+from qrb.words import names_paper, norm_words, word_set
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
@@ -194,8 +194,8 @@ def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_
                   max_jaccard: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """The invented papers' questions: the `invent-eval-*` requests' make the `invented` question set, the
     `invent-train-*` requests' (up to `n_train`) train the abstention answer, never about a paper the set asks
-    about; a question whose invented title is (nearly) a real paper's title, or that repeats an earlier one, is
-    dropped. Returns (train rows, invented set rows, dropped)."""
+    about; a question that does not name its invented paper (`qrb.words.names_paper`), whose invented title is
+    (nearly) a real paper's title, or that repeats an earlier one, is dropped. Returns (train rows, invented set rows, dropped)."""
     real = [word_set(t) for t in real_titles]
     rows: dict[str, list[dict[str, Any]]] = {"eval": [], "train": []}
     seen, dropped = set(), 0
@@ -205,7 +205,8 @@ def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_
         for pair in parse_pairs(value["content"]) if value else ():
             title = pair.get("short_answer") or pair["answer"]
             words, norm = word_set(title), " ".join(norm_words(pair["question"]))
-            if norm in seen or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real):
+            if norm in seen or not names_paper(pair["question"], title) \
+                    or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real):
                 dropped += 1
                 continue
             seen.add(norm)

@@ -1,7 +1,7 @@
 """The confidence gate: the adapter declines what it is unsure of, at a threshold calibrated on questions it did not
 train on. Before training, one wording of each fact that has several is held back (a known fact in words it has not
-seen, as users ask) and so is every HOLD_ABSTAIN_EVERY-th abstention row (an invented or only-read paper). After
-training the model answers both; the threshold on its answer's least likely token (`qrb.model.token_confidence`) is
+seen, as users ask) and so are the abstention rows of every HOLD_ABSTAIN_EVERY-th unknown paper (invented or only
+read). After training the model answers both; the threshold on its answer's least likely token (`qrb.model.token_confidence`) is
 the lowest within SLACK of the best score: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline.
 `qrb.model.gate` applies it wherever the adapter answers closed-book (evaluate, the apps)."""
 
@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 SLACK = 1  # rows of score given up for a lower threshold: held-back wordings run more confident than users' questions
-HOLD_ABSTAIN_EVERY = 4  # a quarter of the abstention rows: enough unfamiliar questions to calibrate on, most still train
+HOLD_ABSTAIN_EVERY = 4  # a quarter of the unknown papers: enough to calibrate on, most still train
 MAX_NEW_TOKENS = 32  # a short answer and the abstention answer fit
 
 
 def hold_back(rows: list[dict[str, Any]], seed: int) -> tuple[list[int], list[int], list[int]]:
     """(indices to train on, known facts held back, unknown papers held back): one wording (not the first) of each
-    fact with at least 3 wordings, chosen by a seeded hash; every HOLD_ABSTAIN_EVERY-th abstention row."""
+    fact with at least 3 wordings, chosen by a seeded hash; the abstention rows of every HOLD_ABSTAIN_EVERY-th paper
+    (invented or only read), in the order they first appear."""
     def rank(i: int) -> str:
         return hashlib.sha256(f"{seed}\x00{rows[i]['question']}".encode()).hexdigest()
 
@@ -29,7 +30,12 @@ def hold_back(rows: list[dict[str, Any]], seed: int) -> tuple[list[int], list[in
         if r.get("kind") == "fact" and r.get("variant"):
             wordings[r["fact_id"]].append(i)
     known = sorted(min(ix, key=rank) for ix in wordings.values() if len(ix) >= 2)
-    unknown = [i for i, r in enumerate(rows) if r.get("kind") == "abstain"][::HOLD_ABSTAIN_EVERY]
+    papers: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.get("kind") == "abstain":
+            papers.setdefault(r.get("doi") or r.get("title") or r["question"], []).append(i)
+    # whole papers: a held-back wording whose siblings train is declined by rote, not for being unfamiliar
+    unknown = sorted(i for ix in list(papers.values())[::HOLD_ABSTAIN_EVERY] for i in ix)
     held = set(known) | set(unknown)
     return [i for i in range(len(rows)) if i not in held], known, unknown
 
