@@ -4,7 +4,9 @@
     qrb ask --base "What is a surface code?"     # the base model alone (no adapter), same template and system prompt
     qrb ask --model artifacts/export/merged "…"   # the merged export instead of base + adapter
     qrb ask --rag "What is a surface code?"      # answer from the papers retrieved from artifacts/index, then a
-                                                 # "Sources:" line naming those it cites (title, DOI link)
+                                                 # "Sources:" line naming those it cites (title, DOI link); an
+                                                 # adapter with a gate answers from memory when sure, citing the
+                                                 # paper retrieved that states it
 
 Errors are one line `qrb ask: …` with the kind's exit code (78 configuration, 65 bad input, 2 usage).
 """
@@ -29,11 +31,13 @@ def parser() -> argparse.ArgumentParser:
 
 def ask(args: argparse.Namespace) -> None:
     bot = bot_from_args(args)
-    conv, shown = bot.ground([{"role": "user", "content": " ".join(args.question)}])
-    if shown is None:  # nothing relevant in the index: say so rather than invent
+    question = [{"role": "user", "content": " ".join(args.question)}]
+    conv, shown = bot.ground(question)
+    known = bot.recall(question, shown)
+    if known is None and shown is None:  # nothing relevant in the index: say so rather than invent
         print(ABSTAIN_ANSWER)
         return
-    reply, pieces = bot.stream(conv)
+    reply, pieces = (known, (t for t in [known.text])) if known else bot.stream(conv)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

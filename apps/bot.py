@@ -20,7 +20,8 @@ from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.params import Base, build, load_params, read_yaml
-from qrb.retrieval import ground, open_index
+from qrb.grade import is_abstention
+from qrb.retrieval import ground, open_index, recalled
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,15 @@ class Bot:
             else "stop"
 
     def generate(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> Reply:
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 gated: bool | None = None) -> Reply:
+        """The reply to `conversation`; `gated`: through the adapter's confidence gate (default: `self.gated`)."""
         import torch
 
         ids = self.prompt_ids(conversation)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
         device = next(self.model.parameters()).device
-        gated = self.gated
+        gated = self.gated if gated is None else gated and self.min_prob is not None
         with self.lock, torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids], device=device),
                                       attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
@@ -193,6 +196,18 @@ class Bot:
             reply.text = gate(reply.text, token_confidence(out.logits, out.sequences[:, len(ids):], stops)[0],
                               self.min_prob)
         self._finish(reply, new, kw["max_new_tokens"])
+        return reply
+
+    def recall(self, conversation: Sequence[dict[str, str]], shown: Sequence | None, **kw: Any) -> Reply | None:
+        """With rag, an adapter with a gate answers from memory first and reads only when unsure (FLARE's rule): its
+        closed-book reply where the gate keeps it, citing the passage of `shown` that states it
+        (`qrb.retrieval.recalled`); None otherwise (read the passages)."""
+        if self.retriever is None or self.min_prob is None:
+            return None
+        reply = self.generate(conversation, gated=True, **kw)
+        if is_abstention(reply.text):
+            return None
+        reply.text = recalled(reply.text, shown or [])
         return reply
 
     @property

@@ -40,10 +40,6 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
             continue
         history = [*history, {"role": "user", "content": line}]
         conv, shown = bot.ground(history)  # history keeps the plain question; only this turn carries passages
-        if shown is None:
-            write(f"bot> {ABSTAIN_ANSWER}\n")
-            history.append({"role": "assistant", "content": ABSTAIN_ANSWER})
-            continue
         try:
             conv = bot.fit_history(conv)
         except InputTooLong as e:
@@ -51,8 +47,13 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
             history = []
             continue
         history = history[len(history) - len(conv):]
+        known = bot.recall(history, shown)
+        if known is None and shown is None:
+            write(f"bot> {ABSTAIN_ANSWER}\n")
+            history.append({"role": "assistant", "content": ABSTAIN_ANSWER})
+            continue
         write("bot> ")
-        reply, pieces = bot.stream(conv)
+        reply, pieces = (known, (t for t in [known.text])) if known else bot.stream(conv)
         try:
             for piece in pieces:
                 write(piece)

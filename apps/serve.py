@@ -173,7 +173,10 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         try:
-            if shown is None:  # nothing relevant retrieved: say so rather than invent
+            known = await run_in_threadpool(bot.recall, conversation(req), shown, **kw)
+            if known is not None:  # an adapter with a gate, sure from memory
+                reply, pieces = known, (t for t in [known.text])
+            elif shown is None:  # nothing relevant retrieved: say so rather than invent
                 reply, pieces = Reply(text=ABSTAIN_ANSWER), iter([ABSTAIN_ANSWER])
             elif req.stream:
                 reply, pieces = bot.stream(conv, **kw)

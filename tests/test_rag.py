@@ -251,3 +251,42 @@ def test_web_page_links_the_cited_paper(rag_bot, monkeypatch):
         links = driver.find_elements(By.CSS_SELECTOR, ".sources a")
         assert links[0].get_attribute("href") == f"https://doi.org/{PAPER['doi']}"
         assert links[0].text == PAPER["title"]
+
+
+def test_a_remembered_answer_cites_the_passage_that_states_it():
+    from qrb.retrieval import Passage, cite, recalled, supports
+
+    a = Passage("10.1/a", "Pricing Asian options", "We price them under the Heston model with two distant qubits.")
+    b = Passage("10.1/b", "Surface codes", "Three auxiliary qubits per plaquette suffice.")
+    assert supports(a, "The Heston model.") and supports(a, "Two distant qubits.") and supports(b, "three qubits")
+    assert not supports(b, "The Heston model.") and not supports(a, "It is the.")  # stop words state nothing
+    assert recalled("Three auxiliary qubits.", [a, b]) == "Three auxiliary qubits [2]."
+    assert cite(recalled("The Heston model.", [b, a]), [b, a])[1][0]["doi"] == "10.1/a"
+    assert recalled("The Black-Scholes model.", [a, b]) == "The Black-Scholes model."  # stated by none: uncited
+
+
+def test_with_a_gate_the_bot_answers_from_memory_when_sure_and_reads_when_not(rag_bot, monkeypatch, capsys):
+    import argparse
+
+    from apps import ask
+    from apps.bot import Reply
+
+    sure = PAPER["title"].split()[-1] + "."
+    calls = []
+
+    def generate(conv, gated=None, **kw):
+        calls.append((conv[-1]["content"], gated))
+        return Reply(text=sure if len(calls) == 1 else "I don't know that paper, so I can't answer that.")
+
+    monkeypatch.setattr(rag_bot, "min_prob", 0.5)
+    monkeypatch.setattr(rag_bot, "generate", generate)
+    monkeypatch.setattr(ask, "bot_from_args", lambda args: rag_bot)
+    ask.ask(argparse.Namespace(question=QUESTION.split()))
+    assert calls == [(QUESTION, True)]  # closed-book, through the gate; nothing read
+    assert capsys.readouterr().out == f"{sure[:-1]} [1].\n{SOURCES}\n"
+    scripted(rag_bot, monkeypatch, CITING)  # unsure from memory: it reads the passages
+    monkeypatch.setattr(rag_bot, "recall", lambda conv, shown, **kw: None)
+    ask.ask(argparse.Namespace(question=QUESTION.split()))
+    assert capsys.readouterr().out == f"{CITING}\n{SOURCES}\n"
+    monkeypatch.setattr(rag_bot, "min_prob", None)
+    assert type(rag_bot).recall(rag_bot, [{"role": "user", "content": QUESTION}], []) is None  # no gate: reads

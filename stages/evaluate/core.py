@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
 from qrb.llm import Cache
 from qrb.model import generate_answers, token_nll_rows
-from qrb.retrieval import cite, ground
+from qrb.retrieval import cite, ground, recalled
 from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
@@ -64,9 +64,11 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
                   retrieval=None) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
     """The local rows of one set: base (adapter disabled), fine_tuned, and with `retrieval` (a Retriever and its
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
-    apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score.
-    Returns (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and
-    of those the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
+    apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score;
+    an adapter with a gate answers from memory first, as the apps do: its closed-book answer where the gate kept it,
+    citing the passage shown that states it (qrb.retrieval.recalled), reading the passages for the rest. Returns
+    (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and of those
+    the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
     questions = [r["question"] for r in rows]
     refs = [r["answer"] for r in rows]
     grounded = ground(*retrieval, questions) if retrieval else []
@@ -74,16 +76,19 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     answers: dict[str, list[str]] = {}
     extras: dict[str, list[dict[str, Any]]] = {}
 
-    def rag(name: str) -> None:
-        said = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
+    def rag(name: str, memory: Sequence[str] = ()) -> None:
+        known = {i: recalled(a, grounded[i][1]) for i, a in enumerate(memory) if not is_abstention(a)}
+        ask = [i for i in shown if i not in known]
+        said = dict(zip(ask, local.answer([grounded[i][0] for i in ask], f"{set_name}/{name}")[0], strict=True))
+        said.update(known)
         cited = [cite(said.get(i, ABSTAIN_ANSWER), passages) for i, (_, passages) in enumerate(grounded)]
         answers[name] = [text for text, _ in cited]
         extras[name] = [{"shown": [x.doi for x in passages], "cited": [c["doi"] for c in cites]}
                         for (_, passages), (_, cites) in zip(grounded, cited)]
 
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
-    if grounded:
-        rag("fine_tuned_rag")
+    if grounded:  # a gated adapter answers from memory first, reading only what it declined (the apps' rule)
+        rag("fine_tuned_rag", answers["fine_tuned"] if local.min_prob is not None else ())
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, f"{set_name}/base", refs)
         if grounded:
