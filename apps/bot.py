@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
-from qrb.params import Base, build, load_params, read_yaml
 from qrb.grade import is_abstention
+from qrb.params import Base, build, load_params, read_yaml
 from qrb.retrieval import ground, open_index, recalled
 
 log = logging.getLogger(__name__)

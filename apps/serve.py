@@ -15,7 +15,7 @@ The model is loaded as `qrb ask` loads it; a client's own system message replace
 unless `--host`/`serve.host` says otherwise; with QRB_SERVE_API_KEY set, /v1/ requests need `Authorization: Bearer
 <key>`. Requests over the `serve:` limits get 400 or 413 in OpenAI's error format; one request generates at a time.
 With `--rag` a reply names the papers it cites as a "Sources:" paragraph and `citations: [{doi, title, url}]`, and
-abstains when nothing relevant is retrieved (docs/using.md).
+abstains when nothing relevant is retrieved; an adapter with a gate answers from memory when sure (docs/using.md).
 """
 from __future__ import annotations
 
