@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,6 +304,24 @@ def test_dry_run_and_budget_refusal(tmp_path, monkeypatch, capsys):
             run_main(ws, monkeypatch)
         assert e.value.code == EXIT_CONFIG and "exceeds generate.max_cost_usd" in capsys.readouterr().err
         assert ep.request_count == 0 and not (ws / "artifacts/generate").exists()
+
+
+def test_the_flagship_recipe_fits_its_own_budget(tmp_path, monkeypatch, capsys):
+    """params.yaml as shipped, on a stand-in of the window's ~340 papers (data/corpus's abstracts, renamed): the dry
+    run's estimate is under generate.max_cost_usd, or the flagship refuses to start. No request is sent."""
+    from helpers import REPO
+
+    corpus = [json.loads(x) for x in (REPO / "data/corpus/quantum-papers.jsonl").read_text().splitlines() if x.strip()]
+    papers = [{**corpus[i % len(corpus)], "doi": f"10.22331/q-2025-01-01-{1000 + i}",
+               "title": f"{corpus[i % len(corpus)]['title']} ({i})"} for i in range(340)]
+    (tmp_path / "artifacts/scrape").mkdir(parents=True)
+    (tmp_path / "artifacts/scrape/papers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in papers))
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "prompts", tmp_path / "prompts")
+    run_main(tmp_path, monkeypatch, "--dry-run")
+    estimate = float(re.search(r"completion tokens = \$([0-9.]+) \(worst", capsys.readouterr().out)[1])
+    budget = yaml.safe_load((REPO / "params.yaml").read_text())["generate"]["max_cost_usd"]
+    assert 50 < estimate <= budget  # 50: the estimate counts the augment and invent rounds, not only QA
 
 
 def test_zero_prices_and_zero_budget_are_allowed(tmp_path, monkeypatch):
