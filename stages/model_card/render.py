@@ -284,6 +284,10 @@ def training_data_rows(inp: CardInputs) -> list[str]:
         reworded = sum(1 for r in train if r.get("variant"))
         rows.append(f"| knowledge augmentation | {len(train)} training pairs for {n_facts} facts ({reworded} "
                     f"reworded variant{'s' * (reworded != 1)}: the same fact in other words) |")
+    tr = inp.metrics.get("train") or {}
+    if isinstance(tr.get("gate_known"), int):  # train held these out of the pairs above to calibrate its gate
+        rows.append(f"| held back for the confidence gate (not trained on) | {tr['gate_known']} wordings of known "
+                    f"facts + {tr['gate_unknown']} questions about unknown papers; min_prob {tr.get('gate_min_prob')} |")
     seen = val.get("seen")
     if isinstance(seen, dict):
         rows.append(f"| seen questions (scored, never trained on) | {seen.get('rows_out')} kept of "
