@@ -19,7 +19,6 @@ import sys
 
 from apps.bot import add_model_args, app_parser, bot_from_args, run_app
 from qrb.retrieval import cite, sources_line
-from qrb.schema import ABSTAIN_ANSWER
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,15 +32,11 @@ def ask(args: argparse.Namespace) -> None:
     bot = bot_from_args(args)
     question = [{"role": "user", "content": " ".join(args.question)}]
     conv, shown = bot.ground(question)
-    known = bot.recall(question, shown)
-    if known is None and shown is None:  # nothing relevant in the index: say so rather than invent
-        print(ABSTAIN_ANSWER)
-        return
-    reply, pieces = (known, (t for t in [known.text])) if known else bot.stream(conv)
+    reply, pieces = bot.respond(question, conv, shown)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
-    cites = cite(reply.text, shown)[1]
+    cites = cite(reply.text, shown or [])[1]
     sys.stdout.write("\n" + (sources_line(cites) + "\n" if cites else ""))
 
 

@@ -21,7 +21,9 @@ from typing import Any
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.grade import is_abstention
 from qrb.params import Base, build, load_params, read_yaml
-from qrb.retrieval import ground, open_index, recalled
+from qrb.retrieval import ground, open_index
+from qrb.sources import recalled, vouched
+from qrb.schema import ABSTAIN_ANSWER
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,24 @@ class Bot:
             return None
         reply.text = recalled(reply.text, shown or [])
         return reply
+
+    def respond(self, plain: Sequence[dict[str, str]], grounded: Sequence[dict[str, str]], shown: Sequence | None,
+                *, stream: bool = True, **kw: Any) -> tuple[Reply, Iterator[str]]:
+        """What the apps answer, and its text in pieces. Without rag: the reply to `grounded` (`plain` as it is),
+        streamed. With rag: from memory when a gated adapter is sure (`recall`); the abstention when nothing
+        relevant was retrieved (`shown` None); else the reply over the passages, kept only when an excerpt it cites
+        states it (`qrb.retrieval.vouched`: it is checked whole, so it comes as one piece)."""
+        if self.retriever is None:
+            if stream:
+                return self.stream(grounded, **kw)
+            reply = self.generate(grounded, **kw)
+        elif (reply := self.recall(plain, shown, **kw)) is None:
+            if shown is None:
+                reply = Reply(text=ABSTAIN_ANSWER)
+            else:
+                reply = self.generate(grounded, **kw)
+                reply.text = vouched(reply.text, shown)
+        return reply, (t for t in [reply.text])
 
     @property
     def gated(self) -> bool:

@@ -17,7 +17,6 @@ import sys
 
 from apps.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, run_app
 from qrb.retrieval import cite, sources_line
-from qrb.schema import ABSTAIN_ANSWER
 
 
 def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, str]]:
@@ -47,13 +46,8 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
             history = []
             continue
         history = history[len(history) - len(conv):]
-        known = bot.recall(history, shown)
-        if known is None and shown is None:
-            write(f"bot> {ABSTAIN_ANSWER}\n")
-            history.append({"role": "assistant", "content": ABSTAIN_ANSWER})
-            continue
         write("bot> ")
-        reply, pieces = (known, (t for t in [known.text])) if known else bot.stream(conv)
+        reply, pieces = bot.respond(history, conv, shown)
         try:
             for piece in pieces:
                 write(piece)
@@ -61,7 +55,7 @@ def chat_loop(bot: Bot, read=input, write=sys.stdout.write) -> list[dict[str, st
         except KeyboardInterrupt:
             pieces.close()
             write(" (interrupted)")
-        cites = cite(reply.text, shown)[1]
+        cites = cite(reply.text, shown or [])[1]
         write("\n" + (sources_line(cites) + "\n" if cites else ""))
         history.append({"role": "assistant", "content": reply.text})
 

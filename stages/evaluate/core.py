@@ -18,7 +18,8 @@ from typing import Any
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
 from qrb.llm import Cache
 from qrb.model import generate_answers, token_nll_rows
-from qrb.retrieval import cite, ground, recalled
+from qrb.retrieval import cite, ground
+from qrb.sources import recalled, vouched
 from qrb.schema import ABSTAIN_ANSWER
 
 from . import EvaluateParams
@@ -66,7 +67,8 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
     apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score;
     an adapter with a gate answers from memory first, as the apps do: its closed-book answer where the gate kept it,
-    citing the passage shown that states it (qrb.retrieval.recalled), reading the passages for the rest. Returns
+    citing the passage shown that states it (qrb.retrieval.recalled), reading the passages for the rest; an answer
+    read from them stands only where a passage it cites states it (qrb.retrieval.vouched). Returns
     (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and of those
     the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
     questions = [r["question"] for r in rows]
@@ -79,8 +81,8 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     def rag(name: str, memory: Sequence[str] = ()) -> None:
         known = {i: recalled(a, grounded[i][1]) for i, a in enumerate(memory) if not is_abstention(a)}
         ask = [i for i in shown if i not in known]
-        said = dict(zip(ask, local.answer([grounded[i][0] for i in ask], f"{set_name}/{name}")[0], strict=True))
-        said.update(known)
+        read = local.answer([grounded[i][0] for i in ask], f"{set_name}/{name}")[0]
+        said = {i: vouched(a, grounded[i][1]) for i, a in zip(ask, read, strict=True)} | known
         cited = [cite(said.get(i, ABSTAIN_ANSWER), passages) for i, (_, passages) in enumerate(grounded)]
         answers[name] = [text for text, _ in cited]
         extras[name] = [{"shown": [x.doi for x in passages], "cited": [c["doi"] for c in cites]}
@@ -134,14 +136,15 @@ def answer_rows(rows: Sequence[dict[str, Any]], answers: dict[str, list[str]]) -
 def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: Cache | None,
                  env) -> str | None:
     """Let the LLM grader grade every answer with a short gold answer, in every set (the offline grade is kept as
-    grade_offline). Returns the reason it was skipped (the offline grades then stand everywhere), or None."""
+    grade_offline), but the apps' own abstention: not attempted, unasked. Returns the reason it was skipped (the
+    offline grades then stand everywhere), or None."""
     from .judge import Item, llm_grades
 
     items, slots = [], []
     for set_name, (rows, answers, _) in answered.items():
         for name, preds in answers.items():
             for i, (r, pred) in enumerate(zip(rows, preds, strict=True)):
-                if (r.get("short_answer") or "").strip():
+                if (r.get("short_answer") or "").strip() and pred != ABSTAIN_ANSWER:
                     items.append(Item(r["question"], r["short_answer"], tuple(r.get("aliases") or ()), pred))
                     slots.append((r, graded[set_name][name][i]))
     res = llm_grades(p.grader, items, cache, timeout_s=p.rival_timeout_s, max_retries=p.rival_max_retries,

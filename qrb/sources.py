@@ -1,0 +1,39 @@
+"""Which retrieved passage vouches for an answer: the rule the apps (`qrb ask/chat/serve --rag`) and evaluate's RAG
+rows share. An adapter with a confidence gate answers from memory first and reads only when unsure (FLARE's rule,
+Jiang et al., 2023); a remembered answer cites the passage shown that states it (`recalled`), and an answer read from
+the passages stands only when one it cites states it (`vouched`). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qrb.grade import is_abstention
+from qrb.retrieval import Passage, cited, passage_text, with_citation
+from qrb.schema import ABSTAIN_ANSWER
+from qrb.words import NUMBER_WORDS, STOPWORDS, norm_words, stem
+
+
+def supports(passage: Passage, answer: str) -> bool:
+    """Does the passage state what the answer says: every word of the answer (stop words aside; stemmed, numbers as
+    digits) in its title or text?"""
+    def key(text: str) -> set[str]:
+        return {NUMBER_WORDS.get(w) or stem(w) for w in norm_words(text) if w not in STOPWORDS}
+
+    said = key(answer)
+    return bool(said) and said <= key(passage_text(passage))
+
+
+def recalled(answer: str, passages: Sequence[Passage]) -> str:
+    """An answer from memory, as a retrieval answer: citing the first passage that `supports` it, or none (what the
+    papers shown do not state is not theirs to vouch for)."""
+    n = next((i for i, p in enumerate(passages, 1) if supports(p, answer)), None)
+    return with_citation(answer, n) if n else answer
+
+
+def vouched(answer: str, passages: Sequence[Passage]) -> str:
+    """A reply read from the excerpts, as the bot gives it: kept when an excerpt it cites states it (`supports`),
+    else the abstention. What the excerpts shown do not state is not claimed from them: a small model reading them
+    copies a near miss ("two" for "three") or another paper's answer as readily as the fact."""
+    text, found = cited(answer, passages)
+    return answer if is_abstention(text) or any(supports(p, text) for p in found) else ABSTAIN_ANSWER
