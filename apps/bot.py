@@ -22,8 +22,8 @@ from qrb.errors import ConfigError, DataError, QrbError
 from qrb.grade import is_abstention
 from qrb.params import Base, build, load_params, read_yaml
 from qrb.retrieval import ground, open_index
-from qrb.sources import recalled, vouched
 from qrb.schema import ABSTAIN_ANSWER
+from qrb.sources import recalled, vouched
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
 from qrb.llm import Cache
 from qrb.model import generate_answers, token_nll_rows
 from qrb.retrieval import cite, ground
-from qrb.sources import recalled, vouched
 from qrb.schema import ABSTAIN_ANSWER
+from qrb.sources import recalled, vouched
 
 from . import EvaluateParams
 from .metrics import Scorer, aggregate, paired_gains
