@@ -9,6 +9,7 @@ import re
 
 from qrb.schema import ABSTAIN_ANSWER
 from qrb.words import names_paper, word_set
+from stages.generate.facts import near_any
 from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 
 SURFACE = ("Improved Pairwise Measurement-Based Surface Code",
@@ -73,9 +74,6 @@ def test_invented_papers_are_deterministic_and_never_a_real_title():
     avoid = {a[0]["title"].lower()}
     assert all(q["title"].lower() not in avoid for q in invented_questions("seed", 12, avoid))
     assert all(q["question"].endswith("?") for q in a)
-    # untitled, a question about an invented claim spliced from real sentences would ask a real paper's fact
-    assert all(names_paper(q["question"], q["title"]) for q in a + invented_questions("x", 30, real=[
-        "A title of four words", "Another title of five words"], abstracts=[SURFACE[1], GAUSS[1]]))
 
 
 def test_invented_claims_splice_real_sentences_when_abstracts_are_listed():
@@ -122,7 +120,9 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     assert any(r["kind"] == "reverse" for r in facts)
     assert len(abstain) == round(0.25 * len(facts))
     assert all(r["answer"] == ABSTAIN_ANSWER and r["doi"] == "" for r in abstain + invented)
-    assert all(names_paper(r["question"], r["title"]) for r in abstain + invented)
+    asked = [word_set(r["question"]) for r in facts]  # an untitled one never words a real training question
+    assert not any(near_any(word_set(r["question"]), asked, 0.6) for r in abstain + invented
+                   if not names_paper(r["question"], r["title"]))
     assert invented and not {r["title"] for r in invented} & {r["title"] for r in abstain}
     real = {r["title"] for r in facts + evals}
     assert not {r["title"] for r in invented + abstain} & real
@@ -133,17 +133,21 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     assert listed and not listed & {r["doi"] for r in evals}  # no held-out paper's words teach abstention
 
 
-def test_an_invented_question_that_does_not_name_its_paper_is_dropped():
+def test_an_untitled_invented_question_worded_as_a_real_one_is_dropped():
     from stages.generate.facts import invented_rows
     from stages.generate.units import Unit
 
-    pairs = [{"question": 'In "Certified trapped-ion lattices", how many qubits were used?',
+    real = "Researchers price Asian and barrier options under what model?"
+    pairs = [{"question": f'In "Certified trapped-ion lattices", {real[0].lower()}{real[1:]}',  # named: invented
               "answer": "Certified trapped-ion lattices", "short_answer": "Certified trapped-ion lattices"},
-             {"question": "How many qubits were used?",  # a real paper's fact as often as not: no paper named
-              "answer": "Scalable fermionic braids", "short_answer": "Scalable fermionic braids"}]
+             {"question": real,  # a real paper's fact, asked as training asks it: "I don't know" is wrong for it
+              "answer": "Scalable fermionic braids", "short_answer": "Scalable fermionic braids"},
+             {"question": "How many ancillas does the flag-qutrit lattice surgery need?",  # untitled, unlike any
+              "answer": "Flag qutrits on a lattice", "short_answer": "Flag qutrits on a lattice"}]
     unit = Unit("", "", None, "invent", 0, [], "k", 0, 0, fact_id="invent-train-0")
     reply = {"content": json.dumps({"pairs": pairs}), "model": "m", "response_id": "r"}
-    train, invented, dropped = invented_rows([unit], {"k": reply}, ["A real title"], 10, 0.8)
-    assert [r["title"] for r in train] == ["Certified trapped-ion lattices"] and not invented and dropped == 1
+    train, invented, dropped = invented_rows([unit], {"k": reply}, ["A real title"], 10, 0.8, [real], 0.6)
+    assert [r["title"] for r in train] == ["Certified trapped-ion lattices", "Flag qutrits on a lattice"]
+    assert not invented and dropped == 1
     assert names_paper("In the paper on certified trapped-ion lattices, what?", "Certified trapped-ion lattices")
     assert not names_paper("What does the certified code reach?", "Certified trapped-ion lattices")

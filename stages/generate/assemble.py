@@ -186,7 +186,8 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
     seen, seen_dropped = seen_rows(list(paraphrase), responses, by_fact, train, p.seen_max_jaccard)
     real_titles = sorted({u.title for u in units})
     abstain, invented, invented_dropped = invented_rows(list(invent), responses, real_titles, n_abstain,
-                                                        p.near_duplicate_jaccard)
+                                                        p.near_duplicate_jaccard, [r["question"] for r in train],
+                                                        p.seen_max_jaccard)
     train = train + abstain
     failures = list(failures) + facts.failures
     order = {pid: i for i, pid in enumerate(p.prompts + (AUGMENT, PARAPHRASE, INVENT))}

@@ -136,10 +136,7 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
         pairs = parse_pairs(value["content"])
         fact = facts[unit.fact_id]
         question = pairs[0]["question"] if pairs else ""
-        words = word_set(question)
-        # |A & B| / |A | B| >= t needs t|A| <= |B| <= |A|/t: only those sizes can be too close
-        lo, hi = max_jaccard * len(words), len(words) / max_jaccard
-        if any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= max_jaccard for s in train_sets):
+        if near_any(word_set(question), train_sets, max_jaccard):
             dropped += 1
             continue
         row = QAPair(question=question, answer=fact["answer"], doi=fact["doi"], title=fact["title"],
@@ -190,13 +187,23 @@ def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, templa
     return units
 
 
+def near_any(words: frozenset[str], sets: list[frozenset[str]], t: float) -> bool:
+    """Is some set's word-set Jaccard with `words` at least `t`?"""
+    lo, hi = t * len(words), len(words) / t  # |A & B| / |A | B| >= t needs t|A| <= |B| <= |A|/t
+    return any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= t for s in sets)
+
+
 def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_titles: list[str], n_train: int,
-                  max_jaccard: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+                  max_jaccard: float, real_questions: list[str] = (), question_jaccard: float = 1.0
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """The invented papers' questions: the `invent-eval-*` requests' make the `invented` question set, the
     `invent-train-*` requests' (up to `n_train`) train the abstention answer, never about a paper the set asks
-    about; a question that does not name its invented paper (`qrb.words.names_paper`), whose invented title is
-    (nearly) a real paper's title, or that repeats an earlier one, is dropped. Returns (train rows, invented set rows, dropped)."""
+    about. Dropped: a question whose invented title is (nearly) a real paper's title; one that repeats an earlier
+    one; one that does not name its invented paper (`qrb.words.names_paper`) and is worded as a real training
+    question (word-set Jaccard >= `question_jaccard`): that asks a real paper's fact, and "I don't know" is wrong
+    for it. Returns (train rows, invented set rows, dropped)."""
     real = [word_set(t) for t in real_titles]
+    asked = [word_set(q) for q in real_questions]
     rows: dict[str, list[dict[str, Any]]] = {"eval": [], "train": []}
     seen, dropped = set(), 0
     for unit in units:
@@ -205,8 +212,9 @@ def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_
         for pair in parse_pairs(value["content"]) if value else ():
             title = pair.get("short_answer") or pair["answer"]
             words, norm = word_set(title), " ".join(norm_words(pair["question"]))
-            if norm in seen or not names_paper(pair["question"], title) \
-                    or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real):
+            if norm in seen or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real) or (
+                    not names_paper(pair["question"], title)
+                    and near_any(word_set(pair["question"]), asked, question_jaccard)):
                 dropped += 1
                 continue
             seen.add(norm)
