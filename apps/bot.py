@@ -203,7 +203,7 @@ class Bot:
     def recall(self, conversation: Sequence[dict[str, str]], shown: Sequence | None, **kw: Any) -> Reply | None:
         """With rag, an adapter with a gate answers from memory first and reads only when unsure (FLARE's rule): its
         closed-book reply where the gate keeps it, citing the passage of `shown` that states it
-        (`qrb.retrieval.recalled`); None otherwise (read the passages)."""
+        (`qrb.sources.recalled`); None otherwise (read the passages)."""
         if self.retriever is None or self.min_prob is None:
             return None
         reply = self.generate(conversation, gated=True, **kw)
@@ -217,7 +217,7 @@ class Bot:
         """What the apps answer, and its text in pieces. Without rag: the reply to `grounded` (`plain` as it is),
         streamed. With rag: from memory when a gated adapter is sure (`recall`); the abstention when nothing
         relevant was retrieved (`shown` None); else the reply over the passages, kept only when an excerpt it cites
-        states it (`qrb.retrieval.vouched`: it is checked whole, so it comes as one piece)."""
+        states it (`qrb.sources.vouched`: it is checked whole, so it comes as one piece)."""
         if self.retriever is None:
             if stream:
                 return self.stream(grounded, **kw)

@@ -67,8 +67,8 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
     apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score;
     an adapter with a gate answers from memory first, as the apps do: its closed-book answer where the gate kept it,
-    citing the passage shown that states it (qrb.retrieval.recalled), reading the passages for the rest; an answer
-    read from them stands only where a passage it cites states it (qrb.retrieval.vouched). Returns
+    citing the passage shown that states it (qrb.sources.recalled), reading the passages for the rest; an answer
+    read from them stands only where a passage it cites states it (qrb.sources.vouched). Returns
     (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and of those
     the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
     questions = [r["question"] for r in rows]
