@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
-from qrb.grade import is_abstention
 from qrb.params import Base, build, load_params, read_yaml
 from qrb.retrieval import ground, open_index
 from qrb.schema import ABSTAIN_ANSWER
@@ -184,7 +183,7 @@ class Bot:
         ids = self.prompt_ids(conversation)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
         device = next(self.model.parameters()).device
-        gated = self.gated if gated is None else gated and self.min_prob is not None
+        gated = self.gated if gated is None else gated
         with self.lock, torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids], device=device),
                                       attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
@@ -207,10 +206,8 @@ class Bot:
         if self.retriever is None or self.min_prob is None:
             return None
         reply = self.generate(conversation, gated=True, **kw)
-        if is_abstention(reply.text):
-            return None
-        reply.text = recalled(reply.text, shown or [])
-        return reply
+        reply.text = recalled(reply.text, shown)
+        return reply if reply.text is not None else None
 
     def respond(self, plain: Sequence[dict[str, str]], grounded: Sequence[dict[str, str]], shown: Sequence | None,
                 *, stream: bool = True, **kw: Any) -> tuple[Reply, Iterator[str]]:

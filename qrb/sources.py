@@ -24,10 +24,13 @@ def supports(passage: Passage, answer: str) -> bool:
     return bool(said) and said <= key(passage_text(passage))
 
 
-def recalled(answer: str, passages: Sequence[Passage]) -> str:
-    """An answer from memory, as a retrieval answer: citing the first passage that `supports` it, or none (what the
-    papers shown do not state is not theirs to vouch for)."""
-    n = next((i for i, p in enumerate(passages, 1) if supports(p, answer)), None)
+def recalled(answer: str, passages: Sequence[Passage] | None) -> str | None:
+    """A closed-book answer (through the gate) as a retrieval answer: None when it declined (read the passages
+    instead); else citing the first passage that `supports` it, or none (what the papers shown do not state is not
+    theirs to vouch for)."""
+    if is_abstention(answer):
+        return None
+    n = next((i for i, p in enumerate(passages or (), 1) if supports(p, answer)), None)
     return with_citation(answer, n) if n else answer
 
 

@@ -20,13 +20,6 @@ def word_set(text: str) -> frozenset[str]:
     return frozenset(norm_words(text)) or frozenset([text.strip().lower()])
 
 
-def names_paper(question: str, title: str) -> bool:
-    """Does the question name the paper: at least half of its title's words (stop words aside) in it? A question
-    about an invented paper that does not name it asks about no paper in particular, often a real paper's fact."""
-    title_words = {w for w in norm_words(title) if w not in STOPWORDS}
-    return bool(title_words) and 2 * len(title_words & set(norm_words(question))) >= len(title_words)
-
-
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}

@@ -264,6 +264,7 @@ def test_a_remembered_answer_cites_the_passage_that_states_it():
     assert recalled("Three auxiliary qubits.", [a, b]) == "Three auxiliary qubits [2]."
     assert cite(recalled("The Heston model.", [b, a]), [b, a])[1][0]["doi"] == "10.1/a"
     assert recalled("The Black-Scholes model.", [a, b]) == "The Black-Scholes model."  # stated by none: uncited
+    assert recalled("I don't know that paper, so I can't answer that.", [a, b]) is None  # declined: read instead
 
 
 def test_a_read_answer_stands_only_where_an_excerpt_it_cites_states_it():

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade, is_abstention
+from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from qrb.llm import Cache
 from qrb.model import generate_answers, token_nll_rows
 from qrb.retrieval import cite, ground
@@ -79,7 +79,7 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     extras: dict[str, list[dict[str, Any]]] = {}
 
     def rag(name: str, memory: Sequence[str] = ()) -> None:
-        known = {i: recalled(a, grounded[i][1]) for i, a in enumerate(memory) if not is_abstention(a)}
+        known = {i: r for i, a in enumerate(memory) if (r := recalled(a, grounded[i][1])) is not None}
         ask = [i for i in shown if i not in known]
         read = local.answer([grounded[i][0] for i in ask], f"{set_name}/{name}")[0]
         said = {i: vouched(a, grounded[i][1]) for i, a in zip(ask, read, strict=True)} | known

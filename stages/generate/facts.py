@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from qrb.schema import ABSTAIN_ANSWER, QAPair
-from qrb.words import names_paper, norm_words, word_set
+from qrb.words import STOPWORDS, norm_words, word_set
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
@@ -193,13 +193,19 @@ def near_any(words: frozenset[str], sets: list[frozenset[str]], t: float) -> boo
     return any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= t for s in sets)
 
 
+def names_paper(question: str, title: str) -> bool:
+    """Does the question name the paper: at least half of its title's words (stop words aside) in it?"""
+    title_words = {w for w in norm_words(title) if w not in STOPWORDS}
+    return bool(title_words) and 2 * len(title_words & set(norm_words(question))) >= len(title_words)
+
+
 def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_titles: list[str], n_train: int,
-                  max_jaccard: float, real_questions: list[str] = (), question_jaccard: float = 1.0
+                  max_jaccard: float, real_questions: list[str], question_jaccard: float
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """The invented papers' questions: the `invent-eval-*` requests' make the `invented` question set, the
     `invent-train-*` requests' (up to `n_train`) train the abstention answer, never about a paper the set asks
     about. Dropped: a question whose invented title is (nearly) a real paper's title; one that repeats an earlier
-    one; one that does not name its invented paper (`qrb.words.names_paper`) and is worded as a real training
+    one; one that does not name its invented paper (`names_paper`) and is worded as a real training
     question (word-set Jaccard >= `question_jaccard`): that asks a real paper's fact, and "I don't know" is wrong
     for it. Returns (train rows, invented set rows, dropped)."""
     real = [word_set(t) for t in real_titles]
@@ -211,8 +217,8 @@ def invented_rows(units: list[Unit], responses: dict[str, dict[str, Any]], real_
         group = "eval" if unit.fact_id.startswith("invent-eval") else "train"
         for pair in parse_pairs(value["content"]) if value else ():
             title = pair.get("short_answer") or pair["answer"]
-            words, norm = word_set(title), " ".join(norm_words(pair["question"]))
-            if norm in seen or any(len(words & r) / max(len(words | r), 1) >= max_jaccard for r in real) or (
+            norm = " ".join(norm_words(pair["question"]))
+            if norm in seen or near_any(word_set(title), real, max_jaccard) or (
                     not names_paper(pair["question"], title)
                     and near_any(word_set(pair["question"]), asked, question_jaccard)):
                 dropped += 1

@@ -1,9 +1,10 @@
 """The confidence gate: the adapter declines what it is unsure of, at a threshold calibrated on questions it did not
 train on. Before training, one wording of each fact that has several is held back (a known fact in words it has not
 seen, as users ask) and so are the abstention rows of every HOLD_ABSTAIN_EVERY-th unknown paper (invented or only
-read). After training the model answers both; the threshold on its answer's least likely token (`qrb.model.token_confidence`) is
-the lowest within SLACK of the best score: +1 for a right answer kept, -1 for a wrong one kept, 0 for a decline.
-`qrb.model.gate` applies it wherever the adapter answers closed-book (evaluate, the apps)."""
+read). After training the model answers both; the threshold on its answer's least likely token
+(`qrb.model.token_confidence`) is the lowest within SLACK of the best score: +1 for a right answer kept, -1 for a
+wrong one kept, 0 for a decline. `qrb.model.gate` applies it wherever the adapter answers closed-book (evaluate, the
+apps)."""
 
 from __future__ import annotations
 
