@@ -171,6 +171,9 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
     for name in chatty:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.captureWarnings(True)
+    # a full disk fails the log file's writes: reporting each on stderr, which Prefect's log_prints turns back into
+    # a log record, recursed until Python gave up; the run's own error says what failed
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
     _console = console
     try:
         yield path
@@ -178,6 +181,7 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
         _console = None
         root.removeHandler(handler)
         if restore:
+            logging.raiseExceptions = raise_exceptions
             logging.captureWarnings(False)
             root.setLevel(old_level)
             for name, level in chatty.items():
@@ -187,7 +191,8 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
                     lg.removeHandler(file_handler)
             for lg, h in detached:
                 lg.addHandler(h)
-            file_handler.close()
+            with contextlib.suppress(OSError):  # its last buffered lines, on a full disk: the run's error says why
+                file_handler.close()
 
 
 def _cell(m: dict[str, Any], key: str) -> str:

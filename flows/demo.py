@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -24,7 +25,7 @@ from flows import console
 from flows import overrides as ov
 from flows import server as srv
 from flows import workspace as wsp
-from flows.pipeline import exit_code, pipeline, stream
+from flows.pipeline import exit_code, headline, pipeline, stream
 from qrb.errors import ConfigError
 from qrb.params import nested, parse_set, read_yaml
 from standins import services
@@ -36,6 +37,9 @@ OFFLINE_MODELS = {
     "models/tiny-llama": ["-m", "standins.tiny_model", "--corpus", "data/corpus", "--out", "models/tiny-llama"],
 }
 BUILD_TIMEOUT_S = 1800
+# GB a first run of each writes in its workspace, with room to spare (DVC's cache holds a second copy of each output,
+# the merged export is in float32): a full disk found before anything is written, not at export
+DISK_NEED_GB = {"models/smollm2-135m-instruct": 4.0, "models/tiny-llama": 0.1}
 
 
 @task
@@ -95,6 +99,18 @@ def demo(workspace: str = "demo", profile: str = DEFAULT_PROFILE, overrides: dic
     return {"workspace": ws, "profile": profile, "stages": results, "wall_s": round(time.time() - t0, 1)}
 
 
+def check_disk(workspace: Path, model: str) -> None:
+    """Refuse a first run (no dvc.lock yet) of an offline model where its disk lacks the room the run will fill."""
+    need = DISK_NEED_GB.get(model)
+    if need is None or (workspace / "dvc.lock").exists():
+        return
+    where = next(p for p in [workspace.resolve(), *workspace.resolve().parents] if p.exists())
+    free = shutil.disk_usage(where).free / 1e9
+    if free < need:
+        raise ConfigError(f"{where} has {free:.1f} GB free, and a first run on {model} writes about {need:g} GB "
+                          "there: free some disk space or choose another --workspace")
+
+
 def summary(run: dict, log: Path) -> str:
     """The end of the demo: console.results (grades, what changed, an example), then where everything else is."""
     ws = Path(run["workspace"])
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         # a missing profile, a typo or a bad value fails here, in one line, before anything is written
         ov.check(wsp.REPO_ROOT, dotted, params=wsp.profile_params(args.profile))
         wsp.check_target(args.workspace, force=args.force)
+        check_disk(Path(args.workspace), dotted.get("base.model", wsp.profile_params(args.profile)["base"]["model"]))
         overrides = nested(dotted) or None
         api_url, pid = srv.ensure() if args.server else (None, None)
     except (ConfigError, ValueError) as e:
@@ -146,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 state = demo(str(ws), args.profile, overrides, args.force, return_state=True)
                 run = state.result()
         except Exception as e:  # noqa: BLE001 - its cause in one line; the traceback is in the log
-            headline = getattr(e, "headline", None) or " ".join(str(e).split())
-            console.line(f"qrb demo failed: {headline}")
+            console.line(f"qrb demo failed: {headline(e)}")
             console.line(f"details in {log}" + (f"; the run in Prefect's UI: {page(api_url, state)}" if api_url
                                                  and state is not None else ""))
             sys.exit(exit_code(e))

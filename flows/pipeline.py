@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import re
 import subprocess
@@ -274,10 +275,18 @@ def exit_code(e: BaseException) -> int:
     return e.exit_code if isinstance(e, QrbError) else EXIT_FAILED
 
 
+def headline(e: BaseException) -> str:
+    """A failed run in one line; a full disk (a stage's, DVC's or git's write) also says what to do about it."""
+    message = getattr(e, "headline", None) or " ".join(str(e).split())
+    if "no space left on device" in message.lower() or any(
+            isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, e.__cause__, e.__context__)):
+        message += "; free some disk space and run it again (the stages that finished are kept)"
+    return message
+
+
 def fail(prog: str, e: BaseException, code: int | None = None) -> None:
     """One line on stderr, then exit."""
-    message = e.headline if isinstance(e, StageFailed) else " ".join(str(e).split())
-    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    print(f"{prog}: {headline(e)}", file=sys.stderr, flush=True)
     sys.exit(exit_code(e) if code is None else code)
 
 

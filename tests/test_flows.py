@@ -10,6 +10,7 @@ DataError on `validate.fail: true`; bad params are a ConfigError from `run_stage
 from __future__ import annotations
 
 import importlib
+import logging
 import pickle
 import sys
 import textwrap
@@ -667,3 +668,54 @@ def test_cpu_threads_follow_idle_cores_or_the_override(monkeypatch):
     monkeypatch.delenv(stage.THREADS_ENV)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert stage.set_cpu_threads(2) == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_full_disk_fails_the_run_in_one_line_that_says_what_to_do(tmp_path):
+    """CI's disk filled during the smol demo's export: DVC's "No space left on device" was the run's last word."""
+    write = [sys.executable, "-c", "open('/dev/full', 'w').write('x' * 65536)"]  # /dev/full: every write is ENOSPC
+    rc, tail = pl.stream(write, tmp_path, 60, logging.getLogger("test"))
+    message = pl.headline(pl.stage_failure("stage export", rc, None, tail))
+    assert message.startswith("stage export failed (dvc, exit 1, not retried): DVC failed, its command did not run: OSError"), message
+    assert "No space left on device" in message and message.endswith("the stages that finished are kept)")
+    assert pl.headline(RuntimeError("`git add -A` failed")) == "`git add -A` failed"  # other failures: as they were
+
+
+def test_a_log_file_on_a_full_disk_does_not_break_the_run(prefect_server, capfd):
+    """Each failed write of the log was reported on stderr, which Prefect's log_prints logs again: the demo on a full
+    disk recursed until Python gave up and said only "maximum recursion depth exceeded"."""
+    from prefect import flow
+
+    from flows import console
+
+    @flow(log_prints=True)
+    def chatty() -> int:
+        for i in range(5):
+            print(f"line {i}")
+            console.line(f"said {i}")
+        return 42
+
+    with console.quiet("/dev/full"):
+        assert chatty() == 42
+    err = capfd.readouterr().err
+    assert "said 4" in err  # the console still shows what it says
+    assert "Logging error" not in err and "RecursionError" not in err, err[-2000:]
+
+
+def test_a_first_demo_on_a_disk_without_room_for_it_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from flows import demo
+
+    ws = tmp_path / "ws"
+    free = {"GB": 1.0}
+    monkeypatch.setattr(demo.shutil, "disk_usage", lambda p: type("U", (), {"free": free["GB"] * 1e9})())
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--workspace", str(ws), "--profile", "smol"])
+    assert str(e.value).startswith(f"qrb demo: {tmp_path} has 1.0 GB free, and a first run on "
+                                   "models/smollm2-135m-instruct writes about 4 GB there"), e.value
+    assert not ws.exists()
+    demo.check_disk(ws, "models/tiny-llama")  # the tiny profile fits
+    demo.check_disk(ws, "meta-llama/Llama-3.1-8B-Instruct")  # a hub model: its size is not known here
+    ws.mkdir()
+    (ws / "dvc.lock").write_text("")
+    demo.check_disk(ws, "models/smollm2-135m-instruct")  # a later run rewrites what the first one wrote
+    free["GB"] = 5.0
+    demo.check_disk(tmp_path / "other", "models/smollm2-135m-instruct")
