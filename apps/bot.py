@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
+from qrb.model import Gate
 from qrb.params import Base, build, load_params, read_yaml
 from qrb.retrieval import ground, open_index
 from qrb.schema import ABSTAIN_ANSWER
@@ -89,7 +90,7 @@ class Bot:
     base_only: bool = False  # base.model without the adapter (`--base`)
     retriever: Any = None  # with serve.rag: a qrb.retrieval.Retriever over the index; `retrieval:` params below
     retrieval: Any = None
-    min_prob: float | None = None  # the adapter's confidence gate (qrb.model.read_gate): closed-book replies only
+    gate: Gate | None = None  # the adapter's confidence gate (qrb.model.read_gate): closed-book replies only
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ground(self, conversation: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list | None]:
@@ -191,11 +192,12 @@ class Bot:
         new = out.sequences[0, len(ids):].tolist()
         reply = Reply(text=self.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt_tokens=len(ids))
         if gated:
-            from qrb.model import gate, token_confidence
+            from qrb.model import token_confidence
 
             stops = self.eos_token_ids | {self.pad_token_id} - {None}
-            reply.text = gate(reply.text, token_confidence(out.logits, out.sequences[:, len(ids):], stops)[0],
-                              self.min_prob)
+            question = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+            reply.text = self.gate(question, reply.text,
+                                   token_confidence(out.logits, out.sequences[:, len(ids):], stops)[0])
         self._finish(reply, new, kw["max_new_tokens"])
         return reply
 
@@ -203,7 +205,7 @@ class Bot:
         """With rag, an adapter with a gate answers from memory first and reads only when unsure (FLARE's rule): its
         closed-book reply where the gate keeps it, citing the passage of `shown` that states it
         (`qrb.sources.recalled`); None otherwise (read the passages)."""
-        if self.retriever is None or self.min_prob is None:
+        if self.retriever is None or self.gate is None:
             return None
         reply = self.generate(conversation, gated=True, **kw)
         reply.text = recalled(reply.text, shown)
@@ -231,7 +233,7 @@ class Bot:
     def gated(self) -> bool:
         """Replies pass the confidence gate: an adapter that has one, answering closed-book (with rag the passages
         and `retrieval.min_score` decide)."""
-        return self.min_prob is not None and self.retriever is None
+        return self.gate is not None and self.retriever is None
 
     def stream(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
@@ -354,11 +356,11 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
                           "workspace root, or pass --model (or --base for the base model alone)")
     else:
         raise ConfigError(f"{path} holds neither an adapter (adapter_config.json) nor a model (config.json)")
-    min_prob = None if base_only else read_gate(path)  # an adapter's confidence gate; the export copies it
+    gate = None if base_only else read_gate(path)  # an adapter's confidence gate; the export copies it
     model = model.to(device)
     model.eval()
     return Bot(model=model, tokenizer=tokenizer, system_prompt=base.system_prompt, limits=limits, source=source,
-               base_only=base_only, retriever=retriever, retrieval=retrieval, min_prob=min_prob)
+               base_only=base_only, retriever=retriever, retrieval=retrieval, gate=gate)
 
 
 # ---- the apps' command line --------------------------------------------------------------------------------------

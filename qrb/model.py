@@ -10,10 +10,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError
+from qrb.words import names_unknown_paper, word_set
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +201,34 @@ def token_weighted_ce(model, tokenizer, rows: Sequence[dict[str, str]], system_p
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": total_tokens}
 
 
-GATE_FILE = "gate.json"  # beside an adapter: the confidence below which it declines (train calibrates it)
+GATE_FILE = "gate.json"  # beside an adapter: what it declines (train calibrates it)
 
 
-def read_gate(adapter_dir: str | Path) -> float | None:
-    """The adapter's calibrated `min_prob` (gate.json), or None: no gate (none calibrated, or an older adapter)."""
+@dataclass(frozen=True)
+class Gate:
+    """An adapter's confidence gate: it declines an answer it was less sure of than `min_prob`, and a question that
+    quotes the title of a paper it was not trained on (`papers`: the titles it was; none listed: no such check)."""
+    min_prob: float
+    papers: tuple[str, ...] = ()
+
+    @cached_property
+    def _titles(self) -> list[frozenset[str]]:
+        return [word_set(t) for t in self.papers]
+
+    def __call__(self, question: str, answer: str, confidence: float) -> str:
+        from qrb.schema import ABSTAIN_ANSWER
+
+        unknown = confidence < self.min_prob or names_unknown_paper(question, self._titles)
+        return ABSTAIN_ANSWER if unknown else answer
+
+
+def read_gate(adapter_dir: str | Path) -> Gate | None:
+    """The adapter's gate (gate.json), or None: no gate (none calibrated, or an older adapter)."""
     path = Path(adapter_dir) / GATE_FILE
-    return json.loads(path.read_text()).get("min_prob") if path.exists() else None
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())
+    return Gate(found["min_prob"], tuple(found.get("papers", ())))
 
 
 def token_confidence(logits: Sequence, new_ids, stop_ids: set[int]) -> list[float]:
@@ -221,22 +245,15 @@ def token_confidence(logits: Sequence, new_ids, stop_ids: set[int]) -> list[floa
     return out
 
 
-def gate(answer: str, confidence: float, min_prob: float | None) -> str:
-    """The answer, or the abstention answer when the model was less sure of it than `min_prob`."""
-    from qrb.schema import ABSTAIN_ANSWER
-
-    return ABSTAIN_ANSWER if min_prob is not None and confidence < min_prob else answer
-
-
 def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: str, *, batch_size: int,
-                     max_new_tokens: int, greedy: bool = True, desc: str = "generate", min_prob: float | None = None,
+                     max_new_tokens: int, greedy: bool = True, desc: str = "generate", gate: Gate | None = None,
                      confidences: list[float] | None = None) -> list[str]:
-    """Batched generation with left padding (right padding would put pads between prompt and answer). `min_prob`:
-    decline an answer below that confidence (`token_confidence`); `confidences`: a list to append each answer's to."""
+    """Batched generation with left padding (right padding would put pads between prompt and answer). `gate`: what
+    the answers pass (`token_confidence` is its confidence); `confidences`: a list to append each answer's to."""
     import torch
     from tqdm.auto import tqdm
 
-    scored = min_prob is not None or confidences is not None
+    scored = gate is not None or confidences is not None
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -244,8 +261,9 @@ def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: 
     answers: list[str] = []
     try:
         for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=len(questions) <= batch_size):
+            batch = questions[i:i + batch_size]
             prompts = [tokenizer.apply_chat_template(prompt_messages(system_prompt, q), tokenize=False,
-                                                     add_generation_prompt=True) for q in questions[i:i + batch_size]]
+                                                     add_generation_prompt=True) for q in batch]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
@@ -255,7 +273,8 @@ def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: 
             texts = [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
             if scored:
                 conf = token_confidence(out.logits, new, stop_ids)
-                texts = [gate(t, c, min_prob) for t, c in zip(texts, conf)]
+                if gate is not None:
+                    texts = [gate(q, t, c) for q, t, c in zip(batch, texts, conf)]
                 if confidences is not None:
                     confidences += conf
             answers += texts

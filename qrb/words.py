@@ -20,6 +20,23 @@ def word_set(text: str) -> frozenset[str]:
     return frozenset(norm_words(text)) or frozenset([text.strip().lower()])
 
 
+def near_any(words: frozenset[str], sets: list[frozenset[str]], t: float) -> bool:
+    """Is some set's word-set Jaccard with `words` at least `t`?"""
+    lo, hi = t * len(words), len(words) / t  # |A & B| / |A | B| >= t needs t|A| <= |B| <= |A|/t
+    return any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= t for s in sets)
+
+
+QUOTED = re.compile(r'["\u201c]([^"\u201d]+)["\u201d]')
+TITLE_JACCARD = 0.7  # a quoted title this near a known one is that paper (a word dropped or changed in the asking)
+
+
+def names_unknown_paper(question: str, titles: list[frozenset[str]]) -> bool:
+    """Does the question quote a title (4+ words in quotes, not a fill-in-the-blank) near none of `titles` (word
+    sets)? Never when `titles` is empty: then nothing is known to compare with."""
+    quoted = [word_set(s) for s in QUOTED.findall(question) if "___" not in s and len(s.split()) >= 4]
+    return bool(titles) and any(not near_any(q, titles, TITLE_JACCARD) for q in quoted)
+
+
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}

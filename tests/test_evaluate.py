@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qrb.llm import Cache
+from qrb.model import Gate
 from qrb.params import load_params
 from qrb.retrieval import PACKAGED_MINILM, RetrievalParams, Retriever, passages_from_papers
 from qrb.rivals import Rival, ask_rival
@@ -862,7 +863,7 @@ def test_a_gated_adapter_answers_from_memory_first_and_reads_only_what_it_declin
     reading = core.generate_answers
     monkeypatch.setattr(core, "generate_answers", lambda model, tok, prompts, system, **kw: closed_book
                         if kw["desc"].endswith("/fine_tuned") else reading(model, tok, prompts, system, **kw))
-    local = dataclasses.replace(local, min_prob=0.5)
+    local = dataclasses.replace(local, gate=Gate(0.5))
     answers, extras = local_answers(local, "eval", rows, retrieval)
     assert len(sent["eval/fine_tuned_rag"]) == 1 and rows[1]["question"] in sent["eval/fine_tuned_rag"][0]
     assert answers["fine_tuned_rag"] == [f"{stated}.", ABSTAIN_ANSWER, "Photonic mayonnaise."]  # read: vouched
@@ -871,5 +872,5 @@ def test_a_gated_adapter_answers_from_memory_first_and_reads_only_what_it_declin
     assert extras["fine_tuned_rag"][2]["cited"] == []  # stated by no passage shown: cited to none
     assert len(sent["eval/rag"]) == 3  # the base model has no gate: it reads every question
     sent.clear()  # no gate: the adapter reads every question too
-    local_answers(dataclasses.replace(local, min_prob=None), "eval", rows, retrieval)
+    local_answers(dataclasses.replace(local, gate=None), "eval", rows, retrieval)
     assert len(sent["eval/fine_tuned_rag"]) == 3

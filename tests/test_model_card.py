@@ -125,7 +125,8 @@ def write_pipeline_outputs(ws: Path, *, profile: str | None = None, evaluate: di
                                       "seen": {"rows_in": 30, "rows_out": 26, "rows_quarantined": 4}})
     put(ws, "reports/train.json", {"trainable_params": 546_308_096, "total_params": 8_576_569_344, "steps": 2356,
                                    "train_loss": 1.234567, "eval_ce": 1.456789, "tokens_seen": 9_876_543,
-                                   "gate_known": 71, "gate_unknown": 67, "gate_min_prob": 0.815})
+                                   "gate_known": 71, "gate_unknown": 67, "gate_min_prob": 0.815,
+                                   "gate_papers": 21})
     put(ws, "reports/evaluate.json", evaluate)
     lineage = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False,
                "inputs": {"artifacts/validate/dataset": "feedfacefeedfacefeedfacefeedface.dir"},
@@ -282,7 +283,8 @@ def test_card_numbers_equal_the_metrics_files(card_ws):
                      "| `artifacts/scrape/papers.jsonl` | `6e59aff4f9841a1c1c1a7c5eb0314de9` |",
                      "feedfacefeedfacefeedfacefeedface.dir", "0123456789abcdef0123456789abcdef01234567",
                      "26 kept of 30", "| held back for the confidence gate (not trained on) | 71 wordings of known "
-                     "facts + 67 questions about unknown papers; min_prob 0.815 |"):
+                     "facts + 67 questions about unknown papers; min_prob 0.815; declines a question quoting a "
+                     "title not among its 21 trained papers' |"):
         assert expected in text, expected
     assert "metrics/scrape.json" not in section(text, "Lineage")  # data hashes, not metric files
     # the exact base weights the adapter was trained on (lineage.json: a Hub id's snapshot commit)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO
+from qrb.model import Gate
 
 OFF_TOPIC = "What is a good recipe for banana bread?"
 
@@ -295,7 +296,7 @@ def test_with_a_gate_the_bot_answers_from_memory_when_sure_and_reads_when_not(ra
         calls.append((conv[-1]["content"], gated))
         return Reply(text=sure if len(calls) == 1 else "I don't know that paper, so I can't answer that.")
 
-    monkeypatch.setattr(rag_bot, "min_prob", 0.5)
+    monkeypatch.setattr(rag_bot, "gate", Gate(0.5))
     monkeypatch.setattr(rag_bot, "generate", generate)
     monkeypatch.setattr(ask, "bot_from_args", lambda args: rag_bot)
     ask.ask(argparse.Namespace(question=QUESTION.split()))
@@ -305,5 +306,5 @@ def test_with_a_gate_the_bot_answers_from_memory_when_sure_and_reads_when_not(ra
     monkeypatch.setattr(rag_bot, "recall", lambda conv, shown, **kw: None)
     ask.ask(argparse.Namespace(question=QUESTION.split()))
     assert capsys.readouterr().out == f"{CITING}\n{SOURCES}\n"
-    monkeypatch.setattr(rag_bot, "min_prob", None)
+    monkeypatch.setattr(rag_bot, "gate", None)
     assert type(rag_bot).recall(rag_bot, [{"role": "user", "content": QUESTION}], []) is None  # no gate: reads

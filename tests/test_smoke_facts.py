@@ -8,8 +8,8 @@ import json
 import re
 
 from qrb.schema import ABSTAIN_ANSWER
-from qrb.words import word_set
-from stages.generate.facts import names_paper, near_any
+from qrb.words import near_any, word_set
+from stages.generate.facts import names_paper
 from standins.smoke.facts import extract_facts, fact_wordings, invented_questions, new_wording
 
 SURFACE = ("Improved Pairwise Measurement-Based Surface Code",

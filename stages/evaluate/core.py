@@ -17,7 +17,7 @@ from typing import Any
 
 from qrb.grade import CORRECT, INCORRECT, NOT_ATTEMPTED, grade
 from qrb.llm import Cache
-from qrb.model import generate_answers, token_nll_rows
+from qrb.model import Gate, generate_answers, token_nll_rows
 from qrb.retrieval import cite, ground
 from qrb.schema import ABSTAIN_ANSWER
 from qrb.sources import recalled, vouched
@@ -43,7 +43,7 @@ class LocalModel:
     system: str
     p: EvaluateParams
     max_length: int  # base.max_length: the one limit every eval CE counts within
-    min_prob: float | None = None  # the adapter's confidence gate (qrb.model.read_gate): its closed-book answers only
+    gate: Gate | None = None  # the adapter's confidence gate (qrb.model.read_gate): its closed-book answers only
 
     def answer(self, prompts: list[str], desc: str, refs: list[str] | None = None,
                gated: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
@@ -52,7 +52,7 @@ class LocalModel:
         p = self.p
         answers = generate_answers(self.model, self.tokenizer, prompts, self.system, batch_size=p.batch_size,
                                    max_new_tokens=p.max_new_tokens, greedy=p.greedy, desc=desc,
-                                   min_prob=self.min_prob if gated else None) if prompts else []
+                                   gate=self.gate if gated else None) if prompts else []
         if refs is None:
             return answers, [{} for _ in answers]
         pairs = [{"question": q, "answer": a} for q, a in zip(prompts, refs)]
@@ -90,7 +90,7 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
 
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
     if grounded:  # a gated adapter answers from memory first, reading only what it declined (the apps' rule)
-        rag("fine_tuned_rag", answers["fine_tuned"] if local.min_prob is not None else ())
+        rag("fine_tuned_rag", answers["fine_tuned"] if local.gate is not None else ())
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, f"{set_name}/base", refs)
         if grounded:
@@ -204,14 +204,14 @@ def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets
 
 def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
              papers: Sequence[dict[str, Any]] = (), retrieval=None, scorer: Scorer | None = None,
-             grader_cache: Cache | None = None, min_prob: float | None = None,
+             grader_cache: Cache | None = None, gate: Gate | None = None,
              env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
     `retrieval` ((Retriever, RetrievalParams), as `qrb.retrieval.open_index` returns them) is needed for the RAG rows
     when `evaluate.rag` is on; `grader_cache` (the LLM grader's grades by key; None keeps none) gets each new grade;
-    `min_prob`: the adapter's confidence gate, applied to its closed-book answers as the apps apply it.
+    `gate`: the adapter's confidence gate, applied to its closed-book answers as the apps apply it.
     """
     from qrb.rivals import ask_rival
 
@@ -219,7 +219,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         raise ValueError("evaluate: evaluate.rag needs the retrieval index (qrb.retrieval.open_index)")
 
     scorer = scorer or Scorer(p.bertscore_model, p.bertscore_num_layers)
-    local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"], min_prob)
+    local = LocalModel(model, tokenizer, base["system_prompt"], p, base["max_length"], gate)
     skipped: dict[str, str] = {}
     answered: dict[str, tuple] = {}
     for set_name, rows in sets.items():

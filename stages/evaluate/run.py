@@ -107,7 +107,7 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
                                                  retrieval=retrieval, grader_cache=cache,
-                                                 min_prob=read_gate(ADAPTER_DIR))
+                                                 gate=read_gate(ADAPTER_DIR))
     finally:  # every grade paid for was committed as it came, whatever happens later
         cache.close()
     labels = model_labels(base["model"], p, retrieval[1] if retrieval else None)

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from qrb.schema import ABSTAIN_ANSWER, QAPair
-from qrb.words import STOPWORDS, norm_words, word_set
+from qrb.words import STOPWORDS, near_any, norm_words, word_set
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
@@ -185,12 +185,6 @@ def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, templa
                     "fact_id": f"invent-{group}-{i // INVENT_PER_REQUEST}"}
             units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))
     return units
-
-
-def near_any(words: frozenset[str], sets: list[frozenset[str]], t: float) -> bool:
-    """Is some set's word-set Jaccard with `words` at least `t`?"""
-    lo, hi = t * len(words), len(words) / t  # |A & B| / |A | B| >= t needs t|A| <= |B| <= |A|/t
-    return any(lo <= len(s) <= hi and len(words & s) / len(words | s) >= t for s in sets)
 
 
 def names_paper(question: str, title: str) -> bool:

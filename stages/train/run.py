@@ -84,9 +84,9 @@ def run(base: dict[str, Any], p: TrainParams, args) -> None:
             found = gate.calibrate(model, tokenizer, rows, known, unknown, base["system_prompt"], p.eval_batch_size,
                                    ADAPTER_DIR)
         metrics.update({f"gate_{k}": v for k, v in found.items()})
-        log.info("confidence gate: min_prob %.3f; held back %d known facts (%d kept right), %d unknown papers "
-                 "(%d declined)", found["min_prob"], found["known"], found["known_kept_right"], found["unknown"],
-                 found["unknown_declined"])
+        log.info("confidence gate: min_prob %.3f; held back %d known facts (%d kept right), %d unknown papers' "
+                 "questions (%d declined); %d titles known", found["min_prob"], found["known"],
+                 found["known_kept_right"], found["unknown"], found["unknown_declined"], found["papers"])
     atomic_write_text(ADAPTER_DIR / "lineage.json", json.dumps(lineage(base, p, metrics), indent=2, default=str) + "\n")
     write_metrics(METRICS, REPORT, metrics, HEADLINE)
     log.info("adapter written to %s; eval CE %s; %.0f tokens/s, padding %.1f%%", ADAPTER_DIR, metrics.get("eval_ce"),
