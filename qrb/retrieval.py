@@ -19,8 +19,11 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+
+from qrb.words import names_unknown_paper, word_set
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,11 @@ class Retriever:
                                  dtype="float32")
         self._bm25 = None
 
+    @cached_property
+    def titles(self) -> list[frozenset[str]]:
+        """The indexed papers' titles, as word sets (`qrb.words.names_unknown_paper`)."""
+        return [word_set(t) for t in dict.fromkeys(p.title for p in self.passages)]
+
     @classmethod
     def load(cls, folder: Path = INDEX_DIR, method: str = "dense", encode=None) -> Retriever:
         """The index the `index` stage wrote; queries are embedded with the model recorded there."""
@@ -235,10 +243,12 @@ def excerpts(prompt: str) -> list[Passage]:
 def ground(retriever: Retriever, p: RetrievalParams, questions: Sequence[str]) -> list[tuple[str | None, list]]:
     """Per question: the user message carrying the passages retrieved for it (top_k, those scoring min_score) and
     those passages, in the message's order (what `cite` maps an answer's [n] to); (None, []) when no passage scores
-    min_score: the answer is to abstain."""
+    min_score, or when the question quotes a title no indexed paper has (an invented question spliced from real
+    sentences finds them, and the answer read there is a real paper's): the answer is to abstain."""
     out: list[tuple[str | None, list]] = []
     for q, found in zip(questions, retriever.top_k(questions, p.top_k)):
-        hits = [h for h in found if h[1] >= p.min_score]
+        unknown = names_unknown_paper(q, retriever.titles)
+        hits = [h for h in found if h[1] >= p.min_score and not unknown]
         out.append((rag_prompt(q, hits, p.max_chars), [h[0] for h in hits]) if hits else (None, []))
     return out
 

@@ -102,6 +102,22 @@ def test_ground_keeps_passages_above_min_score_cites_each_paper_once_or_abstains
     assert (none, nothing) == (None, [])
 
 
+def test_ground_abstains_on_a_quoted_title_no_indexed_paper_has():
+    """An invented question spliced from a real paper's sentence retrieves that paper, and the fine-tuned model read
+    the answer there: with retrieval it answered 60% of the demo's invented questions (the base model 5%)."""
+    from qrb.retrieval import Passage, RetrievalParams, Retriever, ground
+
+    passages = [Passage("10.1/a", "Fast decoders for rotated surface codes", "surface code decoders threshold", "ua"),
+                Passage("10.1/b", "Cat qubits and other bosonic codes", "cat qubits bosonic codes", "ub")]
+    p = RetrievalParams(method="hybrid", top_k=2, min_score=0.3, max_chars=100)
+    asked = ['Which decoders, according to "Fast decoders for rotated surface codes"?',
+             'Which decoders, according to "Fast decoders for bosonic cat qubits"?',  # halves of two real titles
+             "Which surface code decoders?"]
+    [(known, shown), unknown, (untitled, _)] = ground(Retriever(passages, bag_of_words), p, asked)
+    assert known is not None and shown[0].doi == "10.1/a"
+    assert unknown == (None, []) and untitled is not None
+
+
 @pytest.fixture(scope="module")
 def rag_ws(tmp_path_factory, adapter_ws):
     """The tiny adapter's workspace with data/corpus as its scraped papers and the index the stage builds."""
