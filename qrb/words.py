@@ -27,13 +27,17 @@ def near_any(words: frozenset[str], sets: list[frozenset[str]], t: float) -> boo
 
 
 QUOTED = re.compile(r'["\u201c]([^"\u201d]+)["\u201d]')
+# what comes before a quoted title ("in the study "...""), not before a quoted term ("what is "..."?")
+TITLE_CUE = re.compile(r"\b(?:paper|study|work|article|preprint|titled|called|named|according to|authors of|in|from)"
+                       r"\s*$", re.IGNORECASE)
 TITLE_JACCARD = 0.7  # a quoted title this near a known one is that paper (a word dropped or changed in the asking)
 
 
 def names_unknown_paper(question: str, titles: list[frozenset[str]]) -> bool:
-    """Does the question quote a title (4+ words in quotes, not a fill-in-the-blank) near none of `titles` (word
-    sets)? Never when `titles` is empty: then nothing is known to compare with."""
-    quoted = [word_set(s) for s in QUOTED.findall(question) if "___" not in s and len(s.split()) >= 4]
+    """Does the question quote a title (4+ words in quotes after a word that names a paper, not a fill-in-the-blank)
+    near none of `titles` (word sets)? Never when `titles` is empty: then nothing is known to compare with."""
+    quoted = [word_set(m[1]) for m in QUOTED.finditer(question)
+              if "___" not in m[1] and len(m[1].split()) >= 4 and TITLE_CUE.search(question, 0, m.start())]
     return bool(titles) and any(not near_any(q, titles, TITLE_JACCARD) for q in quoted)
 
 

@@ -91,7 +91,8 @@ def test_the_gate_declines_a_quoted_title_it_was_not_trained_on():
                 'polynomial method"?', fact, 0.97) == ABSTAIN_ANSWER  # spliced from two real titles
     assert gate('In the statement "Researchers introduce ___ to approximate tensor networks", what fills the '
                 'blank?', fact, 0.97) == fact  # a fill-in-the-blank is not a title
-    assert gate('What is "the loop Hafnian"?', fact, 0.97) == fact  # under four words: a term, not a title
+    assert gate('According to "the loop Hafnian"?', fact, 0.97) == fact  # under four words: a term, not a title
+    assert gate('What is "the loop Hafnian function"?', fact, 0.97) == fact  # no word naming a paper before it
     assert gate('In "Grothendieck inequalities characterize converses to the polynomial method", how many?', fact,
                 0.3) == ABSTAIN_ANSWER  # below min_prob, as before
     assert Gate(0.0)('In "Some paper it never saw at all", what?', fact, 0.9) == fact  # no titles listed: no check
