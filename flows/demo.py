@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dotted = parse_set(args.set)
         # a missing profile, a typo or a bad value fails here, in one line, before anything is written
-        ov.check(wsp.REPO_ROOT, dotted, params=wsp.profile_params(args.profile))
+        params = wsp.profile_params(args.profile)
+        ov.check(wsp.REPO_ROOT, dotted, params=params)
         wsp.check_target(args.workspace, force=args.force)
-        check_disk(Path(args.workspace), dotted.get("base.model", wsp.profile_params(args.profile)["base"]["model"]))
+        check_disk(Path(args.workspace), dotted.get("base.model", params["base"]["model"]))
         overrides = nested(dotted) or None
         api_url, pid = srv.ensure() if args.server else (None, None)
     except (ConfigError, ValueError) as e:

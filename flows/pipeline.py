@@ -13,6 +13,7 @@ import argparse
 import difflib
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -278,8 +279,7 @@ def exit_code(e: BaseException) -> int:
 def headline(e: BaseException) -> str:
     """A failed run in one line; a full disk (a stage's, DVC's or git's write) also says what to do about it."""
     message = getattr(e, "headline", None) or " ".join(str(e).split())
-    if "no space left on device" in message.lower() or any(
-            isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, e.__cause__, e.__context__)):
+    if os.strerror(errno.ENOSPC).lower() in message.lower():  # an OSError's text, DVC's and git's all carry it
         message += "; free some disk space and run it again (the stages that finished are kept)"
     return message
 

@@ -247,8 +247,7 @@ def ground(retriever: Retriever, p: RetrievalParams, questions: Sequence[str]) -
     sentences finds them, and the answer read there is a real paper's): the answer is to abstain."""
     out: list[tuple[str | None, list]] = []
     for q, found in zip(questions, retriever.top_k(questions, p.top_k)):
-        unknown = names_unknown_paper(q, retriever.titles)
-        hits = [h for h in found if h[1] >= p.min_score and not unknown]
+        hits = [] if names_unknown_paper(q, retriever.titles) else [h for h in found if h[1] >= p.min_score]
         out.append((rag_prompt(q, hits, p.max_chars), [h[0] for h in hits]) if hits else (None, []))
     return out
 

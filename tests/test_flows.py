@@ -675,8 +675,11 @@ def test_a_full_disk_fails_the_run_in_one_line_that_says_what_to_do(tmp_path):
     write = [sys.executable, "-c", "open('/dev/full', 'w').write('x' * 65536)"]  # /dev/full: every write is ENOSPC
     rc, tail = pl.stream(write, tmp_path, 60, logging.getLogger("test"))
     message = pl.headline(pl.stage_failure("stage export", rc, None, tail))
-    assert message.startswith("stage export failed (dvc, exit 1, not retried): DVC failed, its command did not run: OSError"), message
+    assert message.startswith("stage export failed (dvc, exit 1, not retried): DVC failed, its command did not run: "
+                              "OSError"), message
     assert "No space left on device" in message and message.endswith("the stages that finished are kept)")
+    full = OSError(28, "No space left on device", "artifacts/export/merged/model.safetensors")  # a write in this process
+    assert pl.headline(full).endswith("run it again (the stages that finished are kept)")
     assert pl.headline(RuntimeError("`git add -A` failed")) == "`git add -A` failed"  # other failures: as they were
 
 

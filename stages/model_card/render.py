@@ -286,10 +286,11 @@ def training_data_rows(inp: CardInputs) -> list[str]:
                     f"reworded variant{'s' * (reworded != 1)}: the same fact in other words) |")
     tr = inp.metrics.get("train") or {}
     if isinstance(tr.get("gate_known"), int):  # train held these out of the pairs above to calibrate its gate
+        titles = (f"; declines a question quoting a title not among its {tr['gate_papers']} trained papers'"
+                  if "gate_papers" in tr else "")
         rows.append(f"| held back for the confidence gate (not trained on) | {tr['gate_known']} wordings of known "
                     f"facts + {tr['gate_unknown']} questions about unknown papers; min_prob {tr.get('gate_min_prob')}"
-                    + (f"; declines a question quoting a title not among its {tr['gate_papers']} trained papers'" if "gate_papers" in tr
-                       else "") + " |")
+                    f"{titles} |")
     seen = val.get("seen")
     if isinstance(seen, dict):
         rows.append(f"| seen questions (scored, never trained on) | {seen.get('rows_out')} kept of "

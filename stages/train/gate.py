@@ -61,8 +61,8 @@ def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], un
     held = [rows[i] for i in known + unknown]
     answers = generate_answers(model, tokenizer, [r["question"] for r in held], system, batch_size=batch_size,
                                max_new_tokens=MAX_NEW_TOKENS, confidences=conf, desc="gate")
-    papers = Gate(0.0, tuple(sorted({r["title"] for r in rows if r.get("kind") in TRAINED and r.get("title")})))
-    answers = [papers(r["question"], a, c) for r, a, c in zip(held, answers, conf)]  # an unknown title: declined
+    titles = Gate(0.0, tuple(sorted({r["title"] for r in rows if r.get("kind") in TRAINED and r.get("title")})))
+    answers = [titles(r["question"], a, c) for r, a, c in zip(held, answers, conf)]  # the title rule alone
     k = len(known)
     graded = [(c, grade(a, r.get("short_answer") or "", r.get("aliases") or [], r["question"]))
               for c, a, r in zip(conf[:k], answers[:k], held[:k])]
@@ -72,5 +72,5 @@ def calibrate(model, tokenizer, rows: list[dict[str, Any]], known: list[int], un
     out = {"min_prob": min_prob, "known": k, "unknown": len(unknown),
            "known_kept_right": sum(g == "correct" and c >= min_prob for c, g in graded),
            "unknown_declined": sum(d or c < min_prob for c, d in invented)}
-    (out_dir / GATE_FILE).write_text(json.dumps({**out, "papers": list(papers.papers)}, indent=2) + "\n")
-    return {**out, "papers": len(papers.papers)}
+    (out_dir / GATE_FILE).write_text(json.dumps({**out, "papers": list(titles.papers)}, indent=2) + "\n")
+    return {**out, "papers": len(titles.papers)}
