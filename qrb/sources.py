@@ -1,7 +1,9 @@
 """Which retrieved passage vouches for an answer: the rule the apps (`qrb ask/chat/serve --rag`) and evaluate's RAG
-rows share. An adapter with a confidence gate answers from memory first and reads only when unsure (FLARE's rule,
-Jiang et al., 2023); a remembered answer cites the passage shown that states it (`recalled`), and an answer read from
-the passages stands only when one it cites states it (`vouched`). Pure: no I/O.
+rows share (`sourced`). The excerpts come first: an answer read from them stands when one it cites states it
+(`vouched`); only when none does, an adapter with a confidence gate answers from memory, through the gate, citing the
+passage shown that states it (`recalled`). Memory first (FLARE's rule, Jiang et al., 2023) kept what a small model
+remembers, but also what it confabulates with confidence about a paper it never saw, which its excerpt would have
+answered. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ def recalled(answer: str, passages: Sequence[Passage] | None) -> str | None:
         return None
     n = next((i for i, p in enumerate(passages or (), 1) if supports(p, answer)), None)
     return with_citation(answer, n) if n else answer
+
+
+def sourced(read: str | None, memory: str | None, passages: Sequence[Passage]) -> str:
+    """The retrieval answer: `read` (the reply over the excerpts; None: none was shown) where an excerpt it cites
+    states it, else `memory` (the closed-book reply through the gate; None: no gate) as `recalled`, else the
+    abstention."""
+    text = vouched(read, passages) if read is not None else ABSTAIN_ANSWER
+    if is_abstention(cited(text, passages)[0]) and memory is not None:
+        text = recalled(memory, passages) or text
+    return text
 
 
 def vouched(answer: str, passages: Sequence[Passage]) -> str:

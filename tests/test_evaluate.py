@@ -845,32 +845,43 @@ def test_bleu_is_reported_as_corpus_and_as_mean_sentence_bleu_labelled(scorer):
     assert "| BLEU (corpus) |" in table and "| BLEU (mean sentence) |" in table
 
 
-def test_a_gated_adapter_answers_from_memory_first_and_reads_only_what_it_declined(monkeypatch, corpus_dir):
-    """fine_tuned_rag as the apps answer with a gate (FLARE's rule): the closed-book answer the gate kept stands,
-    citing the passage shown that states it (or nothing when none does); only the declined questions are read."""
+def test_the_rag_rows_answer_from_the_excerpts_first_and_a_gated_adapter_from_memory_where_they_state_nothing(
+        monkeypatch, corpus_dir):
+    """fine_tuned_rag as the apps answer with a gate: every question with passages is read; a read answer an excerpt
+    it cites states stands, even over a closed-book answer the gate kept (a small model confabulates a paper it never
+    saw with confidence); where the excerpts state nothing, the closed-book answer the gate kept, citing the passage
+    shown that states it (or nothing when none does); else the abstention."""
+    from qrb.retrieval import excerpts
+    from stages.evaluate import core
     from stages.evaluate.core import local_answers
 
     papers = [json.loads(x) for x in (corpus_dir / "quantum-papers.jsonl").read_text().splitlines()][:6]
-    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("hybrid", 2, -1.0, 120))
+    retrieval = (Retriever(passages_from_papers(papers), bag_of_words), RetrievalParams("hybrid", 2, -1.0, 4000))
     rows = [{"question": f"What does the paper \"{p['title']}\" show?", "answer": "-", "doi": p["doi"]}
-            for p in papers[:3]]
-    stated = papers[0]["title"].split()[-1]  # a word of its own passage: the memory answer it states
-    closed_book = [f"{stated}.", ABSTAIN_ANSWER, "Photonic mayonnaise."]
+            for p in papers[:4]]
+    word = [max(p["abstract"].split()[:12], key=len).strip(".,;:()") for p in papers[:4]]  # each stated by its own
+    closed_book = [f"{word[1]}.", ABSTAIN_ANSWER, f"{word[2]}.", "Photonic mayonnaise."]
+    reads = [f"{word[0]} [{{n}}].", "Photonic mayonnaise [{n}].", ABSTAIN_ANSWER, "Nothing at all [{n}]."]
     sent: dict[str, list[str]] = {}
-    local = fake_local(monkeypatch, sent)
-    from stages.evaluate import core
+    local = dataclasses.replace(fake_local(monkeypatch, sent), gate=Gate(0.5))
 
-    reading = core.generate_answers
-    monkeypatch.setattr(core, "generate_answers", lambda model, tok, prompts, system, **kw: closed_book
-                        if kw["desc"].endswith("/fine_tuned") else reading(model, tok, prompts, system, **kw))
-    local = dataclasses.replace(local, gate=Gate(0.5))
+    def generate(model, tok, prompts, system, **kw):
+        sent[kw["desc"]] = list(prompts)
+        if not kw["desc"].endswith("rag"):
+            return closed_book if kw["desc"].endswith("/fine_tuned") else ["Base."] * len(prompts)
+        titles = [[x.title for x in excerpts(q)] for q in prompts]
+        own = [t.index(" ".join(p["title"].split())) + 1 if " ".join(p["title"].split()) in t else 1
+               for t, p in zip(titles, papers)]
+        return [r.format(n=n) for r, n in zip(reads, own, strict=True)]
+
+    monkeypatch.setattr(core, "generate_answers", generate)
     answers, extras = local_answers(local, "eval", rows, retrieval)
-    assert len(sent["eval/fine_tuned_rag"]) == 1 and rows[1]["question"] in sent["eval/fine_tuned_rag"][0]
-    assert answers["fine_tuned_rag"] == [f"{stated}.", ABSTAIN_ANSWER, "Photonic mayonnaise."]  # read: vouched
-    own = [x for x in extras["fine_tuned_rag"][0]["shown"]].index(papers[0]["doi"])
-    assert extras["fine_tuned_rag"][0]["cited"] == [papers[0]["doi"]] and own >= 0
-    assert extras["fine_tuned_rag"][2]["cited"] == []  # stated by no passage shown: cited to none
-    assert len(sent["eval/rag"]) == 3  # the base model has no gate: it reads every question
-    sent.clear()  # no gate: the adapter reads every question too
-    local_answers(dataclasses.replace(local, gate=None), "eval", rows, retrieval)
-    assert len(sent["eval/fine_tuned_rag"]) == 3
+    assert len(sent["eval/fine_tuned_rag"]) == len(sent["eval/rag"]) == 4  # every question is read
+    assert answers["fine_tuned_rag"] == [
+        f"{word[0]}.",  # read and stated by the excerpt it cites: it stands over the closed-book answer
+        ABSTAIN_ANSWER,  # read but stated by none, and declined closed-book
+        f"{word[2]}.", "Photonic mayonnaise."]  # the excerpts state nothing: the closed-book answer
+    cited = [x["cited"] for x in extras["fine_tuned_rag"]]
+    assert cited == [[rows[0]["doi"]], [], [rows[2]["doi"]], []]  # memory cites the passage stating it, if any
+    answers, _ = local_answers(dataclasses.replace(local, gate=None), "eval", rows, retrieval)
+    assert answers["fine_tuned_rag"] == [f"{word[0]}.", ABSTAIN_ANSWER, ABSTAIN_ANSWER, ABSTAIN_ANSWER]  # no memory

@@ -7,10 +7,11 @@ import json
 import re
 
 import pytest
-from generate_helpers import fake_papers, make_workspace, read, recipe, run_main
+from generate_helpers import fake_papers, make_workspace, params_of, read, recipe, run_main
 
 from qrb.retrieval import Passage, citations, cite, excerpts, rag_prompt, rag_question, with_citation
 from stages.generate.raft import raft_rows
+from stages.generate.units import build_units
 from standins.smoke import serve_smoke_endpoint
 
 TITLE_LINE = re.compile(r"(?m)^\[(\d+)\] (.+)$")
@@ -172,3 +173,37 @@ def test_reading_papers_are_declined_closed_book_and_answered_only_from_their_ex
         else:  # only other papers: it declines, citing none
             assert r["answer"] == ABSTAIN_ANSWER
     assert [r for r in out if r["doi"] not in read] == [r for r in train if r["doi"] not in read]
+
+
+def test_reading_practice_asks_more_facts_and_trains_them_only_over_their_papers_excerpt(tmp_path, monkeypatch):
+    """`raft_read_facts`: each request asks for that many facts more; those of training papers become RAFT gold rows
+    (their paper's excerpt shown, cited), one wording each and never closed-book; an eval paper's are dropped; the
+    facts learnt closed-book, the eval split and the seen set are what they were without it."""
+    common = dict(prompts=["facts"], pairs_per_prompt=1, eval_size=4, augment_variants=2, seen_questions=10)
+    with serve_smoke_endpoint(port=0) as ep:
+        plain = make_workspace(tmp_path / "plain", ep.base_url, **common)
+        run_main(plain, monkeypatch)
+        ws = make_workspace(tmp_path / "ws", ep.base_url, raft_read_facts=2, **common)
+        run_main(ws, monkeypatch)
+    units, _ = build_units(read(ws / "artifacts/scrape/papers.jsonl")[:1], {"facts": "{{n}} pairs"}, "", params_of(ws), 0)
+    assert units[0].messages[1]["content"] == "3 pairs"  # 1 to learn closed-book, 2 to read
+    train, before = read(ws / "artifacts/generate/train.jsonl"), read(plain / "artifacts/generate/train.jsonl")
+    practice = [r for r in train if r["kind"] == "raft"]
+    same = ("question", "answer", "fact_id", "variant", "kind")
+    assert [{k: r[k] for k in same} for r in train if r["kind"] != "raft"] == [{k: r[k] for k in same} for r in before]
+    for name in ("eval", "seen"):
+        assert [r["question"] for r in read(ws / f"artifacts/generate/{name}.jsonl")] == \
+            [r["question"] for r in read(plain / f"artifacts/generate/{name}.jsonl")]
+    evals = {r["doi"] for r in read(ws / "artifacts/generate/eval.jsonl")}
+    closed = {r["fact_id"] for r in train if r["kind"] != "raft"}
+    papers = {pp["doi"]: pp for pp in read(ws / "artifacts/scrape/papers.jsonl")}
+    assert len(practice) > len({r["doi"] for r in practice}) and not {r["doi"] for r in practice} & evals
+    assert len({r["fact_id"] for r in practice}) == len(practice) and not {r["fact_id"] for r in practice} & closed
+    doi_of = {" ".join(pp["title"].split()): doi for doi, pp in papers.items()}
+    for r in practice:
+        shown = [Passage(doi_of[x.title], x.title, x.text) for x in excerpts(r["question"])]
+        own = next(x for x in shown if x.doi == r["doi"])  # its paper's excerpt is shown (tiny: top_k 2) ...
+        assert r["short_answer"].lower() in own.text.lower()  # ... and states it ...
+        assert [c["doi"] for c in cite(r["answer"], shown)[1]] == [r["doi"]]  # ... and the answer cites it alone
+    metrics = json.loads((ws / "reports/generate.json").read_text())
+    assert metrics["raft_practice_rows"] == len(practice) and metrics["train_pairs"] == len(train)

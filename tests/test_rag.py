@@ -102,6 +102,21 @@ def test_ground_keeps_passages_above_min_score_cites_each_paper_once_or_abstains
     assert (none, nothing) == (None, [])
 
 
+def test_a_long_passage_is_shown_by_the_sentences_the_question_asks_about():
+    from qrb.retrieval import Passage, focus, rag_prompt
+
+    p = Passage("10.1/a", "Sparse Pauli noise models", "We study sparse Pauli noise models. Learning them is hard. "
+                "Here we present new techniques that accomplish exactly this. Sparse Pauli noise models are common.")
+    question = 'In "Sparse Pauli noise models", researchers present new what?'
+    # the answering sentence is the third: the start of the passage would not show it; the title's words pick none
+    assert focus(question, p, 70) == "... Here we present new techniques that accomplish exactly this. ..."
+    assert focus(question, p, 110) == ("We study sparse Pauli noise models. ... Here we present new techniques that "
+                                       "accomplish exactly this. ...")
+    assert focus(question, p, 1000) == p.text  # it fits: whole
+    assert focus("banana?", Passage(None, "T", "One long sentence without a stop"), 12) == "One long ..."
+    assert "[1] Sparse Pauli noise models\n... Here we present" in rag_prompt(question, [(p, 0.9)], 70)
+
+
 def test_ground_abstains_on_a_quoted_title_no_indexed_paper_has():
     """An invented question spliced from a real paper's sentence retrieves that paper, and the fine-tuned model read
     the answer there: with retrieval it answered 60% of the demo's invented questions (the base model 5%)."""
@@ -187,13 +202,15 @@ def test_rag_bot_answers_from_the_papers_it_retrieves_and_names_those_it_cites(r
 
     from apps import ask
     from apps.chat import chat_loop
-    from qrb.retrieval import citations
+    from qrb.retrieval import citations, focus
     from qrb.schema import ABSTAIN_ANSWER
 
     conv, shown = rag_bot.ground([{"role": "user", "content": QUESTION}])
     assert citations(shown)[0] == {"doi": PAPER["doi"], "title": PAPER["title"],
                                    "url": f"https://doi.org/{PAPER['doi']}"}
-    assert len(shown) <= rag_bot.retrieval.top_k and PAPER["abstract"][:60] in conv[-1]["content"]
+    p = rag_bot.retrieval
+    assert len(shown) <= p.top_k and f"[1] {PAPER['title']}\n{focus(QUESTION, shown[0], p.max_chars)}\n" in \
+        conv[-1]["content"]
     assert rag_bot.ground([{"role": "user", "content": OFF_TOPIC}])[1] is None
     inputs = iter([QUESTION, OFF_TOPIC, QUESTION, "/exit"])
     out: list[str] = []
@@ -299,28 +316,40 @@ def test_a_read_answer_stands_only_where_an_excerpt_it_cites_states_it():
     assert vouched("I don't know that paper.", [a]) == "I don't know that paper."  # a decline stands as it is
 
 
-def test_with_a_gate_the_bot_answers_from_memory_when_sure_and_reads_when_not(rag_bot, monkeypatch, capsys):
+def test_the_bot_answers_from_the_excerpts_first_and_from_memory_through_its_gate_where_they_state_nothing(
+        rag_bot, monkeypatch, capsys):
+    """`qrb ask --rag` reads first: a reply an excerpt it cites states is printed with its source, memory unasked;
+    where the excerpts state nothing, an adapter with a gate answers closed-book through it, citing the passage shown
+    that states it; without a gate, the abstention."""
     import argparse
 
     from apps import ask
     from apps.bot import Reply
+    from qrb.schema import ABSTAIN_ANSWER
 
-    sure = PAPER["title"].split()[-1] + "."
+    remembered = PAPER["title"].split()[-1] + "."  # a word of its passage (the title is searched with the text)
     calls = []
 
-    def generate(conv, gated=None, **kw):
-        calls.append((conv[-1]["content"], gated))
-        return Reply(text=sure if len(calls) == 1 else "I don't know that paper, so I can't answer that.")
+    def answering(*replies):
+        def generate(conv, gated=None, **kw):
+            calls.append((conv[-1]["content"], gated))
+            return Reply(text=replies[len(calls) - 1])
+        monkeypatch.setattr(rag_bot, "generate", generate)
+        calls.clear()
+
+    def ask_it() -> str:
+        ask.ask(argparse.Namespace(question=QUESTION.split()))
+        return capsys.readouterr().out
 
     monkeypatch.setattr(rag_bot, "gate", Gate(0.5))
-    monkeypatch.setattr(rag_bot, "generate", generate)
     monkeypatch.setattr(ask, "bot_from_args", lambda args: rag_bot)
-    ask.ask(argparse.Namespace(question=QUESTION.split()))
-    assert calls == [(QUESTION, True)]  # closed-book, through the gate; nothing read
-    assert capsys.readouterr().out == f"{sure[:-1]} [1].\n{SOURCES}\n"
-    scripted(rag_bot, monkeypatch, CITING)  # unsure from memory: it reads the passages
-    monkeypatch.setattr(rag_bot, "recall", lambda conv, shown, **kw: None)
-    ask.ask(argparse.Namespace(question=QUESTION.split()))
-    assert capsys.readouterr().out == f"{CITING}\n{SOURCES}\n"
+    answering(CITING, remembered)
+    assert ask_it() == f"{CITING}\n{SOURCES}\n" and len(calls) == 1  # read and stated: memory unasked
+    assert calls[0][0].startswith("Answer the question using") and not calls[0][1]  # the passages, ungated
+    answering("Photonic mayonnaise [1].", remembered)  # read, but stated by no excerpt: memory, through the gate
+    assert ask_it() == f"{remembered[:-1]} [1].\n{SOURCES}\n" and calls[1] == (QUESTION, True)
+    answering(ABSTAIN_ANSWER, ABSTAIN_ANSWER)
+    assert ask_it() == f"{ABSTAIN_ANSWER}\n" and len(calls) == 2
     monkeypatch.setattr(rag_bot, "gate", None)
-    assert type(rag_bot).recall(rag_bot, [{"role": "user", "content": QUESTION}], []) is None  # no gate: reads
+    answering("Photonic mayonnaise [1].", remembered)
+    assert ask_it() == f"{ABSTAIN_ANSWER}\n" and len(calls) == 1  # no gate: no memory to fall back on

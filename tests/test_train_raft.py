@@ -17,11 +17,14 @@ MAX_CHARS = 120  # short excerpts: a quick run; the decision (is this the questi
 
 
 def facts(papers: list[dict]) -> list[dict]:
-    """One fact a paper: its abstract's first words, asked by the paper's title."""
+    """One fact a paper: the first words of its excerpt as the apps show it, asked by the paper's title."""
+    from qrb.retrieval import focus, passages_from_papers
+
     out = []
-    for i, pp in enumerate(papers):
-        short = " ".join(pp["abstract"].split()[:5]).rstrip(".,;:")
-        out.append({"question": f"What does \"{pp['title']}\" open with?", "answer": short + ".", "short_answer": short,
+    for i, (pp, passage) in enumerate(zip(papers, passages_from_papers(papers), strict=True)):
+        question = f"What does \"{pp['title']}\" open with?"
+        short = " ".join(focus(question, passage, MAX_CHARS).removeprefix("... ").split()[:5]).rstrip(".,;:")
+        out.append({"question": question, "answer": short + ".", "short_answer": short,
                     "aliases": [], "evidence": "", "doi": pp["doi"], "title": pp["title"], "published": None,
                     "prompt_id": "facts", "model": "m", "response_id": "r", "chunk": 0, "fact_id": f"f{i:02d}",
                     "variant": 0, "kind": "fact"})

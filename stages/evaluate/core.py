@@ -20,7 +20,7 @@ from qrb.llm import Cache
 from qrb.model import Gate, generate_answers, token_nll_rows
 from qrb.retrieval import cite, ground
 from qrb.schema import ABSTAIN_ANSWER
-from qrb.sources import recalled, vouched
+from qrb.sources import sourced
 
 from . import EvaluateParams
 from .metrics import Scorer, aggregate, paired_gains
@@ -66,9 +66,8 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     """The local rows of one set: base (adapter disabled), fine_tuned, and with `retrieval` (a Retriever and its
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
     apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score;
-    an adapter with a gate answers from memory first, as the apps do: its closed-book answer where the gate kept it,
-    citing the passage shown that states it (qrb.sources.recalled), reading the passages for the rest; an answer
-    read from them stands only where a passage it cites states it (qrb.sources.vouched). Returns
+    an answer read from the passages stands where a passage it cites states it, and where none does an adapter with
+    a gate gives its closed-book answer (the gate's), as the apps do (qrb.sources.sourced). Returns
     (answers, per-question extras: NLL and answer tokens; for the RAG rows the DOIs of the passages shown and of those
     the answer cites, qrb.retrieval.cite, whose answer without its [n] markers is what is graded) by model."""
     questions = [r["question"] for r in rows]
@@ -78,23 +77,21 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     answers: dict[str, list[str]] = {}
     extras: dict[str, list[dict[str, Any]]] = {}
 
-    def rag(name: str, memory: Sequence[str] = ()) -> None:
-        known = {i: r for i, a in enumerate(memory) if (r := recalled(a, grounded[i][1])) is not None}
-        ask = [i for i in shown if i not in known]
-        read = local.answer([grounded[i][0] for i in ask], f"{set_name}/{name}")[0]
-        said = {i: vouched(a, grounded[i][1]) for i, a in zip(ask, read, strict=True)} | known
-        cited = [cite(said.get(i, ABSTAIN_ANSWER), passages) for i, (_, passages) in enumerate(grounded)]
+    def rag(name: str, memory: Sequence[str | None]) -> None:
+        read = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
+        cited = [cite(sourced(read.get(i), m, passages), passages)
+                 for i, ((_, passages), m) in enumerate(zip(grounded, memory, strict=True))]
         answers[name] = [text for text, _ in cited]
         extras[name] = [{"shown": [x.doi for x in passages], "cited": [c["doi"] for c in cites]}
                         for (_, passages), (_, cites) in zip(grounded, cited)]
 
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
-    if grounded:  # a gated adapter answers from memory first, reading only what it declined (the apps' rule)
-        rag("fine_tuned_rag", answers["fine_tuned"] if local.gate is not None else ())
+    if grounded:  # what the excerpts state first; a gated adapter's memory where they state nothing (the apps' rule)
+        rag("fine_tuned_rag", answers["fine_tuned"] if local.gate is not None else [None] * len(rows))
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, f"{set_name}/base", refs)
         if grounded:
-            rag("rag")
+            rag("rag", [None] * len(rows))
     order = [m for m in LOCAL_MODELS if m in answers]
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
 

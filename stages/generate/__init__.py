@@ -104,6 +104,7 @@ class GenerateParams:
     raft_gold_share: float      # training facts also asked with their paper's excerpt among distractors (RAFT)
     raft_distractor_share: float  # ... with distractor excerpts only; the two shares pick disjoint facts
     raft_reading_share: float   # training papers learnt only by reading: their facts in RAFT rows alone (raft.py)
+    raft_read_facts: int        # more facts asked of each paper, each trained only over its paper's excerpt, cited
     max_consecutive_failures: int  # circuit breaker: this many requests in a row failing alike stop the run
     price_input_per_1m: float   # USD per 1M tokens
     price_output_per_1m: float
@@ -112,6 +113,11 @@ class GenerateParams:
     batch_price_factor: float   # a batch reply's price / the online price (OpenAI: 0.5)
     batch_poll_s: float         # first wait between polls of a batch's status; doubles each poll ...
     batch_poll_max_s: float     # ... up to this
+
+    @property
+    def facts_asked(self) -> int:
+        """Facts a QA request asks for: those learnt closed-book, then the reading practice's."""
+        return self.pairs_per_prompt + self.raft_read_facts
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
@@ -130,7 +136,7 @@ class GenerateParams:
             if getattr(self, name) < 1:
                 raise ValueError(f"params: `generate.{name}` must be at least 1")
         for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "eval_size", "seen_questions",
-                     "abstain_share", "invented_questions",
+                     "abstain_share", "invented_questions", "raft_read_facts",
                      "backoff_base_s",
                      "backoff_max_s", "price_input_per_1m", "price_output_per_1m", "max_cost_usd", "temperature"):
             if getattr(self, name) < 0:

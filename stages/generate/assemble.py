@@ -31,6 +31,7 @@ class Assembled:
     invented: list[dict[str, Any]]
     failures: list[dict[str, Any]]
     metrics: dict[str, Any]
+    practice: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # facts to learn by reading (raft.py)
 
 
 @dataclasses.dataclass
@@ -47,17 +48,19 @@ class Facts:
     eval_max_papers: int
 
 
-def rows_from_responses(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams
-                        ) -> list[dict[str, Any]]:
+def rows_from_responses(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams,
+                        practice: bool = False) -> list[dict[str, Any]]:
     """The pairs of every answered QA unit, as QAPair records (variant 0 of a fact each), in (paper, chunk,
-    prompt) order."""
+    prompt) order: the first `pairs_per_prompt` of a reply (the facts), or with `practice` those after them (the
+    reading practice's, `raft_read_facts`)."""
     order = {pid: i for i, pid in enumerate(p.prompts)}
     rows = []
     for unit in sorted(units, key=lambda u: (u.doi, u.chunk, order[u.prompt_id])):
         value = responses.get(unit.key)
         if value is None:
             continue
-        for pair in parse_pairs(value["content"])[:p.pairs_per_prompt]:
+        pairs = parse_pairs(value["content"])
+        for pair in pairs[p.pairs_per_prompt:p.facts_asked] if practice else pairs[:p.pairs_per_prompt]:
             rows.append(QAPair(question=pair["question"], answer=pair["answer"], doi=unit.doi, title=unit.title,
                                published=unit.published, prompt_id=unit.prompt_id, model=value["model"],
                                response_id=value["response_id"], chunk=unit.chunk,
@@ -189,6 +192,12 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
                                                         p.near_duplicate_jaccard, [r["question"] for r in train],
                                                         p.seen_max_jaccard)
     train = train + abstain
+    # reading practice: the further facts of training papers, each new to every question asked so far
+    on_train = {r["doi"] for r in facts.train}
+    extra = [r for r in rows_from_responses(units, responses, p, practice=True) if r["doi"] in on_train]
+    new = {id(r) for r in extra}
+    practice = [r for r in dedup_questions(facts.train + facts.eval + seen + extra, p.near_duplicate_jaccard)[0]
+                if id(r) in new]
     failures = list(failures) + facts.failures
     order = {pid: i for i, pid in enumerate(p.prompts + (AUGMENT, PARAPHRASE, INVENT))}
     failures.sort(key=lambda f: (f["doi"] or "", f["chunk"] or 0, order.get(f["prompt_id"], -1),
@@ -223,4 +232,5 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
         "estimated_cost_usd": estimated_cost_usd,
         "this_run": {**this_run, "requests_from_cache": sum(1 for us in kinds.values() for u in us if u.key in cached)},
     }
-    return Assembled(train=train, eval=facts.eval, seen=seen, invented=invented, failures=failures, metrics=metrics)
+    return Assembled(train=train, eval=facts.eval, seen=seen, invented=invented, failures=failures, metrics=metrics,
+                     practice=practice)

@@ -131,7 +131,7 @@ async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, se
         finally:
             bar.close()
 
-    await one(units, "generate", p.pairs_per_prompt)
+    await one(units, "generate", p.facts_asked)
     facts = collect_facts(units, requester.responses, p, seed)
     aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
     if aug:
@@ -204,7 +204,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
                    augment=aug, paraphrase=para, invent=inv, n_abstain=n_abstain)
     if not out.train and not out.eval:
         raise _no_pairs(out)
-    if p.raft_gold_share or p.raft_distractor_share or p.raft_reading_share:  # excerpts as the apps show them
+    if p.raft_gold_share or p.raft_distractor_share or p.raft_reading_share or out.practice:  # excerpts as the apps show
         _, rp = load_section("retrieval", RetrievalParams)
         held = {r["doi"] for r in out.eval}
         if p.raft_reading_share:
@@ -213,7 +213,11 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
             out.metrics.update(counts, seen_kept=len(out.seen))
         raft, counts = raft_rows(out.train, held, papers, p.raft_gold_share, p.raft_distractor_share, rp.top_k,
                                  rp.max_chars, seed)
-        out.train += raft
+        # the reading practice: each further fact over its paper's excerpt, cited (RAFT's gold rows, one wording)
+        practice, _ = raft_rows(out.practice, held, papers, 1.0, 0.0, rp.top_k, rp.max_chars, seed,
+                                {r["doi"] for r in out.train if r.get("doi")})
+        out.train += raft + practice
+        counts["raft_practice_rows"] = len(practice)
         out.metrics.update(counts, train_pairs=len(out.train), pairs=len(out.train) + len(out.eval))
     write_jsonl(TRAIN, out.train)
     write_jsonl(EVAL, out.eval)

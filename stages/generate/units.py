@@ -121,9 +121,9 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
                 seed: int) -> tuple[list[Unit], list[dict[str, Any]]]:
     """Every request to make, and the papers that cannot be sent (as failure rows)."""
     units, failures = [], []
-    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": p.pairs_per_prompt,
+    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": p.facts_asked,
                 "seed": seed}
-    est_out = min(p.max_tokens, p.pairs_per_prompt * EST_OUTPUT_TOKENS_PER_PAIR + 20)
+    est_out = min(p.max_tokens, p.facts_asked * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     for paper in papers:
         doi, title = paper.get("doi"), clean(paper.get("title"))
         if not doi:
@@ -137,7 +137,7 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
             block = render_paper(paper, ci, text, len(chunks))
             for pid in p.prompts:
                 template = templates[pid]
-                user = template.replace("{{n}}", str(p.pairs_per_prompt)).replace("{{paper}}", block)
+                user = template.replace("{{n}}", str(p.facts_asked)).replace("{{paper}}", block)
                 units.append(Unit(doi=doi, title=title, published=paper.get("published"), prompt_id=pid,
                                   chunk=ci, key=cache_key(p, system, template, block, sampling),
                                   est_prompt_tokens=est_tokens(system + user, p.model) + 8, est_completion_tokens=est_out,
