@@ -36,6 +36,7 @@ RAG_TEMPLATE = ("Answer the question using the following excerpts from papers pu
                 "Question: {question}")
 _MARKER = re.compile(r"\s*(?<![\[\w])\[(\d{1,2}(?:\s*,\s*\d{1,2})*)\](?!\])")  # [1], [1, 2]; not [[7,1,3]]
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9$(\\\[])")  # a full stop then a capital: "et al. showed" stays whole
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”')
 FOCUS_MIN_SHARED = 2  # words a sentence shares with the question for `focus` to pick it: one is as often chance
 _STOP = frozenset("a an and are as at be by can do does for from has have how in is it its of on or that the their "
                   "this to was what when where which who why with paper papers report reports".split())
@@ -219,11 +220,11 @@ class Retriever:
 
 def focus(question: str, p: Passage, max_chars: int) -> str:
     """The passage's text as an excerpt of at most `max_chars` characters: whole when it fits, else the sentences
-    sharing the most words with the question, its title's aside (they name the paper, not the sentence; ties: the
-    earlier), in their order, "..." where text is left out; its start when none shares FOCUS_MIN_SHARED. Extractive
-    compression (RECOMP, Xu et al., 2024): the sentence that answers is shown wherever the passage holds it, and a
-    small reader is not asked to find it in a page."""
-    asked = set(words(question)) - set(words(p.title))
+    sharing the most words with the question, a quoted title's and the passage's own title's aside (they name a
+    paper, not a sentence; ties: the earlier), in their order, "..." where text is left out; its start when none
+    shares FOCUS_MIN_SHARED. Extractive compression (RECOMP, Xu et al., 2024): the sentence that answers is shown
+    wherever the passage holds it, and a small reader is not asked to find it in a page."""
+    asked = set(words(_QUOTED.sub(" ", question))) - set(words(p.title))
     sentences = _SENTENCE.split(p.text)
     shared = [len(asked & set(words(x))) for x in sentences]
     if len(p.text) <= max_chars or max(shared) < FOCUS_MIN_SHARED:  # it fits, or no sentence is asked about: its start
