@@ -97,7 +97,7 @@ def test_invented_claims_splice_real_sentences_when_abstracts_are_listed():
 def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_path, monkeypatch):
     from generate_helpers import make_workspace, read, run_main
 
-    import stages.generate.run as generate_run
+    import stages.generate.plan as generate_plan
     from standins.smoke.server import serve_smoke_endpoint
 
     listed_to_invent = []
@@ -105,8 +105,8 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     def recording(papers, *args):
         listed_to_invent.append(papers)
         return invent_units(papers, *args)
-    invent_units = generate_run.invent_units
-    monkeypatch.setattr(generate_run, "invent_units", recording)
+    invent_units = generate_plan.invent_units
+    monkeypatch.setattr(generate_plan, "invent_units", recording)
     with serve_smoke_endpoint(port=0) as ep:
         ws = make_workspace(tmp_path / "ws", ep.base_url, prompts=["facts"], pairs_per_prompt=2, augment_variants=4,
                             seen_questions=50, abstain_share=0.25, invented_questions=12, eval_size=4)
@@ -129,7 +129,7 @@ def test_generate_writes_short_answers_abstention_rows_and_the_invented_set(tmp_
     metrics = json.loads((ws / "reports/generate.json").read_text())
     assert metrics["abstain_pairs"] == len(abstain) and metrics["invented_kept"] == len(invented)
     assert all(re.search(r"\?$", r["question"]) for r in seen)
-    listed = {pp["doi"] for papers in listed_to_invent for pp in papers}
+    listed = {pp["doi"] for pp in listed_to_invent[-1]}  # the run's requests (the cost estimate's come first)
     assert listed and not listed & {r["doi"] for r in evals}  # no held-out paper's words teach abstention
 
 

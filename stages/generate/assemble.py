@@ -179,7 +179,7 @@ def _usage(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateP
 def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: list[dict[str, Any]],
              p: GenerateParams, seed: int, *, n_papers: int, cached: set[str], this_run: dict[str, Any],
              estimated_cost_usd: float, augment: list[Unit] = (), paraphrase: list[Unit] = (),
-             invent: list[Unit] = (), n_abstain: int = 0) -> Assembled:
+             invent: list[Unit] = ()) -> Assembled:
     """Train/eval/seen rows, every failure (those given, in order, plus papers whose every question duplicated
     another paper's), and the metrics. `units` = the QA units, `augment` / `paraphrase` the fact-level ones;
     `cached` = the keys the cache held before the run; `this_run` = the run's own counters."""
@@ -188,7 +188,8 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
     by_fact = {f["fact_id"]: f for f in facts.train}
     seen, seen_dropped = seen_rows(list(paraphrase), responses, by_fact, train, p.seen_max_jaccard)
     real_titles = sorted({u.title for u in units})
-    abstain, invented, invented_dropped = invented_rows(list(invent), responses, real_titles, n_abstain,
+    abstain, invented, invented_dropped = invented_rows(list(invent), responses, real_titles,
+                                                        round(p.abstain_share * len(train)),
                                                         p.near_duplicate_jaccard, [r["question"] for r in train],
                                                         p.seen_max_jaccard)
     train = train + abstain

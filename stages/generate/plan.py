@@ -1,11 +1,12 @@
-"""What a run will send and cost, before anything is sent (`--dry-run`, the budget check): the QA requests exactly,
-and the fact-level rounds (augment, paraphrase) exactly where the replies they depend on are cached, else estimated
-from the QA requests still to answer (each assumed to yield `pairs_per_prompt` facts). Pure."""
+"""The run's rounds of requests (`rounds`: the order `run` follows) and what they will send and cost, before anything
+is sent (`plan`: `--dry-run`, the budget check): the QA requests exactly, and the fact-level rounds (augment,
+paraphrase, invent) exactly where the replies they depend on are cached, else estimated from the QA requests still to
+answer (each assumed to yield `pairs_per_prompt` facts). Pure."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from qrb import llm
@@ -14,7 +15,7 @@ from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .assemble import collect_facts, with_variants
 from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .replies import parse_pairs
-from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cost_usd, est_tokens, estimate, mode_factor
+from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, est_tokens, estimate, priced
 
 EST_PAIR_CHARS = 450      # a pair (question + answer) with its title and DOI lines, for the estimate
 EST_QUESTION_CHARS = 120  # one more question on a paraphrase request's Asked lines
@@ -27,67 +28,71 @@ class Round:
     est: dict[str, Any]   # `units.estimate` of the round
 
 
+def rounds(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams, seed: int, system: str,
+           fact_templates: dict[str, str], papers: list[dict[str, Any]]
+           ) -> Generator[tuple[str, list[Unit], int], None, tuple[list[Unit], list[Unit], list[Unit]]]:
+    """The run's rounds in order, each (name, its units, pairs a reply holds): the QA round, then the augment and
+    paraphrase rounds built from its facts, then the invented papers. The caller puts a round's replies in
+    `responses` before it asks for the next round. Returns (augment, paraphrase, invent) units."""
+    yield "qa", units, p.facts_asked
+    facts = collect_facts(units, responses, p, seed)
+    aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
+    if aug:
+        yield AUGMENT, aug, p.augment_variants - 1
+    train, _ = with_variants(facts, aug, responses, p)
+    para: list[Unit] = []
+    if p.seen_questions > 0:
+        para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train, fact_templates[PARAPHRASE],
+                                system, p, seed)
+        yield PARAPHRASE, para, 1
+    held = {f["doi"] for f in facts.eval}
+    inv = invent_units([pp for pp in papers if pp.get("doi") not in held], p.invented_questions,
+                       with_spare(round(p.abstain_share * len(train))), fact_templates.get(INVENT, ""), system, p,
+                       seed)
+    if inv:
+        yield INVENT, inv, INVENT_PER_REQUEST
+    return aug, para, inv
+
+
 def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str) -> dict[str, Any]:
     """An estimate for `n` fact-level requests whose facts are not known yet."""
-    if name == AUGMENT:
-        prompt = est_tokens(system + template, p.model) + llm.estimate("x" * EST_PAIR_CHARS) + 8
-        out = min(p.max_tokens, (p.augment_variants - 1) * EST_OUTPUT_TOKENS_PER_PAIR + 20)
-    else:
-        chars = EST_PAIR_CHARS + p.augment_variants * EST_QUESTION_CHARS
-        prompt = est_tokens(system + template, p.model) + llm.estimate("x" * chars) + 8
-        out = min(p.max_tokens, EST_OUTPUT_TOKENS_PER_PAIR + 20)
-    pt, ct = n * prompt, n * out
-    return {"requests": n, "requests_cached": 0, "requests_to_send": n, "est_prompt_tokens": pt,
-            "est_completion_tokens": ct, "est_cost_usd": round(cost_usd(pt, ct, p, mode_factor(p)), 6),
-            "worst_case_cost_usd": round(cost_usd(pt, n * p.max_tokens, p, mode_factor(p)), 6)}
-
-
-def _invent_round(n_rows: int, p: GenerateParams, papers: list[dict[str, Any]], system: str,
-                  fact_templates: dict[str, str], seed: int, cached: set[str], exact: bool) -> list[Round]:
-    n_abstain = round(p.abstain_share * n_rows)
-    if n_abstain + p.invented_questions == 0:
-        return []
-    units = invent_units(papers, p.invented_questions, with_spare(n_abstain), fact_templates.get(INVENT, ""), system,
-                         p, seed)
-    return [Round(INVENT, exact, estimate(units, cached if exact else set(), p))]
+    chars = EST_PAIR_CHARS + (0 if name == AUGMENT else p.augment_variants * EST_QUESTION_CHARS)
+    pairs = p.augment_variants - 1 if name == AUGMENT else 1
+    prompt = est_tokens(system + template, p.model) + llm.estimate("x" * chars) + 8
+    out = min(p.max_tokens, pairs * EST_OUTPUT_TOKENS_PER_PAIR + 20)
+    return priced(n, n, n * prompt, n * out, p)
 
 
 def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]]], cached: set[str],
          p: GenerateParams, seed: int, system: str, fact_templates: dict[str, str],
          papers: list[dict[str, Any]] = ()) -> list[Round]:
     """The rounds of the run with their estimates. `fetch(keys)` = the cached replies of those keys."""
-    rounds = [Round("qa", True, estimate(units, cached, p))]
-    want_aug, want_para = p.augment_variants > 1, p.seen_questions > 0
-    if not (want_aug or want_para):
-        return rounds + _invent_round(len(units) * p.pairs_per_prompt, p, list(papers), system, fact_templates, seed,
-                                      cached, False)
+    out = [Round("qa", True, estimate(units, cached, p))]
     known = fetch({u.key for u in units}) if cached else {}
-    if all(u.key in known for u in units):
-        facts = collect_facts(units, known, p, seed)
-        aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
-        if want_aug:
-            rounds.append(Round(AUGMENT, True, estimate(aug, cached, p)))
-        known.update(fetch({u.key for u in aug}))
-        train, _ = with_variants(facts, aug, known, p)
-        exact = all(u.key in known for u in aug)  # else the Asked lines, hence the keys, are not known yet
-        if want_para:
-            para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train,
-                                    fact_templates[PARAPHRASE], system, p, seed)
-            rounds.append(Round(PARAPHRASE, exact, estimate(para, cached if exact else set(), p)))
-        n_rows = len(train) if exact else len(facts.train) * p.augment_variants
-        held = {f["doi"] for f in facts.eval}
-        return rounds + _invent_round(n_rows, p, [pp for pp in papers if pp.get("doi") not in held], system,
-                                      fact_templates, seed, cached, exact)
+    if all(u.key in known for u in units):  # the rounds as the run will build them, from the cached replies
+        later = rounds(units, known, p, seed, system, fact_templates, list(papers))
+        next(later)
+        exact = True
+        for name, round_units, _ in later:
+            out.append(Round(name, exact, estimate(round_units, cached if exact else set(), p)))
+            known.update(fetch({u.key for u in round_units}))
+            # the later rounds read the augment replies (the Asked lines, the rows): unknown, they are estimates
+            exact = exact and (name != AUGMENT or all(u.key in known for u in round_units))
+        return out
     n_facts = sum(min(len(parse_pairs(known[u.key]["content"])), p.pairs_per_prompt) if u.key in known
                   else p.pairs_per_prompt for u in units)
     train_facts = max(0, n_facts - p.eval_size)
-    if want_aug:
-        rounds.append(Round(AUGMENT, False, _synthetic(AUGMENT, train_facts, p, system, fact_templates[AUGMENT])))
-    if want_para:
+    if p.augment_variants > 1:
+        out.append(Round(AUGMENT, False, _synthetic(AUGMENT, train_facts, p, system, fact_templates[AUGMENT])))
+    if p.seen_questions > 0:
         n = min(p.seen_questions, train_facts)
-        rounds.append(Round(PARAPHRASE, False, _synthetic(PARAPHRASE, n, p, system, fact_templates[PARAPHRASE])))
-    return rounds + _invent_round(train_facts * p.augment_variants, p, list(papers), system, fact_templates, seed,
-                                  cached, False)
+        out.append(Round(PARAPHRASE, False, _synthetic(PARAPHRASE, n, p, system, fact_templates[PARAPHRASE])))
+    n_abstain = round(p.abstain_share * train_facts * p.augment_variants)
+    if n_abstain + p.invented_questions:
+        inv = invent_units(list(papers), p.invented_questions, with_spare(n_abstain), fact_templates.get(INVENT, ""),
+                           system, p, seed)
+        out.append(Round(INVENT, False, estimate(inv, set(), p)))
+    return out
 
 
 def total(rounds: list[Round]) -> dict[str, Any]:

@@ -19,12 +19,11 @@ from qrb.retrieval import RetrievalParams
 from qrb.stage import load_section, run_stage
 
 from . import AUGMENT, BASE_KEYS, INVENT, PARAMS_CLASS, PARAPHRASE, SECTION, SYSTEM_PROMPT, GenerateParams
-from .assemble import Assembled, assemble, collect_facts, with_variants
+from .assemble import Assembled, assemble
 from .batch import Batcher
 from .cache import ResponseCache
 from .client import Requester, RunStats
-from .facts import augment_units, invent_units, paraphrase_units, seen_sample, with_spare
-from .plan import describe, plan, total
+from .plan import describe, plan, rounds, total
 from .raft import raft_rows, reading_rows
 from .replies import parse_pairs
 from .units import Unit, build_units, reply_cost
@@ -116,39 +115,23 @@ class ProgressBar:
 
 async def _rounds(requester: Requester, units: list[Unit], p: GenerateParams, seed: int, system: str,
                   fact_templates: dict[str, str], papers: list[dict[str, Any]]
-                  ) -> tuple[list[Unit], list[Unit], list[Unit], int]:
-    """The QA round, then the augment and paraphrase rounds built from its facts, then the invented papers (in batch
-    mode each round is one Batch API job first, then online for what it did not answer). Returns (augment,
-    paraphrase, invent, abstention rows wanted in training)."""
+                  ) -> tuple[list[Unit], list[Unit], list[Unit]]:
+    """`plan.rounds`, each answered (in batch mode by one Batch API job first, then online for what it did not
+    answer). Returns (augment, paraphrase, invent) units."""
     batcher = Batcher(requester) if p.mode == "batch" else None
-
-    async def one(round_units: list[Unit], desc: str, per_reply: int) -> None:
+    later = rounds(units, requester.responses, p, seed, system, fact_templates, papers)
+    while True:
+        try:
+            name, round_units, per_reply = next(later)
+        except StopIteration as done:
+            return done.value
         if batcher is not None:
             await batcher.run(round_units)  # what the job answers is cached; the online pass sends the rest
-        bar = ProgressBar(round_units, p, desc, per_reply)
+        bar = ProgressBar(round_units, p, "generate" if name == "qa" else name, per_reply)
         try:
             await requester.run(round_units, bar)
         finally:
             bar.close()
-
-    await one(units, "generate", p.facts_asked)
-    facts = collect_facts(units, requester.responses, p, seed)
-    aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
-    if aug:
-        await one(aug, AUGMENT, p.augment_variants - 1)
-    para: list[Unit] = []
-    train, _ = with_variants(facts, aug, requester.responses, p)
-    if p.seen_questions > 0:
-        para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train, fact_templates[PARAPHRASE],
-                                system, p, seed)
-        await one(para, PARAPHRASE, 1)
-    n_abstain = round(p.abstain_share * len(train))
-    held = {f["doi"] for f in facts.eval}
-    inv = invent_units([pp for pp in papers if pp.get("doi") not in held], p.invented_questions,
-                       with_spare(n_abstain), fact_templates.get(INVENT, ""), system, p, seed)
-    if inv:
-        await one(inv, INVENT, 10)
-    return aug, para, inv, n_abstain
 
 
 def _no_pairs(out: Assembled) -> DataError:
@@ -193,7 +176,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     client = llm.client(p.base_url, secret or "unused", p.timeout_s, 0, asynchronous=True)  # the loop retries
     requester = Requester(p, seed, client, cache, secret)
     try:
-        aug, para, inv, n_abstain = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))
+        aug, para, inv = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))
     except QrbError as e:
         raise type(e)(f"{e} (outputs left as they were; answered requests are cached)") from None
     finally:
@@ -201,7 +184,7 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
 
     out = assemble(units, requester.responses, paper_failures + requester.failures, p, seed, n_papers=len(papers),
                    cached=cached, this_run=requester.summary(), estimated_cost_usd=est["est_cost_usd"],
-                   augment=aug, paraphrase=para, invent=inv, n_abstain=n_abstain)
+                   augment=aug, paraphrase=para, invent=inv)
     if not out.train and not out.eval:
         raise _no_pairs(out)
     if p.raft_gold_share or p.raft_distractor_share or p.raft_reading_share or out.practice:  # excerpts as the apps show

@@ -157,18 +157,18 @@ def reply_cost(value: dict[str, Any], p: GenerateParams) -> float:
                     p.batch_price_factor if value.get("batch") else 1.0)
 
 
-def mode_factor(p: GenerateParams) -> float:
-    """The price factor of the requests a run will send (batch mode: the Batch API's)."""
-    return p.batch_price_factor if p.mode == "batch" else 1.0
-
-
 def estimate(units: list[Unit], cached: set[str], p: GenerateParams) -> dict[str, Any]:
     """Requests (cached / to send) and their estimated cost, before anything is sent."""
     todo = [u for u in units if u.key not in cached]
-    pt = sum(u.est_prompt_tokens for u in todo)
-    ct = sum(u.est_completion_tokens for u in todo)
-    worst = len(todo) * p.max_tokens
-    return {"requests": len(units), "requests_cached": len(units) - len(todo), "requests_to_send": len(todo),
-            "est_prompt_tokens": pt, "est_completion_tokens": ct,
-            "est_cost_usd": round(cost_usd(pt, ct, p, mode_factor(p)), 6),
-            "worst_case_cost_usd": round(cost_usd(pt, worst, p, mode_factor(p)), 6)}
+    return priced(len(units), len(todo), sum(u.est_prompt_tokens for u in todo),
+                  sum(u.est_completion_tokens for u in todo), p)
+
+
+def priced(n: int, n_todo: int, prompt_tokens: int, completion_tokens: int, p: GenerateParams) -> dict[str, Any]:
+    """An estimate's record: the tokens of the `n_todo` requests to send priced at the mode's price (batch mode: the
+    Batch API's), and at worst (every reply `max_tokens` long)."""
+    factor = p.batch_price_factor if p.mode == "batch" else 1.0
+    return {"requests": n, "requests_cached": n - n_todo, "requests_to_send": n_todo,
+            "est_prompt_tokens": prompt_tokens, "est_completion_tokens": completion_tokens,
+            "est_cost_usd": round(cost_usd(prompt_tokens, completion_tokens, p, factor), 6),
+            "worst_case_cost_usd": round(cost_usd(prompt_tokens, n_todo * p.max_tokens, p, factor), 6)}
