@@ -13,10 +13,14 @@ from typing import Any
 
 
 class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1, the access log at debug level (never headers), and `reply`, which a client that gave up (a time-out,
-    a stall) does not break."""
+    """HTTP/1.1, a GET answered by the server's `app.handle(handler)`, the access log at debug level (never headers),
+    and `reply`, which a client that gave up (a time-out, a stall) does not break."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.app.handle(self)  # type: ignore[attr-defined]
 
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
         try:
@@ -32,13 +36,19 @@ class Handler(BaseHTTPRequestHandler):
         logging.getLogger(type(self).__module__).debug("%s %s", self.address_string(), fmt % args)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default listen backlog (5) drops bursts of connects: 1 s SYN retries
+
+
 @contextlib.contextmanager
-def serve_in_thread(server: ThreadingHTTPServer, name: str) -> Iterator[None]:
-    """Run `server` in a daemon thread for the duration of the block."""
+def serve(app: Any, host: str, port: int, handler: type[Handler], name: str) -> Iterator[tuple[str, int]]:
+    """Serve `app` in a daemon thread for the duration of the block; yields the (host, port) it listens on."""
+    server = _Server((host, port), handler)
+    server.app = app  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
-        yield
+        yield server.server_address[:2]  # type: ignore[misc]
     finally:
         server.shutdown()
         server.server_close()

@@ -13,12 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from html import escape as e
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from standins import Handler, serve_in_thread
+from standins import Handler, serve
 
 from .site import (
     LAYOUTS,
@@ -252,47 +251,37 @@ class Mirror:
                 return 200, html_t, page_doc(hit[0]["title"], "", body).encode(), 0.0
         return self._not_found()
 
-    def record(self, host: str, path: str, status: int, ua: str, t: float) -> None:
+    def handle(self, h: Handler) -> None:
+        """Answer one GET: `respond`, or 304 to a matching If-None-Match; counted and logged."""
+        t = time.monotonic()
+        host = (h.headers.get("Host") or "").rsplit(":", 1)[0]
+        path = urlsplit(h.path).path
+        try:
+            status, headers, body, delay = self.respond(host, path)
+        except Exception:  # never kill the server thread
+            log.exception("mirror: error serving %s", path)
+            status, headers, body, delay = 500, {"Content-Type": "text/plain"}, b"mirror error\n", 0.0
+        etag = headers.get("ETag")
+        if etag and etag in [x.strip() for x in (h.headers.get("If-None-Match") or "").split(",")]:
+            status, body = 304, b""  # the client's copy is current (RFC 9110 13.1.2)
+            headers = {k: v for k, v in headers.items() if k in ("ETag", "Cache-Control")}
         with self._lock:
             self.counts[path] += 1
             self.host_counts[host] += 1
             self.log.append((host, path, status))
             self.times.append((t, path))
-            self.user_agents[ua] += 1
+            self.user_agents[h.headers.get("User-Agent", "")] += 1
+        if delay:
+            time.sleep(delay)
+        h.reply(status, {**headers, "Content-Length": str(len(body))}, body)
 
     @property
     def start_url(self) -> str:
         return f"{self.url}{self.nav}" if self.layout == "papers" else f"{self.url}/"
 
 
-def _handler(mirror: Mirror) -> type[Handler]:
-    class MirrorHandler(Handler):
-        server_version = "qrb-mirror/0.1"
-
-        def do_GET(self) -> None:  # noqa: N802
-            t = time.monotonic()
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-            path = urlsplit(self.path).path
-            try:
-                status, headers, body, delay = mirror.respond(host, path)
-            except Exception:  # never kill the server thread
-                log.exception("mirror: error serving %s", path)
-                status, headers, body, delay = 500, {"Content-Type": "text/plain"}, b"mirror error\n", 0.0
-            etag = headers.get("ETag")
-            if etag and etag in [x.strip() for x in (self.headers.get("If-None-Match") or "").split(",")]:
-                status, body = 304, b""  # the client's copy is current (RFC 9110 13.1.2)
-                headers = {k: v for k, v in headers.items() if k in ("ETag", "Cache-Control")}
-            mirror.record(host, path, status, self.headers.get("User-Agent", ""), t)
-            if delay:
-                time.sleep(delay)
-            self.reply(status, {**headers, "Content-Length": str(len(body))}, body)
-
-    return MirrorHandler
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Handler(Handler):
+    server_version = "qrb-mirror/0.1"
 
 
 @contextlib.contextmanager
@@ -302,8 +291,7 @@ def serve_mirror(corpus_dir: str | Path, port: int = 0, faults: Iterable[Fault] 
     """Serve the mirror in a background thread; yields the `Mirror` (`.url`, `.counts`, `add_record`, ...)."""
     mirror = Mirror(load_corpus(corpus_dir), faults=faults, per_page=per_page, layout=layout, sitemap=sitemap,
                     crawl_delay=crawl_delay)
-    server = _Server((host, port), _handler(mirror))
-    mirror.url = f"http://{host}:{server.server_address[1]}"
-    with serve_in_thread(server, "qrb-mirror"):
+    with serve(mirror, host, port, _Handler, "qrb-mirror") as (_, bound):
+        mirror.url = f"http://{host}:{bound}"
         yield mirror
 

@@ -21,7 +21,7 @@ from qrb.llm import estimate
 
 from .facts import extract_facts, fact_wordings, invented_questions, new_wording
 from .rewriter import augment_variants, judge_verdict, paraphrase_question, parse_fact_block
-from .writer import extractive_pairs, parse_user_message
+from .writer import extractive_pairs, last_block, parse_user_message
 
 MODEL_ID = "qrb-smoke-extractive"
 FINGERPRINT = "qrb-smoke-endpoint: extractive smoke-test stand-in, not a language model"
@@ -51,16 +51,11 @@ def error_body(message: str, type_: str = "invalid_request_error", code: str | N
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-def _block(text: str, tag: str) -> str:
-    found = re.findall(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.S)
-    return found[-1].strip() if found else ""  # the last: the prompt's own examples come before the data
-
-
 def grade_reply(user: str) -> dict[str, str]:
     """`Task: grade` (prompts/grade.txt), in the LLM grader's reply shape {"grade": "CORRECT" | ...}."""
-    aliases = [a for a in _block(user, "also_accepted").splitlines() if a.strip() and a.strip() != "(none)"]
-    return {"grade": grade(_block(user, "predicted_answer"), _block(user, "gold_target"), aliases,
-                           _block(user, "question")).upper()}
+    aliases = [a for a in last_block(user, "also_accepted").splitlines() if a.strip() and a.strip() != "(none)"]
+    return {"grade": grade(last_block(user, "predicted_answer"), last_block(user, "gold_target"), aliases,
+                           last_block(user, "question")).upper()}
 
 
 def _with_fact(pairs: list[dict], fact: dict) -> list[dict[str, object]]:

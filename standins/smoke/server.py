@@ -20,11 +20,10 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from qrb.io import setup_logging
-from standins import Handler, serve_in_thread
+from standins import Handler, serve
 
 from .batches import BatchStore
 from .completions import MODEL_ID, completion, error_body
@@ -36,6 +35,7 @@ LLAMA_CPP_REFUSAL = ("1 validation error for CreateChatCompletionRequest respons
                      "or 'json_object' [type=literal_error, input_value='json_schema', input_type=str]")
 BAD_REQUEST = "Invalid 'max_tokens': the request exceeds this model's context (injected by the smoke endpoint)."
 
+RATES = ("429", "500", "stall", "invalid_json", "truncated", "400")  # the per-request faults, in the order drawn
 BANNER = ("qrb smoke endpoint: an OpenAI-compatible SMOKE-TEST stand-in. It is NOT a language model: it copies "
           "sentences of the paper's abstract into question/answer pairs (model id %s).")
 
@@ -63,8 +63,7 @@ class Faults:
     batch_fail: bool = False              # the batch fails validation (no output file)
 
     def __post_init__(self) -> None:
-        total = (self.rate_429 + self.rate_500 + self.rate_stall + self.rate_invalid_json + self.rate_truncated
-                 + self.rate_400)
+        total = sum(getattr(self, f"rate_{name}") for name in RATES)
         if total > 1.0 + 1e-9:
             raise ValueError(f"smoke endpoint: fault rates sum to {total:.2f} > 1")
         if self.batch_polls < 1 or not 0 <= self.batch_error_rate <= 1 or not 0 <= (self.batch_expire or 0) <= 1:
@@ -74,18 +73,12 @@ class Faults:
         """The fault for the `occurrence`-th request with this body (deterministic), or None."""
         h = hashlib.sha256(f"{self.seed}:{occurrence}:".encode() + body).digest()
         u = int.from_bytes(h[:8], "big") / 2**64
-        for name, rate in (("429", self.rate_429), ("500", self.rate_500), ("stall", self.rate_stall),
-                           ("invalid_json", self.rate_invalid_json), ("truncated", self.rate_truncated),
-                           ("400", self.rate_400)):
+        for name in RATES:
+            rate = getattr(self, f"rate_{name}")
             if u < rate:
                 return name
             u -= rate
         return None
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the default listen backlog (5) drops bursts of connects: 1 s SYN retries
-    daemon_threads = True
 
 
 class SmokeEndpoint:
@@ -125,7 +118,8 @@ class SmokeEndpoint:
         h.reply(status, {"Content-Type": "application/octet-stream" if isinstance(obj, bytes) else "application/json",
                          "Content-Length": str(len(data)), **(headers or {})}, data)
 
-    def handle(self, h: Handler, method: str) -> None:
+    def handle(self, h: Handler) -> None:
+        method = h.command
         path, _, qs = h.path.partition("?")
         path = path.rstrip("/")
         length = int(h.headers.get("Content-Length") or 0)
@@ -184,18 +178,9 @@ class SmokeEndpoint:
         return self._send(h, 200, completion(body, fault))
 
 
-def _handler(endpoint: SmokeEndpoint) -> type[Handler]:
-    class SmokeHandler(Handler):
-        disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
-        server_version = "qrb-smoke-endpoint"
-
-        def do_GET(self) -> None:  # noqa: N802
-            endpoint.handle(self, "GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            endpoint.handle(self, "POST")
-
-    return SmokeHandler
+class _Handler(Handler):
+    server_version = "qrb-smoke-endpoint"
+    do_POST = Handler.do_GET  # noqa: N815
 
 
 @contextlib.contextmanager
@@ -203,11 +188,9 @@ def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str 
                          api_key: str | None = None) -> Iterator[SmokeEndpoint]:
     """Serve the smoke endpoint in a background thread for the duration of the `with` block."""
     ep = SmokeEndpoint(faults=faults, api_key=api_key)
-    server = _Server((host, port), _handler(ep))
-    ep.host, ep.port = server.server_address[:2]
-    log.info(BANNER, MODEL_ID)
-    log.info("qrb smoke endpoint: serving %s (faults: %s)", ep.base_url, ep.faults)
-    with serve_in_thread(server, "smoke-endpoint"):
+    with serve(ep, host, port, _Handler, "smoke-endpoint") as (ep.host, ep.port):
+        log.info(BANNER, MODEL_ID)
+        log.info("qrb smoke endpoint: serving %s (faults: %s)", ep.base_url, ep.faults)
         try:
             yield ep
         finally:
@@ -223,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8732, help="port (default 8732, what profiles/tiny.yaml names)")
     ap.add_argument("--latency", type=float, default=0.0, dest="latency_s", metavar="LATENCY",
                     help="seconds added to every request")
-    for name in ("429", "500", "400", "stall", "invalid_json", "truncated"):
+    for name in RATES:
         ap.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}",
                         metavar="P", help=f"fraction of requests answered with the fault {name!r} (default 0)")
     ap.add_argument("--stall-s", type=float, default=5.0, help="a stalled reply comes after this long (default 5)")

@@ -54,12 +54,7 @@ def split_sentences(text: str) -> list[str]:
     protected = text
     for i, abbr in enumerate(_ABBREV):
         protected = protected.replace(abbr, abbr.replace(".", f"\x00{i}\x00"))
-    out = []
-    for s in _SENT_SPLIT.split(protected):
-        s = re.sub(r"\x00\d+\x00", ".", s).strip()
-        if s:
-            out.append(s)
-    return out
+    return [s for part in _SENT_SPLIT.split(protected) if (s := re.sub(r"\x00\d+\x00", ".", part).strip())]
 
 
 _BREAK = {"can", "could", "will", "would", "may", "might", "is", "are", "was", "were", "has", "have", "had", "be",
@@ -100,9 +95,7 @@ def _key_phrase(sentence: str, max_words: int = 7) -> str:
 
 def _short_title(title: str, limit: int = 160) -> str:
     title = " ".join(title.replace('"', "'").split())
-    if len(title) <= limit:
-        return title
-    return title[:limit].rsplit(" ", 1)[0]
+    return title if len(title) <= limit else title[:limit].rsplit(" ", 1)[0]
 
 
 def _answer_text(sentence: str, limit: int = 2000) -> str:
