@@ -29,18 +29,25 @@ class RevalidatingPolicy(RFC2616Policy):
         return False
 
 
-class RetryBackoffMiddleware:
+class _Middleware:
+    """Built by scrapy with the crawler (its settings, stats, engine, spider)."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> Any:
+        return cls(crawler)
+
+
+class RetryBackoffMiddleware(_Middleware):
     """Wait `base * 2**(n-1)` seconds (capped) before the n-th retry of a request; the wait holds no download slot
     (it runs before the request is queued), so other pages keep flowing."""
 
-    def __init__(self, base_s: float, max_s: float) -> None:
-        self.base_s = base_s
-        self.max_s = max_s
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> "RetryBackoffMiddleware":
-        s = crawler.settings
-        return cls(s.getfloat("QRB_RETRY_BACKOFF_BASE_S", 1.0), s.getfloat("QRB_RETRY_BACKOFF_MAX_S", 60.0))
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self.base_s = crawler.settings.getfloat("QRB_RETRY_BACKOFF_BASE_S", 1.0)
+        self.max_s = crawler.settings.getfloat("QRB_RETRY_BACKOFF_MAX_S", 60.0)
 
     async def process_request(self, request: Any) -> None:
         n = request.meta.get("retry_times", 0)
@@ -48,20 +55,12 @@ class RetryBackoffMiddleware:
             delay = min(self.max_s, self.base_s * 2 ** (n - 1))
             log.info("scrape: retry %d of %s in %.1f s", n, request.url, delay)
             await asyncio.sleep(delay)
-        return None
 
 
-class OffsiteRedirectMiddleware:
+class OffsiteRedirectMiddleware(_Middleware):
     """Refuse a redirect to a host outside `allowed_domains` with an `IgnoreRequest` raised from process_response,
     so the request's errback records it (scrapy's own offsite filter drops a redirected request silently, at
     scheduling time). Sits before RedirectMiddleware (600) in the response chain."""
-
-    def __init__(self, crawler: Any) -> None:
-        self.crawler = crawler
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> "OffsiteRedirectMiddleware":
-        return cls(crawler)
 
     def process_response(self, request: Any, response: Any) -> Any:
         if (response.status not in (301, 302, 303, 307, 308) or b"Location" not in response.headers
@@ -76,20 +75,16 @@ class OffsiteRedirectMiddleware:
         return response
 
 
-class PageCapMiddleware:
+class PageCapMiddleware(_Middleware):
     """A hard cap on HTTP requests sent per crawl (`scrape.max_pages`, retries and robots.txt included; answers from
     the HTTP cache not, as it sits after HttpCacheMiddleware). Scrapy's CLOSESPIDER_PAGECOUNT counts responses (cache
     hits too) and lets queued requests through; this refuses every request over the cap (each becomes an error
     record with reason `page_cap`, so nothing is dropped silently)."""
 
-    def __init__(self, crawler: Any, cap: int) -> None:
-        self.crawler = crawler
-        self.cap = cap
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self.cap = crawler.settings.getint("QRB_MAX_PAGES", 0)
         self.sent = 0
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> "PageCapMiddleware":
-        return cls(crawler, crawler.settings.getint("QRB_MAX_PAGES", 0))
 
     def process_request(self, request: Any) -> None:
         if self.cap and self.sent >= self.cap:
@@ -97,10 +92,9 @@ class PageCapMiddleware:
             raise IgnoreRequest(f"Page cap reached ({self.cap} requests)")
         self.sent += 1
         self.crawler.stats.set_value("qrb/requests_sent", self.sent)
-        return None
 
 
-class CrawlDelayMiddleware:
+class CrawlDelayMiddleware(_Middleware):
     """Honour a robots.txt `Crawl-delay` as the floor of that site's download slot.
 
     The delay is read when RobotsTxtMiddleware has parsed the file (signal `robots_parsed`) and set on the slot and
@@ -112,17 +106,13 @@ class CrawlDelayMiddleware:
     def __init__(self, crawler: Any) -> None:
         from scrapy import signals
 
-        self.crawler = crawler
+        super().__init__(crawler)
         s = crawler.settings
         self.user_agent = s.get("ROBOTSTXT_USER_AGENT") or s.get("USER_AGENT")
         self.jitter = s.getfloat("DOWNLOAD_DELAY_JITTER", 0.5)
         self.floors: dict[str, float] = {}  # download slot key -> Crawl-delay seconds
         crawler.signals.connect(self.on_robots_parsed, signal=signals.robots_parsed)
         crawler.signals.connect(self.on_response_downloaded, signal=signals.response_downloaded)
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> "CrawlDelayMiddleware":
-        return cls(crawler)
 
     def on_robots_parsed(self, robotparser: Any, request: Any) -> None:
         delay = robotparser.crawl_delay(self.user_agent)
@@ -142,7 +132,6 @@ class CrawlDelayMiddleware:
     def process_request(self, request: Any) -> None:
         if self.floors:
             self.apply(self.crawler.engine.downloader.get_slot_key(request))
-        return None
 
     def apply(self, key: str | None) -> None:
         floor = self.floors.get(key or "")

@@ -72,7 +72,6 @@ def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Pa
         "HTTPCACHE_EXPIRATION_SECS": 0,
         "LOG_LEVEL": log_level,
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
-        "ITEM_PIPELINES": {"stages.scrape.spider.CollectPipeline": 900},
         "QRB_MAX_PAGES": p.max_pages,
         # the page cap (the one cap: CLOSESPIDER_PAGECOUNT would count cache hits) after HttpCacheMiddleware (900):
         # an answer from the cache costs the site nothing
@@ -174,16 +173,12 @@ def metrics(result: CrawlResult, papers: list[dict[str, Any]], errors: list[dict
         "errors": len(errors),
         "errors_by_reason": dict(sorted(Counter(e["reason"] for e in errors).items())),
         "finish_reason": s.get("finish_reason", ""),
-        "page_cap_hit": page_cap_hit(s),
+        "page_cap_hit": s.get("page_cap_refused", 0) > 0,
         "discovery_cap_hit": s.get("discovery_cap_refused", 0) > 0,
         "crawl_delay_s": s.get("crawl_delay_s"),
         "date_from": p.date_from.isoformat(),
         "date_to": p.date_to.isoformat(),
     }
-
-
-def page_cap_hit(stats: dict[str, Any]) -> bool:
-    return stats.get("page_cap_refused", 0) > 0
 
 
 def check_crawl(result: CrawlResult, papers: list[dict[str, Any]], p: ScrapeParams) -> None:
@@ -202,7 +197,7 @@ def check_crawl(result: CrawlResult, papers: list[dict[str, Any]], p: ScrapePara
              f"{s.get('paper_pages_fetched', 0)} paper pages), {s.get('skipped_by_date', 0)} papers outside it")
     hints = ["check scrape.start_urls and scrape.date_from/date_to, or raise scrape.max_depth "
              f"({p.max_depth}) if the listing lies deeper"]
-    if page_cap_hit(s):
+    if s.get("page_cap_refused", 0):
         hints.insert(0, f"the page cap was hit (scrape.max_pages={p.max_pages})")
     if s.get("discovery_cap_refused", 0):
         hints.insert(0, f"the discovery cap was hit (scrape.max_discovery_pages={p.max_discovery_pages})")

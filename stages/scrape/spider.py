@@ -11,7 +11,7 @@ import gzip
 import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -77,27 +77,6 @@ def original_url(request: Request) -> str:
     return (request.meta.get("redirect_urls") or [request.url])[0]
 
 
-class CollectPipeline:
-    """Keep the items on the spider: papers by DOI (a paper reached at two URLs once), error records in order."""
-
-    def __init__(self, crawler: Any) -> None:
-        self.crawler = crawler
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> "CollectPipeline":
-        return cls(crawler)
-
-    def process_item(self, item: Any) -> Any:
-        spider = self.crawler.spider
-        if isinstance(item, PaperItem):
-            old = spider.papers.get(item.doi)
-            if old is None or item.url < old.url:  # same paper at two URLs: keep one, deterministically
-                spider.papers[item.doi] = item
-        elif isinstance(item, ErrorItem):
-            spider.errors.append(item)
-        return item
-
-
 def section(url: str) -> str:
     """The first path segment ("" at the site's root): a listing's own pages share it."""
     return next((seg for seg in urlsplit(url).path.split("/") if seg), "")
@@ -120,7 +99,7 @@ class QuantumSpider(Spider):
         self.allowed_domains = sorted(set(self.site_hosts) | {h for h in extra if h})
         self.seen = set(seen)  # DOIs already fetched by an earlier crawl (full records in the cache)
         self.stats_local: Counter[str] = Counter()
-        self.papers: dict[str, PaperItem] = {}  # what the crawl produced (CollectPipeline)
+        self.papers: dict[str, PaperItem] = {}  # what the crawl produced (on_item_scraped)
         self.errors: list[ErrorItem] = []
         self._counted: set[str] = set()
         self._pages: set[str] = set()  # canonical URLs of the non-paper pages requested so far
@@ -129,20 +108,12 @@ class QuantumSpider(Spider):
 
     # -- start: the start URLs and each site's robots.txt (for its Sitemap: lines) ----------------------------------
     async def start(self) -> AsyncIterator[Any]:
-        origins = []
         for url in self.start_urls:
-            parts = urlsplit(url)
-            origin = f"{parts.scheme}://{parts.netloc}"
-            if origin not in origins:
-                origins.append(origin)
-            if paper_id_from_url(url):
-                req = self.paper_request(url)
-            else:
-                req = self.page_request(url, hops=0, start=True)
-            if req is not None:
+            for req in self.paper_request(url) if paper_id_from_url(url) else self.page_request(url, 0, start=True):
                 yield req
-        if not self.params.obey_robots:  # else the robots.txt that RobotsTxtMiddleware fetches is read once
-            for origin in origins:       # parsed (on_robots_parsed): no second request
+        # obeying robots.txt, the one RobotsTxtMiddleware fetches is read once parsed (on_robots_parsed)
+        if not self.params.obey_robots:
+            for origin in dict.fromkeys(f"{p.scheme}://{p.netloc}" for p in map(urlsplit, self.start_urls)):
                 yield Request(f"{origin}/robots.txt", callback=self.parse_robots, errback=self.quiet_failure,
                               meta={"qrb_kind": "robots", "dont_obey_robotstxt": True}, priority=-1)
 
@@ -152,7 +123,17 @@ class QuantumSpider(Spider):
 
         spider = super().from_crawler(crawler, *args, **kwargs)
         crawler.signals.connect(spider.on_robots_parsed, signal=signals.robots_parsed)
+        crawler.signals.connect(spider.on_item_scraped, signal=signals.item_scraped)
         return spider
+
+    def on_item_scraped(self, item: Any) -> None:
+        """Keep the items: papers by DOI (a paper reached at two URLs once), error records in order."""
+        if isinstance(item, PaperItem):
+            old = self.papers.get(item.doi)
+            if old is None or item.url < old.url:  # same paper at two URLs: keep one, deterministically
+                self.papers[item.doi] = item
+        elif isinstance(item, ErrorItem):
+            self.errors.append(item)
 
     def on_robots_parsed(self, robotparser: Any, request: Request) -> None:
         """Follow the Sitemap: lines of a robots.txt that RobotsTxtMiddleware parsed (scrapy's Protego parser)."""
@@ -170,19 +151,19 @@ class QuantumSpider(Spider):
     def onsite_links(self, links: list[Any]) -> list[Any]:
         return [lk for lk in links if urlsplit(lk.url).hostname in self.site_hosts]
 
-    def page_request(self, url: str, hops: int, start: bool = False) -> Request | None:
-        """A request for a non-paper page `hops` hops from a start URL or listing; None when already requested or
+    def page_request(self, url: str, hops: int, start: bool = False) -> Iterator[Request]:
+        """The request for a non-paper page `hops` hops from a start URL or listing; none when already requested or
         over the discovery cap (a start URL is always requested)."""
         key = canonicalize_url(url)
         if key in self._pages:
-            return None
+            return
         if not start and self.stats_local["discovery_requests"] >= self.params.max_discovery_pages:
             self.stats_local["discovery_cap_refused"] += 1
-            return None
+            return
         self._pages.add(key)
         if not start:
             self.stats_local["discovery_requests"] += 1
-        return Request(url, callback=self.parse_page, errback=self.failed if start else self.link_failed,
+        yield Request(url, callback=self.parse_page, errback=self.failed if start else self.link_failed,
                        meta={"qrb_kind": "listing" if start else "link", "qrb_hops": hops})
 
     def parse_page(self, response: Response) -> Iterable[Any]:
@@ -200,25 +181,21 @@ class QuantumSpider(Spider):
         listing = bool(papers)
         self.stats_local["listing_pages_fetched" if listing else "other_pages_fetched"] += 1
         for url in papers:
-            req = self.paper_request(url)
-            if req is not None:
-                yield req
+            yield from self.paper_request(url)
         hops = 1 if listing else response.meta.get("qrb_hops", 0) + 1
         if hops > self.params.max_depth:
             return
         own = section(response.url) if listing else ""
         for lk in links:
             if not paper_id_from_url(lk.url) and (not own or section(lk.url) == own):
-                req = self.page_request(lk.url, hops)
-                if req is not None:
-                    yield req
+                yield from self.page_request(lk.url, hops)
 
-    def paper_request(self, url: str) -> Request | None:
-        """The request for a paper page; None for a URL of another shape, outside the date window or already seen
+    def paper_request(self, url: str) -> Iterator[Request]:
+        """The request for a paper page; none for a URL of another shape, outside the date window or already seen
         (nothing is fetched for those)."""
         pid = paper_id_from_url(url)
         if pid is None:
-            return None
+            return
         pid_str, day = pid
         doi = f"10.22331/{pid_str}"
         first = doi not in self._counted
@@ -226,16 +203,16 @@ class QuantumSpider(Spider):
         if not (self.params.date_from <= day <= self.params.date_to):
             if first:
                 self.stats_local["skipped_by_date"] += 1
-            return None
+            return
         if doi in self.seen:
             if first:
                 self.stats_local["skipped_seen"] += 1
-            return None
+            return
         # canonical form: scheme://host/papers/<id>/ (no query, fragment or missing slash)
         parts = urlsplit(url)
         canon = f"{parts.scheme}://{parts.netloc}{PAPER_PATH_RE.sub('', parts.path)}/papers/{pid_str}/"
         # papers before more discovery: what a capped crawl spends its requests on first
-        return Request(canon, callback=self.parse_paper, errback=self.failed, meta={"qrb_kind": "paper"},
+        yield Request(canon, callback=self.parse_paper, errback=self.failed, meta={"qrb_kind": "paper"},
                        priority=PAPER_PRIORITY)
 
     def parse_robots(self, response: Response) -> Iterable[Request]:
@@ -259,15 +236,13 @@ class QuantumSpider(Spider):
         except Exception as exc:  # noqa: BLE001 - lxml/xml errors of a broken sitemap
             yield ErrorItem(url=response.url, reason="malformed_sitemap", detail=str(exc)[:200], kind="sitemap")
             return
+        if sm.type == "sitemapindex":
+            yield from self._sitemap_requests(response.url, locs)
+            return
         for loc in locs:
             url = urljoin(response.url, loc.strip())
-            if urlsplit(url).hostname not in self.site_hosts:
-                continue
-            if sm.type == "sitemapindex":
-                yield Request(url, callback=self.parse_sitemap, errback=self.failed,
-                              meta={"qrb_kind": "sitemap"})
-            elif (req := self.paper_request(url)) is not None:
-                yield req
+            if urlsplit(url).hostname in self.site_hosts:
+                yield from self.paper_request(url)
 
     # -- paper pages ----------------------------------------------------------------------------------------------
     def parse_paper(self, response: Response) -> Iterable[Any]:
