@@ -87,18 +87,6 @@ def load_base_and_adapter(base: dict[str, Any], p: ExportParams, adapter_dir: Pa
     return model, tokenizer
 
 
-def merge(peft_model, tokenizer):
-    """The adapter folded into the base weights (and the trained embedding copy put in place)."""
-    merged = peft_model.merge_and_unload()
-    merged.config.pad_token_id = tokenizer.pad_token_id
-    # On a tied base the trained copy replaced one side of the tie (lm_head kept the frozen original): the merge is
-    # an untied model. peft marks it so; a config still saying tied would make every reload drop the saved lm_head
-    # and tie it to the trained embedding.
-    if merged.get_output_embeddings().weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr():
-        merged.config.tie_word_embeddings = False
-    return merged
-
-
 LOREFT_NOT_MERGEABLE = ("a LoReFT adapter is an intervention on hidden states, not a weight delta: it cannot be "
                         "merged into the base (serve it with `qrb serve`)")
 
@@ -136,8 +124,14 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
                 "size_bytes": {"adapter": weight_bytes(adapter_dir)}}
     peft_model, tokenizer = load_base_and_adapter(base, p, adapter_dir, device)
     ce_adapter = ce(peft_model, tokenizer, "adapter") if rows else None
-    model = merge(peft_model, tokenizer)
+    model = peft_model.merge_and_unload()  # the adapter folded into the base weights, the embedding copy in place
     del peft_model
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # On a tied base the trained copy replaced one side of the tie (lm_head kept the frozen original): the merge is
+    # an untied model. peft marks it so; a config still saying tied would make every reload drop the saved lm_head
+    # and tie it to the trained embedding.
+    if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        model.config.tie_word_embeddings = False
     model.save_pretrained(merged_out)
     tokenizer.save_pretrained(merged_out)
     if (adapter_dir / GATE_FILE).exists():  # `qrb serve --model` on the merged model declines as the adapter does
@@ -155,28 +149,22 @@ def export(base: dict[str, Any], p: ExportParams, rows: list[dict[str, str]], de
     if ce_merged:
         metrics["merge_ce_delta"] = ce_merged["cross_entropy"] - ce_adapter["cross_entropy"]
     gguf_out.mkdir(parents=True)  # a declared out: present (and empty with `export.gguf: none`)
-    if p.gguf != "none":
-        metrics.update(export_gguf(base, p, tokenizer, stop_ids, merged_out, gguf_out))
-        metrics["size_bytes"]["gguf"] = (gguf_out / metrics["gguf_file"]).stat().st_size
+    if p.gguf != "none":  # the merge as <base>-qrb-<type>.gguf and the Ollama Modelfile beside it
+        stops = [tokenizer.eos_token_id] + (stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids else [])
+        name = f"{Path(base['model']).name}-qrb-{p.gguf}.gguf"
+        metrics.update(gguf_file=name, gguf_tensor_types=write_gguf(merged_out, gguf_out / name, p.gguf))
+        (gguf_out / "Modelfile").write_text(modelfile(name, tokenizer, adds_special(tokenizer)[0],
+                                                      base["system_prompt"], base["max_length"], stops))
+        metrics["size_bytes"]["gguf"] = (gguf_out / name).stat().st_size
         metrics["gguf_size_ratio"] = metrics["size_bytes"]["gguf"] / metrics["size_bytes"]["merged"]
         if ce_merged:  # read back by an independent reader, with the GGUF's own tokenizer and chat template
-            reread, reread_tok = load_gguf(gguf_out / metrics["gguf_file"], merged_out)
+            reread, reread_tok = load_gguf(gguf_out / name, merged_out)
             metrics["eval_ce"]["gguf"] = ce(reread.to(device), reread_tok, f"gguf {p.gguf}")["cross_entropy"]
             metrics["gguf_ce_delta"] = metrics["eval_ce"]["gguf"] - ce_merged["cross_entropy"]
             del reread
     if device == "cuda":
         torch.cuda.empty_cache()
     return metrics
-
-
-def export_gguf(base: dict[str, Any], p: ExportParams, tokenizer, stop_ids, merged: Path, out: Path) -> dict:
-    """The merge as <base>-qrb-<type>.gguf and the Ollama Modelfile beside it; returns its metrics."""
-    stops = [tokenizer.eos_token_id] + (stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids else [])
-    name = f"{Path(base['model']).name}-qrb-{p.gguf}.gguf"
-    counts = write_gguf(merged, out / name, p.gguf)
-    (out / "Modelfile").write_text(modelfile(name, tokenizer, adds_special(tokenizer)[0], base["system_prompt"],
-                                             base["max_length"], stops))
-    return {"gguf_file": name, "gguf_tensor_types": counts}
 
 
 def hub_token(base: dict[str, Any], p: ExportParams) -> str | None:

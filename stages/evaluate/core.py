@@ -108,26 +108,16 @@ def citation_columns(row: dict[str, Any], shown: Sequence[str], cited: Sequence[
             "citation_accuracy": None if g == NOT_ATTEMPTED else float(cited[:1] == [doi])}
 
 
-def has_gold(row: dict[str, Any]) -> bool:
-    """Can the row be graded: a short answer, or a question about a paper that does not exist (declining is right)?"""
-    return bool((row.get("short_answer") or "").strip()) or row.get("kind") == "abstain"
-
-
 def grade_columns(row: dict[str, Any], g: str) -> dict[str, Any]:
     """A grade as the per-question columns aggregate averages: 1/0 per grade, hallucination 1/0 where attempted; a
-    fact row without its gold is only attempted or not ("no_gold" when attempted), out of correct and incorrect."""
-    if not has_gold(row):
+    fact row without its gold is only attempted or not ("no_gold" when attempted), out of correct and incorrect (on
+    a paper that does not exist declining is right: graded without a gold)."""
+    if not (row.get("short_answer") or "").strip() and row.get("kind") != "abstain":
         return {"grade": "no_gold" if g != NOT_ATTEMPTED else g, "correct": None, "incorrect": None,
                 "not_attempted": float(g == NOT_ATTEMPTED), "hallucination_rate": None}
     return {"grade": g, "correct": float(g == CORRECT), "incorrect": float(g == INCORRECT),
             "not_attempted": float(g == NOT_ATTEMPTED), "hallucination_rate": None if g == NOT_ATTEMPTED
             else float(g == INCORRECT)}
-
-
-def answer_rows(rows: Sequence[dict[str, Any]], answers: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
-    """Per model and question: the offline grade's columns."""
-    return {name: [grade_columns(r, grade(pred, r.get("short_answer") or "", r.get("aliases") or (), r["question"]))
-                   for r, pred in zip(rows, preds, strict=True)] for name, preds in answers.items()}
 
 
 def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str, dict], cache: Cache | None,
@@ -178,24 +168,13 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
     return per_row, predictions
 
 
-def _metrics(per_row: dict[str, list[dict[str, Any]]], **kw) -> dict[str, dict[str, Any]]:
-    out = {name: aggregate(rows, **kw) for name, rows in per_row.items()}
-    if "base" in per_row:
-        for name, rows in per_row.items():
-            if name != "base":
-                out[name].update(paired_gains(rows, per_row["base"], **kw))
-    return out
-
-
-def set_metrics(set_name: str, per_row: dict[str, list[dict[str, Any]]], subsets: dict[str, list[int]], *,
-                seed: int, samples: int, min_n: int = 2) -> dict[str, dict[str, Any]]:
-    """{set: {model: metrics}} for the whole set and each non-empty freshness split (`<set>_after_cutoff`...);
-    every model but base also has its paired gains against base."""
-    kw = dict(seed=seed, samples=samples, min_n=min_n)
-    out = {set_name: _metrics(per_row, **kw)}
-    for sub, idx in subsets.items():
-        if idx:
-            out[f"{set_name}_{sub}"] = _metrics({name: [sr[i] for i in idx] for name, sr in per_row.items()}, **kw)
+def set_metrics(per_row: dict[str, list[dict[str, Any]]], *, seed: int, samples: int,
+                min_n: int) -> dict[str, dict[str, Any]]:
+    """{model: metrics} of one set or freshness split; every model but base also has its paired gains against base."""
+    out = {name: aggregate(rows, seed=seed, samples=samples, min_n=min_n) for name, rows in per_row.items()}
+    for name, rows in per_row.items():
+        if name != "base" and "base" in per_row:
+            out[name].update(paired_gains(rows, per_row["base"], seed=seed, samples=samples, min_n=min_n))
     return out
 
 
@@ -238,7 +217,9 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         for key in skipped:
             answers.pop(key, None)
 
-    graded = {s: answer_rows(rows, answers) for s, (rows, answers, _) in answered.items()}
+    graded = {s: {name: [grade_columns(r, grade(pred, r.get("short_answer") or "", r.get("aliases") or (),
+                                                 r["question"])) for r, pred in zip(rows, preds, strict=True)]
+                  for name, preds in answers.items()} for s, (rows, answers, _) in answered.items()}  # offline
     if p.grader is not None and answered:
         if reason := apply_grader(p, answered, graded, grader_cache, env):
             skipped["grader"] = reason
@@ -259,8 +240,11 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
         subsets, dates = freshness_subsets(rows, p.knowledge_cutoff, papers)
         per_row, set_predictions = score_set(scorer, set_name, rows, answers, extras, dates, p.knowledge_cutoff)
         predictions += set_predictions
-        metrics.update(set_metrics(set_name, per_row, subsets, seed=base["seed"], samples=p.bootstrap_samples,
-                                   min_n=p.min_n_for_interval))
+        kw = dict(seed=base["seed"], samples=p.bootstrap_samples, min_n=p.min_n_for_interval)
+        metrics[set_name] = set_metrics(per_row, **kw)
+        for sub, idx in subsets.items():  # each non-empty freshness split: `<set>_after_cutoff`...
+            if idx:
+                metrics[f"{set_name}_{sub}"] = set_metrics({m: [sr[i] for i in idx] for m, sr in per_row.items()}, **kw)
         for name, m in metrics[set_name].items():
             log.info("%s/%s: correct %s not attempted %s hallucination rate %s (%.1f words)", set_name, name,
                      *(_num(m.get(k)) for k in ("correct", "not_attempted", "hallucination_rate")), m["answer_words"])

@@ -94,14 +94,18 @@ def _interval(values, n: int, min_n: int) -> list[float] | str:
     return [float(lo), float(hi)]
 
 
-def _masked_means(vals, idx):
-    """Per resample, the mean of the defined (non-NaN) values: NaN where a resample drew none."""
+def _rate(out: dict[str, Any], key: str, vals, idx, min_n: int) -> int:
+    """out[key] = the mean of the defined (non-NaN) values, and its interval from the per-resample means of the
+    defined values (NaN where a resample drew none); nothing when no value is defined. Returns how many are."""
     import numpy as np
 
     ok = np.isfinite(vals)
-    sums = np.where(ok, vals, 0.0)[idx].sum(axis=1)
-    counts = ok[idx].sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    if defined := int(ok.sum()):
+        counts = ok[idx].sum(axis=1)
+        means = np.where(counts > 0, np.where(ok, vals, 0.0)[idx].sum(axis=1) / np.maximum(counts, 1), np.nan)
+        out[key] = float(np.nanmean(vals))
+        out[f"{key}_ci95"] = _interval(means, defined, min_n)
+    return defined
 
 
 def _column(rows: Sequence[dict[str, Any]], key: str):
@@ -144,13 +148,9 @@ def aggregate(rows: Sequence[dict[str, Any]], *, seed: int, samples: int, min_n:
         out["cross_entropy"] = float(nll.sum() / max(tok.sum(), 1))
         out["cross_entropy_ci95"] = _interval(nll[idx].sum(axis=1) / np.maximum(tok[idx].sum(axis=1), 1), n, min_n)
     for key in RATE_METRICS:
-        vals = _column(rows, key)
-        defined = int(np.isfinite(vals).sum())
+        defined = _rate(out, key, _column(rows, key), idx, min_n)
         if key == "correct":
             out["graded_n"] = defined
-        if defined:
-            out[key] = float(np.nanmean(vals))
-            out[f"{key}_ci95"] = _interval(_masked_means(vals, idx), defined, min_n)
     if any("grade_offline" in r for r in rows):
         both = [r["grade"] == r["grade_offline"] for r in rows if "grade_offline" in r]
         out["offline_agreement"] = float(np.mean(both))
@@ -161,7 +161,6 @@ def paired_gains(rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, A
                  min_n: int = 2) -> dict[str, Any]:
     """`<metric>_gain` = the model's rate minus the base's on the same questions, with the 95% interval of
     that paired difference over the same resamples as every other metric (aggregate's, for this n)."""
-    import numpy as np
 
     if len(rows) != len(base_rows):
         raise ValueError("evaluate: a paired difference needs the same questions for both models")
@@ -170,9 +169,5 @@ def paired_gains(rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, A
         return out
     idx = bootstrap_indices(len(rows), samples, seed)
     for key in GAIN_METRICS:
-        diff = _column(rows, key) - _column(base_rows, key)
-        defined = int(np.isfinite(diff).sum())
-        if defined:
-            out[f"{key}_gain"] = float(np.nanmean(diff))
-            out[f"{key}_gain_ci95"] = _interval(_masked_means(diff, idx), defined, min_n)
+        _rate(out, f"{key}_gain", _column(rows, key) - _column(base_rows, key), idx, min_n)
     return out

@@ -118,10 +118,10 @@ def headline_keys(metrics: dict[str, Any]) -> list[str]:
     return [f"{s}.*.{key}" for s in whole_sets(metrics) for key in HEADLINE_METRICS + RAG_HEADLINE]
 
 
-def scores_csvs(metrics: dict[str, Any]) -> dict[str, str]:
-    """The DVC plots' data, {set: csv}: per question set with questions, one bar per model and headline score
+def write_scores(metrics: dict[str, Any], out_dir: Path = SCORES_DIR) -> None:
+    """The DVC plots' data, <set>.csv: per question set with questions, one bar per model and headline score
     (lo and hi empty where there is no interval)."""
-    out = {}
+    csvs = {}
     for set_name in whole_sets(metrics):
         lines = ["label,model,metric,score,lo,hi"]
         for model_name, m in metrics[set_name].items():
@@ -132,13 +132,8 @@ def scores_csvs(metrics: dict[str, Any]) -> dict[str, str]:
                 lo, hi = (f"{ci[0]:.6f}", f"{ci[1]:.6f}") if isinstance(ci, list) else ("", "")
                 lines.append(f"{model_name} {key},{model_name},{key},{m[key]:.6f},{lo},{hi}")
         if len(lines) > 1:
-            out[set_name] = "\n".join(lines) + "\n"
-    return out
-
-
-def write_scores(metrics: dict[str, Any], out_dir: Path = SCORES_DIR) -> None:
+            csvs[set_name] = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    csvs = scores_csvs(metrics)
     for stale in out_dir.glob("*.csv"):
         if stale.stem not in csvs:
             stale.unlink()

@@ -32,14 +32,6 @@ SEEN_PAIRS = Path("artifacts/validate/seen.jsonl")
 INVENTED = Path("artifacts/validate/invented.jsonl")  # questions about papers that do not exist
 
 
-def _read_set(name: str, path: Path) -> list[dict[str, Any]]:
-    rows = [question_record(r) for r in read_jsonl(path)]
-    for i, r in enumerate(rows):
-        if not r.get("question") or not r.get("answer"):
-            raise DataError(f"{path}:{i + 1}: each row needs a non-empty question and answer")
-    return rows
-
-
 def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
     """{golden, seen, eval, invented}: rows with a question and a reference answer (and, where written, its
     short_answer, aliases and kind).
@@ -58,7 +50,10 @@ def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
         if not path.exists():
             hint = "" if name == "golden" else " (validate writes it, possibly empty: run `dvc repro validate`)"
             raise ConfigError(f"question set {name!r} not found at {path}{hint}")
-        rows = _read_set(name, path)
+        rows = [question_record(r) for r in read_jsonl(path)]
+        for i, r in enumerate(rows):
+            if not r.get("question") or not r.get("answer"):
+                raise DataError(f"{path}:{i + 1}: each row needs a non-empty question and answer")
         if not rows:
             if name == "golden":
                 raise DataError(f"question set {name!r} at {path} is empty")
@@ -67,43 +62,26 @@ def load_question_sets(golden_path: str) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
-def load_adapter_model(base: dict[str, Any], device: str):
-    from qrb.model import load_with_adapter
-
-    model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR,
-                                         dtype=None if device == "cpu" else "auto")
-    model = model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-def load_papers() -> list[dict[str, Any]]:
-    if not PAPERS.exists():  # the questions are dated by their papers
-        raise ConfigError(f"{PAPERS} not found (the questions are dated by their papers): run `dvc repro scrape`")
-    return list(read_jsonl(PAPERS))
-
-
-def require_device(model: str) -> str:
-    """The device the adapter's training recipe needs (its lineage.json): a bf16/fp16/nf4 recipe is a GPU one."""
-    from qrb.model import require_hardware
-
-    lineage = ADAPTER_DIR / "lineage.json"
-    train = (json.loads(lineage.read_text()).get("params") or {}).get("train") or {} if lineage.exists() else {}
-    return require_hardware(model, "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32"))
-
-
 def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     from transformers import set_seed
 
-    device = require_device(base["model"])
-    papers = load_papers()
+    from qrb.model import load_with_adapter, require_hardware
+
+    # the device the adapter's training recipe needs (its lineage.json): a bf16/fp16/nf4 recipe is a GPU one
+    lineage = ADAPTER_DIR / "lineage.json"
+    train = (json.loads(lineage.read_text()).get("params") or {}).get("train") or {} if lineage.exists() else {}
+    device = require_hardware(base["model"], "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32"))
+    if not PAPERS.exists():
+        raise ConfigError(f"{PAPERS} not found (the questions are dated by their papers): run `dvc repro scrape`")
+    papers = list(read_jsonl(PAPERS))
     set_seed(base["seed"])
     sets = load_question_sets(p.golden)
     if p.grader is not None:
         load_prompt()  # a missing prompt fails now, not after every answer was generated
     retrieval = open_index() if p.rag else None  # the apps' retriever and `retrieval:` params
     cache = llm.Cache(CACHE)  # created even without a grader: cache/evaluate is a DVC out
-    model, tokenizer = load_adapter_model(base, device)
+    model, tokenizer = load_with_adapter(base["model"], ADAPTER_DIR, dtype=None if device == "cpu" else "auto")
+    model = model.to(device).eval()
     try:
         metrics, predictions, skipped = evaluate(base, p, model, tokenizer, sets, papers=papers,
                                                  retrieval=retrieval, grader_cache=cache,

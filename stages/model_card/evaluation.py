@@ -66,18 +66,14 @@ def with_interval(m: dict[str, Any], key: str, decimals: int, signed: bool = Fal
     return cell
 
 
-def ordered_models(by_model: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    models = {m: v for m, v in by_model.items() if isinstance(v, dict)}
-    first = [m for m in LOCAL_ORDER if m in models]
-    return {m: models[m] for m in first + [m for m in models if m not in first]}
-
-
 def metrics_table(by_model: dict[str, Any], base_name: str) -> list[str]:
-    models = ordered_models(by_model)
+    """The local models first, in LOCAL_ORDER, then the rivals; only the columns some model has."""
+    models = {m: v for m, v in by_model.items() if isinstance(v, dict)}
+    order = [m for m in LOCAL_ORDER if m in models] + [m for m in models if m not in LOCAL_ORDER]
     cols = [c for c in COLUMNS if any(c[1] in v for v in models.values())]
     lines = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, m in models.items():
-        cells = [with_interval(m, key, dec, signed) for _, key, dec, signed in cols]
+    for name in order:
+        cells = [with_interval(models[name], key, dec, signed) for _, key, dec, signed in cols]
         lines.append(f"| {model_label(name, base_name)} | " + " | ".join(cells) + " |")
     return lines
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,17 +53,8 @@ class BaseInfo:
 class GeneratorInfo:
     """Who wrote the pairs, from the pairs themselves (model id, and system_fingerprint where recorded)."""
 
-    models: Counter  # model id -> kept pairs
-    smoke_pairs: int  # pairs whose model id or fingerprint carries the smoke endpoint's label
-    total: int
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"`{m}`" for m in self.models) or "an unknown generator (the pairs carry no model id)"
-
-    @property
-    def smoke(self) -> bool:
-        return self.total > 0 and self.smoke_pairs == self.total
+    label: str  # the model ids, each once
+    smoke: bool  # every pair's model id or fingerprint carries the smoke endpoint's label
 
 
 @dataclass
@@ -138,12 +128,10 @@ def describe_base(ref: str, license_param: str | None) -> BaseInfo:
 
 
 def describe_generator(pairs: list[dict[str, Any]]) -> GeneratorInfo:
-    def smoke(r: dict[str, Any]) -> bool:
-        label = f"{r.get('model') or ''} {r.get('system_fingerprint') or ''}"
-        return any(m in label for m in SMOKE_MARKERS)
-
-    return GeneratorInfo(models=Counter(str(r["model"]) for r in pairs if r.get("model")),
-                         smoke_pairs=sum(map(smoke, pairs)), total=len(pairs))
+    models = dict.fromkeys(str(r["model"]) for r in pairs if r.get("model"))  # each id once, in order
+    label = ", ".join(f"`{m}`" for m in models) or "an unknown generator (the pairs carry no model id)"
+    marks = [f"{r.get('model') or ''} {r.get('system_fingerprint') or ''}" for r in pairs]
+    return GeneratorInfo(label, smoke=bool(pairs) and all(any(m in x for m in SMOKE_MARKERS) for x in marks))
 
 
 def data_hashes() -> dict[str, str]:

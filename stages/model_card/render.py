@@ -52,10 +52,6 @@ def built_from(lin: dict[str, Any]) -> str:
     return text
 
 
-def fmt_int(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else fmt(value, 1)
-
-
 def cell(v: Any) -> str:
     """A table cell: lists joined, null as "off", and `|` escaped (it would end the cell)."""
     if isinstance(v, (list, tuple)):
@@ -137,7 +133,7 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
     cpu = ", ".join(str(x) for x in (hw.get("processor"), f"{hw['cpus']} cores" if hw.get("cpus") else None,
                                      hw.get("platform")) if x)
     device = f"{hw.get('gpu_count') or 1} x {hw['gpu']}" if hw.get("gpu") else f"CPU ({cpu or 'no details recorded'})"
-    emissions = lin.get("emissions") or tr.get("emissions")
+    tokens, emissions = lin.get("tokens_seen") or tr.get("tokens_seen"), lin.get("emissions") or tr.get("emissions")
     if isinstance(emissions, dict) and emissions.get("energy_kwh") is not None:
         energy = (f"{emissions['energy_kwh']:.4f} kWh, {emissions.get('co2_kg', float('nan')):.4f} kg CO2-eq "
                   f"(measured by codecarbon{', ' + emissions['country'] if emissions.get('country') else ''})")
@@ -147,7 +143,7 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
     lines = ["## Compute", "",
              f"- **Hardware:** {device}",
              f"- **Training time:** {fmt(hours, 3)} hours ({fmt(lin.get('wall_s'), 1)} s wall)",
-             f"- **Tokens seen:** {fmt_int(lin.get('tokens_seen') or tr.get('tokens_seen'))}",
+             f"- **Tokens seen:** {f'{tokens:,}' if isinstance(tokens, int) else fmt(tokens, 1)}",
              f"- **Energy and emissions:** {energy}", ""]
     lines += ["## Lineage", "", f"- **Commit:** {built_from(lin)}",
               *([f"- **Adapter created:** {lin['created_utc']}"] if lin.get("created_utc") else []),
