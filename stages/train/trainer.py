@@ -285,12 +285,6 @@ def build_optimizer(model, p: TrainParams):
                                      loraplus_lr_ratio=p.loraplus_lr_ratio, loraplus_weight_decay=p.weight_decay)
 
 
-def count_params(model) -> dict[str, int]:
-    trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    total = sum(t.numel() for t in model.parameters())
-    return {"trainable_params": trainable, "total_params": total}
-
-
 def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: bool):
     import torch
     from trl import SFTConfig
@@ -307,15 +301,14 @@ def sft_config(base: dict[str, Any], p: TrainParams, output_dir: str, has_eval: 
         bf16=p.bf16, fp16=p.precision == "fp16", use_cpu=p.bf16 and not torch.cuda.is_available(),
         # on purpose (trl's SFTConfig turns it on by default); transformers 5 calls it activation checkpointing
         activation_checkpointing=p.gradient_checkpointing,
-        max_length=base["max_length"], completion_only_loss=p.completion_only_loss, packing=False,
-        pad_token=None, label_names=["labels"], logging_steps=p.logging_steps,
+        max_length=base["max_length"], completion_only_loss=p.completion_only_loss, label_names=["labels"],
+        logging_steps=p.logging_steps,
         train_sampling_strategy="sequential" if staged else "group_by_length" if p.group_by_length else "random",
         include_num_input_tokens_seen="non_padding", ddp_find_unused_parameters=False,
         eval_strategy="epoch" if has_eval else "no",
-        save_strategy="steps" if ckpt else "no", save_steps=p.checkpoint_steps if ckpt else 500,
-        save_total_limit=2 if ckpt else None,
-        report_to=p.report_to if p.report_to in ("wandb", "mlflow", "tensorboard") else "none",
-        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
+        save_strategy="steps" if ckpt else "no", save_steps=p.checkpoint_steps or 500,
+        save_total_limit=2 if ckpt else None, dataloader_pin_memory=False, disable_tqdm=False,
+        report_to=p.report_to if p.report_to in ("wandb", "mlflow", "tensorboard") else "none")
 
 
 def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, dataset, run_dir: Path,
@@ -370,7 +363,8 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
 
     tokenizer, added = prepare_tokenizer(load_tokenizer(base["model"]), p)
     model = build_model(base, p, tokenizer, device)
-    counts = count_params(model)
+    counts = {"trainable_params": sum(t.numel() for t in model.parameters() if t.requires_grad),
+              "total_params": sum(t.numel() for t in model.parameters())}
     log.info("%s: %d trainable of %d params (%.2f%%); %d token(s) added", p.method, counts["trainable_params"],
              counts["total_params"], 100 * counts["trainable_params"] / counts["total_params"], added)
     data_sha = data_fingerprint(dataset)
@@ -397,11 +391,10 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
         trainer.accelerator.wait_for_everyone()
         if checkpoint_root is not None and is_main and run_dir.exists():
             shutil.rmtree(run_dir)  # done: a rerun starts fresh (dvc repro only reruns when something changed)
-    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     metrics: dict[str, Any] = {
         "method": p.method, **counts, "added_tokens": added,
         "train_loss": float(result.training_loss), "wall_s": round(wall, 2),
-        "steps": int(trainer.state.global_step), "tokens_seen": tokens_seen,
+        "steps": int(trainer.state.global_step), "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "tokens_per_s": round(real / wall, 1) if wall > 0 else None,  # real tokens stepped on in this process
         "padding_fraction": round(1 - real / padded, 4) if padded else None,
         "world_size": trainer.accelerator.num_processes,
