@@ -69,7 +69,7 @@ def adds_special(tokenizer) -> tuple[bool, bool]:
     return (extra > 0 and full[0] == tokenizer.bos_token_id, extra > 0 and full[-1] == tokenizer.eos_token_id)
 
 
-def add_tokenizer(w, tokenizer, n_vocab: int) -> None:
+def add_tokenizer(w, folder: Path, tokenizer, n_vocab: int) -> None:
     import gguf
 
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -84,15 +84,10 @@ def add_tokenizer(w, tokenizer, n_vocab: int) -> None:
     w.add_tokenizer_pre(pre_tokenizer_name(tok_json))
     w.add_token_list([vocab.get(i, f"[PAD{i}]") for i in range(n_vocab)])  # rows past the tokenizer: padding
     w.add_token_types(types)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]])
-    for what in ("bos", "eos", "unk", "pad"):
-        if (i := getattr(tokenizer, f"{what}_token_id")) is not None:
-            getattr(w, f"add_{what}_token_id")(i)
-    bos, eos = adds_special(tokenizer)  # written explicitly: llama.cpp and Ollama add a BOS when the key is missing
-    w.add_add_bos_token(bos)
-    w.add_add_eos_token(eos)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
+    special = gguf.SpecialVocab(folder, load_merges=True, special_token_types=("bos", "eos", "unk", "pad"))
+    # written explicitly: llama.cpp and Ollama add a BOS when the key is missing
+    special.add_special_token = dict(zip(("bos", "eos"), adds_special(tokenizer)))
+    special.add_to_gguf(w, quiet=True)
 
 
 def write_gguf(folder: Path, out_file: Path, kind: str) -> dict:
@@ -125,7 +120,7 @@ def write_gguf(folder: Path, out_file: Path, kind: str) -> dict:
                        ("layer_norm_rms_eps", cfg.rms_norm_eps), ("vocab_size", cfg.vocab_size),
                        ("file_type", ftype), ("quantization_version", gguf.GGML_QUANT_VERSION)):
         getattr(w, f"add_{key}")(value)  # llama.* keys, as llama.cpp's converter writes them
-    add_tokenizer(w, AutoTokenizer.from_pretrained(folder), cfg.vocab_size)
+    add_tokenizer(w, folder, AutoTokenizer.from_pretrained(folder), cfg.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     counts: dict[str, int] = {}
@@ -148,11 +143,8 @@ def write_gguf(folder: Path, out_file: Path, kind: str) -> dict:
                 if name is None:
                     raise ConfigError(f"GGUF export: no llama.cpp name for tensor {key!r}")
                 data = st.get_tensor(key).float().numpy()
-                if key.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = permute(data, heads)
-                elif key.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = permute(data, kv_heads)
-                add(name, data)
+                n_head = {"q_proj": heads, "k_proj": kv_heads}.get(key.rsplit(".", 2)[-2])
+                add(name, permute(data, n_head) if n_head else data)
     if rope_type == "llama3":
         add(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
             np.asarray(rope_factors(rp, head_dim), dtype=np.float32))

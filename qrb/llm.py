@@ -10,6 +10,7 @@ does not know (vLLM, Ollama, the smoke endpoint) have a tokenizer that is not Op
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -68,13 +69,11 @@ def error_kind(reason: str) -> str:
 
 def retry_after(exc: Any) -> float | None:
     headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         if headers.get("retry-after-ms"):
             return float(headers["retry-after-ms"]) / 1000
         if headers.get("retry-after"):
             return float(headers["retry-after"])
-    except (TypeError, ValueError):
-        pass
     return None
 
 

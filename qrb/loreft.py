@@ -171,11 +171,8 @@ def attach(model, cfg: LoreftConfig):
     model._loreft_state = {"mask": None, "enabled": True}
 
     def pre_hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            model._loreft_state["mask"] = None  # inputs_embeds only: positions unknown, no edit
-        else:
-            model._loreft_state["mask"] = position_mask(ids, kwargs.get("attention_mask"), cfg)
+        ids = kwargs.get("input_ids", args[0] if args else None)  # None: inputs_embeds only, positions unknown
+        model._loreft_state["mask"] = None if ids is None else position_mask(ids, kwargs.get("attention_mask"), cfg)
 
     def layer_hook(iv):
         def hook(module, args, output):

@@ -89,12 +89,8 @@ def resize_for_tokenizer(model, tokenizer) -> int:
 
 def adapter_kind(adapter_dir: str | Path) -> str | None:
     """"peft" (a standard PEFT folder), "loreft" (qrb.loreft interventions) or None (no adapter there)."""
-    path = Path(adapter_dir)
-    if (path / "adapter_config.json").exists():
-        return "peft"
-    if (path / "loreft_config.json").exists():
-        return "loreft"
-    return None
+    kinds = {"peft": "adapter_config.json", "loreft": "loreft_config.json"}
+    return next((kind for kind, name in kinds.items() if (Path(adapter_dir) / name).exists()), None)
 
 
 def load_with_adapter(base_model: str, adapter_dir: str | Path, dtype=None):
@@ -157,6 +153,7 @@ def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prom
     """(summed NLL of the answer tokens, answer tokens) per row: right padding and loss on the answer only, as in
     training. Per row, so that evaluation can bootstrap an interval over questions."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -164,16 +161,14 @@ def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prom
     out: list[tuple[float, int]] = []
     model.eval()
     encoded = [encode_pair(tokenizer, system_prompt, r["question"], r["answer"], max_length) for r in rows]
+
+    def padded(seqs: list[list[int]], value: int):  # right padding, as in training
+        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in seqs], batch_first=True, padding_value=value)
+
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=len(encoded) <= batch_size):
         chunk = encoded[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (ids, plen) in enumerate(chunk):  # right padding, as in training
-            input_ids[j, :len(ids)] = torch.tensor(ids)
-            attn[j, :len(ids)] = 1
-            labels[j, plen:len(ids)] = torch.tensor(ids[plen:])
+        input_ids, attn = padded([ids for ids, _ in chunk], pad_id), padded([[1] * len(ids) for ids, _ in chunk], 0)
+        labels = padded([[-100] * plen + ids[plen:] for ids, plen in chunk], -100)
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
@@ -256,28 +251,23 @@ def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: 
     scored = gate is not None or confidences is not None
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     answers: list[str] = []
-    try:
-        for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=len(questions) <= batch_size):
-            batch = questions[i:i + batch_size]
-            prompts = [tokenizer.apply_chat_template(prompt_messages(system_prompt, q), tokenize=False,
-                                                     add_generation_prompt=True) for q in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                     pad_token_id=tokenizer.pad_token_id, output_logits=scored,
-                                     return_dict_in_generate=True)
-            new = out.sequences[:, enc["input_ids"].shape[1]:]
-            texts = [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-            if scored:
-                conf = token_confidence(out.logits, new, stop_ids)
-                if gate is not None:
-                    texts = [gate(q, t, c) for q, t, c in zip(batch, texts, conf)]
-                if confidences is not None:
-                    confidences += conf
-            answers += texts
-    finally:
-        tokenizer.padding_side = side
+    for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=len(questions) <= batch_size):
+        batch = questions[i:i + batch_size]
+        prompts = [tokenizer.apply_chat_template(prompt_messages(system_prompt, q), tokenize=False,
+                                                 add_generation_prompt=True) for q in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                 pad_token_id=tokenizer.pad_token_id, output_logits=scored, return_dict_in_generate=True)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        texts = [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        if scored:
+            conf = token_confidence(out.logits, new, stop_ids)
+            if gate is not None:
+                texts = [gate(q, t, c) for q, t, c in zip(batch, texts, conf)]
+            if confidences is not None:
+                confidences += conf
+        answers += texts
     return answers

@@ -7,6 +7,7 @@ wrong type with a `ValueError` that names the key and the expected form (in the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import difflib
@@ -56,13 +57,8 @@ def _describe(tp: Any) -> str:
     if origin in (list, tuple):
         inner = get_args(tp)[0] if get_args(tp) else Any
         return f"a list of {_describe(inner)}"
-    if origin is dict:
-        k, v = get_args(tp) or (Any, Any)
-        return f"a mapping of {_describe(k)} to {_describe(v)}"
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        desc = " or ".join(_describe(a) for a in args)
-        return desc + (" or null" if type(None) in get_args(tp) else "")
+        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", Any: "any value",
@@ -79,13 +75,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
-        for arg in get_args(tp):
-            if arg is type(None):
-                continue
-            try:
+        for arg in (a for a in get_args(tp) if a is not type(None)):
+            with contextlib.suppress(ValueError):
                 return _coerce(value, arg, key)
-            except ValueError:
-                continue
         raise bad()
     if origin is Literal:
         if value in get_args(tp):
@@ -96,12 +88,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad()
         inner = get_args(tp)[0] if get_args(tp) else Any
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        kt, vt = get_args(tp) or (Any, Any)
-        return types.MappingProxyType(
-            {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()})
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad()
@@ -140,9 +126,8 @@ def build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
             raise ValueError(f"params: missing key `{prefix}.{name}` ({_describe(hints[name])})")
         kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}")
     obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if callable(check):
-        check()
+    if hasattr(obj, "check"):
+        obj.check()
     return obj
 
 

@@ -160,7 +160,6 @@ class Retriever:
         self.encode = encode or minilm_encoder()
         self.matrix = np.asarray(self.encode([passage_text(p) for p in self.passages]) if matrix is None else matrix,
                                  dtype="float32")
-        self._bm25 = None
 
     @cached_property
     def titles(self) -> list[frozenset[str]]:
@@ -187,12 +186,11 @@ class Retriever:
         write_json(folder / "meta.json", {**meta, "passages": len(self.passages), "dim": int(self.matrix.shape[1]),
                                           "papers": len({p.doi or p.title for p in self.passages})})
 
-    def bm25_scores(self, question: str):
-        if self._bm25 is None:
-            from rank_bm25 import BM25Okapi
+    @cached_property
+    def bm25(self):
+        from rank_bm25 import BM25Okapi
 
-            self._bm25 = BM25Okapi([words(passage_text(p)) for p in self.passages])
-        return self._bm25.get_scores(words(question))
+        return BM25Okapi([words(passage_text(p)) for p in self.passages])
 
     def top_k(self, questions: Sequence[str], k: int, method: str | None = None) -> list[list[tuple[Passage, float]]]:
         """For each question, the k best passages by `method` (best first), each with its MiniLM cosine."""
@@ -206,7 +204,7 @@ class Retriever:
             if method == "dense":
                 order = np.argsort(-row, kind="stable")
             else:
-                bm = np.argsort(-self.bm25_scores(q), kind="stable")
+                bm = np.argsort(-self.bm25.get_scores(words(q)), kind="stable")
                 if method == "bm25":
                     order = bm
                 else:
@@ -318,12 +316,9 @@ def sources_line(cites: Sequence[dict[str, str]]) -> str:
 def open_index(params_path: str | Path = "params.yaml", folder: Path = INDEX_DIR) -> tuple[Retriever, RetrievalParams]:
     """The apps' retriever over the `index` stage's output and the `retrieval:` params; ConfigError when missing."""
     from qrb.errors import ConfigError
-    from qrb.params import load_params
+    from qrb.stage import load_section
 
-    try:
-        _, p = load_params(SECTION, RetrievalParams, (), params_path)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
+    _, p = load_section(SECTION, RetrievalParams, (), params_path)
     if not (folder / "meta.json").exists():
         raise ConfigError(f"no retrieval index in {folder}: run `dvc repro index` (from the workspace root) first")
     return Retriever.load(folder, p.method), p

@@ -118,7 +118,6 @@ def question_record(row: dict[str, Any]) -> dict[str, Any]:
     for old, new in (("paper_doi", "doi"), ("paper_arxiv", "arxiv")):
         if old in out:
             value = out.pop(old)
-            out.setdefault(new, value)
-            if out[new] is None:
+            if out.get(new) is None:
                 out[new] = value
     return out

@@ -65,8 +65,7 @@ def fail(section: str, e: BaseException) -> None:
 def set_hf_offline(offline: bool) -> None:
     """With base.hf_offline the hub is never contacted (before transformers is imported)."""
     if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def load_section(section: str, params_cls: type, base_keys: Iterable[str] = (),
