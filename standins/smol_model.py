@@ -38,11 +38,9 @@ def gguf_path() -> Path:
         files = metadata.files(PACKAGE) or []
     except metadata.PackageNotFoundError:
         raise ConfigError(f"the offline base model needs the `{PACKAGE}` package: {INSTALL_HINT}") from None
-    for f in files:
-        if f.name == GGUF_NAME:
-            path = Path(f.locate())
-            if path.exists():
-                return path
+    path = next((Path(f.locate()) for f in files if f.name == GGUF_NAME), None)
+    if path is not None and path.exists():
+        return path
     raise ConfigError(f"`{PACKAGE}` is installed but ships no {GGUF_NAME}: reinstall it ({INSTALL_HINT})")
 
 

@@ -34,13 +34,11 @@ CHAT_TEMPLATE = (
 
 
 def corpus_texts(corpus_dir: str | Path) -> list[str]:
-    texts = []
     files = sorted(Path(corpus_dir).glob("*.jsonl"))
     if not files:
         raise SystemExit(f"tiny-model: no *.jsonl paper files in {corpus_dir}")
-    for path in files:
-        for rec in read_jsonl(path):
-            texts.append(" ".join(str(rec.get(k) or "") for k in ("title", "abstract")).strip())
+    texts = (" ".join(str(rec.get(k) or "") for k in ("title", "abstract")).strip()
+             for path in files for rec in read_jsonl(path))
     return [t for t in texts if t]
 
 

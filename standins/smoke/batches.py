@@ -180,9 +180,8 @@ class BatchStore:
                                                         "message": "Batch failed validation (injected by the "
                                                                    "smoke endpoint)."}]}
         else:
-            n_done = len(lines) if status == "completed" else math.floor(len(lines) * (self.faults.batch_expire or 0))
-            if status == "cancelled":
-                n_done = 0
+            n_done = {"completed": len(lines), "cancelled": 0}.get(
+                status, math.floor(len(lines) * (self.faults.batch_expire or 0)))
             for i, line in enumerate(lines):
                 if i >= n_done:
                     errors.append({"id": f"batch_req_x{i}", "custom_id": line["custom_id"], "response": None,
@@ -198,5 +197,4 @@ class BatchStore:
             b["error_file_id"] = self._file(jsonl(errors), "batch_output", f"{b['id']}_error.jsonl")["id"]
         b["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(errors)}
         b["status"] = status
-        b[{"completed": "completed_at", "expired": "expired_at", "failed": "failed_at",
-           "cancelled": "cancelled_at"}[status]] = now
+        b[f"{status}_at"] = now  # completed_at, expired_at, failed_at, cancelled_at

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from qrb.words import NUMBER_WORDS
@@ -53,12 +54,7 @@ def _clean(sentence: str) -> str:
 
 
 def _noun(words: str) -> str:
-    out = []
-    for w in words.split():
-        if w.lower() in _STOPNOUN:
-            break
-        out.append(w)
-    return " ".join(out)
+    return " ".join(itertools.takewhile(lambda w: w.lower() not in _STOPNOUN, words.split()))
 
 
 def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], int, int]]:
@@ -100,25 +96,18 @@ def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], in
     return sorted(out, key=lambda c: (rank[c[0]] + (c[0] == "name" and " " not in c[1]), c[3]))
 
 
-def _words(text: str, n: int, tail: bool) -> str:
-    w = text.split()
-    return " ".join(w[-n:] if tail else w[:n])
-
-
 def _context(sentence: str, start: int, end: int) -> tuple[str, str]:
     """The sentence's words before and after the short answer, each cut to one clause."""
     left = re.split(r"[;:]\s|, (?:while|which|where|whereas|so|but) ", sentence[:start])[-1].strip()
     left = re.sub(r"\b(?:the|a|an)$", "", left).strip()
     right = re.split(r"[.;:,]\s|[.;:]$|\s\(", sentence[end:] + " ")[0].strip(" .,;")
-    return _words(left, 24, True), _words(right, 10, False)
+    return " ".join(left.split()[-24:]), " ".join(right.split()[:10])
 
 
 def _wh(kind: str, answer: str) -> str:
     if kind == "count":
         return "how many " + answer.split(" ", 1)[1]
-    if kind == "percent":
-        return "what percentage"
-    return "what"
+    return "what percentage" if kind == "percent" else "what"
 
 
 def _fact(title: str, sentence: str, cand: tuple[str, str, list[str], int, int], evidence: str
