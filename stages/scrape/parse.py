@@ -147,14 +147,9 @@ def parse_paper_html(text: str, url: str) -> PaperItem | ErrorItem:
 
     # title
     title = first("citation_title", "dc.title", "og:title")
-    title_idx = None
     h1 = [(i, t) for i, (o, t) in enumerate(blocks) if o.tag == "h1"]
-    if title is None and h1:
-        title_idx, title = h1[0]
-    elif title is not None:
-        title_idx = next((i for i, t in h1 if t == title), None)
-        if title_idx is None and h1:
-            title_idx = h1[0][0]
+    title_idx = next((i for i, t in h1 if t == title), h1[0][0] if h1 else None)  # the meta's <h1>, else the first
+    title = title or (h1[0][1] if h1 else None)
 
     # visible "Published / Eprint / Doi / Citation" lines
     vis: dict[str, Any] = {}
@@ -178,14 +173,9 @@ def parse_paper_html(text: str, url: str) -> PaperItem | ErrorItem:
                          detail="no citation_* meta tags, no <h1> title and no 'Published:' line")
 
     # doi
-    doi = first("citation_doi", "dc.identifier", "prism.doi")
-    if doi:
-        m = DOI_RE.search(doi)
-        doi = m.group(0) if m else None
-    doi = doi or vis.get("doi")
+    m = DOI_RE.search(first("citation_doi", "dc.identifier", "prism.doi") or "")
     pid = paper_id_from_url(url)
-    if not doi and pid:
-        doi = f"10.22331/{pid[0]}"
+    doi = (m.group(0) if m else None) or vis.get("doi") or (f"10.22331/{pid[0]}" if pid else None)
 
     # published / volume / page
     published = _iso_date(first("citation_publication_date", "citation_date", "citation_online_date",
@@ -229,12 +219,8 @@ def parse_paper_html(text: str, url: str) -> PaperItem | ErrorItem:
         abstract = norm(" ".join(parts)) or None
 
     # license: rel=license links, DC.rights, else the text
-    lic = None
-    for el in root.iter("a", "link"):
-        if "license" in (el.get("rel") or "").lower().split():
-            lic = _license_id(el.get("href") or "")
-            if lic:
-                break
+    lic = next((x for el in root.iter("a", "link") if "license" in (el.get("rel") or "").lower().split()
+                and (x := _license_id(el.get("href") or ""))), None)
     lic = lic or _license_id(first("dc.rights", "citation_license", "dcterms.license") or "")
     if not lic:
         lic = next((x for _, t in blocks if (x := _license_id(t))), None)

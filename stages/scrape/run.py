@@ -33,10 +33,14 @@ CACHE_DIR = Path("cache/scrape")
 CACHE_RECORDS = CACHE_DIR / "records.jsonl"
 HTTP_CACHE_DIR = CACHE_DIR / "http"
 CACHE_VERSION = 1
+# the crawl's counters read from scrapy's stats (the qrb/ ones are our middlewares')
+SCRAPY_COUNTS = {"pages_fetched": "response_received_count", "requests": "qrb/requests_sent",
+                 "http_cache_hits": "httpcache/hit", "http_cache_revalidated": "httpcache/revalidate",
+                 "retries": "retry/count", "robots_forbidden": "robotstxt/forbidden",
+                 "page_cap_refused": "qrb/page_cap_refused"}
 
 
-def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Path = HTTP_CACHE_DIR
-                    ) -> dict[str, Any]:
+def scrapy_settings(p: ScrapeParams) -> dict[str, Any]:
     """Scrapy settings from the stage params: the politeness rules live here."""
     return {
         "BOT_NAME": "quantum-research-bot",
@@ -67,10 +71,10 @@ def scrapy_settings(p: ScrapeParams, log_level: str = "INFO", http_cache_dir: Pa
         "HTTPCACHE_ENABLED": True,
         "HTTPCACHE_POLICY": "stages.scrape.middlewares.RevalidatingPolicy",
         "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.FilesystemCacheStorage",
-        "HTTPCACHE_DIR": str(http_cache_dir.resolve()),  # absolute: scrapy puts a relative one under .scrapy/
+        "HTTPCACHE_DIR": str(HTTP_CACHE_DIR.resolve()),  # absolute: scrapy puts a relative one under .scrapy/
         "HTTPCACHE_GZIP": True,
         "HTTPCACHE_EXPIRATION_SECS": 0,
-        "LOG_LEVEL": log_level,
+        "LOG_LEVEL": "INFO",
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
         "QRB_MAX_PAGES": p.max_pages,
         # the page cap (the one cap: CLOSESPIDER_PAGECOUNT would count cache hits) after HttpCacheMiddleware (900):
@@ -103,20 +107,11 @@ def crawl(p: ScrapeParams, seen: set[str]) -> CrawlResult:
     process.start()
     spider = crawler.spider
     st = crawler.stats.get_stats() if crawler.stats else {}
-    stats = dict(spider.stats_local)
-    stats.update({
-        "pages_fetched": int(st.get("response_received_count", 0)),
-        "requests": int(st.get("qrb/requests_sent", 0)),
-        "http_cache_hits": int(st.get("httpcache/hit", 0)),
-        "http_cache_revalidated": int(st.get("httpcache/revalidate", 0)),
-        "crawl_delay_s": st.get("qrb/crawl_delay_s"),
-        "retries": int(st.get("retry/count", 0)),
+    stats = dict(spider.stats_local) | {k: int(st.get(v, 0)) for k, v in SCRAPY_COUNTS.items()} | {
         "offsite_filtered": int(st.get("offsite/filtered", 0)) + int(st.get("offsite/redirect_refused", 0)),
-        "robots_forbidden": int(st.get("robotstxt/forbidden", 0)),
+        "crawl_delay_s": st.get("qrb/crawl_delay_s"),
         "finish_reason": str(st.get("finish_reason", "")),
-        "page_cap_refused": int(st.get("qrb/page_cap_refused", 0)),
-        "spider_exceptions": int(sum(v for k, v in st.items() if k.startswith("spider_exceptions/"))),
-    })
+    }
     return CrawlResult(papers=[it.record(with_full_text=p.full_text) for it in spider.papers.values()],
                        errors=[e.record() for e in spider.errors], stats=stats)
 

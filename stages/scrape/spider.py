@@ -41,6 +41,12 @@ PAPER_PRIORITY = 1  # scrapy's default is 0: listing and other pages
 
 # failures of a followed (non-paper) link that say only "nothing here": counted, not recorded as errors
 QUIET_LINK_FAILURES = ("http_404", "http_410", "robots_disallowed", "offsite", "offsite_redirect")
+# reason of a download error: by Twisted's classes, or by (part of) the class name, as scrapy >= 2.14 wraps Twisted's
+# errors in its own Download*Error classes
+DOWNLOAD_ERRORS = (("timeout", (TxTimeoutError, TCPTimedOutError), "Timeout"),
+                   ("dns_error", DNSLookupError, "CannotResolveHostError"),
+                   ("connection_refused", ConnectionRefusedError, "DownloadConnectionRefusedError"),
+                   ("data_loss", (), "ResponseDataLossError"))
 
 
 def failure_reason(failure: Failure) -> tuple[str, str]:
@@ -61,16 +67,10 @@ def failure_reason(failure: Failure) -> tuple[str, str]:
             redirected = bool(request is not None and request.meta.get("redirect_urls"))
             return ("offsite_redirect" if redirected else "offsite"), f"{msg} ({request.url if request else ''})"
         return "ignored", msg
-    name = type(exc).__name__  # scrapy >= 2.14 wraps Twisted's errors in its own Download*Error classes
-    if isinstance(exc, (TxTimeoutError, TCPTimedOutError)) or "Timeout" in name:
-        return "timeout", f"{name}: {exc}"
-    if isinstance(exc, DNSLookupError) or name == "CannotResolveHostError":
-        return "dns_error", f"{name}: {exc}"
-    if isinstance(exc, ConnectionRefusedError) or name == "DownloadConnectionRefusedError":
-        return "connection_refused", f"{name}: {exc}"
-    if name == "ResponseDataLossError":
-        return "data_loss", f"{name}: {exc}"
-    return "download_error", f"{type(exc).__name__}: {exc}"
+    name = type(exc).__name__
+    reason = next((r for r, classes, part in DOWNLOAD_ERRORS if isinstance(exc, classes) or part in name),
+                  "download_error")
+    return reason, f"{name}: {exc}"
 
 
 def original_url(request: Request) -> str:
