@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.generate import GenerateParams  # noqa: E402
 from stages.generate.cache import ResponseCache  # noqa: E402
-from stages.generate.client import run_requests  # noqa: E402
+from stages.generate.client import Requester  # noqa: E402
 from stages.generate.run import load_templates  # noqa: E402
 from stages.generate.units import build_units  # noqa: E402
 from standins.smoke import MODEL_ID, Faults, serve_smoke_endpoint  # noqa: E402
@@ -52,7 +52,7 @@ def run(concurrency: int, n_requests: int, base_url: str) -> float:
 
         async def go() -> None:
             client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=p.timeout_s)
-            responses, failures, _ = await run_requests(units, p, 0, client, cache)
+            responses, failures, _ = await Requester(p, 0, client, cache).run(units)
             assert len(responses) == n_requests and not failures
             await client.close()
 

@@ -54,18 +54,6 @@ class Batcher:
         self.r = requester
         self.p = requester.p
 
-    def tag(self, keys: list[str]) -> str:
-        return llm.key(self.p.base_url.rstrip("/"), self.p.model, sorted(keys))[:32]
-
-    def line(self, unit: Unit) -> dict[str, Any]:
-        """The job's line for a unit: the body the online path sends (`Requester.attempt`)."""
-        body: dict[str, Any] = {"model": self.p.model, "messages": unit.messages, "temperature": self.p.temperature,
-                                "max_tokens": self.p.max_tokens, "seed": self.r.seed}
-        fmt = RESPONSE_FORMATS[self.r.mode]
-        if fmt:
-            body["response_format"] = fmt
-        return {"custom_id": unit.key, "method": "POST", "url": ENDPOINT, "body": body}
-
     async def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One Batch/Files API call with the request's retries on transient errors; a clear error otherwise."""
         import openai
@@ -100,11 +88,16 @@ class Batcher:
                 await self.resume(rec, todo)
 
     def parts(self, units: list[Unit]) -> list[list[tuple[Unit, bytes]]]:
-        """The units with their JSONL lines, in jobs within the Batch API's limits (requests and file size)."""
+        """The units with their JSONL lines (the body the online path sends, `Requester.attempt`), in jobs within the
+        Batch API's limits (requests and file size)."""
+        fmt = RESPONSE_FORMATS[self.r.mode]
         out: list[list[tuple[Unit, bytes]]] = [[]]
         size = 0
         for u in units:
-            line = (json.dumps(self.line(u), ensure_ascii=False) + "\n").encode()
+            body = {"model": self.p.model, "messages": u.messages, "temperature": self.p.temperature,
+                    "max_tokens": self.p.max_tokens, "seed": self.r.seed, **({"response_format": fmt} if fmt else {})}
+            line = (json.dumps({"custom_id": u.key, "method": "POST", "url": ENDPOINT, "body": body},
+                               ensure_ascii=False) + "\n").encode()
             if out[-1] and (len(out[-1]) >= MAX_REQUESTS or size + len(line) > MAX_BYTES):
                 out.append([])
                 size = 0
@@ -115,7 +108,7 @@ class Batcher:
     async def submit(self, part: list[tuple[Unit, bytes]]) -> dict[str, Any]:
         units = [u for u, _ in part]
         keys = [u.key for u in units]
-        tag = self.tag(keys)
+        tag = llm.key(self.p.base_url.rstrip("/"), self.p.model, sorted(keys))[:32]
         self.r.cache.put_batch(tag, keys, "submitting")
         data = b"".join(line for _, line in part)
         client = self.r.client

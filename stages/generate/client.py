@@ -1,14 +1,11 @@
 """The request loop: every unit answered from the cache or the endpoint, within the rate limits, the concurrency
 and the budget, with bounded retries (exponential backoff with jitter, at least the server's Retry-After on 429).
 
-`Requester` holds one run's state, across the rounds of a run (QA, augment, paraphrase: `run` once per round); one
-method per concern: `attempt` (one request and what it came to), `settle` (the response_format, negotiated once per
-endpoint and remembered for the run: JSON schema, else json_object, else instructions only; a request the endpoint
-refused is resent at once in the next mode, not counted as a retry), `retry_delay`, `record_failure` (and the circuit
-breaker: `max_consecutive_failures` requests in a row failing with the same error stop the run), `answer` (the loop
-for one unit) and `run` (all units). What an attempt came to is an `Attempt` (read by `qrb.llm.failure`, the layer
-every LLM call shares); the run's counters are `RunStats`. openai is imported only when a request is made
-(`--dry-run` and `--help` stay light).
+`Requester` holds one run's state across its rounds (QA, augment, paraphrase, invent: `run` once per round): the
+response_format, negotiated once per endpoint (`settle`), the circuit breaker (`record_failure`, `count_attempt`), the
+answers and failures so far. A failed request is read by `qrb.llm.failure`, the layer every LLM call shares, into an
+`Attempt`; the run's counters are `RunStats`. openai is imported only when a request is made (`--dry-run` and
+`--help` stay light).
 """
 
 from __future__ import annotations
@@ -150,9 +147,9 @@ class Requester:
     """One run of requests (`await Requester(...).run(units)`, once per round): the shared semaphore, rate limiter,
     jitter RNG (seeded), stats, the response_format mode, the circuit breaker, and the answers and failures so far."""
 
-    def __init__(self, p: GenerateParams, seed: int, client: Any, cache: ResponseCache, secret: str | None = None,
-                 progress: Progress | None = None) -> None:
-        self.p, self.seed, self.client, self.cache, self.secret, self.progress = p, seed, client, cache, secret, progress
+    def __init__(self, p: GenerateParams, seed: int, client: Any, cache: ResponseCache, secret: str | None = None
+                 ) -> None:
+        self.p, self.seed, self.client, self.cache, self.secret = p, seed, client, cache, secret
         self.sem = asyncio.Semaphore(p.concurrency)
         self.limiter = RateLimiter(p.requests_per_minute, p.tokens_per_minute)
         self.rng = random.Random(seed)
@@ -225,14 +222,19 @@ class Requester:
         self.failures.append(unit_failure(unit, outcome.reason, attempts))
         if self.stopped or not attempts or outcome.reason.startswith(("run stopped", "budget exhausted")):
             return
-        kind = llm.error_kind(outcome.reason)
-        n = self.streak[1] + 1 if self.streak[0] == kind else 1
-        self.streak = (kind, n)
+        n = self.count("streak", outcome)
         if n >= self.p.max_consecutive_failures:
             what = (f"{n} requests in a row failed with the same error (generate.max_consecutive_failures): "
                     f"{outcome.reason}")
             self.stopped.append(TransientError(what + "; the endpoint is down or keeps failing") if outcome.transient
                                 else ConfigError(what))
+
+    def count(self, streak: str, outcome: Attempt) -> int:
+        """Add `outcome` to the streak `streak` (an attribute: (error kind, how many in a row)); its new length."""
+        kind = llm.error_kind(outcome.reason)
+        n = getattr(self, streak)[1] + 1 if getattr(self, streak)[0] == kind else 1
+        setattr(self, streak, (kind, n))
+        return n
 
     def count_attempt(self, outcome: Attempt) -> None:
         """An endpoint that is down fails every attempt of every request while their retries interleave: the same
@@ -240,9 +242,7 @@ class Requester:
         max_retries)) stops the run before every request has burnt its retries."""
         if not outcome.transient or outcome.rate_limited or self.stopped:
             return
-        kind = llm.error_kind(outcome.reason)
-        n = self.attempt_streak[1] + 1 if self.attempt_streak[0] == kind else 1
-        self.attempt_streak = (kind, n)
+        n = self.count("attempt_streak", outcome)
         if n >= self.p.max_consecutive_failures * (1 + self.p.max_retries):
             self.stopped.append(TransientError(f"{n} attempts in a row failed with the same error "
                                              f"(generate.max_consecutive_failures x (1 + max_retries)): "
@@ -298,7 +298,7 @@ class Requester:
         """Answer every unit. Returns (responses by key, failure rows, stats), accumulated over this requester's
         rounds; raises the QrbError that stopped the run (a ConfigError no retry can fix, the breaker's) if one did."""
         self.preloaded = self.cache.get_many({u.key for u in units})
-        await asyncio.gather(*(self._tracked(u, progress or self.progress) for u in units))
+        await asyncio.gather(*(self._tracked(u, progress) for u in units))
         if self.stopped:
             raise self.stopped[0]
         return self.responses, self.failures, self.stats
@@ -308,9 +308,3 @@ class Requester:
         return {**self.stats.summary(self.p), "response_format": self.mode if self.stats.api_requests else None,
                 "response_format_refusals": list(self.refusals)}
 
-
-async def run_requests(units: list[Unit], p: GenerateParams, seed: int, client: Any, cache: ResponseCache,
-                       secret: str | None = None, progress: Progress | None = None
-                       ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], RunStats]:
-    """Answer every unit from the cache or the endpoint. Returns (responses by key, failure rows, stats)."""
-    return await Requester(p, seed, client, cache, secret, progress).run(units)

@@ -15,7 +15,7 @@ from qrb.words import STOPWORDS, near_any, norm_words, word_set
 
 from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .replies import parse_pairs
-from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, cache_key, clean, est_tokens
+from .units import Unit, block_head, clean, make_unit
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
@@ -28,9 +28,7 @@ def fact_id(doi: str, question: str) -> str:
 def fact_block(fact: dict[str, Any], asked: list[str] | None = None) -> str:
     """The pair a fact-level request carries, delimited as untrusted data like a paper. `asked`: the paraphrase
     request's questions already asked of the fact (else the augment request's one question)."""
-    lines = ["<paper>", f"Title: {clean(fact['title'])}", f"DOI: {clean(fact['doi'])}"]
-    if fact.get("published"):
-        lines.append(f"Published: {clean(fact['published'])}")
+    lines = block_head(fact["title"], fact["doi"], fact.get("published"))
     if asked is None:
         lines.append(f"Question: {clean(fact['question'])}")
     lines.append(f"Answer: {clean(fact['answer'])}")
@@ -44,24 +42,19 @@ def fact_block(fact: dict[str, Any], asked: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _unit(fact: dict[str, Any], prompt_id: str, block: str, template: str, system: str, p: GenerateParams,
-          seed: int, n: int) -> Unit:
-    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": n, "seed": seed}
-    user = template.replace("{{n}}", str(n)).replace("{{pair}}", block)
-    return Unit(doi=fact["doi"], title=fact["title"], published=fact["published"], prompt_id=prompt_id,
-                chunk=fact["chunk"], key=cache_key(p, system, template, block, sampling),
-                est_prompt_tokens=est_tokens(system + user, p.model) + 8,
-                est_completion_tokens=min(p.max_tokens, n * EST_OUTPUT_TOKENS_PER_PAIR + 20),
-                fact_id=fact["fact_id"],
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
-
-
 def augment_units(facts: list[dict[str, Any]], template: str, system: str, p: GenerateParams,
                   seed: int) -> list[Unit]:
     """One request per fact for its K-1 rewordings (none when `augment_variants` is 1)."""
     if p.augment_variants <= 1:
         return []
-    return [_unit(f, AUGMENT, fact_block(f), template, system, p, seed, p.augment_variants - 1) for f in facts]
+    return [make_unit(f, AUGMENT, "{{pair}}", fact_block(f), template, system, p, seed, p.augment_variants - 1)
+            for f in facts]
+
+
+def reply_row(fact: dict[str, Any], value: dict[str, Any], prompt_id: str, **fields: Any) -> dict[str, Any]:
+    """A row of `fact` (a QAPair record) from the reply `value` to a fact-level request: the fact's fields, but
+    `fields`."""
+    return {**fact, "prompt_id": prompt_id, "model": value["model"], "response_id": value["response_id"], **fields}
 
 
 def variants_of(fact: dict[str, Any], value: dict[str, Any], p: GenerateParams) -> tuple[list[dict[str, Any]],
@@ -86,13 +79,9 @@ def variants_of(fact: dict[str, Any], value: dict[str, Any], p: GenerateParams) 
             continue
         used.add(norm)
         counts["variants_reverse"] += reverse
-        out.append(QAPair(question=pair["question"], answer=pair["answer"], doi=fact["doi"], title=fact["title"],
-                          published=fact["published"], prompt_id=AUGMENT, model=value["model"],
-                          response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
-                          variant=len(out) + 1, evidence=fact.get("evidence", ""),
-                          short_answer=fact["title"] if reverse else fact.get("short_answer", ""),
-                          aliases=() if reverse else tuple(fact.get("aliases") or ()),
-                          kind="reverse" if reverse else "fact").record())
+        out.append(reply_row(fact, value, AUGMENT, question=pair["question"], answer=pair["answer"],
+                             variant=len(out) + 1,
+                             **({"short_answer": fact["title"], "aliases": [], "kind": "reverse"} if reverse else {})))
     return out, counts
 
 
@@ -118,8 +107,8 @@ def paraphrase_units(sample: list[dict[str, Any]], train: list[dict[str, Any]], 
     asked: dict[str, list[str]] = collections.defaultdict(list)
     for r in train:
         asked[r["fact_id"]].append(r["question"])
-    return [_unit(f, PARAPHRASE, fact_block(f, asked[f["fact_id"]] or [f["question"]]), template, system, p, seed, 1)
-            for f in sample]
+    return [make_unit(f, PARAPHRASE, "{{pair}}", fact_block(f, asked[f["fact_id"]] or [f["question"]]), template,
+                      system, p, seed, 1) for f in sample]
 
 
 def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: dict[str, dict[str, Any]],
@@ -139,12 +128,7 @@ def seen_rows(units: list[Unit], responses: dict[str, dict[str, Any]], facts: di
         if near_any(word_set(question), train_sets, max_jaccard):
             dropped += 1
             continue
-        row = QAPair(question=question, answer=fact["answer"], doi=fact["doi"], title=fact["title"],
-                     published=fact["published"], prompt_id=PARAPHRASE, model=value["model"],
-                     response_id=value["response_id"], chunk=fact["chunk"], fact_id=fact["fact_id"],
-                     variant=0, short_answer=fact.get("short_answer", ""), aliases=tuple(fact.get("aliases") or ()),
-                     evidence=fact.get("evidence", "")).record()
-        kept.append({**row, "source_question": fact["question"]})
+        kept.append(reply_row(fact, value, PARAPHRASE, question=question, source_question=fact["question"]))
     return kept, dropped
 
 
@@ -183,7 +167,8 @@ def invent_units(papers: list[dict[str, Any]], n_eval: int, n_train: int, templa
                                "</paper>"])
             fact = {"doi": "", "title": "", "published": None, "chunk": 0,
                     "fact_id": f"invent-{group}-{i // INVENT_PER_REQUEST}"}
-            units.append(_unit(fact, INVENT, block, template, system, p, seed, min(INVENT_PER_REQUEST, n - i)))
+            units.append(make_unit(fact, INVENT, "{{pair}}", block, template, system, p, seed,
+                                   min(INVENT_PER_REQUEST, n - i)))
     return units
 
 

@@ -15,7 +15,7 @@ from . import AUGMENT, INVENT, PARAPHRASE, GenerateParams
 from .assemble import collect_facts, with_variants
 from .facts import INVENT_PER_REQUEST, augment_units, invent_units, paraphrase_units, seen_sample, with_spare
 from .replies import parse_pairs
-from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, est_tokens, estimate, priced
+from .units import EST_OUTPUT_TOKENS_PER_PAIR, Unit, estimate, priced
 
 EST_PAIR_CHARS = 450      # a pair (question + answer) with its title and DOI lines, for the estimate
 EST_QUESTION_CHARS = 120  # one more question on a paraphrase request's Asked lines
@@ -58,7 +58,7 @@ def _synthetic(name: str, n: int, p: GenerateParams, system: str, template: str)
     """An estimate for `n` fact-level requests whose facts are not known yet."""
     chars = EST_PAIR_CHARS + (0 if name == AUGMENT else p.augment_variants * EST_QUESTION_CHARS)
     pairs = p.augment_variants - 1 if name == AUGMENT else 1
-    prompt = est_tokens(system + template, p.model) + llm.estimate("x" * chars) + 8
+    prompt = llm.count(system + template, p.model) + llm.estimate("x" * chars) + 8
     out = min(p.max_tokens, pairs * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     return priced(n, n, n * prompt, n * out, p)
 

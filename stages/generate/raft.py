@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from qrb.retrieval import Passage, passage_text, passages_from_papers, rag_prompt, with_citation, words
-from qrb.schema import QAPair
 
 RAFT = "raft"  # the rows' prompt_id and kind
 READ_WORDINGS = 2  # a read paper's fact asked over its excerpt in this many wordings: reading is the skill taught
@@ -69,11 +68,8 @@ def raft_rows(train: list[dict[str, Any]], held_out: Iterable[str], papers: list
         # paper costs no known fact), never citing an excerpt that does not state it
         answer = with_citation(f["answer"], at + 1) if gold else f["answer"]
         prompt = rag_prompt(f["question"], [(x, 0.0) for x in shown], max_chars)
-        rows.append(QAPair(question=prompt, answer=answer, doi=f["doi"], title=f["title"], published=f["published"],
-                           prompt_id=RAFT, model=f["model"], response_id=f["response_id"], chunk=0,
-                           fact_id=f["fact_id"], variant=last[f["fact_id"]] + 1 + f.get("variant", 0),
-                           short_answer=f["short_answer"],
-                           aliases=tuple(f.get("aliases") or ()), evidence=f.get("evidence", ""), kind=RAFT).record())
+        rows.append({**f, "question": prompt, "answer": answer, "prompt_id": RAFT, "kind": RAFT,
+                     "variant": last[f["fact_id"]] + 1 + f.get("variant", 0)})
         chars += len(prompt) + len(answer)
     return rows, {"raft_eligible_facts": len(facts), "raft_gold_rows": n_gold,
                   "raft_distractor_rows": len(rows) - n_gold, "raft_chars": chars}

@@ -47,20 +47,25 @@ def unit_failure(unit: Unit, reason: str, attempts: int) -> dict[str, Any]:
                        fact_id=unit.fact_id)
 
 
-def cache_key(p: GenerateParams, system: str, template: str, content: str, sampling: dict[str, Any]) -> str:
-    """What a reply depends on: endpoint, model, the template (with the system prompt), the content, sampling."""
-    return _hash(json.dumps({"endpoint": p.base_url.rstrip("/"), "model": p.model,
-                             "template": _hash(system + "\x00" + template), "paper": _hash(content),
-                             "sampling": sampling}, sort_keys=True))
-
-
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def est_tokens(text: str, model: str) -> int:
-    """The prompt's tokens: tiktoken's count where the model's encoding is cached, else ~4 characters per token."""
-    return llm.count(text, model)
+def make_unit(of: dict[str, Any], prompt_id: str, placeholder: str, block: str, template: str, system: str,
+              p: GenerateParams, seed: int, n: int) -> Unit:
+    """The request asking `n` pairs of `block` (a paper's chunk, or a fact: put at `placeholder` in the template);
+    `of`: its doi, title, published, chunk and fact_id. Its cache key holds what the reply depends on: endpoint,
+    model, the template (with the system prompt), the block, sampling."""
+    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": n, "seed": seed}
+    key = _hash(json.dumps({"endpoint": p.base_url.rstrip("/"), "model": p.model,
+                            "template": _hash(system + "\x00" + template), "paper": _hash(block),
+                            "sampling": sampling}, sort_keys=True))
+    user = template.replace("{{n}}", str(n)).replace(placeholder, block)
+    return Unit(doi=of["doi"], title=of["title"], published=of["published"], prompt_id=prompt_id, chunk=of["chunk"],
+                key=key, est_prompt_tokens=llm.count(system + user, p.model) + 8,
+                est_completion_tokens=min(p.max_tokens, n * EST_OUTPUT_TOKENS_PER_PAIR + 20),
+                fact_id=of.get("fact_id"),
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
 
 
 _DELIM = re.compile(r"<\s*/?\s*paper\s*>", re.I)
@@ -106,14 +111,17 @@ def paper_chunks(paper: dict[str, Any]) -> list[str]:
     return chunks
 
 
+def block_head(title: Any, doi: Any, published: Any) -> list[str]:
+    """The opening lines of a `<paper>` block (a paper, or a fact of one)."""
+    return ["<paper>", f"Title: {clean(title)}", f"DOI: {clean(doi)}"] + ([f"Published: {clean(published)}"]
+                                                                        if published else [])
+
+
 def render_paper(paper: dict[str, Any], chunk: int, text: str, n_chunks: int) -> str:
-    label = "Abstract" if chunk == 0 else "Text"
-    lines = ["<paper>", f"Title: {clean(paper.get('title'))}", f"DOI: {clean(paper.get('doi'))}"]
-    if paper.get("published"):
-        lines.append(f"Published: {clean(paper.get('published'))}")
+    lines = block_head(paper.get("title"), paper.get("doi"), paper.get("published"))
     if chunk:
         lines.append(f"Part: {chunk} of {n_chunks - 1} of the full text")
-    lines += [f"{label}:", text, "</paper>"]
+    lines += ["Text:" if chunk else "Abstract:", text, "</paper>"]
     return "\n".join(lines)
 
 
@@ -121,9 +129,6 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
                 seed: int) -> tuple[list[Unit], list[dict[str, Any]]]:
     """Every request to make, and the papers that cannot be sent (as failure rows)."""
     units, failures = [], []
-    sampling = {"temperature": p.temperature, "max_tokens": p.max_tokens, "n_pairs": p.facts_asked,
-                "seed": seed}
-    est_out = min(p.max_tokens, p.facts_asked * EST_OUTPUT_TOKENS_PER_PAIR + 20)
     for paper in papers:
         doi, title = paper.get("doi"), clean(paper.get("title"))
         if not doi:
@@ -135,14 +140,9 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
             continue
         for ci, text in enumerate(chunks):
             block = render_paper(paper, ci, text, len(chunks))
-            for pid in p.prompts:
-                template = templates[pid]
-                user = template.replace("{{n}}", str(p.facts_asked)).replace("{{paper}}", block)
-                units.append(Unit(doi=doi, title=title, published=paper.get("published"), prompt_id=pid,
-                                  chunk=ci, key=cache_key(p, system, template, block, sampling),
-                                  est_prompt_tokens=est_tokens(system + user, p.model) + 8, est_completion_tokens=est_out,
-                                  messages=[{"role": "system", "content": system},
-                                            {"role": "user", "content": user}]))
+            of = {"doi": doi, "title": title, "published": paper.get("published"), "chunk": ci}
+            units += [make_unit(of, pid, "{{paper}}", block, templates[pid], system, p, seed, p.facts_asked)
+                      for pid in p.prompts]
     return units, failures
 
 
