@@ -5,6 +5,7 @@ while a stage runs. It only reads the workspace and asks DVC."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -28,21 +29,18 @@ DATA_DOCS = "reports/data_docs/index.html"
 EVAL_TABLE = "reports/eval_table.md"
 
 
-def _dvc_out(workspace: Path, *args: str, timeout: float = 120) -> str | None:
+def _dvc_out(workspace: Path, *args: str) -> str | None:
     try:
-        proc = subprocess.run(dvc(*args), cwd=workspace, env=venv_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(dvc(*args), cwd=workspace, env=venv_env(), capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return None
     return proc.stdout if proc.returncode == 0 else None
 
 
-def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif not isinstance(value, list):
-        out.append((prefix, value))
+        return [kv for k, v in value.items() for kv in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    return [] if isinstance(value, list) else [(prefix, value)]
 
 
 def declared(workspace: Path, kind: str) -> list[str]:
@@ -70,12 +68,8 @@ def metrics_markdown(workspace: Path) -> str:
     for rel in declared(workspace, "metrics"):
         path = workspace / rel
         if path.suffix == ".json" and path.exists():
-            try:
-                flat: list[tuple[str, Any]] = []
-                _flatten("", json.loads(path.read_text()), flat)
-            except json.JSONDecodeError:
-                continue
-            rows += [(rel, k, v) for k, v in flat]
+            with contextlib.suppress(json.JSONDecodeError):
+                rows += [(rel, k, v) for k, v in _flatten("", json.loads(path.read_text()))]
     if rows:
         lines = ["| file | metric | value |", "|---|---|---|"]
         # 4 significant digits for a person (the files keep 6 decimals)

@@ -294,14 +294,12 @@ def check_args(workspace: Path, until: str | None, force: list[str], set_param: 
     """Before Prefect starts: the workspace and stage names (exit 2), the overrides (exit 78); returns the overrides."""
     try:
         plan(workspace, until, force)
-    except ConfigError as e:
+        overrides = parse_set(set_param)
+    except (ConfigError, ValueError) as e:  # parse_set: not key=value
         fail("qrb run", e, EXIT_USAGE)
     try:
-        overrides = parse_set(set_param)
         if overrides:
             ov.check(workspace, overrides)
-    except ValueError as e:  # parse_set: not key=value
-        fail("qrb run", e, EXIT_USAGE)
     except ConfigError as e:
         fail("qrb run", e)
     return overrides

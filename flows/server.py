@@ -29,13 +29,6 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def home() -> Path:
-    """PREFECT_HOME as the server started here will see it (the environment first: it is what the child reads)."""
-    from prefect.settings import PREFECT_HOME
-
-    return Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME.value()).expanduser()
-
-
 def ensure(api_url: str | None = None, startup_s: float = STARTUP_S) -> tuple[str, int | None]:
     """(API URL of a running server: `api_url`, PREFECT_API_URL or the default, started here if local and silent,
     pid of the server started here or None)."""
@@ -45,7 +38,10 @@ def ensure(api_url: str | None = None, startup_s: float = STARTUP_S) -> tuple[st
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost"):
         raise ConfigError(f"no Prefect server answers at {url} (only a local one is started here)")
-    log = home() / "qrb-server.log"
+    from prefect.settings import PREFECT_HOME
+
+    # PREFECT_HOME as the server started here sees it: the environment first, it is what the child reads
+    log = Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME.value()).expanduser() / "qrb-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = venv_env()
     env.pop("PREFECT_API_URL", None)

@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
-from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
+from flows.pipeline import pipeline, run_reported, stage_failure, stage_order, stream
 from flows.workspace import REPO_ROOT, dvc
 from qrb.errors import ConfigError
 from qrb.params import deep_merge, nested, parse_set
@@ -84,11 +84,12 @@ def load_config(path: str | Path, trials: int | None = None) -> SweepConfig:
         need(key != TECHNIQUE_KEY, f"`search.space.{key}`: the techniques come from `grid.{TECHNIQUE_KEY}`")
         need(spec.get("type", "float") in ("int", "float") and spec.get("low") and spec.get("high")
              and float(spec["low"]) < float(spec["high"]), f"`search.space.{key}` needs type int|float and 0 < low < high")
-    need(space or not (search.get("trials", 0) if trials is None else trials), "`search.trials` needs `search.space`")
+    trials = int(search.get("trials", 0) if trials is None else trials)
+    need(space or not trials, "`search.trials` needs `search.space`")
     return SweepConfig(grid=grid, target=data.get("target", "train"),
                       metric_file=metric.get("file", "metrics/train.json"), metric_key=metric.get("key", "eval_ce"),
                       mode=mode, jobs=int(data.get("jobs", 1)), fixed=dict(data.get("fixed") or {}),
-                      trials=int(search.get("trials", 0) if trials is None else trials), seed=int(search.get("seed", 0)),
+                      trials=trials, seed=int(search.get("seed", 0)),
                       space=space, report=report, card={k: float(v) for k, v in card.items()})
 
 
@@ -108,60 +109,38 @@ def read_metric(workspace: Path, cfg: SweepConfig) -> float | None:
 
 
 @task(task_run_name="{name}")
-def run_experiment(name: str, overrides: dict[str, Any], workspace: str, cfg: SweepConfig,
-                   timeout_s: float = EXPERIMENT_TIMEOUT_S) -> dict[str, Any]:
+def run_experiment(name: str, overrides: dict[str, Any], workspace: str, cfg: SweepConfig) -> dict[str, Any]:
     """`dvc exp run -n <name> -S ... <target>` in the workspace; returns the run with its metric."""
     logger = get_run_logger()
     args = ["--wait-for-lock", "exp", "run", "-n", name, *set_args(overrides), cfg.target]
     logger.info("$ dvc %s", " ".join(args))
     t0 = time.time()
-    rc, tail, status = run_reported(dvc(*args), workspace, timeout_s, logger)
+    rc, tail, status = run_reported(dvc(*args), workspace, EXPERIMENT_TIMEOUT_S, logger)
     if rc != 0:
         raise stage_failure(f"experiment {name}", rc, status, tail)
     return {"name": name, "params": overrides, "metric": read_metric(Path(workspace), cfg),
             "report": read_report(Path(workspace), cfg.report), "wall_s": round(time.time() - t0, 1)}
 
 
-def _find_revs(node: Any, names: set[str], out: dict[str, dict]) -> None:
-    """Walk `dvc exp show --json` (its nesting changes between releases) for experiments named in `names`."""
-    if isinstance(node, dict):
-        if node.get("name") in names and isinstance(node.get("data"), dict):
-            out[node["name"]] = node["data"]
-        node = list(node.values())
-    for value in node if isinstance(node, list) else ():
-        _find_revs(value, names, out)
-
-
 @task(name="queued-experiments")
-def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: SweepConfig,
-               timeout_s: float = EXPERIMENT_TIMEOUT_S) -> list[dict[str, Any]]:
-    """`dvc exp run --queue` each point, `dvc queue start -j N`, wait, collect metrics from `dvc exp show --json`."""
+def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: SweepConfig) -> list[dict[str, Any]]:
+    """`dvc exp run --queue` each point, then `dvc exp run --run-all -j N` (which waits for them); the metrics from
+    `dvc exp show --json` (a list of baselines, each with its experiments' revs)."""
     logger = get_run_logger()
     ws = Path(workspace)
     for name, overrides in points:
         wsp.run(dvc("exp", "run", "--queue", "-n", name, *set_args(overrides), cfg.target), ws)
-    wsp.run(dvc("queue", "start", "-j", str(cfg.jobs)), ws)
-    t0, names = time.time(), {name for name, _ in points}
-    while True:
-        status = wsp.run(dvc("queue", "status"), ws).stdout
-        # rows: Task (rev) | Name | Created | Status
-        pending = [line for line in status.splitlines()
-                   if names & set(line.split()) and ("Queued" in line or "Running" in line)]
-        if not pending:
-            break
-        if time.time() - t0 > timeout_s * len(points):
-            raise StageFailed("queued experiments", "timeout", None,
-                              f"still pending after {timeout_s * len(points):.0f} s")
-        time.sleep(5)
-    logger.info(status)
-    shown = json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
-    found: dict[str, dict] = {}
-    _find_revs(shown, names, found)
+    rc, tail = stream(dvc("exp", "run", "--run-all", "-j", str(cfg.jobs)), ws, EXPERIMENT_TIMEOUT_S * len(points),
+                      logger)
+    if rc != 0:
+        raise stage_failure("queued experiments", rc, None, tail)
+    names = {name for name, _ in points}
+    found = {rev["name"]: rev["data"] for base in json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
+             for exp in base.get("experiments") or [] for rev in exp["revs"] if rev.get("name") in names}
     runs = []
     for name, overrides in points:
-        metrics = (((found.get(name) or {}).get("metrics") or {}).get(cfg.metric_file) or {}).get("data") or {}
         try:  # a null metric (no eval set) is no failure
-            value, error = dotted(metrics, cfg.metric_key), None
+            value, error = dotted(found[name]["metrics"][cfg.metric_file]["data"], cfg.metric_key), None
         except (KeyError, TypeError):
             value, error = None, f"no {cfg.metric_key} (see `dvc queue logs {name}`)"
         runs.append({"name": name, "params": overrides, "metric": None if value is None else float(value),
