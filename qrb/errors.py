@@ -25,22 +25,16 @@ class QrbError(Exception):
 
 
 class ConfigError(QrbError):
-    """Configuration, credentials, hardware or a missing input: a retry cannot fix it."""
-
     exit_code = EXIT_CONFIG
     kind = "config"
 
 
 class DataError(QrbError):
-    """The data fails a check (a gate): a retry of the same stage on the same inputs cannot pass."""
-
     exit_code = EXIT_DATA
     kind = "data"
 
 
 class TransientError(QrbError):
-    """The network or a remote endpoint failed; a later try may pass."""
-
     exit_code = EXIT_TRANSIENT
     kind = "transient"
 

@@ -182,27 +182,25 @@ def chat_parts(tokenizer) -> tuple[str, dict[str, tuple[str, str]], str]:
     (one that treats a later turn differently) is refused rather than translated wrongly.
     """
     mark = {r: f"\x01{r}\x01" for r in ROLES}
+    turns = [("system", ""), ("user", ""), ("assistant", ""), ("user", "2"), ("assistant", "2"), ("user", "3")]
 
-    def render(roles, gen=False, n=""):
-        return tokenizer.apply_chat_template([{"role": r, "content": mark[r] + n} for r in roles], tokenize=False,
-                                             add_generation_prompt=gen)
+    def render(upto: int, gen: bool = False) -> str:
+        return tokenizer.apply_chat_template([{"role": r, "content": mark[r] + n} for r, n in turns[:upto]],
+                                             tokenize=False, add_generation_prompt=gen)
 
     parts, prev = {}, ""
     for i, role in enumerate(ROLES):
-        text = render(ROLES[:i + 1])
+        text = render(i + 1)
         if not text.startswith(prev) or text.count(mark[role]) != 1:
             raise ConfigError(f"the chat template does not render a {role} message after the earlier ones: no "
                               "Ollama template can be written (set `export.gguf: none`)")
         before, _, after = text[len(prev):].partition(mark[role])
         parts[role], prev = (before, after), text
-    gen = render(ROLES[:2], gen=True)[len(render(ROLES[:2])):]
+    gen = render(2, gen=True)[len(render(2)):]
     bos = tokenizer.bos_token or ""  # a BOS before the first message only (Llama 3's; ChatML's bos opens every turn)
     lead = bos if bos and parts["system"][0].startswith(bos) and not parts["user"][0].startswith(bos) else ""
     parts["system"] = (parts["system"][0][len(lead):], parts["system"][1])
-    turns = [("system", ""), ("user", ""), ("assistant", ""), ("user", "2"), ("assistant", "2"), ("user", "3")]
-    want = tokenizer.apply_chat_template([{"role": r, "content": mark[r] + n} for r, n in turns], tokenize=False,
-                                         add_generation_prompt=True)
-    if lead + "".join(parts[r][0] + mark[r] + n + parts[r][1] for r, n in turns) + gen != want:
+    if lead + "".join(parts[r][0] + mark[r] + n + parts[r][1] for r, n in turns) + gen != render(len(turns), gen=True):
         raise ConfigError("the chat template renders later turns differently from the first: no Ollama template "
                           "can be written (set `export.gguf: none`)")
     return lead, parts, gen

@@ -55,8 +55,7 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple):
-        inner = get_args(tp)[0] if get_args(tp) else Any
-        return f"a list of {_describe(inner)}"
+        return f"a list of {_describe(get_args(tp)[0])}"
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
     if dataclasses.is_dataclass(tp):
@@ -86,8 +85,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad()
-        inner = get_args(tp)[0] if get_args(tp) else Any
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad()

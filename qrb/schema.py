@@ -98,10 +98,9 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 def pair_field_ok(field: str, value: Any) -> bool:
     """Whether `value` has the type the schema gives `field` (a JSON file may hold anything)."""
-    if field == "variant":
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    if field == "chunk":
-        return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or isinstance(value, str)
+    if field in ("variant", "chunk"):
+        return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+            field == "chunk" and isinstance(value, str))
     if field == "aliases":
         return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     if field == "kind":
