@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
 
 import standins.mirror as mirror_pkg
 from qrb.io import setup_logging
@@ -25,8 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crawl-delay", type=float, default=None, help="a Crawl-delay line in robots.txt (seconds)")
     args = ap.parse_args(argv)
     setup_logging()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a clean stop, as Ctrl-C
     try:
         with serve_mirror(args.corpus, port=args.port, host=args.host, per_page=args.per_page,
                           faults=DEFAULT_FAULTS if args.faults else None, layout=args.layout, sitemap=args.sitemap,
@@ -34,11 +32,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"standins.mirror: serving {len(m.papers)} papers at {m.start_url} (Ctrl-C to stop)", flush=True)
             for kind, path in sorted(m.fault_paths().items()):
                 print(f"standins.mirror: fault {kind}: {m.url}{path}", flush=True)
-            while not stop.wait(0.5):
-                pass
+            signal.pause()
     except KeyboardInterrupt:
         pass
-    except (OSError, FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # FileNotFoundError included
         raise SystemExit(f"standins.mirror: {exc}") from None
 
 

@@ -151,15 +151,6 @@ class Mirror:
     def listing_pages(self) -> int:
         return max(1, -(-len(self._listed()) // self.per_page))
 
-    def disallowed_prefixes(self) -> list[str]:
-        return ["/wp-admin/"] + [p for p, f in self.faults.items() if f.kind == "disallowed"]
-
-    def listing_urls(self) -> list[str]:
-        """The paths of every listing page of the layout (what the sitemap names besides the papers)."""
-        if self.layout == "issues":
-            return ["/issues/"] + [f"/issues/{v}/" for v, _ in self._volumes()]
-        return [self.nav] + [f"{self.nav}page/{i}/" for i in range(2, self.listing_pages() + 1)]
-
     def _volumes(self) -> list[tuple[str, str]]:
         vols = {p["volume"]: p["published"][:4] for p in self._listed()}
         return sorted(vols.items(), key=lambda kv: int(kv[0]), reverse=True)
@@ -167,7 +158,7 @@ class Mirror:
     # -- HTTP ---------------------------------------------------------------------------------------------------
     def respond(self, host: str, path: str) -> tuple[int, dict[str, str], bytes, float]:
         """(status, headers, body, delay_s) for GET `path` with Host `host` (no port). A 200 page carries an ETag
-        (of its body) and a `Cache-Control` (see PAPER_MAX_AGE_S); the handler answers 304 to a matching
+        (of its body) and a `Cache-Control` (see PAPER_MAX_AGE_S); `handle` answers 304 to a matching
         If-None-Match."""
         status, headers, body, delay = self._route(host, path)
         if status == 200 and not headers.get("Content-Type", "").startswith("application/pdf"):
@@ -204,14 +195,18 @@ class Mirror:
                 return 200, html_t, render_paper(self._extra[path], nav=self.nav).encode(), 0.0
         delay = fault.delay_s if fault is not None and fault.kind == "slow" else 0.0
 
+        disallowed = [p for p, f in self.faults.items() if f.kind == "disallowed"]
         if path == "/robots.txt":
-            body = render_robots(self.disallowed_prefixes(), f"{self.url}/sitemap.xml" if self.sitemap else None,
+            body = render_robots(["/wp-admin/", *disallowed], f"{self.url}/sitemap.xml" if self.sitemap else None,
                                  self.crawl_delay)
             return 200, {"Content-Type": "text/plain; charset=utf-8"}, body.encode(), 0.0
-        if path == "/sitemap.xml" and self.sitemap:
-            locs = [f"{self.url}{u}" for u in self.listing_urls()]
-            locs += [f"{self.url}{paper_path(p['doi'])}" for p in self._listed()
-                     if self.faults.get(paper_path(p["doi"]), Fault("slow")).kind != "disallowed"]
+        if path == "/sitemap.xml" and self.sitemap:  # every listing page of the layout, then the papers
+            if self.layout == "issues":
+                pages = ["/issues/"] + [f"/issues/{v}/" for v, _ in self._volumes()]
+            else:
+                pages = [self.nav] + [f"{self.nav}page/{i}/" for i in range(2, self.listing_pages() + 1)]
+            pages += [paper_path(p["doi"]) for p in self._listed() if paper_path(p["doi"]) not in disallowed]
+            locs = [f"{self.url}{u}" for u in pages]
             return 200, {"Content-Type": "application/xml; charset=utf-8"}, render_sitemap(locs).encode(), 0.0
         if path == "/" and self.layout != "papers":
             return 200, html_t, render_front(self.nav).encode(), 0.0
@@ -231,8 +226,7 @@ class Mirror:
                     return self._not_found()
                 chunk = items[(n - 1) * self.per_page: n * self.per_page]
                 return 200, html_t, render_listing(chunk, n, pages, self.nav, self.nav).encode(), delay
-        m = re.fullmatch(r"(/papers/q-\d{4}-\d{2}-\d{2}-\d+/)(pdf/)?", path)
-        if m:
+        if m := re.fullmatch(r"(/papers/q-\d{4}-\d{2}-\d{2}-\d+/)(pdf/)?", path):
             with self._lock:
                 p = self.papers.get(m.group(1))
             if p is None:
@@ -240,8 +234,7 @@ class Mirror:
             if m.group(2):
                 return 200, {"Content-Type": "application/pdf"}, b"%PDF-1.4\n% stub\n", 0.0
             return 200, html_t, render_paper(p, nav=self.nav).encode(), delay
-        m = re.fullmatch(r"/arxiv/html/(.+)", path)
-        if m:
+        if m := re.fullmatch(r"/arxiv/html/(.+)", path):
             with self._lock:
                 hit = [p for p in self.papers.values() if p["arxiv"] and p["arxiv"].removeprefix("arXiv:") == m.group(1)]
             if hit:

@@ -24,8 +24,7 @@ LAYOUTS = {  # layout -> the root of its paper listing
 
 
 def paper_id(doi: str) -> str:
-    m = DOI_RE.match(doi or "")
-    if not m:
+    if not (m := DOI_RE.match(doi or "")):
         raise ValueError(f"mirror: not a Quantum DOI: {doi!r}")
     return m.group(1)
 
@@ -41,8 +40,7 @@ def page_record(rec: dict[str, Any]) -> dict[str, Any]:
     `published`/`volume`/`page` from the DOI when null; `citation` "Quantum V, P (YYYY)." when null (the real site
     always shows one); `license` "CC-BY-4.0"; `url` the live site's paper URL."""
     doi = rec["doi"]
-    m = DOI_RE.match(doi or "")
-    if not m:
+    if not (m := DOI_RE.match(doi or "")):
         raise ValueError(f"mirror: record without a Quantum DOI: {rec.get('title')!r}")
     pid, y, mo, d, page = m.groups()
     published = rec.get("published") or f"{y}-{mo}-{d}"

@@ -130,30 +130,23 @@ def extract_facts(title: str, abstract: str, n: int) -> list[dict[str, object]]:
     """Up to `n` facts of an abstract, one short answer each, spread over its sentences (one per sentence first)."""
     raw = [s for s in split_sentences(abstract or "") if len(s) >= 30 and not _GARBLED.search(_LATEX.sub("", s))]
     per_sentence = [[_fact(title, _clean(s), c, s) for c in _candidates(_clean(s), title)] for s in raw]
-    out, seen = [], set()
+    out: dict[str, dict[str, object]] = {}  # by short answer, the first fact that gives it
     for depth in range(3):
         for facts in per_sentence:
             if depth < len(facts) and len(out) < n:
-                f = facts[depth]
-                if str(f["short_answer"]).lower() not in seen:
-                    seen.add(str(f["short_answer"]).lower())
-                    out.append(f)
-    return out
+                out.setdefault(str(facts[depth]["short_answer"]).lower(), facts[depth])
+    return list(out.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # wordings of one fact (augment), a new one (paraphrase), and invented papers (invent)
-
-_BLANK = "___"
-
 
 def _parts(fact: dict[str, str]) -> tuple[str, str, str, str]:
     """(left context, what to ask, right context, subject phrase) of a fact, from its evidence sentence."""
     evidence, short = _clean(fact.get("evidence", "")), fact.get("short_answer", "")
     i = evidence.lower().find(short.lower()) if short else -1
     if i < 0:
-        k = _key_phrase(fact.get("question", "")) or "its main result"
-        return "", "what", "", k
+        return "", "what", "", _key_phrase(fact.get("question", "")) or "its main result"
     left, right = _context(evidence, i, i + len(short))
     kind = ("count" if re.match(_NUM + r" ", short, re.I) else "percent" if short.endswith("%") else "name")
     return left, _wh(kind, short), right, _key_phrase(left) or _key_phrase(right) or _key_phrase(evidence)
@@ -173,7 +166,7 @@ def fact_wordings(fact: dict[str, str], n: int) -> list[dict[str, str]]:
     topic = _key_phrase(t) or t
     left, wh, right, subject = _parts(fact)
     acronym = _acronym(fact)
-    cloze = f"{left} {_BLANK} {right}".strip()
+    cloze = f"{left} ___ {right}".strip()
     ask = f"{left} {wh} {right}".strip()
     low_ask = ask if ask[:2].isupper() else ask[:1].lower() + ask[1:]
     frames = [
