@@ -43,8 +43,7 @@ def norm(s: str | None) -> str:
 
 def paper_id_from_url(url: str) -> tuple[str, _dt.date] | None:
     """(`q-YYYY-MM-DD-N`, date) for a paper URL, else None."""
-    m = PAPER_PATH_RE.search(urlsplit(url).path)
-    if not m:
+    if not (m := PAPER_PATH_RE.search(urlsplit(url).path)):
         return None
     try:
         return m.group(1), _dt.date(int(m.group(2)), int(m.group(3)), int(m.group(4)))
@@ -53,8 +52,7 @@ def paper_id_from_url(url: str) -> tuple[str, _dt.date] | None:
 
 
 def _iso_date(s: str) -> str | None:
-    m = re.match(r"^\s*(\d{4})[-/](\d{1,2})[-/](\d{1,2})", s or "")
-    if not m:
+    if not (m := re.match(r"^\s*(\d{4})[-/](\d{1,2})[-/](\d{1,2})", s or "")):
         return None
     try:
         return _dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3))).isoformat()
@@ -63,11 +61,9 @@ def _iso_date(s: str) -> str | None:
 
 
 def _license_id(s: str) -> str | None:
-    m = _CC_URL.search(s or "")
-    if m:
+    if m := _CC_URL.search(s or ""):
         return f"CC-{m.group(1).upper()}-{m.group(2)}"
-    m = _CC_TEXT.search(s or "")
-    if m:
+    if m := _CC_TEXT.search(s or ""):
         return f"CC-{m.group(1).replace(' ', '-').upper()}-{m.group(2)}"
     return None
 
@@ -167,8 +163,7 @@ def parse_paper_html(text: str, url: str) -> PaperItem | ErrorItem:
         if "citation" not in vis and (m := _CITATION.search(t)):
             vis["citation"] = norm(m.group(1))
 
-    if not metas.get("citation_title") and title_idx is None and pub_idx is None and not any(
-            k.startswith("citation_") for k in metas):
+    if title_idx is None and pub_idx is None and not any(k.startswith("citation_") for k in metas):
         return ErrorItem(url=url, reason="malformed_html",
                          detail="no citation_* meta tags, no <h1> title and no 'Published:' line")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import re
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -20,7 +19,7 @@ from scrapy.exceptions import IgnoreRequest
 from scrapy.http import HtmlResponse, Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spidermiddlewares.httperror import HttpError
-from scrapy.utils.sitemap import Sitemap
+from scrapy.utils.sitemap import Sitemap, sitemap_urls_from_robots
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError
 from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.python.failure import Failure
@@ -216,9 +215,7 @@ class QuantumSpider(Spider):
                        priority=PAPER_PRIORITY)
 
     def parse_robots(self, response: Response) -> Iterable[Request]:
-        text = response.text if isinstance(response, TextResponse) else response.body.decode("utf-8", "replace")
-        found = [m.group(1) for line in text.splitlines() if (m := re.match(r"^\s*sitemap\s*:\s*(\S+)", line, re.I))]
-        yield from self._sitemap_requests(response.url, found)
+        yield from self._sitemap_requests(response.url, list(sitemap_urls_from_robots(response.body, response.url)))
 
     def parse_sitemap(self, response: Response) -> Iterable[Any]:
         """Paper URLs (and nested sitemaps) from a sitemap; its other pages are left to link discovery."""
