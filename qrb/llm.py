@@ -196,12 +196,10 @@ def estimate(text: str) -> int:
 
 
 def load_encoding(model: str) -> Any | None:
-    """tiktoken's encoding for `model` from its local cache, or None (no tiktoken, an unknown model, not cached)."""
-    try:
-        import tiktoken
-        import tiktoken.load
-    except ImportError:
-        return None
+    """tiktoken's encoding for `model` from its local cache, or None (an unknown model, not cached)."""
+    import tiktoken
+    import tiktoken.load
+
     try:
         name = tiktoken.encoding_name_for_model(model)
     except KeyError:

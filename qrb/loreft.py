@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 CONFIG_NAME = "loreft_config.json"
 WEIGHTS_NAME = "loreft_weights.safetensors"
 _POSITIONS = re.compile(r"^(all|f(\d+)\+l(\d+))$")
@@ -49,36 +52,30 @@ class LoreftConfig:
             raise ValueError(f"loreft: rank must be in [1, hidden_size={self.hidden_size}], got {self.rank}")
 
 
-def _intervention_cls():
-    import torch
-    from torch import nn
+class LoreftIntervention(nn.Module):
+    """h + R^T(Wh + b - Rh); R's rows orthonormal.
 
-    class LoreftIntervention(nn.Module):
-        """h + R^T(Wh + b - Rh); R's rows orthonormal.
+    R = the Q factor of a free (rank x hidden) parameter's thin QR: O(hidden * rank^2), differentiable, and
+    immune to weight decay (scaling the free parameter leaves Q as is). torch's orthogonal(householder)
+    parametrization is not: it multiplies by int(diagonal), which weight decay turns to 0 after one step.
+    """
 
-        R = the Q factor of a free (rank x hidden) parameter's thin QR: O(hidden * rank^2), differentiable, and
-        immune to weight decay (scaling the free parameter leaves Q as is). torch's orthogonal(householder)
-        parametrization is not: it multiplies by int(diagonal), which weight decay turns to 0 after one step.
-        """
+    def __init__(self, hidden: int, rank: int, dropout: float) -> None:
+        super().__init__()
+        self.rotate_raw = nn.Parameter(nn.init.orthogonal_(torch.empty(rank, hidden)))
+        self.source = nn.Linear(hidden, rank)  # W, b
+        self.dropout = nn.Dropout(dropout)
 
-        def __init__(self, hidden: int, rank: int, dropout: float) -> None:
-            super().__init__()
-            self.rotate_raw = nn.Parameter(nn.init.orthogonal_(torch.empty(rank, hidden)))
-            self.source = nn.Linear(hidden, rank)  # W, b
-            self.dropout = nn.Dropout(dropout)
+    @property
+    def rotation(self) -> torch.Tensor:
+        q, r = torch.linalg.qr(self.rotate_raw.T, mode="reduced")  # (hidden, rank)
+        return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).T  # unique: positive diagonal of r
 
-        @property
-        def rotation(self) -> torch.Tensor:
-            q, r = torch.linalg.qr(self.rotate_raw.T, mode="reduced")  # (hidden, rank)
-            return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).T  # unique: positive diagonal of r
-
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
-            r = self.rotation  # (rank, hidden), orthonormal rows
-            hf = h.to(r.dtype)
-            edit = self.source(hf) - hf @ r.T  # (.., rank): Wh + b - Rh
-            return (hf + self.dropout(edit @ r)).to(h.dtype)
-
-    return LoreftIntervention
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = self.rotation  # (rank, hidden), orthonormal rows
+        hf = h.to(r.dtype)
+        edit = self.source(hf) - hf @ r.T  # (.., rank): Wh + b - Rh
+        return (hf + self.dropout(edit @ r)).to(h.dtype)
 
 
 def decoder_layers(model) -> Sequence[Any]:
@@ -124,8 +121,6 @@ def header_ids_for(tokenizer) -> list[int]:
 
 def position_mask(input_ids, attention_mask, cfg: LoreftConfig):
     """(batch, seq) bool mask of the positions to intervene on."""
-    import torch
-
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     if cfg.pad_token_id is not None:
         real = real & (input_ids != cfg.pad_token_id)
@@ -155,9 +150,6 @@ def position_mask(input_ids, attention_mask, cfg: LoreftConfig):
 
 def attach(model, cfg: LoreftConfig):
     """Freeze the base, add the interventions as `model.loreft` and hook them in. Returns the model."""
-    import torch
-
-    cls = _intervention_cls()
     layers = decoder_layers(model)
     for i in cfg.layers:
         if not 0 <= i < len(layers):
@@ -165,7 +157,7 @@ def attach(model, cfg: LoreftConfig):
     model.requires_grad_(False)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    ivs = torch.nn.ModuleDict({str(i): cls(cfg.hidden_size, cfg.rank, cfg.dropout) for i in cfg.layers})
+    ivs = nn.ModuleDict({str(i): LoreftIntervention(cfg.hidden_size, cfg.rank, cfg.dropout) for i in cfg.layers})
     model.loreft = ivs.to(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     model.loreft_config = cfg
     model._loreft_state = {"mask": None, "enabled": True}

@@ -38,7 +38,7 @@ def trainable(model) -> dict[str, torch.Tensor]:
 
 def test_loreft_intervention_is_h_plus_rt_of_wh_plus_b_minus_rh():
     torch.manual_seed(0)
-    iv = loreft._intervention_cls()(hidden=16, rank=4, dropout=0.0)
+    iv = loreft.LoreftIntervention(hidden=16, rank=4, dropout=0.0)
     r = iv.rotation.detach()
     assert torch.allclose(r @ r.T, torch.eye(4), atol=1e-5), "R must have orthonormal rows"
     h = torch.randn(2, 5, 16)
