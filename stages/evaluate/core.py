@@ -246,13 +246,11 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
             if idx:
                 metrics[f"{set_name}_{sub}"] = set_metrics({m: [sr[i] for i in idx] for m, sr in per_row.items()}, **kw)
         for name, m in metrics[set_name].items():
+            rates = ("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("correct", "not_attempted",
+                                                                             "hallucination_rate"))
             log.info("%s/%s: correct %s not attempted %s hallucination rate %s (%.1f words)", set_name, name,
-                     *(_num(m.get(k)) for k in ("correct", "not_attempted", "hallucination_rate")), m["answer_words"])
+                     *rates, m["answer_words"])
     return metrics, predictions, skipped
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,8 +276,6 @@ def arxiv_v1_month(arxiv: str | None) -> dt.date | None:
 
 
 def _iso(value: Any) -> dt.date | None:
-    if isinstance(value, dt.date):
-        return value
     try:
         return dt.date.fromisoformat(str(value)[:10])
     except (TypeError, ValueError):

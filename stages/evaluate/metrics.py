@@ -5,6 +5,7 @@ The libraries are imported inside the functions so that importing this module co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,22 +36,18 @@ class Scorer:
     The BERTScore model is loaded once (`bert_score.BERTScorer`, the same computation as `bert_score.score`).
     """
 
-    def __init__(self, bertscore_model: str, bertscore_num_layers: int, batch_size: int = 32) -> None:
+    def __init__(self, bertscore_model: str, bertscore_num_layers: int) -> None:
         from rouge_score import rouge_scorer
 
         self.rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         self.bertscore_model = bertscore_model_path(bertscore_model)
         self.num_layers = bertscore_num_layers
-        self.batch_size = batch_size
-        self._bert = None
 
-    def bertscore(self, predictions: Sequence[str], references: Sequence[str]):
-        if self._bert is None:
-            import bert_score
+    @functools.cached_property
+    def bert(self):
+        import bert_score
 
-            self._bert = bert_score.BERTScorer(model_type=self.bertscore_model, num_layers=self.num_layers,
-                                               batch_size=self.batch_size)
-        return self._bert.score(list(predictions), list(references), verbose=False, batch_size=self.batch_size)
+        return bert_score.BERTScorer(model_type=self.bertscore_model, num_layers=self.num_layers, batch_size=32)
 
     def rows(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, Any]]:
         from sacrebleu.metrics import BLEU
@@ -62,7 +59,7 @@ class Scorer:
             s = self.rouge.score(ref, pred)  # rouge-score takes (target, prediction)
             rows.append({k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")})
         if rows:
-            P, R, F = self.bertscore(predictions, references)
+            P, R, F = self.bert.score(list(predictions), list(references), verbose=False, batch_size=32)
             for row, p, r, f in zip(rows, P.tolist(), R.tolist(), F.tolist(), strict=True):
                 row.update(bertscore_p=p, bertscore_r=r, bertscore_f1=f)
             stats = BLEU()._extract_corpus_statistics(list(predictions), [list(references)])

@@ -50,7 +50,9 @@ def set_title(set_name: str) -> str:
     return f"{name} questions" + (f" ({SET_DESCRIPTIONS[name]})" if name in SET_DESCRIPTIONS else "")
 
 
-def _num(v: Any, decimals: int, signed: bool = False) -> str:
+def fmt(v: Any, decimals: int, signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
     return f"{v:{'+' if signed else ''}.{decimals}f}" if isinstance(v, float) else str(v)
 
 
@@ -58,11 +60,11 @@ def with_interval(m: dict[str, Any], key: str, decimals: int, signed: bool = Fal
     if m.get(key) is None:
         return "–"
     ci = m.get(f"{key}_ci95")
-    cell = _num(m[key], decimals, signed)
+    cell = fmt(m[key], decimals, signed)
     if isinstance(ci, str):  # "n too small"
         return f"{cell} ({ci})"
     if isinstance(ci, list) and len(ci) == 2:
-        return f"{cell} [{_num(ci[0], decimals)}, {_num(ci[1], decimals)}]"
+        return f"{cell} [{fmt(ci[0], decimals)}, {fmt(ci[1], decimals)}]"
     return cell
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from . import ModelCardParams
-from .evaluation import adapter_shows_gain, eval_results, evaluation_section, in_short, set_n
+from .evaluation import adapter_shows_gain, eval_results, evaluation_section, fmt, in_short, set_n
 from .inputs import DATASET, NOT_DATA, BaseInfo, CardInputs, GeneratorInfo
 
 LOSS_PNG_NAME = "loss.png"
@@ -16,12 +16,6 @@ METHOD_NAMES = {"lora": "LoRA", "lora_plus": "LoRA+", "dora": "DoRA", "qlora": "
 NAME_SUFFIXES = {"jr", "sr", "ii", "iii", "iv"}  # "Smith, Jr." is no "Last, First"
 SMOKE_WHAT = ("the extractive smoke-test endpoint, not a language model: it copies sentences of the abstracts into "
               "answers under templated questions")
-
-
-def fmt(value: Any, decimals: int) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
 
 
 def licence_name(lic: str) -> str:
