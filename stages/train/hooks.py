@@ -124,12 +124,9 @@ def counting_trainer_cls():
             core = self.accelerator.unwrap_model(model)
             core = core.get_base_model() if hasattr(core, "get_base_model") else core
             seen = []
-            hook = core.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
-            try:
+            with core.get_decoder().register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state)):
                 model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1,
                       use_cache=False)
-            finally:
-                hook.remove()
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
             head = core.get_output_embeddings()  # outside the forward's autocast: in the frozen head's dtype

@@ -333,18 +333,13 @@ def build_trainer(base: dict[str, Any], p: TrainParams, model, tokenizer, datase
     return trainer
 
 
-@contextlib.contextmanager
 def neftune(trainer, p: TrainParams, pad_id: int):
-    """The per-length NEFTune hook on the input embeddings while training (none when the alpha is unset)."""
+    """The per-length NEFTune hook on the input embeddings, removed when the `with` block ends (none when the alpha
+    is unset)."""
     if not p.neftune_noise_alpha:
-        yield
-        return
+        return contextlib.nullcontext()
     emb = trainer.accelerator.unwrap_model(trainer.model).get_input_embeddings()
-    handle = emb.register_forward_hook(hooks.neftune_per_length(p.neftune_noise_alpha, pad_id))
-    try:
-        yield
-    finally:
-        handle.remove()
+    return emb.register_forward_hook(hooks.neftune_per_length(p.neftune_noise_alpha, pad_id))  # a context manager
 
 
 def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint_root: Path | None = None,
@@ -385,9 +380,8 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
             result = trainer.train(resume_from_checkpoint=resume)
         wall = time.time() - t0
         is_main = trainer.accelerator.is_main_process
-        reduce = trainer.accelerator.reduce
-        real = int(reduce(torch.tensor(trainer.real_tokens, device=trainer.accelerator.device), "sum"))
-        padded = int(reduce(torch.tensor(trainer.padded_tokens, device=trainer.accelerator.device), "sum"))
+        counted = torch.tensor([trainer.real_tokens, trainer.padded_tokens], device=trainer.accelerator.device)
+        real, padded = map(int, trainer.accelerator.reduce(counted, "sum"))
         trainer.accelerator.wait_for_everyone()
         if checkpoint_root is not None and is_main and run_dir.exists():
             shutil.rmtree(run_dir)  # done: a rerun starts fresh (dvc repro only reruns when something changed)
