@@ -86,33 +86,23 @@ def _json(path: Path) -> Any:
         raise DataError(f"{path} is not valid JSON ({e.msg})") from None
 
 
-def _readme_paragraph(text: str) -> str | None:
-    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
-    body = [p for p in paragraphs if p and not p.startswith("#")]
-    return body[0] if body else None
-
-
-def _hub_config(repo_id: str) -> dict[str, Any]:
-    """The Hub model's config.json when the local HF cache holds it (never a download: the card runs offline)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an id the cache cannot hold (a malformed name): nothing known
-        return {}
-    return _json(Path(path)) if isinstance(path, str) else {}
-
-
 def describe_base(ref: str, license_param: str | None) -> BaseInfo:
     """What `ref` is. A local folder speaks for itself (PROVENANCE.json: the source and licence of a converted
     model; README.md: a stand-in says so); a Hub id is the model, its licence the param's."""
     folder = Path(ref)
-    if not folder.is_dir():
-        tied = _hub_config(ref).get("tie_word_embeddings")
+    if not folder.is_dir():  # its config.json when the local HF cache holds it (never a download: the card runs offline)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(ref, "config.json")
+        except Exception:  # an id the cache cannot hold (a malformed name): nothing known
+            cached = None
+        tied = _json(Path(cached)).get("tie_word_embeddings") if isinstance(cached, str) else None
         return BaseInfo(ref=ref, local=False, name=ref, hub_id=ref, license=license_param,
                         tied=tied if isinstance(tied, bool) else None)
     prov = _json(folder / "PROVENANCE.json") if (folder / "PROVENANCE.json").exists() else {}
     readme = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").exists() else ""
+    paragraphs = [" ".join(p.split()) for p in readme.split("\n\n")]  # the first without a heading is quoted
     config = _json(folder / "config.json") if (folder / "config.json").exists() else {}
     recorded = prov.get("license")
     if recorded and license_param and recorded.lower() != license_param.lower():
@@ -122,7 +112,7 @@ def describe_base(ref: str, license_param: str | None) -> BaseInfo:
     hub_id = f"{prov['author']}/{prov['model']}" if prov.get("author") and prov.get("model") else None
     tied = config.get("tie_word_embeddings", prov.get("tie_word_embeddings"))
     return BaseInfo(ref=ref, local=True, name=name, hub_id=hub_id, license=recorded or license_param,
-                    provenance=prov, readme=_readme_paragraph(readme),
+                    provenance=prov, readme=next((p for p in paragraphs if p and not p.startswith("#")), None),
                     stand_in=any(w in readme.lower() for w in STAND_IN_WORDS),
                     tied=tied if isinstance(tied, bool) else None)
 
