@@ -36,10 +36,7 @@ class PaperItem:
 
     def record(self, with_full_text: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        out = {k: d[k] for k in PAPER_KEYS}
-        if with_full_text:
-            out["full_text"] = d["full_text"]
-        return out
+        return {k: d[k] for k in PAPER_KEYS + (("full_text",) if with_full_text else ())}
 
 
 @dataclasses.dataclass
@@ -79,9 +76,7 @@ class QAPair:
     # raft (the question asked as the apps ask it with retrieval: the question is the whole RAG message)
 
     def record(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["aliases"] = list(self.aliases)
-        return out
+        return {**dataclasses.asdict(self), "aliases": list(self.aliases)}
 
 
 PAIR_FIELDS = tuple(f.name for f in dataclasses.fields(QAPair))
