@@ -21,7 +21,7 @@ from typing import Any
 from qrb.errors import ConfigError, DataError, QrbError
 from qrb.grade import is_abstention
 from qrb.model import Gate
-from qrb.params import Base, build, load_params, read_yaml
+from qrb.params import Base, load_params
 from qrb.retrieval import ground, open_index
 from qrb.schema import ABSTAIN_ANSWER
 from qrb.sources import sourced
@@ -65,18 +65,6 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"  # "length" when max_new_tokens cut it short
-
-
-class _Stop:
-    """A StoppingCriteria that ends generation when its event is set (a client went away)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -231,10 +219,8 @@ class Bot:
     def stream(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None) -> tuple[Reply, Iterator[str]]:
-        """Validate now (errors raise before any output), then yield text pieces as they are generated.
-
-        The returned Reply is complete once the iterator is exhausted. Closing the iterator early stops generation.
-        """
+        """Validate now (errors raise before any output), then yield text pieces as they are generated; the Reply is
+        complete once the iterator is exhausted, and closing the iterator early stops generation."""
         if self.gated:  # a gated reply is known only once whole: one piece
             reply = self.generate(conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
@@ -253,13 +239,16 @@ class Bot:
         device = next(self.model.parameters()).device
         result: dict[str, Any] = {}
 
+        def stopped(input_ids, scores, **kwargs) -> Any:  # a StoppingCriteria: set when a client went away
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
         def work() -> None:
             try:
                 with torch.no_grad():
                     result["out"] = self.model.generate(
                         input_ids=torch.tensor([ids], device=device),
                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop(stop)]), **kw)
+                        streamer=streamer, stopping_criteria=StoppingCriteriaList([stopped]), **kw)
             except BaseException as e:  # surfaced to the consumer below
                 result["error"] = e
                 streamer.end()
@@ -291,23 +280,18 @@ class Bot:
 def load_serve_params(path: str | Path = "params.yaml") -> tuple[Base, ServeParams]:
     """`base:` and `serve:` of a params file; a missing or bad file is a ConfigError."""
     try:
-        data = read_yaml(path)
-        base = build(Base, data.get("base") or {}, "base")
-        _, p = load_params(SECTION, ServeParams, (), path)
+        base, p = load_params(SECTION, ServeParams, [f.name for f in dataclasses.fields(Base)], path)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from a workspace (or repo) root, or pass --params") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return base, p
+    return Base(**base), p
 
 
 def load_bot(model_path: str | Path | None = None, params_path: str | Path = "params.yaml",
              device: str | None = None, base_only: bool = False, **overrides: Any) -> Bot:
     """Base + adapter (the default), a folder holding an adapter, an exported (merged) model folder, or with
-    `base_only` base.model alone (its own tokenizer, no adapter).
-
-    `overrides` replace `serve:` values (e.g. max_new_tokens=16). Raises ConfigError when something is missing.
-    """
+    `base_only` base.model alone (its own tokenizer, no adapter); `overrides` replace `serve:` values."""
     base, limits = load_serve_params(params_path)
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     try:

@@ -96,11 +96,14 @@ class StageOutput:
             _console.line(text)
 
 
-class Console:
-    """The terminal (or whatever stderr is): lines, and on a terminal one progress line rewritten in place."""
+class Console(logging.Handler):
+    """The terminal (or whatever stderr is): lines, and on a terminal one progress line rewritten in place; as a log
+    handler, only the records marked for the console, as plain lines."""
 
     def __init__(self, stream: TextIO):
+        super().__init__(logging.INFO)
         self.stream, self.tty, self.pending, self.last_update = stream, stream.isatty(), False, 0.0
+        self.addFilter(lambda record: getattr(record, CONSOLE, False))
 
     def update(self, text: str) -> None:
         now = time.monotonic()
@@ -119,19 +122,10 @@ class Console:
         self.stream.write(text + "\n")
         self.stream.flush()
 
-
-class ConsoleHandler(logging.Handler):
-    """Only records marked for the console, as plain lines."""
-
-    def __init__(self, console: Console):
-        super().__init__(logging.INFO)
-        self.console = console
-        self.addFilter(lambda record: getattr(record, CONSOLE, False))
-
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-            self.console.line(text if getattr(record, CONSOLE) == "whole" else clip(text))
+            self.line(text if getattr(record, CONSOLE) == "whole" else clip(text))
         except Exception:  # noqa: BLE001 - logging must never break the run
             self.handleError(record)
 
@@ -154,45 +148,41 @@ def quiet(log_file: str | Path, restore: bool = True) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    detached = _console_handlers()
     root = logging.getLogger()
-    old_level = root.level
-    console = Console(sys.stderr)
-    handler = ConsoleHandler(console)
-    for lg, h in detached:
+    handler = Console(sys.stderr)
+    undo = contextlib.ExitStack()  # what `restore` puts back, last change first
+    # closing the log on a full disk loses its last buffered lines: the run's own error says why
+    undo.enter_context(contextlib.suppress(OSError))
+    undo.callback(file_handler.close)
+    for lg, h in _console_handlers():
         lg.removeHandler(h)
+        undo.callback(lg.addHandler, h)
         if lg is not root and not lg.propagate:  # e.g. prefect._internal, uvicorn: their records still get logged
             lg.addHandler(file_handler)
+            undo.callback(lg.removeHandler, file_handler)
     root.addHandler(file_handler)
+    undo.callback(root.removeHandler, file_handler)
     root.addHandler(handler)
+    undo.callback(root.setLevel, root.level)
     root.setLevel(logging.INFO)
     # Prefect's client logs each request it sends (its logs to the API among them) at INFO: not a detail of the run
-    chatty = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
-    for name in chatty:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for chatty in map(logging.getLogger, ("httpx", "httpcore")):
+        undo.callback(chatty.setLevel, chatty.level)
+        chatty.setLevel(logging.WARNING)
     logging.captureWarnings(True)
+    undo.callback(logging.captureWarnings, False)
     # a full disk fails the log file's writes: reporting each on stderr, which Prefect's log_prints turns back into
     # a log record, recursed until Python gave up; the run's own error says what failed
-    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
-    _console = console
+    undo.callback(setattr, logging, "raiseExceptions", logging.raiseExceptions)
+    logging.raiseExceptions = False
+    _console = handler
     try:
         yield path
     finally:
         _console = None
         root.removeHandler(handler)
         if restore:
-            logging.raiseExceptions = raise_exceptions
-            logging.captureWarnings(False)
-            root.setLevel(old_level)
-            for name, level in chatty.items():
-                logging.getLogger(name).setLevel(level)
-            for lg in {lg for lg, _ in detached} | {root}:
-                if file_handler in lg.handlers:
-                    lg.removeHandler(file_handler)
-            for lg, h in detached:
-                lg.addHandler(h)
-            with contextlib.suppress(OSError):  # its last buffered lines, on a full disk: the run's error says why
-                file_handler.close()
+            undo.close()
 
 
 def _cell(m: dict[str, Any], key: str) -> str:

@@ -18,28 +18,22 @@ from qrb.params import Base, build, read_yaml
 STAGE_MODULE = re.compile(r"-m\s+(stages\.\w+)")  # a dvc.yaml cmd that runs a project stage
 
 
-def _unknown(key: str, known: list[str], where: str, override: str) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    if close:
-        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        hint = f" (did you mean `{parent}{close[0]}`?)"
-    else:
-        hint = f"; {where} has: {', '.join(known)}"
-    return ConfigError(f"params: unknown key `{key}`{hint} (override `{override}`)")
-
-
 def overlay(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`params` with dotted-key `overrides` set; a key params.yaml lacks is a ConfigError naming the key meant."""
     out = copy.deepcopy(params)
     for key, value in overrides.items():
         node, parts = out, key.split(".")
         for i, part in enumerate(parts):
-            here = ".".join(parts[:i + 1])
+            parent = ".".join(parts[:i])
             if not isinstance(node, dict):
-                raise ConfigError(f"params: `{'.'.join(parts[:i])}` is a value, not a section, in override `{key}`")
+                raise ConfigError(f"params: `{parent}` is a value, not a section, in override `{key}`")
             if part not in node:
-                where = f"`{'.'.join(parts[:i])}`" if i else "params.yaml"
-                raise _unknown(here, [str(k) for k in node], where, f"{key}={value}")
+                known = [str(k) for k in node]
+                close = difflib.get_close_matches(part, known, n=1)
+                where = f"`{parent}`" if i else "params.yaml"
+                hint = (f" (did you mean `{parent + '.' if i else ''}{close[0]}`?)" if close
+                        else f"; {where} has: {', '.join(known)}")
+                raise ConfigError(f"params: unknown key `{'.'.join(parts[:i + 1])}`{hint} (override `{key}={value}`)")
             if i == len(parts) - 1:
                 node[part] = value
             else:
@@ -47,8 +41,8 @@ def overlay(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def stage_classes(workspace: Path) -> dict[str, tuple[type, tuple[str, ...]]]:
-    """section -> (params dataclass, base keys) for each project stage dvc.yaml runs (`python -m stages.<x>`)."""
+def stage_classes(workspace: Path) -> dict[str, type]:
+    """section -> params dataclass for each project stage dvc.yaml runs (`python -m stages.<x>`)."""
     out = {}
     for spec in dvc_stages(workspace).values():
         m = STAGE_MODULE.search(str((spec or {}).get("cmd", "")))
@@ -57,27 +51,19 @@ def stage_classes(workspace: Path) -> dict[str, tuple[type, tuple[str, ...]]]:
         module = importlib.import_module(m.group(1))
         section, cls = getattr(module, "SECTION", None), getattr(module, "PARAMS_CLASS", None)
         if section and cls:
-            out[section] = (cls, tuple(getattr(module, "BASE_KEYS", ())))
+            out[section] = cls
     return out
 
 
 def check(workspace: str | Path, overrides: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The workspace's params (or `params`) with `overrides` applied and checked; a ConfigError, nothing written."""
     ws = Path(workspace)
-    if params is None:
-        try:
-            params = read_yaml(ws / "params.yaml")
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(str(e)) from None
-    merged = overlay(params, overrides)
-    sections = {key.split(".")[0] for key in overrides}
-    classes = stage_classes(ws)
     try:
-        if "base" in sections:
-            build(Base, merged.get("base") or {}, "base")
-        for section in sorted(sections & set(classes)):
-            build(classes[section][0], merged.get(section) or {}, section)
-    except ValueError as e:
+        merged = overlay(read_yaml(ws / "params.yaml") if params is None else params, overrides)
+        classes = {"base": Base, **stage_classes(ws)}
+        for section in sorted({key.split(".")[0] for key in overrides} & set(classes)):
+            build(classes[section], merged.get(section) or {}, section)
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     return merged
 

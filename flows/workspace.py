@@ -91,9 +91,9 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     log.debug("$ %s  (in %s)", " ".join(cmd), cwd)
-    proc = subprocess.run(cmd, cwd=cwd, env=env or venv_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
@@ -116,17 +116,14 @@ def sync_code(ws: Path, repo: Path = REPO_ROOT) -> None:
             shutil.copy2(src, dst)
 
 
-def _page_stamp() -> str:
-    return f"vega-lite {VEGA_LITE}, from vl-convert-python {metadata.version('vl-convert-python')}"
-
-
 def plots_page() -> str:
     """DVC's plots page with vega inlined (vl-convert-python's bundle), so `dvc plots show` draws offline (no
     `{scripts}`: DVC puts CDN tags there). Kept in the repo's .dvc/plots/ (git-ignored): bundling takes 10-20 s."""
     kept = REPO_ROOT / ".dvc" / PLOTS_PAGE
+    stamp = f"vega-lite {VEGA_LITE}, from vl-convert-python {metadata.version('vl-convert-python')}"
     if kept.exists():
         text = kept.read_text(encoding="utf-8")
-        if _page_stamp() in text[:1000]:
+        if stamp in text[:1000]:
             return text
     import vl_convert
 
@@ -134,7 +131,7 @@ def plots_page() -> str:
     versions = f"vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()}"
     text = ("<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset=\"utf-8\">\n"
             "    <title>DVC Plot</title>\n"
-            f"    <!-- {versions}, {_page_stamp()} (BSD-3-Clause) -->\n"
+            f"    <!-- {versions}, {stamp} (BSD-3-Clause) -->\n"
             f"    <script type=\"text/javascript\">\n{bundle}\n    </script>\n"
             # SVG: marks a test (or a reader's devtools) can count, and sharp when zoomed
             "    <script type=\"text/javascript\">\n        (() => {\n            const embed = window.vegaEmbed;\n"
@@ -153,10 +150,7 @@ def setup_plots(ws: Path, repo: Path = REPO_ROOT) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for src in sorted((repo / PLOT_TEMPLATES).glob("*.json")):
         shutil.copy2(src, dst / src.name)
-    page = ws / ".dvc" / PLOTS_PAGE
-    text = plots_page()
-    if not page.exists() or page.read_text(encoding="utf-8") != text:
-        page.write_text(text, encoding="utf-8")
+    (ws / ".dvc" / PLOTS_PAGE).write_text(plots_page(), encoding="utf-8")
     if f"html_template = {PLOTS_PAGE}" not in (ws / ".dvc" / "config").read_text():
         run(dvc("config", "plots.html_template", PLOTS_PAGE), ws)
 
@@ -214,16 +208,10 @@ def written_files(root: Path) -> dict[str, str]:
 
 
 def edits(ws: Path) -> list[str]:
-    """Files changed, added or removed since the last refresh (its manifest; else the uncommitted ones; in a folder
-    that is no workspace, all)."""
+    """Files changed, added or removed since the last refresh (its manifest; in a folder that is no workspace, all)."""
     now = written_files(ws)
-    if (ws / MANIFEST).exists():
-        before = json.loads((ws / MANIFEST).read_text())["files"]
-        return sorted(f for f in before.keys() | now.keys() if before.get(f) != now.get(f))
-    if not (ws / ".dvc").exists():
-        return sorted(now)
-    status = run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE, "params.yaml"], ws).stdout
-    return sorted(line[3:] for line in status.splitlines())
+    before = json.loads((ws / MANIFEST).read_text())["files"] if (ws / MANIFEST).exists() else {}
+    return sorted(f for f in before.keys() | now.keys() if before.get(f) != now.get(f))
 
 
 def check_target(ws: str | Path, repo: Path = REPO_ROOT, force: bool = False) -> Path:
@@ -265,23 +253,16 @@ def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT
         run(dvc("init", "-q"), ws)
         run(dvc("config", "core.autostage", "true"), ws)
         run(dvc("config", "core.analytics", "false"), ws)
-    ensure_gitignore(ws)
+    gitignore = ws / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    if missing := [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]:
+        gitignore.write_text("\n".join(lines + missing) + "\n")
     setup_plots(ws, repo)
     # the repo's own remote (dvcstore/ inside the repo): data/ materialises offline
     run(dvc("remote", "add", "-f", "-d", "offline", str(repo / "dvcstore")), ws)
     run(dvc("pull", "-q", "data.dvc"), ws)
     commit(ws, "workspace: pipeline code and params" if fresh else "workspace: refresh code and params")
     return ws
-
-
-def ensure_gitignore(ws: Path) -> None:
-    path = ws / ".gitignore"
-    lines = path.read_text().splitlines() if path.exists() else []
-    missing = [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]
-    if missing:
-        path.write_text("\n".join(lines + missing) + "\n")
-    if run(["git", "ls-files", "--error-unmatch", "data"], ws, check=False).returncode == 0:
-        run(["git", "rm", "-r", "-q", "--cached", "data"], ws)  # an older workspace committed it
 
 
 def commit(ws: Path, message: str) -> None:
