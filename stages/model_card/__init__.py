@@ -4,7 +4,7 @@
 
 Reads  params.yaml (`model_card:`, base.model/system_prompt), reports/{scrape,generate,validate,train,evaluate}.json,
        artifacts/train/adapter/lineage.json (base model, hyper-parameters, hardware, wall time, commit, data hashes),
-       dvclive/plots/metrics/{,eval/}loss.tsv (the loss curves), artifacts/validate/{train,eval,seen}.jsonl (the kept
+       dvclive/plots/metrics/{,eval/}loss.tsv (the loss curves), artifacts/validate/{train,eval}.jsonl (the kept
        pairs: their generator model, prompt, paper, fact and variant), artifacts/scrape/papers.jsonl (authors, DOIs
        and licences of those papers, for the CC BY 4.0 attribution), dvc.lock (data hashes of the stages before),
        and, when the base model is a local folder, its README.md, PROVENANCE.json and config.json (what the base

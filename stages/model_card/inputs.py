@@ -24,7 +24,6 @@ LINEAGE = Path("artifacts/train/adapter/lineage.json")
 LOSS_CSV = {"train": Path("dvclive/plots/metrics/loss.tsv"), "eval": Path("dvclive/plots/metrics/eval/loss.tsv")}
 PAPERS = Path("artifacts/scrape/papers.jsonl")
 PAIRS = {"train": Path("artifacts/validate/train.jsonl"), "eval": Path("artifacts/validate/eval.jsonl")}
-SEEN = Path("artifacts/validate/seen.jsonl")
 DATASET = "artifacts/validate/dataset"  # the training set as DVC tracks it (its md5 is in the Lineage table)
 DVC_LOCK = Path("dvc.lock")
 NOT_DATA = ("metrics/", "cache/", "reports/", "plots/")  # outs that are not data (the lineage table skips them)
@@ -66,7 +65,6 @@ class CardInputs:
     loss: dict[str, list[tuple[float, float]]]
     papers: list[dict[str, Any]]  # the papers the kept pairs came from
     pairs: dict[str, list[dict[str, Any]]]  # the validated pairs by split (train, eval)
-    seen: list[dict[str, Any]]  # the "seen papers, new questions" rows (scored, never trained on)
     data_hashes: dict[str, str]  # path -> md5, from dvc.lock
     base: BaseInfo
     generator: GeneratorInfo
@@ -149,7 +147,6 @@ def read_inputs(base: dict[str, Any], p: ModelCardParams) -> CardInputs:
     used = {r.get("doi") for r in every} - {None}
     papers = [x for x in read_jsonl(PAPERS) if not used or x.get("doi") in used]
     return CardInputs(metrics=metrics, lineage=lineage, loss={k: read_loss(x) for k, x in LOSS_CSV.items()},
-                      papers=papers, pairs=pairs, seen=list(read_jsonl(SEEN)) if SEEN.exists() else [],
-                      data_hashes=data_hashes(),
+                      papers=papers, pairs=pairs, data_hashes=data_hashes(),
                       base=describe_base(lineage.get("base_model") or base["model"], p.base_license),
                       generator=describe_generator(every))

@@ -281,12 +281,9 @@ def training_data_rows(inp: CardInputs) -> list[str]:
         rows.append(f"| held back for the confidence gate (not trained on) | {tr['gate_known']} wordings of known "
                     f"facts + {tr['gate_unknown']} questions about unknown papers; min_prob {tr.get('gate_min_prob')}"
                     f"{titles} |")
-    seen = val.get("seen")
-    if isinstance(seen, dict):
-        rows.append(f"| seen questions (scored, never trained on) | {seen.get('rows_out')} kept of "
-                    f"{seen.get('rows_in')} ({seen.get('rows_quarantined')} quarantined) |")
-    elif inp.seen:
-        rows.append(f"| seen questions (scored, never trained on) | {len(inp.seen)} |")
+    seen = val["seen"]
+    rows.append(f"| seen questions (scored, never trained on) | {seen.get('rows_out')} kept of "
+                f"{seen.get('rows_in')} ({seen.get('rows_quarantined')} quarantined) |")
     return ["| | |", "|---|---|", *rows, ""]
 
 
@@ -316,7 +313,7 @@ def render(inp: CardInputs, p: ModelCardParams, base: dict[str, Any], has_png: b
     peft_lib = train_p.get("method") != "loreft"
     date_from, date_to = sc.get("date_from"), sc.get("date_to")
     kept = val.get("rows_out", {})
-    seen_n = (val.get("seen") or {}).get("rows_out", len(inp.seen))
+    seen_n = val["seen"].get("rows_out")
     shown = adapter_shows_gain(ev)
 
     L: list[str] = [f"# {p.title}", ""]
