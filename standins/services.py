@@ -74,16 +74,12 @@ def background(name: str, args: list[str], url: str, cwd: Path, startup_s: float
     # its log goes to a file, not a pipe: an unread pipe fills up (~64 KiB) and blocks a chatty service
     log_file = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-
-    def log_tail() -> str:
-        log_file.seek(0)
-        return log_file.read()[-1000:]
-
     try:
         deadline = time.time() + startup_s
         while not port_open(host, port):
             if proc.poll() is not None:
-                raise ConfigError(f"{name} exited at start (exit {proc.returncode}): {log_tail()}")
+                log_file.seek(0)
+                raise ConfigError(f"{name} exited at start (exit {proc.returncode}): {log_file.read()[-1000:]}")
             if time.time() > deadline:
                 raise ConfigError(f"{name} did not listen on {host}:{port} within {startup_s:.0f} s")
             time.sleep(0.1)

@@ -144,10 +144,6 @@ class BatchStore:
                              "expired" if self.faults.batch_expire is not None else "completed")
         return 200, self.public(b)
 
-    def _line_fails(self, custom_id: str) -> bool:
-        h = hashlib.sha256(f"batch:{self.faults.seed}:{custom_id}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2**64 < self.faults.batch_error_rate
-
     def _answer(self, line: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the output line, None) or (None, the error line) for one input line."""
         cid, body = line["custom_id"], line.get("body") or {}
@@ -159,7 +155,8 @@ class BatchStore:
 
         if body.get("model") != MODEL_ID:
             return failed(404, error_body(f"The model `{body.get('model')}` does not exist.", code="model_not_found"))
-        if self._line_fails(cid):
+        h = hashlib.sha256(f"batch:{self.faults.seed}:{cid}".encode()).digest()
+        if int.from_bytes(h[:8], "big") / 2**64 < self.faults.batch_error_rate:  # a seeded failed line
             return failed(500, error_body("Internal server error (injected by the smoke endpoint).", "server_error"))
         fault = self.faults.draw(json.dumps(body, sort_keys=True).encode(), 0)
         if fault in ("429", "500"):

@@ -30,12 +30,9 @@ FINGERPRINT = "qrb-smoke-endpoint: extractive smoke-test stand-in, not a languag
 def _array_key(response_format: dict[str, Any] | None) -> str:
     try:
         props = response_format["json_schema"]["schema"]["properties"]
-        for name, spec in props.items():
-            if spec.get("type") == "array":
-                return name
+        return next((name for name, spec in props.items() if spec.get("type") == "array"), "pairs")
     except (KeyError, TypeError, AttributeError):
-        pass
-    return "pairs"
+        return "pairs"
 
 
 _TASK = re.compile(r"^Task:\s*([a-z_]+)", re.M | re.I)

@@ -53,10 +53,6 @@ def _clean(sentence: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _noun(words: str) -> str:
-    return " ".join(itertools.takewhile(lambda w: w.lower() not in _STOPNOUN, words.split()))
-
-
 def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], int, int]]:
     """(kind, short answer, aliases, start, end) of the short answers a sentence states, best first."""
     out = []
@@ -69,7 +65,7 @@ def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], in
         value = m.group(1)
         out.append(("percent", f"{value}%", [f"{value} percent"], m.start(), m.end()))
     for m in _COUNT.finditer(sentence):
-        noun = _noun(m.group(2))
+        noun = " ".join(itertools.takewhile(lambda w: w.lower() not in _STOPNOUN, m.group(2).split()))
         number = m.group(1)
         if (not noun or noun.lower() in ("percent", "%") or len(noun) < 3 or noun[0].isupper()
                 or number.lower() == "one" or not (number[0].isdigit() or noun.split()[-1].endswith("s"))):

@@ -61,33 +61,24 @@ def _digest(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
 
 
-def _third_person(sentence: str) -> str:
-    for pattern, repl in _PRONOUNS:
-        sentence = re.sub(pattern, repl, sentence)
-    return sentence
-
-
 _OPENER = re.compile(r"^(?:in this (?:work|paper|article|letter)|here|in this manuscript)\s*,?\s+", re.I)
 
 
 def reword_answer(answer: str, title: str, which: int) -> str:
     """The answer with a lead-in and in the third person; its numbers, names and terms are kept as written."""
-    s = _third_person(_OPENER.sub("", answer.strip()))
+    s = _OPENER.sub("", answer.strip())
+    for pattern, repl in _PRONOUNS:  # third person
+        s = re.sub(pattern, repl, s)
     first = s.split(" ", 1)[0]
     if first.lower() in _SOFT_FIRST:  # lower-case a common first word only: names and acronyms stay as they are
         s = s[0].lower() + s[1:]
     return _LEADS[which % len(_LEADS)].format(s=s, t=_short_title(title))
 
 
-def focus_of(question: str) -> str:
-    """The QA focus whose stem worded `question` (`factual` when none did)."""
-    return next((focus for focus, pattern in _FOCUS_OF if pattern.fullmatch(question)), "factual")
-
-
 def augment_variants(title: str, question: str, answer: str, n: int) -> list[dict[str, str]]:
     """`n` rewordings (variants 1..n) of a pair; answers of variants 2 and 4 of every 5 are reworded."""
     t = _short_title(title or "the untitled paper")
-    focus = focus_of(question)
+    focus = next((f for f, pattern in _FOCUS_OF if pattern.fullmatch(question)), "factual")  # whose stem worded it
     k = _ASPECTS[focus].format(k=_key_phrase(answer) or _key_phrase(question) or "its main claim")
     # facts of one paper start at different stems; those sharing an answer (one per focus) at disjoint runs of n
     start = (_digest(t, answer) + list(_ASPECTS).index(focus) * n) % len(AUGMENT_STEMS)
@@ -115,18 +106,12 @@ def paraphrase_question(title: str, answer: str, asked: list[str]) -> str:
     t = _short_title(title or "the untitled paper")
     asked_words = set().union(*(_words(q) for q in asked)) if asked else set()
     k = _key_phrase(answer) or "its main claim"
-    # prefer a phrase of the answer that the asked questions do not name (a real paraphrase names the fact anew)
-    for candidate in _phrases(answer):
-        if candidate and len(_words(candidate) - asked_words) >= 2 and candidate.lower() != k.lower():
-            k = candidate
-            break
+    # prefer a key phrase of a clause of the answer that the asked questions do not name (a real paraphrase names
+    # the fact anew)
+    clauses = [c for c in re.split(r"[,;:]| and | which | that | by | with | for ", answer) if len(c.split()) >= 2]
+    k = next((c for c in map(_key_phrase, clauses)
+              if c and len(_words(c) - asked_words) >= 2 and c.lower() != k.lower()), k)
     return PARAPHRASE_STEMS[_digest(t, answer) % len(PARAPHRASE_STEMS)].format(t=t, k=k)
-
-
-def _phrases(sentence: str) -> list[str]:
-    """Key phrases of the sentence's clauses, first clause first."""
-    parts = [p for p in re.split(r"[,;:]| and | which | that | by | with | for ", sentence) if len(p.split()) >= 2]
-    return [_key_phrase(p) for p in parts]
 
 
 _LINE = re.compile(r"^(Title|Question|Answer|Asked|Short answer|Alias|Evidence):[ \t]*(.*)$", re.M)

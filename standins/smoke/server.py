@@ -237,7 +237,3 @@ def main(argv: list[str] | None = None) -> None:
             log.info("smoke endpoint: stopped after %d requests", ep.request_count)
     except OSError as e:
         raise SystemExit(f"smoke endpoint: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-
-
-if __name__ == "__main__":
-    main()
