@@ -139,16 +139,13 @@ def assemble(cache: dict[str, dict[str, Any]], new: list[dict[str, Any]], errors
     A newly fetched record replaces a cached one with the same DOI. The output holds exactly `PAPER_KEYS` (plus
     `full_text` when on), so the same site gives byte-identical output whether a record came from the cache or
     from the crawl."""
-    merged = dict(cache)
-    for rec in new:
-        merged[rec["doi"]] = rec
+    merged = cache | {rec["doi"]: rec for rec in new}
     lo, hi = date_from.isoformat(), date_to.isoformat()
     keys = PAPER_KEYS + (("full_text",) if full_text else ())
     papers = [{k: rec.get(k) for k in keys} for doi, rec in sorted(merged.items())
               if lo <= (rec.get("published") or "") <= hi]
     errs = {(e["url"], e["reason"]): e for e in errors}
-    errs_sorted = [errs[k] for k in sorted(errs)]
-    return papers, errs_sorted, dict(sorted(merged.items()))
+    return papers, [errs[k] for k in sorted(errs)], dict(sorted(merged.items()))
 
 
 # the crawl's counters the metrics carry as they are (0 when the crawl never counted one)

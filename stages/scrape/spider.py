@@ -1,8 +1,8 @@
 """The quantum-journal.org spider: discovery by following in-site links and the robots.txt sitemap (the rules are
 in `stages.scrape`'s docstring); date-window and seen-set filtering before any paper page is fetched; one item per
 paper page (a `PaperItem` or an `ErrorItem`). Beside it: why a request failed (the reason key of its error record:
-`http_404`, `timeout`, `robots_disallowed`, ...) and the pipeline that keeps the items on the spider, where
-`stages.scrape.run` picks them up after the crawl.
+`http_404`, `timeout`, `robots_disallowed`, ...). The items stay on the spider (scrapy's `item_scraped` signal),
+where `stages.scrape.run` picks them up after the crawl.
 """
 
 from __future__ import annotations
@@ -79,11 +79,6 @@ def original_url(request: Request) -> str:
 def section(url: str) -> str:
     """The first path segment ("" at the site's root): a listing's own pages share it."""
     return next((seg for seg in urlsplit(url).path.split("/") if seg), "")
-
-
-def looks_like_paper(response: Response) -> bool:
-    """A paper page recognised by its content (highwire meta tags), whatever its URL."""
-    return bool(response.xpath("//head/meta[@name='citation_title' or @name='citation_doi']"))
 
 
 class QuantumSpider(Spider):
@@ -172,7 +167,7 @@ class QuantumSpider(Spider):
         if not isinstance(response, HtmlResponse):  # a feed, a file: nothing to read or follow
             self.stats_local["other_pages_fetched"] += 1
             return
-        if looks_like_paper(response):
+        if response.xpath("//head/meta[@name='citation_title' or @name='citation_doi']"):  # a paper, by its meta tags
             yield from self.parse_paper(response)
             return
         links = self.onsite_links(self.links.extract_links(response))
