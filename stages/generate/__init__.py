@@ -136,9 +136,8 @@ class GenerateParams:
             if getattr(self, name) < 1:
                 raise ValueError(f"params: `generate.{name}` must be at least 1")
         for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "eval_size", "seen_questions",
-                     "abstain_share", "invented_questions", "raft_read_facts",
-                     "backoff_base_s",
-                     "backoff_max_s", "price_input_per_1m", "price_output_per_1m", "max_cost_usd", "temperature"):
+                     "abstain_share", "invented_questions", "raft_read_facts", "backoff_base_s", "backoff_max_s",
+                     "price_input_per_1m", "price_output_per_1m", "max_cost_usd", "temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"params: `generate.{name}` must not be negative")
         if self.timeout_s <= 0:

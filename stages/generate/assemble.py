@@ -46,28 +46,29 @@ class Facts:
     failures: list[dict[str, Any]]  # papers whose every question duplicated another paper's
     eval_capped: bool               # the eval split stopped at `eval_max_paper_share` short of `eval_size`
     eval_max_papers: int
+    practice: list[dict[str, Any]]  # the replies' further pairs (the reading practice's), not deduplicated yet
 
 
-def rows_from_responses(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams,
-                        practice: bool = False) -> list[dict[str, Any]]:
+def rows_from_responses(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The pairs of every answered QA unit, as QAPair records (variant 0 of a fact each), in (paper, chunk,
-    prompt) order: the first `pairs_per_prompt` of a reply (the facts), or with `practice` those after them (the
-    reading practice's, `raft_read_facts`)."""
+    prompt) order: (the first `pairs_per_prompt` of each reply: the facts, those after them: the reading
+    practice's, `raft_read_facts`)."""
     order = {pid: i for i, pid in enumerate(p.prompts)}
-    rows = []
+    facts: list[dict[str, Any]] = []
+    practice: list[dict[str, Any]] = []
     for unit in sorted(units, key=lambda u: (u.doi, u.chunk, order[u.prompt_id])):
         value = responses.get(unit.key)
         if value is None:
             continue
-        pairs = parse_pairs(value["content"])
-        for pair in pairs[p.pairs_per_prompt:p.facts_asked] if practice else pairs[:p.pairs_per_prompt]:
-            rows.append(QAPair(question=pair["question"], answer=pair["answer"], doi=unit.doi, title=unit.title,
-                               published=unit.published, prompt_id=unit.prompt_id, model=value["model"],
-                               response_id=value["response_id"], chunk=unit.chunk,
-                               fact_id=fact_id(unit.doi, pair["question"]), variant=0,
-                               short_answer=pair.get("short_answer", ""), aliases=tuple(pair.get("aliases", ())),
-                               evidence=pair.get("evidence", "")).record())
-    return rows
+        for i, pair in enumerate(parse_pairs(value["content"])[:p.facts_asked]):
+            (facts if i < p.pairs_per_prompt else practice).append(QAPair(
+                question=pair["question"], answer=pair["answer"], doi=unit.doi, title=unit.title,
+                published=unit.published, prompt_id=unit.prompt_id, model=value["model"],
+                response_id=value["response_id"], chunk=unit.chunk, fact_id=fact_id(unit.doi, pair["question"]),
+                variant=0, short_answer=pair.get("short_answer", ""), aliases=tuple(pair.get("aliases", ())),
+                evidence=pair.get("evidence", "")).record())
+    return facts, practice
 
 
 def dedup_questions(rows: list[dict[str, Any]], threshold: float) -> tuple[list[dict[str, Any]], int, int]:
@@ -132,7 +133,7 @@ def split_by_paper(rows: list[dict[str, Any]], eval_size: int, seed: int, max_pa
 
 def collect_facts(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams, seed: int) -> Facts:
     """The QA round's replies -> the facts, deduplicated across facts and split by paper."""
-    rows = rows_from_responses(units, responses, p)
+    rows, practice = rows_from_responses(units, responses, p)
     kept, n_exact, n_near = dedup_questions(rows, p.near_duplicate_jaccard)
     failures = []
     with_pairs = {r["doi"] for r in kept}
@@ -141,7 +142,8 @@ def collect_facts(units: list[Unit], responses: dict[str, dict[str, Any]], p: Ge
                                     "every question duplicated another paper's"))
     train, evals, capped = split_by_paper(kept, p.eval_size, seed, p.eval_max_paper_share)
     return Facts(train=train, eval=evals, raw=len(rows), exact=n_exact, near=n_near, failures=failures,
-                 eval_capped=capped, eval_max_papers=math.floor(p.eval_max_paper_share * len(with_pairs) + 1e-9))
+                 eval_capped=capped, eval_max_papers=math.floor(p.eval_max_paper_share * len(with_pairs) + 1e-9),
+                 practice=practice)
 
 
 def with_variants(facts: Facts, units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams
@@ -195,7 +197,7 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
     train = train + abstain
     # reading practice: the further facts of training papers, each new to every question asked so far
     on_train = {r["doi"] for r in facts.train}
-    extra = [r for r in rows_from_responses(units, responses, p, practice=True) if r["doi"] in on_train]
+    extra = [r for r in facts.practice if r["doi"] in on_train]
     new = {id(r) for r in extra}
     practice = [r for r in dedup_questions(facts.train + facts.eval + seen + extra, p.near_duplicate_jaccard)[0]
                 if id(r) in new]

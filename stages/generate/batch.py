@@ -30,7 +30,7 @@ from typing import Any
 from qrb import llm
 from qrb.errors import ConfigError, TransientError
 
-from .client import RESPONSE_FORMATS, Attempt, Requester, judge_reply
+from .client import Attempt, Requester, judge_reply
 from .units import Unit
 
 log = logging.getLogger(__name__)
@@ -54,30 +54,31 @@ class Batcher:
         self.r = requester
         self.p = requester.p
 
-    async def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """One Batch/Files API call with the request's retries on transient errors; a clear error otherwise."""
+    async def call(self, what: str, fn: Any, *args: Any, recover: Any = None, **kwargs: Any) -> Any:
+        """One Batch/Files API call with the request's retries on transient errors; a clear error otherwise.
+        `recover()`, after a transient failure: what the failed try did anyway (the call's result), or None."""
         import openai
 
         hint = " (generate.mode batch needs an endpoint with the OpenAI Files and Batch API; else mode online)"
         timeout = kwargs.pop("timeout", self.p.timeout_s)
-        retries = kwargs.pop("retries", self.p.max_retries)
-        for attempt in range(retries + 1):
+        for attempt in range(self.p.max_retries + 1):
             try:
                 return await fn(*args, timeout=timeout, **kwargs)
             except (openai.APIConnectionError, openai.APIStatusError) as e:  # time-outs included
                 f = llm.failure(e, self.r.secret, timeout)
                 if not f.transient:
                     raise ConfigError(f"batch mode: {what}: {f.reason}" + hint) from None
-            if attempt == retries:
+            if recover is not None and (done := await recover()) is not None:
+                return done
+            if attempt == self.p.max_retries:
                 raise TransientError(f"batch mode: {what} failed {attempt + 1} times: {f.reason}")
             self.r.stats.retries += 1
             await asyncio.sleep(max(f.retry_after or 0.0, self.r.backoff(attempt)))
         raise AssertionError("unreachable")
 
     async def run(self, units: list[Unit]) -> None:
-        todo = {u.key: u for u in units}
-        for k in self.r.cache.get_many(set(todo)):
-            del todo[k]
+        cached = self.r.cache.get_many({u.key for u in units})
+        todo = {u.key: u for u in units if u.key not in cached}
         for rec in self.r.cache.open_batches():
             if todo.keys() & set(rec["keys"]):
                 for k in await self.resume(rec, todo):
@@ -88,15 +89,11 @@ class Batcher:
                 await self.resume(rec, todo)
 
     def parts(self, units: list[Unit]) -> list[list[tuple[Unit, bytes]]]:
-        """The units with their JSONL lines (the body the online path sends, `Requester.attempt`), in jobs within the
-        Batch API's limits (requests and file size)."""
-        fmt = RESPONSE_FORMATS[self.r.mode]
+        """The units with their JSONL lines, in jobs within the Batch API's limits (requests and file size)."""
         out: list[list[tuple[Unit, bytes]]] = [[]]
         size = 0
         for u in units:
-            body = {"model": self.p.model, "messages": u.messages, "temperature": self.p.temperature,
-                    "max_tokens": self.p.max_tokens, "seed": self.r.seed, **({"response_format": fmt} if fmt else {})}
-            line = (json.dumps({"custom_id": u.key, "method": "POST", "url": ENDPOINT, "body": body},
+            line = (json.dumps({"custom_id": u.key, "method": "POST", "url": ENDPOINT, "body": self.r.body(u)},
                                ensure_ascii=False) + "\n").encode()
             if out[-1] and (len(out[-1]) >= MAX_REQUESTS or size + len(line) > MAX_BYTES):
                 out.append([])
@@ -111,8 +108,7 @@ class Batcher:
         tag = llm.key(self.p.base_url.rstrip("/"), self.p.model, sorted(keys))[:32]
         self.r.cache.put_batch(tag, keys, "submitting")
         data = b"".join(line for _, line in part)
-        client = self.r.client
-        f = await self.call("upload of the requests", client.files.create,
+        f = await self.call("upload of the requests", self.r.client.files.create,
                             file=(f"qrb-generate-{tag}.jsonl", data, "application/jsonl"), purpose="batch",
                             timeout=max(self.p.timeout_s, 600.0))
         b = await self.create(tag, f.id)
@@ -124,20 +120,12 @@ class Batcher:
 
     async def create(self, tag: str, file_id: str) -> Any:
         """batches.create; a try that failed in transit may have created the job: it is looked up before the next."""
-        for attempt in range(self.p.max_retries + 1):
-            try:
-                return await self.call("creating the batch", self.r.client.batches.create, input_file_id=file_id,
-                                       endpoint=ENDPOINT, completion_window="24h", metadata={"qrb_tag": tag},
-                                       retries=0)
-            except TransientError:
-                bid = await self.find(tag)
-                if bid is not None:
-                    return await self.call("polling the batch", self.r.client.batches.retrieve, bid)
-                if attempt == self.p.max_retries:
-                    raise
-                self.r.stats.retries += 1
-                await asyncio.sleep(self.r.backoff(attempt))
-        raise AssertionError("unreachable")
+        async def created() -> Any:
+            bid = await self.find(tag)
+            return None if bid is None else await self.call("polling the batch", self.r.client.batches.retrieve, bid)
+
+        return await self.call("creating the batch", self.r.client.batches.create, input_file_id=file_id,
+                               endpoint=ENDPOINT, completion_window="24h", metadata={"qrb_tag": tag}, recover=created)
 
     async def find(self, tag: str) -> str | None:
         """The id of the job created with this tag (among the newest), or None: it never was."""

@@ -56,11 +56,8 @@ class ResponseCache(llm.Cache):
     def _writer(self) -> None:
         while True:
             batch = [self.queue.get()]
-            while True:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
+            while not self.queue.empty():  # this thread is the only reader: what is there stays there
+                batch.append(self.queue.get_nowait())
             items = [b for b in batch if b is not None]
             error: BaseException | None = None
             if items:

@@ -185,6 +185,13 @@ class Requester:
             log.warning("generate: %s; falling back to response_format %s", outcome.reason, self.mode)
         return Attempt(again=True)
 
+    def body(self, unit: Unit) -> dict[str, Any]:
+        """The chat-completions request for a unit, in the response_format mode in use (online and in a batch job
+        alike, so that both get the same reply and share the cache)."""
+        fmt = RESPONSE_FORMATS[self.mode]
+        return {"model": self.p.model, "messages": unit.messages, "temperature": self.p.temperature,
+                "max_tokens": self.p.max_tokens, "seed": self.seed, **({"response_format": fmt} if fmt else {})}
+
     async def attempt(self, unit: Unit) -> Attempt:
         """One request (the caller holds a concurrency slot) and what it came to."""
         import openai
@@ -192,12 +199,8 @@ class Requester:
         p = self.p
         mode_sent = self.mode
         self.stats.api_requests += 1
-        fmt = RESPONSE_FORMATS[mode_sent]
-        kwargs: dict[str, Any] = {"response_format": fmt} if fmt else {}
         try:
-            resp = await self.client.chat.completions.create(
-                model=p.model, messages=unit.messages, temperature=p.temperature,
-                max_tokens=p.max_tokens, seed=self.seed, timeout=p.timeout_s, **kwargs)
+            resp = await self.client.chat.completions.create(**self.body(unit), timeout=p.timeout_s)
         except (openai.APIConnectionError, openai.APIStatusError) as e:  # time-outs included
             outcome = self.settle(read_failure(e, mode_sent, self.secret, p.timeout_s), mode_sent)
             if outcome.fatal:

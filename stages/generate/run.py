@@ -68,15 +68,12 @@ def load_templates(prompt_ids: tuple[str, ...], folder: Path = PROMPTS_DIR) -> t
 
 
 def load_fact_templates(p: GenerateParams, folder: Path = PROMPTS_DIR) -> dict[str, str]:
-    """The augment template when `augment_variants` > 1, the paraphrase template when `seen_questions` > 0."""
-    out = {}
-    if p.augment_variants > 1:
-        out[AUGMENT] = _read(folder, AUGMENT, "{{pair}}", "generate.augment_variants > 1")
-    if p.seen_questions > 0:
-        out[PARAPHRASE] = _read(folder, PARAPHRASE, "{{pair}}", "generate.seen_questions > 0")
-    if p.abstain_share > 0 or p.invented_questions > 0:
-        out[INVENT] = _read(folder, INVENT, "{{pair}}", "generate.abstain_share or generate.invented_questions > 0")
-    return out
+    """The fact-level templates the params turn on (a missing one is an error naming the param)."""
+    wanted = {AUGMENT: (p.augment_variants > 1, "generate.augment_variants > 1"),
+              PARAPHRASE: (p.seen_questions > 0, "generate.seen_questions > 0"),
+              INVENT: (p.abstain_share > 0 or p.invented_questions > 0,
+                       "generate.abstain_share or generate.invented_questions > 0")}
+    return {name: _read(folder, name, "{{pair}}", why) for name, (on, why) in wanted.items() if on}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
