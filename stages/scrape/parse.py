@@ -216,19 +216,17 @@ def parse_paper_html(text: str, url: str) -> PaperItem | ErrorItem:
     # license: rel=license links, DC.rights, else the text
     lic = next((x for el in root.iter("a", "link") if "license" in (el.get("rel") or "").lower().split()
                 and (x := _license_id(el.get("href") or ""))), None)
-    lic = lic or _license_id(first("dc.rights", "citation_license", "dcterms.license") or "")
-    if not lic:
-        lic = next((x for _, t in blocks if (x := _license_id(t))), None)
-        if lic is None and any("Creative Commons Attribution 4.0" in t for _, t in blocks):
-            lic = "CC-BY-4.0"
+    lic = (lic or _license_id(first("dc.rights", "citation_license", "dcterms.license") or "")
+           or next((x for _, t in blocks if (x := _license_id(t))), None)
+           or ("CC-BY-4.0" if any("Creative Commons Attribution 4.0" in t for _, t in blocks) else None))
 
     missing = [k for k, v in (("title", title), ("abstract", abstract), ("doi", doi), ("published", published))
                if not v]
     if missing:
         return ErrorItem(url=url, reason=f"missing_{missing[0]}", detail="page lacks: " + ", ".join(missing))
     return PaperItem(doi=doi, url=url, title=norm(title), abstract=norm(abstract), published=published,
-                     authors=[norm(a) for a in authors if norm(a)], affiliations=[norm(a) for a in affiliations
-                                                                                   if norm(a)],
+                     authors=[norm(a) for a in authors if norm(a)],
+                     affiliations=[norm(a) for a in affiliations if norm(a)],
                      volume=norm(volume) or None, page=norm(page) or None, arxiv=vis.get("arxiv"),
                      citation=vis.get("citation"), license=lic)
 
@@ -244,5 +242,4 @@ def parse_full_text_html(text: str) -> str | None:
     body = root.find(".//article") if root.find(".//article") is not None else root.find("body")
     if body is None:
         return None
-    txt = "\n\n".join(t for _, t in _blocks(body))
-    return txt or None
+    return "\n\n".join(t for _, t in _blocks(body)) or None

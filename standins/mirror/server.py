@@ -123,9 +123,8 @@ class Mirror:
         if f.kind in ("error_once", "slow"):
             path = f.path
             if path is None:  # a real paper in the card's window, a different one per kind
-                inwin = sorted(k for k, p in self.papers.items() if "2024-07-01" <= p["published"] <= "2024-12-31")
-                taken = set(self.faults)
-                free = [k for k in inwin if k not in taken]
+                free = sorted(k for k, p in self.papers.items()
+                              if "2024-07-01" <= p["published"] <= "2024-12-31" and k not in self.faults)
                 if not free:
                     raise ValueError(f"mirror: no paper left for fault {f.kind}")
                 path = free[0 if f.kind == "error_once" else len(free) // 2]
