@@ -28,14 +28,13 @@ def hold_back(rows: list[dict[str, Any]], seed: int) -> tuple[list[int], list[in
         return hashlib.sha256(f"{seed}\x00{rows[i]['question']}".encode()).hexdigest()
 
     wordings: dict[str, list[int]] = defaultdict(list)
+    papers: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         if r.get("kind") == "fact" and r.get("variant"):
             wordings[r["fact_id"]].append(i)
+        elif r.get("kind") == "abstain":
+            papers[r.get("doi") or r.get("title") or r["question"]].append(i)
     known = sorted(min(ix, key=rank) for ix in wordings.values() if len(ix) >= 2)
-    papers: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r.get("kind") == "abstain":
-            papers.setdefault(r.get("doi") or r.get("title") or r["question"], []).append(i)
     # whole papers: a held-back wording whose siblings train is declined by rote, not for being unfamiliar
     unknown = sorted(i for ix in list(papers.values())[::HOLD_ABSTAIN_EVERY] for i in ix)
     held = set(known) | set(unknown)

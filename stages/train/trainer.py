@@ -364,11 +364,8 @@ def train(base: dict[str, Any], p: TrainParams, dataset, device: str, checkpoint
              counts["total_params"], 100 * counts["trainable_params"] / counts["total_params"], added)
     data_sha = data_fingerprint(dataset)
     key = checkpoint_key(base, p, data_sha)
-    with contextlib.ExitStack() as stack:
-        if checkpoint_root is None:
-            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qrb-train-")))
-        else:
-            run_dir = Path(checkpoint_root) / key
+    with tempfile.TemporaryDirectory(prefix="qrb-train-") as tmp:  # the run dir without a checkpoint root
+        run_dir = Path(tmp) if checkpoint_root is None else Path(checkpoint_root) / key
         resume = get_last_checkpoint(str(run_dir)) if p.checkpoint_steps > 0 and run_dir.is_dir() else None
         if resume:
             log.info("resuming from %s (same params, data and base model: key %s)", resume, key)
