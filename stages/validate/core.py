@@ -71,7 +71,10 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
     if judge is not None and p.judge.endpoint is not None:
         verdicts = judge([make_item(f["row_id"], row, paper_map[f["doi"]]) for (_, _, row), f in zip(rows, feats)
                           if f["row_id"] not in reasons and f["doi"] in paper_map])
-        judge_results = check(JUDGE_SUITE, judge_columns(verdicts))
+        # the scores are null (skipped by their checks) where the judge gave no verdict: `judge_failed` says so
+        judge_results = check(JUDGE_SUITE, {"row_id": list(verdicts), "judge_ok": [v.ok for v in verdicts.values()],
+                                            "judge_answerable": [v.answerable for v in verdicts.values()],
+                                            "judge_correct": [v.correct for v in verdicts.values()]})
     # the seen rows are judged against the training rows that survived the row (and judge) checks
     seen_results = check(SEEN_SUITE, seen_columns(feats, [f["row_id"] in reasons for f in feats]))
     failed = [f["row_id"] in reasons for f in feats]
@@ -97,20 +100,15 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
             clean[split].append(row)
     rows_in = {s: sum(r[0] == s for r in rows) for s in SPLITS}
     metrics = _metrics(rows_in, clean, quarantine, row_results + judge_results, dataset_results, gate, feats)
-    metrics[SEEN] = _seen_metrics(len(seen), clean[SEEN], quarantine, row_results + judge_results + seen_results)
+    metrics[SEEN] = {"rows_in": len(seen), "rows_out": len(clean[SEEN]),
+                     "rows_quarantined": sum(q["split"] == SEEN for q in quarantine),
+                     "row_failures": {c.reason: sum(u.startswith(f"{SEEN}:") for u in c.unexpected)
+                                      for c in row_results + judge_results + seen_results}}
     if judge_results:
         metrics["judge"] = {"rows_judged": len(verdicts), "verdicts": sum(v.ok for v in verdicts.values())} | {
             c.reason: len(c.unexpected) for c in judge_results}
     return Outcome(clean["train"], clean["eval"], quarantine, row_results, dataset_results, rows_in, gate, metrics,
                    clean[SEEN], seen_results, judge_results, verdicts)
-
-
-def judge_columns(verdicts: dict[str, Verdict]) -> dict[str, list[Any]]:
-    """The judge suite's columns, one per judged row; the scores are null (skipped by their checks) where the judge
-    gave no verdict: `judge_failed` says so instead."""
-    return {"row_id": list(verdicts), "judge_ok": [v.ok for v in verdicts.values()],
-            "judge_answerable": [v.answerable for v in verdicts.values()],
-            "judge_correct": [v.correct for v in verdicts.values()]}
 
 
 def _metrics(rows_in, clean, quarantine, row_results, dataset_results, gate, feats) -> dict[str, Any]:
@@ -132,16 +130,6 @@ def _metrics(rows_in, clean, quarantine, row_results, dataset_results, gate, fea
     if pair_feats and "similarity" in pair_feats[0]:
         out["similarity_mean"] = round(sum(f["similarity"] for f in pair_feats) / len(pair_feats), 4)
     return out
-
-
-def _seen_metrics(n_in: int, clean: list[dict[str, Any]], quarantine: list[dict[str, Any]],
-                  results: list[CheckResult]) -> dict[str, Any]:
-    return {
-        "rows_in": n_in,
-        "rows_out": len(clean),
-        "rows_quarantined": sum(q["split"] == SEEN for q in quarantine),
-        "row_failures": {c.reason: sum(u.startswith(f"{SEEN}:") for u in c.unexpected) for c in results},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,17 +195,15 @@ def summary(outcome: Outcome, examples: int = 3) -> str:
         lines += [f"    {r:<{width}}  {n}" for r, n in sorted(counts, key=lambda x: -x[1])]
         lines.append("  examples:")
         shown: set[str] = set()
-        for c in sorted(row_level, key=lambda c: -len(c.unexpected)):
-            for q in outcome.quarantine:
-                if len(shown) >= examples * 2 or q["row_id"] in shown:
-                    continue
-                if c.reason in q["reasons"]:
-                    shown.add(q["row_id"])
-                    row = q["row"] if isinstance(q["row"], dict) else {}
-                    lines.append(f"    {q['row_id']} [{', '.join(q['reasons'])}] Q: {_clip(row.get('question'), 80)!s}"
-                                 f" | A: {_clip(row.get('answer'), 60)!s}"
-                                 + (f" | judge: {_clip(q['judge']['reason'], 100)}" if "judge" in q else ""))
-                    break
+        for c in sorted(row_level, key=lambda c: -len(c.unexpected)):  # a row not shown yet for each reason
+            q = next((q for q in outcome.quarantine if c.reason in q["reasons"] and q["row_id"] not in shown), None)
+            if q is None:
+                continue
+            shown.add(q["row_id"])
+            row = q["row"] if isinstance(q["row"], dict) else {}
+            lines.append(f"    {q['row_id']} [{', '.join(q['reasons'])}] Q: {_clip(row.get('question'), 80)!s}"
+                         f" | A: {_clip(row.get('answer'), 60)!s}"
+                         + (f" | judge: {_clip(q['judge']['reason'], 100)}" if "judge" in q else ""))
             if len(shown) >= examples * 2:
                 break
     lines.append(f"  details: {DOCS_OUT}/index.html, {QUARANTINE_OUT}, {REPORT_OUT}")
@@ -234,6 +220,8 @@ def write_index_html(docs_dir: Path, outcome: Outcome, p: ValidateParams) -> Non
     m = outcome.metrics
     status = "PASSED" if outcome.gate_passed else "FAILED"
     color = "#1a7f37" if outcome.gate_passed else "#cf222e"
+    questions = {q["row_id"]: str(q["row"].get("question")) if isinstance(q["row"], dict) else str(q["row"])
+                 for q in outcome.quarantine}
 
     def table(results: list[CheckResult], row_level: bool) -> str:
         head = ("<tr><th>status</th><th>expectation</th><th>description</th><th>failing rows</th><th>examples</th></tr>"
@@ -244,7 +232,7 @@ def write_index_html(docs_dir: Path, outcome: Outcome, p: ValidateParams) -> Non
             mark = f'<td class="{"ok" if c.success else "fail"}">{"passed" if c.success else "FAILED"}</td>'
             desc = e(_plain_description(c))
             if row_level:
-                ex = "<br>".join(e(f"{rid}: {_clip(_question_of(outcome, rid), 90)}") for rid in c.unexpected[:3])
+                ex = "<br>".join(e(f"{rid}: {_clip(questions.get(rid, ''), 90)}") for rid in c.unexpected[:3])
                 body.append(f"<tr>{mark}<td><code>{e(c.reason)}</code></td><td>{desc}</td>"
                             f"<td>{len(c.unexpected)}</td><td>{ex}</td></tr>")
             else:
@@ -306,10 +294,3 @@ Quarantined: {m['rows_quarantined']}{rate}
 
 def _plain_description(c: CheckResult) -> str:
     return re.sub(r"^\[[^\]]+\]\s*", "", c.description)
-
-
-def _question_of(outcome: Outcome, row_id: str) -> str:
-    for q in outcome.quarantine:
-        if q["row_id"] == row_id:
-            return str(q["row"].get("question")) if isinstance(q["row"], dict) else str(q["row"])
-    return ""

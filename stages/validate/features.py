@@ -200,16 +200,11 @@ def leans_on_unnamed_source(question: str, title: str | None, doi: str | None) -
 
 def paper_text(paper: dict[str, Any]) -> str:
     """What an answer may draw on: title, abstract (full text when scraped) and the paper's bibliographic facts."""
-    parts: list[str] = []
-    for key in ("title", "abstract", "full_text", "published", "volume", "page", "arxiv", "citation", "doi", "journal"):
-        v = paper.get(key)
-        if isinstance(v, (str, int)) and not isinstance(v, bool):
-            parts.append(str(v))
-    for key in ("authors", "affiliations"):
-        v = paper.get(key)
-        if isinstance(v, list):
-            parts.extend(str(x) for x in v if isinstance(x, str))
-    return "\n".join(parts)
+    keys = ("title", "abstract", "full_text", "published", "volume", "page", "arxiv", "citation", "doi", "journal")
+    facts = [str(v) for v in map(paper.get, keys) if isinstance(v, (str, int)) and not isinstance(v, bool)]
+    names = [x for v in map(paper.get, ("authors", "affiliations")) if isinstance(v, list) for x in v
+             if isinstance(x, str)]
+    return "\n".join(facts + names)
 
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[\"'$\\])")
@@ -247,15 +242,13 @@ def row_features(rows: Sequence[tuple[str, int, Any]], papers: dict[str, dict[st
     feats = []
     for split, line, row in rows:
         obj = row if isinstance(row, dict) else {}
-        q = obj.get("question") if isinstance(obj.get("question"), str) else ""
-        a = obj.get("answer") if isinstance(obj.get("answer"), str) else ""
+        q, a, doi, title = (obj.get(k) if isinstance(obj.get(k), str) else ""
+                            for k in ("question", "answer", "doi", "title"))
         # a RAFT row's question is the apps' whole RAG message (papers' excerpts): the text checks read the question
         # it asks and the answer without its [n]; duplicates are still judged on the whole message
         raft = obj.get("kind") == "raft"
         shown = excerpts(q) if raft else []
         asked, said = (rag_question(q), cite(a, shown)[0]) if raft else (q, a)
-        doi = obj.get("doi") if isinstance(obj.get("doi"), str) else ""
-        title = obj.get("title") if isinstance(obj.get("title"), str) else ""
         fact = fact_of(obj)
         paper = papers.get(doi) if doi else None
         # an abstention row asks about an invented paper on purpose: no DOI, nothing to ground, a refusal as answer

@@ -50,16 +50,14 @@ def excerpt(full_text: str, answer: str, limit: int = EXCERPT_CHARS) -> str:
     want = set(content_tokens(answer))
     best = max(range(len(paras)), key=lambda i: (len(want & set(content_tokens(paras[i]))), -i))
     lo = hi = best
-    size = len(paras[best])
-    while True:  # widen alternately after and before the best paragraph while it fits
+    size, grown = len(paras[best]), True
+    while grown:  # widen alternately after and before the best paragraph while it fits
         grown = False
         for j in (hi + 1, lo - 1):
             if 0 <= j < len(paras) and size + len(paras[j]) <= limit:
                 size += len(paras[j])
                 lo, hi = min(lo, j), max(hi, j)
                 grown = True
-        if not grown:
-            break
     return one_line(" ".join(paras[lo:hi + 1]))[:limit]
 
 
@@ -72,10 +70,6 @@ def paper_block(paper: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     if row.get("chunk") not in (0, "0", None) and isinstance(full, str) and full.strip():
         lines += ["Excerpt of the full text:", excerpt(full, str(row.get("answer") or ""))]
     return "\n".join(lines + ["</paper>"])
-
-
-def pair_block(question: str, answer: str) -> str:
-    return "\n".join(["<pair>", f"Question: {one_line(question)}", f"Answer: {one_line(answer)}", "</pair>"])
 
 
 @dataclass(frozen=True)
@@ -102,7 +96,8 @@ def make_item(row_id: str, row: Mapping[str, Any], paper: Mapping[str, Any]) -> 
 
 
 def messages(template: str, item: Item) -> list[dict[str, str]]:
-    user = template.replace("{{paper}}", item.paper).replace("{{pair}}", pair_block(item.question, item.answer))
+    pair = "\n".join(["<pair>", f"Question: {one_line(item.question)}", f"Answer: {one_line(item.answer)}", "</pair>"])
+    user = template.replace("{{paper}}", item.paper).replace("{{pair}}", pair)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -76,19 +76,16 @@ def save_dataset(train: list[dict[str, Any]], eval_: list[dict[str, Any]], out: 
         feats = datasets.Features({k: datasets.List(datasets.Value("string")) if k == "aliases"
                                    else datasets.Value("int64" if hints.get(k) is int else "string") for k in keys})
         full = datasets.Dataset.from_dict({k: [] for k in keys}, features=feats)
-    dd = datasets.DatasetDict({"train": _take(full, 0, len(train)), "eval": _take(full, len(train), len(rows))})
+    # datasets 5.2's `select(range(n, n))` on n rows raises IndexError instead of returning no rows: an empty range
+    # is an empty index list
+    dd = datasets.DatasetDict({name: full.select(range(lo, hi) if hi > lo else [])
+                               for name, lo, hi in (("train", 0, len(train)), ("eval", len(train), len(rows)))})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # a 0-row split would be saved as 0 shards, which load_from_disk (datasets 5.2) cannot read back: give it one
     dd.save_to_disk(str(tmp), num_shards={k: 1 for k, d in dd.items() if d.num_rows == 0})
     _replace_dir(tmp, out)
-
-
-def _take(ds: Any, start: int, stop: int) -> Any:
-    """Rows start..stop-1 of `ds`; datasets 5.2's `select(range(n, n))` on n rows raises IndexError instead of
-    returning no rows, so an empty range is an empty index list."""
-    return ds.select(range(start, stop)) if stop > start else ds.select([])
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -138,11 +135,9 @@ def run(base: dict[str, Any], p: ValidateParams, args) -> None:
     docs_tmp = DOCS_OUT.parent / f".{DOCS_OUT.name}.tmp"
     shutil.rmtree(docs_tmp, ignore_errors=True)
     docs_tmp.mkdir(parents=True)
-    judge = None
     template = load_judge_template() if p.judge.endpoint is not None else ""
     cache = llm.Cache(JUDGE_CACHE)  # created even without a judge: cache/validate is a DVC out
-    if p.judge.endpoint is not None:
-        judge = Judge(p.judge, template, cache)
+    judge = Judge(p.judge, template, cache) if p.judge.endpoint is not None else None
     try:
         outcome = validate(train, eval_, papers, p, docs_dir=docs_tmp, seen=seen, judge=judge)
         if judge is not None:

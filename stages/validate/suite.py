@@ -162,7 +162,6 @@ class GxRunner:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.gx = gx
         self.ctx = gx.get_context(mode="ephemeral")
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         actions = []
@@ -178,14 +177,13 @@ class GxRunner:
         source = self.ctx.data_sources.add_pandas("qa_pairs")
         self.checkpoints = {}
         self.checks = {ROW_SUITE: row_checks(p), SEEN_SUITE: seen_checks(), DATASET_SUITE: dataset_checks(p)}
-        index_cols = {ROW_SUITE: ["row_id"], SEEN_SUITE: ["row_id"], DATASET_SUITE: ["row_id", "doi"],
-                      JUDGE_SUITE: ["row_id"]}
         suites = [(ROW_SUITE, "pairs"), (SEEN_SUITE, "seen"), (DATASET_SUITE, "dataset")]
         if p.judge.endpoint is not None:
             self.checks[JUDGE_SUITE] = judge_checks(p)
             suites.insert(1, (JUDGE_SUITE, "judged"))
         for suite_name, asset_name in suites:
             batch = source.add_dataframe_asset(asset_name).add_batch_definition_whole_dataframe("whole")
+            index = ["row_id", "doi"] if suite_name == DATASET_SUITE else ["row_id"]  # what a failing row is named by
             suite = self.ctx.suites.add(gx.ExpectationSuite(name=suite_name))
             for c in self.checks[suite_name]:
                 suite.add_expectation(getattr(gx.expectations, c.kind)(
@@ -194,7 +192,7 @@ class GxRunner:
                 gx.ValidationDefinition(name=f"{suite_name}_definition", data=batch, suite=suite))
             self.checkpoints[suite_name] = self.ctx.checkpoints.add(gx.Checkpoint(
                 name=f"{suite_name}_checkpoint", validation_definitions=[vd], actions=actions,
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index_cols[suite_name],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index,
                                "return_unexpected_index_query": False}))
 
     def run(self, suite_name: str, columns: dict[str, list[Any]]) -> list[CheckResult]:
@@ -205,20 +203,18 @@ class GxRunner:
         res = self.checkpoints[suite_name].run(batch_parameters={"dataframe": df},
                                                run_id=RunIdentifier(run_name="validate"))
         (vr,) = res.run_results.values()
+        checks = {c.reason: c for c in self.checks[suite_name]}
         by_reason = {}
         for r in vr.results:
-            reason = r.expectation_config.meta["reason"]
+            c = checks[r.expectation_config.meta["reason"]]
             exc = r.exception_info or {}
             if isinstance(exc, dict) and exc.get("raised_exception"):
-                raise RuntimeError(f"validate: expectation `{reason}` raised: {exc.get('exception_message')}")
+                raise RuntimeError(f"validate: expectation `{c.reason}` raised: {exc.get('exception_message')}")
             result = r.result or {}
             unexpected = result.get("unexpected_index_list") or []
-            by_reason[reason] = (bool(r.success), [str(u["row_id"]) for u in unexpected],
-                                 _plain(result.get("observed_value")),
-                                 [str(u["doi"]) for u in unexpected if "doi" in u])
-        out = []
-        for c in self.checks[suite_name]:
-            success, unexpected, observed, dois = by_reason[c.reason]
-            limit = {k: v for k, v in c.kwargs.items() if k in ("min_value", "max_value", "value_set")}
-            out.append(CheckResult(c.reason, c.description, success, unexpected, observed, limit, dois))
-        return out
+            by_reason[c.reason] = CheckResult(
+                c.reason, c.description, bool(r.success), [str(u["row_id"]) for u in unexpected],
+                _plain(result.get("observed_value")),
+                {k: v for k, v in c.kwargs.items() if k in ("min_value", "max_value", "value_set")},
+                [str(u["doi"]) for u in unexpected if "doi" in u])
+        return [by_reason[reason] for reason in checks]  # in the suite's order
