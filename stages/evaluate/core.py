@@ -32,6 +32,7 @@ RAG_MODELS = ("rag", "fine_tuned_rag")
 _DOI_DATE = re.compile(r"q-(\d{4})-(\d{2})-(\d{2})-\d+")
 _ARXIV_NEW = re.compile(r"^(\d{2})(\d{2})\.\d{4,5}$")                    # 2306.08595 (since April 2007)
 _ARXIV_OLD = re.compile(r"^[a-z-]+(?:\.[a-z]{2})?/(\d{2})(\d{2})\d{3}$")  # quant-ph/0601001 (before)
+Row = dict[str, Any]  # a question (its set's row), or a per-question record
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class LocalModel:
     gate: Gate | None = None  # the adapter's confidence gate (qrb.model.read_gate): its closed-book answers only
 
     def answer(self, prompts: list[str], desc: str, refs: list[str] | None = None,
-               gated: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
+               gated: bool = False) -> tuple[list[str], list[Row]]:
         """The answers to `prompts` (`gated`: through the adapter's confidence gate), and per prompt (given `refs`)
         the summed NLL and token count of its reference."""
         p = self.p
@@ -61,8 +62,8 @@ class LocalModel:
         return answers, [{"nll": a, "answer_tokens": b} for a, b in nll]
 
 
-def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any]],
-                  retrieval=None) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]]]:
+def local_answers(local: LocalModel, set_name: str, rows: Sequence[Row],
+                  retrieval=None) -> tuple[dict[str, list[str]], dict[str, list[Row]]]:
     """The local rows of one set: base (adapter disabled), fine_tuned, and with `retrieval` (a Retriever and its
     `retrieval:` params, as qrb.retrieval.open_index returns them) rag and fine_tuned_rag: base and adapter given the
     apps' own user message (qrb.retrieval.ground), or the apps' abstention, unasked, where nothing reached min_score;
@@ -75,7 +76,7 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     grounded = ground(*retrieval, questions) if retrieval else []
     shown = [i for i, (prompt, _) in enumerate(grounded) if prompt is not None]
     answers: dict[str, list[str]] = {}
-    extras: dict[str, list[dict[str, Any]]] = {}
+    extras: dict[str, list[Row]] = {}
 
     def rag(name: str, memory: Sequence[str | None]) -> None:
         read = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
@@ -96,8 +97,7 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[dict[str, Any
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
 
 
-def citation_columns(row: dict[str, Any], shown: Sequence[str], cited: Sequence[str],
-                     g: str) -> dict[str, float | None]:
+def citation_columns(row: Row, shown: Sequence[str], cited: Sequence[str], g: str) -> dict[str, float | None]:
     """recall_at_k: the question's paper is among the passages shown; citation_accuracy, of an attempted answer: the
     first paper it cites is the question's (citing nothing is wrong). None without the row's DOI."""
     doi = (row.get("doi") or "").lower()
@@ -108,7 +108,7 @@ def citation_columns(row: dict[str, Any], shown: Sequence[str], cited: Sequence[
             "citation_accuracy": None if g == NOT_ATTEMPTED else float(cited[:1] == [doi])}
 
 
-def grade_columns(row: dict[str, Any], g: str) -> dict[str, Any]:
+def grade_columns(row: Row, g: str) -> Row:
     """A grade as the per-question columns aggregate averages: 1/0 per grade, hallucination 1/0 where attempted; a
     fact row without its gold is only attempted or not ("no_gold" when attempted), out of correct and incorrect (on
     a paper that does not exist declining is right: graded without a gold)."""
@@ -139,19 +139,18 @@ def apply_grader(p: EvaluateParams, answered: dict[str, tuple], graded: dict[str
     if res.grades is None:
         return res.skipped
     for (r, slot), g in zip(slots, res.grades, strict=True):
-        offline = slot["grade"]
-        slot.update(grade_columns(r, g), grade_offline=offline)
+        slot.update(grade_columns(r, g), grade_offline=slot["grade"])
     log.info("grader %s: %d grades (%d requested, the rest cached)", p.grader.model, len(items), res.requests)
     return None
 
 
-def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], answers: dict[str, list[str]],
-              extras: dict[str, list[dict[str, Any]]], dates: Sequence[dt.date | None],
-              cutoff: dt.date) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+def score_set(scorer: Scorer, set_name: str, rows: Sequence[Row], answers: dict[str, list[str]],
+              extras: dict[str, list[Row]], dates: Sequence[dt.date | None],
+              cutoff: dt.date) -> tuple[dict[str, list[Row]], list[Row]]:
     """Per-question scores by model (extras merged in) and the prediction records of one set."""
     refs = [r["answer"] for r in rows]
-    per_row: dict[str, list[dict[str, Any]]] = {}
-    predictions: list[dict[str, Any]] = []
+    per_row: dict[str, list[Row]] = {}
+    predictions: list[Row] = []
     for name, preds in answers.items():
         scored = scorer.rows(preds, refs)
         for s, ex in zip(scored, extras.get(name, [{}] * len(scored)), strict=True):
@@ -168,8 +167,7 @@ def score_set(scorer: Scorer, set_name: str, rows: Sequence[dict[str, Any]], ans
     return per_row, predictions
 
 
-def set_metrics(per_row: dict[str, list[dict[str, Any]]], *, seed: int, samples: int,
-                min_n: int) -> dict[str, dict[str, Any]]:
+def set_metrics(per_row: dict[str, list[Row]], *, seed: int, samples: int, min_n: int) -> dict[str, Row]:
     """{model: metrics} of one set or freshness split; every model but base also has its paired gains against base."""
     out = {name: aggregate(rows, seed=seed, samples=samples, min_n=min_n) for name, rows in per_row.items()}
     for name, rows in per_row.items():
@@ -178,10 +176,10 @@ def set_metrics(per_row: dict[str, list[dict[str, Any]]], *, seed: int, samples:
     return out
 
 
-def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[dict[str, Any]]], *,
-             papers: Sequence[dict[str, Any]] = (), retrieval=None, scorer: Scorer | None = None,
+def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: dict[str, list[Row]], *,
+             papers: Sequence[Row] = (), retrieval=None, scorer: Scorer | None = None,
              grader_cache: Cache | None = None, gate: Gate | None = None,
-             env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
+             env: dict[str, str] | None = None) -> tuple[dict[str, Any], list[Row], dict[str, str]]:
     """Answer every set with every model, grade and score them. Returns (metrics, predictions, skipped: reason by
     rival key and "grader").
 
@@ -227,7 +225,7 @@ def evaluate(base: dict[str, Any], p: EvaluateParams, model, tokenizer, sets: di
     models = [m for m in LOCAL_MODELS if m not in RAG_MODELS or p.rag]
     models += [r.key for r in p.rivals if r.key not in skipped]
     metrics: dict[str, Any] = {}
-    predictions: list[dict[str, Any]] = []
+    predictions: list[Row] = []
     for set_name, rows in sets.items():
         if set_name not in answered:
             metrics[set_name] = {m: {"n": 0} for m in models}
@@ -282,7 +280,7 @@ def _iso(value: Any) -> dt.date | None:
         return None
 
 
-def paper_date(row: dict[str, Any], papers: Sequence[dict[str, Any]] = ()) -> dt.date | None:
+def paper_date(row: Row, papers: Sequence[Row] = ()) -> dt.date | None:
     """When the question's paper first became public: the earliest of its arXiv v1 month and its journal date.
 
     A journal date (the row's `published`, its paper's in papers.jsonl matched by DOI or arXiv id, else the DOI's
@@ -300,8 +298,8 @@ def paper_date(row: dict[str, Any], papers: Sequence[dict[str, Any]] = ()) -> dt
     return min(known) if known else None
 
 
-def freshness_subsets(rows: Sequence[dict[str, Any]], cutoff: dt.date,
-                      papers: Sequence[dict[str, Any]] = ()) -> tuple[dict[str, list[int]], list[dt.date | None]]:
+def freshness_subsets(rows: Sequence[Row], cutoff: dt.date,
+                      papers: Sequence[Row] = ()) -> tuple[dict[str, list[int]], list[dt.date | None]]:
     """Indices of the questions after / on-or-before the cutoff (undated ones are in neither), and the dates."""
     dates = [paper_date(r, papers) for r in rows]
     subsets = {"after_cutoff": [i for i, d in enumerate(dates) if d is not None and d > cutoff],

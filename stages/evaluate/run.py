@@ -70,7 +70,8 @@ def run(base: dict[str, Any], p: EvaluateParams, args) -> None:
     # the device the adapter's training recipe needs (its lineage.json): a bf16/fp16/nf4 recipe is a GPU one
     lineage = ADAPTER_DIR / "lineage.json"
     train = (json.loads(lineage.read_text()).get("params") or {}).get("train") or {} if lineage.exists() else {}
-    device = require_hardware(base["model"], "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32"))
+    recipe = "nf4" if train.get("method") == "qlora" else train.get("precision", "fp32")
+    device = require_hardware(base["model"], recipe)
     if not PAPERS.exists():
         raise ConfigError(f"{PAPERS} not found (the questions are dated by their papers): run `dvc repro scrape`")
     papers = list(read_jsonl(PAPERS))

@@ -88,7 +88,7 @@ def describe_base(ref: str, license_param: str | None) -> BaseInfo:
     """What `ref` is. A local folder speaks for itself (PROVENANCE.json: the source and licence of a converted
     model; README.md: a stand-in says so); a Hub id is the model, its licence the param's."""
     folder = Path(ref)
-    if not folder.is_dir():  # its config.json when the local HF cache holds it (never a download: the card runs offline)
+    if not folder.is_dir():  # its config.json if the local HF cache holds it (never a download: the card runs offline)
         try:
             from huggingface_hub import try_to_load_from_cache
 
