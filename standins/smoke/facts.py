@@ -61,9 +61,8 @@ def _candidates(sentence: str, title: str) -> list[tuple[str, str, list[str], in
         expansion = re.sub(r"^(?:of|and|for) ", "", expansion)
         if len(expansion.split()) >= 2:
             out.append(("acronym", m.group(2), [expansion], m.start(1), m.end()))
-    for m in _PERCENT.finditer(sentence):
-        value = m.group(1)
-        out.append(("percent", f"{value}%", [f"{value} percent"], m.start(), m.end()))
+    out += [("percent", f"{m.group(1)}%", [f"{m.group(1)} percent"], m.start(), m.end())
+            for m in _PERCENT.finditer(sentence)]
     for m in _COUNT.finditer(sentence):
         noun = " ".join(itertools.takewhile(lambda w: w.lower() not in _STOPNOUN, m.group(2).split()))
         number = m.group(1)

@@ -51,10 +51,9 @@ _MARKUP = re.compile(r"[$\\{}<>]|\\[a-zA-Z]+")
 def split_sentences(text: str) -> list[str]:
     """Split an abstract into sentences (keeps abbreviations such as `e.g.` inside their sentence)."""
     text = " ".join(text.split())
-    protected = text
     for i, abbr in enumerate(_ABBREV):
-        protected = protected.replace(abbr, abbr.replace(".", f"\x00{i}\x00"))
-    return [s for part in _SENT_SPLIT.split(protected) if (s := re.sub(r"\x00\d+\x00", ".", part).strip())]
+        text = text.replace(abbr, abbr.replace(".", f"\x00{i}\x00"))
+    return [s for part in _SENT_SPLIT.split(text) if (s := re.sub(r"\x00\d+\x00", ".", part).strip())]
 
 
 _BREAK = {"can", "could", "will", "would", "may", "might", "is", "are", "was", "were", "has", "have", "had", "be",
