@@ -48,8 +48,7 @@ def scrapy_settings(p: ScrapeParams) -> dict[str, Any]:
         "ROBOTSTXT_OBEY": p.obey_robots,
         "CONCURRENT_REQUESTS": max(8, p.concurrent_requests_per_domain),
         "CONCURRENT_REQUESTS_PER_DOMAIN": p.concurrent_requests_per_domain,
-        "DOWNLOAD_DELAY": p.download_delay_s,
-        "DOWNLOAD_DELAY_JITTER": 0.5,  # delay x U(0.5, 1.5)
+        "DOWNLOAD_DELAY": p.download_delay_s,  # x U(0.5, 1.5): scrapy's DOWNLOAD_DELAY_JITTER (0.5)
         "AUTOTHROTTLE_ENABLED": p.autothrottle,
         "AUTOTHROTTLE_START_DELAY": p.autothrottle_start_delay_s,
         "AUTOTHROTTLE_MAX_DELAY": p.autothrottle_max_delay_s,
@@ -70,10 +69,8 @@ def scrapy_settings(p: ScrapeParams) -> dict[str, Any]:
         # the seen-set in cache/scrape/ (persisted by DVC); entries expire by the policy only, not by age.
         "HTTPCACHE_ENABLED": True,
         "HTTPCACHE_POLICY": "stages.scrape.middlewares.RevalidatingPolicy",
-        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.FilesystemCacheStorage",
         "HTTPCACHE_DIR": str(HTTP_CACHE_DIR.resolve()),  # absolute: scrapy puts a relative one under .scrapy/
-        "HTTPCACHE_GZIP": True,
-        "HTTPCACHE_EXPIRATION_SECS": 0,
+        "HTTPCACHE_GZIP": True,  # FilesystemCacheStorage and HTTPCACHE_EXPIRATION_SECS 0: scrapy's defaults
         "LOG_LEVEL": "INFO",
         "LOG_INSTALL_ROOT_HANDLER": False,  # qrb.io.setup_logging owns the root handler
         "QRB_MAX_PAGES": p.max_pages,
