@@ -98,15 +98,15 @@ def failure(e: BaseException, secret: str | None = None, timeout_s: float | None
     """Read an exception a request raised (after whatever retries were made)."""
     import openai
 
+    msg = scrub(e, secret)
     if isinstance(e, openai.APITimeoutError):
         return Failure("transient", "timed out" + (f" after {timeout_s:g} s" if timeout_s else ""))
     if isinstance(e, openai.APIConnectionError):
-        return Failure("transient", f"connection error: {scrub(e, secret)}")
+        return Failure("transient", f"connection error: {msg}")
     if not isinstance(e, openai.APIStatusError):  # a reply the caller could not read, or a bug: named as it is
-        msg = scrub(e, secret)
         return Failure("request", msg) if isinstance(e, ValueError) else Failure(
             "transient", f"{type(e).__name__}: {msg}")
-    code, msg = int(getattr(e, "status_code", 0) or 0), scrub(e, secret)
+    code = int(getattr(e, "status_code", 0) or 0)
     kind, reason = {429: ("rate_limited", "HTTP 429 rate limited"),
                     401: ("config", f"HTTP 401 from the endpoint (it rejected the API key): {msg}"),
                     403: ("config", f"HTTP 403 from the endpoint (it rejected the API key): {msg}"),

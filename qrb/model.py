@@ -260,7 +260,8 @@ def generate_answers(model, tokenizer, questions: Sequence[str], system_prompt: 
                         add_special_tokens=False).to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                 pad_token_id=tokenizer.pad_token_id, output_logits=scored, return_dict_in_generate=True)
+                                 pad_token_id=tokenizer.pad_token_id, output_logits=scored,
+                                 return_dict_in_generate=True)
         new = out.sequences[:, enc["input_ids"].shape[1]:]
         texts = [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
         if scored:
