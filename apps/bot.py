@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from qrb.params import Base, load_params
 from qrb.retrieval import ground, open_index
 from qrb.schema import ABSTAIN_ANSWER
 from qrb.sources import sourced
+from qrb.stage import fail, set_cpu_threads, set_hf_offline
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,7 @@ class Bot:
         return reply
 
     def respond(self, plain: Sequence[dict[str, str]], grounded: Sequence[dict[str, str]], shown: Sequence | None,
-                *, stream: bool = True, **kw: Any) -> tuple[Reply, Iterator[str]]:
+                *, stream: bool = True, **kw: Any) -> tuple[Reply, Generator[str, None, None]]:
         """What the apps answer, and its text in pieces. Without rag: the reply to `grounded` (`plain` as it is),
         streamed. With rag (`qrb.sources.sourced`): the reply over the passages (`shown`; None: nothing relevant was
         retrieved) where an excerpt it cites states it; else, from an adapter with a gate, its closed-book reply
@@ -218,19 +220,19 @@ class Bot:
 
     def stream(self, conversation: Sequence[dict[str, str]], *, max_new_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
-               seed: int | None = None) -> tuple[Reply, Iterator[str]]:
+               seed: int | None = None) -> tuple[Reply, Generator[str, None, None]]:
         """Validate now (errors raise before any output), then yield text pieces as they are generated; the Reply is
         complete once the iterator is exhausted, and closing the iterator early stops generation."""
         if self.gated:  # a gated reply is known only once whole: one piece
             reply = self.generate(conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)
-            return reply, iter([reply.text] if reply.text else [])
+            return reply, (t for t in [reply.text] if t)
         ids = self.prompt_ids(conversation)
         kw = self._gen_kwargs(max_new_tokens, temperature, top_p, seed)
         reply = Reply(prompt_tokens=len(ids))
         return reply, self._stream(ids, kw, reply)
 
-    def _stream(self, ids: list[int], kw: dict[str, Any], reply: Reply) -> Iterator[str]:
+    def _stream(self, ids: list[int], kw: dict[str, Any], reply: Reply) -> Generator[str, None, None]:
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -300,8 +302,6 @@ def load_bot(model_path: str | Path | None = None, params_path: str | Path = "pa
         raise ConfigError(str(e)) from None
     if base_only and model_path is not None:
         raise ConfigError("--base is base.model alone: it takes no --model")
-    from qrb.stage import set_cpu_threads, set_hf_offline
-
     set_hf_offline(base.hf_offline)
     set_cpu_threads()
     retriever, retrieval = open_index(params_path) if limits.rag else (None, None)  # before the model: fail fast
@@ -389,8 +389,6 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
 
 def quiet_libraries() -> None:
     """A terminal chat shows the answer, not loading bars and library deprecation notes."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     # The recipe trains a copy of a tied input embedding on purpose (lm_head stays frozen: merge unties them);
     # peft warns about it on every load of such an adapter.
@@ -411,8 +409,6 @@ def bot_from_args(args: argparse.Namespace) -> Bot:
 def run_app(prog: str, body: Callable[[], None]) -> None:
     """The apps' one error path, the stages' own (`qrb.stage.fail`): a QrbError or ValueError becomes one line
     `<prog>: <message>` and its kind's exit code; Ctrl-C ends quietly (130)."""
-    from qrb.stage import fail
-
     try:
         body()
     except (QrbError, ValueError) as e:

@@ -26,7 +26,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from apps.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, bounded, run_app
 from apps.page import page_html
+from qrb.io import setup_logging
 from qrb.retrieval import cite, sources_line
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def usage(reply) -> dict[str, int]:
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], include_usage: bool,
+def sse(cid: str, created: int, model: str, reply, pieces: Generator[str, None, None], include_usage: bool,
         shown: list = ()) -> Iterator[str]:
     """OpenAI's chunk stream: a role chunk, content deltas, [the sources chunk: the papers of the `shown` passages
     the answer cites], a finish chunk, [usage chunk], [DONE]."""
@@ -248,9 +249,7 @@ def sse(cid: str, created: int, model: str, reply, pieces: Iterator[str], includ
         log.exception("generation failed")
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
     finally:
-        close = getattr(pieces, "close", None)
-        if close:
-            close()  # a client that went away stops generation
+        pieces.close()  # a client that went away stops generation
 
 
 def parser() -> argparse.ArgumentParser:
@@ -281,8 +280,6 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from qrb.io import setup_logging
-
     setup_logging()
     run_app("qrb serve", lambda: serve(args))
 

@@ -17,9 +17,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL
 
-from flows.pipeline import fail, pipeline
+from flows.pipeline import fail, pipeline, stage_order
+from flows.server import healthy
 from qrb.errors import ConfigError
+from qrb.params import read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEEKLY_CRON = "0 6 * * 1"  # Mondays 06:00: the journal publishes through the week
@@ -34,10 +37,6 @@ def refresh_parameters(workspace: str) -> dict[str, Any]:
 
 def require_server() -> str:
     """The URL of the Prefect server the deployments go to; a ConfigError when none answers."""
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.server import healthy
-
     url = os.environ.get("PREFECT_API_URL", PREFECT_API_URL.value()) or ""
     if not url:
         raise ConfigError(f"no Prefect server: PREFECT_API_URL is not set; {START_SERVER}")
@@ -48,9 +47,6 @@ def require_server() -> str:
 
 def check_generate_key(workspace: str) -> None:
     """The weekly refresh re-runs generate whenever the crawl finds papers: its key variable must be set here."""
-    from flows.pipeline import stage_order
-    from qrb.params import read_yaml
-
     stage_order(Path(workspace))  # a folder without a pipeline: one line naming it
     params = Path(workspace) / "params.yaml"
     name = ((read_yaml(params).get("generate") or {}).get("api_key_env") or "") if params.is_file() else ""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.context import TaskRunContext
 
 from flows import console
 from flows import overrides as ov
@@ -177,8 +178,6 @@ def run_reported(cmd: list[str], workspace: str | Path, timeout_s: float, logger
 
 def _retry_note(failure: StageFailed) -> str:
     """", retrying" when Prefect will run this task again (a transient failure with retries left)."""
-    from prefect.context import TaskRunContext
-
     ctx = TaskRunContext.get()
     if not failure.retryable or ctx is None:
         return ""

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
 from flows.workspace import venv_env
 from qrb.errors import ConfigError
 
@@ -38,8 +40,6 @@ def ensure(api_url: str | None = None, startup_s: float = STARTUP_S) -> tuple[st
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost"):
         raise ConfigError(f"no Prefect server answers at {url} (only a local one is started here)")
-    from prefect.settings import PREFECT_HOME
-
     # PREFECT_HOME as the server started here sees it: the environment first, it is what the child reads
     log = Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME.value()).expanduser() / "qrb-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,6 @@ def ensure(api_url: str | None = None, startup_s: float = STARTUP_S) -> tuple[st
 @contextlib.contextmanager
 def using(api_url: str) -> Iterator[None]:
     """Runs in the block report to the server at `api_url`."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         yield
 

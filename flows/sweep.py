@@ -26,11 +26,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
+from flows.demo import build_base_model, prepare_workspace
 from flows.pipeline import pipeline, run_reported, stage_failure, stage_order, stream
 from flows.workspace import REPO_ROOT, dvc
 from qrb.errors import ConfigError
+from qrb.io import setup_logging
 from qrb.params import deep_merge, nested, parse_set
-from standins.services import port_overrides
+from standins.services import port_overrides, stand_ins
 
 DEFAULT_CONFIG = REPO_ROOT / "flows" / "sweep.yaml"
 EXPERIMENT_TIMEOUT_S = 12 * 3600
@@ -252,9 +254,6 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
           apply_best: bool = False, force: bool = False) -> dict[str, Any]:
     """Grid + Optuna search as DVC experiments; returns {"runs": [...], "table": markdown}. `profile`: first prepare
     `workspace` for it (its stand-ins on `ports` [mirror, endpoint]); `params`: the baseline overrides."""
-    from flows.demo import build_base_model, prepare_workspace
-    from standins.services import stand_ins
-
     cfg = load_config(config, trials)
     logger = get_run_logger()
     with contextlib.ExitStack() as stack:
@@ -334,8 +333,6 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from qrb.io import setup_logging
-
     setup_logging()
     ap = argparse.ArgumentParser(description="Technique x hyper-parameter sweep as DVC experiments (+ Optuna)")
     ap.add_argument("--workspace", default=".", help="the workspace to sweep in (default .: the repo, the flagship)")

@@ -8,6 +8,7 @@ A refresh records what it wrote (MANIFEST) and stops before overwriting an edit 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from qrb.errors import ConfigError
-from qrb.io import atomic_write_text, write_json
+from qrb.io import atomic_write_text, setup_logging, write_json
 from qrb.params import deep_merge, nested, parse_set, read_yaml
 
 log = logging.getLogger(__name__)
@@ -272,10 +273,6 @@ def commit(ws: Path, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from qrb.io import setup_logging
-
     setup_logging()
     ap = argparse.ArgumentParser(prog="qrb workspace", description="Create or refresh a scratch DVC workspace")
     ap.add_argument("dir", help="the workspace folder (created if missing)")
