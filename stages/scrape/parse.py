@@ -71,10 +71,7 @@ def _license_id(s: str) -> str | None:
 def _blocks(root: Any) -> list[tuple[Any, str]]:
     """The visible text as (owning block element, normalised text) in document order: a new block starts at every
     block-level element boundary and at <br>."""
-    out: list[list[Any]] = []
-
-    def start(owner: Any) -> None:
-        out.append([owner, []])
+    out: list[list[Any]] = [[root, []]]  # [owning block, its text parts]
 
     def walk(el: Any, owner: Any) -> None:
         tag = el.tag.lower() if isinstance(el.tag, str) else None
@@ -84,7 +81,7 @@ def _blocks(root: Any) -> list[tuple[Any, str]]:
             return
         block = tag in _BLOCK
         if block:
-            start(el)
+            out.append([el, []])
         elif tag in _CELL:
             out[-1][1].append(" ")
         if el.text:
@@ -92,13 +89,12 @@ def _blocks(root: Any) -> list[tuple[Any, str]]:
         for ch in el:
             walk(ch, el if block else owner)
         if block:
-            start(owner)
+            out.append([owner, []])
         elif tag in _CELL:
             out[-1][1].append(" ")
         if el.tail:
             out[-1][1].append(el.tail)
 
-    start(root)
     walk(root, root)
     return [(owner, t) for owner, parts in out if (t := norm("".join(parts)))]
 

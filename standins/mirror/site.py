@@ -64,18 +64,14 @@ def page_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 def load_corpus(corpus_dir: str | Path) -> list[dict[str, Any]]:
     """Snapshot records with a Quantum DOI (others are skipped: the page URL is the DOI suffix)."""
-    corpus_dir = Path(corpus_dir)
-    records: list[dict[str, Any]] = []
-    files = [corpus_dir / f for f in CORPUS_FILES if (corpus_dir / f).exists()]
+    files = [Path(corpus_dir) / f for f in CORPUS_FILES if (Path(corpus_dir) / f).exists()]
     if not files:
         raise FileNotFoundError(f"mirror: no {' or '.join(CORPUS_FILES)} in {corpus_dir}")
-    for f in files:
-        for rec in read_jsonl(f):
-            if not DOI_RE.match(rec.get("doi") or ""):
-                log.info("mirror: skipping record without a Quantum DOI: %s", rec.get("title"))
-                continue
-            records.append(rec)
-    return records
+    records = [rec for f in files for rec in read_jsonl(f)]
+    for rec in records:
+        if not DOI_RE.match(rec.get("doi") or ""):
+            log.info("mirror: skipping record without a Quantum DOI: %s", rec.get("title"))
+    return [rec for rec in records if DOI_RE.match(rec.get("doi") or "")]
 
 
 # ----------------------------------------------------------------------------------------------------- rendering
