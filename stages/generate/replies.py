@@ -55,10 +55,7 @@ def parse_pairs(content: str | None) -> list[dict[str, str]]:
         found = []
         decoder = json.JSONDecoder()
         pos = 0
-        while True:
-            m = _JSON_START.search(text, pos)
-            if not m:
-                break
+        while m := _JSON_START.search(text, pos):
             try:
                 obj, end = decoder.raw_decode(text, m.start())
             except ValueError:

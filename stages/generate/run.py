@@ -151,33 +151,31 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     units, paper_failures = build_units(papers, templates, system, p, seed)
 
     cache = ResponseCache(CACHE_DB) if not args.dry_run or CACHE_DB.exists() else None
-    cached = cache.keys() if cache else set()
-    rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates,
-                  papers)
-    est = total(rounds)
-    summary = describe(rounds, p, len(papers))
-    if args.dry_run:
-        print(summary)
+    try:
+        cached = cache.keys() if cache else set()
+        rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates,
+                      papers)
+        est = total(rounds)
+        summary = describe(rounds, p, len(papers))
+        if args.dry_run:
+            print(summary)
+            return
+        log.info(summary)
+        if est["est_cost_usd"] > p.max_cost_usd:
+            raise ConfigError(f"estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
+                              f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts/variants")
+        secret = llm.api_key(p.api_key_env)
+        if est["requests_to_send"] and not secret:
+            raise llm.missing_key(p.api_key_env, "generate.api_key_env", p.base_url)
+        client = llm.client(p.base_url, secret or "unused", p.timeout_s, 0, asynchronous=True)  # the loop retries
+        requester = Requester(p, seed, client, cache, secret)
+        try:
+            aug, para, inv = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))
+        except QrbError as e:
+            raise type(e)(f"{e} (outputs left as they were; answered requests are cached)") from None
+    finally:
         if cache:
             cache.close()
-        return
-    log.info(summary)
-    if est["est_cost_usd"] > p.max_cost_usd:
-        cache.close()
-        raise ConfigError(f"estimated cost ${est['est_cost_usd']:.4f} exceeds generate.max_cost_usd "
-                          f"${p.max_cost_usd:.4f}; raise the limit or send fewer papers/prompts/variants")
-    secret = llm.api_key(p.api_key_env)
-    if est["requests_to_send"] and not secret:
-        cache.close()
-        raise llm.missing_key(p.api_key_env, "generate.api_key_env", p.base_url)
-    client = llm.client(p.base_url, secret or "unused", p.timeout_s, 0, asynchronous=True)  # the loop retries
-    requester = Requester(p, seed, client, cache, secret)
-    try:
-        aug, para, inv = asyncio.run(_rounds(requester, units, p, seed, system, fact_templates, papers))
-    except QrbError as e:
-        raise type(e)(f"{e} (outputs left as they were; answered requests are cached)") from None
-    finally:
-        cache.close()
 
     out = assemble(units, requester.responses, paper_failures + requester.failures, p, seed, n_papers=len(papers),
                    cached=cached, this_run=requester.summary(), estimated_cost_usd=est["est_cost_usd"],

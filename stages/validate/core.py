@@ -86,9 +86,7 @@ def validate(train: Sequence[Any], eval_: Sequence[Any], papers: Iterable[dict[s
     quarantine = []
     for (split, line, row), f, bad in zip(rows, feats, failed):
         if bad:
-            scores = {"grounding": f["grounding"]}
-            if "similarity" in f:
-                scores["similarity"] = f["similarity"]
+            scores = {k: f[k] for k in ("grounding", "similarity") if k in f}
             q = {"row_id": f["row_id"], "split": split, "line": line, "reasons": reasons[f["row_id"]],
                  "scores": scores, "row": row}
             v = verdicts.get(f["row_id"])
