@@ -12,6 +12,7 @@ from typing import Any
 
 from qrb.errors import ConfigError, DataError
 from qrb.io import read_jsonl
+from qrb.params import read_yaml
 
 from . import ModelCardParams
 
@@ -123,16 +124,9 @@ def describe_generator(pairs: list[dict[str, Any]]) -> GeneratorInfo:
 
 
 def data_hashes() -> dict[str, str]:
-    hashes: dict[str, str] = {}
-    if DVC_LOCK.exists():
-        import yaml
-
-        lock = (yaml.safe_load(DVC_LOCK.read_text()) or {}).get("stages") or {}
-        for stage in ("scrape", "generate", "validate", "train"):
-            for out in (lock.get(stage) or {}).get("outs", []):
-                if not out["path"].startswith(NOT_DATA):
-                    hashes[out["path"]] = out.get("md5") or out.get("hash")
-    return hashes
+    lock = (read_yaml(DVC_LOCK).get("stages") or {}) if DVC_LOCK.exists() else {}
+    return {out["path"]: out.get("md5") or out.get("hash") for stage in ("scrape", "generate", "validate", "train")
+            for out in (lock.get(stage) or {}).get("outs", []) if not out["path"].startswith(NOT_DATA)}
 
 
 def read_inputs(base: dict[str, Any], p: ModelCardParams) -> CardInputs:

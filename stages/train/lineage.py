@@ -57,9 +57,7 @@ def model_revision(model: str, offline: bool = True) -> dict[str, Any]:
         tracked = folder.parent / f"{folder.name}.dvc"
         if not tracked.exists():
             return {"source": "local", "dvc_md5": None, "note": f"not tracked by DVC (no {tracked})"}
-        import yaml
-
-        outs = (yaml.safe_load(tracked.read_text()) or {}).get("outs") or [{}]
+        outs = read_yaml(tracked).get("outs") or [{}]
         return {"source": "local", "dvc_md5": outs[0].get("md5"), "dvc_file": str(tracked)}
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -124,10 +122,8 @@ def source() -> dict[str, Any]:
     """The commit the code that ran is from, and whether the checkout differs from it, outputs of the pipeline's
     stages (dvc.yaml's outs, dvc.lock) not counted; in a scratch workspace also the project commit it was copied
     from and whether that checkout differed (the workspace's manifest; elsewhere the same commit)."""
-    import yaml
-
     outs = ["dvc.lock"]
-    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
+    stages = read_yaml("dvc.yaml").get("stages", {}) if Path("dvc.yaml").exists() else {}
     for stage in stages.values():
         for entry in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
             outs.append(next(iter(entry)) if isinstance(entry, dict) else entry)
@@ -152,14 +148,9 @@ def lineage(base: dict[str, Any], p: TrainParams, metrics: dict[str, Any]) -> di
         except metadata.PackageNotFoundError:
             return None
 
-    inputs: dict[str, Any] = {}
-    lock = Path("dvc.lock")
-    if lock.exists():  # dvc writes each stage's lock entry as it finishes: validate's outs are train's inputs
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for out in stages.get("validate", {}).get("outs", []):
-            inputs[out["path"]] = out.get("md5") or out.get("hash")
+    # dvc writes each stage's lock entry as it finishes: validate's outs are train's inputs
+    lock = read_yaml("dvc.lock").get("stages", {}) if Path("dvc.lock").exists() else {}
+    inputs = {out["path"]: out.get("md5") or out.get("hash") for out in lock.get("validate", {}).get("outs", [])}
     cuda = torch.cuda.is_available()
     return {
         **source(), "inputs": inputs, "data_sha256": metrics.get("data_sha256"),
