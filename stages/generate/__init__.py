@@ -144,12 +144,11 @@ class GenerateParams:
             raise ValueError("params: `generate.timeout_s` must be positive")
         if self.mode not in MODES:
             raise ValueError(f"params: `generate.mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < self.batch_price_factor <= 1:
-            raise ValueError("params: `generate.batch_price_factor` must be in (0, 1]")
+        for name in ("batch_price_factor", "near_duplicate_jaccard", "eval_max_paper_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"params: `generate.{name}` must be in (0, 1]")
         if not 0 < self.batch_poll_s <= self.batch_poll_max_s:
             raise ValueError("params: `generate.batch_poll_s` must be positive and at most `generate.batch_poll_max_s`")
-        if not 0 < self.near_duplicate_jaccard <= 1:
-            raise ValueError("params: `generate.near_duplicate_jaccard` must be in (0, 1]")
         if not 0 < self.seen_max_jaccard < 1:
             raise ValueError("params: `generate.seen_max_jaccard` must be in (0, 1)")
         if not 0 <= self.raft_reading_share < 1:
@@ -158,8 +157,6 @@ class GenerateParams:
                 and self.raft_gold_share + self.raft_distractor_share <= 1):
             raise ValueError("params: `generate.raft_gold_share` and `generate.raft_distractor_share` are shares of "
                              "the training facts: each in 0..1, together at most 1")
-        if not 0 < self.eval_max_paper_share <= 1:
-            raise ValueError("params: `generate.eval_max_paper_share` must be in (0, 1]")
         if not re.match(r"https?://", self.base_url):
             raise ValueError("params: `generate.base_url` must be an http(s) URL")
 

@@ -197,11 +197,9 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
         out.train += raft + practice
         counts["raft_practice_rows"] = len(practice)
         out.metrics.update(counts, train_pairs=len(out.train), pairs=len(out.train) + len(out.eval))
-    write_jsonl(TRAIN, out.train)
-    write_jsonl(EVAL, out.eval)
-    write_jsonl(SEEN, out.seen)
-    write_jsonl(INVENTED, out.invented)
-    write_jsonl(FAILURES, out.failures)
+    for path, rows in ((TRAIN, out.train), (EVAL, out.eval), (SEEN, out.seen), (INVENTED, out.invented),
+                       (FAILURES, out.failures)):
+        write_jsonl(path, rows)
     write_metrics(METRICS, REPORT, out.metrics, HEADLINE)
     m = out.metrics
     log.info("generate: %d facts (%d train / %d eval) from %d of %d papers; %d training pairs with %d variants; "
