@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from apps.bot import Bot, InputTooLong, add_model_args, app_parser, bot_from_args, bounded, run_app
@@ -45,13 +45,11 @@ API_KEY_ENV = "QRB_SERVE_API_KEY"
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
@@ -65,14 +63,12 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """The subset of OpenAI's chat-completions request this server honours; unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None

@@ -108,6 +108,7 @@ def render_plots(workspace: Path) -> Path | None:
     if not template.exists():
         template.parent.mkdir(parents=True, exist_ok=True)
         template.write_text(plots_page(), encoding="utf-8")
+    (workspace / PLOTS_DIR).mkdir(parents=True, exist_ok=True)  # DVC 3.67 fails on a missing folder above `-o`
     if _dvc_out(workspace, "plots", "show", "-o", PLOTS_DIR, "--html-template", str(template)) is None:
         return None
     page = workspace / PLOTS_DIR / "index.html"

@@ -310,10 +310,8 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
             key = json.dumps(overrides, sort_keys=True)
             run = seen.get(key) or attempt(f"{sweep_id}-t{i:02d}-{method}", overrides)
             seen[key] = run
-            if run.get("metric") is None:
-                studies[method].tell(trial, state=__import__("optuna").trial.TrialState.FAIL)
-            else:
-                studies[method].tell(trial, run["metric"])
+            state = __import__("optuna").trial.TrialState.FAIL if run.get("metric") is None else None
+            studies[method].tell(trial, run.get("metric"), state=state)  # None: complete, or failed if not finite
 
     rows = best_per_technique(runs, cfg.methods)
     table = table_markdown(rows, cfg)

@@ -59,16 +59,12 @@ def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
             raise ConfigError(f"{path}: `extends` goes round in a circle")
         chain.insert(0, path)
         profile = read_yaml(path).get("extends")
-    for path in chain:
+    layers = [(f"{path}: ", {k: v for k, v in read_yaml(path).items() if k != "extends"}) for path in chain]
+    for where, layer in [*layers, ("", overrides or {})]:
         try:
-            params = deep_merge(params, {k: v for k, v in read_yaml(path).items() if k != "extends"})
+            params = deep_merge(params, layer)
         except ValueError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    if overrides:
-        try:
-            params = deep_merge(params, overrides)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"{where}{e}") from None
     return params
 
 
