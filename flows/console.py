@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from qrb.io import LOG_FORMAT
+from qrb.io import LOG_FORMAT, read_jsonl
 
 CONSOLE = "qrb_console"  # a log record with this attribute set also goes to the console
 SUMMARY = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO stages\.[\w.]+: (?P<msg>.+)$")
@@ -221,11 +221,9 @@ def _example(predictions: Path, set_name: str) -> list[str]:
     """One question of `set_name` answered by base and fine-tuned side by side: one only fine-tuned got right, else
     the first."""
     pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
-    if predictions.exists():
-        for line in predictions.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("set") == set_name and r.get("model") in ("base", "fine_tuned"):
-                pairs.setdefault((r.get("id"), r["question"]), {})[r["model"]] = r
+    for r in read_jsonl(predictions) if predictions.exists() else []:
+        if r.get("set") == set_name and r.get("model") in ("base", "fine_tuned"):
+            pairs.setdefault((r.get("id"), r["question"]), {})[r["model"]] = r
     both = [p for p in pairs.values() if len(p) == 2]
     if not both:
         return []
