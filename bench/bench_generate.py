@@ -40,6 +40,7 @@ def run(concurrency: int, n_requests: int, base_url: str) -> float:
                        backoff_base_s=0.1, backoff_max_s=1.0, near_duplicate_jaccard=0.8, eval_size=0,
                        eval_max_paper_share=0.2, augment_variants=1, seen_questions=0, seen_max_jaccard=0.6,
                        abstain_share=0.0, invented_questions=0, raft_gold_share=0.0, raft_distractor_share=0.0,
+                       raft_reading_share=0.0, raft_read_facts=0,
                        max_consecutive_failures=10, price_input_per_1m=0.0, price_output_per_1m=0.0,
                        max_cost_usd=0.0, mode="online", batch_price_factor=0.5, batch_poll_s=30.0,
                        batch_poll_max_s=600.0)
