@@ -167,7 +167,8 @@ def token_nll_rows(model, tokenizer, rows: Sequence[dict[str, str]], system_prom
 
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=len(encoded) <= batch_size):
         chunk = encoded[i:i + batch_size]
-        input_ids, attn = padded([ids for ids, _ in chunk], pad_id), padded([[1] * len(ids) for ids, _ in chunk], 0)
+        input_ids = padded([ids for ids, _ in chunk], pad_id)
+        attn = padded([[1] * len(ids) for ids, _ in chunk], 0)
         labels = padded([[-100] * plen + ids[plen:] for ids, plen in chunk], -100)
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()

@@ -21,6 +21,7 @@ from qrb.schema import PAIR_FIELDS
 from qrb.words import word_set
 from stages.generate.assemble import assemble, collect_facts, dedup_questions, with_variants
 from stages.generate.facts import augment_units, paraphrase_units, seen_sample
+from stages.generate.plan import plan
 from stages.generate.run import load_fact_templates, load_templates
 from stages.generate.units import build_units, unit_failure
 from standins.smoke import MODEL_ID, Faults, completion, serve_smoke_endpoint
@@ -240,3 +241,21 @@ def test_kill_9_during_augmentation_then_resume_repeats_no_request(tmp_path, mon
         total = ep.completions_count() - before
     assert uninterrupted <= total <= uninterrupted + concurrency + 1
     assert outputs(ws) == outputs(ref)
+
+
+def test_plan_before_the_augment_replies_sizes_the_invent_round_as_if_every_fact_had_k_rows():
+    """A resume after a crash mid-augment: the invent round's estimate (abstention rows ~ training rows) must not
+    shrink to the variants already cached, or the budget check under-counts."""
+    p = recipe(augment_variants=K, seen_questions=0, abstain_share=0.5, invented_questions=0, eval_size=0)
+    system, fact_templates, units, responses, facts, aug = augment_round(p, 3)
+    replies = {**responses, **answered(aug)}
+    train, _ = with_variants(facts, aug, replies, p)
+    assert len(facts.train) < len(train) <= len(facts.train) * K  # a few new wordings duplicate another fact's
+
+    def invent_requests(cached: dict) -> int:
+        rounds = plan(units, lambda keys: {k: cached[k] for k in keys if k in cached}, set(cached), p, 1, system,
+                      fact_templates, fake_papers()[:3])
+        return next(r.est["requests"] for r in rounds if r.name == "invent")
+
+    # none cached: K rows a fact, at least what the replies give (the estimate errs high, never low)
+    assert invent_requests(responses) >= invent_requests(replies) > 1

@@ -461,6 +461,15 @@ def test_missing_metrics_is_one_clear_line(tmp_path):
     assert "run the pipeline up to evaluate first" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_validate_report_without_its_seen_record_is_one_clear_line(tmp_path):
+    write_pipeline_outputs(tmp_path)
+    report = tmp_path / "reports/validate.json"
+    report.write_text(json.dumps({k: v for k, v in json.loads(report.read_text()).items() if k != "seen"}))
+    proc = run_card(tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "has no `seen` record" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_measured_energy_is_reported_from_lineage(tmp_path):
     """When train metered the run (codecarbon, lineage.json `emissions`), the card shows those numbers."""
     write_pipeline_outputs(tmp_path)

@@ -225,19 +225,19 @@ class Requester:
         self.failures.append(unit_failure(unit, outcome.reason, attempts))
         if self.stopped or not attempts or outcome.reason.startswith(("run stopped", "budget exhausted")):
             return
-        n = self.count("streak", outcome)
+        self.streak = self.extend(self.streak, outcome)
+        n = self.streak[1]
         if n >= self.p.max_consecutive_failures:
             what = (f"{n} requests in a row failed with the same error (generate.max_consecutive_failures): "
                     f"{outcome.reason}")
             self.stopped.append(TransientError(what + "; the endpoint is down or keeps failing") if outcome.transient
                                 else ConfigError(what))
 
-    def count(self, streak: str, outcome: Attempt) -> int:
-        """Add `outcome` to the streak `streak` (an attribute: (error kind, how many in a row)); its new length."""
+    @staticmethod
+    def extend(streak: tuple[str, int], outcome: Attempt) -> tuple[str, int]:
+        """A streak (error kind, how many in a row) after `outcome`."""
         kind = llm.error_kind(outcome.reason)
-        n = getattr(self, streak)[1] + 1 if getattr(self, streak)[0] == kind else 1
-        setattr(self, streak, (kind, n))
-        return n
+        return kind, streak[1] + 1 if streak[0] == kind else 1
 
     def count_attempt(self, outcome: Attempt) -> None:
         """An endpoint that is down fails every attempt of every request while their retries interleave: the same
@@ -245,7 +245,8 @@ class Requester:
         max_retries)) stops the run before every request has burnt its retries."""
         if not outcome.transient or outcome.rate_limited or self.stopped:
             return
-        n = self.count("attempt_streak", outcome)
+        self.attempt_streak = self.extend(self.attempt_streak, outcome)
+        n = self.attempt_streak[1]
         if n >= self.p.max_consecutive_failures * (1 + self.p.max_retries):
             self.stopped.append(TransientError(f"{n} attempts in a row failed with the same error "
                                              f"(generate.max_consecutive_failures x (1 + max_retries)): "

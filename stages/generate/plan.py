@@ -29,11 +29,12 @@ class Round:
 
 
 def rounds(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateParams, seed: int, system: str,
-           fact_templates: dict[str, str], papers: list[dict[str, Any]]
+           fact_templates: dict[str, str], papers: list[dict[str, Any]], planning: bool = False
            ) -> Generator[tuple[str, list[Unit], int], None, tuple[list[Unit], list[Unit], list[Unit]]]:
     """The run's rounds in order, each (name, its units, pairs a reply holds): the QA round, then the augment and
     paraphrase rounds built from its facts, then the invented papers. The caller puts a round's replies in
-    `responses` before it asks for the next round. Returns (augment, paraphrase, invent) units."""
+    `responses` before it asks for the next round. Returns (augment, paraphrase, invent) units. `planning`: augment
+    replies not yet cached count as K rows a fact (the run counts the rows it got: a failed augment adds none)."""
     yield "qa", units, p.facts_asked
     facts = collect_facts(units, responses, p, seed)
     aug = augment_units(facts.train, fact_templates.get(AUGMENT, ""), system, p, seed)
@@ -45,10 +46,12 @@ def rounds(units: list[Unit], responses: dict[str, dict[str, Any]], p: GenerateP
         para = paraphrase_units(seen_sample(facts.train, p.seen_questions, seed), train, fact_templates[PARAPHRASE],
                                 system, p, seed)
         yield PARAPHRASE, para, 1
+    n_rows = len(train)
+    if planning and not all(u.key in responses for u in aug):
+        n_rows = len(facts.train) * p.augment_variants
     held = {f["doi"] for f in facts.eval}
     inv = invent_units([pp for pp in papers if pp.get("doi") not in held], p.invented_questions,
-                       with_spare(round(p.abstain_share * len(train))), fact_templates.get(INVENT, ""), system, p,
-                       seed)
+                       with_spare(round(p.abstain_share * n_rows)), fact_templates.get(INVENT, ""), system, p, seed)
     if inv:
         yield INVENT, inv, INVENT_PER_REQUEST
     return aug, para, inv
@@ -70,7 +73,7 @@ def plan(units: list[Unit], fetch: Callable[[set[str]], dict[str, dict[str, Any]
     out = [Round("qa", True, estimate(units, cached, p))]
     known = fetch({u.key for u in units}) if cached else {}
     if all(u.key in known for u in units):  # the rounds as the run will build them, from the cached replies
-        later = rounds(units, known, p, seed, system, fact_templates, list(papers))
+        later = rounds(units, known, p, seed, system, fact_templates, list(papers), planning=True)
         next(later)
         exact = True
         for name, round_units, _ in later:

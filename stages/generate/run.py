@@ -153,10 +153,10 @@ def run(base: dict[str, Any], p: GenerateParams, args: argparse.Namespace) -> No
     cache = ResponseCache(CACHE_DB) if not args.dry_run or CACHE_DB.exists() else None
     try:
         cached = cache.keys() if cache else set()
-        rounds = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates,
-                      papers)
-        est = total(rounds)
-        summary = describe(rounds, p, len(papers))
+        planned = plan(units, cache.get_many if cache else (lambda keys: {}), cached, p, seed, system, fact_templates,
+                       papers)
+        est = total(planned)
+        summary = describe(planned, p, len(papers))
         if args.dry_run:
             print(summary)
             return

@@ -135,6 +135,8 @@ def read_inputs(base: dict[str, Any], p: ModelCardParams) -> CardInputs:
         raise ConfigError(f"missing {', '.join(missing)}: run the pipeline up to evaluate first "
                          "(dvc repro evaluate)")
     metrics = {name: _json(path) for name, path in METRICS.items()}
+    if not isinstance(metrics["validate"].get("seen"), dict):  # validate writes it since its seen-questions set
+        raise ConfigError(f"{METRICS['validate']} has no `seen` record (an older validate): rerun `dvc repro validate`")
     lineage = _json(LINEAGE)
     pairs = {split: list(read_jsonl(path)) if path.exists() else [] for split, path in PAIRS.items()}
     every = pairs["train"] + pairs["eval"]

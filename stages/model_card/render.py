@@ -127,7 +127,8 @@ def compute_and_lineage(inp: CardInputs) -> list[str]:
     cpu = ", ".join(str(x) for x in (hw.get("processor"), f"{hw['cpus']} cores" if hw.get("cpus") else None,
                                      hw.get("platform")) if x)
     device = f"{hw.get('gpu_count') or 1} x {hw['gpu']}" if hw.get("gpu") else f"CPU ({cpu or 'no details recorded'})"
-    tokens, emissions = lin.get("tokens_seen") or tr.get("tokens_seen"), lin.get("emissions") or tr.get("emissions")
+    tokens = lin.get("tokens_seen") or tr.get("tokens_seen")
+    emissions = lin.get("emissions") or tr.get("emissions")
     if isinstance(emissions, dict) and emissions.get("energy_kwh") is not None:
         energy = (f"{emissions['energy_kwh']:.4f} kWh, {emissions.get('co2_kg', float('nan')):.4f} kg CO2-eq "
                   f"(measured by codecarbon{', ' + emissions['country'] if emissions.get('country') else ''})")

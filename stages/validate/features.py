@@ -202,8 +202,10 @@ def paper_text(paper: dict[str, Any]) -> str:
     """What an answer may draw on: title, abstract (full text when scraped) and the paper's bibliographic facts."""
     keys = ("title", "abstract", "full_text", "published", "volume", "page", "arxiv", "citation", "doi", "journal")
     facts = [str(v) for v in map(paper.get, keys) if isinstance(v, (str, int)) and not isinstance(v, bool)]
-    names = [x for v in map(paper.get, ("authors", "affiliations")) if isinstance(v, list) for x in v
-             if isinstance(x, str)]
+    names = []
+    for key in ("authors", "affiliations"):
+        if isinstance(paper.get(key), list):
+            names += [x for x in paper[key] if isinstance(x, str)]
     return "\n".join(facts + names)
 
 

@@ -50,7 +50,8 @@ def excerpt(full_text: str, answer: str, limit: int = EXCERPT_CHARS) -> str:
     want = set(content_tokens(answer))
     best = max(range(len(paras)), key=lambda i: (len(want & set(content_tokens(paras[i]))), -i))
     lo = hi = best
-    size, grown = len(paras[best]), True
+    size = len(paras[best])
+    grown = True
     while grown:  # widen alternately after and before the best paragraph while it fits
         grown = False
         for j in (hi + 1, lo - 1):

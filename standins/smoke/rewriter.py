@@ -153,8 +153,10 @@ def judge_verdict(text: str) -> dict[str, object]:
     correct as far as each of its sentences has its content words in one sentence of the paper; the question is
     answerable as far as the subject it names (its content words beyond the stem's and a quoted title) occurs in the
     paper, and not when it quotes another paper's title."""
-    paper, pair = last_block(text, "paper"), parse_fact_block(last_block(text, "pair"))
-    title, question, answer = str(parse_fact_block(paper)["title"]), str(pair["question"]), str(pair["answer"])
+    paper = last_block(text, "paper")
+    pair = parse_fact_block(last_block(text, "pair"))
+    title = str(parse_fact_block(paper)["title"])
+    question, answer = str(pair["question"]), str(pair["answer"])
     body = re.split(r"^Abstract:[ \t]*$", paper, maxsplit=1, flags=re.M)[-1]
     sentences = [set(_content(s)) for s in split_sentences(body.replace("Excerpt of the full text:", " "))]
     sentences.append(set(_content(title)))

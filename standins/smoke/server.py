@@ -188,7 +188,8 @@ def serve_smoke_endpoint(port: int = 0, faults: Faults | None = None, host: str 
                          api_key: str | None = None) -> Iterator[SmokeEndpoint]:
     """Serve the smoke endpoint in a background thread for the duration of the `with` block."""
     ep = SmokeEndpoint(faults=faults, api_key=api_key)
-    with serve(ep, host, port, _Handler, "smoke-endpoint") as (ep.host, ep.port):
+    with serve(ep, host, port, _Handler, "smoke-endpoint") as address:
+        ep.host, ep.port = address
         log.info(BANNER, MODEL_ID)
         log.info("qrb smoke endpoint: serving %s (faults: %s)", ep.base_url, ep.faults)
         try:
