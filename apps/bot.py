@@ -293,7 +293,8 @@ def load_serve_params(path: str | Path = "params.yaml") -> tuple[Base, ServePara
 def load_bot(model_path: str | Path | None = None, params_path: str | Path = "params.yaml",
              device: str | None = None, base_only: bool = False, **overrides: Any) -> Bot:
     """Base + adapter (the default), a folder holding an adapter, an exported (merged) model folder, or with
-    `base_only` base.model alone (its own tokenizer, no adapter); `overrides` replace `serve:` values."""
+    `base_only` base.model alone (its own tokenizer, no adapter); `overrides` replace `serve:` values. Raises
+    ConfigError when something is missing."""
     base, limits = load_serve_params(params_path)
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     try:

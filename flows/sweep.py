@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import workspace as wsp
 from flows.demo import build_base_model, prepare_workspace
-from flows.pipeline import pipeline, run_reported, stage_failure, stage_order, stream
+from flows.pipeline import StageFailed, pipeline, run_reported, stage_failure, stage_order
 from flows.workspace import REPO_ROOT, dvc
 from qrb.errors import ConfigError
 from qrb.io import setup_logging
@@ -126,19 +126,32 @@ def run_experiment(name: str, overrides: dict[str, Any], workspace: str, cfg: Sw
 
 @task(name="queued-experiments")
 def run_queued(points: list[tuple[str, dict[str, Any]]], workspace: str, cfg: SweepConfig) -> list[dict[str, Any]]:
-    """`dvc exp run --queue` each point, then `dvc exp run --run-all -j N` (which waits for them); the metrics from
-    `dvc exp show --json` (a list of baselines, each with its experiments' revs)."""
+    """`dvc exp run --queue` each point, `dvc queue start -j N`, wait, collect metrics from `dvc exp show --json` (a
+    list of baselines, each with its experiments' revs)."""
     logger = get_run_logger()
     ws = Path(workspace)
     for name, overrides in points:
         wsp.run(dvc("exp", "run", "--queue", "-n", name, *set_args(overrides), cfg.target), ws)
-    rc, tail = stream(dvc("exp", "run", "--run-all", "-j", str(cfg.jobs)), ws, EXPERIMENT_TIMEOUT_S * len(points),
-                      logger)
-    if rc != 0:
-        raise stage_failure("queued experiments", rc, None, tail)
-    names = {name for name, _ in points}
-    found = {rev["name"]: rev["data"] for base in json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
-             for exp in base.get("experiments") or [] for rev in exp["revs"] if rev.get("name") in names}
+    wsp.run(dvc("queue", "start", "-j", str(cfg.jobs)), ws)
+    # polled, not `dvc exp run --run-all`: that waits with no limit on an experiment that fails during its setup
+    t0, names = time.time(), {name for name, _ in points}
+    while True:
+        status = wsp.run(dvc("queue", "status"), ws).stdout
+        # rows: Task (rev) | Name | Created | Status
+        pending = [line for line in status.splitlines()
+                   if names & set(line.split()) and ("Queued" in line or "Running" in line)]
+        if not pending:
+            break
+        if time.time() - t0 > EXPERIMENT_TIMEOUT_S * len(points):
+            raise StageFailed("queued experiments", "timeout", None,
+                              f"still pending after {EXPERIMENT_TIMEOUT_S * len(points):.0f} s")
+        time.sleep(5)
+    logger.info(status)
+    shown = json.loads(wsp.run(dvc("exp", "show", "--json"), ws).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            found.update({rev["name"]: rev["data"] for rev in exp["revs"] if rev.get("name") in names})
     runs = []
     for name, overrides in points:
         try:  # a null metric (no eval set) is no failure

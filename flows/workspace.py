@@ -205,10 +205,16 @@ def written_files(root: Path) -> dict[str, str]:
 
 
 def edits(ws: Path) -> list[str]:
-    """Files changed, added or removed since the last refresh (its manifest; in a folder that is no workspace, all)."""
+    """Files changed, added or removed since the last refresh (its manifest; else the uncommitted ones; in a folder
+    that is no workspace, all)."""
     now = written_files(ws)
-    before = json.loads((ws / MANIFEST).read_text())["files"] if (ws / MANIFEST).exists() else {}
-    return sorted(f for f in before.keys() | now.keys() if before.get(f) != now.get(f))
+    if (ws / MANIFEST).exists():
+        before = json.loads((ws / MANIFEST).read_text())["files"]
+        return sorted(f for f in before.keys() | now.keys() if before.get(f) != now.get(f))
+    if not (ws / ".dvc").exists():
+        return sorted(now)
+    status = run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE, "params.yaml"], ws).stdout
+    return sorted(line[3:] for line in status.splitlines())
 
 
 def check_target(ws: str | Path, repo: Path = REPO_ROOT, force: bool = False) -> Path:
@@ -254,6 +260,8 @@ def prepare(ws: str | Path, profile: str | None = "tiny", repo: Path = REPO_ROOT
     lines = gitignore.read_text().splitlines() if gitignore.exists() else []
     if missing := [entry for entry in WORKSPACE_GITIGNORE if entry not in lines]:
         gitignore.write_text("\n".join(lines + missing) + "\n")
+    if run(["git", "ls-files", "--error-unmatch", "data"], ws, check=False).returncode == 0:
+        run(["git", "rm", "-r", "-q", "--cached", "data"], ws)  # an older workspace committed it
     setup_plots(ws, repo)
     # the repo's own remote (dvcstore/ inside the repo): data/ materialises offline
     run(dvc("remote", "add", "-f", "-d", "offline", str(repo / "dvcstore")), ws)

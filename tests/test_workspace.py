@@ -39,6 +39,23 @@ def test_a_refresh_stops_on_edits_and_force_discards_them(tmp_path):
     wsp.prepare(ws, "tiny")                                        # nothing edited since: a plain refresh
 
 
+def test_a_workspace_from_before_the_manifest_refreshes_and_keeps_its_uncommitted_edits(tmp_path):
+    """An older workspace: no manifest, and data/ committed to its git. Its uncommitted edits stop a refresh; with
+    none, the refresh runs and untracks data/ (DVC's)."""
+    ws = wsp.prepare(tmp_path / "ws", "tiny")
+    (ws / wsp.MANIFEST).unlink()
+    assert any((ws / "data").iterdir())  # pulled by DVC
+    git(ws, "add", "-f", "data")
+    git(ws, "commit", "-q", "-m", "older workspace")
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text() + "\n# mine\n")
+    with pytest.raises(ConfigError) as e:
+        wsp.prepare(ws, "tiny")
+    assert "params.yaml" in str(e.value) and "dvc.yaml" not in str(e.value)  # only what the user changed
+    git(ws, "checkout", "--", "params.yaml")
+    wsp.prepare(ws, "tiny")
+    assert git(ws, "ls-files", "data") == "" and (ws / wsp.MANIFEST).exists()
+
+
 @pytest.mark.parametrize("where", ["project", "parent", "inside its code"])
 def test_the_project_itself_is_never_a_workspace(tmp_path, where):
     project = tmp_path / "project"
