@@ -216,17 +216,23 @@ class Retriever:
         return out
 
 
+def _start(text: str, max_chars: int) -> str:
+    return text[:max_chars].rsplit(" ", 1)[0] + " ..."
+
+
 def focus(question: str, p: Passage, max_chars: int) -> str:
     """The passage's text as an excerpt of at most `max_chars` characters: whole when it fits, else the sentences
     sharing the most words with the question, a quoted title's and the passage's own title's aside (they name a
     paper, not a sentence; ties: the earlier), in their order, "..." where text is left out; its start when none
     shares FOCUS_MIN_SHARED. Extractive compression (RECOMP, Xu et al., 2024): the sentence that answers is shown
     wherever the passage holds it, and a small reader is not asked to find it in a page."""
+    if len(p.text) <= max_chars:
+        return p.text
     asked = set(words(_QUOTED.sub(" ", question))) - set(words(p.title))
     sentences = _SENTENCE.split(p.text)
     shared = [len(asked & set(words(x))) for x in sentences]
-    if len(p.text) <= max_chars or max(shared) < FOCUS_MIN_SHARED:  # it fits, or no sentence is asked about: its start
-        return p.text if len(p.text) <= max_chars else p.text[:max_chars].rsplit(" ", 1)[0] + " ..."
+    if max(shared) < FOCUS_MIN_SHARED:  # no sentence is asked about: its start
+        return _start(p.text, max_chars)
     order = sorted(range(len(sentences)), key=lambda i: (-shared[i], i))
     chosen, size = [], 0
     for i in order:
@@ -234,7 +240,7 @@ def focus(question: str, p: Passage, max_chars: int) -> str:
             chosen.append(i)
             size += len(sentences[i]) + 5
     if not chosen:  # the best sentence alone is too long: its start
-        return sentences[order[0]][:max_chars].rsplit(" ", 1)[0] + " ..."
+        return _start(sentences[order[0]], max_chars)
     pieces, last = [], -1
     for i in sorted(chosen):
         pieces += [sentences[i]] if i == last + 1 else ["...", sentences[i]]
