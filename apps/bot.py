@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from qrb.errors import ConfigError, DataError, QrbError
-from qrb.grade import is_abstention
 from qrb.model import Gate
 from qrb.params import Base, load_params
 from qrb.retrieval import ground, open_index
@@ -203,13 +202,16 @@ class Bot:
                 return self.stream(grounded, **kw)
             reply = self.generate(grounded, **kw)
             return reply, (t for t in [reply.text])
-        reply = self.generate(grounded, **kw) if shown is not None else Reply(text=ABSTAIN_ANSWER)
-        read = reply.text if shown is not None else None
-        memory = None
-        if self.gate is not None and is_abstention(sourced(read, None, shown or [])):  # the excerpts state nothing
-            reply = self.generate(plain, gated=True, **kw)
-            memory = reply.text
-        reply.text = sourced(read, memory, shown or [])
+        replies = [self.generate(grounded, **kw) if shown is not None else Reply(text=ABSTAIN_ANSWER)]
+
+        def recall() -> str:  # the closed-book reply through the gate, whose usage the answer then reports
+            replies.append(self.generate(plain, gated=True, **kw))
+            return replies[-1].text
+
+        text = sourced(replies[0].text if shown is not None else None, recall if self.gate is not None else None,
+                       shown or [])
+        reply = replies[-1]
+        reply.text = text
         return reply, (t for t in [reply.text])
 
     @property

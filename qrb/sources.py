@@ -8,7 +8,7 @@ answered. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qrb.grade import is_abstention
 from qrb.retrieval import Passage, cited, passage_text, with_citation
@@ -36,13 +36,13 @@ def recalled(answer: str, passages: Sequence[Passage] | None) -> str | None:
     return with_citation(answer, n) if n else answer
 
 
-def sourced(read: str | None, memory: str | None, passages: Sequence[Passage]) -> str:
+def sourced(read: str | None, memory: Callable[[], str] | None, passages: Sequence[Passage]) -> str:
     """The retrieval answer: `read` (the reply over the excerpts; None: none was shown) where an excerpt it cites
-    states it, else `memory` (the closed-book reply through the gate; None: no gate) as `recalled`, else the
-    abstention."""
+    states it, else `memory()` (the closed-book reply through the gate, asked only then; None: no gate) as
+    `recalled`, else the abstention."""
     text = vouched(read, passages) if read is not None else ABSTAIN_ANSWER
     if is_abstention(cited(text, passages)[0]) and memory is not None:
-        text = recalled(memory, passages) or text
+        text = recalled(memory(), passages) or text
     return text
 
 

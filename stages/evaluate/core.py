@@ -78,21 +78,21 @@ def local_answers(local: LocalModel, set_name: str, rows: Sequence[Row],
     answers: dict[str, list[str]] = {}
     extras: dict[str, list[Row]] = {}
 
-    def rag(name: str, memory: Sequence[str | None]) -> None:
+    def rag(name: str, memory: Sequence[str] = ()) -> None:
         read = dict(zip(shown, local.answer([grounded[i][0] for i in shown], f"{set_name}/{name}")[0], strict=True))
-        cited = [cite(sourced(read.get(i), m, passages), passages)
-                 for i, ((_, passages), m) in enumerate(zip(grounded, memory, strict=True))]
+        cited = [cite(sourced(read.get(i), (lambda i=i: memory[i]) if memory else None, passages), passages)
+                 for i, (_, passages) in enumerate(grounded)]
         answers[name] = [text for text, _ in cited]
         extras[name] = [{"shown": [x.doi for x in passages], "cited": [c["doi"] for c in cites]}
                         for (_, passages), (_, cites) in zip(grounded, cited)]
 
     answers["fine_tuned"], extras["fine_tuned"] = local.answer(questions, f"{set_name}/fine_tuned", refs, gated=True)
     if grounded:  # what the excerpts state first; a gated adapter's memory where they state nothing (the apps' rule)
-        rag("fine_tuned_rag", answers["fine_tuned"] if local.gate is not None else [None] * len(rows))
+        rag("fine_tuned_rag", answers["fine_tuned"] if local.gate is not None else ())
     with local.model.disable_adapter():
         answers["base"], extras["base"] = local.answer(questions, f"{set_name}/base", refs)
         if grounded:
-            rag("rag", [None] * len(rows))
+            rag("rag")
     order = [m for m in LOCAL_MODELS if m in answers]
     return {m: answers[m] for m in order}, {m: extras[m] for m in order}
 
