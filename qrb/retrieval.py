@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from qrb.words import names_unknown_paper, word_set
+from qrb.words import QUOTED, names_unknown_paper, word_set
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ RAG_TEMPLATE = ("Answer the question using the following excerpts from papers pu
                 "Question: {question}")
 _MARKER = re.compile(r"\s*(?<![\[\w])\[(\d{1,2}(?:\s*,\s*\d{1,2})*)\](?!\])")  # [1], [1, 2]; not [[7,1,3]]
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9$(\\\[])")  # a full stop then a capital: "et al. showed" stays whole
-_QUOTED = re.compile(r'"[^"]*"|“[^”]*”')
 FOCUS_MIN_SHARED = 2  # words a sentence shares with the question for `focus` to pick it: one is as often chance
 _STOP = frozenset("a an and are as at be by can do does for from has have how in is it its of on or that the their "
                   "this to was what when where which who why with paper papers report reports".split())
@@ -228,7 +227,7 @@ def focus(question: str, p: Passage, max_chars: int) -> str:
     wherever the passage holds it, and a small reader is not asked to find it in a page."""
     if len(p.text) <= max_chars:
         return p.text
-    asked = set(words(_QUOTED.sub(" ", question))) - set(words(p.title))
+    asked = set(words(QUOTED.sub(" ", question))) - set(words(p.title))
     sentences = _SENTENCE.split(p.text)
     shared = [len(asked & set(words(x))) for x in sentences]
     if max(shared) < FOCUS_MIN_SHARED:  # no sentence is asked about: its start
