@@ -187,6 +187,9 @@ def test_reading_practice_asks_more_facts_and_trains_them_only_over_their_papers
         run_main(ws, monkeypatch)
     units, _ = build_units(read(ws / "artifacts/scrape/papers.jsonl")[:1], {"facts": "{{n}} pairs"}, "", params_of(ws), 0)
     assert units[0].messages[1]["content"] == "3 pairs"  # 1 to learn closed-book, 2 to read
+    paper = {**read(ws / "artifacts/scrape/papers.jsonl")[0], "full_text": "A body paragraph. " * 400}
+    asked = [u.messages[1]["content"] for u in build_units([paper], {"facts": "{{n}} pairs"}, "", params_of(ws), 0)[0]]
+    assert asked[0] == "3 pairs" and len(asked) > 1 and set(asked[1:]) == {"1 pairs"}  # practice reads abstracts only
     train, before = read(ws / "artifacts/generate/train.jsonl"), read(plain / "artifacts/generate/train.jsonl")
     practice = [r for r in train if r["kind"] == "raft"]
     same = ("question", "answer", "fact_id", "variant", "kind")

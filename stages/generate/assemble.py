@@ -199,7 +199,7 @@ def assemble(units: list[Unit], responses: dict[str, dict[str, Any]], failures: 
     on_train = {r["doi"] for r in facts.train}
     extra = [r for r in facts.practice if r["doi"] in on_train]
     new = {id(r) for r in extra}
-    practice = [r for r in dedup_questions(facts.train + facts.eval + seen + extra, p.near_duplicate_jaccard)[0]
+    practice = [r for r in dedup_questions(train + facts.eval + seen + extra, p.near_duplicate_jaccard)[0]
                 if id(r) in new]
     failures = list(failures) + facts.failures
     order = {pid: i for i, pid in enumerate(p.prompts + (AUGMENT, PARAPHRASE, INVENT))}

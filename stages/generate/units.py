@@ -141,7 +141,8 @@ def build_units(papers: list[dict[str, Any]], templates: dict[str, str], system:
         for ci, text in enumerate(chunks):
             block = render_paper(paper, ci, text, len(chunks))
             of = {"doi": doi, "title": title, "published": paper.get("published"), "chunk": ci}
-            units += [make_unit(of, pid, "{{paper}}", block, templates[pid], system, p, seed, p.facts_asked)
+            asked = p.facts_asked if ci == 0 else p.pairs_per_prompt  # reading practice is over the abstract only
+            units += [make_unit(of, pid, "{{paper}}", block, templates[pid], system, p, seed, asked)
                       for pid in p.prompts]
     return units, failures
 
