@@ -5,7 +5,7 @@ Run from the repository (or workspace) root:
     python -m stages.generate            # needs the API key in the variable named by `generate.api_key_env`
     python -m stages.generate --dry-run  # prints the request count and cost estimate, calls nothing, writes nothing
 
-Reads `params.yaml` (`generate:`, `base.seed`), `artifacts/scrape/papers.jsonl` and the prompt templates
+Reads `params.yaml` (`generate:`, `base.seed`, `retrieval.top_k` and `retrieval.max_chars`), `artifacts/scrape/papers.jsonl` and the prompt templates
 `prompts/system.txt` (the system message of every request) + `prompts/<id>.txt` for each id in `generate.prompts`
 (`{{n}}` = pairs per prompt, `{{paper}}` = the paper, delimited as untrusted data between `<paper>` and `</paper>`),
 `prompts/augment.txt` (when `generate.augment_variants` > 1) and `prompts/paraphrase.txt` (when
@@ -19,9 +19,11 @@ training facts (a seeded sample, one fact per train paper in turn), one `paraphr
 for the fact's answer, kept only if its word-set Jaccard with every training question is < `seen_max_jaccard`.
 
 RAFT rows (`raft`, no request): `raft_gold_share` of the training facts are also asked as the apps ask with
-retrieval (the user message `qrb.retrieval.rag_prompt` renders from `retrieval.top_k` abstracts cut to
+retrieval (the user message `qrb.retrieval.rag_prompt` renders from `retrieval.top_k` abstracts focused within
 `retrieval.max_chars`: the fact's paper among distractors from other training papers) and answer citing its
-excerpt ([n]); `raft_distractor_share` more with distractors only, answered from memory, citing nothing.
+excerpt ([n]); `raft_distractor_share` more with distractors only, answered from memory, citing nothing. The papers
+of `raft_reading_share` are learnt only by reading (their facts in RAFT rows alone), and `raft_read_facts` more facts
+asked of each abstract are trained only over their paper's excerpt, cited, never closed-book (reading practice).
 
 Writes (exactly the outs of the `generate` stage in dvc.yaml):
 - `artifacts/generate/train.jsonl`, `artifacts/generate/eval.jsonl`: one pair per line,
