@@ -312,6 +312,8 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
             attempt(name, overrides)
 
     if cfg.trials:
+        from optuna.trial import TrialState
+
         logger.info("phase 2: %d Optuna trials over %s", cfg.trials, ", ".join(cfg.space))
         studies = make_studies(cfg, runs)
         seen = {json.dumps(r["params"], sort_keys=True): r for r in runs}
@@ -323,7 +325,7 @@ def sweep(workspace: str = ".", config: str = str(DEFAULT_CONFIG), profile: str 
             key = json.dumps(overrides, sort_keys=True)
             run = seen.get(key) or attempt(f"{sweep_id}-t{i:02d}-{method}", overrides)
             seen[key] = run
-            state = __import__("optuna").trial.TrialState.FAIL if run.get("metric") is None else None
+            state = TrialState.FAIL if run.get("metric") is None else None
             studies[method].tell(trial, run.get("metric"), state=state)  # None: complete, or failed if not finite
 
     rows = best_per_technique(runs, cfg.methods)

